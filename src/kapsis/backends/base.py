@@ -1,0 +1,74 @@
+"""The backend interface: what every sandbox backend (Podman now, Kubernetes later) provides.
+
+A backend translates a plan into its own terms and runs it. It never decides policy: anything
+that could differ between backends belongs in the plan.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from kapsis.sandbox.plan import SandboxPlan
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How the agent's process ended."""
+
+    exit_code: int
+    oom_killed: bool = False
+    timed_out: bool = False
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """One sandbox as the backend sees it (for list and cleanup)."""
+
+    agent_id: str
+    name: str
+    state: str
+
+
+class RunningSandbox(ABC):
+    """A launched sandbox; :meth:`wait` blocks until the agent exits."""
+
+    plan: SandboxPlan
+
+    @abstractmethod
+    def wait(self) -> ExitInfo: ...
+
+
+class Backend(ABC):
+    name: str
+
+    @abstractmethod
+    def describe(self, plan: SandboxPlan) -> list[list[str]]:
+        """The backend's rendering of a plan (commands or manifests), for --dry-run."""
+
+    @abstractmethod
+    def preflight(self, plan: SandboxPlan) -> None:
+        """Check, before anything is created, that the plan can run (image, tools)."""
+
+    @abstractmethod
+    def launch(self, plan: SandboxPlan, *, attach: bool) -> RunningSandbox:
+        """Create and start the sandbox. With ``attach`` the agent's output goes to our stdout."""
+
+    @abstractmethod
+    def attach_to(self, plan: SandboxPlan) -> RunningSandbox:
+        """A handle on an already launched sandbox (for a supervisor that waits on it)."""
+
+    @abstractmethod
+    def stop(self, agent_id: str, grace_seconds: int = 5) -> None: ...
+
+    @abstractmethod
+    def logs(self, agent_id: str, *, follow: bool) -> Iterator[str]:
+        """The agent's transcript, line by line."""
+
+    @abstractmethod
+    def list(self) -> list[SandboxInfo]: ...
+
+    @abstractmethod
+    def remove(self, plan: SandboxPlan) -> None:
+        """Remove the sandbox and undo host-side set-up; keeps the agent's changes and logs."""

@@ -1,0 +1,285 @@
+"""The Podman backend: a sandbox is a pod (shared network namespace) holding the agent container.
+
+The pod is where the network gateway sidecar will join the agent later. Rootful, the pod gets a
+private uid range (see :mod:`._uidslots`) and the workspace is a host-side overlay; rootless, the
+pod keeps the user's id and podman's own overlay volume gives the copy-on-write view.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from kapsis import paths
+from kapsis.backends import _uidslots
+from kapsis.backends.base import Backend, ExitInfo, RunningSandbox, SandboxInfo
+from kapsis.backends.transcript import follow_transcript, read_transcript
+from kapsis.errors import HostUnsupportedError, ImageError, SandboxError
+from kapsis.sandbox.plan import SandboxPlan
+from kapsis.sandbox.security import apparmor_profile_text, seccomp_profile
+
+PODMAN = "podman"
+PODMAN_ERROR = 125  # podman's own failure, before the agent ran
+UID_BASE_PLACEHOLDER = "<host uid range allocated at launch>"
+
+
+def pod_create_args(plan: SandboxPlan, uid_base: int | str) -> list[str]:
+    args = [PODMAN, "pod", "create", "--name", plan.pod_name, "--infra-name", f"{plan.pod_name}-infra"]
+    for key, value in plan.labels.items():
+        args += ["--label", f"{key}={value}"]
+    args += ["--network", "none" if plan.network.mode == "none" else "bridge"]
+    if plan.userns.kind == "mapped":
+        size = plan.userns.size
+        args += ["--uidmap", f"0:{uid_base}:{size}", "--gidmap", f"0:{uid_base}:{size}"]
+    else:
+        args += ["--userns", "keep-id"]
+    return args
+
+
+def agent_run_args(plan: SandboxPlan, *, detach: bool) -> list[str]:
+    """``podman run`` for the agent container, translated from the plan alone."""
+    root = Path(plan.workspace.root)
+    security, resources = plan.security, plan.resources
+    user = f"{plan.userns.agent_uid}:{plan.userns.agent_uid}" if plan.userns.kind == "mapped" else ""
+    args = [PODMAN, "run", "--pod", plan.pod_name, "--name", plan.container_name, "--pull", "never"]
+    args += ["--detach"] if detach else ["--sig-proxy=true"]
+    args += ["--init", "--stop-timeout", "5"]
+    for key, value in plan.labels.items():
+        args += ["--label", f"{key}={value}"]
+    if user:
+        args += ["--user", user]
+    args += ["--workdir", plan.workdir]
+    args += ["--memory", str(resources.memory_bytes), "--memory-swap", str(resources.memory_bytes)]
+    args += ["--cpus", f"{resources.cpus:g}"]
+    if resources.pids_limit is not None:
+        args += ["--pids-limit", str(resources.pids_limit)]
+    if resources.timeout_seconds is not None:
+        args += ["--timeout", str(resources.timeout_seconds)]
+    if security.drop_all_capabilities:
+        args += ["--cap-drop", "ALL"]
+    for capability in security.cap_add:
+        args += ["--cap-add", capability]
+    if security.no_new_privileges:
+        args += ["--security-opt", "no-new-privileges"]
+    if security.seccomp:
+        args += ["--security-opt", f"seccomp={root / 'seccomp.json'}"]
+    if security.apparmor_profile:
+        args += ["--security-opt", f"apparmor={security.apparmor_profile}"]
+    if security.read_only_root:
+        args += ["--read-only"]
+    for tmpfs in plan.tmpfs:
+        args += ["--tmpfs", f"{tmpfs.target}:{','.join(tmpfs.options)}"]
+    workspace = plan.workspace
+    if plan.userns.kind == "mapped":
+        args += ["--volume", f"{workspace.merged}:{workspace.target}"]
+    else:
+        args += [
+            "--volume",
+            f"{workspace.project}:{workspace.target}:O,upperdir={workspace.upper},workdir={workspace.work}",
+        ]
+    for mount in plan.mounts:
+        args += ["--volume", f"{mount.source}:{mount.target}:{'ro' if mount.read_only else 'rw'}"]
+    for name, value in plan.env.items():
+        args += ["--env", f"{name}={value}"]
+    for name in plan.env_passthrough:
+        # Name only: podman copies the value from its own environment, so it is never in argv.
+        args += ["--env", name]
+    args += ["--log-driver", "k8s-file", "--log-opt", f"path={paths.transcript_path(plan.agent_id)}"]
+    args += [plan.image, *plan.command]
+    return args
+
+
+def _run(args: list[str], *, what: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    try:
+        result = subprocess.run(args, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise HostUnsupportedError(
+            "podman is not installed; run `kapsis setup --check` for how to install it"
+        ) from None
+    if check and result.returncode != 0:
+        detail = (result.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise SandboxError(f"{what} failed: {detail}")
+    return result
+
+
+class PodmanSandbox(RunningSandbox):
+    def __init__(self, plan: SandboxPlan, process: subprocess.Popen[bytes] | None) -> None:
+        self.plan = plan
+        self._process = process
+        self._started = time.monotonic()
+
+    def wait(self) -> ExitInfo:
+        if self._process is not None:
+            code = self._process.wait()
+        else:
+            result = _run([PODMAN, "wait", self.plan.container_name], what="podman wait")
+            code = int(result.stdout.strip().splitlines()[-1])
+        if code == PODMAN_ERROR:
+            _diagnose_start_failure(self.plan)
+        oom = False
+        timed_out = False
+        if code in (137, 143) or code >= 128:
+            oom = self._oom_killed()
+            limit = self.plan.resources.timeout_seconds
+            timed_out = not oom and limit is not None and time.monotonic() - self._started >= limit
+        return ExitInfo(exit_code=code, oom_killed=oom, timed_out=timed_out)
+
+    def _oom_killed(self) -> bool:
+        result = _run(
+            [PODMAN, "inspect", "--format", "{{.State.OOMKilled}}", self.plan.container_name],
+            what="podman inspect",
+            check=False,
+        )
+        return result.stdout.strip() == "true"
+
+
+def _diagnose_start_failure(plan: SandboxPlan) -> None:
+    exists = _run([PODMAN, "image", "exists", plan.image], what="podman image exists", check=False)
+    if exists.returncode != 0:
+        raise ImageError(
+            f"image {plan.image} is not present; build it with `kapsis setup --build` "
+            "or pass --image"
+        )
+    raise SandboxError(f"podman could not start the agent container in pod {plan.pod_name}")
+
+
+class PodmanBackend(Backend):
+    name = "podman"
+
+    def describe(self, plan: SandboxPlan) -> list[list[str]]:
+        return [pod_create_args(plan, UID_BASE_PLACEHOLDER), agent_run_args(plan, detach=False)]
+
+    def preflight(self, plan: SandboxPlan) -> None:
+        if shutil.which(PODMAN) is None:
+            raise HostUnsupportedError(
+                "podman is not installed; run `kapsis setup --check` for how to install it"
+            )
+        if not plan.requires:
+            return
+        probe = " && ".join(f"command -v {tool} >/dev/null" for tool in plan.requires)
+        result = _run(
+            [PODMAN, "run", "--rm", "--pull", "never", "--network", "none", "--entrypoint", "sh",
+             plan.image, "-c", probe],
+            what="image check",
+            check=False,
+        )
+        if result.returncode == PODMAN_ERROR:
+            _diagnose_start_failure(plan)
+        if result.returncode != 0:
+            missing = ", ".join(plan.requires)
+            raise ImageError(
+                f"image {plan.image} lacks {missing}, which agent '{plan.agent}' needs; "
+                f"build an image with it (`kapsis setup --build`) or pass --image"
+            )
+
+    def launch(self, plan: SandboxPlan, *, attach: bool) -> RunningSandbox:
+        root = Path(plan.workspace.root)
+        root.mkdir(parents=True, exist_ok=True)
+        paths.logs_dir().mkdir(parents=True, exist_ok=True)
+        if plan.spec_source is not None:
+            # A snapshot: the agent sees the spec as it was at launch, read-only.
+            shutil.copyfile(plan.spec_source, root / "task-spec.md")
+        if plan.security.seccomp:
+            (root / "seccomp.json").write_text(json.dumps(seccomp_profile()))
+        if plan.security.apparmor_profile:
+            _load_apparmor(plan.security.apparmor_profile)
+        uid_base: int | str = ""
+        if plan.userns.kind == "mapped":
+            uid_base = _uidslots.claim(plan.agent_id, is_live=_pod_exists)
+            agent_host_id = uid_base + plan.userns.agent_uid
+            from kapsis.workspace import mount_overlay
+
+            mount_overlay(plan.workspace, agent_host_id, agent_host_id)
+        _run(pod_create_args(plan, uid_base), what="podman pod create")
+        args = agent_run_args(plan, detach=not attach)
+        if attach:
+            try:
+                process = subprocess.Popen(args)
+            except FileNotFoundError:
+                raise HostUnsupportedError("podman is not installed") from None
+            return PodmanSandbox(plan, process)
+        result = _run(args, what="podman run", check=False)
+        if result.returncode != 0:
+            if result.returncode == PODMAN_ERROR:
+                _diagnose_start_failure(plan)
+            raise SandboxError(f"podman run failed: {result.stderr.strip()}")
+        return PodmanSandbox(plan, None)
+
+    def attach_to(self, plan: SandboxPlan) -> RunningSandbox:
+        return PodmanSandbox(plan, None)
+
+    def stop(self, agent_id: str, grace_seconds: int = 5) -> None:
+        _run(
+            [PODMAN, "pod", "stop", "--time", str(grace_seconds), f"kapsis-{agent_id}"],
+            what="podman pod stop",
+            check=False,
+        )
+
+    def logs(self, agent_id: str, *, follow: bool) -> Iterator[str]:
+        transcript = paths.transcript_path(agent_id)
+        if follow:
+            return follow_transcript(transcript, still_running=lambda: _container_running(agent_id))
+        return read_transcript(transcript)
+
+    def list(self) -> list[SandboxInfo]:
+        result = _run(
+            [PODMAN, "pod", "ps", "--filter", "label=io.kapsis.agent-id", "--format", "json"],
+            what="podman pod ps",
+        )
+        pods = json.loads(result.stdout or "[]")
+        return [
+            SandboxInfo(
+                agent_id=(pod.get("Labels") or {}).get("io.kapsis.agent-id", ""),
+                name=pod.get("Name", ""),
+                state=pod.get("Status", ""),
+            )
+            for pod in pods
+        ]
+
+    def remove(self, plan: SandboxPlan) -> None:
+        for attempt in range(3):
+            result = _run(
+                [PODMAN, "pod", "rm", "--force", "--time", "0", "--ignore", plan.pod_name],
+                what="podman pod rm",
+                check=False,
+            )
+            if result.returncode == 0:
+                break
+            time.sleep(0.2 * (attempt + 1))  # "device or resource busy" clears after a moment
+        if plan.userns.kind == "mapped":
+            from kapsis.workspace import unmount_overlay
+
+            unmount_overlay(plan.workspace)
+            _uidslots.release(plan.agent_id)
+
+
+def _pod_exists(agent_id: str) -> bool:
+    result = _run([PODMAN, "pod", "exists", f"kapsis-{agent_id}"], what="podman pod exists", check=False)
+    return result.returncode == 0
+
+
+def _container_running(agent_id: str) -> bool:
+    result = _run(
+        [PODMAN, "inspect", "--format", "{{.State.Running}}", f"kapsis-{agent_id}-agent"],
+        what="podman inspect",
+        check=False,
+    )
+    return result.stdout.strip() == "true"
+
+
+def _load_apparmor(profile_name: str) -> None:
+    parser = shutil.which("apparmor_parser")
+    if parser is None:
+        raise HostUnsupportedError(
+            "security profile 'paranoid' needs apparmor_parser; install the apparmor package"
+        )
+    result = subprocess.run(
+        [parser, "--replace", "--write-cache"], input=apparmor_profile_text(profile_name),
+        capture_output=True, text=True, check=False,
+    )
+    if result.returncode != 0:
+        raise HostUnsupportedError(f"cannot load AppArmor profile {profile_name}: {result.stderr.strip()}")

@@ -1,0 +1,285 @@
+"""Command definitions. Each command parses flags, calls the API, and renders the result.
+
+Errors from the API are printed as one line on stderr (``kapsis: error: ...``) and turned into
+the documented exit code; nothing here decides policy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from kapsis.errors import ExitCode, KapsisError
+
+app = typer.Typer(
+    name="kapsis",
+    help="Run AI coding agents in hardened sandboxes, each on its own branch.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Show the effective configuration or its JSON Schema.", no_args_is_help=True)
+agents_app = typer.Typer(help="Agent profiles.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(agents_app, name="agents")
+
+
+def _fail(error: KapsisError) -> NoReturn:
+    print(f"kapsis: error: {error}", file=sys.stderr)
+    raise typer.Exit(int(error.exit_code))
+
+
+def _note(text: str) -> None:
+    print(f"kapsis: {text}", file=sys.stderr, flush=True)
+
+
+ProjectArg = Annotated[Path, typer.Argument(help="The project folder the agent works on.")]
+
+
+@app.command()
+def run(
+    project: ProjectArg,
+    task: Annotated[str | None, typer.Option("--task", "-t", help="The task, as text.")] = None,
+    spec: Annotated[Path | None, typer.Option(help="A Markdown task file (seen at /task-spec.md).")] = None,
+    agent: Annotated[str | None, typer.Option(help="Agent profile (default: shell).")] = None,
+    agent_id: Annotated[str | None, typer.Option("--agent-id", help="Id for this agent (default: random).")] = None,
+    network_mode: Annotated[str | None, typer.Option("--network-mode", help="none | open | filtered")] = None,
+    security_profile: Annotated[
+        str | None, typer.Option("--security-profile", help="minimal | standard | strict | paranoid")
+    ] = None,
+    memory: Annotated[str | None, typer.Option(help="Memory limit, e.g. 2g.")] = None,
+    cpus: Annotated[float | None, typer.Option(help="CPU limit in cores.")] = None,
+    timeout: Annotated[str | None, typer.Option(help="Time limit, e.g. 30m.")] = None,
+    image: Annotated[str | None, typer.Option(help="Container image.")] = None,
+    branch: Annotated[str | None, typer.Option(help="Branch the agent's work is for.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Config file (highest precedence).")] = None,
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Start and return; see `kapsis status`.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and podman commands; run nothing.")] = False,
+) -> None:
+    """Run an agent on PROJECT in a sandbox."""
+    from kapsis import api
+    from kapsis.sandbox.plan import RunRequest
+
+    request = RunRequest(
+        project=project,
+        task=task,
+        spec=spec,
+        agent=agent,
+        agent_id=agent_id,
+        network_mode=network_mode,
+        security_profile=security_profile,
+        memory=memory,
+        cpus=cpus,
+        timeout=timeout,
+        image=image,
+        branch=branch,
+        config_file=config,
+    )
+    try:
+        if dry_run:
+            from kapsis.backends import get_backend
+
+            plan = api.plan(request)
+            commands = get_backend().describe(plan)
+            print(json.dumps({"plan": plan.model_dump(mode="json"), "commands": commands}, indent=2))
+            return
+        plan = api.plan(request)
+        _announce(plan)
+        stdout = sys.stdout
+        if json_output:
+            # Keep stdout for the JSON result; the agent's output goes to stderr.
+            stdout = os.fdopen(os.dup(1), "w")
+            os.dup2(2, 1)
+        result = api.run(request if request.agent_id else _with_id(request, plan.agent_id), detach=detach)
+    except KapsisError as error:
+        _fail(error)
+    if json_output:
+        print(json.dumps(result.__dict__), file=stdout, flush=True)
+    elif result.detached:
+        _note(f"agent {result.agent_id} started; follow it with `kapsis logs {result.agent_id} --follow`")
+    elif result.ok:
+        _note(f"agent {result.agent_id}: {result.message}")
+    else:
+        _note(f"agent {result.agent_id} failed ({result.error_type}): {result.message}")
+    raise typer.Exit(result.exit_code)
+
+
+def _with_id(request: object, agent_id: str) -> object:
+    from dataclasses import replace
+
+    return replace(request, agent_id=agent_id)  # type: ignore[type-var]
+
+
+def _announce(plan: object) -> None:
+    from kapsis.sandbox.plan import SandboxPlan
+
+    assert isinstance(plan, SandboxPlan)
+    limits = plan.resources
+    _note(
+        f"agent {plan.agent_id} ({plan.agent}) on {plan.project}: profile {plan.security.profile}, "
+        f"network {plan.network.mode}, memory {limits.memory}, cpus {limits.cpus:g}, "
+        f"pids {limits.pids_limit or 'podman default'}"
+    )
+    if not limits.limits_enforced:
+        _note(
+            "WARNING: resource limits are NOT enforced on this host (rootless podman on cgroup v1); "
+            "memory, cpu and pids limits are ignored"
+        )
+    if plan.network.mode == "open":
+        _note("WARNING: network mode OPEN: the agent can reach any address")
+
+
+@app.command()
+def status(
+    agent_id: Annotated[str | None, typer.Argument(help="One agent (default: all).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Live table until Ctrl-C.")] = False,
+) -> None:
+    """Show the status of agents."""
+    from kapsis import api
+    from kapsis.cli import render
+
+    try:
+        if watch:
+            render.watch_status(lambda: api.status(agent_id))
+            return
+        records = api.status(agent_id)
+    except KapsisError as error:
+        _fail(error)
+    if json_output:
+        payload = [r.model_dump(mode="json") for r in records]
+        print(json.dumps(payload[0] if agent_id else payload, indent=2))
+        return
+    render.print_status(records)
+
+
+@app.command()
+def logs(
+    agent_id: Annotated[str, typer.Argument(help="The agent.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the agent ends.")] = False,
+) -> None:
+    """Print an agent's transcript (its stdout and stderr)."""
+    from kapsis import api
+
+    try:
+        for line in api.logs(agent_id, follow=follow):
+            print(line, flush=follow)
+    except KapsisError as error:
+        _fail(error)
+
+
+@app.command()
+def stop(agent_id: Annotated[str, typer.Argument(help="The agent.")]) -> None:
+    """Stop a running agent."""
+    from kapsis import api
+
+    try:
+        record = api.stop(agent_id)
+    except KapsisError as error:
+        _fail(error)
+    _note(f"agent {agent_id}: {record.phase}: {record.message}")
+
+
+@app.command()
+def cleanup(
+    all_agents: Annotated[bool, typer.Option("--all", help="Also stop and remove running agents.")] = False,
+    agent: Annotated[str | None, typer.Option("--agent", help="Only this agent.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be removed.")] = False,
+) -> None:
+    """Remove finished agents' sandboxes, workspaces, transcripts and status (audit logs stay)."""
+    from kapsis import api
+
+    try:
+        items = api.cleanup(agent, everything=all_agents, dry_run=dry_run)
+    except KapsisError as error:
+        _fail(error)
+    verb = "would remove" if dry_run else "removed"
+    for item in items:
+        print(f"{verb} {item.agent_id} ({item.phase}): {', '.join(item.removes)}")
+    if not items:
+        print("nothing to clean up")
+
+
+@app.command()
+def setup(
+    check: Annotated[bool, typer.Option("--check", help="Report what the host lacks, with fixes.")] = False,
+    build: Annotated[bool, typer.Option("--build", help="Build the base image locally.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+) -> None:
+    """Check the host and build the base image (without flags: check, then build if missing)."""
+    from kapsis.cli import render
+    from kapsis.config.models import DEFAULT_IMAGE
+    from kapsis.host import checks, image
+
+    try:
+        if build or not check:
+            if build or not image.image_present(DEFAULT_IMAGE):
+                image.build_base_image(DEFAULT_IMAGE, progress=_note)
+        results = checks.run_checks(DEFAULT_IMAGE)
+    except KapsisError as error:
+        _fail(error)
+    report = checks.checks_as_json(results, DEFAULT_IMAGE)
+    if json_output:
+        print(json.dumps(report, indent=2))
+    else:
+        render.print_checks(results, DEFAULT_IMAGE)
+    raise typer.Exit(0 if report["ok"] else int(ExitCode.HOST_UNSUPPORTED))
+
+
+@agents_app.command("list")
+def agents_list(
+    json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+) -> None:
+    """List agent profiles (built-in and ~/.config/kapsis/agents/*.yaml)."""
+    from kapsis.agents import list_profiles
+    from kapsis.cli import render
+
+    try:
+        profiles = list_profiles()
+    except KapsisError as error:
+        _fail(error)
+    if json_output:
+        print(json.dumps([p.model_dump(mode="json") for p in profiles], indent=2))
+        return
+    render.print_profiles(profiles)
+
+
+@config_app.command("show")
+def config_show(
+    project: Annotated[Path | None, typer.Argument(help="Project whose config files apply.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Config file (highest precedence).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+) -> None:
+    """Show the effective merged config and where each value came from."""
+    from kapsis.cli import render
+    from kapsis.config.loader import load_config
+
+    try:
+        loaded = load_config(project, config)
+    except KapsisError as error:
+        _fail(error)
+    if json_output:
+        print(json.dumps(render.config_with_origins(loaded), indent=2))
+        return
+    render.print_config(loaded)
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the JSON Schema of agent-sandbox.yaml (for editor completion)."""
+    from kapsis.config.models import KapsisConfig
+
+    schema = KapsisConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "agent-sandbox.yaml"
+    print(json.dumps(schema, indent=2))
+
+
+def main() -> None:
+    app()

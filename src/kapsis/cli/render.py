@@ -1,0 +1,105 @@
+"""Human-readable output: status tables, the live watch, config with origins, checks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from kapsis.agents import AgentProfile
+    from kapsis.config.loader import LoadedConfig
+    from kapsis.host.checks import Check
+    from kapsis.status import AgentStatus
+
+PHASE_STYLES = {"complete": "green", "failed": "red", "running": "cyan"}
+
+
+def status_table(records: Sequence[AgentStatus]) -> Table:
+    table = Table(title="Kapsis agents", expand=False)
+    for column in ("AGENT ID", "AGENT", "PHASE", "PROGRESS", "EXIT", "LIMITS", "NETWORK", "MESSAGE"):
+        table.add_column(column)
+    for record in records:
+        style = PHASE_STYLES.get(record.phase, "")
+        table.add_row(
+            record.agent_id,
+            record.agent,
+            f"[{style}]{record.phase}[/]" if style else record.phase,
+            f"{record.progress}%",
+            "" if record.exit_code is None else str(record.exit_code),
+            "enforced" if record.limits_enforced else "[bold red]NOT ENFORCED[/]",
+            record.network_mode if record.network_mode != "open" else "[bold yellow]OPEN[/]",
+            record.message,
+        )
+    return table
+
+
+def print_status(records: Sequence[AgentStatus]) -> None:
+    console = Console()
+    if not records:
+        console.print("no agents")
+        return
+    console.print(status_table(records))
+
+
+def watch_status(fetch: Callable[[], Sequence[AgentStatus]], interval: float = 1.0) -> None:
+    from rich.live import Live
+
+    try:
+        with Live(status_table(fetch()), refresh_per_second=4) as live:
+            while True:
+                time.sleep(interval)
+                live.update(status_table(fetch()))
+    except KeyboardInterrupt:
+        pass
+
+
+def config_with_origins(loaded: LoadedConfig) -> dict[str, Any]:
+    values = loaded.config.model_dump(mode="json")
+    origins = {".".join(map(str, path)): str(loaded.origin_of(path)) for path, _ in _leaves(values, ())}
+    return {"config": values, "origins": origins, "files": [str(p) for p in loaded.files]}
+
+
+def _leaves(value: Any, prefix: tuple[str | int, ...]) -> list[tuple[tuple[str | int, ...], Any]]:
+    if isinstance(value, dict) and value:
+        return [leaf for key, item in value.items() for leaf in _leaves(item, (*prefix, key))]
+    return [(prefix, value)]
+
+
+def print_config(loaded: LoadedConfig) -> None:
+    table = Table(title="Effective configuration", expand=False)
+    table.add_column("KEY")
+    table.add_column("VALUE")
+    table.add_column("FROM")
+    values = loaded.config.model_dump(mode="json")
+    for path, value in _leaves(values, ()):
+        table.add_row(".".join(map(str, path)), str(value), str(loaded.origin_of(path)))
+    Console().print(table)
+
+
+def print_profiles(profiles: Sequence[AgentProfile]) -> None:
+    table = Table(title="Agent profiles", expand=False)
+    for column in ("NAME", "DESCRIPTION", "NEEDS IN IMAGE", "API HOSTS", "SOURCE"):
+        table.add_column(column)
+    for profile in profiles:
+        table.add_row(
+            profile.name,
+            profile.description,
+            ", ".join(profile.requires) or "-",
+            ", ".join(profile.network.hosts) or "-",
+            profile.source,
+        )
+    Console().print(table)
+
+
+def print_checks(checks: Sequence[Check], image: str) -> None:
+    console = Console()
+    for check in checks:
+        mark = "[green]ok[/]" if check.ok else ("[red]FAIL[/]" if check.required else "[yellow]warn[/]")
+        console.print(f"{mark:>14}  {check.name}: {check.detail}")
+        if not check.ok and check.fix:
+            console.print(f"          fix: {check.fix}")
+    console.print(f"image: {image}")

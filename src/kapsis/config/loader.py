@@ -1,0 +1,285 @@
+"""Find, read, merge and validate configuration, remembering where every value came from.
+
+Sources, highest precedence first: command-line flags, ``--config FILE``, ``./agent-sandbox.yaml``,
+``PROJECT/agent-sandbox.yaml``, ``PROJECT/.kapsis/config.yaml``, ``~/.config/kapsis/config.yaml``,
+then the defaults in :mod:`kapsis.config.models`. Mappings merge key by key; any other value
+(lists included) is replaced whole by the higher source.
+
+A validation error is reported as one line: ``FILE:LINE: key.path: problem (what is allowed)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from kapsis import paths
+from kapsis.config.models import KapsisConfig
+from kapsis.errors import ConfigError
+
+KeyPath = tuple[str | int, ...]
+ModelT = TypeVar("ModelT", bound=BaseModel)
+CONFIG_FILE_NAME = "agent-sandbox.yaml"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where one config value came from."""
+
+    kind: str  # "default", "file" or "flag"
+    file: Path | None = None
+    line: int | None = None
+    flag: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "file" and self.file is not None:
+            return f"{self.file}:{self.line}" if self.line else str(self.file)
+        if self.kind == "flag":
+            return f"flag {self.flag}"
+        return "default"
+
+
+DEFAULT_ORIGIN = Origin("default")
+
+
+@dataclass
+class ConfigLayer:
+    """One source of configuration: plain data plus the origin of each key path in it."""
+
+    data: dict[str, Any]
+    origins: dict[KeyPath, Origin] = field(default_factory=dict)
+    label: Origin = DEFAULT_ORIGIN
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config and the origin of every value that did not come from the defaults."""
+
+    config: KapsisConfig
+    origins: Mapping[KeyPath, Origin]
+    files: tuple[Path, ...]
+
+    def origin_of(self, path: KeyPath) -> Origin:
+        for end in range(len(path), 0, -1):
+            found = self.origins.get(path[:end])
+            if found is not None:
+                return found
+        return DEFAULT_ORIGIN
+
+
+def candidate_files(project: Path | None, explicit: Path | None) -> list[Path]:
+    """The config files that apply, highest precedence first, each listed once."""
+    if explicit is not None and not explicit.is_file():
+        raise ConfigError(f"--config {explicit}: no such file; pass the path of a YAML file")
+    candidates = [explicit, Path.cwd() / CONFIG_FILE_NAME]
+    if project is not None:
+        candidates += [project / CONFIG_FILE_NAME, project / ".kapsis" / "config.yaml"]
+    candidates.append(paths.user_config_file())
+    seen: set[Path] = set()
+    found: list[Path] = []
+    for candidate in candidates:
+        if candidate is None or not candidate.is_file():
+            continue
+        resolved = candidate.resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            found.append(candidate)
+    return found
+
+
+def read_yaml_layer(path: Path) -> ConfigLayer:
+    """Parse one YAML file, keeping the line number of every key."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError
+
+    yaml = YAML(typ="rt")
+    try:
+        text = path.read_text(encoding="utf-8")
+        document = yaml.load(text)
+    except MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        problem = error.problem or error.context or "invalid YAML"
+        raise ConfigError(f"{path}:{line}: invalid YAML: {problem}; fix the syntax") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read config file: {error}") from None
+    if document is None:
+        return ConfigLayer({}, {}, Origin("file", path))
+    if not isinstance(document, Mapping):
+        raise ConfigError(f"{path}:1: the config file must be a mapping of sections, e.g. 'resources:'")
+    origins: dict[KeyPath, Origin] = {}
+    data = _plain(document, (), path, origins)
+    return ConfigLayer(data, origins, Origin("file", path))
+
+
+def _plain(node: Any, prefix: KeyPath, path: Path, origins: dict[KeyPath, Origin]) -> Any:
+    """Turn ruamel's nodes into plain dicts and lists, recording each key's line."""
+    if isinstance(node, Mapping):
+        result: dict[str, Any] = {}
+        for key, value in node.items():
+            key_path = (*prefix, str(key))
+            line = node.lc.key(key)[0] + 1 if hasattr(node, "lc") else None
+            origins[key_path] = Origin("file", path, line)
+            result[str(key)] = _plain(value, key_path, path, origins)
+        return result
+    if isinstance(node, list):
+        items = []
+        for index, value in enumerate(node):
+            item_path = (*prefix, index)
+            line = node.lc.item(index)[0] + 1 if hasattr(node, "lc") else None
+            origins[item_path] = Origin("file", path, line)
+            items.append(_plain(value, item_path, path, origins))
+        return items
+    if node is not None and type(node).__module__.startswith("ruamel"):
+        # ruamel wraps scalars (ScalarFloat, ScalarBoolean...); give pydantic the plain type.
+        for plain_type in (bool, int, float, str):
+            if isinstance(node, plain_type):
+                return plain_type(node)
+    return node
+
+
+def flag_layer(values: Mapping[str, tuple[str, Any]]) -> ConfigLayer:
+    """Build a layer from flags: ``{"resources.memory": ("--memory", "2g"), ...}``."""
+    data: dict[str, Any] = {}
+    origins: dict[KeyPath, Origin] = {}
+    for dotted, (flag, value) in values.items():
+        if value is None:
+            continue
+        keys = dotted.split(".")
+        target = data
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+        target[keys[-1]] = value
+        origins[tuple(keys)] = Origin("flag", flag=flag)
+    return ConfigLayer(data, origins, Origin("flag"))
+
+
+def merge_layers(layers: Iterable[ConfigLayer]) -> tuple[dict[str, Any], dict[KeyPath, Origin]]:
+    """Merge layers given highest precedence first."""
+    merged: dict[str, Any] = {}
+    origins: dict[KeyPath, Origin] = {}
+    for layer in reversed(list(layers)):
+        _merge_into(merged, layer.data, (), layer, origins)
+    return merged, origins
+
+
+def _merge_into(
+    target: dict[str, Any],
+    source: Mapping[str, Any],
+    prefix: KeyPath,
+    layer: ConfigLayer,
+    origins: dict[KeyPath, Origin],
+) -> None:
+    for key, value in source.items():
+        key_path = (*prefix, key)
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            origins.setdefault(key_path, layer.origins.get(key_path, layer.label))
+            _merge_into(target[key], value, key_path, layer, origins)
+            continue
+        target[key] = value
+        # A replaced value takes all its origins from the new layer.
+        for stale in [p for p in origins if p[: len(key_path)] == key_path]:
+            del origins[stale]
+        for own_path, own_origin in layer.origins.items():
+            if own_path[: len(key_path)] == key_path:
+                origins[own_path] = own_origin
+        origins.setdefault(key_path, layer.label)
+
+
+def validate(data: Mapping[str, Any], origins: Mapping[KeyPath, Origin]) -> KapsisConfig:
+    return validate_model(KapsisConfig, data, origins)
+
+
+def validate_model(
+    model: type[ModelT], data: Mapping[str, Any], origins: Mapping[KeyPath, Origin]
+) -> ModelT:
+    """Validate ``data`` against ``model``, turning the first error into a one-line ConfigError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error, origins, model)) from None
+
+
+def describe_validation_error(
+    error: ValidationError,
+    origins: Mapping[KeyPath, Origin],
+    root: type[BaseModel] = KapsisConfig,
+) -> str:
+    """One line for the first problem: where, which key, what is wrong, what is allowed."""
+    problems = error.errors(include_url=False)
+    first = problems[0]
+    loc: KeyPath = tuple(first["loc"])
+    where = _nearest_origin(loc, origins)
+    dotted = _dotted(loc)
+    if first["type"] == "extra_forbidden":
+        allowed = ", ".join(sorted(_fields_at(loc[:-1], root)))
+        text = f"unknown key '{loc[-1]}'; allowed here: {allowed}"
+    else:
+        text = first["msg"].removeprefix("Value error, ")
+        allowed_hint = None if first["type"] == "literal_error" else _allowed_hint(loc, root)
+        if allowed_hint:
+            text = f"{text} (expected: {allowed_hint})"
+    more = f" [and {len(problems) - 1} more problem(s)]" if len(problems) > 1 else ""
+    return f"{where}: {dotted}: {text}{more}"
+
+
+def _nearest_origin(loc: KeyPath, origins: Mapping[KeyPath, Origin]) -> str:
+    for end in range(len(loc), 0, -1):
+        found = origins.get(loc[:end])
+        if found is not None:
+            return str(found)
+    return "config"
+
+
+def _dotted(loc: KeyPath) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _model_at(loc: KeyPath, root: type[BaseModel]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if model is None or isinstance(part, int):
+            continue
+        info = model.model_fields.get(part)
+        if info is None:
+            return None
+        annotation = info.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if model is None:
+            # list[Model] and similar: look one level into the type arguments.
+            for arg in getattr(annotation, "__args__", ()):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    model = arg
+    return model
+
+
+def _fields_at(loc: KeyPath, root: type[BaseModel]) -> list[str]:
+    model = _model_at(loc, root)
+    return list(model.model_fields) if model is not None else []
+
+
+def _allowed_hint(loc: KeyPath, root: type[BaseModel]) -> str | None:
+    parent = _model_at(loc[:-1], root)
+    if parent is None or not loc or isinstance(loc[-1], int):
+        return None
+    info = parent.model_fields.get(str(loc[-1]))
+    return info.description if info is not None else None
+
+
+def load_config(
+    project: Path | None = None,
+    config_file: Path | None = None,
+    flags: Mapping[str, tuple[str, Any]] | None = None,
+) -> LoadedConfig:
+    """Load the effective configuration for a run on ``project``."""
+    files = candidate_files(project, config_file)
+    layers = [flag_layer(flags or {})] + [read_yaml_layer(path) for path in files]
+    data, origins = merge_layers(layers)
+    return LoadedConfig(validate(data, origins), origins, tuple(files))

@@ -1,0 +1,101 @@
+"""The one hierarchy of Kapsis errors, and the process exit code each one maps to.
+
+Every error a user can meet derives from :class:`KapsisError`. The CLI prints ``str(error)``
+as a single line and exits with ``error.exit_code``; SDK callers catch the class they care
+about. The exit codes are part of the public contract and are documented in the README.
+
+    KapsisError                       1  (generic; not raised directly)
+    ├── ConfigError                   2  bad flag, bad config file, unknown agent
+    ├── AgentNotFoundError            2
+    ├── SandboxError                  3  the sandbox could not be prepared or started
+    │   ├── ImageError                3  image missing, or lacks a tool the agent needs
+    │   └── HostUnsupportedError      4  the host cannot provide what was asked for
+    ├── AgentFailedError              1  the agent ran and exited non-zero
+    ├── AgentKilledError              5  killed: out of memory, stopped, signalled
+    └── AgentTimeoutError             6  the run exceeded its time limit
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Exit codes of ``kapsis run`` (and of every other command, where they apply)."""
+
+    SUCCESS = 0
+    AGENT_FAILED = 1
+    USAGE = 2
+    SANDBOX_FAILED = 3
+    HOST_UNSUPPORTED = 4
+    KILLED = 5
+    TIMEOUT = 6
+    INTERRUPTED = 130
+
+
+class KapsisError(Exception):
+    """Base class of every error Kapsis raises on purpose."""
+
+    exit_code: ExitCode = ExitCode.AGENT_FAILED
+    error_type: str = "error"
+
+
+class ConfigError(KapsisError):
+    """Bad input: a config file, a flag or a profile. The message names where and how to fix."""
+
+    exit_code = ExitCode.USAGE
+    error_type = "config"
+
+
+class AgentNotFoundError(ConfigError):
+    """No agent profile has the requested name."""
+
+
+class SandboxError(KapsisError):
+    """The sandbox could not be prepared or started; the agent never ran."""
+
+    exit_code = ExitCode.SANDBOX_FAILED
+    error_type = "sandbox"
+
+
+class ImageError(SandboxError):
+    """The image is missing, or lacks a program the agent profile needs."""
+
+    error_type = "image"
+
+
+class HostUnsupportedError(SandboxError):
+    """The host lacks something the run asked for (a tool, an LSM, a kernel feature)."""
+
+    exit_code = ExitCode.HOST_UNSUPPORTED
+    error_type = "host"
+
+
+class AgentFailedError(KapsisError):
+    """The agent ran and exited with a non-zero code of its own."""
+
+    exit_code = ExitCode.AGENT_FAILED
+    error_type = "agent_failed"
+
+    def __init__(self, message: str, agent_exit_code: int) -> None:
+        super().__init__(message)
+        self.agent_exit_code = agent_exit_code
+
+
+class AgentKilledError(KapsisError):
+    """The agent was killed: out of memory, by ``kapsis stop``, or by a signal."""
+
+    exit_code = ExitCode.KILLED
+    error_type = "killed"
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.error_type = reason
+
+
+class AgentTimeoutError(KapsisError):
+    """The run went past its time limit and was stopped."""
+
+    exit_code = ExitCode.TIMEOUT
+    error_type = "timeout"

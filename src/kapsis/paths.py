@@ -1,0 +1,55 @@
+"""Where Kapsis keeps its host-side state. Nothing under these paths is mounted into a sandbox.
+
+``KAPSIS_HOME`` (default ``~/.kapsis``) holds per-agent state; ``KAPSIS_CONFIG_DIR`` (default
+``$XDG_CONFIG_HOME/kapsis`` or ``~/.config/kapsis``) holds user configuration and agent profiles.
+Both are read from the environment on each call so that tests and SDK users can redirect them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def kapsis_home() -> Path:
+    return Path(os.environ.get("KAPSIS_HOME") or Path.home() / ".kapsis")
+
+
+def config_dir() -> Path:
+    explicit = os.environ.get("KAPSIS_CONFIG_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".config") / "kapsis"
+
+
+def status_dir() -> Path:
+    return kapsis_home() / "status"
+
+
+def logs_dir() -> Path:
+    return kapsis_home() / "logs"
+
+
+def audit_dir() -> Path:
+    return kapsis_home() / "audit"
+
+
+def sandboxes_dir() -> Path:
+    return kapsis_home() / "sandboxes"
+
+
+def sandbox_dir(agent_id: str) -> Path:
+    return sandboxes_dir() / agent_id
+
+
+def transcript_path(agent_id: str) -> Path:
+    return logs_dir() / f"{agent_id}.log"
+
+
+def user_agents_dir() -> Path:
+    return config_dir() / "agents"
+
+
+def user_config_file() -> Path:
+    return config_dir() / "config.yaml"

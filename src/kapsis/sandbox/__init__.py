@@ -1,0 +1,1 @@
+"""The launch pipeline: request + config -> plan -> sandbox -> result."""

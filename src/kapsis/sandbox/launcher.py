@@ -1,0 +1,194 @@
+"""Run a plan through a backend, keeping the host-side status and audit records up to date.
+
+Phases: initializing -> preparing -> starting -> running -> post_processing -> complete|failed.
+The same :func:`finish` closes a run whether ``kapsis run`` waited in the foreground or a
+detached supervisor (``python -m kapsis.sandbox.supervise``) did.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from kapsis import paths
+from kapsis.audit import AuditLog
+from kapsis.backends import Backend, ExitInfo
+from kapsis.errors import (
+    AgentFailedError,
+    AgentKilledError,
+    AgentTimeoutError,
+    ExitCode,
+    KapsisError,
+)
+from kapsis.sandbox.plan import SandboxPlan
+from kapsis.status import AgentStatus, StatusStore
+from kapsis.status.store import utc_now
+
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The outcome of a run, as the CLI reports it."""
+
+    agent_id: str
+    exit_code: int
+    agent_exit_code: int | None
+    error_type: str | None
+    message: str
+    detached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == ExitCode.SUCCESS
+
+
+def save_plan(plan: SandboxPlan) -> Path:
+    path = Path(plan.workspace.root) / PLAN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(plan.model_dump_json(indent=2), encoding="utf-8")
+    return path
+
+
+def load_plan(agent_id: str) -> SandboxPlan | None:
+    path = paths.sandbox_dir(agent_id) / PLAN_FILE
+    if not path.exists():
+        return None
+    return SandboxPlan.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def initial_status(plan: SandboxPlan, backend: Backend) -> AgentStatus:
+    now = utc_now()
+    return AgentStatus(
+        agent_id=plan.agent_id,
+        project=plan.project,
+        branch=plan.git.branch,
+        backend=backend.name,
+        agent=plan.agent,
+        phase="initializing",
+        message="planning the sandbox",
+        started_at=now,
+        updated_at=now,
+        limits_enforced=plan.resources.limits_enforced,
+        network_mode=plan.network.mode,
+        security_profile=plan.security.profile,
+        task=plan.task_summary,
+    )
+
+
+def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
+    """Start the sandbox; in the foreground also wait and finish."""
+    store = StatusStore()
+    audit = AuditLog(plan.agent_id, enabled=plan.audit_enabled)
+    store.write(initial_status(plan, backend))
+    audit.record(
+        "session_start",
+        project=plan.project,
+        agent=plan.agent,
+        image=plan.image,
+        network_mode=plan.network.mode,
+        security_profile=plan.security.profile,
+        memory=plan.resources.memory,
+        cpus=plan.resources.cpus,
+        pids_limit=plan.resources.pids_limit,
+        limits_enforced=plan.resources.limits_enforced,
+    )
+    save_plan(plan)
+    try:
+        store.update(plan.agent_id, phase="preparing", message="checking the image")
+        backend.preflight(plan)
+        store.update(plan.agent_id, phase="starting", message="starting the sandbox")
+        sandbox = backend.launch(plan, attach=not detach)
+    except KapsisError as error:
+        backend.remove(plan)
+        return _close(plan, store, audit, error.exit_code, None, error.error_type, str(error))
+    store.update(plan.agent_id, phase="running", message=f"agent {plan.agent} is running")
+    audit.record("sandbox_started", pod=plan.pod_name)
+    if detach:
+        _spawn_supervisor(plan.agent_id)
+        return RunResult(plan.agent_id, ExitCode.SUCCESS, None, None, "started", detached=True)
+    try:
+        exit_info = sandbox.wait()
+    except KeyboardInterrupt:
+        backend.stop(plan.agent_id, grace_seconds=2)
+        backend.remove(plan)
+        return _close(plan, store, audit, ExitCode.INTERRUPTED, None, "interrupted", "interrupted")
+    except KapsisError as error:
+        backend.remove(plan)
+        return _close(plan, store, audit, error.exit_code, None, error.error_type, str(error))
+    return finish(plan, backend, exit_info)
+
+
+def finish(plan: SandboxPlan, backend: Backend, exit_info: ExitInfo) -> RunResult:
+    """Classify how the agent ended, tear the sandbox down and write the final status."""
+    store = StatusStore()
+    audit = AuditLog(plan.agent_id, enabled=plan.audit_enabled)
+    store.update(plan.agent_id, phase="post_processing", message="removing the sandbox")
+    audit.record("sandbox_exited", exit_code=exit_info.exit_code, oom_killed=exit_info.oom_killed)
+    backend.remove(plan)
+    current = store.read(plan.agent_id)
+    error = classify(plan, exit_info, stop_requested=bool(current and current.stop_requested))
+    if error is None:
+        return _close(plan, store, audit, ExitCode.SUCCESS, 0, None, "agent finished successfully")
+    agent_code = exit_info.exit_code
+    return _close(plan, store, audit, error.exit_code, agent_code, error.error_type, str(error))
+
+
+def classify(plan: SandboxPlan, exit_info: ExitInfo, *, stop_requested: bool) -> KapsisError | None:
+    """Map the agent's exit to None (success) or the error that explains it."""
+    if stop_requested:
+        return AgentKilledError("the agent was stopped by `kapsis stop`", "stopped")
+    if exit_info.oom_killed:
+        return AgentKilledError(
+            f"the agent ran out of memory (limit {plan.resources.memory}) and was killed", "oom"
+        )
+    if exit_info.timed_out:
+        return AgentTimeoutError(
+            f"the agent ran past its time limit ({plan.resources.timeout_seconds}s) and was killed"
+        )
+    if exit_info.exit_code == 0:
+        return None
+    if exit_info.exit_code >= 128:
+        signal_number = exit_info.exit_code - 128
+        return AgentKilledError(f"the agent was killed by signal {signal_number}", "killed")
+    return AgentFailedError(
+        f"the agent exited with code {exit_info.exit_code}", agent_exit_code=exit_info.exit_code
+    )
+
+
+def _close(
+    plan: SandboxPlan,
+    store: StatusStore,
+    audit: AuditLog,
+    exit_code: int,
+    agent_exit_code: int | None,
+    error_type: str | None,
+    message: str,
+) -> RunResult:
+    phase = "complete" if exit_code == ExitCode.SUCCESS else "failed"
+    store.update(
+        plan.agent_id,
+        phase=phase,
+        message=message,
+        exit_code=int(exit_code),
+        agent_exit_code=agent_exit_code,
+        error_type=error_type,
+    )
+    audit.record(
+        "session_end", phase=phase, exit_code=int(exit_code), error_type=error_type, message=message
+    )
+    return RunResult(plan.agent_id, int(exit_code), agent_exit_code, error_type, message)
+
+
+def _spawn_supervisor(agent_id: str) -> None:
+    log = paths.sandbox_dir(agent_id) / "supervisor.log"
+    with log.open("ab") as output:
+        subprocess.Popen(
+            [sys.executable, "-m", "kapsis.sandbox.supervise", agent_id],
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+            start_new_session=True,
+        )

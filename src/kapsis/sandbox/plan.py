@@ -1,0 +1,365 @@
+"""A run as pure data: :class:`SandboxPlan`, computed from the request, the config and the host.
+
+Everything a backend needs is decided here, before any container exists: image, user, command,
+environment names, mounts, limits, security settings, network policy, workspace and git target.
+Backends only translate a plan, so ``--dry-run`` is this object printed, and the Podman and
+Kubernetes backends cannot disagree about what a config means.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from kapsis import paths
+from kapsis.agents import AgentProfile
+from kapsis.config.loader import LoadedConfig
+from kapsis.config.models import (
+    NetworkMode,
+    SecurityProfileName,
+    duration_to_seconds,
+    memory_to_bytes,
+)
+from kapsis.errors import ConfigError, HostUnsupportedError
+from kapsis.host.facts import HostFacts
+from kapsis.sandbox.security import APPARMOR_PROFILE_NAME, PROFILES, effective_settings
+
+AGENT_UID = 1000
+AGENT_HOME = "/home/agent"
+WORKSPACE_TARGET = "/workspace"
+SPEC_TARGET = "/task-spec.md"
+USERNS_SIZE = 65536
+# Linux refuses a single argv string longer than this (MAX_ARG_STRLEN).
+MAX_ARG_LENGTH = 128 * 1024
+_AGENT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+class PlanModel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Mount(PlanModel):
+    source: str
+    target: str
+    read_only: bool = True
+
+
+class Tmpfs(PlanModel):
+    target: str
+    options: tuple[str, ...]
+
+
+class WorkspacePlan(PlanModel):
+    """The project as the agent sees it: a copy-on-write view whose writes land on the host."""
+
+    mode: Literal["overlay"] = "overlay"
+    project: str
+    target: str = WORKSPACE_TARGET
+    root: str
+    upper: str
+    work: str
+    lower: str
+    merged: str
+
+
+class UserNamespacePlan(PlanModel):
+    """How container uids map to host uids.
+
+    ``mapped`` (rootful): a private range of ``size`` host uids, allocated at launch, so that no
+    container uid - root included - is a real host user. ``keep-id`` (rootless): the agent runs
+    as the invoking user, the most a rootless user can be.
+    """
+
+    kind: Literal["mapped", "keep-id"]
+    size: int = USERNS_SIZE
+    agent_uid: int = AGENT_UID
+
+
+class SecurityPlan(PlanModel):
+    profile: SecurityProfileName
+    drop_all_capabilities: bool
+    cap_add: tuple[str, ...]
+    no_new_privileges: bool
+    seccomp: bool
+    read_only_root: bool
+    noexec_tmp: bool
+    apparmor_profile: str | None
+
+
+class ResourcePlan(PlanModel):
+    memory: str
+    memory_bytes: int
+    cpus: float
+    pids_limit: int | None
+    timeout_seconds: int | None
+    limits_enforced: bool
+
+
+class AllowedHost(PlanModel):
+    host: str
+    source: str
+
+
+class NetworkPlan(PlanModel):
+    mode: NetworkMode
+    allowlist: tuple[AllowedHost, ...] = ()
+
+
+class GitTarget(PlanModel):
+    branch: str | None
+    base_branch: str | None
+
+
+class SandboxPlan(PlanModel):
+    """Everything about one agent's sandbox, decided before anything runs."""
+
+    agent_id: str
+    pod_name: str
+    container_name: str
+    project: str
+    agent: str
+    image: str
+    requires: tuple[str, ...]
+    command: tuple[str, ...]
+    workdir: str
+    env: dict[str, str]
+    env_passthrough: tuple[str, ...]
+    task_summary: str
+    spec_source: str | None
+    mounts: tuple[Mount, ...]
+    tmpfs: tuple[Tmpfs, ...]
+    workspace: WorkspacePlan
+    userns: UserNamespacePlan
+    security: SecurityPlan
+    resources: ResourcePlan
+    network: NetworkPlan
+    git: GitTarget
+    audit_enabled: bool
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a caller asks for. ``None`` means: take it from the config (or its defaults)."""
+
+    project: Path
+    task: str | None = None
+    spec: Path | None = None
+    agent: str | None = None
+    agent_id: str | None = None
+    network_mode: str | None = None
+    security_profile: str | None = None
+    memory: str | None = None
+    cpus: float | None = None
+    timeout: str | None = None
+    image: str | None = None
+    branch: str | None = None
+    config_file: Path | None = None
+    extra_flags: dict[str, tuple[str, Any]] = field(default_factory=dict)
+
+    def flag_values(self) -> dict[str, tuple[str, Any]]:
+        """The request's overrides, keyed by config path, labelled with their flag."""
+        return {
+            "agent.name": ("--agent", self.agent),
+            "network.mode": ("--network-mode", self.network_mode),
+            "security.profile": ("--security-profile", self.security_profile),
+            "resources.memory": ("--memory", self.memory),
+            "resources.cpus": ("--cpus", self.cpus),
+            "resources.timeout": ("--timeout", self.timeout),
+            "image.name": ("--image", self.image),
+            "git.branch": ("--branch", self.branch),
+            **self.extra_flags,
+        }
+
+
+def new_agent_id() -> str:
+    return secrets.token_hex(3)
+
+
+def check_agent_id(agent_id: str) -> str:
+    if not _AGENT_ID_RE.match(agent_id):
+        raise ConfigError(
+            f"--agent-id {agent_id!r}: use 1-32 lowercase letters, digits or '-', "
+            "starting with a letter or digit"
+        )
+    return agent_id
+
+
+def build_plan(
+    request: RunRequest,
+    loaded: LoadedConfig,
+    profile: AgentProfile,
+    host: HostFacts,
+    environ: dict[str, str] | None = None,
+) -> SandboxPlan:
+    """Decide everything about the sandbox. Raises ConfigError / HostUnsupportedError early."""
+    config = loaded.config
+    environ = dict(os.environ) if environ is None else environ
+    project = request.project.expanduser().resolve()
+    if not project.is_dir():
+        raise ConfigError(f"PROJECT {request.project}: no such directory; pass a project folder")
+    agent_id = check_agent_id(request.agent_id) if request.agent_id else new_agent_id()
+    task_text, spec_source = _task(request)
+
+    settings = effective_settings(config.security.profile, config.security.overrides)
+    if settings["requires_lsm"] and not host.apparmor:
+        raise HostUnsupportedError(
+            f"security profile 'paranoid' ({loaded.origin_of(('security', 'profile'))}) needs "
+            "AppArmor, which this host does not have enabled; use --security-profile strict, "
+            "or enable AppArmor"
+        )
+    if config.network.mode == "filtered":
+        raise ConfigError(
+            f"{loaded.origin_of(('network', 'mode'))}: network.mode: 'filtered' needs the network "
+            "gateway, which this version of Kapsis does not ship yet; use none or open "
+            "(Kapsis refuses rather than run with an open network)"
+        )
+    for name in config.environment.passthrough:
+        if name not in environ:
+            raise ConfigError(
+                f"{loaded.origin_of(('environment', 'passthrough'))}: environment.passthrough: "
+                f"{name} is not set in the host environment; set it or remove it from the list"
+            )
+
+    command = _command(config.agent.command or profile.command, task_text)
+    sandbox_root = paths.sandbox_dir(agent_id)
+    env = {
+        **profile.env,
+        **config.environment.set,
+        "HOME": AGENT_HOME,
+        "KAPSIS_AGENT_ID": agent_id,
+    }
+    if spec_source is not None:
+        env["KAPSIS_TASK_SPEC"] = SPEC_TARGET
+    elif len(task_text) < MAX_ARG_LENGTH:
+        env["KAPSIS_TASK"] = task_text
+
+    mounts = [_read_only_mount(m.source, m.target) for m in config.filesystem.mounts]
+    if spec_source is not None:
+        mounts.append(Mount(source=str(sandbox_root / "task-spec.md"), target=SPEC_TARGET))
+
+    resources = config.resources
+    pids = resources.pids if resources.pids is not None else PROFILES[config.security.profile].pids_limit
+    return SandboxPlan(
+        agent_id=agent_id,
+        pod_name=f"kapsis-{agent_id}",
+        container_name=f"kapsis-{agent_id}-agent",
+        project=str(project),
+        agent=profile.name,
+        image=config.image.name,
+        requires=tuple(profile.requires),
+        command=command,
+        workdir=config.agent.workdir or profile.workdir,
+        env=env,
+        env_passthrough=tuple(config.environment.passthrough),
+        task_summary=_summary(task_text, spec_source),
+        spec_source=spec_source,
+        mounts=tuple(mounts),
+        tmpfs=_tmpfs(settings["noexec_tmp"]),
+        workspace=WorkspacePlan(
+            project=str(project),
+            root=str(sandbox_root),
+            upper=str(sandbox_root / "upper"),
+            work=str(sandbox_root / "work"),
+            lower=str(sandbox_root / "lower"),
+            merged=str(sandbox_root / "merged"),
+        ),
+        userns=UserNamespacePlan(kind="keep-id" if host.rootless else "mapped"),
+        security=SecurityPlan(
+            profile=config.security.profile,
+            drop_all_capabilities=settings["drop_all_capabilities"],
+            cap_add=tuple(config.security.overrides.cap_add),
+            no_new_privileges=settings["no_new_privileges"],
+            seccomp=settings["seccomp"],
+            read_only_root=settings["read_only_root"],
+            noexec_tmp=settings["noexec_tmp"],
+            apparmor_profile=APPARMOR_PROFILE_NAME if settings["requires_lsm"] else None,
+        ),
+        resources=ResourcePlan(
+            memory=resources.memory,
+            memory_bytes=memory_to_bytes(resources.memory),
+            cpus=resources.cpus,
+            pids_limit=pids,
+            timeout_seconds=duration_to_seconds(resources.timeout) if resources.timeout else None,
+            limits_enforced=host.limits_enforced,
+        ),
+        network=NetworkPlan(
+            mode=config.network.mode,
+            allowlist=_allowlist(loaded, profile),
+        ),
+        git=GitTarget(branch=config.git.branch, base_branch=config.git.base_branch),
+        audit_enabled=config.audit.enabled,
+        labels={
+            "io.kapsis.agent-id": agent_id,
+            "io.kapsis.agent": profile.name,
+            "io.kapsis.project": str(project),
+        },
+    )
+
+
+def _task(request: RunRequest) -> tuple[str, str | None]:
+    if request.task is not None and request.spec is not None:
+        raise ConfigError("--task and --spec: give one of them, not both")
+    if request.spec is not None:
+        spec = request.spec.expanduser()
+        try:
+            return spec.read_text(encoding="utf-8"), str(spec.resolve())
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"--spec {request.spec}: cannot read it ({error}); pass a Markdown file") from None
+    if request.task is None or not request.task.strip():
+        raise ConfigError("no task: pass --task TEXT or --spec FILE")
+    return request.task, None
+
+
+def _command(template: str | list[str], task_text: str) -> tuple[str, ...]:
+    if isinstance(template, str):
+        # A string command goes through sh; the task reaches it only as $KAPSIS_TASK.
+        return ("sh", "-c", template)
+    argv = tuple(part.replace("{task}", task_text) for part in template)
+    if any(len(part) >= MAX_ARG_LENGTH for part in argv):
+        raise ConfigError(
+            f"the task is longer than {MAX_ARG_LENGTH} bytes, too long for a command argument; "
+            "shorten it, or use an agent command that reads $KAPSIS_TASK_SPEC"
+        )
+    return argv
+
+
+def _summary(task_text: str, spec_source: str | None) -> str:
+    first_line = task_text.strip().splitlines()[0] if task_text.strip() else ""
+    summary = first_line if len(first_line) <= 80 else first_line[:77] + "..."
+    return f"spec {spec_source}: {summary}" if spec_source else summary
+
+
+def _read_only_mount(source: str, target: str) -> Mount:
+    host_path = Path(source).expanduser()
+    if not host_path.exists():
+        raise ConfigError(
+            f"filesystem.mounts: {source} does not exist on the host; fix the path or remove it"
+        )
+    return Mount(source=str(host_path.resolve()), target=target, read_only=True)
+
+
+def _tmpfs(noexec_tmp: bool) -> tuple[Tmpfs, ...]:
+    tmp_options = ("rw", "nosuid", "nodev", "noexec") if noexec_tmp else ("rw", "nosuid", "nodev")
+    return (
+        Tmpfs(target="/tmp", options=(*tmp_options, "mode=1777")),
+        # U: owned by the container user, so the agent's home is writable even with a read-only root.
+        Tmpfs(target=AGENT_HOME, options=("rw", "nosuid", "nodev", "mode=0700", "U")),
+    )
+
+
+def _allowlist(loaded: LoadedConfig, profile: AgentProfile) -> tuple[AllowedHost, ...]:
+    hosts = [
+        AllowedHost(host=host, source=str(loaded.origin_of(("network", "allowlist", "hosts", index))))
+        for index, host in enumerate(loaded.config.network.allowlist.hosts)
+    ]
+    hosts += [
+        AllowedHost(host=host, source=f"agent profile {profile.name}") for host in profile.network.hosts
+    ]
+    return tuple(hosts)

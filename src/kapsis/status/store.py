@@ -1,0 +1,107 @@
+"""The status record of each agent and the store that writes it.
+
+Files live in ``~/.kapsis/status/AGENT_ID.json``, a directory never mounted into a sandbox, so
+only the host can write them. Each write goes to a temporary file then ``os.replace``, so a reader
+never sees a half-written record.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from kapsis import paths
+
+Phase = Literal[
+    "initializing", "preparing", "starting", "running", "post_processing", "complete", "failed"
+]
+FINAL_PHASES: frozenset[str] = frozenset({"complete", "failed"})
+PHASE_PROGRESS: dict[str, int] = {
+    "initializing": 0,
+    "preparing": 10,
+    "starting": 20,
+    "running": 30,
+    "post_processing": 90,
+    "complete": 100,
+}
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class AgentStatus(BaseModel):
+    agent_id: str
+    project: str
+    branch: str | None = None
+    backend: str
+    agent: str
+    phase: Phase = "initializing"
+    progress: int = 0
+    message: str = ""
+    started_at: str
+    updated_at: str
+    exit_code: int | None = None
+    agent_exit_code: int | None = None
+    error_type: str | None = None
+    limits_enforced: bool
+    network_mode: str
+    security_profile: str
+    task: str = ""
+    stop_requested: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in FINAL_PHASES
+
+
+class StatusStore:
+    """Reads and atomically writes status records."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory or paths.status_dir()
+
+    def path(self, agent_id: str) -> Path:
+        return self.directory / f"{agent_id}.json"
+
+    def write(self, status: AgentStatus) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                handle.write(status.model_dump_json(indent=2))
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, self.path(status.agent_id))
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def update(self, agent_id: str, **changes: Any) -> AgentStatus:
+        current = self.read(agent_id)
+        if current is None:
+            raise KeyError(agent_id)
+        if "phase" in changes and "progress" not in changes:
+            changes["progress"] = PHASE_PROGRESS.get(changes["phase"], current.progress)
+        updated = current.model_copy(update={**changes, "updated_at": utc_now()})
+        self.write(updated)
+        return updated
+
+    def read(self, agent_id: str) -> AgentStatus | None:
+        try:
+            return AgentStatus.model_validate_json(self.path(agent_id).read_text(encoding="utf-8"))
+        except (OSError, ValidationError):
+            return None
+
+    def all(self) -> list[AgentStatus]:
+        if not self.directory.is_dir():
+            return []
+        records = (self.read(p.stem) for p in sorted(self.directory.glob("*.json")))
+        return sorted((r for r in records if r is not None), key=lambda r: r.started_at)
+
+    def delete(self, agent_id: str) -> None:
+        self.path(agent_id).unlink(missing_ok=True)
