@@ -1,17 +1,17 @@
 """Private host uid ranges for rootful sandboxes, one per running agent.
 
 Each sandbox gets ``SLOT_SIZE`` host uids starting at ``BASE + slot * SLOT_SIZE``, so container
-root and the agent user map to host uids that belong to no one. A claim is a file created with
-O_EXCL; claims of agents that no longer run are reclaimed.
+root and the agent user map to host uids that belong to no one. A claim is a file written under
+an exclusive lock; claims of agents that no longer run are reclaimed.
 """
 
 from __future__ import annotations
 
 import fcntl
+import os
 from collections.abc import Callable
 from pathlib import Path
 
-from kapsis import paths
 from kapsis.errors import SandboxError
 
 BASE = 1_500_000_000
@@ -20,7 +20,8 @@ MAX_SLOTS = 4096
 
 
 def _slots_dir() -> Path:
-    return paths.kapsis_home() / "uidslots"
+    # Host-wide, not per KAPSIS_HOME: two homes must never hand out the same host uids.
+    return Path(os.environ.get("KAPSIS_UIDSLOTS_DIR", "/var/lib/kapsis/uidslots"))
 
 
 def claim(agent_id: str, is_live: Callable[[str], bool]) -> int:

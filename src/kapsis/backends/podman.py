@@ -32,6 +32,10 @@ def pod_create_args(plan: SandboxPlan, uid_base: int | str) -> list[str]:
     for key, value in plan.labels.items():
         args += ["--label", f"{key}={value}"]
     args += ["--network", "none" if plan.network.mode == "none" else "bridge"]
+    # Memory is limited for the whole pod: its cgroup outlives the agent container, so an OOM
+    # kill can still be read from it after the agent exits (see oom_in_pod_cgroup).
+    memory = str(plan.resources.memory_bytes)
+    args += ["--memory", memory, "--memory-swap", memory]
     if plan.userns.kind == "mapped":
         size = plan.userns.size
         args += ["--uidmap", f"0:{uid_base}:{size}", "--gidmap", f"0:{uid_base}:{size}"]
@@ -53,7 +57,6 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool) -> list[str]:
     if user:
         args += ["--user", user]
     args += ["--workdir", plan.workdir]
-    args += ["--memory", str(resources.memory_bytes), "--memory-swap", str(resources.memory_bytes)]
     args += ["--cpus", f"{resources.cpus:g}"]
     if resources.pids_limit is not None:
         args += ["--pids-limit", str(resources.pids_limit)]
@@ -70,7 +73,8 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool) -> list[str]:
     if security.apparmor_profile:
         args += ["--security-opt", f"apparmor={security.apparmor_profile}"]
     if security.read_only_root:
-        args += ["--read-only"]
+        # No tmpfs on /run and /var/tmp either: the only writable places are the ones we mount.
+        args += ["--read-only", "--read-only-tmpfs=false"]
     for tmpfs in plan.tmpfs:
         args += ["--tmpfs", f"{tmpfs.target}:{','.join(tmpfs.options)}"]
     workspace = plan.workspace
@@ -134,7 +138,35 @@ class PodmanSandbox(RunningSandbox):
             what="podman inspect",
             check=False,
         )
-        return result.stdout.strip() == "true"
+        if result.stdout.strip() == "true":
+            return True
+        # Podman misses OOM kills on some cgroup v1 hosts; ask the pod's cgroup instead.
+        pod = _run(
+            [PODMAN, "pod", "inspect", "--format", "{{.CgroupPath}}", self.plan.pod_name],
+            what="podman pod inspect",
+            check=False,
+        )
+        cgroup = pod.stdout.strip()
+        return bool(cgroup) and oom_in_pod_cgroup(cgroup, self.plan.resources.memory_bytes)
+
+
+def oom_in_pod_cgroup(cgroup: str, limit: int, root: Path = Path("/sys/fs/cgroup")) -> bool:
+    """Whether the pod's memory cgroup shows an OOM kill (v2) or a peak at the limit (v1)."""
+    events = root / cgroup.lstrip("/") / "memory.events"
+    if events.exists():
+        for line in events.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and int(value) > 0:
+                return True
+        return False
+    v1 = root / "memory" / cgroup.lstrip("/")
+    try:
+        peak = int((v1 / "memory.max_usage_in_bytes").read_text())
+    except (OSError, ValueError):
+        return False
+    # v1 keeps no OOM-kill count for the pod; a SIGKILLed agent whose pod peaked at the limit is
+    # the best evidence there is (page cache alone is reclaimed before reaching a kill).
+    return peak >= limit
 
 
 def _diagnose_start_failure(plan: SandboxPlan) -> None:

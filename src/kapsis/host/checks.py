@@ -1,0 +1,495 @@
+"""Host checks for ``kapsis setup``: can this machine run Kapsis sandboxes, and if not, how to fix it.
+
+:func:`run_checks` inspects the host and returns one :class:`Check` per requirement, each failing
+one with a concrete fix command. It reads files under /proc, /sys and /etc and runs at most two
+subprocesses (``podman --version`` and ``podman image exists``), so it takes well under a second.
+
+The parsing and the decisions are small pure functions that take text or values (not paths they
+open themselves), so they can be tested on fake inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import pwd
+import re
+import resource
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kapsis.config.models import DEFAULT_IMAGE
+from kapsis.host.facts import probe_host
+
+# Rootful podman raises the container's nofile limit to this unless containers.conf says otherwise;
+# without CAP_SYS_RESOURCE and with a lower hard limit, crun's setrlimit fails.
+PODMAN_DEFAULT_NOFILE = 1_048_576
+CAP_SYS_RESOURCE = 24
+MIN_IDMAP_OVERLAY_KERNEL = (5, 19)
+MIN_SUBID_COUNT = 65_536
+MIN_PODMAN = (4, 0)
+
+ETC_CONTAINERS = Path("/etc/containers")
+USR_CONTAINERS = Path("/usr/share/containers")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+_RUNTIME_DIRS = ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin", "/usr/libexec/podman",
+                 "/bin", "/sbin")
+_MOUNT_FLAGS = {"rw", "ro", "relatime", "noatime", "nodiratime", "nosuid", "nodev", "noexec",
+                "xattr", "clone_children", "noprefix", "cpuset_v2_mode", "favordynmods"}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One host requirement. ``required=False`` checks are informational: they never make the
+    host fail, even when ``ok`` is False (then they are a warning)."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class CgroupLayout:
+    version: int  # 2 = unified; 1 = legacy or hybrid
+    hybrid: bool  # v1 controllers plus a v2 hierarchy at /sys/fs/cgroup/unified
+    v1_controllers: frozenset[str]
+
+
+def run_checks(image: str = DEFAULT_IMAGE) -> list[Check]:
+    """Inspect this host; one :class:`Check` per requirement, in a stable order."""
+    facts = probe_host()
+    uid = os.geteuid()
+    conf_texts = _read_all(containers_conf_files(rootless=facts.rootless))
+    layout = cgroup_layout(_read("/proc/self/mounts"))
+    runtime = pick_runtime(configured_runtime(conf_texts), _find_program)
+    release = platform.release()
+
+    checks = [check_podman(_podman_version())]
+    checks.append(check_runtime(runtime, _find_program(runtime) if runtime else None))
+    checks.append(check_mode(facts.rootless, uid))
+    if facts.rootless:
+        user = _user_name(uid)
+        checks.append(check_subids("/etc/subuid", _read("/etc/subuid"), user, uid))
+        checks.append(check_subids("/etc/subgid", _read("/etc/subgid"), user, uid))
+        checks.append(check_device("/dev/fuse", "fuse-overlayfs", "modprobe fuse"))
+        checks.append(check_device("/dev/net/tun", "slirp4netns (networking)", "modprobe tun"))
+        checks.append(check_runtime_dir(os.environ.get("XDG_RUNTIME_DIR"), uid))
+    checks.append(check_cgroup(layout))
+    checks.append(check_limits(facts.rootless, layout.version, _delegated_controllers(uid)))
+    hard_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    checks.append(check_nofile(
+        facts.rootless, hard_nofile, has_capability(_read("/proc/self/status"), CAP_SYS_RESOURCE),
+        configured_nofile(conf_texts),
+    ))
+    checks.append(check_hybrid(runtime, layout, hybrid_blockers(
+        layout, _read_or_none(CGROUP_ROOT / "unified" / "cgroup.controllers"),
+        _read("/proc/cgroups"),
+    )))
+    checks.append(check_overlay(_read("/proc/filesystems"),
+                                Path(f"/lib/modules/{release}/kernel/fs/overlayfs").is_dir()))
+    checks.append(check_idmapped(release, required=not facts.rootless))
+    image_check = check_image(image, _image_exists(image))
+    checks.append(check_debootstrap(_find_program("debootstrap"), needed=not image_check.ok))
+    checks.append(image_check)
+    checks.append(check_apparmor(facts.apparmor))
+    return checks
+
+
+def checks_as_json(checks: Sequence[Check], image: str) -> dict[str, Any]:
+    """The report as JSON-ready data: ``ok`` is True when every required check passes."""
+    return {
+        "ok": all(check.ok for check in checks if check.required),
+        "image": image,
+        "checks": [asdict(check) for check in checks],
+    }
+
+
+# --- the checks, each a pure function of what was read -----------------------------------------
+
+
+def check_podman(version: str | None) -> Check:
+    fix = "apt-get install podman (or run scripts/install.sh)"
+    if version is None:
+        return Check("podman", False, "podman is not installed", fix)
+    parsed = parse_version(version)
+    if parsed < MIN_PODMAN:
+        return Check("podman", False, f"podman {version} is too old (need 4.0 or newer)",
+                     "upgrade podman to 4.x or newer")
+    return Check("podman", True, f"podman {version}")
+
+
+def check_runtime(runtime: str | None, path: str | None) -> Check:
+    if runtime is None or path is None:
+        what = f"OCI runtime {runtime} is configured but not installed" if runtime else (
+            "no OCI runtime (crun or runc) found")
+        return Check("OCI runtime", False, what, "apt-get install crun")
+    return Check("OCI runtime", True, f"{runtime} ({path})")
+
+
+def check_mode(rootless: bool, uid: int) -> Check:
+    if rootless:
+        return Check("mode", True, f"rootless (uid {uid}): sandboxes run in your user namespace",
+                     required=False)
+    return Check("mode", True, "rootful: each sandbox gets its own unprivileged host uid range",
+                 required=False)
+
+
+def check_subids(path: str, text: str, user: str, uid: int) -> Check:
+    name = f"{Path(path).name} range"
+    ranges = subid_ranges(text, user, uid)
+    big = [r for r in ranges if r[1] >= MIN_SUBID_COUNT]
+    fix = f"usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}"
+    if big:
+        start, count = big[0]
+        return Check(name, True, f"{user}: {count} ids from {start}")
+    if ranges:
+        return Check(name, False, f"{user} has only {sum(r[1] for r in ranges)} ids in {path} "
+                     f"(need {MIN_SUBID_COUNT})", f"sudo {fix}")
+    return Check(name, False, f"no range for {user} in {path}", f"sudo {fix}")
+
+
+def check_device(device: str, needed_by: str, module_fix: str) -> Check:
+    name = device
+    if not os.path.exists(device):
+        return Check(name, False, f"{device} is missing (needed by {needed_by})",
+                     f"sudo {module_fix}")
+    if not os.access(device, os.R_OK | os.W_OK):
+        return Check(name, False, f"{device} is not usable by this user (needed by {needed_by})",
+                     f"sudo chmod 666 {device}")
+    return Check(name, True, "usable")
+
+
+def check_runtime_dir(runtime_dir: str | None, uid: int) -> Check:
+    fix = f"sudo loginctl enable-linger $(id -un) && export XDG_RUNTIME_DIR=/run/user/{uid}"
+    if not runtime_dir:
+        return Check("XDG_RUNTIME_DIR", False, "not set (rootless podman needs it)", fix)
+    if not os.access(runtime_dir, os.W_OK):
+        return Check("XDG_RUNTIME_DIR", False, f"{runtime_dir} is not writable", fix)
+    return Check("XDG_RUNTIME_DIR", True, runtime_dir)
+
+
+def check_cgroup(layout: CgroupLayout) -> Check:
+    if layout.version == 2:
+        detail = "v2 (unified)"
+    elif layout.hybrid:
+        detail = "v1 (hybrid, with a v2 hierarchy at /sys/fs/cgroup/unified)"
+    else:
+        detail = "v1"
+    return Check("cgroup", True, detail, required=False)
+
+
+def check_limits(rootless: bool, cgroup_version: int, delegated: frozenset[str] | None) -> Check:
+    """Whether --memory, --cpus and --pids-limit take effect. Kapsis still runs when they do not,
+    and says so in every run's plan, so this check is a warning, not a failure."""
+    name = "resource limits"
+    if not rootless:
+        return Check(name, True, "enforced (rootful podman)", required=False)
+    if cgroup_version == 1:
+        return Check(
+            name, False,
+            "NOT enforced: rootless podman on cgroup v1 ignores --memory, --cpus and --pids-limit",
+            "run Kapsis as root (rootful podman enforces them on cgroup v1), or boot with "
+            "systemd.unified_cgroup_hierarchy=1 to get cgroup v2",
+            required=False,
+        )
+    wanted = {"memory", "pids", "cpu"}
+    if delegated is not None and not wanted <= delegated:
+        missing = ", ".join(sorted(wanted - delegated))
+        return Check(
+            name, False, f"NOT enforced: the {missing} controller(s) are not delegated to your user",
+            "sudo mkdir -p /etc/systemd/system/user@.service.d && printf '[Service]\\n"
+            "Delegate=memory pids cpu cpuset io\\n' | sudo tee "
+            "/etc/systemd/system/user@.service.d/delegate.conf && sudo systemctl daemon-reload "
+            "(then log in again)",
+            required=False,
+        )
+    return Check(name, True, "enforced (rootless podman on cgroup v2)", required=False)
+
+
+def check_nofile(rootless: bool, hard_limit: int, can_raise: bool,
+                 configured_hard: int | None) -> Check:
+    name = "nofile ulimit"
+    if rootless:
+        return Check(name, True, "not needed: rootless podman keeps the session's limits")
+    if nofile_ok(hard_limit, can_raise, configured_hard):
+        if configured_hard is not None:
+            return Check(name, True, f"containers.conf sets nofile to {configured_hard}")
+        return Check(name, True, f"hard limit {hard_limit}")
+    return Check(
+        name, False,
+        f"hard nofile limit is {hard_limit} (< {PODMAN_DEFAULT_NOFILE}) without CAP_SYS_RESOURCE: "
+        "every container fails with `crun: setrlimit RLIMIT_NOFILE: Operation not permitted`",
+        "sudo mkdir -p /etc/containers/containers.conf.d && printf '[containers]\\n"
+        f'default_ulimits = ["nofile={hard_limit}:{hard_limit}", "nproc=32768:32768"]\\n\' '
+        "| sudo tee /etc/containers/containers.conf.d/kapsis.conf",
+    )
+
+
+def check_hybrid(runtime: str | None, layout: CgroupLayout, blockers: Sequence[str]) -> Check:
+    name = "cgroup hybrid mode"
+    if not layout.hybrid:
+        return Check(name, True, "not in hybrid mode")
+    if runtime != "crun":
+        return Check(name, True, f"hybrid, fine with {runtime}")
+    if not blockers:
+        return Check(name, True, "hybrid; every controller is on v1, as crun needs")
+    fix = " && ".join(
+        f"sudo mkdir -p /sys/fs/cgroup/{c} && sudo mount -t cgroup -o {c} cgroup /sys/fs/cgroup/{c}"
+        for c in blockers
+    )
+    return Check(
+        name, False,
+        f"crun refuses hybrid mode while {', '.join(blockers)} is on the v2 hierarchy "
+        "(\"cgroups in hybrid mode not supported\")",
+        fix,
+    )
+
+
+def check_overlay(filesystems: str, module_available: bool) -> Check:
+    if any(line.split()[-1:] == ["overlay"] for line in filesystems.splitlines()):
+        return Check("overlayfs", True, "kernel overlayfs available")
+    if module_available:
+        return Check("overlayfs", True, "overlay module available (loaded on first use)")
+    return Check("overlayfs", False, "the kernel has no overlayfs", "sudo modprobe overlay")
+
+
+def check_idmapped(release: str, *, required: bool) -> Check:
+    version = parse_version(release)
+    shown = ".".join(str(part) for part in version[:2])
+    if version >= MIN_IDMAP_OVERLAY_KERNEL:
+        return Check("idmapped mounts", True, f"Linux {shown} (>= 5.19)", required=required)
+    return Check(
+        "idmapped mounts", False,
+        f"Linux {shown} is older than 5.19: no idmapped mounts under overlayfs, which the "
+        "rootful copy-on-write workspace needs",
+        "upgrade the kernel to Linux 5.19 or newer (Debian: bookworm's 6.1 kernel)",
+        required=required,
+    )
+
+
+def check_debootstrap(path: str | None, *, needed: bool) -> Check:
+    if path:
+        return Check("debootstrap", True, f"{path} (used by `kapsis setup --build`)",
+                     required=needed)
+    return Check("debootstrap", False, "not installed; `kapsis setup --build` needs it",
+                 "apt-get install debootstrap", required=needed)
+
+
+def check_image(image: str, present: bool) -> Check:
+    if present:
+        return Check("base image", True, f"{image} present")
+    return Check("base image", False, f"{image} is missing", "kapsis setup --build")
+
+
+def check_apparmor(enabled: bool) -> Check:
+    if enabled:
+        return Check("AppArmor", True, "enabled (the paranoid profile can run)", required=False)
+    return Check("AppArmor", True, "not available: paranoid profile will refuse to start",
+                 required=False)
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """``"6.18.44-fc-v657"`` -> (6, 18, 44); ``"podman version 4.3.1"`` -> (4, 3, 1)."""
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if not match:
+        return (0, 0)
+    return tuple(int(part) for part in match.groups() if part is not None)
+
+
+def containers_conf_files(
+    *, rootless: bool, etc: Path = ETC_CONTAINERS, usr: Path = USR_CONTAINERS,
+    home: Path | None = None,
+) -> list[Path]:
+    """containers.conf files in the order podman reads them (later ones override)."""
+    if os.environ.get("CONTAINERS_CONF"):
+        return [Path(os.environ["CONTAINERS_CONF"])]
+    files = [usr / "containers.conf", etc / "containers.conf",
+             *sorted((etc / "containers.conf.d").glob("*.conf"))]
+    if rootless:
+        user = (home or Path.home()) / ".config" / "containers"
+        files += [user / "containers.conf", *sorted((user / "containers.conf.d").glob("*.conf"))]
+    return files
+
+
+def _conf_values(texts: Iterable[str], table: str, key: str) -> list[Any]:
+    values: list[Any] = []
+    for text in texts:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError:
+            continue
+        section = data.get(table)
+        if isinstance(section, dict) and key in section:
+            values.append(section[key])
+    return values
+
+
+def configured_nofile(conf_texts: Iterable[str]) -> int | None:
+    """The hard nofile limit of the effective ``[containers] default_ulimits`` (the last file
+    that sets the key wins), or None when no file sets nofile."""
+    settings = _conf_values(conf_texts, "containers", "default_ulimits")
+    if not settings or not isinstance(settings[-1], list):
+        return None
+    for entry in settings[-1]:
+        match = re.fullmatch(r"\s*nofile=(-?\d+)(?::(-?\d+))?\s*", str(entry))
+        if match:
+            return int(match.group(2) or match.group(1))
+    return None
+
+
+def configured_runtime(conf_texts: Iterable[str]) -> str | None:
+    values = _conf_values(conf_texts, "engine", "runtime")
+    return str(values[-1]) if values else None
+
+
+def pick_runtime(configured: str | None, find: Any) -> str | None:
+    """The runtime podman will use: the configured one, else crun, else runc."""
+    if configured:
+        return configured
+    for candidate in ("crun", "runc"):
+        if find(candidate):
+            return candidate
+    return None
+
+
+def nofile_ok(hard_limit: int, can_raise: bool, configured_hard: int | None) -> bool:
+    if can_raise or hard_limit >= PODMAN_DEFAULT_NOFILE or hard_limit == resource.RLIM_INFINITY:
+        return True
+    return configured_hard is not None and 0 <= configured_hard <= hard_limit
+
+
+def has_capability(proc_status: str, capability: int) -> bool:
+    """Whether the ``CapEff`` line of /proc/<pid>/status has ``capability`` set."""
+    match = re.search(r"^CapEff:\s*([0-9a-fA-F]+)", proc_status, re.MULTILINE)
+    return bool(match) and bool(int(match.group(1), 16) >> capability & 1)
+
+
+def cgroup_layout(mounts: str, root: str = str(CGROUP_ROOT)) -> CgroupLayout:
+    """Read the cgroup layout from /proc/self/mounts text."""
+    v2_at_root = False
+    v2_unified = False
+    controllers: set[str] = set()
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        point, fstype, options = fields[1], fields[2], fields[3]
+        if fstype == "cgroup2":
+            if point == root:
+                v2_at_root = True
+            elif point.startswith(root + "/"):
+                v2_unified = True
+        elif fstype == "cgroup" and point.startswith(root + "/"):
+            controllers |= {
+                option for option in options.split(",")
+                if option not in _MOUNT_FLAGS and "=" not in option
+            }
+    if v2_at_root:
+        return CgroupLayout(version=2, hybrid=False, v1_controllers=frozenset())
+    return CgroupLayout(version=1, hybrid=v2_unified and bool(controllers),
+                        v1_controllers=frozenset(controllers))
+
+
+def hybrid_blockers(layout: CgroupLayout, unified_controllers: str | None,
+                    proc_cgroups: str) -> list[str]:
+    """Controllers on the v2 side of a hybrid layout; crun refuses to run while any exist.
+
+    The truth is the v2 hierarchy's ``cgroup.controllers``; when it cannot be read, fall back to
+    hugetlb (the one seen in practice) being enabled but not mounted as v1.
+    """
+    if not layout.hybrid:
+        return []
+    if unified_controllers is not None:
+        return sorted(set(unified_controllers.split()) - layout.v1_controllers)
+    enabled = {
+        fields[0] for fields in (line.split() for line in proc_cgroups.splitlines())
+        if len(fields) == 4 and not fields[0].startswith("#") and fields[3] == "1"
+    }
+    return ["hugetlb"] if "hugetlb" in enabled - layout.v1_controllers else []
+
+
+def subid_ranges(text: str, user: str, uid: int) -> list[tuple[int, int]]:
+    """(start, count) ranges of /etc/subuid or /etc/subgid for ``user`` (by name or uid)."""
+    ranges = []
+    for line in text.splitlines():
+        fields = line.strip().split(":")
+        if len(fields) == 3 and fields[0] in (user, str(uid)):
+            try:
+                ranges.append((int(fields[1]), int(fields[2])))
+            except ValueError:
+                continue
+    return ranges
+
+
+# --- reading the host -------------------------------------------------------------------------
+
+
+def _read(path: str | Path) -> str:
+    return _read_or_none(path) or ""
+
+
+def _read_or_none(path: str | Path) -> str | None:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _read_all(files: Iterable[Path]) -> list[str]:
+    return [text for text in (_read_or_none(f) for f in files) if text is not None]
+
+
+def _find_program(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    return next((str(p) for d in _RUNTIME_DIRS if (p := Path(d) / name).is_file()), None)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _delegated_controllers(uid: int) -> frozenset[str] | None:
+    """Controllers systemd delegates to the user's manager (cgroup v2), None when unknown."""
+    service = CGROUP_ROOT / "user.slice" / f"user-{uid}.slice" / f"user@{uid}.service"
+    text = _read_or_none(service / "cgroup.controllers")
+    return frozenset(text.split()) if text is not None else None
+
+
+def _podman_version() -> str | None:
+    podman = _find_program("podman")
+    if podman is None:
+        return None
+    try:
+        result = subprocess.run([podman, "--version"], capture_output=True, text=True,
+                                timeout=15, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"\d+\.\d+(\.\d+)?\S*", result.stdout)
+    return match.group(0) if result.returncode == 0 and match else None
+
+
+def _image_exists(image: str) -> bool:
+    podman = _find_program("podman")
+    if podman is None:
+        return False
+    try:
+        result = subprocess.run([podman, "image", "exists", image], capture_output=True,
+                                timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0

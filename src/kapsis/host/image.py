@@ -1,0 +1,326 @@
+"""Build the Kapsis base image on the host, without any container registry.
+
+``kapsis setup --build`` calls :func:`build_base_image`, which
+
+1. makes a Debian minbase root filesystem with ``debootstrap`` from the host's own apt mirror and
+   keeps it as a tarball under ``$KAPSIS_HOME/cache/`` (so a rebuild skips the ~45 s step),
+2. ``podman import``\\ s that tarball as ``localhost/kapsis-rootfs:<key>``, and
+3. ``podman build``\\ s the packaged ``Containerfile`` on top of it, which adds the ``agent`` user
+   (uid/gid 1000) and the ``io.kapsis.*`` labels.
+
+Failures raise :class:`~kapsis.errors.HostUnsupportedError` (a tool is missing) or
+:class:`~kapsis.errors.SandboxError` (a step failed), each with a one-line message saying how to
+fix it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import importlib.resources
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from kapsis import paths
+from kapsis.config.models import DEFAULT_IMAGE
+from kapsis.errors import HostUnsupportedError, SandboxError
+
+Progress = Callable[[str], None]
+
+SUITE = "bookworm"
+VARIANT = "minbase"
+INCLUDE = ("git", "bash", "coreutils", "python3", "ca-certificates")
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+ROOTFS_REPOSITORY = "localhost/kapsis-rootfs"
+SOURCES_LIST = Path("/etc/apt/sources.list")
+DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
+MIRROR_ENV = "KAPSIS_DEBIAN_MIRROR"
+
+# Left out of the rootfs tarball: the runtime provides /dev, /proc and /sys; apt's package lists
+# and caches (~55 MB, stale anyway: derived images run apt-get update) and message catalogues
+# (~40 MB) are dead weight in a sandbox.
+_TAR_EXCLUDES = (
+    "./dev/*",
+    "./proc/*",
+    "./sys/*",
+    "./var/lib/apt/lists/*",
+    "./var/cache/apt/*.bin",
+    "./var/cache/apt/archives/*.deb",
+    "./usr/share/locale/*",
+)
+
+# Known failures of `podman build` on these hosts, and the fix for each.
+_BUILD_HINTS = (
+    (
+        "RLIMIT_NOFILE",
+        'add [containers] default_ulimits = ["nofile=H:H"] (H = `ulimit -Hn`) to '
+        "/etc/containers/containers.conf.d/kapsis.conf; scripts/install.sh does it",
+    ),
+    (
+        "cgroups in hybrid mode",
+        "mount the hugetlb cgroup: mkdir -p /sys/fs/cgroup/hugetlb && "
+        "mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb",
+    ),
+)
+
+
+def build_base_image(name: str = DEFAULT_IMAGE, *, progress: Progress | None = None) -> None:
+    """Build the base image ``name`` from scratch (debootstrap + import + build)."""
+    say: Progress = progress or (lambda _line: None)
+    podman = _require("podman", "install podman (`apt-get install podman`, or scripts/install.sh)")
+    cache = paths.kapsis_home() / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    key = rootfs_key()
+    rootfs_image = f"{ROOTFS_REPOSITORY}:{SUITE}-{key}"
+    tarball = cache / f"rootfs-{SUITE}-{key}.tar"
+
+    with _locked(cache / ".build.lock"):
+        if not image_present(rootfs_image):
+            if tarball.is_file():
+                say(f"using cached root filesystem {tarball}")
+            else:
+                _debootstrap_tarball(tarball, say)
+            say(f"importing the root filesystem as {rootfs_image}")
+            _run([podman, "import", str(tarball), rootfs_image], "podman import",
+                 f"check that {tarball} is a valid tar (delete it to redo debootstrap)")
+        else:
+            say(f"using the imported root filesystem {rootfs_image}")
+        _podman_build(podman, name, rootfs_image, say)
+    say(f"built {name}")
+
+
+def image_present(name: str) -> bool:
+    """Whether podman has an image called ``name`` (False when podman itself is missing)."""
+    podman = shutil.which("podman")
+    if podman is None:
+        return False
+    result = subprocess.run([podman, "image", "exists", name], capture_output=True, check=False)
+    return result.returncode == 0
+
+
+def kapsis_version() -> str:
+    try:
+        return importlib.metadata.version("kapsis")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def rootfs_key() -> str:
+    """Names the cached rootfs: it changes when what debootstrap would produce changes."""
+    recipe = "|".join(
+        [SUITE, VARIANT, ",".join(INCLUDE), ",".join(_TAR_EXCLUDES), platform.machine()]
+    )
+    return hashlib.sha256(recipe.encode()).hexdigest()[:12]
+
+
+# --- apt mirror -------------------------------------------------------------------------------
+
+
+def debian_mirror(
+    sources_list: Path = SOURCES_LIST, deb822_sources: Path = DEBIAN_SOURCES
+) -> str:
+    """The Debian mirror to debootstrap from: $KAPSIS_DEBIAN_MIRROR, else the host's, else the
+    default one."""
+    explicit = os.environ.get(MIRROR_ENV)
+    if explicit:
+        return explicit
+    entries: list[tuple[str, list[str]]] = []
+    with contextlib.suppress(OSError):
+        entries += parse_one_line_sources(sources_list.read_text())
+    with contextlib.suppress(OSError):
+        entries += parse_deb822_sources(deb822_sources.read_text())
+    return pick_mirror(entries)
+
+
+def parse_one_line_sources(text: str) -> list[tuple[str, list[str]]]:
+    """``deb [options] URI SUITE COMPONENTS...`` lines as (uri, [suite])."""
+    entries: list[tuple[str, list[str]]] = []
+    for raw in text.splitlines():
+        line = re.sub(r"\[[^\]]*\]", " ", raw.split("#", 1)[0]).split()
+        if len(line) >= 3 and line[0] == "deb":
+            entries.append((line[1], [line[2]]))
+    return entries
+
+
+def parse_deb822_sources(text: str) -> list[tuple[str, list[str]]]:
+    """Stanzas of a ``.sources`` file as (uri, suites), one entry per URI."""
+    entries: list[tuple[str, list[str]]] = []
+    for stanza in re.split(r"\n\s*\n", text):
+        fields: dict[str, str] = {}
+        current = ""
+        for line in stanza.splitlines():
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            if line[0] in " \t" and current:
+                fields[current] += " " + line.strip()
+            elif ":" in line:
+                current, value = line.split(":", 1)
+                current = current.strip().lower()
+                fields[current] = value.strip()
+        if "deb" not in fields.get("types", "").split():
+            continue
+        if fields.get("enabled", "yes").lower() == "no":
+            continue
+        suites = fields.get("suites", "").split()
+        entries += [(uri, suites) for uri in fields.get("uris", "").split()]
+    return entries
+
+
+def pick_mirror(entries: Sequence[tuple[str, list[str]]]) -> str:
+    """Prefer a mirror that carries SUITE itself, then any plain Debian mirror, then the default.
+
+    Security mirrors and schemes debootstrap cannot use are skipped, and so is any non-Debian
+    mirror (an Ubuntu host's archive has no bookworm).
+    """
+    usable = [
+        (uri.rstrip("/"), suites)
+        for uri, suites in entries
+        if uri.startswith(("http://", "https://", "file:/")) and "security" not in uri
+    ]
+    for uri, suites in usable:
+        if SUITE in suites:
+            return uri
+    for uri, _suites in usable:
+        if uri.endswith("/debian"):
+            return uri
+    return DEFAULT_MIRROR
+
+
+# --- steps ------------------------------------------------------------------------------------
+
+
+def _debootstrap_tarball(tarball: Path, say: Progress) -> None:
+    debootstrap = _require(
+        "debootstrap", "install it with `apt-get install debootstrap` (or run scripts/install.sh)"
+    )
+    if os.geteuid() != 0:
+        raise HostUnsupportedError(
+            "building the base image runs debootstrap, which needs root; "
+            "run `sudo kapsis setup --build` or scripts/install.sh as root"
+        )
+    mirror = debian_mirror()
+    workdir = Path(tempfile.mkdtemp(prefix="debootstrap-", dir=tarball.parent))
+    target = workdir / "rootfs"
+    partial = tarball.with_suffix(".tar.partial")
+    try:
+        say(f"debootstrap {VARIANT} {SUITE} from {mirror} (about 45 s)")
+        started = time.monotonic()
+        _run(
+            [debootstrap, f"--variant={VARIANT}", f"--include={','.join(INCLUDE)}",
+             SUITE, str(target), mirror],
+            "debootstrap",
+            f"check that {mirror} is reachable, or set {MIRROR_ENV} to a Debian mirror",
+        )
+        say(f"debootstrap done in {time.monotonic() - started:.0f} s; packing {tarball.name}")
+        excludes = [f"--exclude={pattern}" for pattern in _TAR_EXCLUDES]
+        _run(
+            ["tar", "--numeric-owner", *excludes, "-C", str(target), "-cf", str(partial), "."],
+            "tar of the root filesystem",
+            f"check free space under {tarball.parent}",
+        )
+        partial.replace(tarball)
+        for stale in tarball.parent.glob("rootfs-*.tar"):
+            if stale != tarball:
+                stale.unlink(missing_ok=True)
+    finally:
+        partial.unlink(missing_ok=True)
+        _remove_tree(workdir)
+
+
+def _podman_build(podman: str, name: str, rootfs_image: str, say: Progress) -> None:
+    containerfile = importlib.resources.files("kapsis.host").joinpath("Containerfile").read_text()
+    version = kapsis_version()
+    say(f"building {name} (kapsis {version})")
+    with tempfile.TemporaryDirectory(prefix="kapsis-build-") as context:
+        (Path(context) / "Containerfile").write_text(containerfile)
+        result = subprocess.run(
+            [podman, "build", "--pull=never", "--network=none",
+             "--build-arg", f"BASE={rootfs_image}",
+             "--build-arg", f"KAPSIS_VERSION={version}",
+             "-t", name, "-f", str(Path(context) / "Containerfile"), context],
+            capture_output=True, text=True, check=False,
+        )
+    if result.returncode != 0:
+        output = result.stderr + result.stdout
+        fix = next((hint for needle, hint in _BUILD_HINTS if needle in output), None)
+        raise SandboxError(
+            f"podman build of {name} failed: {_last_line(output)}; "
+            + (fix or "fix the error above and run `kapsis setup --build` again")
+        )
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _require(program: str, fix: str) -> str:
+    found = shutil.which(program) or next(
+        (str(p) for d in ("/usr/sbin", "/sbin") if (p := Path(d) / program).is_file()), None
+    )
+    if found is None:
+        raise HostUnsupportedError(f"{program} is not installed; {fix}")
+    return found
+
+
+def _run(args: list[str], what: str, fix: str) -> None:
+    try:
+        result = subprocess.run(args, capture_output=True, text=True, check=False)
+    except OSError as error:
+        raise SandboxError(f"{what} could not start ({error}); {fix}") from None
+    if result.returncode != 0:
+        output = result.stderr + result.stdout
+        raise SandboxError(
+            f"{what} failed (exit {result.returncode}): {_last_line(output)}; {fix}"
+        )
+
+
+def _last_line(output: str) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """Serialise builds: two `kapsis setup --build` at once would race on the cache."""
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _remove_tree(directory: Path) -> None:
+    """Delete a debootstrap work dir, first lazily unmounting anything a failed run left in it
+    (deleting through a mounted /proc or /sys must never happen)."""
+    prefix = str(directory) + "/"
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        mounts = []
+    points = [_unescape(line.split()[1]) for line in mounts if len(line.split()) > 1]
+    inside = sorted((p for p in points if p.startswith(prefix)), reverse=True)
+    for point in inside:
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+    if inside and _mounted_under(prefix):
+        return  # leave it rather than delete through a mount
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _mounted_under(prefix: str) -> bool:
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return True
+    return any(
+        _unescape(line.split()[1]).startswith(prefix) for line in mounts if len(line.split()) > 1
+    )
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
