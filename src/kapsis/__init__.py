@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "run": "kapsis.api",
+    "launch": "kapsis.api",
     "plan": "kapsis.api",
     "status": "kapsis.api",
     "logs": "kapsis.api",
@@ -36,10 +37,34 @@ _EXPORTS = {
     "ExitCode": "kapsis.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AgentFailedError",
+    "AgentKilledError",
+    "AgentNotFoundError",
+    "AgentTimeoutError",
+    "CleanupItem",
+    "ConfigError",
+    "ExitCode",
+    "HostUnsupportedError",
+    "ImageError",
+    "KapsisConfig",
+    "KapsisError",
+    "RunRequest",
+    "RunResult",
+    "SandboxError",
+    "SandboxPlan",
+    "cleanup",
+    "launch",
+    "load_config",
+    "logs",
+    "plan",
+    "run",
+    "status",
+    "stop",
+]
 
 if TYPE_CHECKING:
-    from kapsis.api import CleanupItem, cleanup, logs, plan, run, status, stop
+    from kapsis.api import CleanupItem, cleanup, launch, logs, plan, run, status, stop
     from kapsis.config.loader import load_config
     from kapsis.config.models import KapsisConfig
     from kapsis.errors import (

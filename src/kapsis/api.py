@@ -1,16 +1,16 @@
 """The Python API of Kapsis. The CLI is a thin layer over these functions.
 
-    import kapsis
-    result = kapsis.run(kapsis.RunRequest(project=Path("~/app"), task="make test"))
-    print(result.exit_code, kapsis.status(result.agent_id))
+import kapsis
+result = kapsis.run(kapsis.RunRequest(project=Path("~/app"), task="make test"))
+print(result.exit_code, kapsis.status(result.agent_id))
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from kapsis import paths
 from kapsis.agents import find_profile
@@ -37,7 +37,13 @@ def plan(request: RunRequest) -> SandboxPlan:
 
 def run(request: RunRequest, *, detach: bool = False, backend: Backend | None = None) -> RunResult:
     """Run an agent. In the foreground its output goes to stdout and this returns when it ends."""
-    sandbox_plan = plan(request)
+    return launch(plan(request), detach=detach, backend=backend)
+
+
+def launch(
+    sandbox_plan: SandboxPlan, *, detach: bool = False, backend: Backend | None = None
+) -> RunResult:
+    """Run an already computed plan (see :func:`plan`)."""
     chosen = backend or get_backend()
     if StatusStore().read(sandbox_plan.agent_id) is not None:
         raise ConfigError(
@@ -109,9 +115,10 @@ def cleanup(
         return items
     backend = get_backend()
     for item in items:
-        record = store.read(item.agent_id)
-        if record is not None and not record.finished:
+        current = store.read(item.agent_id)
+        if current is not None and not current.finished:
             stop(item.agent_id)
+            _wait_finished(store, item.agent_id)
         sandbox_plan = launcher.load_plan(item.agent_id)
         if sandbox_plan is not None:
             backend.remove(sandbox_plan)
@@ -119,6 +126,16 @@ def cleanup(
         paths.transcript_path(item.agent_id).unlink(missing_ok=True)
         store.delete(item.agent_id)
     return items
+
+
+def _wait_finished(store: StatusStore, agent_id: str, timeout: float = 15.0) -> None:
+    """Give the agent's waiter time to write its final status before the record is removed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = store.read(agent_id)
+        if current is None or current.finished:
+            return
+        time.sleep(0.2)
 
 
 def _removable(agent_id: str, has_status: bool) -> tuple[str, ...]:

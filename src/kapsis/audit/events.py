@@ -15,7 +15,9 @@ from kapsis.status.store import utc_now
 
 
 class AuditLog:
-    def __init__(self, agent_id: str, *, enabled: bool = True, directory: Path | None = None) -> None:
+    def __init__(
+        self, agent_id: str, *, enabled: bool = True, directory: Path | None = None
+    ) -> None:
         self.agent_id = agent_id
         self.enabled = enabled
         self.path = (directory or paths.audit_dir()) / f"{agent_id}.jsonl"

@@ -59,5 +59,3 @@ def base_of(agent_id: str) -> int | None:
             if claim_file.name.isdigit() and claim_file.read_text().strip() == agent_id:
                 return BASE + int(claim_file.name) * SLOT_SIZE
     return None
-
-

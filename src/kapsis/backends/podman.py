@@ -28,7 +28,15 @@ UID_BASE_PLACEHOLDER = "<host uid range allocated at launch>"
 
 
 def pod_create_args(plan: SandboxPlan, uid_base: int | str) -> list[str]:
-    args = [PODMAN, "pod", "create", "--name", plan.pod_name, "--infra-name", f"{plan.pod_name}-infra"]
+    args = [
+        PODMAN,
+        "pod",
+        "create",
+        "--name",
+        plan.pod_name,
+        "--infra-name",
+        f"{plan.pod_name}-infra",
+    ]
     for key, value in plan.labels.items():
         args += ["--label", f"{key}={value}"]
     args += ["--network", "none" if plan.network.mode == "none" else "bridge"]
@@ -48,7 +56,9 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool) -> list[str]:
     """``podman run`` for the agent container, translated from the plan alone."""
     root = Path(plan.workspace.root)
     security, resources = plan.security, plan.resources
-    user = f"{plan.userns.agent_uid}:{plan.userns.agent_uid}" if plan.userns.kind == "mapped" else ""
+    user = (
+        f"{plan.userns.agent_uid}:{plan.userns.agent_uid}" if plan.userns.kind == "mapped" else ""
+    )
     args = [PODMAN, "run", "--pod", plan.pod_name, "--name", plan.container_name, "--pull", "never"]
     args += ["--detach"] if detach else ["--sig-proxy=true"]
     args += ["--init", "--stop-timeout", "5"]
@@ -92,7 +102,12 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool) -> list[str]:
     for name in plan.env_passthrough:
         # Name only: podman copies the value from its own environment, so it is never in argv.
         args += ["--env", name]
-    args += ["--log-driver", "k8s-file", "--log-opt", f"path={paths.transcript_path(plan.agent_id)}"]
+    args += [
+        "--log-driver",
+        "k8s-file",
+        "--log-opt",
+        f"path={paths.transcript_path(plan.agent_id)}",
+    ]
     args += [plan.image, *plan.command]
     return args
 
@@ -194,8 +209,20 @@ class PodmanBackend(Backend):
             return
         probe = " && ".join(f"command -v {tool} >/dev/null" for tool in plan.requires)
         result = _run(
-            [PODMAN, "run", "--rm", "--pull", "never", "--network", "none", "--entrypoint", "sh",
-             plan.image, "-c", probe],
+            [
+                PODMAN,
+                "run",
+                "--rm",
+                "--pull",
+                "never",
+                "--network",
+                "none",
+                "--entrypoint",
+                "sh",
+                plan.image,
+                "-c",
+                probe,
+            ],
             what="image check",
             check=False,
         )
@@ -290,7 +317,9 @@ class PodmanBackend(Backend):
 
 
 def _pod_exists(agent_id: str) -> bool:
-    result = _run([PODMAN, "pod", "exists", f"kapsis-{agent_id}"], what="podman pod exists", check=False)
+    result = _run(
+        [PODMAN, "pod", "exists", f"kapsis-{agent_id}"], what="podman pod exists", check=False
+    )
     return result.returncode == 0
 
 
@@ -310,8 +339,13 @@ def _load_apparmor(profile_name: str) -> None:
             "security profile 'paranoid' needs apparmor_parser; install the apparmor package"
         )
     result = subprocess.run(
-        [parser, "--replace", "--write-cache"], input=apparmor_profile_text(profile_name),
-        capture_output=True, text=True, check=False,
+        [parser, "--replace", "--write-cache"],
+        input=apparmor_profile_text(profile_name),
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
-        raise HostUnsupportedError(f"cannot load AppArmor profile {profile_name}: {result.stderr.strip()}")
+        raise HostUnsupportedError(
+            f"cannot load AppArmor profile {profile_name}: {result.stderr.strip()}"
+        )

@@ -10,11 +10,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
 from kapsis.errors import ExitCode, KapsisError
+
+if TYPE_CHECKING:
+    from kapsis.sandbox.plan import SandboxPlan
 
 app = typer.Typer(
     name="kapsis",
@@ -23,7 +26,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-config_app = typer.Typer(help="Show the effective configuration or its JSON Schema.", no_args_is_help=True)
+config_app = typer.Typer(
+    help="Show the effective configuration or its JSON Schema.", no_args_is_help=True
+)
 agents_app = typer.Typer(help="Agent profiles.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(agents_app, name="agents")
@@ -45,22 +50,37 @@ ProjectArg = Annotated[Path, typer.Argument(help="The project folder the agent w
 def run(
     project: ProjectArg,
     task: Annotated[str | None, typer.Option("--task", "-t", help="The task, as text.")] = None,
-    spec: Annotated[Path | None, typer.Option(help="A Markdown task file (seen at /task-spec.md).")] = None,
+    spec: Annotated[
+        Path | None, typer.Option(help="A Markdown task file (seen at /task-spec.md).")
+    ] = None,
     agent: Annotated[str | None, typer.Option(help="Agent profile (default: shell).")] = None,
-    agent_id: Annotated[str | None, typer.Option("--agent-id", help="Id for this agent (default: random).")] = None,
-    network_mode: Annotated[str | None, typer.Option("--network-mode", help="none | open | filtered")] = None,
+    agent_id: Annotated[
+        str | None, typer.Option("--agent-id", help="Id for this agent (default: random).")
+    ] = None,
+    network_mode: Annotated[
+        str | None, typer.Option("--network-mode", help="none | open | filtered")
+    ] = None,
     security_profile: Annotated[
-        str | None, typer.Option("--security-profile", help="minimal | standard | strict | paranoid")
+        str | None,
+        typer.Option("--security-profile", help="minimal | standard | strict | paranoid"),
     ] = None,
     memory: Annotated[str | None, typer.Option(help="Memory limit, e.g. 2g.")] = None,
     cpus: Annotated[float | None, typer.Option(help="CPU limit in cores.")] = None,
     timeout: Annotated[str | None, typer.Option(help="Time limit, e.g. 30m.")] = None,
     image: Annotated[str | None, typer.Option(help="Container image.")] = None,
     branch: Annotated[str | None, typer.Option(help="Branch the agent's work is for.")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="Config file (highest precedence).")] = None,
-    detach: Annotated[bool, typer.Option("--detach", "-d", help="Start and return; see `kapsis status`.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and podman commands; run nothing.")] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Config file (highest precedence).")
+    ] = None,
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="Start and return; see `kapsis status`.")
+    ] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the result as JSON on stdout.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan and podman commands; run nothing.")
+    ] = False,
 ) -> None:
     """Run an agent on PROJECT in a sandbox."""
     from kapsis import api
@@ -82,27 +102,31 @@ def run(
         config_file=config,
     )
     try:
+        plan = api.plan(request)
         if dry_run:
             from kapsis.backends import get_backend
 
-            plan = api.plan(request)
             commands = get_backend().describe(plan)
-            print(json.dumps({"plan": plan.model_dump(mode="json"), "commands": commands}, indent=2))
+            print(
+                json.dumps({"plan": plan.model_dump(mode="json"), "commands": commands}, indent=2)
+            )
             return
-        plan = api.plan(request)
         _announce(plan)
         stdout = sys.stdout
         if json_output:
             # Keep stdout for the JSON result; the agent's output goes to stderr.
             stdout = os.fdopen(os.dup(1), "w")
             os.dup2(2, 1)
-        result = api.run(request if request.agent_id else _with_id(request, plan.agent_id), detach=detach)
+        result = api.launch(plan, detach=detach)
     except KapsisError as error:
         _fail(error)
     if json_output:
         print(json.dumps(result.__dict__), file=stdout, flush=True)
     elif result.detached:
-        _note(f"agent {result.agent_id} started; follow it with `kapsis logs {result.agent_id} --follow`")
+        _note(
+            f"agent {result.agent_id} started; "
+            f"follow it with `kapsis logs {result.agent_id} --follow`"
+        )
     elif result.ok:
         _note(f"agent {result.agent_id}: {result.message}")
     else:
@@ -110,16 +134,7 @@ def run(
     raise typer.Exit(result.exit_code)
 
 
-def _with_id(request: object, agent_id: str) -> object:
-    from dataclasses import replace
-
-    return replace(request, agent_id=agent_id)  # type: ignore[type-var]
-
-
-def _announce(plan: object) -> None:
-    from kapsis.sandbox.plan import SandboxPlan
-
-    assert isinstance(plan, SandboxPlan)
+def _announce(plan: SandboxPlan) -> None:
     limits = plan.resources
     _note(
         f"agent {plan.agent_id} ({plan.agent}) on {plan.project}: profile {plan.security.profile}, "
@@ -128,8 +143,8 @@ def _announce(plan: object) -> None:
     )
     if not limits.limits_enforced:
         _note(
-            "WARNING: resource limits are NOT enforced on this host (rootless podman on cgroup v1); "
-            "memory, cpu and pids limits are ignored"
+            "WARNING: resource limits are NOT enforced on this host "
+            "(rootless podman on cgroup v1); memory, cpu and pids limits are ignored"
         )
     if plan.network.mode == "open":
         _note("WARNING: network mode OPEN: the agent can reach any address")
@@ -162,7 +177,9 @@ def status(
 @app.command()
 def logs(
     agent_id: Annotated[str, typer.Argument(help="The agent.")],
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the agent ends.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing until the agent ends.")
+    ] = False,
 ) -> None:
     """Print an agent's transcript (its stdout and stderr)."""
     from kapsis import api
@@ -188,7 +205,9 @@ def stop(agent_id: Annotated[str, typer.Argument(help="The agent.")]) -> None:
 
 @app.command()
 def cleanup(
-    all_agents: Annotated[bool, typer.Option("--all", help="Also stop and remove running agents.")] = False,
+    all_agents: Annotated[
+        bool, typer.Option("--all", help="Also stop and remove running agents.")
+    ] = False,
     agent: Annotated[str | None, typer.Option("--agent", help="Only this agent.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be removed.")] = False,
 ) -> None:
@@ -208,7 +227,9 @@ def cleanup(
 
 @app.command()
 def setup(
-    check: Annotated[bool, typer.Option("--check", help="Report what the host lacks, with fixes.")] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="Report what the host lacks, with fixes.")
+    ] = False,
     build: Annotated[bool, typer.Option("--build", help="Build the base image locally.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
 ) -> None:
@@ -218,9 +239,10 @@ def setup(
     from kapsis.host import checks, image
 
     try:
-        if build or not check:
-            if build or not image.image_present(DEFAULT_IMAGE):
-                image.build_base_image(DEFAULT_IMAGE, progress=_note)
+        # Without flags: check, and build only what is missing.
+        wants_build = build or (not check and not image.image_present(DEFAULT_IMAGE))
+        if wants_build:
+            image.build_base_image(DEFAULT_IMAGE, progress=_note)
         results = checks.run_checks(DEFAULT_IMAGE)
     except KapsisError as error:
         _fail(error)
@@ -252,8 +274,12 @@ def agents_list(
 
 @config_app.command("show")
 def config_show(
-    project: Annotated[Path | None, typer.Argument(help="Project whose config files apply.")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="Config file (highest precedence).")] = None,
+    project: Annotated[
+        Path | None, typer.Argument(help="Project whose config files apply.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Config file (highest precedence).")
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
 ) -> None:
     """Show the effective merged config and where each value came from."""

@@ -20,7 +20,16 @@ PHASE_STYLES = {"complete": "green", "failed": "red", "running": "cyan"}
 
 def status_table(records: Sequence[AgentStatus]) -> Table:
     table = Table(title="Kapsis agents", expand=False)
-    for column in ("AGENT ID", "AGENT", "PHASE", "PROGRESS", "EXIT", "LIMITS", "NETWORK", "MESSAGE"):
+    for column in (
+        "AGENT ID",
+        "AGENT",
+        "PHASE",
+        "PROGRESS",
+        "EXIT",
+        "LIMITS",
+        "NETWORK",
+        "MESSAGE",
+    ):
         table.add_column(column)
     for record in records:
         style = PHASE_STYLES.get(record.phase, "")
@@ -59,7 +68,9 @@ def watch_status(fetch: Callable[[], Sequence[AgentStatus]], interval: float = 1
 
 def config_with_origins(loaded: LoadedConfig) -> dict[str, Any]:
     values = loaded.config.model_dump(mode="json")
-    origins = {".".join(map(str, path)): str(loaded.origin_of(path)) for path, _ in _leaves(values, ())}
+    origins = {
+        ".".join(map(str, path)): str(loaded.origin_of(path)) for path, _ in _leaves(values, ())
+    }
     return {"config": values, "origins": origins, "files": [str(p) for p in loaded.files]}
 
 
@@ -98,7 +109,11 @@ def print_profiles(profiles: Sequence[AgentProfile]) -> None:
 def print_checks(checks: Sequence[Check], image: str) -> None:
     console = Console()
     for check in checks:
-        mark = "[green]ok[/]" if check.ok else ("[red]FAIL[/]" if check.required else "[yellow]warn[/]")
+        mark = (
+            "[green]ok[/]"
+            if check.ok
+            else ("[red]FAIL[/]" if check.required else "[yellow]warn[/]")
+        )
         console.print(f"{mark:>14}  {check.name}: {check.detail}")
         if not check.ok and check.fix:
             console.print(f"          fix: {check.fix}")

@@ -110,7 +110,9 @@ def read_yaml_layer(path: Path) -> ConfigLayer:
     if document is None:
         return ConfigLayer({}, {}, Origin("file", path))
     if not isinstance(document, Mapping):
-        raise ConfigError(f"{path}:1: the config file must be a mapping of sections, e.g. 'resources:'")
+        raise ConfigError(
+            f"{path}:1: the config file must be a mapping of sections, e.g. 'resources:'"
+        )
     origins: dict[KeyPath, Origin] = {}
     data = _plain(document, (), path, origins)
     return ConfigLayer(data, origins, Origin("file", path))
@@ -251,7 +253,11 @@ def _model_at(loc: KeyPath, root: type[BaseModel]) -> type[BaseModel] | None:
         if info is None:
             return None
         annotation = info.annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        model = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
         if model is None:
             # list[Model] and similar: look one level into the type arguments.
             for arg in getattr(annotation, "__args__", ()):

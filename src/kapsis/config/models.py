@@ -109,18 +109,21 @@ class AgentSection(Section):
         "argv, where `{task}` stands for the task text. The task is also in $KAPSIS_TASK.",
     )
     workdir: SandboxPath | None = Field(
-        None, description="Working directory inside the sandbox (default: the profile's, /workspace)."
+        None,
+        description="Working directory inside the sandbox (default: the profile's, /workspace).",
     )
 
 
 class ResourcesSection(Section):
-    memory: MemorySize = Field("4g", description="Memory limit (e.g. 512m, 2g); OOM-killed past it.")
+    memory: MemorySize = Field(
+        "4g", description="Memory limit (e.g. 512m, 2g); OOM-killed past it."
+    )
     cpus: float = Field(2.0, gt=0, le=1024, description="CPU limit in cores (e.g. 0.5, 2).")
     pids: int | None = Field(
         None,
         ge=16,
         le=1_000_000,
-        description="Process limit. Default: from the security profile (standard 1024, strict 256).",
+        description="Process limit. Default: the security profile's (standard 1024, strict 256).",
     )
     timeout: Duration | None = Field(
         None, description="Wall-clock limit for the agent (seconds, or 30s / 45m / 2h)."
@@ -128,8 +131,12 @@ class ResourcesSection(Section):
 
 
 class SecurityOverrides(Section):
-    read_only_root: bool | None = Field(None, description="Mount the image's root filesystem read-only.")
-    no_new_privileges: bool | None = Field(None, description="Forbid privilege gain via setuid/file caps.")
+    read_only_root: bool | None = Field(
+        None, description="Mount the image's root filesystem read-only."
+    )
+    no_new_privileges: bool | None = Field(
+        None, description="Forbid privilege gain via setuid/file caps."
+    )
     seccomp: bool | None = Field(None, description="Apply the Kapsis seccomp filter.")
     noexec_tmp: bool | None = Field(None, description="Mount /tmp as a noexec tmpfs.")
     cap_add: list[Capability] = Field(
@@ -181,7 +188,9 @@ class FilesystemSection(Section):
 
 
 class GitSection(Section):
-    branch: str | None = Field(None, description="Branch the agent's work is for (shown in status).")
+    branch: str | None = Field(
+        None, description="Branch the agent's work is for (shown in status)."
+    )
     base_branch: str | None = Field(None, description="Branch the agent's branch starts from.")
 
 

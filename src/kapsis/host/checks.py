@@ -1,4 +1,4 @@
-"""Host checks for ``kapsis setup``: can this machine run Kapsis sandboxes, and if not, how to fix it.
+"""Host checks for `kapsis setup`: can this machine run Kapsis sandboxes, and what fixes it if not.
 
 :func:`run_checks` inspects the host and returns one :class:`Check` per requirement, each failing
 one with a concrete fix command. It reads files under /proc, /sys and /etc and runs at most two
@@ -18,13 +18,14 @@ import resource
 import shutil
 import subprocess
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from kapsis.config.models import DEFAULT_IMAGE
 from kapsis.host.facts import probe_host
+from kapsis.host.image import image_present
 
 # Rootful podman raises the container's nofile limit to this unless containers.conf says otherwise;
 # without CAP_SYS_RESOURCE and with a lower hard limit, crun's setrlimit fails.
@@ -37,10 +38,30 @@ MIN_PODMAN = (4, 0)
 ETC_CONTAINERS = Path("/etc/containers")
 USR_CONTAINERS = Path("/usr/share/containers")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-_RUNTIME_DIRS = ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin", "/usr/libexec/podman",
-                 "/bin", "/sbin")
-_MOUNT_FLAGS = {"rw", "ro", "relatime", "noatime", "nodiratime", "nosuid", "nodev", "noexec",
-                "xattr", "clone_children", "noprefix", "cpuset_v2_mode", "favordynmods"}
+_RUNTIME_DIRS = (
+    "/usr/bin",
+    "/usr/sbin",
+    "/usr/local/bin",
+    "/usr/local/sbin",
+    "/usr/libexec/podman",
+    "/bin",
+    "/sbin",
+)
+_MOUNT_FLAGS = {
+    "rw",
+    "ro",
+    "relatime",
+    "noatime",
+    "nodiratime",
+    "nosuid",
+    "nodev",
+    "noexec",
+    "xattr",
+    "clone_children",
+    "noprefix",
+    "cpuset_v2_mode",
+    "favordynmods",
+}
 
 
 @dataclass(frozen=True)
@@ -70,9 +91,10 @@ def run_checks(image: str = DEFAULT_IMAGE) -> list[Check]:
     layout = cgroup_layout(_read("/proc/self/mounts"))
     runtime = pick_runtime(configured_runtime(conf_texts), _find_program)
     release = platform.release()
+    sudo = "sudo " if facts.rootless else ""
 
-    checks = [check_podman(_podman_version())]
-    checks.append(check_runtime(runtime, _find_program(runtime) if runtime else None))
+    checks = [check_podman(_podman_version(), sudo=sudo)]
+    checks.append(check_runtime(runtime, _find_program(runtime) if runtime else None, sudo=sudo))
     checks.append(check_mode(facts.rootless, uid))
     if facts.rootless:
         user = _user_name(uid)
@@ -84,19 +106,27 @@ def run_checks(image: str = DEFAULT_IMAGE) -> list[Check]:
     checks.append(check_cgroup(layout))
     checks.append(check_limits(facts.rootless, layout.version, _delegated_controllers(uid)))
     hard_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    checks.append(check_nofile(
-        facts.rootless, hard_nofile, has_capability(_read("/proc/self/status"), CAP_SYS_RESOURCE),
-        configured_nofile(conf_texts),
-    ))
-    checks.append(check_hybrid(runtime, layout, hybrid_blockers(
-        layout, _read_or_none(CGROUP_ROOT / "unified" / "cgroup.controllers"),
+    checks.append(
+        check_nofile(
+            facts.rootless,
+            hard_nofile,
+            has_capability(_read("/proc/self/status"), CAP_SYS_RESOURCE),
+            configured_nofile(conf_texts),
+        )
+    )
+    blockers = hybrid_blockers(
+        layout,
+        _read_or_none(CGROUP_ROOT / "unified" / "cgroup.controllers"),
         _read("/proc/cgroups"),
-    )))
-    checks.append(check_overlay(_read("/proc/filesystems"),
-                                Path(f"/lib/modules/{release}/kernel/fs/overlayfs").is_dir()))
+    )
+    checks.append(check_hybrid(runtime, layout, blockers, sudo=sudo))
+    overlay_module = Path(f"/lib/modules/{release}/kernel/fs/overlayfs").is_dir()
+    checks.append(check_overlay(_read("/proc/filesystems"), overlay_module, sudo=sudo))
     checks.append(check_idmapped(release, required=not facts.rootless))
-    image_check = check_image(image, _image_exists(image))
-    checks.append(check_debootstrap(_find_program("debootstrap"), needed=not image_check.ok))
+    image_check = check_image(image, image_present(image))
+    checks.append(
+        check_debootstrap(_find_program("debootstrap"), needed=not image_check.ok, sudo=sudo)
+    )
     checks.append(image_check)
     checks.append(check_apparmor(facts.apparmor))
     return checks
@@ -114,31 +144,46 @@ def checks_as_json(checks: Sequence[Check], image: str) -> dict[str, Any]:
 # --- the checks, each a pure function of what was read -----------------------------------------
 
 
-def check_podman(version: str | None) -> Check:
-    fix = "apt-get install podman (or run scripts/install.sh)"
+def check_podman(version: str | None, *, sudo: str = "") -> Check:
+    fix = f"{sudo}apt-get install podman (or run scripts/install.sh)"
     if version is None:
         return Check("podman", False, "podman is not installed", fix)
     parsed = parse_version(version)
     if parsed < MIN_PODMAN:
-        return Check("podman", False, f"podman {version} is too old (need 4.0 or newer)",
-                     "upgrade podman to 4.x or newer")
+        return Check(
+            "podman",
+            False,
+            f"podman {version} is too old (need 4.0 or newer)",
+            "upgrade podman to 4.x or newer",
+        )
     return Check("podman", True, f"podman {version}")
 
 
-def check_runtime(runtime: str | None, path: str | None) -> Check:
+def check_runtime(runtime: str | None, path: str | None, *, sudo: str = "") -> Check:
     if runtime is None or path is None:
-        what = f"OCI runtime {runtime} is configured but not installed" if runtime else (
-            "no OCI runtime (crun or runc) found")
-        return Check("OCI runtime", False, what, "apt-get install crun")
+        what = (
+            f"OCI runtime {runtime} is configured but not installed"
+            if runtime
+            else ("no OCI runtime (crun or runc) found")
+        )
+        return Check("OCI runtime", False, what, f"{sudo}apt-get install {runtime or 'crun'}")
     return Check("OCI runtime", True, f"{runtime} ({path})")
 
 
 def check_mode(rootless: bool, uid: int) -> Check:
     if rootless:
-        return Check("mode", True, f"rootless (uid {uid}): sandboxes run in your user namespace",
-                     required=False)
-    return Check("mode", True, "rootful: each sandbox gets its own unprivileged host uid range",
-                 required=False)
+        return Check(
+            "mode",
+            True,
+            f"rootless (uid {uid}): sandboxes run in your user namespace",
+            required=False,
+        )
+    return Check(
+        "mode",
+        True,
+        "rootful: each sandbox gets its own unprivileged host uid range",
+        required=False,
+    )
 
 
 def check_subids(path: str, text: str, user: str, uid: int) -> Check:
@@ -150,19 +195,28 @@ def check_subids(path: str, text: str, user: str, uid: int) -> Check:
         start, count = big[0]
         return Check(name, True, f"{user}: {count} ids from {start}")
     if ranges:
-        return Check(name, False, f"{user} has only {sum(r[1] for r in ranges)} ids in {path} "
-                     f"(need {MIN_SUBID_COUNT})", f"sudo {fix}")
+        return Check(
+            name,
+            False,
+            f"{user} has only {sum(r[1] for r in ranges)} ids in {path} (need {MIN_SUBID_COUNT})",
+            f"sudo {fix}",
+        )
     return Check(name, False, f"no range for {user} in {path}", f"sudo {fix}")
 
 
 def check_device(device: str, needed_by: str, module_fix: str) -> Check:
     name = device
     if not os.path.exists(device):
-        return Check(name, False, f"{device} is missing (needed by {needed_by})",
-                     f"sudo {module_fix}")
+        return Check(
+            name, False, f"{device} is missing (needed by {needed_by})", f"sudo {module_fix}"
+        )
     if not os.access(device, os.R_OK | os.W_OK):
-        return Check(name, False, f"{device} is not usable by this user (needed by {needed_by})",
-                     f"sudo chmod 666 {device}")
+        return Check(
+            name,
+            False,
+            f"{device} is not usable by this user (needed by {needed_by})",
+            f"sudo chmod 666 {device}",
+        )
     return Check(name, True, "usable")
 
 
@@ -193,7 +247,8 @@ def check_limits(rootless: bool, cgroup_version: int, delegated: frozenset[str] 
         return Check(name, True, "enforced (rootful podman)", required=False)
     if cgroup_version == 1:
         return Check(
-            name, False,
+            name,
+            False,
             "NOT enforced: rootless podman on cgroup v1 ignores --memory, --cpus and --pids-limit",
             "run Kapsis as root (rootful podman enforces them on cgroup v1), or boot with "
             "systemd.unified_cgroup_hierarchy=1 to get cgroup v2",
@@ -203,7 +258,9 @@ def check_limits(rootless: bool, cgroup_version: int, delegated: frozenset[str] 
     if delegated is not None and not wanted <= delegated:
         missing = ", ".join(sorted(wanted - delegated))
         return Check(
-            name, False, f"NOT enforced: the {missing} controller(s) are not delegated to your user",
+            name,
+            False,
+            f"NOT enforced: the {missing} controller(s) are not delegated to your user",
             "sudo mkdir -p /etc/systemd/system/user@.service.d && printf '[Service]\\n"
             "Delegate=memory pids cpu cpuset io\\n' | sudo tee "
             "/etc/systemd/system/user@.service.d/delegate.conf && sudo systemctl daemon-reload "
@@ -213,8 +270,9 @@ def check_limits(rootless: bool, cgroup_version: int, delegated: frozenset[str] 
     return Check(name, True, "enforced (rootless podman on cgroup v2)", required=False)
 
 
-def check_nofile(rootless: bool, hard_limit: int, can_raise: bool,
-                 configured_hard: int | None) -> Check:
+def check_nofile(
+    rootless: bool, hard_limit: int, can_raise: bool, configured_hard: int | None
+) -> Check:
     name = "nofile ulimit"
     if rootless:
         return Check(name, True, "not needed: rootless podman keeps the session's limits")
@@ -223,16 +281,19 @@ def check_nofile(rootless: bool, hard_limit: int, can_raise: bool,
             return Check(name, True, f"containers.conf sets nofile to {configured_hard}")
         return Check(name, True, f"hard limit {hard_limit}")
     return Check(
-        name, False,
+        name,
+        False,
         f"hard nofile limit is {hard_limit} (< {PODMAN_DEFAULT_NOFILE}) without CAP_SYS_RESOURCE: "
         "every container fails with `crun: setrlimit RLIMIT_NOFILE: Operation not permitted`",
-        "sudo mkdir -p /etc/containers/containers.conf.d && printf '[containers]\\n"
+        "mkdir -p /etc/containers/containers.conf.d && printf '[containers]\\n"
         f'default_ulimits = ["nofile={hard_limit}:{hard_limit}", "nproc=32768:32768"]\\n\' '
-        "| sudo tee /etc/containers/containers.conf.d/kapsis.conf",
+        "> /etc/containers/containers.conf.d/kapsis.conf",
     )
 
 
-def check_hybrid(runtime: str | None, layout: CgroupLayout, blockers: Sequence[str]) -> Check:
+def check_hybrid(
+    runtime: str | None, layout: CgroupLayout, blockers: Sequence[str], *, sudo: str = ""
+) -> Check:
     name = "cgroup hybrid mode"
     if not layout.hybrid:
         return Check(name, True, "not in hybrid mode")
@@ -241,23 +302,24 @@ def check_hybrid(runtime: str | None, layout: CgroupLayout, blockers: Sequence[s
     if not blockers:
         return Check(name, True, "hybrid; every controller is on v1, as crun needs")
     fix = " && ".join(
-        f"sudo mkdir -p /sys/fs/cgroup/{c} && sudo mount -t cgroup -o {c} cgroup /sys/fs/cgroup/{c}"
+        f"{sudo}mkdir -p {CGROUP_ROOT}/{c} && {sudo}mount -t cgroup -o {c} cgroup {CGROUP_ROOT}/{c}"
         for c in blockers
     )
     return Check(
-        name, False,
+        name,
+        False,
         f"crun refuses hybrid mode while {', '.join(blockers)} is on the v2 hierarchy "
-        "(\"cgroups in hybrid mode not supported\")",
+        '("cgroups in hybrid mode not supported")',
         fix,
     )
 
 
-def check_overlay(filesystems: str, module_available: bool) -> Check:
+def check_overlay(filesystems: str, module_available: bool, *, sudo: str = "") -> Check:
     if any(line.split()[-1:] == ["overlay"] for line in filesystems.splitlines()):
         return Check("overlayfs", True, "kernel overlayfs available")
     if module_available:
         return Check("overlayfs", True, "overlay module available (loaded on first use)")
-    return Check("overlayfs", False, "the kernel has no overlayfs", "sudo modprobe overlay")
+    return Check("overlayfs", False, "the kernel has no overlayfs", f"{sudo}modprobe overlay")
 
 
 def check_idmapped(release: str, *, required: bool) -> Check:
@@ -266,7 +328,8 @@ def check_idmapped(release: str, *, required: bool) -> Check:
     if version >= MIN_IDMAP_OVERLAY_KERNEL:
         return Check("idmapped mounts", True, f"Linux {shown} (>= 5.19)", required=required)
     return Check(
-        "idmapped mounts", False,
+        "idmapped mounts",
+        False,
         f"Linux {shown} is older than 5.19: no idmapped mounts under overlayfs, which the "
         "rootful copy-on-write workspace needs",
         "upgrade the kernel to Linux 5.19 or newer (Debian: bookworm's 6.1 kernel)",
@@ -274,12 +337,18 @@ def check_idmapped(release: str, *, required: bool) -> Check:
     )
 
 
-def check_debootstrap(path: str | None, *, needed: bool) -> Check:
+def check_debootstrap(path: str | None, *, needed: bool, sudo: str = "") -> Check:
     if path:
-        return Check("debootstrap", True, f"{path} (used by `kapsis setup --build`)",
-                     required=needed)
-    return Check("debootstrap", False, "not installed; `kapsis setup --build` needs it",
-                 "apt-get install debootstrap", required=needed)
+        return Check(
+            "debootstrap", True, f"{path} (used by `kapsis setup --build`)", required=needed
+        )
+    return Check(
+        "debootstrap",
+        False,
+        "not installed; `kapsis setup --build` needs it",
+        f"{sudo}apt-get install debootstrap",
+        required=needed,
+    )
 
 
 def check_image(image: str, present: bool) -> Check:
@@ -291,8 +360,9 @@ def check_image(image: str, present: bool) -> Check:
 def check_apparmor(enabled: bool) -> Check:
     if enabled:
         return Check("AppArmor", True, "enabled (the paranoid profile can run)", required=False)
-    return Check("AppArmor", True, "not available: paranoid profile will refuse to start",
-                 required=False)
+    return Check(
+        "AppArmor", True, "not available: paranoid profile will refuse to start", required=False
+    )
 
 
 # --- parsing ----------------------------------------------------------------------------------
@@ -307,14 +377,20 @@ def parse_version(text: str) -> tuple[int, ...]:
 
 
 def containers_conf_files(
-    *, rootless: bool, etc: Path = ETC_CONTAINERS, usr: Path = USR_CONTAINERS,
+    *,
+    rootless: bool,
+    etc: Path = ETC_CONTAINERS,
+    usr: Path = USR_CONTAINERS,
     home: Path | None = None,
 ) -> list[Path]:
     """containers.conf files in the order podman reads them (later ones override)."""
     if os.environ.get("CONTAINERS_CONF"):
         return [Path(os.environ["CONTAINERS_CONF"])]
-    files = [usr / "containers.conf", etc / "containers.conf",
-             *sorted((etc / "containers.conf.d").glob("*.conf"))]
+    files = [
+        usr / "containers.conf",
+        etc / "containers.conf",
+        *sorted((etc / "containers.conf.d").glob("*.conf")),
+    ]
     if rootless:
         user = (home or Path.home()) / ".config" / "containers"
         files += [user / "containers.conf", *sorted((user / "containers.conf.d").glob("*.conf"))]
@@ -352,7 +428,7 @@ def configured_runtime(conf_texts: Iterable[str]) -> str | None:
     return str(values[-1]) if values else None
 
 
-def pick_runtime(configured: str | None, find: Any) -> str | None:
+def pick_runtime(configured: str | None, find: Callable[[str], str | None]) -> str | None:
     """The runtime podman will use: the configured one, else crun, else runc."""
     if configured:
         return configured
@@ -371,7 +447,9 @@ def nofile_ok(hard_limit: int, can_raise: bool, configured_hard: int | None) -> 
 def has_capability(proc_status: str, capability: int) -> bool:
     """Whether the ``CapEff`` line of /proc/<pid>/status has ``capability`` set."""
     match = re.search(r"^CapEff:\s*([0-9a-fA-F]+)", proc_status, re.MULTILINE)
-    return bool(match) and bool(int(match.group(1), 16) >> capability & 1)
+    if match is None:
+        return False
+    return bool(int(match.group(1), 16) >> capability & 1)
 
 
 def cgroup_layout(mounts: str, root: str = str(CGROUP_ROOT)) -> CgroupLayout:
@@ -391,17 +469,20 @@ def cgroup_layout(mounts: str, root: str = str(CGROUP_ROOT)) -> CgroupLayout:
                 v2_unified = True
         elif fstype == "cgroup" and point.startswith(root + "/"):
             controllers |= {
-                option for option in options.split(",")
+                option
+                for option in options.split(",")
                 if option not in _MOUNT_FLAGS and "=" not in option
             }
     if v2_at_root:
         return CgroupLayout(version=2, hybrid=False, v1_controllers=frozenset())
-    return CgroupLayout(version=1, hybrid=v2_unified and bool(controllers),
-                        v1_controllers=frozenset(controllers))
+    return CgroupLayout(
+        version=1, hybrid=v2_unified and bool(controllers), v1_controllers=frozenset(controllers)
+    )
 
 
-def hybrid_blockers(layout: CgroupLayout, unified_controllers: str | None,
-                    proc_cgroups: str) -> list[str]:
+def hybrid_blockers(
+    layout: CgroupLayout, unified_controllers: str | None, proc_cgroups: str
+) -> list[str]:
     """Controllers on the v2 side of a hybrid layout; crun refuses to run while any exist.
 
     The truth is the v2 hierarchy's ``cgroup.controllers``; when it cannot be read, fall back to
@@ -412,7 +493,8 @@ def hybrid_blockers(layout: CgroupLayout, unified_controllers: str | None,
     if unified_controllers is not None:
         return sorted(set(unified_controllers.split()) - layout.v1_controllers)
     enabled = {
-        fields[0] for fields in (line.split() for line in proc_cgroups.splitlines())
+        fields[0]
+        for fields in (line.split() for line in proc_cgroups.splitlines())
         if len(fields) == 4 and not fields[0].startswith("#") and fields[3] == "1"
     }
     return ["hugetlb"] if "hugetlb" in enabled - layout.v1_controllers else []
@@ -475,21 +557,10 @@ def _podman_version() -> str | None:
     if podman is None:
         return None
     try:
-        result = subprocess.run([podman, "--version"], capture_output=True, text=True,
-                                timeout=15, check=False)
+        result = subprocess.run(
+            [podman, "--version"], capture_output=True, text=True, timeout=15, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     match = re.search(r"\d+\.\d+(\.\d+)?\S*", result.stdout)
     return match.group(0) if result.returncode == 0 and match else None
-
-
-def _image_exists(image: str) -> bool:
-    podman = _find_program("podman")
-    if podman is None:
-        return False
-    try:
-        result = subprocess.run([podman, "image", "exists", image], capture_output=True,
-                                timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return result.returncode == 0

@@ -90,8 +90,11 @@ def build_base_image(name: str = DEFAULT_IMAGE, *, progress: Progress | None = N
             else:
                 _debootstrap_tarball(tarball, say)
             say(f"importing the root filesystem as {rootfs_image}")
-            _run([podman, "import", str(tarball), rootfs_image], "podman import",
-                 f"check that {tarball} is a valid tar (delete it to redo debootstrap)")
+            _run(
+                [podman, "import", str(tarball), rootfs_image],
+                "podman import",
+                f"check that {tarball} is a valid tar (delete it to redo debootstrap)",
+            )
         else:
             say(f"using the imported root filesystem {rootfs_image}")
         _podman_build(podman, name, rootfs_image, say)
@@ -103,7 +106,12 @@ def image_present(name: str) -> bool:
     podman = shutil.which("podman")
     if podman is None:
         return False
-    result = subprocess.run([podman, "image", "exists", name], capture_output=True, check=False)
+    try:
+        result = subprocess.run(
+            [podman, "image", "exists", name], capture_output=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
     return result.returncode == 0
 
 
@@ -125,9 +133,7 @@ def rootfs_key() -> str:
 # --- apt mirror -------------------------------------------------------------------------------
 
 
-def debian_mirror(
-    sources_list: Path = SOURCES_LIST, deb822_sources: Path = DEBIAN_SOURCES
-) -> str:
+def debian_mirror(sources_list: Path = SOURCES_LIST, deb822_sources: Path = DEBIAN_SOURCES) -> str:
     """The Debian mirror to debootstrap from: $KAPSIS_DEBIAN_MIRROR, else the host's, else the
     default one."""
     explicit = os.environ.get(MIRROR_ENV)
@@ -215,8 +221,14 @@ def _debootstrap_tarball(tarball: Path, say: Progress) -> None:
         say(f"debootstrap {VARIANT} {SUITE} from {mirror} (about 45 s)")
         started = time.monotonic()
         _run(
-            [debootstrap, f"--variant={VARIANT}", f"--include={','.join(INCLUDE)}",
-             SUITE, str(target), mirror],
+            [
+                debootstrap,
+                f"--variant={VARIANT}",
+                f"--include={','.join(INCLUDE)}",
+                SUITE,
+                str(target),
+                mirror,
+            ],
             "debootstrap",
             f"check that {mirror} is reachable, or set {MIRROR_ENV} to a Debian mirror",
         )
@@ -243,11 +255,24 @@ def _podman_build(podman: str, name: str, rootfs_image: str, say: Progress) -> N
     with tempfile.TemporaryDirectory(prefix="kapsis-build-") as context:
         (Path(context) / "Containerfile").write_text(containerfile)
         result = subprocess.run(
-            [podman, "build", "--pull=never", "--network=none",
-             "--build-arg", f"BASE={rootfs_image}",
-             "--build-arg", f"KAPSIS_VERSION={version}",
-             "-t", name, "-f", str(Path(context) / "Containerfile"), context],
-            capture_output=True, text=True, check=False,
+            [
+                podman,
+                "build",
+                "--pull=never",
+                "--network=none",
+                "--build-arg",
+                f"BASE={rootfs_image}",
+                "--build-arg",
+                f"KAPSIS_VERSION={version}",
+                "-t",
+                name,
+                "-f",
+                str(Path(context) / "Containerfile"),
+                context,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
     if result.returncode != 0:
         output = result.stderr + result.stdout
@@ -277,9 +302,7 @@ def _run(args: list[str], what: str, fix: str) -> None:
         raise SandboxError(f"{what} could not start ({error}); {fix}") from None
     if result.returncode != 0:
         output = result.stderr + result.stdout
-        raise SandboxError(
-            f"{what} failed (exit {result.returncode}): {_last_line(output)}; {fix}"
-        )
+        raise SandboxError(f"{what} failed (exit {result.returncode}): {_last_line(output)}; {fix}")
 
 
 def _last_line(output: str) -> str:

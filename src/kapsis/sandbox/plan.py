@@ -245,7 +245,11 @@ def build_plan(
         mounts.append(Mount(source=str(sandbox_root / "task-spec.md"), target=SPEC_TARGET))
 
     resources = config.resources
-    pids = resources.pids if resources.pids is not None else PROFILES[config.security.profile].pids_limit
+    pids = (
+        resources.pids
+        if resources.pids is not None
+        else PROFILES[config.security.profile].pids_limit
+    )
     return SandboxPlan(
         agent_id=agent_id,
         pod_name=f"kapsis-{agent_id}",
@@ -311,7 +315,9 @@ def _task(request: RunRequest) -> tuple[str, str | None]:
         try:
             return spec.read_text(encoding="utf-8"), str(spec.resolve())
         except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"--spec {request.spec}: cannot read it ({error}); pass a Markdown file") from None
+            raise ConfigError(
+                f"--spec {request.spec}: cannot read it ({error}); pass a Markdown file"
+            ) from None
     if request.task is None or not request.task.strip():
         raise ConfigError("no task: pass --task TEXT or --spec FILE")
     return request.task, None
@@ -349,17 +355,20 @@ def _tmpfs(noexec_tmp: bool) -> tuple[Tmpfs, ...]:
     tmp_options = ("rw", "nosuid", "nodev", "noexec") if noexec_tmp else ("rw", "nosuid", "nodev")
     return (
         Tmpfs(target="/tmp", options=(*tmp_options, "mode=1777")),
-        # U: owned by the container user, so the agent's home is writable even with a read-only root.
+        # U: owned by the container user, so the home is writable even with a read-only root.
         Tmpfs(target=AGENT_HOME, options=("rw", "nosuid", "nodev", "mode=0700", "U")),
     )
 
 
 def _allowlist(loaded: LoadedConfig, profile: AgentProfile) -> tuple[AllowedHost, ...]:
     hosts = [
-        AllowedHost(host=host, source=str(loaded.origin_of(("network", "allowlist", "hosts", index))))
+        AllowedHost(
+            host=host, source=str(loaded.origin_of(("network", "allowlist", "hosts", index)))
+        )
         for index, host in enumerate(loaded.config.network.allowlist.hosts)
     ]
     hosts += [
-        AllowedHost(host=host, source=f"agent profile {profile.name}") for host in profile.network.hosts
+        AllowedHost(host=host, source=f"agent profile {profile.name}")
+        for host in profile.network.hosts
     ]
     return tuple(hosts)

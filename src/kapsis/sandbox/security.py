@@ -164,7 +164,7 @@ def _bits(value: int) -> list[int]:
 
 
 def apparmor_profile_text(name: str = APPARMOR_PROFILE_NAME) -> str:
-    """An AppArmor profile for paranoid sandboxes: no mounts, no ptrace, no raw /proc or /sys writes."""
+    """AppArmor profile for paranoid sandboxes: no mounts, no ptrace, no /proc or /sys writes."""
     return f"""#include <tunables/global>
 
 profile {name} flags=(attach_disconnected,mediate_deleted) {{

@@ -79,19 +79,28 @@ def idmapped_bind(source: str, target: str, userns_fd: int) -> None:
     """Bind ``source`` (recursively) at ``target`` with ownership seen through ``userns_fd``."""
     open_tree, move_mount, mount_setattr = _SYSCALLS[platform.machine()]
     tree = _check(
-        _libc.syscall(open_tree, AT_FDCWD, source.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE),
+        _libc.syscall(
+            open_tree, AT_FDCWD, source.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
+        ),
         "open_tree",
     )
     try:
         attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
         _check(
             _libc.syscall(
-                mount_setattr, tree, b"", AT_EMPTY_PATH | AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)
+                mount_setattr,
+                tree,
+                b"",
+                AT_EMPTY_PATH | AT_RECURSIVE,
+                ctypes.byref(attr),
+                ctypes.sizeof(attr),
             ),
             "mount_setattr(idmap)",
         )
         _check(
-            _libc.syscall(move_mount, tree, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH),
+            _libc.syscall(
+                move_mount, tree, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH
+            ),
             "move_mount",
         )
     finally:
@@ -99,7 +108,10 @@ def idmapped_bind(source: str, target: str, userns_fd: int) -> None:
 
 
 def mount(source: str, target: str, fstype: str, options: str) -> None:
-    _check(_libc.mount(source.encode(), target.encode(), fstype.encode(), 0, options.encode()), f"mount {fstype}")
+    _check(
+        _libc.mount(source.encode(), target.encode(), fstype.encode(), 0, options.encode()),
+        f"mount {fstype}",
+    )
 
 
 def unmount(target: str) -> None:

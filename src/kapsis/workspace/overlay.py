@@ -23,7 +23,9 @@ def mount_overlay(workspace: WorkspacePlan, agent_host_uid: int, agent_host_gid:
         Path(directory).mkdir(parents=True, exist_ok=True)
     owner = os.stat(workspace.project)
     try:
-        userns = _mountapi.user_namespace_fd(owner.st_uid, owner.st_gid, agent_host_uid, agent_host_gid)
+        userns = _mountapi.user_namespace_fd(
+            owner.st_uid, owner.st_gid, agent_host_uid, agent_host_gid
+        )
         try:
             _mountapi.idmapped_bind(workspace.project, workspace.lower, userns)
         finally:
@@ -44,6 +46,6 @@ def mount_overlay(workspace: WorkspacePlan, agent_host_uid: int, agent_host_gid:
 def unmount_overlay(workspace: WorkspacePlan) -> None:
     """Undo :func:`mount_overlay`; the upper dir (the agent's changes) is kept."""
     for target in (workspace.merged, workspace.lower):
-        # os.path.ismount misses a bind mount of the same filesystem; just try, EINVAL = not mounted.
+        # os.path.ismount misses a bind of the same filesystem; just try (EINVAL: not mounted).
         with contextlib.suppress(OSError):
             _mountapi.unmount(target)

@@ -1,0 +1,62 @@
+"""Launch overhead of ``kapsis run`` against bare ``podman run``, measured in the same run.
+
+    python benchmarks/launch.py [--runs 10] [--image localhost/kapsis-base:latest]
+
+Prints the median wall time of each, over interleaved warm runs, and their ratio. Not a test:
+the figures depend on the machine; the issue's target is a ratio <= 2.5 on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def timed(command: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--image", default="localhost/kapsis-base:latest")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="kapsis-bench-") as scratch:
+        project = Path(scratch) / "project"
+        project.mkdir()
+        (project / "README.md").write_text("benchmark\n")
+        env = {**os.environ, "KAPSIS_HOME": str(Path(scratch) / "home")}
+        kapsis = [sys.executable, "-m", "kapsis", "run", str(project), "--agent", "shell",
+                  "--task", "true", "--network-mode", "none", "--image", args.image]
+        bare = ["podman", "run", "--rm", "--network=none", args.image, "true"]
+        python_start = [sys.executable, "-c", "pass"]
+        kapsis_import = [sys.executable, "-c", "import kapsis.cli.app, kapsis.api, kapsis.backends.podman"]
+
+        for command in (bare, kapsis):  # warm caches and the pause image
+            timed(command, env)
+        samples: dict[str, list[float]] = {"bare podman run": [], "kapsis run": [],
+                                           "python start": [], "kapsis imports": []}
+        for _ in range(args.runs):
+            samples["bare podman run"].append(timed(bare, env))
+            samples["kapsis run"].append(timed(kapsis, env))
+            samples["python start"].append(timed(python_start, env))
+            samples["kapsis imports"].append(timed(kapsis_import, env))
+
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    for name, value in medians.items():
+        print(f"{name:>16}: median {value * 1000:7.1f} ms over {args.runs} runs")
+    ratio = medians["kapsis run"] / medians["bare podman run"]
+    print(f"{'ratio':>16}: kapsis run / bare podman run = {ratio:.2f} (target <= 2.5)")
+
+
+if __name__ == "__main__":
+    main()
