@@ -11,7 +11,7 @@ from pydantic import Field
 
 from kapsis import paths
 from kapsis.config.models import EnvName, HostPattern, SandboxPath, Section
-from kapsis.errors import AgentNotFoundError
+from kapsis.errors import AgentNotFoundError, ConfigError
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
@@ -46,8 +46,16 @@ def _load_file(path: Path, source: str) -> AgentProfile:
     from kapsis.config.loader import read_yaml_layer, validate_model
 
     layer = read_yaml_layer(path)
-    data = {"name": path.stem, **layer.data, "source": source}
-    return validate_model(AgentProfile, data, layer.origins)
+    declared = layer.data.get("name", path.stem)
+    if declared != path.stem:
+        # --agent finds profiles by file name; a different inner name would show another agent.
+        line = layer.origins.get(("name",))
+        raise ConfigError(
+            f"{line or path}: name: '{declared}' differs from the file name; "
+            f"rename the file to {declared}.yaml or drop the key"
+        )
+    data = {**layer.data, "name": path.stem, "source": source}
+    return validate_model(AgentProfile, data, layer.origins, where=str(path))
 
 
 def _profile_files() -> dict[str, tuple[Path, str]]:

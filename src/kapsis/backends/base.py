@@ -56,8 +56,8 @@ class Backend(ABC):
         """Create and start the sandbox. With ``attach`` the agent's output goes to our stdout."""
 
     @abstractmethod
-    def attach_to(self, plan: SandboxPlan) -> RunningSandbox:
-        """A handle on an already launched sandbox (for a supervisor that waits on it)."""
+    def attach_to(self, plan: SandboxPlan, started_at: float | None = None) -> RunningSandbox:
+        """A handle on a launched sandbox (for a supervisor); ``started_at`` is epoch seconds."""
 
     @abstractmethod
     def stop(self, agent_id: str, grace_seconds: int = 5) -> None: ...

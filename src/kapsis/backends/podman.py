@@ -126,10 +126,16 @@ def _run(args: list[str], *, what: str, check: bool = True) -> subprocess.Comple
 
 
 class PodmanSandbox(RunningSandbox):
-    def __init__(self, plan: SandboxPlan, process: subprocess.Popen[bytes] | None) -> None:
+    def __init__(
+        self,
+        plan: SandboxPlan,
+        process: subprocess.Popen[bytes] | None,
+        started_at: float | None = None,
+    ) -> None:
         self.plan = plan
         self._process = process
-        self._started = time.monotonic()
+        # Wall-clock seconds, so that a detached supervisor can use the launcher's start time.
+        self._started = time.time() if started_at is None else started_at
 
     def wait(self) -> ExitInfo:
         if self._process is not None:
@@ -144,7 +150,8 @@ class PodmanSandbox(RunningSandbox):
         if code in (137, 143) or code >= 128:
             oom = self._oom_killed()
             limit = self.plan.resources.timeout_seconds
-            timed_out = not oom and limit is not None and time.monotonic() - self._started >= limit
+            elapsed = time.time() - self._started
+            timed_out = not oom and limit is not None and elapsed >= limit
         return ExitInfo(exit_code=code, oom_killed=oom, timed_out=timed_out)
 
     def _oom_killed(self) -> bool:
@@ -268,8 +275,8 @@ class PodmanBackend(Backend):
             raise SandboxError(f"podman run failed: {result.stderr.strip()}")
         return PodmanSandbox(plan, None)
 
-    def attach_to(self, plan: SandboxPlan) -> RunningSandbox:
-        return PodmanSandbox(plan, None)
+    def attach_to(self, plan: SandboxPlan, started_at: float | None = None) -> RunningSandbox:
+        return PodmanSandbox(plan, None, started_at)
 
     def stop(self, agent_id: str, grace_seconds: int = 5) -> None:
         _run(

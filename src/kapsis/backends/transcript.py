@@ -47,7 +47,9 @@ def _follow_raw_lines(
 ) -> Iterator[str]:
     while not path.exists():
         if not still_running():
-            return
+            if not path.exists():  # it may have appeared while we asked
+                return
+            break
         time.sleep(poll_seconds)
     with path.open(encoding="utf-8", errors="replace") as handle:
         partial = ""

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(
     name="kapsis",
-    help="Run AI coding agents in hardened sandboxes, each on its own branch.",
+    help="Run AI coding agents in hardened sandboxes.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -70,7 +70,8 @@ def run(
     image: Annotated[str | None, typer.Option(help="Container image.")] = None,
     branch: Annotated[str | None, typer.Option(help="Branch the agent's work is for.")] = None,
     config: Annotated[
-        Path | None, typer.Option("--config", help="Config file (highest precedence).")
+        Path | None,
+        typer.Option("--config", help="Config file; beats other files, not flags."),
     ] = None,
     detach: Annotated[
         bool, typer.Option("--detach", "-d", help="Start and return; see `kapsis status`.")
@@ -278,7 +279,8 @@ def config_show(
         Path | None, typer.Argument(help="Project whose config files apply.")
     ] = None,
     config: Annotated[
-        Path | None, typer.Option("--config", help="Config file (highest precedence).")
+        Path | None,
+        typer.Option("--config", help="Config file; beats other files, not flags."),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
 ) -> None:

@@ -62,10 +62,19 @@ class LoadedConfig:
     config: KapsisConfig
     origins: Mapping[KeyPath, Origin]
     files: tuple[Path, ...]
+    sections: frozenset[KeyPath] = frozenset()
 
     def origin_of(self, path: KeyPath) -> Origin:
+        """Where the value at ``path`` came from: its own key, or a list/value that holds it.
+
+        A section (mapping) that a file or flag mentions does not make its other keys its own:
+        a key nobody set is a default.
+        """
         for end in range(len(path), 0, -1):
-            found = self.origins.get(path[:end])
+            prefix = path[:end]
+            if end < len(path) and prefix in self.sections:
+                break
+            found = self.origins.get(prefix)
             if found is not None:
                 return found
         return DEFAULT_ORIGIN
@@ -197,25 +206,32 @@ def validate(data: Mapping[str, Any], origins: Mapping[KeyPath, Origin]) -> Kaps
 
 
 def validate_model(
-    model: type[ModelT], data: Mapping[str, Any], origins: Mapping[KeyPath, Origin]
+    model: type[ModelT],
+    data: Mapping[str, Any],
+    origins: Mapping[KeyPath, Origin],
+    where: str = "config",
 ) -> ModelT:
-    """Validate ``data`` against ``model``, turning the first error into a one-line ConfigError."""
+    """Validate ``data`` against ``model``, turning the first error into a one-line ConfigError.
+
+    ``where`` names the source when the error has no line of its own (a missing key).
+    """
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(describe_validation_error(error, origins, model)) from None
+        raise ConfigError(describe_validation_error(error, origins, model, where)) from None
 
 
 def describe_validation_error(
     error: ValidationError,
     origins: Mapping[KeyPath, Origin],
     root: type[BaseModel] = KapsisConfig,
+    where_default: str = "config",
 ) -> str:
     """One line for the first problem: where, which key, what is wrong, what is allowed."""
     problems = error.errors(include_url=False)
     first = problems[0]
     loc: KeyPath = tuple(first["loc"])
-    where = _nearest_origin(loc, origins)
+    where = _nearest_origin(loc, origins) or where_default
     dotted = _dotted(loc)
     if first["type"] == "extra_forbidden":
         allowed = ", ".join(sorted(_fields_at(loc[:-1], root)))
@@ -229,12 +245,12 @@ def describe_validation_error(
     return f"{where}: {dotted}: {text}{more}"
 
 
-def _nearest_origin(loc: KeyPath, origins: Mapping[KeyPath, Origin]) -> str:
+def _nearest_origin(loc: KeyPath, origins: Mapping[KeyPath, Origin]) -> str | None:
     for end in range(len(loc), 0, -1):
         found = origins.get(loc[:end])
         if found is not None:
             return str(found)
-    return "config"
+    return None
 
 
 def _dotted(loc: KeyPath) -> str:
@@ -288,4 +304,13 @@ def load_config(
     files = candidate_files(project, config_file)
     layers = [flag_layer(flags or {})] + [read_yaml_layer(path) for path in files]
     data, origins = merge_layers(layers)
-    return LoadedConfig(validate(data, origins), origins, tuple(files))
+    return LoadedConfig(validate(data, origins), origins, tuple(files), _mapping_paths(data, ()))
+
+
+def _mapping_paths(value: Any, prefix: KeyPath) -> frozenset[KeyPath]:
+    if not isinstance(value, Mapping):
+        return frozenset()
+    found = {prefix} if prefix else set()
+    for key, item in value.items():
+        found |= _mapping_paths(item, (*prefix, key))
+    return frozenset(found)

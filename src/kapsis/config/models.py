@@ -67,6 +67,9 @@ def _check_env_name(value: str) -> str:
 def _check_host(value: str) -> str:
     if not _HOST_RE.match(value):
         raise ValueError(f"{value!r} is not a host name; use name, *.domain or name:port")
+    _, _, port = value.partition(":")
+    if port and not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: the port must be between 1 and 65535")
     return value.lower()
 
 

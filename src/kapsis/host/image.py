@@ -44,6 +44,8 @@ ROOTFS_REPOSITORY = "localhost/kapsis-rootfs"
 SOURCES_LIST = Path("/etc/apt/sources.list")
 DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 MIRROR_ENV = "KAPSIS_DEBIAN_MIRROR"
+# Searched after $PATH: a non-root user's PATH often lacks them, and debootstrap lives there.
+_SBIN_DIRS = ("/usr/sbin", "/sbin")
 
 # Left out of the rootfs tarball: the runtime provides /dev, /proc and /sys; apt's package lists
 # and caches (~55 MB, stale anyway: derived images run apt-get update) and message catalogues
@@ -288,7 +290,7 @@ def _podman_build(podman: str, name: str, rootfs_image: str, say: Progress) -> N
 
 def _require(program: str, fix: str) -> str:
     found = shutil.which(program) or next(
-        (str(p) for d in ("/usr/sbin", "/sbin") if (p := Path(d) / program).is_file()), None
+        (str(p) for d in _SBIN_DIRS if (p := Path(d) / program).is_file()), None
     )
     if found is None:
         raise HostUnsupportedError(f"{program} is not installed; {fix}")

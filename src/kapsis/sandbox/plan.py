@@ -237,8 +237,13 @@ def build_plan(
     }
     if spec_source is not None:
         env["KAPSIS_TASK_SPEC"] = SPEC_TARGET
-    elif len(task_text) < MAX_ARG_LENGTH:
+    elif _fits_one_string(f"KAPSIS_TASK={task_text}"):
         env["KAPSIS_TASK"] = task_text
+    else:
+        raise ConfigError(
+            f"--task is longer than {MAX_ARG_LENGTH} bytes, too long for the environment; "
+            "put it in a file and pass --spec FILE"
+        )
 
     mounts = [_read_only_mount(m.source, m.target) for m in config.filesystem.mounts]
     if spec_source is not None:
@@ -328,12 +333,17 @@ def _command(template: str | list[str], task_text: str) -> tuple[str, ...]:
         # A string command goes through sh; the task reaches it only as $KAPSIS_TASK.
         return ("sh", "-c", template)
     argv = tuple(part.replace("{task}", task_text) for part in template)
-    if any(len(part) >= MAX_ARG_LENGTH for part in argv):
+    if not all(_fits_one_string(part) for part in argv):
         raise ConfigError(
             f"the task is longer than {MAX_ARG_LENGTH} bytes, too long for a command argument; "
             "shorten it, or use an agent command that reads $KAPSIS_TASK_SPEC"
         )
     return argv
+
+
+def _fits_one_string(text: str) -> bool:
+    """Whether the kernel accepts ``text`` as one argv or environment string (NUL included)."""
+    return len(text.encode()) + 1 <= MAX_ARG_LENGTH
 
 
 def _summary(task_text: str, spec_source: str | None) -> str:

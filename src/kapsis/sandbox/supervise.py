@@ -9,6 +9,8 @@ import sys
 
 from kapsis.backends import get_backend
 from kapsis.sandbox.launcher import finish, load_plan
+from kapsis.status import StatusStore
+from kapsis.status.store import parse_utc
 
 
 def main(agent_id: str) -> int:
@@ -16,8 +18,10 @@ def main(agent_id: str) -> int:
     if plan is None:
         print(f"no plan for agent {agent_id}", file=sys.stderr)
         return 2
-    backend = get_backend("podman")
-    exit_info = backend.attach_to(plan).wait()
+    record = StatusStore().read(agent_id)
+    backend = get_backend(record.backend if record else "podman")
+    started_at = parse_utc(record.started_at) if record else None
+    exit_info = backend.attach_to(plan, started_at).wait()
     return finish(plan, backend, exit_info).exit_code
 
 

@@ -35,6 +35,11 @@ def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def parse_utc(stamp: str) -> float:
+    """Epoch seconds of a timestamp written by :func:`utc_now`."""
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
 class AgentStatus(BaseModel):
     agent_id: str
     project: str

@@ -1,0 +1,249 @@
+"""The podman command lines a plan translates to (pure functions; nothing is run)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kapsis.backends.podman import PodmanBackend, agent_run_args, pod_create_args
+from kapsis.host.facts import HostFacts
+
+ROOTFUL = HostFacts(rootless=False, cgroup_version=2, apparmor=False)
+ROOTLESS = HostFacts(rootless=True, cgroup_version=2, apparmor=False)
+UID_BASE = 1_500_065_536
+
+
+def _values(argv: list[str], flag: str) -> list[str]:
+    """Every value given to ``flag`` (as ``--flag VALUE``)."""
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == flag]
+
+
+@pytest.fixture
+def run_args(make_plan):
+    def build(**kwargs):
+        plan = make_plan(**kwargs)
+        return plan, agent_run_args(plan, detach=False)
+
+    return build
+
+
+def _before_image(plan, argv: list[str]) -> list[str]:
+    return argv[: len(argv) - len(plan.command) - 1]
+
+
+def test_standard_drops_all_capabilities(run_args):
+    _plan, argv = run_args()
+
+    assert _values(argv, "--cap-drop") == ["ALL"]
+
+
+def test_standard_sets_no_new_privileges_and_seccomp_file(run_args, kapsis_home):
+    plan, argv = run_args()
+
+    security_opts = _values(argv, "--security-opt")
+    assert "no-new-privileges" in security_opts
+    seccomp_file = kapsis_home / "sandboxes" / plan.agent_id / "seccomp.json"
+    assert f"seccomp={seccomp_file}" in security_opts
+
+
+def test_minimal_has_no_hardening_flags(run_args):
+    _plan, argv = run_args(security_profile="minimal")
+
+    assert "--cap-drop" not in argv
+    assert "--read-only" not in argv
+    assert "--pids-limit" not in argv
+    assert not [o for o in _values(argv, "--security-opt") if o.startswith("seccomp=")]
+    assert "no-new-privileges" not in _values(argv, "--security-opt")
+
+
+def test_cap_add_follows_cap_drop(run_args):
+    _plan, argv = run_args(config="security:\n  overrides:\n    cap_add: [net_bind_service]\n")
+
+    assert _values(argv, "--cap-add") == ["CAP_NET_BIND_SERVICE"]
+    assert argv.index("--cap-drop") < argv.index("--cap-add")
+
+
+def test_standard_root_is_writable(run_args):
+    _plan, argv = run_args()
+
+    assert "--read-only" not in argv
+
+
+def test_strict_root_is_read_only(run_args):
+    plan, argv = run_args(security_profile="strict")
+
+    assert "--read-only" in _before_image(plan, argv)
+
+
+def test_strict_tmp_is_noexec_tmpfs(run_args):
+    _plan, argv = run_args(security_profile="strict")
+
+    (tmp,) = [t for t in _values(argv, "--tmpfs") if t.startswith("/tmp:")]
+    assert "noexec" in tmp.split(":", 1)[1].split(",")
+    assert "nosuid" in tmp.split(":", 1)[1].split(",")
+
+
+def test_standard_tmp_is_a_tmpfs_without_noexec(run_args):
+    _plan, argv = run_args()
+
+    (tmp,) = [t for t in _values(argv, "--tmpfs") if t.startswith("/tmp:")]
+    assert "noexec" not in tmp
+
+
+def test_paranoid_passes_the_apparmor_profile(run_args):
+    _plan, argv = run_args(
+        security_profile="paranoid", host=HostFacts(rootless=False, cgroup_version=2, apparmor=True)
+    )
+
+    assert "apparmor=kapsis-paranoid" in _values(argv, "--security-opt")
+
+
+@pytest.mark.parametrize(("profile", "pids"), [("standard", "1024"), ("strict", "256")])
+def test_pids_limit_comes_from_the_profile(run_args, profile, pids):
+    _plan, argv = run_args(security_profile=profile)
+
+    assert _values(argv, "--pids-limit") == [pids]
+
+
+def test_memory_and_swap_are_the_same_number_of_bytes(run_args):
+    # The limit may sit on the pod or on the agent container; it must be set, with no swap.
+    plan, argv = run_args(memory="512m")
+    both = pod_create_args(plan, UID_BASE) + argv
+
+    assert _values(both, "--memory") == [str(512 * 1024**2)]
+    assert _values(both, "--memory-swap") == [str(512 * 1024**2)]
+
+
+def test_cpus_and_timeout(run_args):
+    _plan, argv = run_args(cpus=1.5, timeout="1h")
+
+    assert _values(argv, "--cpus") == ["1.5"]
+    assert _values(argv, "--timeout") == ["3600"]
+
+
+def test_no_timeout_flag_without_a_timeout(run_args):
+    _plan, argv = run_args()
+
+    assert "--timeout" not in argv
+
+
+def test_pod_network_none_for_mode_none(make_plan):
+    plan = make_plan(network_mode="none")
+
+    assert _values(pod_create_args(plan, UID_BASE), "--network") == ["none"]
+
+
+def test_pod_network_bridge_for_mode_open(make_plan):
+    plan = make_plan(network_mode="open")
+
+    assert _values(pod_create_args(plan, UID_BASE), "--network") == ["bridge"]
+
+
+def test_agent_container_joins_the_pod(run_args):
+    plan, argv = run_args()
+
+    assert _values(argv, "--pod") == [plan.pod_name]
+    assert _values(argv, "--name") == [plan.container_name]
+    assert "--network" not in argv
+
+
+def test_rootful_pod_maps_a_private_uid_range(make_plan):
+    argv = pod_create_args(make_plan(host=ROOTFUL), UID_BASE)
+
+    assert _values(argv, "--uidmap") == [f"0:{UID_BASE}:65536"]
+    assert _values(argv, "--gidmap") == [f"0:{UID_BASE}:65536"]
+    assert "--userns" not in argv
+
+
+def test_rootless_pod_keeps_the_user_id(make_plan):
+    argv = pod_create_args(make_plan(host=ROOTLESS), UID_BASE)
+
+    assert _values(argv, "--userns") == ["keep-id"]
+    assert "--uidmap" not in argv
+    assert "--gidmap" not in argv
+
+
+def test_rootful_agent_runs_as_uid_1000(run_args):
+    _plan, argv = run_args(host=ROOTFUL)
+
+    assert _values(argv, "--user") == ["1000:1000"]
+
+
+def test_rootful_workspace_is_the_merged_overlay(run_args, kapsis_home):
+    plan, argv = run_args(host=ROOTFUL)
+
+    merged = kapsis_home / "sandboxes" / plan.agent_id / "merged"
+    assert f"{merged}:/workspace" in _values(argv, "--volume")
+    assert not [v for v in _values(argv, "--volume") if v.startswith(f"{plan.project}:")]
+
+
+def test_rootless_workspace_is_a_podman_overlay_of_the_project(run_args, kapsis_home, project):
+    plan, argv = run_args(host=ROOTLESS)
+
+    sandbox = kapsis_home / "sandboxes" / plan.agent_id
+    expected = (
+        f"{project.resolve()}:/workspace:O,upperdir={sandbox / 'upper'},workdir={sandbox / 'work'}"
+    )
+    assert expected in _values(argv, "--volume")
+
+
+def test_extra_mounts_are_read_only_volumes(run_args, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+
+    _plan, argv = run_args(
+        config=f"filesystem:\n  mounts:\n    - source: {data}\n      target: /d\n"
+    )
+
+    assert f"{data.resolve()}:/d:ro" in _values(argv, "--volume")
+
+
+def test_env_values_are_passed(run_args):
+    plan, argv = run_args(task="make test", config="environment:\n  set:\n    LANG: C\n")
+
+    envs = _values(argv, "--env")
+    assert "LANG=C" in envs
+    assert "KAPSIS_TASK=make test" in envs
+    assert f"KAPSIS_AGENT_ID={plan.agent_id}" in envs
+
+
+def test_log_driver_writes_under_kapsis_home_logs(run_args, kapsis_home):
+    plan, argv = run_args()
+
+    assert _values(argv, "--log-driver") == ["k8s-file"]
+    assert _values(argv, "--log-opt") == [f"path={kapsis_home / 'logs' / (plan.agent_id + '.log')}"]
+
+
+def test_image_then_command_come_last(run_args):
+    plan, argv = run_args(task="echo done", image="localhost/custom:1")
+
+    assert argv[-len(plan.command) - 1 :] == ["localhost/custom:1", "sh", "-c", "echo done"]
+
+
+def test_image_is_never_pulled(run_args):
+    _plan, argv = run_args()
+
+    assert _values(argv, "--pull") == ["never"]
+
+
+def test_detach_and_attach_modes(make_plan):
+    plan = make_plan()
+
+    assert "--detach" in agent_run_args(plan, detach=True)
+    assert "--detach" not in agent_run_args(plan, detach=False)
+
+
+def test_labels_identify_the_agent(make_plan):
+    plan = make_plan(agent_id="lbl1")
+
+    for argv in (pod_create_args(plan, UID_BASE), agent_run_args(plan, detach=True)):
+        assert "io.kapsis.agent-id=lbl1" in _values(argv, "--label")
+
+
+def test_describe_uses_a_placeholder_for_the_uid_range(make_plan):
+    plan = make_plan(host=ROOTFUL)
+
+    pod, run = PodmanBackend().describe(plan)
+
+    assert pod[:3] == ["podman", "pod", "create"]
+    assert run[:2] == ["podman", "run"]
+    assert _values(pod, "--uidmap")[0].startswith("0:<")
