@@ -24,6 +24,7 @@ from kapsis.sandbox.security import apparmor_profile_text, seccomp_profile
 
 PODMAN = "podman"
 PODMAN_ERROR = 125  # podman's own failure, before the agent ran
+CONMON_OOM_MARKER = "oom"
 UID_BASE_PLACEHOLDER = "<host uid range allocated at launch>"
 
 
@@ -40,8 +41,7 @@ def pod_create_args(plan: SandboxPlan, uid_base: int | str) -> list[str]:
     for key, value in plan.labels.items():
         args += ["--label", f"{key}={value}"]
     args += ["--network", "none" if plan.network.mode == "none" else "bridge"]
-    # Memory is limited for the whole pod: its cgroup outlives the agent container, so an OOM
-    # kill can still be read from it after the agent exits (see oom_in_pod_cgroup).
+    # Memory is the whole pod's budget (a sidecar counts against it too).
     memory = str(plan.resources.memory_bytes)
     args += ["--memory", memory, "--memory-swap", memory]
     if plan.userns.kind == "mapped":
@@ -112,9 +112,11 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool) -> list[str]:
     return args
 
 
-def _run(args: list[str], *, what: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def _run(
+    args: list[str], *, what: str, check: bool = True, cwd: str | None = None
+) -> subprocess.CompletedProcess[str]:
     try:
-        result = subprocess.run(args, capture_output=True, text=True, check=False)
+        result = subprocess.run(args, capture_output=True, text=True, check=False, cwd=cwd)
     except FileNotFoundError:
         raise HostUnsupportedError(
             "podman is not installed; run `kapsis setup --check` for how to install it"
@@ -155,40 +157,16 @@ class PodmanSandbox(RunningSandbox):
         return ExitInfo(exit_code=code, oom_killed=oom, timed_out=timed_out)
 
     def _oom_killed(self) -> bool:
+        # conmon drops an empty "oom" file into its working directory (the sandbox dir, see
+        # launch) when the kernel OOM-kills the container; podman 4.3 does not always read it.
+        if (Path(self.plan.workspace.root) / CONMON_OOM_MARKER).exists():
+            return True
         result = _run(
             [PODMAN, "inspect", "--format", "{{.State.OOMKilled}}", self.plan.container_name],
             what="podman inspect",
             check=False,
         )
-        if result.stdout.strip() == "true":
-            return True
-        # Podman misses OOM kills on some cgroup v1 hosts; ask the pod's cgroup instead.
-        pod = _run(
-            [PODMAN, "pod", "inspect", "--format", "{{.CgroupPath}}", self.plan.pod_name],
-            what="podman pod inspect",
-            check=False,
-        )
-        cgroup = pod.stdout.strip()
-        return bool(cgroup) and oom_in_pod_cgroup(cgroup, self.plan.resources.memory_bytes)
-
-
-def oom_in_pod_cgroup(cgroup: str, limit: int, root: Path = Path("/sys/fs/cgroup")) -> bool:
-    """Whether the pod's memory cgroup shows an OOM kill (v2) or a peak at the limit (v1)."""
-    events = root / cgroup.lstrip("/") / "memory.events"
-    if events.exists():
-        for line in events.read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill" and int(value) > 0:
-                return True
-        return False
-    v1 = root / "memory" / cgroup.lstrip("/")
-    try:
-        peak = int((v1 / "memory.max_usage_in_bytes").read_text())
-    except (OSError, ValueError):
-        return False
-    # v1 keeps no OOM-kill count for the pod; a SIGKILLed agent whose pod peaked at the limit is
-    # the best evidence there is (page cache alone is reclaimed before reaching a kill).
-    return peak >= limit
+        return result.stdout.strip() == "true"
 
 
 def _diagnose_start_failure(plan: SandboxPlan) -> None:
@@ -264,11 +242,11 @@ class PodmanBackend(Backend):
         args = agent_run_args(plan, detach=not attach)
         if attach:
             try:
-                process = subprocess.Popen(args)
+                process = subprocess.Popen(args, cwd=root)
             except FileNotFoundError:
                 raise HostUnsupportedError("podman is not installed") from None
             return PodmanSandbox(plan, process)
-        result = _run(args, what="podman run", check=False)
+        result = _run(args, what="podman run", check=False, cwd=str(root))
         if result.returncode != 0:
             if result.returncode == PODMAN_ERROR:
                 _diagnose_start_failure(plan)
