@@ -38,7 +38,9 @@ class Kapsis:
             stdin=subprocess.DEVNULL,
         )
 
-    def run(self, project: Path, task: str, *flags: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, project: Path, task: str, *flags: str, **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
         return self("run", str(project), "--image", self.image, "--task", task, *flags, **kwargs)
 
     def status(self, agent_id: str) -> dict[str, Any]:

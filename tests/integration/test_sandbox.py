@@ -28,7 +28,9 @@ def status_field(output: str, name: str) -> str:
 
 @pytest.fixture
 def kapsis(tmp_path: Path, base_image: str) -> Kapsis:
-    return Kapsis(home=tmp_path / "kapsis-home", config_dir=tmp_path / "kapsis-config", image=base_image)
+    return Kapsis(
+        home=tmp_path / "kapsis-home", config_dir=tmp_path / "kapsis-config", image=base_image
+    )
 
 
 @pytest.fixture
@@ -59,12 +61,16 @@ def test_profile_capabilities_nnp_and_seccomp(
     assert result.stdout.strip().splitlines()[-1] == "1000", "the agent must not run as root"
 
 
-@pytest.mark.parametrize(("profile", "allowed"), [("minimal", True), ("standard", False), ("strict", False)])
+@pytest.mark.parametrize(
+    ("profile", "allowed"), [("minimal", True), ("standard", False), ("strict", False)]
+)
 def test_new_user_namespace_is_refused_by_the_seccomp_filter(
     kapsis: Kapsis, project: Path, profile: str, allowed: bool
 ) -> None:
     # A user namespace is the first step of most container escapes; minimal is the control.
-    result = kapsis.run(project, "unshare --user --map-root-user id -u", "--security-profile", profile)
+    result = kapsis.run(
+        project, "unshare --user --map-root-user id -u", "--security-profile", profile
+    )
     if allowed:
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "0"
@@ -84,7 +90,7 @@ def test_pids_limit_stops_a_fork_loop(kapsis: Kapsis, project: Path) -> None:
         "        n += 1\n"
         "except OSError:\n"
         "    pass\n"
-        "print(\"started=%d\" % n)'"
+        'print("started=%d" % n)\''
     )
     limited = kapsis.run(project, fork_loop, "--security-profile", "strict")
     control = kapsis.run(project, fork_loop, "--security-profile", "minimal")
@@ -143,9 +149,7 @@ def test_host_files_outside_the_workspace_are_not_visible(
     assert "HOST-STORAGE-VISIBLE" not in result.stdout
 
 
-def test_host_project_is_unchanged_after_the_agent_writes(
-    kapsis: Kapsis, project: Path
-) -> None:
+def test_host_project_is_unchanged_after_the_agent_writes(kapsis: Kapsis, project: Path) -> None:
     before = {p.relative_to(project): p.read_bytes() for p in project.rglob("*") if p.is_file()}
     task = (
         "echo changed >> /workspace/README.md && rm /workspace/src/app.py && "
@@ -169,9 +173,20 @@ def test_spec_file_is_at_a_fixed_read_only_path(
     spec = tmp_path / "task.md"
     spec.write_text("# Fix the bug\n\nDetails here.\n")
     result = kapsis(
-        "run", str(project), "--image", kapsis.image, "--spec", str(spec),
-        "--config", str(_write_config(tmp_path, "agent:\n  command: 'cat \"$KAPSIS_TASK_SPEC\"; "
-                                      "echo x >> /task-spec.md || echo read-only'\n")),
+        "run",
+        str(project),
+        "--image",
+        kapsis.image,
+        "--spec",
+        str(spec),
+        "--config",
+        str(
+            _write_config(
+                tmp_path,
+                'agent:\n  command: \'cat "$KAPSIS_TASK_SPEC"; '
+                "echo x >> /task-spec.md || echo read-only'\n",
+            )
+        ),
     )
     assert result.returncode == 0, result.stderr
     assert "# Fix the bug" in result.stdout
@@ -219,7 +234,9 @@ def test_detach_status_logs_and_stop(kapsis: Kapsis, project: Path) -> None:
 
 
 def test_missing_image_is_a_sandbox_error(kapsis: Kapsis, project: Path) -> None:
-    result = kapsis("run", str(project), "--image", "localhost/kapsis-no-such-image:1", "--task", "true")
+    result = kapsis(
+        "run", str(project), "--image", "localhost/kapsis-no-such-image:1", "--task", "true"
+    )
     assert result.returncode == ExitCode.SANDBOX_FAILED
     assert "kapsis setup --build" in result.stderr
 
@@ -253,10 +270,20 @@ def test_network_none_has_only_loopback_and_open_has_an_interface(
 
 
 def test_two_agents_on_one_project_do_not_see_each_other(kapsis: Kapsis, project: Path) -> None:
-    first = kapsis.run(project, "echo one > /workspace/mine.txt; sleep 3; cat /workspace/mine.txt",
-                       "--detach", "--agent-id", "one")
-    second = kapsis.run(project, "echo two > /workspace/mine.txt; sleep 3; cat /workspace/mine.txt",
-                        "--detach", "--agent-id", "two")
+    first = kapsis.run(
+        project,
+        "echo one > /workspace/mine.txt; sleep 3; cat /workspace/mine.txt",
+        "--detach",
+        "--agent-id",
+        "one",
+    )
+    second = kapsis.run(
+        project,
+        "echo two > /workspace/mine.txt; sleep 3; cat /workspace/mine.txt",
+        "--detach",
+        "--agent-id",
+        "two",
+    )
     assert first.returncode == 0 and second.returncode == 0
     assert kapsis.wait_finished("one")["phase"] == "complete"
     assert kapsis.wait_finished("two")["phase"] == "complete"

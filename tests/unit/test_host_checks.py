@@ -304,7 +304,10 @@ def test_checks_as_json_ignores_informational_failures() -> None:
     assert report["ok"] is True
     assert report["image"] == "img"
     assert report["checks"][1] == {
-        "name": "resource limits", "ok": False, "detail": "NOT enforced", "fix": "run as root",
+        "name": "resource limits",
+        "ok": False,
+        "detail": "NOT enforced",
+        "fix": "run as root",
         "required": False,
     }
     assert checks.checks_as_json([passing, warning, failing], "img")["ok"] is False
@@ -326,9 +329,19 @@ def test_run_checks_on_this_host_is_fast_and_complete(monkeypatch: pytest.Monkey
     assert elapsed < 5
     names = [check.name for check in result]
     assert len(names) == len(set(names))
-    for expected in ("podman", "OCI runtime", "cgroup", "resource limits", "nofile ulimit",
-                     "cgroup hybrid mode", "overlayfs", "idmapped mounts", "debootstrap",
-                     "base image", "AppArmor"):
+    for expected in (
+        "podman",
+        "OCI runtime",
+        "cgroup",
+        "resource limits",
+        "nofile ulimit",
+        "cgroup hybrid mode",
+        "overlayfs",
+        "idmapped mounts",
+        "debootstrap",
+        "base image",
+        "AppArmor",
+    ):
         assert expected in names
     image_check = next(check for check in result if check.name == "base image")
     assert not image_check.ok and image_check.fix == "kapsis setup --build"
@@ -418,6 +431,7 @@ echo list > "$target/var/lib/apt/lists/Packages"
 FAKE_PODMAN = """#!/bin/sh
 echo "$@" >> "$FAKE_LOG/podman"
 case "$1" in
+  unshare) shift; exec "$@" ;;
   image) exit "${FAKE_EXISTS:-1}" ;;
   import) cp "$2" "$FAKE_LOG/imported.tar" ;;
   build)
@@ -456,8 +470,10 @@ def test_build_caches_the_rootfs_and_skips_debootstrap_the_second_time(
     tarballs = list((kapsis_home / "cache").glob("rootfs-bookworm-*.tar"))
     assert len(tarballs) == 1
     debootstrap_args = (fakes / "debootstrap").read_text().split()
-    assert debootstrap_args[:2] == ["--variant=minbase",
-                                    "--include=git,bash,coreutils,python3,ca-certificates"]
+    assert debootstrap_args[:2] == [
+        "--variant=minbase",
+        "--include=git,bash,coreutils,python3,ca-certificates",
+    ]
     assert debootstrap_args[2] == "bookworm"
     with tarfile.open(fakes / "imported.tar") as archive:
         names = set(archive.getnames())
@@ -468,8 +484,9 @@ def test_build_caches_the_rootfs_and_skips_debootstrap_the_second_time(
     assert "useradd --uid 1000 --gid 1000 --home-dir /home/agent" in containerfile
     assert "io.kapsis.image" in containerfile
     assert not any(line.startswith("USER") for line in containerfile.splitlines())
-    build = next(line for line in (fakes / "podman").read_text().splitlines()
-                 if line.startswith("build"))
+    build = next(
+        line for line in (fakes / "podman").read_text().splitlines() if line.startswith("build")
+    )
     assert "-t localhost/kapsis-unit:test" in build
     assert f"KAPSIS_VERSION={image.kapsis_version()}" in build
     assert "--pull=never" in build
@@ -489,7 +506,8 @@ def test_build_reuses_an_imported_rootfs(
     image.build_base_image("localhost/kapsis-unit:test")
     podman_calls = (fakes / "podman").read_text().splitlines()
     assert not (fakes / "debootstrap").exists()
-    assert [call.split()[0] for call in podman_calls] == ["image", "build"]
+    assert not any(call.startswith("import") for call in podman_calls)
+    assert any(call.startswith("build") for call in podman_calls)
 
 
 def test_build_without_debootstrap_says_how_to_install_it(fakes: Path) -> None:
@@ -507,10 +525,22 @@ def test_build_without_podman_says_how_to_install_it(
         image.build_base_image("localhost/kapsis-unit:test")
 
 
-def test_build_needs_root_for_debootstrap(fakes: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rootless_build_runs_debootstrap_and_tar_in_the_podman_user_namespace(
+    fakes: Path, kapsis_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    with pytest.raises(HostUnsupportedError, match="needs root"):
-        image.build_base_image("localhost/kapsis-unit:test")
+    image.build_base_image("localhost/kapsis-unit:test")
+    unshared = [
+        line.split()[1:4]
+        for line in (fakes / "podman").read_text().splitlines()
+        if line.startswith("unshare")
+    ]
+    assert unshared[0][:2] == ["env", "container=lxc"]
+    assert unshared[0][2].endswith("/debootstrap")
+    assert unshared[1][0] == "tar"
+    assert unshared[2][:3] == ["rm", "-rf", "--one-file-system"]
+    assert len(list((kapsis_home / "cache").glob("rootfs-bookworm-*.tar"))) == 1
+    assert not [p for p in (kapsis_home / "cache").iterdir() if p.name.startswith("debootstrap-")]
 
 
 def test_failed_debootstrap_is_one_line_with_a_fix(fakes: Path, kapsis_home: Path) -> None:
@@ -521,6 +551,9 @@ def test_failed_debootstrap_is_one_line_with_a_fix(fakes: Path, kapsis_home: Pat
     message = str(raised.value)
     assert "\n" not in message
     assert "Failed getting release file" in message and image.MIRROR_ENV in message
+    log = kapsis_home / "cache" / "debootstrap.log"
+    assert str(log) in message
+    assert "Failed getting release file" in log.read_text()
     assert not list((kapsis_home / "cache").glob("rootfs-*")), "no half-made tarball is kept"
     assert not [p for p in (kapsis_home / "cache").iterdir() if p.name.startswith("debootstrap-")]
 
@@ -528,10 +561,15 @@ def test_failed_debootstrap_is_one_line_with_a_fix(fakes: Path, kapsis_home: Pat
 @pytest.mark.parametrize(
     ("error", "hint"),
     [
-        ("Error: crun: setrlimit `RLIMIT_NOFILE`: Operation not permitted: OCI permission denied",
-         "default_ulimits"),
-        ("crun: cgroups in hybrid mode not supported, drop all controllers from cgroupv2",
-         "mount -t cgroup -o hugetlb"),
+        (
+            "Error: crun: setrlimit `RLIMIT_NOFILE`: Operation not permitted: "
+            "OCI permission denied",
+            "default_ulimits",
+        ),
+        (
+            "crun: cgroups in hybrid mode not supported, drop all controllers from cgroupv2",
+            "mount -t cgroup -o hugetlb",
+        ),
         ("Error: something else", "run `kapsis setup --build` again"),
     ],
 )
@@ -545,6 +583,12 @@ def test_failed_podman_build_names_the_fix(
     assert not isinstance(raised.value, HostUnsupportedError)
     assert hint in str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+def test_debootstrap_path_gets_sbin_for_chroot() -> None:
+    assert image._with_sbin("/usr/bin:/bin") == "/usr/bin:/bin:/usr/sbin:/sbin"
+    assert image._with_sbin("/usr/sbin:/usr/bin") == "/usr/sbin:/usr/bin:/sbin"
+    assert image._with_sbin("") == "/usr/sbin:/sbin"
 
 
 def test_rootfs_key_changes_with_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -100,11 +100,19 @@ def run_checks(image: str = DEFAULT_IMAGE) -> list[Check]:
         user = _user_name(uid)
         checks.append(check_subids("/etc/subuid", _read("/etc/subuid"), user, uid))
         checks.append(check_subids("/etc/subgid", _read("/etc/subgid"), user, uid))
-        checks.append(check_device("/dev/fuse", "fuse-overlayfs", "modprobe fuse"))
-        checks.append(check_device("/dev/net/tun", "slirp4netns (networking)", "modprobe tun"))
+        checks.append(
+            check_device(
+                "/dev/fuse",
+                "fuse-overlayfs; without it rootless podman falls back to the slow vfs driver, "
+                "and keeps it until `podman system reset`",
+                "modprobe fuse",
+            )
+        )
+        checks.append(check_device("/dev/net/tun", "slirp4netns, for networking", "modprobe tun"))
         checks.append(check_runtime_dir(os.environ.get("XDG_RUNTIME_DIR"), uid))
     checks.append(check_cgroup(layout))
-    checks.append(check_limits(facts.rootless, layout.version, _delegated_controllers(uid)))
+    # The same facts the run plan uses, so `kapsis setup` and `kapsis run` never disagree.
+    checks.append(check_limits(facts.rootless, facts.cgroup_version, _delegated_controllers(uid)))
     hard_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     checks.append(
         check_nofile(

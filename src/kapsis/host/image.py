@@ -8,9 +8,11 @@
 3. ``podman build``\\ s the packaged ``Containerfile`` on top of it, which adds the ``agent`` user
    (uid/gid 1000) and the ``io.kapsis.*`` labels.
 
+As root it builds into rootful podman's storage; as another user, debootstrap runs inside that
+user's podman user namespace (``podman unshare``) and the image lands in their rootless storage.
 Failures raise :class:`~kapsis.errors.HostUnsupportedError` (a tool is missing) or
 :class:`~kapsis.errors.SandboxError` (a step failed), each with a one-line message saying how to
-fix it.
+fix it; the full output of a failed step is kept next to the cache.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def build_base_image(name: str = DEFAULT_IMAGE, *, progress: Progress | None = N
             if tarball.is_file():
                 say(f"using cached root filesystem {tarball}")
             else:
-                _debootstrap_tarball(tarball, say)
+                _debootstrap_tarball(podman, tarball, say)
             say(f"importing the root filesystem as {rootfs_image}")
             _run(
                 [podman, "import", str(tarball), rootfs_image],
@@ -99,7 +101,10 @@ def build_base_image(name: str = DEFAULT_IMAGE, *, progress: Progress | None = N
             )
         else:
             say(f"using the imported root filesystem {rootfs_image}")
-        _podman_build(podman, name, rootfs_image, say)
+        previous = _image_id(podman, name)
+        _podman_build(podman, name, rootfs_image, say, log=cache / "podman-build.log")
+        replaced = previous if previous and previous != _image_id(podman, name) else None
+        _remove_leftovers(podman, replaced, rootfs_image)
     say(f"built {name}")
 
 
@@ -206,15 +211,18 @@ def pick_mirror(entries: Sequence[tuple[str, list[str]]]) -> str:
 # --- steps ------------------------------------------------------------------------------------
 
 
-def _debootstrap_tarball(tarball: Path, say: Progress) -> None:
+def _debootstrap_tarball(podman: str, tarball: Path, say: Progress) -> None:
+    """debootstrap into a work dir and pack it as ``tarball``.
+
+    As root this runs directly. Rootless, it runs as root of the user's own podman user namespace
+    (``podman unshare``), where files get the owners the image needs; ``container=lxc`` makes
+    debootstrap bind-mount /dev nodes it may not mknod there.
+    """
     debootstrap = _require(
         "debootstrap", "install it with `apt-get install debootstrap` (or run scripts/install.sh)"
     )
-    if os.geteuid() != 0:
-        raise HostUnsupportedError(
-            "building the base image runs debootstrap, which needs root; "
-            "run `sudo kapsis setup --build` or scripts/install.sh as root"
-        )
+    rootless = os.geteuid() != 0
+    inside: list[str] = [podman, "unshare"] if rootless else []
     mirror = debian_mirror()
     workdir = Path(tempfile.mkdtemp(prefix="debootstrap-", dir=tarball.parent))
     target = workdir / "rootfs"
@@ -224,6 +232,8 @@ def _debootstrap_tarball(tarball: Path, say: Progress) -> None:
         started = time.monotonic()
         _run(
             [
+                *inside,
+                *(["env", "container=lxc"] if rootless else []),
                 debootstrap,
                 f"--variant={VARIANT}",
                 f"--include={','.join(INCLUDE)}",
@@ -233,11 +243,23 @@ def _debootstrap_tarball(tarball: Path, say: Progress) -> None:
             ],
             "debootstrap",
             f"check that {mirror} is reachable, or set {MIRROR_ENV} to a Debian mirror",
+            env={**os.environ, "PATH": _with_sbin(os.environ.get("PATH", ""))},
+            log=tarball.parent / "debootstrap.log",
         )
         say(f"debootstrap done in {time.monotonic() - started:.0f} s; packing {tarball.name}")
         excludes = [f"--exclude={pattern}" for pattern in _TAR_EXCLUDES]
         _run(
-            ["tar", "--numeric-owner", *excludes, "-C", str(target), "-cf", str(partial), "."],
+            [
+                *inside,
+                "tar",
+                "--numeric-owner",
+                *excludes,
+                "-C",
+                str(target),
+                "-cf",
+                str(partial),
+                ".",
+            ],
             "tar of the root filesystem",
             f"check free space under {tarball.parent}",
         )
@@ -247,10 +269,17 @@ def _debootstrap_tarball(tarball: Path, say: Progress) -> None:
                 stale.unlink(missing_ok=True)
     finally:
         partial.unlink(missing_ok=True)
-        _remove_tree(workdir)
+        if rootless:  # its files belong to subordinate ids only the namespace's root can delete
+            subprocess.run(
+                [*inside, "rm", "-rf", "--one-file-system", str(workdir)],
+                capture_output=True,
+                check=False,
+            )
+        else:
+            _remove_tree(workdir)
 
 
-def _podman_build(podman: str, name: str, rootfs_image: str, say: Progress) -> None:
+def _podman_build(podman: str, name: str, rootfs_image: str, say: Progress, log: Path) -> None:
     containerfile = importlib.resources.files("kapsis.host").joinpath("Containerfile").read_text()
     version = kapsis_version()
     say(f"building {name} (kapsis {version})")
@@ -278,11 +307,40 @@ def _podman_build(podman: str, name: str, rootfs_image: str, say: Progress) -> N
         )
     if result.returncode != 0:
         output = result.stderr + result.stdout
+        with contextlib.suppress(OSError):
+            log.write_text(output)
         fix = next((hint for needle, hint in _BUILD_HINTS if needle in output), None)
         raise SandboxError(
-            f"podman build of {name} failed: {_last_line(output)}; "
+            f"podman build of {name} failed: {_last_line(output)} (full output in {log}); "
             + (fix or "fix the error above and run `kapsis setup --build` again")
         )
+
+
+def _image_id(podman: str, name: str) -> str | None:
+    result = subprocess.run(
+        [podman, "image", "inspect", "--format", "{{.Id}}", name],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        return None
+    return result.stdout.strip() or None
+
+
+def _remove_leftovers(podman: str, replaced: str | None, rootfs_image: str) -> None:
+    """Best effort: drop the image the new build replaced, and rootfs images of older recipes.
+    podman refuses while a container or a child image uses one, and that refusal is fine."""
+    stale = [replaced] if replaced else []
+    listing = subprocess.run(
+        [podman, "images", "--format", "{{.Repository}}:{{.Tag}}", ROOTFS_REPOSITORY],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    stale += [tag for tag in listing.stdout.split() if tag != rootfs_image]
+    for image in stale:
+        subprocess.run([podman, "rmi", image], capture_output=True, check=False)
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -297,14 +355,35 @@ def _require(program: str, fix: str) -> str:
     return found
 
 
-def _run(args: list[str], what: str, fix: str) -> None:
+def _run(
+    args: list[str],
+    what: str,
+    fix: str,
+    *,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+) -> None:
+    """Run a build step; on failure keep its whole output in ``log`` and raise one line."""
     try:
-        result = subprocess.run(args, capture_output=True, text=True, check=False)
+        result = subprocess.run(args, capture_output=True, text=True, check=False, env=env)
     except OSError as error:
         raise SandboxError(f"{what} could not start ({error}); {fix}") from None
     if result.returncode != 0:
         output = result.stderr + result.stdout
-        raise SandboxError(f"{what} failed (exit {result.returncode}): {_last_line(output)}; {fix}")
+        where = ""
+        if log is not None:
+            with contextlib.suppress(OSError):
+                log.write_text(output)
+                where = f" (full output in {log})"
+        raise SandboxError(
+            f"{what} failed (exit {result.returncode}): {_last_line(output)}{where}; {fix}"
+        )
+
+
+def _with_sbin(path: str) -> str:
+    """debootstrap calls chroot, which lives in /usr/sbin: often not on a user's PATH."""
+    parts = [part for part in path.split(os.pathsep) if part]
+    return os.pathsep.join(parts + [d for d in _SBIN_DIRS if d not in parts])
 
 
 def _last_line(output: str) -> str:

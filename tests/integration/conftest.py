@@ -1,0 +1,27 @@
+"""Fixtures for the integration tests, which run real podman containers.
+
+``base_image`` is the Kapsis base image every sandbox test runs in. It is built once per session
+with :func:`kapsis.host.image.build_base_image` (about a minute on a fresh host, seconds when the
+debootstrap cache in ~/.kapsis/cache is warm) only when podman does not have it yet.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from kapsis.config.models import DEFAULT_IMAGE
+from kapsis.host.image import build_base_image, image_present
+
+
+@pytest.fixture(scope="session")
+def base_image() -> str:
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed (run scripts/install.sh)")
+    if not image_present(DEFAULT_IMAGE):
+        started = time.monotonic()
+        build_base_image(DEFAULT_IMAGE, progress=lambda line: print(f"[base image] {line}"))
+        print(f"[base image] built in {time.monotonic() - started:.0f} s")
+    return DEFAULT_IMAGE
