@@ -310,3 +310,23 @@ def test_cleanup_removes_finished_agents_but_keeps_audit(kapsis: Kapsis, project
     assert not (kapsis.home / "status" / "done1.json").exists()
     assert not (kapsis.home / "sandboxes" / "done1").exists()
     assert (kapsis.home / "audit" / "done1.jsonl").exists()
+
+
+PTRACE_PROBE = (
+    "python3 -c 'import ctypes, os\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "result = libc.ptrace(0, 0, 0, 0)\n"  # PTRACE_TRACEME: the first step of tracing
+    'print("ptrace", result, os.strerror(ctypes.get_errno()) if result else "ok")\''
+)
+
+
+@pytest.mark.parametrize(("profile", "allowed"), [("minimal", True), ("standard", False)])
+def test_ptrace_is_refused_by_the_seccomp_filter(
+    kapsis: Kapsis, project: Path, profile: str, allowed: bool
+) -> None:
+    result = kapsis.run(project, PTRACE_PROBE, "--security-profile", profile)
+    assert result.returncode == 0, result.stderr
+    if allowed:
+        assert result.stdout.strip() == "ptrace 0 ok"
+    else:
+        assert result.stdout.strip() == "ptrace -1 Operation not permitted"
