@@ -1,8 +1,8 @@
 """The Python API of Kapsis. The CLI is a thin layer over these functions.
 
-import kapsis
-result = kapsis.run(kapsis.RunRequest(project=Path("~/app"), task="make test"))
-print(result.exit_code, kapsis.status(result.agent_id))
+>>> import kapsis
+>>> result = kapsis.run(kapsis.RunRequest(project=Path("~/app"), task="make test"))
+>>> print(result.exit_code, kapsis.status(result.agent_id))
 """
 
 from __future__ import annotations

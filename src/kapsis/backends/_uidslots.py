@@ -50,12 +50,3 @@ def release(agent_id: str) -> None:
     for claim_file in directory.iterdir():
         if claim_file.name.isdigit() and claim_file.read_text().strip() == agent_id:
             claim_file.unlink(missing_ok=True)
-
-
-def base_of(agent_id: str) -> int | None:
-    directory = _slots_dir()
-    if directory.is_dir():
-        for claim_file in directory.iterdir():
-            if claim_file.name.isdigit() and claim_file.read_text().strip() == agent_id:
-                return BASE + int(claim_file.name) * SLOT_SIZE
-    return None

@@ -149,7 +149,7 @@ class PodmanSandbox(RunningSandbox):
             _diagnose_start_failure(self.plan)
         oom = False
         timed_out = False
-        if code in (137, 143) or code >= 128:
+        if code >= 128:  # killed by a signal: find out by whom
             oom = self._oom_killed()
             limit = self.plan.resources.timeout_seconds
             elapsed = time.time() - self._started

@@ -6,6 +6,7 @@ the documented exit code; nothing here decides policy.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -122,7 +123,7 @@ def run(
     except KapsisError as error:
         _fail(error)
     if json_output:
-        print(json.dumps(result.__dict__), file=stdout, flush=True)
+        print(json.dumps(dataclasses.asdict(result)), file=stdout, flush=True)
     elif result.detached:
         _note(
             f"agent {result.agent_id} started; "
