@@ -262,7 +262,7 @@ def test_string_command_runs_via_sh_without_interpolating_the_task(make_plan):
 def test_string_command_in_argv_is_not_interpolated(make_plan):
     plan = make_plan(task=EVIL_TASK, config="agent:\n  command: 'run-agent'\n")
 
-    argv = agent_run_args(plan, detach=True)
+    argv = agent_run_args(plan, detach=True, uid_base=0)
 
     assert argv[-3:] == ["sh", "-c", "run-agent"]
     assert [a for a in argv if "touch /x" in a] == [f"KAPSIS_TASK={EVIL_TASK}"]
@@ -350,7 +350,7 @@ def test_passthrough_value_never_enters_podman_argv(make_plan):
         config="environment:\n  passthrough: [API_TOKEN]\n", environ={"API_TOKEN": SECRET}
     )
 
-    argv = agent_run_args(plan, detach=False) + pod_create_args(plan, 1_500_000_000)
+    argv = agent_run_args(plan, detach=False, uid_base=1_500_000_000) + pod_create_args(plan)
 
     assert not [arg for arg in argv if SECRET in arg]
     index = argv.index("API_TOKEN")

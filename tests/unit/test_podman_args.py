@@ -21,7 +21,7 @@ def _values(argv: list[str], flag: str) -> list[str]:
 def run_args(make_plan):
     def build(**kwargs):
         plan = make_plan(**kwargs)
-        return plan, agent_run_args(plan, detach=False)
+        return plan, agent_run_args(plan, detach=False, uid_base=UID_BASE)
 
     return build
 
@@ -107,7 +107,7 @@ def test_pids_limit_comes_from_the_profile(run_args, profile, pids):
 def test_memory_and_swap_are_the_same_number_of_bytes(run_args):
     # The limit may sit on the pod or on the agent container; it must be set, with no swap.
     plan, argv = run_args(memory="512m")
-    both = pod_create_args(plan, UID_BASE) + argv
+    both = pod_create_args(plan) + argv
 
     assert _values(both, "--memory") == [str(512 * 1024**2)]
     assert _values(both, "--memory-swap") == [str(512 * 1024**2)]
@@ -126,36 +126,38 @@ def test_no_timeout_flag_without_a_timeout(run_args):
     assert "--timeout" not in argv
 
 
-def test_pod_network_none_for_mode_none(make_plan):
-    plan = make_plan(network_mode="none")
+def test_network_none_for_mode_none(run_args):
+    _plan, argv = run_args(network_mode="none")
 
-    assert _values(pod_create_args(plan, UID_BASE), "--network") == ["none"]
-
-
-def test_pod_network_bridge_for_mode_open(make_plan):
-    plan = make_plan(network_mode="open")
-
-    assert _values(pod_create_args(plan, UID_BASE), "--network") == ["bridge"]
+    assert _values(argv, "--network") == ["none"]
 
 
-def test_agent_container_joins_the_pod(run_args):
+def test_network_bridge_for_mode_open(run_args):
+    _plan, argv = run_args(network_mode="open")
+
+    assert _values(argv, "--network") == ["bridge"]
+
+
+def test_agent_container_joins_a_pod_without_infra(run_args):
     plan, argv = run_args()
+    pod = pod_create_args(plan)
 
     assert _values(argv, "--pod") == [plan.pod_name]
     assert _values(argv, "--name") == [plan.container_name]
-    assert "--network" not in argv
+    assert "--infra=false" in pod
+    assert "--network" not in pod
 
 
-def test_rootful_pod_maps_a_private_uid_range(make_plan):
-    argv = pod_create_args(make_plan(host=ROOTFUL), UID_BASE)
+def test_rootful_agent_maps_a_private_uid_range(run_args):
+    _plan, argv = run_args(host=ROOTFUL)
 
     assert _values(argv, "--uidmap") == [f"0:{UID_BASE}:65536"]
     assert _values(argv, "--gidmap") == [f"0:{UID_BASE}:65536"]
     assert "--userns" not in argv
 
 
-def test_rootless_pod_keeps_the_user_id(make_plan):
-    argv = pod_create_args(make_plan(host=ROOTLESS), UID_BASE)
+def test_rootless_agent_keeps_the_user_id(run_args):
+    _plan, argv = run_args(host=ROOTLESS)
 
     assert _values(argv, "--userns") == ["keep-id"]
     assert "--uidmap" not in argv
@@ -228,14 +230,14 @@ def test_image_is_never_pulled(run_args):
 def test_detach_and_attach_modes(make_plan):
     plan = make_plan()
 
-    assert "--detach" in agent_run_args(plan, detach=True)
-    assert "--detach" not in agent_run_args(plan, detach=False)
+    assert "--detach" in agent_run_args(plan, detach=True, uid_base=UID_BASE)
+    assert "--detach" not in agent_run_args(plan, detach=False, uid_base=UID_BASE)
 
 
 def test_labels_identify_the_agent(make_plan):
     plan = make_plan(agent_id="lbl1")
 
-    for argv in (pod_create_args(plan, UID_BASE), agent_run_args(plan, detach=True)):
+    for argv in (pod_create_args(plan), agent_run_args(plan, detach=True, uid_base=UID_BASE)):
         assert "io.kapsis.agent-id=lbl1" in _values(argv, "--label")
 
 
@@ -246,4 +248,4 @@ def test_describe_uses_a_placeholder_for_the_uid_range(make_plan):
 
     assert pod[:3] == ["podman", "pod", "create"]
     assert run[:2] == ["podman", "run"]
-    assert _values(pod, "--uidmap")[0].startswith("0:<")
+    assert _values(run, "--uidmap")[0].startswith("0:<")
