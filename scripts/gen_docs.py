@@ -87,6 +87,20 @@ NAMED_TYPES: tuple[tuple[Any, str, str, str], ...] = (
         "a Linux capability name, with or without the `CAP_` prefix, e.g. `CAP_CHOWN` or `chown`",
     ),
     (
+        models.CommitTemplate,
+        "commit template",
+        "commit templates",
+        "text with `{field}` placeholders: "
+        + ", ".join(f"`{{{name}}}`" for name in sorted(models.COMMIT_MESSAGE_FIELDS))
+        + "; write `{{` and `}}` for literal braces",
+    ),
+    (
+        models.Identity,
+        "identity",
+        "identities",
+        "a git identity, `Name <email>`",
+    ),
+    (
         models.SandboxPath,
         "absolute path",
         "absolute paths",
@@ -322,8 +336,12 @@ def example_yaml(model: type[BaseModel], indent: int = 0) -> list[str]:
         value = default_value(info)
         if value is PydanticUndefined:
             raise GenerationError(f"{model.__name__}.{name} has no default to show")
-        if isinstance(value, list | dict) and value:
-            raise GenerationError(f"{model.__name__}.{name}: non-empty default not supported")
+        if isinstance(value, list) and value:
+            lines.append(f"{pad}{name}:")
+            lines += [f"{pad}  - {scalar_yaml(item)}" for item in value]
+            continue
+        if isinstance(value, dict) and value:
+            raise GenerationError(f"{model.__name__}.{name}: non-empty mapping default")
         text = json.dumps(value) if isinstance(value, list | dict) else scalar_yaml(value)
         lines.append(f"{pad}{name}: {text}")
     return lines

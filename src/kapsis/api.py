@@ -11,6 +11,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from kapsis import paths
 from kapsis.agents import find_profile
@@ -21,7 +22,9 @@ from kapsis.host.facts import probe_host
 from kapsis.sandbox import launcher
 from kapsis.sandbox.launcher import RunResult
 from kapsis.sandbox.plan import RunRequest, SandboxPlan, build_plan
+from kapsis.sandbox.workspace_plan import UNSAVED_ERROR_TYPES
 from kapsis.status import AgentStatus, StatusStore
+from kapsis.workspace import cleanup as workspace_cleanup
 
 
 def load_run_config(request: RunRequest) -> LoadedConfig:
@@ -87,14 +90,22 @@ class CleanupItem:
     agent_id: str
     phase: str
     removes: tuple[str, ...]
+    kept: str | None = None  # why this agent was left alone
 
 
 def cleanup(
-    agent_id: str | None = None, *, everything: bool = False, dry_run: bool = False
+    agent_id: str | None = None,
+    *,
+    everything: bool = False,
+    dry_run: bool = False,
+    branches: bool = False,
+    force: bool = False,
 ) -> list[CleanupItem]:
-    """Remove agents' sandboxes, workspaces, transcripts and status (audit logs are kept).
+    """Remove agents' sandboxes, worktrees, transcripts and status (audit logs are kept).
 
     Without arguments only finished agents are removed; ``everything`` stops running ones too.
+    An agent whose work was never committed is kept unless ``force``. ``branches`` also deletes
+    the agents' local branches once they are pushed (any branch, with ``force``).
     """
     store = StatusStore()
     records = status(agent_id) if agent_id else store.all()
@@ -109,12 +120,25 @@ def cleanup(
     for record in records:
         if not record.finished and not (everything or agent_id):
             continue
-        items.append(CleanupItem(record.agent_id, record.phase, _removable(record.agent_id, True)))
-    items += [CleanupItem(orphan, "unknown", _removable(orphan, False)) for orphan in orphans]
+        sandbox_plan = launcher.load_plan(record.agent_id)
+        if not force and record.error_type in UNSAVED_ERROR_TYPES and record.commit_sha is None:
+            reason = (
+                f"its work was not committed ({record.error_type}) and is only in "
+                f"{record.work_location}; --force removes it"
+            )
+            items.append(CleanupItem(record.agent_id, record.phase, (), kept=reason))
+            continue
+        removes = _removable(record.agent_id, True, sandbox_plan)
+        if branches and sandbox_plan is not None:
+            removes += workspace_cleanup.deletable_branch(sandbox_plan, force=force)
+        items.append(CleanupItem(record.agent_id, record.phase, removes))
+    items += [CleanupItem(orphan, "unknown", _removable(orphan, False, None)) for orphan in orphans]
     if dry_run:
         return items
     backend = get_backend()
     for item in items:
+        if item.kept:
+            continue
         current = store.read(item.agent_id)
         if current is not None and not current.finished:
             stop(item.agent_id)
@@ -122,6 +146,9 @@ def cleanup(
         sandbox_plan = launcher.load_plan(item.agent_id)
         if sandbox_plan is not None:
             backend.remove(sandbox_plan)
+            workspace_cleanup.remove_worktree_of(sandbox_plan)
+            if any(entry.startswith("branch ") for entry in item.removes):
+                workspace_cleanup.delete_branch(sandbox_plan, force=force)
         shutil.rmtree(paths.sandbox_dir(item.agent_id), ignore_errors=True)
         paths.transcript_path(item.agent_id).unlink(missing_ok=True)
         store.delete(item.agent_id)
@@ -138,9 +165,12 @@ def _wait_finished(store: StatusStore, agent_id: str, timeout: float = 15.0) -> 
         time.sleep(0.2)
 
 
-def _removable(agent_id: str, has_status: bool) -> tuple[str, ...]:
+def _removable(agent_id: str, has_status: bool, plan: SandboxPlan | None) -> tuple[str, ...]:
     found = [f"pod kapsis-{agent_id}"]
-    for path in (paths.sandbox_dir(agent_id), paths.transcript_path(agent_id)):
+    candidates = [paths.sandbox_dir(agent_id), paths.transcript_path(agent_id)]
+    if plan is not None and plan.workspace.worktree:
+        candidates.append(Path(plan.workspace.worktree))
+    for path in candidates:
         if path.exists():
             found.append(str(path))
     if has_status:

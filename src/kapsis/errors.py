@@ -12,7 +12,9 @@ about. The exit codes are part of the public contract and are documented in the 
     │   └── HostUnsupportedError      4  the host cannot provide what was asked for
     ├── AgentFailedError              1  the agent ran and exited non-zero
     ├── AgentKilledError              5  killed: out of memory, stopped, signalled
-    └── AgentTimeoutError             6  the run exceeded its time limit
+    ├── AgentTimeoutError             6  the run exceeded its time limit
+    └── GitWorkflowError              8  the host could not commit the agent's work
+        └── PushError                 7  the host could not push (or the remote diverged)
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class ExitCode(IntEnum):
     HOST_UNSUPPORTED = 4
     KILLED = 5
     TIMEOUT = 6
+    PUSH_FAILED = 7
+    COMMIT_FAILED = 8
     INTERRUPTED = 130
 
 
@@ -99,3 +103,21 @@ class AgentTimeoutError(KapsisError):
 
     exit_code = ExitCode.TIMEOUT
     error_type = "timeout"
+
+
+class GitWorkflowError(KapsisError):
+    """The host could not turn the agent's work into a commit; the work is kept where it was."""
+
+    exit_code = ExitCode.COMMIT_FAILED
+    error_type = "commit_failed"
+
+
+class PushError(GitWorkflowError):
+    """The push failed or was refused (a diverged remote); the local commit is kept."""
+
+    exit_code = ExitCode.PUSH_FAILED
+    error_type = "push_failed"
+
+    def __init__(self, message: str, error_type: str = "push_failed") -> None:
+        super().__init__(message)
+        self.error_type = error_type

@@ -43,6 +43,14 @@ def sandbox_dir(agent_id: str) -> Path:
     return sandboxes_dir() / agent_id
 
 
+def worktrees_dir() -> Path:
+    return kapsis_home() / "worktrees"
+
+
+def locks_dir() -> Path:
+    return kapsis_home() / "locks"
+
+
 def transcript_path(agent_id: str) -> Path:
     return logs_dir() / f"{agent_id}.log"
 

@@ -21,6 +21,7 @@ from kapsis.backends.transcript import follow_transcript, read_transcript
 from kapsis.errors import HostUnsupportedError, ImageError, SandboxError
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.security import apparmor_profile_text, seccomp_profile
+from kapsis.sandbox.workspace_plan import AGENT_GIT_TARGET, OBJECTS_TARGET
 
 PODMAN = "podman"
 PODMAN_ERROR = 125  # podman's own failure, before the agent ran
@@ -80,14 +81,7 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool, uid_base: int | str) -> l
         args += ["--read-only", "--read-only-tmpfs=false"]
     for tmpfs in plan.tmpfs:
         args += ["--tmpfs", f"{tmpfs.target}:{','.join(tmpfs.options)}"]
-    workspace = plan.workspace
-    if plan.userns.kind == "mapped":
-        args += ["--volume", f"{workspace.merged}:{workspace.target}"]
-    else:
-        args += [
-            "--volume",
-            f"{workspace.project}:{workspace.target}:O,upperdir={workspace.upper},workdir={workspace.work}",
-        ]
+    args += workspace_volume_args(plan)
     for mount in plan.mounts:
         args += ["--volume", f"{mount.source}:{mount.target}:{'ro' if mount.read_only else 'rw'}"]
     for name, value in plan.env.items():
@@ -102,6 +96,27 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool, uid_base: int | str) -> l
         f"path={paths.transcript_path(plan.agent_id)}",
     ]
     args += [plan.image, *plan.command]
+    return args
+
+
+def workspace_volume_args(plan: SandboxPlan) -> list[str]:
+    """/workspace, plus the agent's git view: its git dir and the project's objects, read-only."""
+    workspace = plan.workspace
+    mapped = plan.userns.kind == "mapped"
+    if mapped or workspace.mode == "worktree":
+        # Rootful: the host mounted the view at ``merged``; rootless worktree: a plain bind.
+        source = workspace.merged if mapped else workspace.worktree
+        args = ["--volume", f"{source}:{workspace.target}"]
+    else:
+        overlay = f"O,upperdir={workspace.upper},workdir={workspace.work}"
+        args = ["--volume", f"{workspace.project}:{workspace.target}:{overlay}"]
+    if workspace.agent_git is not None:
+        objects = workspace.objects if mapped else workspace.objects_source
+        args += ["--volume", f"{workspace.agent_git}:{AGENT_GIT_TARGET}"]
+        args += ["--volume", f"{objects}:{OBJECTS_TARGET}:ro"]
+    if workspace.gitlink is not None:
+        # Covers the worktree's own .git file (which points into the user's repository).
+        args += ["--volume", f"{workspace.gitlink}:{workspace.target}/.git:ro"]
     return args
 
 
@@ -231,9 +246,9 @@ class PodmanBackend(Backend):
         if plan.userns.kind == "mapped":
             uid_base = _uidslots.claim(plan.agent_id, is_live=_pod_exists)
             agent_host_id = uid_base + plan.userns.agent_uid
-            from kapsis.workspace import mount_overlay
+            from kapsis.workspace import mount_workspace
 
-            mount_overlay(plan.workspace, agent_host_id, agent_host_id)
+            mount_workspace(plan.workspace, agent_host_id, agent_host_id)
         _run(pod_create_args(plan), what="podman pod create")
         args = agent_run_args(plan, detach=not attach, uid_base=uid_base)
         if attach:
@@ -291,9 +306,9 @@ class PodmanBackend(Backend):
                 break
             time.sleep(0.2 * (attempt + 1))  # "device or resource busy" clears after a moment
         if plan.userns.kind == "mapped":
-            from kapsis.workspace import unmount_overlay
+            from kapsis.workspace import unmount_workspace
 
-            unmount_overlay(plan.workspace)
+            unmount_workspace(plan.workspace)
             _uidslots.release(plan.agent_id)
 
 

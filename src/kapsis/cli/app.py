@@ -69,7 +69,21 @@ def run(
     cpus: Annotated[float | None, typer.Option(help="CPU limit in cores.")] = None,
     timeout: Annotated[str | None, typer.Option(help="Time limit, e.g. 30m.")] = None,
     image: Annotated[str | None, typer.Option(help="Container image.")] = None,
-    branch: Annotated[str | None, typer.Option(help="Branch the agent's work is for.")] = None,
+    branch: Annotated[
+        str | None,
+        typer.Option(help="The agent's branch (default kapsis/<task>-<id>); existing: continue."),
+    ] = None,
+    base_branch: Annotated[
+        str | None,
+        typer.Option("--base-branch", help="Where a new branch starts (default: checked out)."),
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", help="Workspace: overlay | worktree.")
+    ] = None,
+    push: Annotated[
+        bool | None,
+        typer.Option("--push/--no-push", help="Push the branch after a successful run."),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option("--config", help="Config file; beats other files, not flags."),
@@ -101,6 +115,9 @@ def run(
         timeout=timeout,
         image=image,
         branch=branch,
+        base_branch=base_branch,
+        mode=mode,
+        push=push,
         config_file=config,
     )
     try:
@@ -124,7 +141,12 @@ def run(
         _fail(error)
     if json_output:
         print(json.dumps(dataclasses.asdict(result)), file=stdout, flush=True)
-    elif result.detached:
+        raise typer.Exit(result.exit_code)
+    for line in result.notes:
+        _note(line)
+    if result.pr_url:
+        _note(f"pull request: {result.pr_url}")
+    if result.detached:
         _note(
             f"agent {result.agent_id} started; "
             f"follow it with `kapsis logs {result.agent_id} --follow`"
@@ -150,6 +172,11 @@ def _announce(plan: SandboxPlan) -> None:
         )
     if plan.network.mode == "open":
         _note("WARNING: network mode OPEN: the agent can reach any address")
+    git = plan.git
+    if git.branch:
+        where = f"continuing {git.branch}" if git.resume else f"new branch {git.branch}"
+        start = (git.start_commit or "")[:12]
+        _note(f"{where} from {git.base} ({start}), workspace: {plan.workspace.mode}")
 
 
 @app.command()
@@ -212,16 +239,32 @@ def cleanup(
     ] = False,
     agent: Annotated[str | None, typer.Option("--agent", help="Only this agent.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be removed.")] = False,
+    branches: Annotated[
+        bool, typer.Option("--branches", help="Also delete the agents' pushed local branches.")
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Also remove unsaved work and unpushed branches."),
+    ] = False,
 ) -> None:
-    """Remove finished agents' sandboxes, workspaces, transcripts and status (audit logs stay)."""
+    """Remove finished agents' sandboxes, worktrees, transcripts and status (audit logs stay)."""
     from kapsis import api
 
     try:
-        items = api.cleanup(agent, everything=all_agents, dry_run=dry_run)
+        items = api.cleanup(
+            agent,
+            everything=all_agents,
+            dry_run=dry_run,
+            branches=branches,
+            force=force,
+        )
     except KapsisError as error:
         _fail(error)
     verb = "would remove" if dry_run else "removed"
     for item in items:
+        if item.kept:
+            print(f"kept {item.agent_id} ({item.phase}): {item.kept}")
+            continue
         print(f"{verb} {item.agent_id} ({item.phase}): {', '.join(item.removes)}")
     if not items:
         print("nothing to clean up")

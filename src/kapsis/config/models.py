@@ -8,6 +8,7 @@ description; ``scripts/gen_docs.py`` turns them into the reference.
 from __future__ import annotations
 
 import re
+import string
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -179,11 +180,60 @@ class ReadOnlyMount(Section):
     target: SandboxPath = Field(description="Absolute path inside the sandbox.")
 
 
+WorkspaceMode = Literal["overlay", "worktree"]
+
+DEFAULT_COMMIT_EXCLUDE = (
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    ".netrc",
+    ".git-credentials",
+)
+DEFAULT_COMMIT_MESSAGE = (
+    "{agent}: {task}\n\nAgent: {agent}\nAgent-Id: {agent_id}\nBranch: {branch}\n"
+)
+COMMIT_MESSAGE_FIELDS = frozenset({"task", "agent", "agent_id", "branch", "base", "project"})
+_IDENTITY_RE = re.compile(r"^[^<>\n]+ <[^<>\s]+>$")
+
+
+def _check_message_template(value: str) -> str:
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+    except ValueError as error:
+        raise ValueError(f"not a valid template ({error}); write {{{{ and }}}} for braces") from (
+            None
+        )
+    unknown = sorted(fields - COMMIT_MESSAGE_FIELDS)
+    if unknown:
+        allowed = ", ".join("{" + name + "}" for name in sorted(COMMIT_MESSAGE_FIELDS))
+        raise ValueError(f"unknown field {{{unknown[0]}}}; the template may use {allowed}")
+    return value
+
+
+def _check_identity(value: str) -> str:
+    if not _IDENTITY_RE.match(value.strip()):
+        raise ValueError(f"{value!r} is not an identity; write 'Name <email>'")
+    return value.strip()
+
+
+CommitTemplate = Annotated[str, AfterValidator(_check_message_template)]
+Identity = Annotated[str, AfterValidator(_check_identity)]
+
+
 class FilesystemSection(Section):
-    mode: Literal["overlay"] = Field(
+    mode: WorkspaceMode = Field(
         "overlay",
-        description="overlay: the project is a read-only lower layer; the agent's writes go to a "
-        "per-agent upper dir on the host. The host project is never modified.",
+        description="overlay: the project is a read-only lower layer and the agent's writes go to "
+        "a per-agent upper dir on the host (set-up time does not depend on the project's size). "
+        "worktree: a git worktree under ~/.kapsis/worktrees that you can watch live in an IDE. "
+        "The agent never modifies the host project in either mode.",
     )
     mounts: list[ReadOnlyMount] = Field(
         default_factory=list, description="Extra host paths mounted read-only into the sandbox."
@@ -192,9 +242,48 @@ class FilesystemSection(Section):
 
 class GitSection(Section):
     branch: str | None = Field(
-        None, description="Branch the agent's work is for (shown in status)."
+        None,
+        description="The agent's branch. Default: kapsis/<task-slug>-<agent-id>. An existing "
+        "branch is continued from its tip.",
     )
-    base_branch: str | None = Field(None, description="Branch the agent's branch starts from.")
+    base_branch: str | None = Field(
+        None, description="Where a new branch starts (default: the project's checked-out commit)."
+    )
+    auto_commit: bool = Field(
+        True,
+        description="After the run, the host commits the agent's work to its branch (a project "
+        "that is not a git repository keeps the work in the sandbox dir instead).",
+    )
+    auto_push: bool = Field(
+        False, description="Push the branch after a successful run (also: --push)."
+    )
+    remote: str = Field("origin", description="The remote to push to.")
+    push_timeout: Duration = Field("120s", description="Time limit for each fetch and push.")
+    commit_message: CommitTemplate = Field(
+        DEFAULT_COMMIT_MESSAGE,
+        description="Template of the host's commit message; fields: {task}, {agent}, "
+        "{agent_id}, {branch}, {base}, {project}.",
+    )
+    co_authors: list[Identity] = Field(
+        default_factory=list,
+        description="'Name <email>' entries added as Co-authored-by trailers.",
+    )
+    committer: Identity | None = Field(
+        None,
+        description="'Name <email>' of the host's commits. Default: the user's git identity "
+        "(user.name / user.email as git sees them in the project).",
+    )
+    commit_exclude: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_COMMIT_EXCLUDE),
+        description="Glob patterns (matched against the path and the file name) that are never "
+        "committed; the run lists what it skipped.",
+    )
+    post_push_hook: str | None = Field(
+        None,
+        description="Shell command run on the host after a successful push, with KAPSIS_BRANCH, "
+        "KAPSIS_COMMIT, KAPSIS_REMOTE, KAPSIS_REMOTE_URL, KAPSIS_BASE_BRANCH in its environment; "
+        "a URL it prints becomes the status's pr_url.",
+    )
 
 
 class EnvironmentSection(Section):

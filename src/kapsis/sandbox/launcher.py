@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kapsis import paths
@@ -23,8 +23,10 @@ from kapsis.errors import (
     KapsisError,
 )
 from kapsis.sandbox.plan import SandboxPlan
+from kapsis.sandbox.save_work import WorkOutcome, save_work
 from kapsis.status import AgentStatus, StatusStore
 from kapsis.status.store import utc_now
+from kapsis.workspace.prepare import abandon_workspace, prepare_workspace
 
 PLAN_FILE = "plan.json"
 
@@ -39,6 +41,12 @@ class RunResult:
     error_type: str | None
     message: str
     detached: bool = False
+    branch: str | None = None
+    commit_sha: str | None = None
+    push_status: str = "not_requested"
+    pr_url: str | None = None
+    excluded_paths: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -75,6 +83,10 @@ def initial_status(plan: SandboxPlan, backend: Backend) -> AgentStatus:
         network_mode=plan.network.mode,
         security_profile=plan.security.profile,
         task=plan.task_summary,
+        workspace_mode=plan.workspace.mode,
+        base=plan.git.base,
+        start_commit=plan.git.start_commit,
+        work_location=plan.workspace.worktree or plan.workspace.upper,
     )
 
 
@@ -99,10 +111,21 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
     try:
         store.update(plan.agent_id, phase="preparing", message="checking the image")
         backend.preflight(plan)
+        store.update(plan.agent_id, phase="preparing", message="preparing the workspace")
+        prepare_workspace(plan)
+        if plan.git.branch:
+            audit.record(
+                "branch_ready",
+                branch=plan.git.branch,
+                start_commit=plan.git.start_commit,
+                resume=plan.git.resume,
+                mode=plan.workspace.mode,
+            )
         store.update(plan.agent_id, phase="starting", message="starting the sandbox")
         sandbox = backend.launch(plan, attach=not detach)
     except KapsisError as error:
         backend.remove(plan)
+        abandon_workspace(plan)
         return _close(plan, store, audit, error.exit_code, None, error.error_type, str(error))
     store.update(plan.agent_id, phase="running", message=f"agent {plan.agent} is running")
     audit.record("sandbox_started", pod=plan.pod_name)
@@ -122,18 +145,51 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
 
 
 def finish(plan: SandboxPlan, backend: Backend, exit_info: ExitInfo) -> RunResult:
-    """Classify how the agent ended, tear the sandbox down and write the final status."""
+    """Classify how the agent ended, save its work, tear the sandbox down, write the status."""
     store = StatusStore()
     audit = AuditLog(plan.agent_id, enabled=plan.audit_enabled)
-    store.update(plan.agent_id, phase="post_processing", message="removing the sandbox")
+    store.update(plan.agent_id, phase="post_processing", message="saving the agent's work")
     audit.record("sandbox_exited", exit_code=exit_info.exit_code, oom_killed=exit_info.oom_killed)
-    backend.remove(plan)
     current = store.read(plan.agent_id)
     error = classify(plan, exit_info, stop_requested=bool(current and current.stop_requested))
+    work = save_work(plan, agent_succeeded=error is None)
+    _audit_work(audit, work)
+    store.update(plan.agent_id, **work.status_fields())
+    backend.remove(plan)
+    if error is None and work.error is not None:
+        error = work.error
     if error is None:
-        return _close(plan, store, audit, ExitCode.SUCCESS, 0, None, "agent finished successfully")
-    agent_code = exit_info.exit_code
-    return _close(plan, store, audit, error.exit_code, agent_code, error.error_type, str(error))
+        return _close(plan, store, audit, ExitCode.SUCCESS, 0, None, _success_message(work), work)
+    code, agent_code = error.exit_code, exit_info.exit_code
+    return _close(plan, store, audit, code, agent_code, error.error_type, str(error), work)
+
+
+def _success_message(work: WorkOutcome) -> str:
+    if work.push_status in ("pushed", "up_to_date") and work.commit_sha:
+        return f"agent finished; {work.commit_sha[:12]} is on {work.branch} and pushed"
+    if work.commit_sha:
+        return f"agent finished; its work is commit {work.commit_sha[:12]} on {work.branch}"
+    return "agent finished successfully"
+
+
+def _audit_work(audit: AuditLog, work: WorkOutcome) -> None:
+    if work.commit_sha or work.excluded_paths:
+        audit.record(
+            "git_commit",
+            branch=work.branch,
+            commit=work.commit_sha,
+            host_commit=work.created_commit,
+            agent_commits=work.agent_commits,
+            excluded=work.excluded_paths,
+        )
+    if work.push_status != "not_requested":
+        audit.record(
+            "git_push", branch=work.branch, status=work.push_status, message=work.push_message
+        )
+    if work.pr_url:
+        audit.record("post_push_hook", pr_url=work.pr_url)
+    if work.error is not None:
+        audit.record("git_error", error_type=work.error.error_type, message=str(work.error))
 
 
 def classify(plan: SandboxPlan, exit_info: ExitInfo, *, stop_requested: bool) -> KapsisError | None:
@@ -166,6 +222,7 @@ def _close(
     agent_exit_code: int | None,
     error_type: str | None,
     message: str,
+    work: WorkOutcome | None = None,
 ) -> RunResult:
     phase = "complete" if exit_code == ExitCode.SUCCESS else "failed"
     store.update(
@@ -179,7 +236,21 @@ def _close(
     audit.record(
         "session_end", phase=phase, exit_code=int(exit_code), error_type=error_type, message=message
     )
-    return RunResult(plan.agent_id, int(exit_code), agent_exit_code, error_type, message)
+    if work is None:
+        return RunResult(plan.agent_id, int(exit_code), agent_exit_code, error_type, message)
+    return RunResult(
+        plan.agent_id,
+        int(exit_code),
+        agent_exit_code,
+        error_type,
+        message,
+        branch=work.branch,
+        commit_sha=work.commit_sha,
+        push_status=work.push_status,
+        pr_url=work.pr_url,
+        excluded_paths=work.excluded_paths,
+        notes=work.notes,
+    )
 
 
 def _spawn_supervisor(agent_id: str) -> None:

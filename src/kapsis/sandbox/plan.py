@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
-
 from kapsis import paths
 from kapsis.agents import AgentProfile
 from kapsis.config.loader import LoadedConfig
@@ -28,20 +26,21 @@ from kapsis.config.models import (
 )
 from kapsis.errors import ConfigError, HostUnsupportedError
 from kapsis.host.facts import HostFacts
+from kapsis.sandbox.plan_model import PlanModel
 from kapsis.sandbox.security import APPARMOR_PROFILE_NAME, PROFILES, effective_settings
+from kapsis.sandbox.workspace_plan import (
+    GitPlan,
+    WorkspacePlan,
+    plan_workspace_and_git,
+)
 
 AGENT_UID = 1000
 AGENT_HOME = "/home/agent"
-WORKSPACE_TARGET = "/workspace"
 SPEC_TARGET = "/task-spec.md"
 USERNS_SIZE = 65536
 # Linux refuses a single argv string longer than this (MAX_ARG_STRLEN).
 MAX_ARG_LENGTH = 128 * 1024
 _AGENT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
-
-
-class PlanModel(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class Mount(PlanModel):
@@ -53,19 +52,6 @@ class Mount(PlanModel):
 class Tmpfs(PlanModel):
     target: str
     options: tuple[str, ...]
-
-
-class WorkspacePlan(PlanModel):
-    """The project as the agent sees it: a copy-on-write view whose writes land on the host."""
-
-    mode: Literal["overlay"] = "overlay"
-    project: str
-    target: str = WORKSPACE_TARGET
-    root: str
-    upper: str
-    work: str
-    lower: str
-    merged: str
 
 
 class UserNamespacePlan(PlanModel):
@@ -111,11 +97,6 @@ class NetworkPlan(PlanModel):
     allowlist: tuple[AllowedHost, ...] = ()
 
 
-class GitTarget(PlanModel):
-    branch: str | None
-    base_branch: str | None
-
-
 class SandboxPlan(PlanModel):
     """Everything about one agent's sandbox, decided before anything runs."""
 
@@ -139,7 +120,7 @@ class SandboxPlan(PlanModel):
     security: SecurityPlan
     resources: ResourcePlan
     network: NetworkPlan
-    git: GitTarget
+    git: GitPlan
     audit_enabled: bool
     labels: dict[str, str]
 
@@ -160,6 +141,9 @@ class RunRequest:
     timeout: str | None = None
     image: str | None = None
     branch: str | None = None
+    base_branch: str | None = None
+    mode: str | None = None
+    push: bool | None = None
     config_file: Path | None = None
     extra_flags: dict[str, tuple[str, Any]] = field(default_factory=dict)
 
@@ -174,6 +158,9 @@ class RunRequest:
             "resources.timeout": ("--timeout", self.timeout),
             "image.name": ("--image", self.image),
             "git.branch": ("--branch", self.branch),
+            "git.base_branch": ("--base-branch", self.base_branch),
+            "filesystem.mode": ("--mode", self.mode),
+            "git.auto_push": ("--push" if self.push else "--no-push", self.push),
             **self.extra_flags,
         }
 
@@ -228,6 +215,8 @@ def build_plan(
             )
 
     command = _command(config.agent.command or profile.command, task_text)
+    summary = _summary(task_text, spec_source)
+    workspace, git = plan_workspace_and_git(loaded, project, agent_id, task_text)
     sandbox_root = paths.sandbox_dir(agent_id)
     env = {
         **profile.env,
@@ -267,18 +256,11 @@ def build_plan(
         workdir=config.agent.workdir or profile.workdir,
         env=env,
         env_passthrough=tuple(config.environment.passthrough),
-        task_summary=_summary(task_text, spec_source),
+        task_summary=summary,
         spec_source=spec_source,
         mounts=tuple(mounts),
         tmpfs=_tmpfs(settings["noexec_tmp"]),
-        workspace=WorkspacePlan(
-            project=str(project),
-            root=str(sandbox_root),
-            upper=str(sandbox_root / "upper"),
-            work=str(sandbox_root / "work"),
-            lower=str(sandbox_root / "lower"),
-            merged=str(sandbox_root / "merged"),
-        ),
+        workspace=workspace,
         userns=UserNamespacePlan(kind="keep-id" if host.rootless else "mapped"),
         security=SecurityPlan(
             profile=config.security.profile,
@@ -302,7 +284,7 @@ def build_plan(
             mode=config.network.mode,
             allowlist=_allowlist(loaded, profile),
         ),
-        git=GitTarget(branch=config.git.branch, base_branch=config.git.base_branch),
+        git=git,
         audit_enabled=config.audit.enabled,
         labels={
             "io.kapsis.agent-id": agent_id,

@@ -59,6 +59,17 @@ class AgentStatus(BaseModel):
     security_profile: str
     task: str = ""
     stop_requested: bool = False
+    workspace_mode: str = "overlay"
+    base: str | None = None
+    start_commit: str | None = None
+    commit_sha: str | None = None
+    agent_commits: int = 0
+    excluded_paths: list[str] = []
+    push_status: str = "not_requested"
+    push_message: str | None = None
+    push_command: str | None = None
+    pr_url: str | None = None
+    work_location: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -1,5 +1,5 @@
-"""The agent's view of the project: a copy-on-write overlay whose writes land on the host."""
+"""The agent's view of the project and its host-side preparation (overlay, worktree, git view)."""
 
-from kapsis.workspace.overlay import mount_overlay, unmount_overlay
+from kapsis.workspace.overlay import mount_workspace, unmount_workspace
 
-__all__ = ["mount_overlay", "unmount_overlay"]
+__all__ = ["mount_workspace", "unmount_workspace"]

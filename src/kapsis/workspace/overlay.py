@@ -1,9 +1,11 @@
-"""Copy-on-write workspace for rootful sandboxes, built on the host with kernel overlayfs.
+"""Mount the agent's workspace on the host for rootful sandboxes (kernel overlayfs, idmapped binds).
 
-Layout under the sandbox dir: ``lower`` is an idmapped bind of the project (its owner appears as
-the agent's host uid), ``upper`` receives every write, ``work`` is overlayfs' scratch dir and
-``merged`` is what the sandbox mounts at /workspace. The project itself is only ever a read-only
-lower layer, so the agent cannot change it; setup time does not depend on the project's size.
+Overlay mode, under the sandbox dir: ``lower`` is an idmapped bind of the project (its owner
+appears as the agent's host uid), ``delta`` an optional layer above it (see :mod:`.delta`),
+``upper`` receives every write, ``work`` is overlayfs' scratch dir and ``merged`` is what the
+sandbox mounts at /workspace. Worktree mode binds the worktree at ``merged`` through the same
+kind of idmapping. Either way the project's object store is bound read-only for the agent's git
+view. Nothing is chowned or copied, so set-up time does not depend on the project's size.
 """
 
 from __future__ import annotations
@@ -13,39 +15,70 @@ import os
 from pathlib import Path
 
 from kapsis.errors import SandboxError
-from kapsis.sandbox.plan import WorkspacePlan
+from kapsis.sandbox.workspace_plan import WorkspacePlan
 from kapsis.workspace import _mountapi
 
+# Spelled out so that a kernel default can never make the upper dir hold only metadata or
+# redirects: the host reads the upper dir as the complete record of the agent's changes.
+OVERLAY_SAFETY_OPTIONS = "redirect_dir=off,metacopy=off,index=off"
 
-def mount_overlay(workspace: WorkspacePlan, agent_host_uid: int, agent_host_gid: int) -> None:
-    """Mount the agent's view of the project at ``workspace.merged``."""
-    for directory in (workspace.upper, workspace.work, workspace.lower, workspace.merged):
-        Path(directory).mkdir(parents=True, exist_ok=True)
-    owner = os.stat(workspace.project)
+
+def _idmapped(source: str, target: str, agent_uid: int, agent_gid: int) -> None:
+    owner = os.stat(source)
+    Path(target).mkdir(parents=True, exist_ok=True)
+    userns = _mountapi.user_namespace_fd(owner.st_uid, owner.st_gid, agent_uid, agent_gid)
     try:
-        userns = _mountapi.user_namespace_fd(
-            owner.st_uid, owner.st_gid, agent_host_uid, agent_host_gid
-        )
-        try:
-            _mountapi.idmapped_bind(workspace.project, workspace.lower, userns)
-        finally:
-            os.close(userns)
-        for directory in (workspace.upper, workspace.work):
-            os.chown(directory, agent_host_uid, agent_host_gid)
+        _mountapi.idmapped_bind(source, target, userns)
+    finally:
+        os.close(userns)
+
+
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    os.lchown(root, uid, gid)
+    for directory, subdirs, files in os.walk(root):
+        for name in (*subdirs, *files):
+            os.lchown(os.path.join(directory, name), uid, gid)
+
+
+def mount_workspace(workspace: WorkspacePlan, agent_uid: int, agent_gid: int) -> None:
+    """Mount the agent's view of the project at ``workspace.merged`` (host uids given)."""
+    try:
+        if workspace.agent_git is not None:
+            _chown_tree(Path(workspace.agent_git), agent_uid, agent_gid)
+        if workspace.objects is not None and workspace.objects_source is not None:
+            _idmapped(workspace.objects_source, workspace.objects, agent_uid, agent_gid)
+        if workspace.mode == "worktree":
+            assert workspace.worktree is not None
+            _idmapped(workspace.worktree, workspace.merged, agent_uid, agent_gid)
+            return
+        for directory in (workspace.upper, workspace.work, workspace.merged):
+            Path(directory).mkdir(parents=True, exist_ok=True)
+        _idmapped(workspace.project, workspace.lower, agent_uid, agent_gid)
+        _chown_tree(Path(workspace.upper), agent_uid, agent_gid)
+        os.chown(workspace.work, agent_uid, agent_gid)
         os.chmod(workspace.upper, 0o755)
-        options = f"lowerdir={workspace.lower},upperdir={workspace.upper},workdir={workspace.work}"
+        lower = workspace.lower
+        if workspace.needs_delta:
+            _chown_tree(Path(workspace.delta), agent_uid, agent_gid)
+            lower = f"{workspace.delta}:{workspace.lower}"
+        options = (
+            f"lowerdir={lower},upperdir={workspace.upper},workdir={workspace.work},"
+            f"{OVERLAY_SAFETY_OPTIONS}"
+        )
         _mountapi.mount("overlay", workspace.merged, "overlay", options)
     except OSError as error:
-        unmount_overlay(workspace)
+        unmount_workspace(workspace)
         raise SandboxError(
-            f"cannot set up the copy-on-write workspace for {workspace.project}: {error}; "
+            f"cannot set up the agent's workspace for {workspace.project}: {error}; "
             "the kernel needs overlayfs with idmapped mounts (Linux >= 5.19)"
         ) from None
 
 
-def unmount_overlay(workspace: WorkspacePlan) -> None:
-    """Undo :func:`mount_overlay`; the upper dir (the agent's changes) is kept."""
-    for target in (workspace.merged, workspace.lower):
+def unmount_workspace(workspace: WorkspacePlan) -> None:
+    """Undo :func:`mount_workspace`; the upper dir and the worktree (the agent's work) stay."""
+    for target in (workspace.merged, workspace.lower, workspace.objects):
+        if target is None:
+            continue
         # os.path.ismount misses a bind of the same filesystem; just try (EINVAL: not mounted).
         with contextlib.suppress(OSError):
             _mountapi.unmount(target)

@@ -1,0 +1,122 @@
+"""Bring the commits an agent made in its own git view into the project, as untrusted data.
+
+The agent's git directory is agent-writable, so the host never runs git *in* it (its config,
+hooks and alternates are the agent's). Instead the host reads one ref file as text, copies the
+regular files of the agent's object store into a directory it owns (no symlinks, no
+``info/alternates``), packs the named commits' objects from there with its own git and indexes
+them into the project (``index-pack`` recomputes every object name), then checks that the
+history is complete and descends from the commit the agent started from.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+from kapsis.errors import GitWorkflowError
+from kapsis.git.runner import GIT, GitCommandError, Repo, git_environment
+
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+_OBJECT_DIR_RE = re.compile(r"^([0-9a-f]{2}|pack)$")
+
+
+def read_branch_tip(agent_git: Path, branch: str) -> str | None:
+    """The agent's tip of ``branch`` from its loose ref or packed-refs, or None."""
+    loose = agent_git / "refs" / "heads" / branch
+    try:
+        if loose.is_file() and not loose.is_symlink():
+            value = loose.read_text(encoding="ascii", errors="replace").strip()
+            return value if _SHA_RE.match(value) else None
+    except OSError:
+        return None
+    packed = agent_git / "packed-refs"
+    if packed.is_file() and not packed.is_symlink():
+        wanted = f"refs/heads/{branch}"
+        for line in packed.read_text(encoding="utf-8", errors="replace").splitlines():
+            parts = line.split(" ", 1)
+            if len(parts) == 2 and parts[1] == wanted and _SHA_RE.match(parts[0]):
+                return parts[0]
+    return None
+
+
+def _copy_object_store(source: Path, destination: Path) -> None:
+    """Copy the agent's loose objects and packs: regular files only, nothing else."""
+    if not source.is_dir() or source.is_symlink():
+        return
+    for child in source.iterdir():
+        if not _OBJECT_DIR_RE.match(child.name) or child.is_symlink() or not child.is_dir():
+            continue
+        target = destination / child.name
+        target.mkdir()
+        for item in child.iterdir():
+            st = item.lstat()
+            if stat.S_ISREG(st.st_mode):
+                shutil.copyfile(item, target / item.name, follow_symlinks=False)
+
+
+def import_commits(repo: Repo, agent_git: Path, start: str, tip: str) -> None:
+    """Copy the objects of ``start..tip`` from the agent's store into ``repo`` and check them."""
+    with tempfile.TemporaryDirectory(prefix="kapsis-objects-") as scratch:
+        objects = Path(scratch) / "objects"
+        objects.mkdir()
+        _copy_object_store(agent_git / "objects", objects)
+        env = git_environment({"GIT_ALTERNATE_OBJECT_DIRECTORIES": str(objects)})
+        base = [GIT, "-c", "core.hooksPath=/dev/null", f"--git-dir={repo.git_dir}"]
+        packer = subprocess.Popen(
+            [*base, "pack-objects", "--revs", "--stdout", "--quiet"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        indexer = subprocess.Popen(
+            [*base, "index-pack", "--stdin", "--fix-thin"],
+            stdin=packer.stdout,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=git_environment(),
+        )
+        assert packer.stdin is not None and packer.stdout is not None
+        packer.stdout.close()  # the indexer owns the pipe now
+        packer.stdin.write(f"{tip}\n^{start}\n".encode())
+        packer.stdin.close()
+        packer_error = packer.stderr.read() if packer.stderr else b""
+        indexer_error = indexer.communicate()[1]
+        if packer.wait() != 0 or indexer.returncode != 0:
+            detail = (packer_error or indexer_error).decode(errors="replace").strip()
+            last = detail.splitlines()[-1] if detail else "corrupt objects"
+            raise GitWorkflowError(f"the agent's commits could not be read ({last})")
+    try:
+        if repo.text("cat-file", "-t", tip) != "commit":
+            raise GitWorkflowError(f"the agent's branch points at {tip}, which is not a commit")
+        repo.run("rev-list", "--objects", "--missing=error", f"{tip}", f"^{start}")
+    except GitCommandError as error:
+        raise GitWorkflowError(f"the agent's commits are incomplete: {error}") from None
+    if not repo.is_ancestor(start, tip):
+        raise GitWorkflowError(
+            f"the agent rewrote its branch: {tip[:12]} does not descend from the start "
+            f"commit {start[:12]}"
+        )
+
+
+def touched_paths(repo: Repo, start: str, tip: str) -> set[str]:
+    """Every path any commit in ``start..tip`` added, changed or removed."""
+    commits = repo.text("rev-list", tip, f"^{start}")
+    if not commits:
+        return set()
+    listing = repo.run(
+        "diff-tree",
+        "--stdin",
+        "-r",
+        "-m",
+        "-z",
+        "--no-renames",
+        "--name-only",
+        "--no-commit-id",
+        input=(commits + "\n").encode(),
+    ).stdout
+    return {os_path for os_path in listing.decode(errors="surrogateescape").split("\0") if os_path}

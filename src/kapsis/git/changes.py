@@ -1,0 +1,163 @@
+"""What the agent changed in its workspace, read from the host side without running anything.
+
+Two sources give the same :class:`WorkspaceChanges`:
+
+* an overlay upper dir (:func:`from_upper`): copied-up and new files are the writes, whiteouts
+  (0/0 character devices) are deletions, and an opaque directory replaced everything under it;
+* a worktree (:func:`from_worktree`): every file is compared with the start commit's tree.
+
+Only regular files and symlinks count; fifos, sockets and devices an agent may leave behind are
+listed as ignored. Symlinks are read as links and never followed, and the top-level ``.git`` is
+the agent's own git view, never part of its work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+MODE_FILE = "100644"
+MODE_EXECUTABLE = "100755"
+MODE_SYMLINK = "120000"
+MODE_GITLINK = "160000"
+
+
+@dataclass(frozen=True)
+class Written:
+    """A file or symlink in its final state: ``source`` is read for a file, ``link`` for a link."""
+
+    mode: str
+    source: Path | None = None
+    link: bytes | None = None
+
+    def content(self) -> bytes:
+        if self.link is not None:
+            return self.link
+        assert self.source is not None
+        return self.source.read_bytes()
+
+
+@dataclass
+class WorkspaceChanges:
+    written: dict[str, Written] = field(default_factory=dict)
+    # Paths removed with everything under them (a whiteout, or a file gone from the worktree).
+    deleted: list[str] = field(default_factory=list)
+    # Directories whose earlier content is gone; what is in ``written`` under them stays.
+    cleared: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.written or self.deleted or self.cleared)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _file_mode(st: os.stat_result) -> str:
+    return MODE_EXECUTABLE if st.st_mode & 0o111 else MODE_FILE
+
+
+def _is_opaque(path: Path) -> bool:
+    for name in OPAQUE_XATTRS:
+        try:
+            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def from_upper(upper: Path) -> WorkspaceChanges:
+    """The changes recorded in an overlay upper dir."""
+    changes = WorkspaceChanges()
+    _walk_upper(upper, "", changes)
+    return changes
+
+
+def _walk_upper(directory: Path, prefix: str, changes: WorkspaceChanges) -> None:
+    with os.scandir(directory) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if not prefix and entry.name == ".git":
+                continue
+            relative = _join(prefix, entry.name)
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                changes.deleted.append(relative)
+            elif stat.S_ISDIR(st.st_mode):
+                if _is_opaque(Path(entry.path)):
+                    changes.cleared.append(relative)
+                _walk_upper(Path(entry.path), relative, changes)
+            elif stat.S_ISREG(st.st_mode):
+                changes.written[relative] = Written(_file_mode(st), source=Path(entry.path))
+            elif stat.S_ISLNK(st.st_mode):
+                changes.written[relative] = Written(
+                    MODE_SYMLINK, link=os.fsencode(os.readlink(entry.path))
+                )
+            else:
+                changes.unsupported.append(relative)
+
+
+def blob_id(content: bytes) -> str:
+    """Git's object name for a blob with this content (SHA-1 repositories)."""
+    return hashlib.sha1(b"blob %d\0" % len(content) + content, usedforsecurity=False).hexdigest()
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    mode: str
+    object_id: str
+
+
+def from_worktree(worktree: Path, start_tree: dict[str, TreeEntry]) -> WorkspaceChanges:
+    """The differences between a worktree's files and the start commit's tree."""
+    changes = WorkspaceChanges()
+    present: set[str] = set()
+    _walk_worktree(worktree, "", start_tree, changes, present)
+    for path, entry in start_tree.items():
+        if path in present:
+            continue
+        if entry.mode == MODE_GITLINK and (worktree / path).is_dir():
+            continue  # a submodule that is not checked out is an empty directory
+        changes.deleted.append(path)
+    return changes
+
+
+def _walk_worktree(
+    directory: Path,
+    prefix: str,
+    start_tree: dict[str, TreeEntry],
+    changes: WorkspaceChanges,
+    present: set[str],
+) -> None:
+    with os.scandir(directory) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if not prefix and entry.name == ".git":
+                continue
+            relative = _join(prefix, entry.name)
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                _walk_worktree(Path(entry.path), relative, start_tree, changes, present)
+                continue
+            if stat.S_ISREG(st.st_mode):
+                written = Written(_file_mode(st), source=Path(entry.path))
+            elif stat.S_ISLNK(st.st_mode):
+                written = Written(MODE_SYMLINK, link=os.fsencode(os.readlink(entry.path)))
+            else:
+                changes.unsupported.append(relative)
+                continue
+            present.add(relative)
+            before = start_tree.get(relative)
+            unchanged = (
+                before is not None
+                and before.mode == written.mode
+                and before.object_id == blob_id(written.content())
+            )
+            if unchanged:
+                continue
+            changes.written[relative] = written

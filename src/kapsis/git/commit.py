@@ -1,0 +1,244 @@
+"""Turn the agent's work into a commit on its branch, on the host, without a checkout.
+
+The new tree is the start commit's tree with the workspace changes applied, built by
+``git fast-import`` (no work tree, no index of the user's, no hooks, no filters). Paths matching
+``git.commit_exclude`` and new files the repository ignores are left out. The commit goes on top
+of the agent's own commits when it made any, and the branch moves with a compare-and-swap from
+the tip it had at launch, so nothing a user or another agent did meanwhile is overwritten.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kapsis.errors import GitWorkflowError
+from kapsis.git.agent_commits import import_commits, read_branch_tip, touched_paths
+from kapsis.git.changes import TreeEntry, WorkspaceChanges, Written
+from kapsis.git.lock import repository_lock
+from kapsis.git.runner import Repo
+
+SCRATCH_REF_PREFIX = "refs/kapsis/scratch/"
+
+
+@dataclass(frozen=True)
+class CommitRequest:
+    repo: Repo
+    branch: str
+    start_commit: str
+    message: str
+    committer_name: str
+    committer_email: str
+    exclude: tuple[str, ...]
+    scratch_name: str
+    agent_git: Path | None = None
+    ignore_view: Path | None = None
+
+
+@dataclass
+class CommitOutcome:
+    commit_sha: str | None
+    created_commit: bool
+    agent_commits: int = 0
+    squashed_agent_commits: bool = False
+    excluded: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)
+
+
+def is_excluded(path: str, patterns: Iterable[str]) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def tree_listing(repo: Repo, commit: str) -> dict[str, TreeEntry]:
+    raw = repo.run("ls-tree", "-r", "-z", "--full-tree", commit).stdout
+    listing: dict[str, TreeEntry] = {}
+    for record in raw.split(b"\0"):
+        if not record:
+            continue
+        meta, _, path = record.partition(b"\t")
+        mode, _kind, object_id = meta.decode().split(" ")
+        listing[os.fsdecode(path)] = TreeEntry(mode, object_id)
+    return listing
+
+
+def quote_path(path: str) -> bytes:
+    """A path in fast-import's C-style quoting, safe for any byte a file name may hold."""
+    out = bytearray(b'"')
+    for byte in os.fsencode(path):
+        if byte in (0x22, 0x5C):
+            out += b"\\" + bytes([byte])
+        elif byte < 0x20 or byte == 0x7F:
+            out += b"\\%03o" % byte
+        else:
+            out.append(byte)
+    out += b'"'
+    return bytes(out)
+
+
+def commit_workspace(request: CommitRequest, changes: WorkspaceChanges) -> CommitOutcome:
+    """Commit what the agent left in its workspace (and keep its own commits)."""
+    repo = request.repo
+    start = request.start_commit
+    with repository_lock(repo.common_dir):
+        tip = start
+        agent_commits = 0
+        squash = False
+        outcome_excluded: set[str] = set()
+        if request.agent_git is not None:
+            agent_tip = read_branch_tip(request.agent_git, request.branch)
+            if agent_tip is not None and agent_tip != start:
+                import_commits(repo, request.agent_git, start, agent_tip)
+                agent_commits = int(repo.text("rev-list", "--count", agent_tip, f"^{start}"))
+                leaked = {
+                    p
+                    for p in touched_paths(repo, start, agent_tip)
+                    if is_excluded(p, request.exclude)
+                }
+                if leaked:
+                    # Keeping those commits would put excluded files in the branch's history.
+                    squash = True
+                    outcome_excluded |= leaked
+                else:
+                    tip = agent_tip
+
+        start_tree = tree_listing(repo, start)
+        tracked = set(start_tree)
+        if tip != start:
+            tracked |= set(tree_listing(repo, tip))
+        written = dict(changes.written)
+        for path in list(written):
+            if is_excluded(path, request.exclude):
+                outcome_excluded.add(path)
+                del written[path]
+        ignored = _ignored(repo, [p for p in written if p not in tracked], request.ignore_view)
+        for path in ignored:
+            del written[path]
+
+        tree = _build_tree(repo, request, start, changes, written)
+        outcome = CommitOutcome(
+            commit_sha=None,
+            created_commit=False,
+            agent_commits=agent_commits,
+            squashed_agent_commits=squash,
+            excluded=sorted(outcome_excluded),
+            ignored=sorted(ignored),
+            unsupported=sorted(changes.unsupported),
+        )
+        if tree == repo.tree_of(tip):
+            new_tip = tip
+        else:
+            message = request.message
+            if squash:
+                message = message.rstrip("\n") + (
+                    f"\n\nThe agent's {agent_commits} commit(s) were squashed into this one "
+                    "because they touched paths in git.commit_exclude.\n"
+                )
+            new_tip = _commit_tree(repo, request, tree, tip, message)
+            outcome.created_commit = True
+        if new_tip != start:
+            _move_branch(repo, request.branch, new_tip, start)
+            outcome.commit_sha = new_tip
+        return outcome
+
+
+def _commit_tree(repo: Repo, request: CommitRequest, tree: str, parent: str, message: str) -> str:
+    identity = {
+        "GIT_AUTHOR_NAME": request.committer_name,
+        "GIT_AUTHOR_EMAIL": request.committer_email,
+        "GIT_COMMITTER_NAME": request.committer_name,
+        "GIT_COMMITTER_EMAIL": request.committer_email,
+    }
+    result = repo.run("commit-tree", tree, "-p", parent, input=message.encode(), env=identity)
+    return result.stdout.decode().strip()
+
+
+def _move_branch(repo: Repo, branch: str, new_tip: str, expected: str) -> None:
+    result = repo.run(
+        "update-ref",
+        "-m",
+        "kapsis: the agent's work",
+        f"refs/heads/{branch}",
+        new_tip,
+        expected,
+        check=False,
+    )
+    if result.returncode != 0:
+        keep = f"refs/kapsis/saved/{branch}"
+        repo.run("update-ref", keep, new_tip, check=False)
+        raise GitWorkflowError(
+            f"branch {branch} moved while the agent ran, so the host did not overwrite it; the "
+            f"agent's work is commit {new_tip[:12]} (kept as {keep}); "
+            f"merge it with `git -C {repo.root} merge {new_tip[:12]}`"
+        )
+
+
+def _ignored(repo: Repo, paths: list[str], view: Path | None) -> list[str]:
+    """The new (untracked) paths that the repository's ignore rules exclude."""
+    if not paths:
+        return []
+    # check-ignore refuses literal pathspecs; a "./" prefix keeps a name that starts with ":"
+    # from being read as pathspec magic, and comes back in the output.
+    result = repo.run(
+        "check-ignore",
+        "--no-index",
+        "--stdin",
+        "-z",
+        input=b"".join(b"./" + os.fsencode(p) + b"\0" for p in paths),
+        env={"GIT_LITERAL_PATHSPECS": "0"},
+        work_tree=view or repo.root,
+        check=False,
+    )
+    if result.returncode not in (0, 1):
+        raise GitWorkflowError(
+            f"git check-ignore failed: {result.stderr.decode(errors='replace').strip()}"
+        )
+    return [os.fsdecode(p.removeprefix(b"./")) for p in result.stdout.split(b"\0") if p]
+
+
+def _build_tree(
+    repo: Repo,
+    request: CommitRequest,
+    start: str,
+    changes: WorkspaceChanges,
+    written: dict[str, Written],
+) -> str:
+    """Start's tree with the changes applied, via fast-import into a scratch ref."""
+    scratch = f"{SCRATCH_REF_PREFIX}{request.scratch_name}"
+    process = subprocess.Popen(
+        repo.command("fast-import", "--quiet", "--force"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=repo.environment(),
+        cwd=repo.root,
+    )
+    assert process.stdin is not None
+    stream = process.stdin
+    try:
+        stream.write(f"commit {scratch}\ncommitter kapsis <kapsis@localhost> 0 +0000\n".encode())
+        stream.write(f"data 0\nfrom {start}\n".encode())
+        for path in [*changes.deleted, *changes.cleared]:
+            stream.write(b"D " + quote_path(path) + b"\n")
+        for path, item in written.items():
+            content = item.content()
+            stream.write(f"M {item.mode} inline ".encode() + quote_path(path) + b"\n")
+            stream.write(b"data %d\n" % len(content) + content + b"\n")
+        stream.write(b"\n")
+        stream.close()
+    except BrokenPipeError:
+        pass
+    error = process.stderr.read() if process.stderr else b""
+    if process.wait() != 0:
+        raise GitWorkflowError(
+            f"git fast-import failed: {error.decode(errors='replace').strip()[-300:]}"
+        )
+    try:
+        return repo.tree_of(scratch)
+    finally:
+        repo.run("update-ref", "-d", scratch, check=False)

@@ -1,0 +1,30 @@
+"""One lock per repository, so parallel agents' host git steps on a shared repo take turns.
+
+Each agent's branch, temporary index and worktree are its own, but creating worktrees, importing
+objects and moving refs touch shared files in the repository; git refuses concurrent writers
+there (``index.lock``, ``packed-refs.lock``) instead of waiting. The lock file lives under
+``~/.kapsis/locks``, never inside the user's repository.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from kapsis import paths
+
+
+@contextmanager
+def repository_lock(common_dir: Path) -> Iterator[None]:
+    directory = paths.locks_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(str(common_dir.resolve()).encode()).hexdigest()[:16]
+    with (directory / f"repo-{digest}.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,160 @@
+"""Host-side git, run so that nothing an agent could have written is ever executed.
+
+Every host git command goes through :class:`Repo`. It always passes settings that switch off the
+places where git runs programs named by repository content or config: hooks, the fsmonitor, the
+``ext::`` transport. File contents are hashed with ``--no-filters`` elsewhere, so
+``.gitattributes`` filter drivers never run either. The caller's ``GIT_*`` environment is
+dropped so a stray ``GIT_DIR`` cannot redirect a command, and pathspecs are literal, so a file
+name chosen by the agent is never read as a glob or pathspec magic.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kapsis.errors import GitWorkflowError
+
+GIT = "git"
+ZERO_SHA = "0" * 40
+HARDENING = (
+    "core.hooksPath=/dev/null",
+    "core.fsmonitor=false",
+    "protocol.ext.allow=never",
+    "credential.interactive=never",
+)
+
+
+def git_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GIT_")}
+    env.update(
+        {
+            "GIT_TERMINAL_PROMPT": "0",
+            "GIT_LITERAL_PATHSPECS": "1",
+            "GIT_OPTIONAL_LOCKS": "0",
+            "LC_ALL": "C",
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+class GitCommandError(GitWorkflowError):
+    """A git command failed; the message holds the command and git's last line of output."""
+
+    def __init__(self, args: Sequence[str], returncode: int, stderr: str) -> None:
+        last = (stderr.strip().splitlines() or ["no error output"])[-1]
+        super().__init__(f"git {' '.join(args[:2])} failed (exit {returncode}): {last}")
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class Repo:
+    """A repository on the host: its top-level work tree and its (common) git directory."""
+
+    root: Path
+    git_dir: Path
+    common_dir: Path
+
+    @classmethod
+    def discover(cls, path: Path) -> Repo | None:
+        """The repository whose top level is ``path``'s, or None when ``path`` is not in one."""
+        try:
+            result = subprocess.run(
+                [
+                    GIT,
+                    *_config_args(path),
+                    "-C",
+                    str(path),
+                    "rev-parse",
+                    "--path-format=absolute",
+                    "--show-toplevel",
+                    "--git-dir",
+                    "--git-common-dir",
+                ],
+                capture_output=True,
+                text=True,
+                env=git_environment(),
+                check=False,
+            )
+        except FileNotFoundError:
+            return None
+        lines = result.stdout.splitlines()
+        if result.returncode != 0 or len(lines) != 3:
+            return None
+        return cls(Path(lines[0]), Path(lines[1]), Path(lines[2]))
+
+    def run(
+        self,
+        *args: str,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        work_tree: Path | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+        extra_config: Sequence[str] = (),
+    ) -> subprocess.CompletedProcess[bytes]:
+        result = subprocess.run(
+            self.command(*args, work_tree=work_tree, extra_config=extra_config),
+            input=input,
+            capture_output=True,
+            env=self.environment(env),
+            timeout=timeout,
+            check=False,
+            cwd=work_tree or self.root,
+        )
+        if check and result.returncode != 0:
+            raise GitCommandError(args, result.returncode, result.stderr.decode(errors="replace"))
+        return result
+
+    def command(
+        self, *args: str, work_tree: Path | None = None, extra_config: Sequence[str] = ()
+    ) -> list[str]:
+        """The argv of a hardened git command on this repository."""
+        command = [GIT, *_config_args(self.root)]
+        for item in extra_config:
+            command += ["-c", item]
+        command += [f"--git-dir={self.git_dir}", f"--work-tree={work_tree or self.root}"]
+        return command + list(args)
+
+    def environment(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        return git_environment(extra)
+
+    def text(self, *args: str, input: bytes | None = None) -> str:
+        return self.run(*args, input=input).stdout.decode().strip()
+
+    def run_timeout(
+        self, args: Sequence[str], *, timeout: float
+    ) -> subprocess.CompletedProcess[bytes]:
+        """A network command (fetch, push, ls-remote) with a time limit."""
+        return self.run(*args, timeout=timeout)
+
+    def text_timeout(self, args: Sequence[str], *, timeout: float) -> str:
+        return self.run_timeout(args, timeout=timeout).stdout.decode().strip()
+
+    def rev(self, name: str) -> str | None:
+        """The object name ``name`` resolves to, or None."""
+        result = self.run("rev-parse", "--verify", "--quiet", "--end-of-options", name, check=False)
+        if result.returncode != 0:
+            return None
+        return result.stdout.decode().strip() or None
+
+    def is_ancestor(self, ancestor: str, descendant: str) -> bool:
+        result = self.run("merge-base", "--is-ancestor", ancestor, descendant, check=False)
+        return result.returncode == 0
+
+    def tree_of(self, commit: str) -> str:
+        return self.text("rev-parse", "--verify", f"{commit}^{{tree}}")
+
+
+def _config_args(root: Path) -> list[str]:
+    # safe.directory: the user named this project, so git may work in it even when it belongs
+    # to another user (e.g. kapsis run as root on a user's checkout).
+    args: list[str] = []
+    for item in (*HARDENING, f"safe.directory={root}"):
+        args += ["-c", item]
+    return args

@@ -1,0 +1,202 @@
+"""After the agent: the host commits its work to its branch, pushes it, runs the post-push hook.
+
+Runs on the host, after the agent's container has stopped, so nothing in the sandbox can race
+or interfere. The work is committed even when the agent failed (nothing is lost; its branch is
+its own) but only pushed after a successful run. Failures never discard anything: the upper dir
+or worktree stays, a commit the branch could not take is kept under ``refs/kapsis/saved/``, and
+the outcome says where and how to retry.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from kapsis.errors import GitWorkflowError, KapsisError, PushError
+from kapsis.git.changes import from_upper, from_worktree
+from kapsis.git.commit import CommitRequest, commit_workspace, tree_listing
+from kapsis.git.push import push_branch, run_post_push_hook
+from kapsis.git.runner import Repo
+from kapsis.sandbox.plan import SandboxPlan
+from kapsis.workspace.prepare import plan_repo
+
+PushState = Literal["not_requested", "skipped", "pushed", "up_to_date", "diverged", "failed"]
+HOOK_TIMEOUT_SECONDS = 120
+
+
+@dataclass
+class WorkOutcome:
+    """What became of the agent's work; mirrored into the status record."""
+
+    branch: str | None = None
+    commit_sha: str | None = None
+    created_commit: bool = False
+    agent_commits: int = 0
+    excluded_paths: list[str] = field(default_factory=list)
+    push_status: PushState = "not_requested"
+    push_message: str | None = None
+    push_command: str | None = None
+    pr_url: str | None = None
+    work_location: str | None = None
+    notes: list[str] = field(default_factory=list)
+    error: KapsisError | None = None
+
+    def status_fields(self) -> dict[str, object]:
+        return {
+            "commit_sha": self.commit_sha,
+            "agent_commits": self.agent_commits,
+            "excluded_paths": self.excluded_paths,
+            "push_status": self.push_status,
+            "push_message": self.push_message,
+            "push_command": self.push_command,
+            "pr_url": self.pr_url,
+            "work_location": self.work_location,
+        }
+
+
+def commit_message(plan: SandboxPlan) -> str:
+    git = plan.git
+    text = git.commit_message.format(
+        task=plan.task_summary,
+        agent=plan.agent,
+        agent_id=plan.agent_id,
+        branch=git.branch or "",
+        base=git.base or "",
+        project=Path(plan.project).name,
+    )
+    trailers = [f"Co-authored-by: {identity}" for identity in git.co_authors]
+    if trailers:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(trailers) + "\n"
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _work_location(plan: SandboxPlan) -> str:
+    workspace = plan.workspace
+    return (
+        workspace.worktree
+        if workspace.mode == "worktree" and workspace.worktree
+        else (workspace.upper)
+    )
+
+
+def save_work(plan: SandboxPlan, *, agent_succeeded: bool) -> WorkOutcome:
+    outcome = WorkOutcome(branch=plan.git.branch, work_location=_work_location(plan))
+    repo = plan_repo(plan)
+    if repo is None:
+        outcome.notes.append(
+            f"{plan.project} is not a git repository; the agent's changes are in "
+            f"{plan.workspace.upper}"
+        )
+        return outcome
+    if not plan.git.auto_commit:
+        outcome.notes.append("git.auto_commit is off; the agent's work was not committed")
+        return outcome
+    try:
+        _commit(plan, repo, outcome)
+    except GitWorkflowError as error:
+        outcome.error = error
+        return outcome
+    if plan.git.auto_push:
+        _push(plan, repo, outcome, agent_succeeded=agent_succeeded)
+    return outcome
+
+
+def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
+    git, workspace = plan.git, plan.workspace
+    assert git.branch and git.start_commit and git.committer
+    if workspace.mode == "worktree":
+        assert workspace.worktree is not None
+        changes = from_worktree(Path(workspace.worktree), tree_listing(repo, git.start_commit))
+        view = Path(workspace.worktree)
+    else:
+        changes = from_upper(Path(workspace.upper))
+        merged = Path(workspace.merged)
+        view = merged if (merged / ".git").exists() else Path(plan.project)
+    name, _, email = git.committer.partition(" <")
+    result = commit_workspace(
+        CommitRequest(
+            repo=repo,
+            branch=git.branch,
+            start_commit=git.start_commit,
+            message=commit_message(plan),
+            committer_name=name,
+            committer_email=email.rstrip(">"),
+            exclude=git.commit_exclude,
+            scratch_name=plan.agent_id,
+            agent_git=Path(workspace.agent_git) if workspace.agent_git else None,
+            ignore_view=view,
+        ),
+        changes,
+    )
+    outcome.commit_sha = result.commit_sha
+    outcome.created_commit = result.created_commit
+    outcome.agent_commits = result.agent_commits
+    outcome.excluded_paths = result.excluded
+    if result.excluded:
+        outcome.notes.append("not committed (git.commit_exclude): " + ", ".join(result.excluded))
+    if result.squashed_agent_commits:
+        outcome.notes.append(
+            f"the agent's {result.agent_commits} commit(s) touched excluded paths and were "
+            "squashed into the host's commit"
+        )
+    if result.unsupported:
+        outcome.notes.append(
+            "not committed (not a file or symlink): " + ", ".join(result.unsupported)
+        )
+    if result.commit_sha is None:
+        outcome.notes.append("the agent changed nothing; no commit")
+    if workspace.mode == "worktree" and result.commit_sha and workspace.worktree:
+        _sync_worktree_index(Path(workspace.worktree), result.commit_sha)
+
+
+def _sync_worktree_index(worktree: Path, commit: str) -> None:
+    """Point the worktree's index at the new commit, so it shows clean in the user's IDE."""
+    own = Repo.discover(worktree)
+    if own is not None:
+        own.run("read-tree", commit, check=False)
+
+
+def _push(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome, *, agent_succeeded: bool) -> None:
+    git = plan.git
+    assert git.branch is not None
+    if not agent_succeeded:
+        outcome.push_status = "skipped"
+        outcome.push_message = "the agent did not succeed, so its branch was not pushed"
+        return
+    local = repo.rev(f"refs/heads/{git.branch}")
+    if outcome.commit_sha is None or local is None:
+        outcome.push_status = "skipped"
+        outcome.push_message = "nothing new to push"
+        return
+    pushed = push_branch(
+        repo, git.remote, git.branch, local, timeout=float(git.push_timeout_seconds)
+    )
+    outcome.push_status = pushed.status
+    outcome.push_message = pushed.message
+    if pushed.status in ("failed", "diverged"):
+        outcome.push_command = pushed.retry_command
+        error_type = "push_diverged" if pushed.status == "diverged" else "push_failed"
+        message = f"{pushed.message}; retry with: {pushed.retry_command}"
+        outcome.error = PushError(message, error_type)
+        return
+    if git.post_push_hook:
+        try:
+            code, url, output = run_post_push_hook(
+                git.post_push_hook,
+                repo,
+                branch=git.branch,
+                commit=local,
+                remote=git.remote,
+                remote_url=pushed.remote_url or "",
+                base=git.base or "",
+                agent_id=plan.agent_id,
+                timeout=HOOK_TIMEOUT_SECONDS,
+            )
+        except (OSError, subprocess.SubprocessError) as error:
+            code, url, output = 127, None, str(error)
+        outcome.pr_url = url
+        if code != 0:
+            last = (output.strip().splitlines() or ["no output"])[-1]
+            outcome.notes.append(f"git.post_push_hook exited {code}: {last}")

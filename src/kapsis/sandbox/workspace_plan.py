@@ -1,0 +1,197 @@
+"""The workspace and git part of a plan: where the agent's files live and which branch they go to.
+
+Decided before anything runs, from the config and the repository as it is at planning time: the
+workspace mode and its host paths, the agent's branch (given, or derived from the task), the
+commit it starts from, whether it continues an existing branch, and what the host does with the
+work afterwards (commit identity, message, exclusions, push, post-push hook).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kapsis import paths
+from kapsis.config.loader import LoadedConfig
+from kapsis.config.models import WorkspaceMode, duration_to_seconds
+from kapsis.errors import ConfigError
+from kapsis.git.branches import auto_branch_name, check_branch_name, resolve_target
+from kapsis.git.runner import Repo
+from kapsis.sandbox.plan_model import PlanModel
+
+WORKSPACE_TARGET = "/workspace"
+# Runs whose work is only in their sandbox dir or worktree: removing that would lose it.
+UNSAVED_ERROR_TYPES = frozenset({"commit_failed", "interrupted"})
+AGENT_GIT_TARGET = "/kapsis/git"
+OBJECTS_TARGET = "/kapsis/objects"
+
+
+class WorkspacePlan(PlanModel):
+    """The project as the agent sees it: a copy-on-write view or a worktree, writes on the host.
+
+    ``root`` is the sandbox's host dir. Overlay mode uses ``upper`` (the agent's writes),
+    ``work``, ``lower`` (an idmapped view of the project) and ``delta`` (the start commit's
+    differences from the checkout, when they differ); ``merged`` is what the sandbox mounts at
+    ``target`` in either mode. ``agent_git`` is the agent's own git directory, which sees the
+    project's objects read-only at ``/kapsis/objects`` and has one branch.
+    """
+
+    mode: WorkspaceMode = "overlay"
+    project: str
+    target: str = WORKSPACE_TARGET
+    root: str
+    upper: str
+    work: str
+    lower: str
+    merged: str
+    delta: str
+    needs_delta: bool = False
+    worktree: str | None = None
+    release_worktree: str | None = None
+    agent_git: str | None = None
+    objects_source: str | None = None
+    objects: str | None = None
+    gitlink: str | None = None
+
+
+class GitPlan(PlanModel):
+    """The agent's branch and what the host does with the agent's work when it ends."""
+
+    repository: bool
+    branch: str | None = None
+    base: str | None = None
+    start_commit: str | None = None
+    resume: bool = False
+    git_dir: str | None = None
+    common_dir: str | None = None
+    auto_commit: bool = False
+    auto_push: bool = False
+    remote: str = "origin"
+    push_timeout_seconds: int = 120
+    commit_message: str = ""
+    co_authors: tuple[str, ...] = ()
+    committer: str | None = None
+    commit_exclude: tuple[str, ...] = ()
+    post_push_hook: str | None = None
+
+    @property
+    def commits(self) -> bool:
+        return self.repository and self.auto_commit
+
+
+def plan_workspace_and_git(
+    loaded: LoadedConfig,
+    project: Path,
+    agent_id: str,
+    task_summary: str,
+) -> tuple[WorkspacePlan, GitPlan]:
+    config = loaded.config
+    mode = config.filesystem.mode
+    root = paths.sandbox_dir(agent_id)
+    repo = Repo.discover(project)
+    if repo is not None and repo.root.resolve() != project:
+        raise ConfigError(
+            f"PROJECT {project} is a folder inside the git repository {repo.root}; pass the "
+            "repository's top level so the agent's branch holds the whole project"
+        )
+    mode_origin = loaded.origin_of(("filesystem", "mode"))
+    branch_origin = str(loaded.origin_of(("git", "branch")))
+    workspace = WorkspacePlan(
+        mode=mode,
+        project=str(project),
+        root=str(root),
+        upper=str(root / "upper"),
+        work=str(root / "work"),
+        lower=str(root / "lower"),
+        merged=str(root / "merged"),
+        delta=str(root / "delta"),
+    )
+    if repo is None:
+        if mode == "worktree":
+            raise ConfigError(
+                f"{mode_origin}: filesystem.mode: 'worktree' needs a git repository, and "
+                f"{project} is not one; use overlay, or `git init` the project"
+            )
+        if config.git.branch is not None:
+            raise ConfigError(
+                f"{branch_origin}: git.branch: {project} is not a git repository, so there is "
+                "no branch to work on; drop it, or `git init` the project"
+            )
+        return workspace, GitPlan(repository=False)
+
+    git = config.git
+    branch = (
+        check_branch_name(git.branch, branch_origin)
+        if git.branch
+        else auto_branch_name(task_summary, agent_id)
+    )
+    target = resolve_target(
+        repo,
+        branch,
+        git.base_branch,
+        branch_origin=branch_origin,
+        base_origin=str(loaded.origin_of(("git", "base_branch"))),
+        releasable=_finished_worktrees(),
+    )
+    head = repo.rev("HEAD^{commit}")
+    git_view = {
+        "release_worktree": str(target.release_worktree) if target.release_worktree else None,
+        "agent_git": str(root / "agent-git"),
+        "objects_source": str(repo.common_dir / "objects"),
+        "objects": str(root / "objects"),
+    }
+    if mode == "worktree":
+        worktree = paths.worktrees_dir() / f"{project.name}-{agent_id}"
+        workspace = workspace.model_copy(
+            update={**git_view, "worktree": str(worktree), "gitlink": str(root / "gitlink")}
+        )
+    else:
+        # The lower layer is the checkout; a start elsewhere needs its differences on top.
+        workspace = workspace.model_copy(
+            update={**git_view, "needs_delta": target.start_commit != head}
+        )
+    committer = git.committer or _user_identity(repo)
+    if git.auto_commit and committer is None:
+        raise ConfigError(
+            f"the host commits the agent's work as you, but git has no identity for {project}; "
+            "set git.committer ('Name <email>') in agent-sandbox.yaml, or run "
+            "`git config --global user.name NAME` and `git config --global user.email EMAIL`"
+        )
+    git_plan = GitPlan(
+        repository=True,
+        branch=target.branch,
+        base=target.base,
+        start_commit=target.start_commit,
+        resume=target.resume,
+        git_dir=str(repo.git_dir),
+        common_dir=str(repo.common_dir),
+        auto_commit=git.auto_commit,
+        auto_push=git.auto_push,
+        remote=git.remote,
+        push_timeout_seconds=duration_to_seconds(git.push_timeout),
+        commit_message=git.commit_message,
+        co_authors=tuple(git.co_authors),
+        committer=committer,
+        commit_exclude=tuple(git.commit_exclude),
+        post_push_hook=git.post_push_hook,
+    )
+    return workspace, git_plan
+
+
+def _finished_worktrees() -> frozenset[Path]:
+    """Worktrees of finished agents whose work is committed: safe to remove for a rerun."""
+    from kapsis.status import StatusStore
+
+    return frozenset(
+        Path(record.work_location)
+        for record in StatusStore().all()
+        if record.finished
+        and record.workspace_mode == "worktree"
+        and record.work_location
+        and record.error_type not in UNSAVED_ERROR_TYPES
+    )
+
+
+def _user_identity(repo: Repo) -> str | None:
+    name = repo.run("config", "user.name", check=False).stdout.decode().strip()
+    email = repo.run("config", "user.email", check=False).stdout.decode().strip()
+    return f"{name} <{email}>" if name and email else None

@@ -1,0 +1,60 @@
+"""The agent's own git view: one branch, no hooks or credentials of the user's, read-only history.
+
+The agent's ``/workspace/.git`` is a gitlink to ``/kapsis/git``, a small git directory the host
+writes into the sandbox dir: a minimal config (none of the user's settings, remotes or
+credential helpers), ``HEAD`` on the agent's branch, that one ref, an index of the start commit,
+and an ``alternates`` entry that borrows the project's objects, mounted read-only at
+``/kapsis/objects``. The agent can commit, branch and diff as usual; whatever it writes stays in
+its sandbox dir, and the host only ever reads it as data (see :mod:`kapsis.git.agent_commits`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kapsis.git.runner import Repo
+from kapsis.sandbox.workspace_plan import AGENT_GIT_TARGET, OBJECTS_TARGET
+
+GITLINK_TEXT = f"gitdir: {AGENT_GIT_TARGET}\n"
+
+
+def agent_git_config(agent: str, agent_id: str) -> str:
+    # checkStat=minimal: the files reach the agent through an idmapped mount, so owner and
+    # inode differ from what an index written on the host would record.
+    return (
+        "[core]\n"
+        "\trepositoryformatversion = 0\n"
+        "\tfilemode = true\n"
+        "\tbare = false\n"
+        "\tlogallrefupdates = true\n"
+        "\tcheckStat = minimal\n"
+        "\ttrustctime = false\n"
+        "[gc]\n"
+        "\tauto = 0\n"
+        "[user]\n"
+        f"\tname = Kapsis agent {agent}\n"
+        f"\temail = {agent_id}@agents.kapsis.invalid\n"
+    )
+
+
+def build_agent_git(
+    repo: Repo, agent_git: Path, *, branch: str, start: str, agent: str, agent_id: str
+) -> None:
+    """Write the agent's git directory for ``branch`` at ``start``."""
+    ref = agent_git / "refs" / "heads" / branch
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    (agent_git / "refs" / "tags").mkdir(parents=True, exist_ok=True)
+    (agent_git / "objects" / "pack").mkdir(parents=True, exist_ok=True)
+    (agent_git / "objects" / "info").mkdir(parents=True, exist_ok=True)
+    (agent_git / "info").mkdir(exist_ok=True)
+    (agent_git / "HEAD").write_text(f"ref: refs/heads/{branch}\n")
+    (agent_git / "config").write_text(agent_git_config(agent, agent_id))
+    (agent_git / "description").write_text("The agent's view of the project (kapsis).\n")
+    ref.write_text(f"{start}\n")
+    (agent_git / "objects" / "info" / "alternates").write_text(f"{OBJECTS_TARGET}\n")
+    repo.run("read-tree", start, env={"GIT_INDEX_FILE": str(agent_git / "index")})
+
+
+def write_gitlink(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(GITLINK_TEXT)

@@ -1,0 +1,48 @@
+"""Worktree mode on the host: a real ``git worktree`` of the project on the agent's branch.
+
+The user can open it in an IDE while the agent works. Checking it out runs no hooks, and no
+filter driver: every driver the user's config defines is blanked for the checkout, because the
+checked-out ``.gitattributes`` may come from an agent's earlier commit. Removal deletes the
+files directly (never following a symlink) and prunes git's record, rather than letting git
+inspect an agent-written tree.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from kapsis.git.runner import Repo
+
+_FILTER_KEY_RE = re.compile(r"^filter\.(.+)\.(clean|smudge|process|required)$")
+
+
+def filter_drivers(repo: Repo) -> list[str]:
+    """Names of the filter drivers configured for ``repo`` (system, global or local)."""
+    result = repo.run("config", "--name-only", "--get-regexp", r"^filter\.", check=False)
+    names: list[str] = []
+    for key in result.stdout.decode(errors="replace").splitlines():
+        match = _FILTER_KEY_RE.match(key.strip())
+        if match and match.group(1) not in names:
+            names.append(match.group(1))
+    return names
+
+
+def without_filters(repo: Repo) -> list[str]:
+    settings: list[str] = []
+    for name in filter_drivers(repo):
+        settings += [f"filter.{name}.{key}=" for key in ("clean", "smudge", "process")]
+        settings.append(f"filter.{name}.required=false")
+    return settings
+
+
+def add_worktree(repo: Repo, path: Path, branch: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    repo.run("worktree", "add", "--quiet", str(path), branch, extra_config=without_filters(repo))
+
+
+def remove_worktree(repo: Repo | None, path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if repo is not None:
+        repo.run("worktree", "prune", check=False)
