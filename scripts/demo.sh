@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Demo: an agent edits a project inside its sandbox, and the project on the host stays unchanged.
+# Demo: an agent edits a project inside its sandbox; the host commits its work to the agent's own
+# branch, and the user's checkout stays exactly as it was.
 #
 # Makes a small git repo in a temp dir, runs the built-in `shell` agent on it with a task that
-# edits README.md and creates hello.py, then shows that the host's repo has no changes and prints
-# `kapsis status`. Set KAPSIS_DEMO_KEEP=1 to keep the sample repo.
+# edits README.md and creates hello.py, then shows the commit on the agent's branch, that the
+# checkout has no changes, and `kapsis status`. Set KAPSIS_DEMO_KEEP=1 to keep the sample repo.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,9 +34,12 @@ def greet(name: str) -> str:
 if __name__ == "__main__":
     print(greet("world"))
 EOF
-git -C "$repo" init -q
+git -C "$repo" init -q -b main
+# The sample repo's own identity: the host commits the agent's work as the repo's user.
+git -C "$repo" config user.name "Kapsis demo"
+git -C "$repo" config user.email demo@kapsis.invalid
 git -C "$repo" add README.md app.py
-git -C "$repo" -c user.name="Kapsis demo" -c user.email=demo@kapsis.invalid commit -q -m "Initial commit"
+git -C "$repo" commit -q -m "Initial commit"
 say "sample repo: $repo"
 
 # Run by `sh -c` in /workspace, the agent's copy-on-write view of the repo.
@@ -47,8 +51,11 @@ git -C /workspace status --short
 EOF
 )"
 
-say "kapsis run $repo --agent shell --task '...'"
-"$KAPSIS" run "$repo" --agent shell --task "$task"
+say "kapsis run $repo --agent shell --branch demo/hello --task '...'"
+"$KAPSIS" run "$repo" --agent shell --branch demo/hello --task "$task"
+
+say "git -C $repo log --stat main..demo/hello: the host's commit of the agent's work"
+git -C "$repo" --no-pager log --stat main..demo/hello
 
 changes="$(git -C "$repo" status --short)"
 if [ -n "$changes" ]; then
@@ -56,7 +63,7 @@ if [ -n "$changes" ]; then
     echo "$changes" >&2
     exit 1
 fi
-say "git -C $repo status --short: empty; the agent's edits stayed in its sandbox"
+say "git -C $repo status --short: empty, still on $(git -C "$repo" branch --show-current); the agent's work is only on its branch"
 
 say "kapsis status"
 "$KAPSIS" status

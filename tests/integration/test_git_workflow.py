@@ -259,3 +259,30 @@ def test_a_project_that_is_not_a_repository_keeps_changes_in_the_upper_dir(
     upper = Path(str(kapsis.status(str(result["agent_id"]))["work_location"]))
     assert (upper / "b.txt").read_text() == "b\n"
     assert not (plain / "b.txt").exists()
+
+
+@pytest.mark.parametrize("mode", ["overlay", "worktree"])
+def test_the_agent_sees_one_branch_and_none_of_the_users_git_config(
+    kapsis: Kapsis, repo: Path, mode: str
+) -> None:
+    git(repo, "config", "http.extraHeader", "Authorization: token users-secret-token")
+    git(repo, "config", "credential.helper", "store")
+    git(repo, "branch", "private-work")
+    task = (
+        "set -e; echo status=[$(git status --porcelain)]; "
+        "echo head=$(git rev-parse --abbrev-ref HEAD); "
+        "echo branches=$(git branch --format='%(refname:short)' | tr '\\n' ' '); "
+        "echo remotes=[$(git remote)]; git config --list; cat /workspace/.git; "
+        "git log --oneline -1"
+    )
+    result = kapsis.run(repo, task, "--mode", mode, "--branch", f"view/{mode}")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "status=[]" in lines  # the copied index matches the files: a clean start
+    assert f"head=view/{mode}" in lines
+    assert f"branches=view/{mode}" in lines  # not main, not private-work
+    assert "remotes=[]" in lines
+    assert "users-secret-token" not in result.stdout
+    assert "credential.helper" not in result.stdout
+    assert "gitdir: /kapsis/git" in lines
+    assert any(line.endswith(" initial") for line in lines)  # history is readable

@@ -18,29 +18,44 @@ if TYPE_CHECKING:
 PHASE_STYLES = {"complete": "green", "failed": "red", "running": "cyan"}
 
 
+def _push_cell(record: AgentStatus) -> str:
+    if record.pr_url:
+        return record.pr_url
+    styles = {"pushed": "green", "diverged": "red", "failed": "red"}
+    if record.push_status == "not_requested":
+        return ""
+    style = styles.get(record.push_status)
+    return f"[{style}]{record.push_status}[/]" if style else record.push_status
+
+
 def status_table(records: Sequence[AgentStatus]) -> Table:
     table = Table(title="Kapsis agents", expand=False)
     for column in (
         "AGENT ID",
         "AGENT",
         "PHASE",
-        "PROGRESS",
         "EXIT",
-        "LIMITS",
+        "BRANCH",
+        "COMMIT",
+        "PUSH / PR",
         "NETWORK",
+        "LIMITS",
         "MESSAGE",
     ):
         table.add_column(column)
     for record in records:
         style = PHASE_STYLES.get(record.phase, "")
+        phase = f"{record.phase} {record.progress}%"
         table.add_row(
             record.agent_id,
             record.agent,
-            f"[{style}]{record.phase}[/]" if style else record.phase,
-            f"{record.progress}%",
+            f"[{style}]{phase}[/]" if style else phase,
             "" if record.exit_code is None else str(record.exit_code),
-            "enforced" if record.limits_enforced else "[bold red]NOT ENFORCED[/]",
+            record.branch or "",
+            (record.commit_sha or "")[:12],
+            _push_cell(record),
             record.network_mode if record.network_mode != "open" else "[bold yellow]OPEN[/]",
+            "enforced" if record.limits_enforced else "[bold red]NOT ENFORCED[/]",
             record.message,
         )
     return table

@@ -10,6 +10,7 @@ its sandbox dir, and the host only ever reads it as data (see :mod:`kapsis.git.a
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from kapsis.git.runner import Repo
@@ -37,10 +38,36 @@ def agent_git_config(agent: str, agent_id: str) -> str:
     )
 
 
+def _reusable_index(repo: Repo, index: Path | None, start: str) -> bool:
+    """Whether ``index`` (a checkout's index) describes exactly ``start``'s tree.
+
+    Copying it gives the agent an index with real stat data, so its first ``git status`` does
+    not re-read every file, and it costs far less than building one from the tree. A split
+    index points at other files and cannot be copied alone.
+    """
+    if index is None or not index.is_file() or any(index.parent.glob("sharedindex.*")):
+        return False
+    check = repo.run(
+        "diff-index", "--cached", "--quiet", start, env={"GIT_INDEX_FILE": str(index)}, check=False
+    )
+    return check.returncode == 0
+
+
 def build_agent_git(
-    repo: Repo, agent_git: Path, *, branch: str, start: str, agent: str, agent_id: str
+    repo: Repo,
+    agent_git: Path,
+    *,
+    branch: str,
+    start: str,
+    agent: str,
+    agent_id: str,
+    checkout_index: Path | None = None,
 ) -> None:
-    """Write the agent's git directory for ``branch`` at ``start``."""
+    """Write the agent's git directory for ``branch`` at ``start``.
+
+    ``checkout_index`` is the index of the checkout the agent will see (the project's, or the
+    worktree's); it is copied when it matches ``start``, else an index is built from the tree.
+    """
     ref = agent_git / "refs" / "heads" / branch
     ref.parent.mkdir(parents=True, exist_ok=True)
     (agent_git / "refs" / "tags").mkdir(parents=True, exist_ok=True)
@@ -52,7 +79,11 @@ def build_agent_git(
     (agent_git / "description").write_text("The agent's view of the project (kapsis).\n")
     ref.write_text(f"{start}\n")
     (agent_git / "objects" / "info" / "alternates").write_text(f"{OBJECTS_TARGET}\n")
-    repo.run("read-tree", start, env={"GIT_INDEX_FILE": str(agent_git / "index")})
+    if _reusable_index(repo, checkout_index, start):
+        assert checkout_index is not None
+        shutil.copyfile(checkout_index, agent_git / "index")
+    else:
+        repo.run("read-tree", start, env={"GIT_INDEX_FILE": str(agent_git / "index")})
 
 
 def write_gitlink(path: Path) -> None:

@@ -50,6 +50,7 @@ def prepare_workspace(plan: SandboxPlan) -> None:
             start=git.start_commit,
             agent=plan.agent,
             agent_id=plan.agent_id,
+            checkout_index=_checkout_index(plan, repo),
         )
         if workspace.mode == "overlay":
             write_gitlink(Path(workspace.upper) / ".git")
@@ -57,6 +58,16 @@ def prepare_workspace(plan: SandboxPlan) -> None:
                 build_delta(repo, git.start_commit, Path(workspace.delta))
     except GitCommandError as error:
         raise SandboxError(f"cannot prepare the agent's git workspace: {error}") from None
+
+
+def _checkout_index(plan: SandboxPlan, repo: Repo) -> Path | None:
+    """The index of the files the agent will see, if one exists that can describe them."""
+    workspace = plan.workspace
+    if workspace.mode == "worktree" and workspace.worktree is not None:
+        own = Repo.discover(Path(workspace.worktree))
+        return own.git_dir / "index" if own is not None else None
+    # Overlay: the project's checkout is the lower layer; with a delta on top it is not.
+    return None if workspace.needs_delta else repo.git_dir / "index"
 
 
 def _create_branch(repo: Repo, branch: str, start: str, *, resume: bool) -> None:
