@@ -1,0 +1,199 @@
+"""The workspace and git part of the plan: decided from the config and the repository, pure data."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kapsis.agents import find_profile
+from kapsis.backends.podman import agent_run_args, workspace_volume_args
+from kapsis.config.loader import load_config
+from kapsis.errors import ConfigError
+from kapsis.sandbox.plan import RunRequest, SandboxPlan, build_plan
+from kapsis.sandbox.save_work import commit_message
+
+from .conftest import ROOTFUL_V1
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+@pytest.fixture(autouse=True)
+def no_global_git_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "git-home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(root)], check=True)
+    git(root, "config", "user.name", "Ada Tester")
+    git(root, "config", "user.email", "ada@example.test")
+    (root / "README.md").write_text("# r\n")
+    git(root, "add", ".")
+    git(root, "commit", "-q", "-m", "initial")
+    return root
+
+
+def plan_for(
+    project: Path, tmp_path: Path, config: str | None = None, **request: object
+) -> SandboxPlan:
+    config_file = None
+    if config is not None:
+        config_file = tmp_path / "run.yaml"
+        config_file.write_text(config)
+    fields: dict[str, object] = {"task": "Fix the login bug!", "agent_id": "ab12", **request}
+    run_request = RunRequest(project=project, config_file=config_file, **fields)  # type: ignore[arg-type]
+    loaded = load_config(project, config_file, run_request.flag_values())
+    return build_plan(run_request, loaded, find_profile("shell"), ROOTFUL_V1, environ={})
+
+
+def test_a_repository_gets_an_automatic_branch_from_the_checked_out_commit(
+    repo: Path, tmp_path: Path, kapsis_home: Path
+) -> None:
+    plan = plan_for(repo, tmp_path)
+    assert plan.git.branch == "kapsis/fix-the-login-bug-ab12"
+    assert plan.git.start_commit == git(repo, "rev-parse", "HEAD")
+    assert plan.git.base == "main"
+    assert plan.git.resume is False
+    assert plan.git.committer == "Ada Tester <ada@example.test>"
+    assert plan.workspace.agent_git == str(kapsis_home / "sandboxes" / "ab12" / "agent-git")
+    assert plan.workspace.needs_delta is False
+    # Planning creates nothing: no branch yet, no files.
+    assert git(repo, "branch", "--list", "kapsis/*") == ""
+    assert not (kapsis_home / "sandboxes").exists()
+
+
+def test_an_existing_branch_is_continued_and_needs_a_delta_layer(
+    repo: Path, tmp_path: Path
+) -> None:
+    git(repo, "branch", "feature/x")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "main moves on")
+    plan = plan_for(repo, tmp_path, branch="feature/x")
+    assert plan.git.resume is True
+    assert plan.git.start_commit == git(repo, "rev-parse", "feature/x")
+    assert plan.workspace.needs_delta is True  # the checkout (main) is not the branch's tip
+
+
+def test_worktree_mode_plans_a_worktree_and_a_gitlink(
+    repo: Path, tmp_path: Path, kapsis_home: Path
+) -> None:
+    plan = plan_for(repo, tmp_path, mode="worktree")
+    assert plan.workspace.mode == "worktree"
+    assert plan.workspace.worktree == str(kapsis_home / "worktrees" / "repo-ab12")
+    volumes = workspace_volume_args(plan)
+    assert f"{plan.workspace.merged}:/workspace" in volumes
+    assert f"{plan.workspace.gitlink}:/workspace/.git:ro" in volumes
+    assert f"{plan.workspace.agent_git}:/kapsis/git" in volumes
+    assert f"{plan.workspace.objects}:/kapsis/objects:ro" in volumes
+    assert set(volumes) <= set(agent_run_args(plan, detach=False, uid_base=0))
+
+
+def test_the_users_objects_are_read_only_and_their_git_dir_is_never_mounted(
+    repo: Path, tmp_path: Path
+) -> None:
+    volumes = workspace_volume_args(plan_for(repo, tmp_path))
+    mounts = [volumes[i + 1] for i in range(0, len(volumes), 2)]
+    assert all(not m.startswith(f"{repo}/.git:") for m in mounts)
+    assert [m for m in mounts if m.endswith("/kapsis/objects:ro")]
+
+
+@pytest.mark.parametrize(
+    ("config", "flags", "expected"),
+    [
+        ("filesystem:\n  mode: worktree\n", {}, "filesystem.mode: 'worktree' needs a git"),
+        (None, {"branch": "feature/x"}, "git.branch: "),
+    ],
+)
+def test_git_features_on_a_plain_folder_are_usage_errors(
+    project: Path, tmp_path: Path, config: str | None, flags: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        plan_for(project, tmp_path, config, **flags)
+    assert expected in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_plain_folder_runs_without_git(project: Path, tmp_path: Path) -> None:
+    plan = plan_for(project, tmp_path)
+    assert plan.git.repository is False
+    assert plan.git.branch is None
+    assert plan.workspace.agent_git is None
+    assert not [v for v in workspace_volume_args(plan) if "/kapsis/" in v]
+
+
+def test_a_subdirectory_of_a_repository_is_refused(repo: Path, tmp_path: Path) -> None:
+    (repo / "sub").mkdir()
+    with pytest.raises(ConfigError, match="inside the git repository"):
+        plan_for(repo / "sub", tmp_path)
+
+
+def test_no_git_identity_is_a_usage_error_naming_both_fixes(repo: Path, tmp_path: Path) -> None:
+    git(repo, "config", "--unset", "user.name")
+    with pytest.raises(ConfigError) as caught:
+        plan_for(repo, tmp_path)
+    assert "git.committer" in str(caught.value)
+    assert "git config --global user.name" in str(caught.value)
+    # Either fix works: the config's identity, or none needed when nothing is committed.
+    plan = plan_for(repo, tmp_path, "git:\n  committer: 'Bot <bot@example.test>'\n")
+    assert plan.git.committer == "Bot <bot@example.test>"
+    assert plan_for(repo, tmp_path, "git:\n  auto_commit: false\n").git.committer is None
+
+
+def test_an_invalid_branch_name_names_the_flag(repo: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        plan_for(repo, tmp_path, branch="bad..name")
+    assert str(caught.value).startswith("flag --branch: 'bad..name' is not a valid branch name")
+
+
+def test_the_users_checked_out_branch_is_refused(repo: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="checked out in"):
+        plan_for(repo, tmp_path, branch="main")
+
+
+def test_a_task_with_shell_metacharacters_becomes_a_plain_branch_name(
+    repo: Path, tmp_path: Path
+) -> None:
+    plan = plan_for(repo, tmp_path, task="$(rm -rf /); `id` && echo ~ ^ : ? * [ \\ ..")
+    assert plan.git.branch == "kapsis/rm-rf-id-echo-ab12"
+
+
+def test_commit_message_template_and_co_authors(repo: Path, tmp_path: Path) -> None:
+    plan = plan_for(
+        repo,
+        tmp_path,
+        "git:\n"
+        "  commit_message: '[{agent}] {task} ({agent_id} on {branch} from {base})'\n"
+        "  co_authors: ['Bob Reviewer <bob@example.test>']\n",
+    )
+    assert commit_message(plan) == (
+        "[shell] Fix the login bug! (ab12 on kapsis/fix-the-login-bug-ab12 from main)\n\n"
+        "Co-authored-by: Bob Reviewer <bob@example.test>\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("git:\n  commit_message: '{who}'\n", "unknown field {who}"),
+        ("git:\n  co_authors: ['no email here']\n", "write 'Name <email>'"),
+        ("git:\n  committer: 'x@y'\n", "write 'Name <email>'"),
+        ("filesystem:\n  mode: copy\n", "filesystem.mode"),
+    ],
+)
+def test_bad_git_settings_are_one_line_errors_with_file_and_line(
+    repo: Path, tmp_path: Path, text: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        plan_for(repo, tmp_path, text)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'run.yaml'}:2: ")
+    assert expected in message
