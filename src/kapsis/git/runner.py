@@ -10,7 +10,9 @@ name chosen by the agent is never read as a glob or pathspec magic.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -130,8 +132,31 @@ class Repo:
     def run_timeout(
         self, args: Sequence[str], *, timeout: float
     ) -> subprocess.CompletedProcess[bytes]:
-        """A network command (fetch, push, ls-remote) with a time limit."""
-        return self.run(*args, timeout=timeout)
+        """A network command (fetch, push, ls-remote) with a time limit.
+
+        Git hands the transport to helpers (ssh, git-remote-https) that inherit its pipes; on a
+        timeout the whole process group is killed, or waiting for those pipes would hang.
+        Raises :class:`subprocess.TimeoutExpired` or :class:`GitCommandError`.
+        """
+        process = subprocess.Popen(
+            self.command(*args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.environment(),
+            cwd=self.root,
+            start_new_session=True,
+        )
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+        if process.returncode != 0:
+            raise GitCommandError(args, process.returncode, stderr.decode(errors="replace"))
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
     def text_timeout(self, args: Sequence[str], *, timeout: float) -> str:
         return self.run_timeout(args, timeout=timeout).stdout.decode().strip()
