@@ -197,3 +197,21 @@ def test_bad_git_settings_are_one_line_errors_with_file_and_line(
     message = str(caught.value)
     assert message.startswith(f"{tmp_path / 'run.yaml'}:2: ")
     assert expected in message
+
+
+def test_rootless_overlay_refuses_a_start_it_cannot_show(repo: Path, tmp_path: Path) -> None:
+    from kapsis.errors import HostUnsupportedError
+    from kapsis.host.facts import HostFacts
+
+    git(repo, "branch", "feature/x")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "main moves on")
+    rootless = HostFacts(rootless=True, cgroup_version=2, apparmor=False)
+    request = RunRequest(project=repo, task="t", agent_id="ab12", branch="feature/x")
+    loaded = load_config(repo, None, request.flag_values())
+    with pytest.raises(HostUnsupportedError, match="--mode worktree"):
+        build_plan(request, loaded, find_profile("shell"), rootless, environ={})
+    worktree = RunRequest(
+        project=repo, task="t", agent_id="ab12", branch="feature/x", mode="worktree"
+    )
+    loaded = load_config(repo, None, worktree.flag_values())
+    assert build_plan(worktree, loaded, find_profile("shell"), rootless, environ={}).git.resume

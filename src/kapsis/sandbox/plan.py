@@ -217,6 +217,13 @@ def build_plan(
     command = _command(config.agent.command or profile.command, task_text)
     summary = _summary(task_text, spec_source)
     workspace, git = plan_workspace_and_git(loaded, project, agent_id, task_text)
+    if workspace.needs_delta and host.rootless:
+        # Podman's rootless overlay volume takes one lower layer: the checkout.
+        raise HostUnsupportedError(
+            f"the agent starts from {git.base} ({(git.start_commit or '')[:12]}), not from the "
+            f"checked-out commit, which rootless overlay mode cannot show; use --mode worktree, "
+            "or check that commit out first"
+        )
     sandbox_root = paths.sandbox_dir(agent_id)
     env = {
         **profile.env,
