@@ -24,11 +24,21 @@ _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _OBJECT_DIR_RE = re.compile(r"^([0-9a-f]{2}|pack)$")
 
 
+def _no_symlinks_below(root: Path, path: Path) -> bool:
+    """Whether no component of ``path`` after ``root`` is a symlink (the agent may plant one)."""
+    current = root
+    for part in path.relative_to(root).parts:
+        current = current / part
+        if current.is_symlink():
+            return False
+    return True
+
+
 def read_branch_tip(agent_git: Path, branch: str) -> str | None:
     """The agent's tip of ``branch`` from its loose ref or packed-refs, or None."""
     loose = agent_git / "refs" / "heads" / branch
     try:
-        if loose.is_file() and not loose.is_symlink():
+        if _no_symlinks_below(agent_git, loose) and loose.is_file():
             value = loose.read_text(encoding="ascii", errors="replace").strip()
             return value if _SHA_RE.match(value) else None
     except OSError:

@@ -37,14 +37,16 @@ def auto_branch_name(task_summary: str, agent_id: str) -> str:
 
 def check_branch_name(name: str, where: str) -> str:
     """``name`` if git accepts it as a branch name; else a ConfigError naming ``where``."""
+    # Outside any repository, so that "@{-1}" is judged as a name, not expanded.
     result = subprocess.run(
         [GIT, "check-ref-format", "--branch", name],
         capture_output=True,
         text=True,
-        env=git_environment(),
+        env=git_environment({"GIT_CEILING_DIRECTORIES": "/"}),
+        cwd="/",
         check=False,
     )
-    if result.returncode != 0 or name.startswith("-") or name == "HEAD":
+    if result.returncode != 0 or name.startswith("-") or name == "HEAD" or "@{" in name:
         raise ConfigError(
             f"{where}: {name!r} is not a valid branch name (git's rules: no spaces, '..', '~', "
             "'^', ':', '?', '*', '[', '\\\\', no leading '-' or trailing '.lock'); pick another"

@@ -7,8 +7,9 @@ Two sources give the same :class:`WorkspaceChanges`:
 * a worktree (:func:`from_worktree`): every file is compared with the start commit's tree.
 
 Only regular files and symlinks count; fifos, sockets and devices an agent may leave behind are
-listed as ignored. Symlinks are read as links and never followed, and the top-level ``.git`` is
-the agent's own git view, never part of its work.
+listed as unsupported. Symlinks are read as links and never followed. The top-level ``.git`` is
+the agent's own git view, never part of its work; a ``.git`` anywhere else (any case) is a path
+git refuses to check out, so it is listed as unsupported too.
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def _walk_upper(directory: Path, prefix: str, changes: WorkspaceChanges) -> None
             if not prefix and entry.name == ".git":
                 continue
             relative = _join(prefix, entry.name)
+            if entry.name.lower() == ".git":
+                changes.unsupported.append(relative)
+                continue
             st = entry.stat(follow_symlinks=False)
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
                 changes.deleted.append(relative)
@@ -140,8 +144,15 @@ def _walk_worktree(
             if not prefix and entry.name == ".git":
                 continue
             relative = _join(prefix, entry.name)
+            if entry.name.lower() == ".git":
+                changes.unsupported.append(relative)
+                continue
             st = entry.stat(follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
+                before = start_tree.get(relative)
+                if before is not None and before.mode == MODE_GITLINK:
+                    present.add(relative)  # a checked-out submodule: its own repository
+                    continue
                 _walk_worktree(Path(entry.path), relative, start_tree, changes, present)
                 continue
             if stat.S_ISREG(st.st_mode):

@@ -87,6 +87,7 @@ def commit_workspace(request: CommitRequest, changes: WorkspaceChanges) -> Commi
     start = request.start_commit
     with repository_lock(repo.common_dir):
         tip = start
+        agent_tip: str | None = None
         agent_commits = 0
         squash = False
         outcome_excluded: set[str] = set()
@@ -109,8 +110,9 @@ def commit_workspace(request: CommitRequest, changes: WorkspaceChanges) -> Commi
 
         start_tree = tree_listing(repo, start)
         tracked = set(start_tree)
-        if tip != start:
-            tracked |= set(tree_listing(repo, tip))
+        if agent_tip is not None and agent_tip != start:
+            # What the agent committed counts as tracked even when its commits are squashed.
+            tracked |= set(tree_listing(repo, agent_tip))
         written = dict(changes.written)
         for path in list(written):
             if is_excluded(path, request.exclude):

@@ -9,9 +9,11 @@ commit stays where it is and the outcome carries a command the user can paste to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
+import signal
 import subprocess
 from dataclasses import dataclass
 from typing import Literal
@@ -139,18 +141,27 @@ def run_post_push_hook(
         "KAPSIS_AGENT_ID": agent_id,
         "KAPSIS_PROJECT": str(repo.root),
     }
+    # Its own process group, so that a time-out stops what the hook started, too.
+    process = subprocess.Popen(
+        ["sh", "-c", command],
+        cwd=repo.root,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        result = subprocess.run(
-            ["sh", "-c", command],
-            cwd=repo.root,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         return 124, None, f"the post-push hook took longer than {timeout:g}s"
-    match = _URL_RE.search(result.stdout)
-    return result.returncode, match.group(0) if match else None, result.stdout + result.stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # nothing of the hook outlives it
+    match = _URL_RE.search(stdout)
+    url = match.group(0).rstrip(".,;:!?)]}'\"") if match else None
+    return process.returncode, url, stdout + stderr

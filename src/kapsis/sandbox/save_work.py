@@ -143,7 +143,8 @@ def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
         )
     if result.unsupported:
         outcome.notes.append(
-            "not committed (not a file or symlink): " + ", ".join(result.unsupported)
+            "not committed (not a file or symlink, or a nested .git): "
+            + ", ".join(result.unsupported)
         )
     if result.commit_sha is None:
         outcome.notes.append("the agent changed nothing; no commit")

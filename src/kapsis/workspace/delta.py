@@ -15,11 +15,19 @@ from pathlib import Path
 
 from kapsis.git.changes import MODE_EXECUTABLE, MODE_GITLINK, MODE_SYMLINK
 from kapsis.git.commit import tree_listing
-from kapsis.git.runner import Repo
+from kapsis.git.runner import Repo, without_filters
 
 
 def _differing_paths(repo: Repo, start: str) -> list[str]:
-    raw = repo.run("diff-index", "-z", "--no-renames", "--name-only", start).stdout
+    # Comparing with the checkout may re-read files; no filter driver may run while it does.
+    raw = repo.run(
+        "diff-index",
+        "-z",
+        "--no-renames",
+        "--name-only",
+        start,
+        extra_config=without_filters(repo),
+    ).stdout
     return [os.fsdecode(p) for p in raw.split(b"\0") if p]
 
 
@@ -62,13 +70,18 @@ def build_delta(repo: Repo, start: str, delta: Path) -> int:
         else:
             target.write_bytes(contents[entry.object_id])
             target.chmod(0o755 if entry.mode == MODE_EXECUTABLE else 0o644)
+    written = set(present)
     kept_dirs = {str(parent) for p in present for parent in Path(p).parents}
     for path in paths:
         if path in listing:
             continue
-        target = delta / path
-        if path in kept_dirs or target.exists():
+        if path in kept_dirs or os.path.lexists(delta / path):
             continue  # a directory of the start commit now stands where the checkout has a file
+        if any(str(parent) in written for parent in Path(path).parents):
+            # A file or symlink of the start commit already hides the checkout's directory;
+            # writing below it would follow that symlink out of the layer.
+            continue
+        target = delta / path
         target.parent.mkdir(parents=True, exist_ok=True)
         # A whiteout: hides the checkout's file from the agent's view.
         os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0))

@@ -9,32 +9,10 @@ inspect an agent-written tree.
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
-from kapsis.git.runner import Repo
-
-_FILTER_KEY_RE = re.compile(r"^filter\.(.+)\.(clean|smudge|process|required)$")
-
-
-def filter_drivers(repo: Repo) -> list[str]:
-    """Names of the filter drivers configured for ``repo`` (system, global or local)."""
-    result = repo.run("config", "--name-only", "--get-regexp", r"^filter\.", check=False)
-    names: list[str] = []
-    for key in result.stdout.decode(errors="replace").splitlines():
-        match = _FILTER_KEY_RE.match(key.strip())
-        if match and match.group(1) not in names:
-            names.append(match.group(1))
-    return names
-
-
-def without_filters(repo: Repo) -> list[str]:
-    settings: list[str] = []
-    for name in filter_drivers(repo):
-        settings += [f"filter.{name}.{key}=" for key in ("clean", "smudge", "process")]
-        settings.append(f"filter.{name}.required=false")
-    return settings
+from kapsis.git.runner import Repo, without_filters
 
 
 def add_worktree(repo: Repo, path: Path, branch: str) -> None:
