@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from kapsis.errors import GitWorkflowError
 from kapsis.git.agent_commits import read_branch_tip
-from kapsis.git.changes import from_worktree
+from kapsis.git.changes import blob_id, from_worktree
 from kapsis.git.commit import CommitOutcome, CommitRequest, commit_workspace, tree_listing
 from kapsis.git.runner import Repo
 from kapsis.workspace.gitview import build_agent_git
@@ -28,6 +29,9 @@ from .gitrepo import (
     tree,
     write_files,
 )
+
+# Any of the host's refusals of damaged agent history: unreadable, incomplete, or not on start.
+REFUSED = "could not be read|incomplete|rewrote its branch"
 
 BRANCH = "kapsis/agent-work-a1"
 AGENT_NAME = "Kapsis agent claude"
@@ -281,6 +285,13 @@ def test_agent_commit_with_an_excluded_file_is_squashed_out_of_history(
     assert entries["a.txt"] == ("100644", b"a2\n")
     assert entries["README.md"] == ("100644", b"hello agent\n")
     assert "squashed" in git(project, "log", "-1", "--format=%B", tip)
+    # The refused commits were checked in quarantine: the secret's blob never entered the
+    # user's object store, not even as an unreachable object.
+    secret_blob = blob_id(b"TOKEN=secret\n")
+    probe = subprocess.run(
+        ["git", "-C", str(project), "cat-file", "-e", secret_blob], capture_output=True
+    )
+    assert probe.returncode != 0
 
 
 def test_excluded_file_committed_then_removed_still_squashes(
@@ -365,7 +376,7 @@ def test_missing_object_in_the_agents_store_is_refused(
     blob = agent.git("rev-parse", f"{tip}:new.txt")
     agent.object_file(blob).unlink()
 
-    with pytest.raises(GitWorkflowError, match="could not be read"):
+    with pytest.raises(GitWorkflowError, match=REFUSED):
         save(repo, start, agent)
 
     assert rev(project, f"refs/heads/{BRANCH}") == start
@@ -380,7 +391,7 @@ def test_corrupt_object_in_the_agents_store_is_refused(
     path.unlink()
     path.write_bytes(b"this is not zlib data at all")
 
-    with pytest.raises(GitWorkflowError, match="could not be read"):
+    with pytest.raises(GitWorkflowError, match=REFUSED):
         save(repo, start, agent)
 
     assert rev(project, f"refs/heads/{BRANCH}") == start
@@ -399,7 +410,7 @@ def test_object_whose_content_does_not_match_its_name_is_refused(
     path.write_bytes(zlib.compress(b"commit %d\0" % len(forged) + forged))
 
     # index-pack names objects by their content, so the forged commit cannot pose as the tip
-    with pytest.raises(GitWorkflowError, match="incomplete"):
+    with pytest.raises(GitWorkflowError, match=REFUSED):
         save(repo, start, agent)
 
     assert rev(project, f"refs/heads/{BRANCH}") == start
@@ -467,7 +478,7 @@ def test_objects_reached_through_links_to_another_repository_are_not_imported(
     other, commit = other_repo
     plant_other_objects(agent, other, start, commit, how)
 
-    with pytest.raises(GitWorkflowError, match="could not be read"):
+    with pytest.raises(GitWorkflowError, match=REFUSED):
         save(repo, start, agent)
 
     assert rev(project, f"refs/heads/{BRANCH}") == start

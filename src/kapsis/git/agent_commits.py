@@ -1,11 +1,11 @@
 """Bring the commits an agent made in its own git view into the project, as untrusted data.
 
 The agent's git directory is agent-writable, so the host never runs git *in* it (its config,
-hooks and alternates are the agent's). Instead the host reads one ref file as text, copies the
-regular files of the agent's object store into a directory it owns (no symlinks, no
-``info/alternates``), packs the named commits' objects from there with its own git and indexes
-them into the project (``index-pack`` recomputes every object name), then checks that the
-history is complete and descends from the commit the agent started from.
+hooks and alternates are the agent's). Instead the host reads one ref file as text and copies
+the regular files of the agent's object store into a quarantine directory it owns (no symlinks,
+no ``info/alternates``). There it checks that the history is complete and descends from the
+commit the agent started from, and which paths it touched. Only accepted commits are packed
+from quarantine and indexed into the project (``index-pack`` recomputes every object name).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from kapsis.errors import GitWorkflowError
-from kapsis.git.runner import GIT, GitCommandError, Repo, git_environment
+from kapsis.git.runner import GitCommandError, Repo, git_environment
 
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _OBJECT_DIR_RE = re.compile(r"^([0-9a-f]{2}|pack)$")
@@ -68,27 +68,87 @@ def _copy_object_store(source: Path, destination: Path) -> None:
                 shutil.copyfile(item, target / item.name, follow_symlinks=False)
 
 
-def import_commits(repo: Repo, agent_git: Path, start: str, tip: str) -> None:
-    """Copy the objects of ``start..tip`` from the agent's store into ``repo`` and check them."""
-    with tempfile.TemporaryDirectory(prefix="kapsis-objects-") as scratch:
-        objects = Path(scratch) / "objects"
+class AgentObjects:
+    """The agent's objects in quarantine: readable by host git, not yet in the repository.
+
+    Used as a context manager; ``env`` makes host git commands see the quarantined objects
+    next to the repository's own. Only :meth:`import_into_repository` copies them in, so
+    commits the host refuses or squashes leave nothing behind in the user's object store.
+    """
+
+    def __init__(self, repo: Repo, agent_git: Path) -> None:
+        self.repo = repo
+        self.agent_git = agent_git
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        self.env: dict[str, str] = {}
+
+    def __enter__(self) -> AgentObjects:
+        self._scratch = tempfile.TemporaryDirectory(prefix="kapsis-objects-")
+        objects = Path(self._scratch.name) / "objects"
         objects.mkdir()
-        _copy_object_store(agent_git / "objects", objects)
-        env = git_environment({"GIT_ALTERNATE_OBJECT_DIRECTORIES": str(objects)})
-        base = [GIT, "-c", "core.hooksPath=/dev/null", f"--git-dir={repo.git_dir}"]
+        _copy_object_store(self.agent_git / "objects", objects)
+        self.env = {"GIT_ALTERNATE_OBJECT_DIRECTORIES": str(objects)}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._scratch is not None:
+            self._scratch.cleanup()
+
+    def verify(self, start: str, tip: str) -> int:
+        """Check that ``tip`` is a complete history on top of ``start``; return its length."""
+        repo, env = self.repo, self.env
+        try:
+            kind = repo.run("cat-file", "-t", tip, env=env).stdout.decode().strip()
+            if kind != "commit":
+                raise GitWorkflowError(f"the agent's branch points at {tip}, which is not a commit")
+            repo.run("rev-list", "--objects", "--missing=error", tip, f"^{start}", env=env)
+        except GitCommandError as error:
+            raise GitWorkflowError(f"the agent's commits are incomplete: {error}") from None
+        ancestry = repo.run("merge-base", "--is-ancestor", start, tip, env=env, check=False)
+        if ancestry.returncode != 0:
+            raise GitWorkflowError(
+                f"the agent rewrote its branch: {tip[:12]} does not descend from the start "
+                f"commit {start[:12]}"
+            )
+        return int(repo.run("rev-list", "--count", tip, f"^{start}", env=env).stdout)
+
+    def touched_paths(self, start: str, tip: str) -> set[str]:
+        """Every path any commit in ``start..tip`` added, changed or removed."""
+        commits = self.repo.run("rev-list", tip, f"^{start}", env=self.env).stdout
+        if not commits.strip():
+            return set()
+        listing = self.repo.run(
+            "diff-tree",
+            "--stdin",
+            "-r",
+            "-m",
+            "-z",
+            "--no-renames",
+            "--name-only",
+            "--no-commit-id",
+            input=commits,
+            env=self.env,
+        ).stdout
+        return {path for path in listing.decode(errors="surrogateescape").split("\0") if path}
+
+    def import_into_repository(self, start: str, tip: str) -> None:
+        """Pack ``start..tip`` from quarantine and index it into the repository."""
+        repo = self.repo
         packer = subprocess.Popen(
-            [*base, "pack-objects", "--revs", "--stdout", "--quiet"],
+            repo.command("pack-objects", "--revs", "--stdout", "--quiet"),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=env,
+            env=git_environment(self.env),
+            cwd=repo.root,
         )
         indexer = subprocess.Popen(
-            [*base, "index-pack", "--stdin", "--fix-thin"],
+            repo.command("index-pack", "--stdin", "--fix-thin"),
             stdin=packer.stdout,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=git_environment(),
+            cwd=repo.root,
         )
         assert packer.stdin is not None and packer.stdout is not None
         packer.stdout.close()  # the indexer owns the pipe now
@@ -100,33 +160,7 @@ def import_commits(repo: Repo, agent_git: Path, start: str, tip: str) -> None:
             detail = (packer_error or indexer_error).decode(errors="replace").strip()
             last = detail.splitlines()[-1] if detail else "corrupt objects"
             raise GitWorkflowError(f"the agent's commits could not be read ({last})")
-    try:
-        if repo.text("cat-file", "-t", tip) != "commit":
-            raise GitWorkflowError(f"the agent's branch points at {tip}, which is not a commit")
-        repo.run("rev-list", "--objects", "--missing=error", f"{tip}", f"^{start}")
-    except GitCommandError as error:
-        raise GitWorkflowError(f"the agent's commits are incomplete: {error}") from None
-    if not repo.is_ancestor(start, tip):
-        raise GitWorkflowError(
-            f"the agent rewrote its branch: {tip[:12]} does not descend from the start "
-            f"commit {start[:12]}"
-        )
-
-
-def touched_paths(repo: Repo, start: str, tip: str) -> set[str]:
-    """Every path any commit in ``start..tip`` added, changed or removed."""
-    commits = repo.text("rev-list", tip, f"^{start}")
-    if not commits:
-        return set()
-    listing = repo.run(
-        "diff-tree",
-        "--stdin",
-        "-r",
-        "-m",
-        "-z",
-        "--no-renames",
-        "--name-only",
-        "--no-commit-id",
-        input=(commits + "\n").encode(),
-    ).stdout
-    return {os_path for os_path in listing.decode(errors="surrogateescape").split("\0") if os_path}
+        try:
+            repo.run("rev-list", "--objects", "--missing=error", tip, f"^{start}")
+        except GitCommandError as error:
+            raise GitWorkflowError(f"the agent's commits are incomplete: {error}") from None

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kapsis.errors import GitWorkflowError
-from kapsis.git.agent_commits import import_commits, read_branch_tip, touched_paths
+from kapsis.git.agent_commits import AgentObjects, read_branch_tip
 from kapsis.git.changes import TreeEntry, WorkspaceChanges, Written
 from kapsis.git.lock import repository_lock
 from kapsis.git.runner import Repo
@@ -55,8 +55,10 @@ def is_excluded(path: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def tree_listing(repo: Repo, commit: str) -> dict[str, TreeEntry]:
-    raw = repo.run("ls-tree", "-r", "-z", "--full-tree", commit).stdout
+def tree_listing(
+    repo: Repo, commit: str, env: dict[str, str] | None = None
+) -> dict[str, TreeEntry]:
+    raw = repo.run("ls-tree", "-r", "-z", "--full-tree", commit, env=env).stdout
     listing: dict[str, TreeEntry] = {}
     for record in raw.split(b"\0"):
         if not record:
@@ -87,32 +89,32 @@ def commit_workspace(request: CommitRequest, changes: WorkspaceChanges) -> Commi
     start = request.start_commit
     with repository_lock(repo.common_dir):
         tip = start
-        agent_tip: str | None = None
         agent_commits = 0
         squash = False
         outcome_excluded: set[str] = set()
-        if request.agent_git is not None:
-            agent_tip = read_branch_tip(request.agent_git, request.branch)
-            if agent_tip is not None and agent_tip != start:
-                import_commits(repo, request.agent_git, start, agent_tip)
-                agent_commits = int(repo.text("rev-list", "--count", agent_tip, f"^{start}"))
+        tracked = set(tree_listing(repo, start))
+        agent_tip = (
+            read_branch_tip(request.agent_git, request.branch) if request.agent_git else None
+        )
+        if request.agent_git is not None and agent_tip is not None and agent_tip != start:
+            with AgentObjects(repo, request.agent_git) as agent_objects:
+                agent_commits = agent_objects.verify(start, agent_tip)
+                # What the agent committed counts as tracked even when its commits are squashed.
+                tracked |= set(tree_listing(repo, agent_tip, env=agent_objects.env))
                 leaked = {
-                    p
-                    for p in touched_paths(repo, start, agent_tip)
-                    if is_excluded(p, request.exclude)
+                    path
+                    for path in agent_objects.touched_paths(start, agent_tip)
+                    if is_excluded(path, request.exclude)
                 }
                 if leaked:
-                    # Keeping those commits would put excluded files in the branch's history.
+                    # Keeping those commits would put excluded files in the branch's history;
+                    # they are not imported at all.
                     squash = True
                     outcome_excluded |= leaked
                 else:
+                    agent_objects.import_into_repository(start, agent_tip)
                     tip = agent_tip
 
-        start_tree = tree_listing(repo, start)
-        tracked = set(start_tree)
-        if agent_tip is not None and agent_tip != start:
-            # What the agent committed counts as tracked even when its commits are squashed.
-            tracked |= set(tree_listing(repo, agent_tip))
         written = dict(changes.written)
         for path in list(written):
             if is_excluded(path, request.exclude):
