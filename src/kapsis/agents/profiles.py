@@ -1,11 +1,18 @@
 """Load agent profiles: the built-ins shipped in ``builtin/`` and the user's own YAML files.
 
 A user profile in ``~/.config/kapsis/agents/NAME.yaml`` replaces a built-in of the same name.
+
+The built-ins are also shipped pre-parsed in ``builtin/parsed.json`` (written by
+``scripts/gen_builtin_profiles.py``), so that a run with no YAML file of its own never imports
+the YAML parser. The pre-parsed entry is used only while it holds the exact text of the YAML file
+beside it; otherwise the file is parsed as usual.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -13,7 +20,11 @@ from kapsis import paths
 from kapsis.config.models import EnvName, HostPattern, SandboxPath, Section
 from kapsis.errors import AgentNotFoundError, ConfigError
 
+if TYPE_CHECKING:
+    from kapsis.config.loader import ConfigLayer
+
 BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTIN_PARSED = BUILTIN_DIR / "parsed.json"
 
 
 class ProfileNetwork(Section):
@@ -45,7 +56,7 @@ class AgentProfile(Section):
 def _load_file(path: Path, source: str) -> AgentProfile:
     from kapsis.config.loader import read_yaml_layer, validate_model
 
-    layer = read_yaml_layer(path)
+    layer = (_parsed_builtin(path) if source == "builtin" else None) or read_yaml_layer(path)
     declared = layer.data.get("name", path.stem)
     if declared != path.stem:
         # --agent finds profiles by file name; a different inner name would show another agent.
@@ -56,6 +67,35 @@ def _load_file(path: Path, source: str) -> AgentProfile:
         )
     data = {**layer.data, "name": path.stem, "source": source}
     return validate_model(AgentProfile, data, layer.origins, where=str(path))
+
+
+def builtin_parsed_entries() -> dict[str, Any]:
+    """What ``builtin/parsed.json`` must hold: each built-in's text, data and key lines."""
+    from kapsis.config.loader import read_yaml_layer
+
+    entries: dict[str, Any] = {}
+    for path in sorted(BUILTIN_DIR.glob("*.yaml")):
+        layer = read_yaml_layer(path)
+        entries[path.stem] = {
+            "text": path.read_text(encoding="utf-8"),
+            "data": layer.data,
+            "lines": [[list(key), origin.line] for key, origin in layer.origins.items()],
+        }
+    return entries
+
+
+def _parsed_builtin(path: Path) -> ConfigLayer | None:
+    """The layer ``read_yaml_layer(path)`` would give, from ``parsed.json``, if it is current."""
+    from kapsis.config.loader import ConfigLayer, Origin
+
+    try:
+        entry = json.loads(BUILTIN_PARSED.read_text(encoding="utf-8"))[path.stem]
+        if entry["text"] != path.read_text(encoding="utf-8"):
+            return None  # the YAML was edited after parsed.json was written
+    except (OSError, ValueError, KeyError):
+        return None
+    origins = {tuple(key): Origin("file", path, line) for key, line in entry["lines"]}
+    return ConfigLayer(entry["data"], origins, Origin("file", path))
 
 
 def _profile_files() -> dict[str, tuple[Path, str]]:
