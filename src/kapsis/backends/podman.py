@@ -123,16 +123,35 @@ def workspace_volume_args(plan: SandboxPlan) -> list[str]:
 def _run(
     args: list[str], *, what: str, check: bool = True, cwd: str | None = None
 ) -> subprocess.CompletedProcess[str]:
+    return _wait(_start(args, cwd=cwd), what=what, check=check)
+
+
+def _start(args: list[str], *, cwd: str | None = None) -> subprocess.Popen[str]:
+    """Start a podman command with its output captured; :func:`_wait` collects it."""
     try:
-        result = subprocess.run(args, capture_output=True, text=True, check=False, cwd=cwd)
+        return subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd
+        )
     except FileNotFoundError:
         raise HostUnsupportedError(
             "podman is not installed; run `kapsis setup --check` for how to install it"
         ) from None
-    if check and result.returncode != 0:
+
+
+def _wait(
+    process: subprocess.Popen[str], *, what: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    stdout, stderr = process.communicate()
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    if check:
+        _check(result, what=what)
+    return result
+
+
+def _check(result: subprocess.CompletedProcess[str], *, what: str) -> None:
+    if result.returncode != 0:
         detail = (result.stderr.strip().splitlines() or ["no error output"])[-1]
         raise SandboxError(f"{what} failed: {detail}")
-    return result
 
 
 class PodmanSandbox(RunningSandbox):
@@ -235,6 +254,31 @@ class PodmanBackend(Backend):
         root = Path(plan.workspace.root)
         root.mkdir(parents=True, exist_ok=True)
         paths.logs_dir().mkdir(parents=True, exist_ok=True)
+        # The pod needs nothing prepared here, so podman (~35 ms of its own start-up) creates it
+        # while the host side is set up; a failure of either is reported after both are done,
+        # and the caller's remove() then takes the pod away.
+        pod_create = _start(pod_create_args(plan))
+        try:
+            uid_base = self._prepare_host(plan, root)
+        finally:
+            created = _wait(pod_create, what="podman pod create", check=False)
+        _check(created, what="podman pod create")
+        args = agent_run_args(plan, detach=not attach, uid_base=uid_base)
+        if attach:
+            try:
+                process = subprocess.Popen(args, cwd=root)
+            except FileNotFoundError:
+                raise HostUnsupportedError("podman is not installed") from None
+            return PodmanSandbox(plan, process)
+        result = _run(args, what="podman run", check=False, cwd=str(root))
+        if result.returncode != 0:
+            if result.returncode == PODMAN_ERROR:
+                _diagnose_start_failure(plan)
+            raise SandboxError(f"podman run failed: {result.stderr.strip()}")
+        return PodmanSandbox(plan, None)
+
+    def _prepare_host(self, plan: SandboxPlan, root: Path) -> int | str:
+        """Files, LSM profile, uid range and workspace; returns the uid base (rootful) or ""."""
         if plan.spec_source is not None:
             # A snapshot: the agent sees the spec as it was at launch, read-only.
             shutil.copyfile(plan.spec_source, root / "task-spec.md")
@@ -249,20 +293,7 @@ class PodmanBackend(Backend):
             from kapsis.workspace import mount_workspace
 
             mount_workspace(plan.workspace, agent_host_id, agent_host_id)
-        _run(pod_create_args(plan), what="podman pod create")
-        args = agent_run_args(plan, detach=not attach, uid_base=uid_base)
-        if attach:
-            try:
-                process = subprocess.Popen(args, cwd=root)
-            except FileNotFoundError:
-                raise HostUnsupportedError("podman is not installed") from None
-            return PodmanSandbox(plan, process)
-        result = _run(args, what="podman run", check=False, cwd=str(root))
-        if result.returncode != 0:
-            if result.returncode == PODMAN_ERROR:
-                _diagnose_start_failure(plan)
-            raise SandboxError(f"podman run failed: {result.stderr.strip()}")
-        return PodmanSandbox(plan, None)
+        return uid_base
 
     def attach_to(self, plan: SandboxPlan, started_at: float | None = None) -> RunningSandbox:
         return PodmanSandbox(plan, None, started_at)
