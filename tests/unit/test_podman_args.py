@@ -234,6 +234,13 @@ def test_detach_and_attach_modes(make_plan):
     assert "--detach" not in agent_run_args(plan, detach=False, uid_base=UID_BASE)
 
 
+def test_foreground_container_is_removed_by_podman_detached_one_is_kept(make_plan):
+    plan = make_plan()
+
+    assert "--rm" in agent_run_args(plan, detach=False, uid_base=UID_BASE)
+    assert "--rm" not in agent_run_args(plan, detach=True, uid_base=UID_BASE)
+
+
 def test_labels_identify_the_agent(make_plan):
     plan = make_plan(agent_id="lbl1")
 

@@ -47,7 +47,9 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool, uid_base: int | str) -> l
     root = Path(plan.workspace.root)
     security, resources = plan.security, plan.resources
     args = [PODMAN, "run", "--pod", plan.pod_name, "--name", plan.container_name, "--pull", "never"]
-    args += ["--detach"] if detach else ["--sig-proxy=true"]
+    # In the foreground podman removes the exited container itself, which leaves an empty pod that
+    # is quicker to remove; a detached container stays for `podman wait` in the supervisor.
+    args += ["--detach"] if detach else ["--sig-proxy=true", "--rm"]
     args += ["--init", "--stop-timeout", "5"]
     for key, value in plan.labels.items():
         args += ["--label", f"{key}={value}"]
@@ -188,6 +190,8 @@ class PodmanSandbox(RunningSandbox):
         # launch) when the kernel OOM-kills the container; podman 4.3 does not always read it.
         if (Path(self.plan.workspace.root) / CONMON_OOM_MARKER).exists():
             return True
+        if self._process is not None:
+            return False  # a foreground container ran with --rm: there is nothing to inspect
         result = _run(
             [PODMAN, "inspect", "--format", "{{.State.OOMKilled}}", self.plan.container_name],
             what="podman inspect",
