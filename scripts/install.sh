@@ -123,6 +123,10 @@ if [ ! -x .venv/bin/kapsis ] || [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stam
 else
     say "Kapsis already installed in .venv"
 fi
+# An editable install leaves Kapsis' own modules uncompiled, and with PYTHONDONTWRITEBYTECODE set
+# (as on these machines) Python compiles them again on every start: 30-60 ms of each `kapsis run`.
+# Compile them once here; a module edited later is just compiled in memory again until the next run.
+.venv/bin/python -m compileall -q src/kapsis
 
 # --- the base image ---------------------------------------------------------------------------
 if podman image exists "$IMAGE"; then
