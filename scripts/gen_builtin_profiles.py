@@ -15,7 +15,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,19 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # Parse this checkout's profiles, not whatever copy of kapsis happens to be installed.
 sys.path.insert(0, str(ROOT / "src"))
 
-from kapsis.agents.profiles import BUILTIN_PARSED, builtin_parsed_entries  # noqa: E402
-
-
-def render() -> str:
-    # No sort_keys: key order is data here (the order of a profile's env, for one).
-    return json.dumps(builtin_parsed_entries(), indent=1) + "\n"
+from kapsis.agents.profiles import BUILTIN_PARSED, builtin_parsed_text  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check; write nothing")
     args = parser.parse_args()
-    wanted = render()
+    wanted = builtin_parsed_text()
     current = BUILTIN_PARSED.read_text(encoding="utf-8") if BUILTIN_PARSED.exists() else ""
     if args.check:
         if current != wanted:

@@ -84,6 +84,12 @@ def builtin_parsed_entries() -> dict[str, Any]:
     return entries
 
 
+def builtin_parsed_text() -> str:
+    """What ``builtin/parsed.json`` must say; ``scripts/gen_builtin_profiles.py`` writes it."""
+    # No sort_keys: key order is data here (the order of a profile's env, for one).
+    return json.dumps(builtin_parsed_entries(), indent=1) + "\n"
+
+
 def _parsed_builtin(path: Path) -> ConfigLayer | None:
     """The layer ``read_yaml_layer(path)`` would give, from ``parsed.json``, if it is current."""
     from kapsis.config.loader import ConfigLayer, Origin
