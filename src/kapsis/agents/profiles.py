@@ -86,8 +86,11 @@ def builtin_parsed_entries() -> dict[str, Any]:
 
 def builtin_parsed_text() -> str:
     """What ``builtin/parsed.json`` must say; ``scripts/gen_builtin_profiles.py`` writes it."""
-    # No sort_keys: key order is data here (the order of a profile's env, for one).
-    return json.dumps(builtin_parsed_entries(), indent=1) + "\n"
+    # One profile per line keeps the file's diffs readable. No sort_keys: key order is data
+    # here (the order of a profile's env, for one).
+    entries = builtin_parsed_entries().items()
+    lines = [f"{json.dumps(name)}: {json.dumps(entry)}" for name, entry in entries]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def _parsed_builtin(path: Path) -> ConfigLayer | None:
