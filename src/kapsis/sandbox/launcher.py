@@ -26,7 +26,6 @@ from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.save_work import WorkOutcome, save_work
 from kapsis.status import AgentStatus, StatusStore
 from kapsis.status.store import utc_now
-from kapsis.workspace.prepare import abandon_workspace, prepare_workspace
 
 PLAN_FILE = "plan.json"
 
@@ -112,7 +111,11 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
         store.update(plan.agent_id, phase="preparing", message="checking the image")
         backend.preflight(plan)
         store.update(plan.agent_id, phase="preparing", message="preparing the workspace")
-        prepare_workspace(plan)
+        if plan.git.repository:
+            # Loaded only for a repository: the git machinery is not free to import.
+            from kapsis.workspace.prepare import prepare_workspace
+
+            prepare_workspace(plan)
         if plan.git.branch:
             audit.record(
                 "branch_ready",
@@ -125,7 +128,10 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
         sandbox = backend.launch(plan, attach=not detach)
     except KapsisError as error:
         backend.remove(plan)
-        abandon_workspace(plan)
+        if plan.git.repository:
+            from kapsis.workspace.prepare import abandon_workspace
+
+            abandon_workspace(plan)
         return _close(plan, store, audit, error.exit_code, None, error.error_type, str(error))
     store.update(plan.agent_id, phase="running", message=f"agent {plan.agent} is running")
     audit.record("sandbox_started", pod=plan.pod_name)

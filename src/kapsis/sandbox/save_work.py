@@ -12,15 +12,13 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from kapsis.errors import GitWorkflowError, KapsisError, PushError
-from kapsis.git.changes import from_upper, from_worktree
-from kapsis.git.commit import CommitRequest, commit_workspace, tree_listing
-from kapsis.git.push import push_branch, run_post_push_hook
-from kapsis.git.runner import Repo
 from kapsis.sandbox.plan import SandboxPlan
-from kapsis.workspace.prepare import plan_repo
+
+if TYPE_CHECKING:
+    from kapsis.git.runner import Repo
 
 PushState = Literal["not_requested", "skipped", "pushed", "up_to_date", "diverged", "failed"]
 HOOK_TIMEOUT_SECONDS = 120
@@ -83,8 +81,7 @@ def _work_location(plan: SandboxPlan) -> str:
 
 def save_work(plan: SandboxPlan, *, agent_succeeded: bool) -> WorkOutcome:
     outcome = WorkOutcome(branch=plan.git.branch, work_location=_work_location(plan))
-    repo = plan_repo(plan)
-    if repo is None:
+    if not plan.git.repository:
         outcome.notes.append(
             f"{plan.project} is not a git repository; the agent's changes are in "
             f"{plan.workspace.upper}"
@@ -93,6 +90,11 @@ def save_work(plan: SandboxPlan, *, agent_succeeded: bool) -> WorkOutcome:
     if not plan.git.auto_commit:
         outcome.notes.append("git.auto_commit is off; the agent's work was not committed")
         return outcome
+    # The git machinery is loaded only for runs on a repository (start-up time counts).
+    from kapsis.workspace.prepare import plan_repo
+
+    repo = plan_repo(plan)
+    assert repo is not None
     try:
         _commit(plan, repo, outcome)
     except GitWorkflowError as error:
@@ -104,6 +106,9 @@ def save_work(plan: SandboxPlan, *, agent_succeeded: bool) -> WorkOutcome:
 
 
 def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
+    from kapsis.git.changes import from_upper, from_worktree
+    from kapsis.git.commit import CommitRequest, commit_workspace, tree_listing
+
     git, workspace = plan.git, plan.workspace
     assert git.branch and git.start_commit and git.committer
     if workspace.mode == "worktree":
@@ -154,12 +159,16 @@ def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
 
 def _sync_worktree_index(worktree: Path, commit: str) -> None:
     """Point the worktree's index at the new commit, so it shows clean in the user's IDE."""
+    from kapsis.git.runner import Repo
+
     own = Repo.discover(worktree)
     if own is not None:
         own.run("read-tree", commit, check=False)
 
 
 def _push(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome, *, agent_succeeded: bool) -> None:
+    from kapsis.git.push import push_branch, run_post_push_hook
+
     git = plan.git
     assert git.branch is not None
     if not agent_succeeded:
