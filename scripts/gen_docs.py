@@ -46,6 +46,7 @@ from ruamel.yaml import YAML  # noqa: E402
 from kapsis import errors  # noqa: E402
 from kapsis.config import models  # noqa: E402
 from kapsis.config.models import KapsisConfig  # noqa: E402
+from kapsis.network.policy import category_names  # noqa: E402
 from kapsis.sandbox.security import DENIED_SYSCALLS, PROFILES  # noqa: E402
 
 REFERENCE = ROOT / "docs" / "config-reference.md"
@@ -79,6 +80,26 @@ NAMED_TYPES: tuple[tuple[Any, str, str, str], ...] = (
         "host pattern",
         "host patterns",
         "a host name, `*.domain` for any subdomain, or `name:port`",
+    ),
+    (
+        models.AddressPattern,
+        "address",
+        "addresses",
+        "an IPv4 or IPv6 address or network, optionally with a port: `203.0.113.7`, "
+        "`10.0.0.0/8:5432`, `[2001:db8::1]:443`",
+    ),
+    (
+        models.CategoryName,
+        "category",
+        "categories",
+        "the name of a host list shipped with Kapsis: "
+        + ", ".join(f"`{name}`" for name in category_names()),
+    ),
+    (
+        models.IPAddress,
+        "IP address",
+        "IP addresses",
+        "an IPv4 or IPv6 address",
     ),
     (
         models.Capability,

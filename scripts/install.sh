@@ -11,6 +11,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 IMAGE="localhost/kapsis-base:latest"
+GATEWAY_IMAGE="localhost/kapsis-gateway:latest"
 PACKAGES=(podman crun runc fuse-overlayfs slirp4netns uidmap netavark aardvark-dns catatonit
           debootstrap dnsmasq-base nftables iproute2 iptables git ca-certificates python3)
 DEMO=1
@@ -128,12 +129,12 @@ fi
 # Compile them once here; a module edited later is just compiled in memory again until the next run.
 .venv/bin/python -m compileall -q src/kapsis
 
-# --- the base image ---------------------------------------------------------------------------
-if podman image exists "$IMAGE"; then
-    say "base image $IMAGE present"
+# --- the images -------------------------------------------------------------------------------
+if podman image exists "$IMAGE" && podman image exists "$GATEWAY_IMAGE"; then
+    say "images $IMAGE and $GATEWAY_IMAGE present"
 else
-    say "building the base image $IMAGE (about a minute)"
-    .venv/bin/kapsis setup --build
+    say "building what is missing of $IMAGE and $GATEWAY_IMAGE (about a minute)"
+    .venv/bin/kapsis setup
 fi
 
 say "Kapsis is installed: $ROOT/.venv/bin/kapsis"

@@ -21,6 +21,7 @@ from kapsis.errors import ConfigError
 from kapsis.host.facts import probe_host
 from kapsis.sandbox import launcher
 from kapsis.sandbox.launcher import RunResult
+from kapsis.sandbox.network_plan import NetworkPlan, plan_network
 from kapsis.sandbox.plan import RunRequest, SandboxPlan, build_plan
 from kapsis.sandbox.workspace_plan import UNSAVED_ERROR_TYPES
 from kapsis.status import AgentStatus, StatusStore
@@ -36,6 +37,28 @@ def plan(request: RunRequest) -> SandboxPlan:
     loaded = load_run_config(request)
     profile = find_profile(loaded.config.agent.name)
     return build_plan(request, loaded, profile, probe_host())
+
+
+def network_policy(
+    project: Path,
+    *,
+    agent: str | None = None,
+    network_mode: str | None = None,
+    allow: tuple[str, ...] = (),
+    config_file: Path | None = None,
+) -> NetworkPlan:
+    """The network part of the plan a run on ``project`` would get (nothing is started)."""
+    request = RunRequest(
+        project=project,
+        task="(policy)",
+        agent=agent,
+        network_mode=network_mode,
+        allow=allow,
+        config_file=config_file,
+    )
+    loaded = load_run_config(request)
+    profile = find_profile(loaded.config.agent.name)
+    return plan_network(loaded, profile, "policy", allow, probe_host().dns_servers)
 
 
 def run(request: RunRequest, *, detach: bool = False, backend: Backend | None = None) -> RunResult:

@@ -13,7 +13,9 @@ import time
 import pytest
 
 from kapsis.config.models import DEFAULT_IMAGE
+from kapsis.host.gateway_image import build_gateway_image
 from kapsis.host.image import build_base_image, image_present
+from kapsis.sandbox.network_plan import DEFAULT_GATEWAY_IMAGE
 
 
 @pytest.fixture(scope="session")
@@ -24,4 +26,7 @@ def base_image() -> str:
         started = time.monotonic()
         build_base_image(DEFAULT_IMAGE, progress=lambda line: print(f"[base image] {line}"))
         print(f"[base image] built in {time.monotonic() - started:.0f} s")
+    if not image_present(DEFAULT_GATEWAY_IMAGE):
+        # Filtered network mode, the default, needs the gateway image as well.
+        build_gateway_image(progress=lambda line: print(f"[gateway image] {line}"))
     return DEFAULT_IMAGE

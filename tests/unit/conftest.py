@@ -17,7 +17,9 @@ from kapsis.config.loader import load_config
 from kapsis.host.facts import HostFacts
 from kapsis.sandbox.plan import RunRequest, SandboxPlan, build_plan
 
-ROOTFUL_V1 = HostFacts(rootless=False, cgroup_version=1, apparmor=False)
+ROOTFUL_V1 = HostFacts(
+    rootless=False, cgroup_version=1, apparmor=False, dns_servers=("192.0.2.53",)
+)
 
 
 @pytest.fixture(autouse=True)

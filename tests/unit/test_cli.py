@@ -134,13 +134,13 @@ def test_run_without_task_or_spec_exits_2(runner, project):
     assert "--task" in _one_error_line(result)
 
 
-def test_run_with_filtered_network_exits_2(runner, project):
+def test_run_with_a_bad_network_mode_exits_2(runner, project):
     result = runner.invoke(
-        app, ["run", str(project), "-t", "x", "--network-mode", "filtered", "--dry-run"]
+        app, ["run", str(project), "-t", "x", "--network-mode", "closed", "--dry-run"]
     )
 
     assert result.exit_code == 2
-    assert "filtered" in _one_error_line(result)
+    assert "network.mode" in _one_error_line(result)
 
 
 def test_run_with_unknown_agent_exits_2(runner, project):
@@ -172,8 +172,9 @@ def test_run_dry_run_prints_plan_and_commands(runner, project):
     assert plan["security"]["profile"] == "strict"
     assert plan["resources"]["memory_bytes"] == 1024**3
     assert plan["env"]["KAPSIS_TASK"] == "make test"
-    pod, run = payload["commands"]
+    pod, gateway, run = payload["commands"]  # filtered (the default) adds the gateway
     assert pod[:3] == ["podman", "pod", "create"]
+    assert gateway[:2] == ["podman", "run"] and "NET_ADMIN" in gateway
     assert run[:2] == ["podman", "run"]
     assert run[-3:] == ["sh", "-c", "make test"]
 

@@ -16,6 +16,8 @@ from kapsis.sandbox.save_work import commit_message
 
 from .conftest import ROOTFUL_V1
 
+DNS = ("192.0.2.53",)  # a resolver the sandbox's gateway could use
+
 
 def git(repo: Path, *args: str) -> str:
     return subprocess.run(
@@ -205,7 +207,7 @@ def test_rootless_overlay_refuses_a_start_it_cannot_show(repo: Path, tmp_path: P
 
     git(repo, "branch", "feature/x")
     git(repo, "commit", "-q", "--allow-empty", "-m", "main moves on")
-    rootless = HostFacts(rootless=True, cgroup_version=2, apparmor=False)
+    rootless = HostFacts(rootless=True, cgroup_version=2, apparmor=False, dns_servers=DNS)
     request = RunRequest(project=repo, task="t", agent_id="ab12", branch="feature/x")
     loaded = load_config(repo, None, request.flag_values())
     with pytest.raises(HostUnsupportedError, match="--mode worktree"):

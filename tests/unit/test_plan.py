@@ -10,6 +10,8 @@ from kapsis.errors import AgentNotFoundError, ConfigError, ExitCode, HostUnsuppo
 from kapsis.host.facts import HostFacts
 from kapsis.sandbox.plan import SPEC_TARGET
 
+DNS = ("192.0.2.53",)  # a resolver the sandbox's gateway could use
+
 EVIL_TASK = "$(touch /x); rm -rf ~ `id` && echo 'pwned' | tee \"/etc/passwd\""
 SECRET = "s3cr3t-token-value-8d1f"
 
@@ -101,7 +103,7 @@ def test_explicit_pids_beats_the_profile_default(make_plan):
 
 def test_paranoid_without_apparmor_is_refused(make_plan):
     with pytest.raises(HostUnsupportedError) as caught:
-        make_plan(security_profile="paranoid", host=HostFacts(False, 2, apparmor=False))
+        make_plan(security_profile="paranoid", host=HostFacts(False, 2, False, DNS))
 
     assert caught.value.exit_code == ExitCode.HOST_UNSUPPORTED == 4
     assert "AppArmor" in str(caught.value)
@@ -109,7 +111,7 @@ def test_paranoid_without_apparmor_is_refused(make_plan):
 
 
 def test_paranoid_with_apparmor_sets_the_profile(make_plan):
-    plan = make_plan(security_profile="paranoid", host=HostFacts(False, 2, apparmor=True))
+    plan = make_plan(security_profile="paranoid", host=HostFacts(False, 2, True, DNS))
 
     assert plan.security.apparmor_profile == "kapsis-paranoid"
     assert plan.security.read_only_root is True
@@ -120,33 +122,61 @@ def test_paranoid_with_apparmor_sets_the_profile(make_plan):
 # network
 
 
-def test_network_is_none_by_default(make_plan):
-    assert make_plan().network.mode == "none"
+def test_network_is_filtered_by_default_with_a_gateway(make_plan):
+    plan = make_plan()
+    assert plan.network.mode == "filtered"
+    assert plan.network.gateway is not None
+    assert plan.network.gateway.container_name == "kapsis-unit1-gateway"
+    assert plan.network.gateway.upstreams == ("192.0.2.53",)  # the host's resolver
 
 
-def test_filtered_network_fails_closed(make_plan):
+def test_filtered_without_any_resolver_fails_closed(make_plan):
+    host = HostFacts(rootless=False, cgroup_version=1, apparmor=False, dns_servers=())
     with pytest.raises(ConfigError) as caught:
-        make_plan(config="network:\n  mode: filtered\n  allowlist:\n    hosts: [a.example.com]\n")
-
+        make_plan(host=host)
     assert caught.value.exit_code == 2
-    assert "network.mode: 'filtered'" in str(caught.value)
-    assert ":2:" in str(caught.value)
+    assert "network.dns_servers" in str(caught.value)
+    # The config can name one instead.
+    plan = make_plan(host=host, config="network:\n  dns_servers: [198.51.100.53]\n")
+    assert plan.network.gateway is not None
+    assert plan.network.gateway.upstreams == ("198.51.100.53",)
 
 
-def test_filtered_network_from_flag_fails_closed(make_plan):
-    with pytest.raises(ConfigError, match="flag --network-mode"):
-        make_plan(network_mode="filtered")
+def test_none_and_open_have_no_gateway(make_plan):
+    assert make_plan(network_mode="none").network.gateway is None
+    assert make_plan(network_mode="open").network.gateway is None
 
 
-def test_allowlist_combines_config_and_profile_hosts_with_sources(make_plan):
+def test_allowlist_combines_config_profile_category_and_flag_with_sources(make_plan):
     plan = make_plan(
-        config="agent:\n  name: claude\nnetwork:\n  mode: open\n  allowlist:\n"
-        "    hosts:\n      - pypi.org\n",
+        config="agent:\n  name: claude\nnetwork:\n  allowlist:\n"
+        "    hosts:\n      - pypi.org\n      - github.com:22\n"
+        "    categories: [git-hosts]\n"
+        "    addresses: ['198.51.100.0/24:5432']\n",
+        allow=("example.org", "203.0.113.9"),
     )
+    rules = {rule.pattern: rule for rule in plan.network.policy.rules}
+    assert rules["pypi.org"].sources[0].endswith(":6")
+    assert rules["pypi.org"].ports == (80, 443)
+    assert rules["api.anthropic.com"].sources == ("agent profile claude",)
+    # github.com is listed twice (with :22 in the config, plain in the category): ports merge.
+    assert rules["github.com"].ports == (22, 80, 443)
+    assert any(s.startswith("category git-hosts") for s in rules["github.com"].sources)
+    assert rules["198.51.100.0/24"].kind == "address"
+    assert rules["198.51.100.0/24"].ports == (5432,)
+    assert rules["example.org"].sources == ("flag --allow",)
+    assert rules["203.0.113.9/32"].kind == "address"
 
-    hosts = {entry.host: entry.source for entry in plan.network.allowlist}
-    assert hosts["pypi.org"].endswith(":7")
-    assert hosts["api.anthropic.com"] == "agent profile claude"
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [("bad host!", "is not a host name"), ("10.0.0.0/33", "is not an address")],
+)
+def test_a_bad_allow_flag_is_a_usage_error(make_plan, entry, expected):
+    with pytest.raises(ConfigError) as caught:
+        make_plan(allow=(entry,))
+    assert str(caught.value).startswith("flag --allow: ")
+    assert expected in str(caught.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,10 +186,10 @@ def test_allowlist_combines_config_and_profile_hosts_with_sources(make_plan):
 @pytest.mark.parametrize(
     ("host", "enforced"),
     [
-        (HostFacts(rootless=True, cgroup_version=1, apparmor=False), False),
-        (HostFacts(rootless=True, cgroup_version=2, apparmor=False), True),
-        (HostFacts(rootless=False, cgroup_version=1, apparmor=False), True),
-        (HostFacts(rootless=False, cgroup_version=2, apparmor=False), True),
+        (HostFacts(rootless=True, cgroup_version=1, apparmor=False, dns_servers=DNS), False),
+        (HostFacts(rootless=True, cgroup_version=2, apparmor=False, dns_servers=DNS), True),
+        (HostFacts(rootless=False, cgroup_version=1, apparmor=False, dns_servers=DNS), True),
+        (HostFacts(rootless=False, cgroup_version=2, apparmor=False, dns_servers=DNS), True),
     ],
 )
 def test_limits_enforced_depends_on_rootless_and_cgroup_version(make_plan, host, enforced):
@@ -167,7 +197,7 @@ def test_limits_enforced_depends_on_rootless_and_cgroup_version(make_plan, host,
 
 
 def test_rootful_gets_a_mapped_user_namespace(make_plan):
-    userns = make_plan(host=HostFacts(False, 2, False)).userns
+    userns = make_plan(host=HostFacts(False, 2, False, DNS)).userns
 
     assert userns.kind == "mapped"
     assert userns.size == 65536
@@ -175,7 +205,7 @@ def test_rootful_gets_a_mapped_user_namespace(make_plan):
 
 
 def test_rootless_keeps_the_user_id(make_plan):
-    assert make_plan(host=HostFacts(True, 2, False)).userns.kind == "keep-id"
+    assert make_plan(host=HostFacts(True, 2, False, DNS)).userns.kind == "keep-id"
 
 
 def test_resources_come_from_flags(make_plan):

@@ -7,8 +7,10 @@ import pytest
 from kapsis.backends.podman import PodmanBackend, agent_run_args, pod_create_args
 from kapsis.host.facts import HostFacts
 
-ROOTFUL = HostFacts(rootless=False, cgroup_version=2, apparmor=False)
-ROOTLESS = HostFacts(rootless=True, cgroup_version=2, apparmor=False)
+DNS = ("192.0.2.53",)  # a resolver the sandbox's gateway could use
+
+ROOTFUL = HostFacts(rootless=False, cgroup_version=2, apparmor=False, dns_servers=DNS)
+ROOTLESS = HostFacts(rootless=True, cgroup_version=2, apparmor=False, dns_servers=DNS)
 UID_BASE = 1_500_065_536
 
 
@@ -91,7 +93,8 @@ def test_standard_tmp_is_a_tmpfs_without_noexec(run_args):
 
 def test_paranoid_passes_the_apparmor_profile(run_args):
     _plan, argv = run_args(
-        security_profile="paranoid", host=HostFacts(rootless=False, cgroup_version=2, apparmor=True)
+        security_profile="paranoid",
+        host=HostFacts(rootless=False, cgroup_version=2, apparmor=True, dns_servers=DNS),
     )
 
     assert "apparmor=kapsis-paranoid" in _values(argv, "--security-opt")
@@ -135,7 +138,14 @@ def test_network_none_for_mode_none(run_args):
 def test_network_bridge_for_mode_open(run_args):
     _plan, argv = run_args(network_mode="open")
 
-    assert _values(argv, "--network") == ["bridge"]
+    assert _values(argv, "--network") == ["podman"]  # podman's default bridge network
+
+
+def test_filtered_agent_joins_the_gateways_namespace(run_args):
+    plan, argv = run_args()
+
+    assert plan.network.gateway is not None
+    assert _values(argv, "--network") == [f"container:{plan.network.gateway.container_name}"]
 
 
 def test_agent_container_joins_a_pod_without_infra(run_args):
@@ -249,7 +259,7 @@ def test_labels_identify_the_agent(make_plan):
 
 
 def test_describe_uses_a_placeholder_for_the_uid_range(make_plan):
-    plan = make_plan(host=ROOTFUL)
+    plan = make_plan(host=ROOTFUL, network_mode="none")
 
     pod, run = PodmanBackend().describe(plan)
 

@@ -11,7 +11,9 @@ from kapsis.backends.podman import PodmanBackend
 from kapsis.errors import SandboxError
 from kapsis.host.facts import HostFacts
 
-ROOTLESS = HostFacts(rootless=True, cgroup_version=2, apparmor=False)
+DNS = ("192.0.2.53",)  # a resolver the sandbox's gateway could use
+
+ROOTLESS = HostFacts(rootless=True, cgroup_version=2, apparmor=False, dns_servers=DNS)
 
 
 class FakePodman:
@@ -65,7 +67,7 @@ def events(monkeypatch) -> list[str]:
 
 
 def test_pod_is_created_while_the_host_side_is_prepared(make_plan, events):
-    plan = make_plan(host=ROOTLESS)
+    plan = make_plan(host=ROOTLESS, network_mode="none")
 
     PodmanBackend().launch(plan, attach=True)
 
@@ -73,7 +75,7 @@ def test_pod_is_created_while_the_host_side_is_prepared(make_plan, events):
 
 
 def test_a_failed_pod_create_stops_the_launch(make_plan, events, monkeypatch):
-    plan = make_plan(host=ROOTLESS)
+    plan = make_plan(host=ROOTLESS, network_mode="none")
     monkeypatch.setattr(podman.subprocess, "Popen", FakePodman(events, failing="pod create"))
 
     with pytest.raises(SandboxError, match="podman pod create failed: Error: something"):
@@ -88,7 +90,7 @@ def test_a_failed_preparation_still_waits_for_the_pod(make_plan, events, monkeyp
         raise SandboxError("cannot set up the workspace")
 
     monkeypatch.setattr(PodmanBackend, "_prepare_host", broken)
-    plan = make_plan(host=ROOTLESS)
+    plan = make_plan(host=ROOTLESS, network_mode="none")
 
     with pytest.raises(SandboxError, match="cannot set up the workspace"):
         PodmanBackend().launch(plan, attach=True)

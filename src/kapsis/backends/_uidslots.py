@@ -1,7 +1,9 @@
 """Private host uid ranges for rootful sandboxes, one per running agent.
 
 Each sandbox gets ``SLOT_SIZE`` host uids starting at ``BASE + slot * SLOT_SIZE``, so container
-root and the agent user map to host uids that belong to no one. A claim is a file written under
+root and the agent user map to host uids that belong to no one. The first 65536 are the agent
+container's, the next 65536 (from ``GATEWAY_OFFSET``) the network gateway's, so no uid of the
+gateway - its resolver's included - is a uid of the agent's. A claim is a file written under
 an exclusive lock and names the agent and the process that claimed it. A claim is reclaimed
 only when neither lives: the claiming process is gone and the agent has no sandbox. (The pod
 alone is not enough: between the claim and ``pod create`` a launching agent has no pod yet.)
@@ -17,8 +19,10 @@ from pathlib import Path
 from kapsis.errors import SandboxError
 
 BASE = 1_500_000_000
-SLOT_SIZE = 65536
-MAX_SLOTS = 4096
+CONTAINER_RANGE = 65536
+GATEWAY_OFFSET = CONTAINER_RANGE
+SLOT_SIZE = 2 * CONTAINER_RANGE
+MAX_SLOTS = 4096  # BASE + MAX_SLOTS * SLOT_SIZE stays below 2**31
 
 
 def _slots_dir() -> Path:

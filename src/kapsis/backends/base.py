@@ -6,10 +6,12 @@ that could differ between backends belongs in the plan.
 
 from __future__ import annotations
 
+import builtins
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from kapsis.network.observe import BlockedConnection
 from kapsis.sandbox.plan import SandboxPlan
 
 
@@ -68,6 +70,13 @@ class Backend(ABC):
 
     @abstractmethod
     def list(self) -> list[SandboxInfo]: ...
+
+    def blocked_connections(
+        self, plan: SandboxPlan
+    ) -> tuple[builtins.list[BlockedConnection], bool]:
+        """What the gateway refused (destination, protocol, port, packets), and whether the
+        gateway was still running; call after the agent exited, before :meth:`remove`."""
+        return [], True
 
     @abstractmethod
     def remove(self, plan: SandboxPlan) -> None:

@@ -7,6 +7,7 @@ pod keeps the user's id and podman's own overlay volume gives the copy-on-write 
 
 from __future__ import annotations
 
+import builtins
 import json
 import shutil
 import subprocess
@@ -17,8 +18,10 @@ from pathlib import Path
 from kapsis import paths
 from kapsis.backends import _uidslots
 from kapsis.backends.base import Backend, ExitInfo, RunningSandbox, SandboxInfo
+from kapsis.backends.podman_gateway import blocked_connections, gateway_run_args, start_gateway
 from kapsis.backends.transcript import follow_transcript, read_transcript
 from kapsis.errors import HostUnsupportedError, ImageError, SandboxError
+from kapsis.network.observe import BlockedConnection
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.security import apparmor_profile_text, seccomp_profile
 from kapsis.sandbox.workspace_plan import AGENT_GIT_TARGET, OBJECTS_TARGET
@@ -53,7 +56,7 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool, uid_base: int | str) -> l
     args += ["--init", "--stop-timeout", "5"]
     for key, value in plan.labels.items():
         args += ["--label", f"{key}={value}"]
-    args += ["--network", "none" if plan.network.mode == "none" else "bridge"]
+    args += ["--network", _agent_network(plan)]
     if plan.userns.kind == "mapped":
         size, agent = plan.userns.size, plan.userns.agent_uid
         args += ["--uidmap", f"0:{uid_base}:{size}", "--gidmap", f"0:{uid_base}:{size}"]
@@ -99,6 +102,13 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool, uid_base: int | str) -> l
     ]
     args += [plan.image, *plan.command]
     return args
+
+
+def _agent_network(plan: SandboxPlan) -> str:
+    if plan.network.gateway is not None:
+        # The gateway owns the namespace; the agent only joins it.
+        return f"container:{plan.network.gateway.container_name}"
+    return "none" if plan.network.mode == "none" else plan.network.podman_network
 
 
 def workspace_volume_args(plan: SandboxPlan) -> list[str]:
@@ -214,10 +224,11 @@ class PodmanBackend(Backend):
     name = "podman"
 
     def describe(self, plan: SandboxPlan) -> list[list[str]]:
-        return [
-            pod_create_args(plan),
-            agent_run_args(plan, detach=False, uid_base=UID_BASE_PLACEHOLDER),
-        ]
+        commands = [pod_create_args(plan)]
+        if plan.network.gateway is not None:
+            commands.append(gateway_run_args(plan, uid_base=UID_BASE_PLACEHOLDER))
+        commands.append(agent_run_args(plan, detach=False, uid_base=UID_BASE_PLACEHOLDER))
+        return commands
 
     def preflight(self, plan: SandboxPlan) -> None:
         if shutil.which(PODMAN) is None:
@@ -267,6 +278,8 @@ class PodmanBackend(Backend):
         finally:
             created = _wait(pod_create, what="podman pod create", check=False)
         _check(created, what="podman pod create")
+        if plan.network.gateway is not None:
+            start_gateway(plan, uid_base)
         args = agent_run_args(plan, detach=not attach, uid_base=uid_base)
         if attach:
             try:
@@ -301,6 +314,11 @@ class PodmanBackend(Backend):
 
     def attach_to(self, plan: SandboxPlan, started_at: float | None = None) -> RunningSandbox:
         return PodmanSandbox(plan, None, started_at)
+
+    def blocked_connections(
+        self, plan: SandboxPlan
+    ) -> tuple[builtins.list[BlockedConnection], bool]:
+        return blocked_connections(plan)
 
     def stop(self, agent_id: str, grace_seconds: int = 5) -> None:
         _run(

@@ -31,8 +31,10 @@ config_app = typer.Typer(
     help="Show the effective configuration or its JSON Schema.", no_args_is_help=True
 )
 agents_app = typer.Typer(help="Agent profiles.", no_args_is_help=True)
+policy_app = typer.Typer(help="The network policy of a run.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(agents_app, name="agents")
+app.add_typer(policy_app, name="policy")
 
 
 def _fail(error: KapsisError) -> NoReturn:
@@ -84,6 +86,10 @@ def run(
         bool | None,
         typer.Option("--push/--no-push", help="Push the branch after a successful run."),
     ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option("--allow", help="Also allow HOST[:PORT] or ADDRESS (filtered mode)."),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option("--config", help="Config file; beats other files, not flags."),
@@ -118,6 +124,7 @@ def run(
         base_branch=base_branch,
         mode=mode,
         push=push,
+        allow=tuple(allow or ()),
         config_file=config,
     )
     try:
@@ -275,19 +282,24 @@ def setup(
     check: Annotated[
         bool, typer.Option("--check", help="Report what the host lacks, with fixes.")
     ] = False,
-    build: Annotated[bool, typer.Option("--build", help="Build the base image locally.")] = False,
+    build: Annotated[
+        bool, typer.Option("--build", help="Build the base and gateway images locally.")
+    ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
 ) -> None:
-    """Check the host and build the base image (without flags: check, then build if missing)."""
+    """Check the host and build the images (without flags: build what is missing, then check)."""
     from kapsis.cli import render
     from kapsis.config.models import DEFAULT_IMAGE
-    from kapsis.host import checks, image
+    from kapsis.host import checks, gateway_image, image
+    from kapsis.sandbox.network_plan import DEFAULT_GATEWAY_IMAGE
 
     try:
-        # Without flags: check, and build only what is missing.
-        wants_build = build or (not check and not image.image_present(DEFAULT_IMAGE))
-        if wants_build:
+        # Without flags: build only what is missing. The gateway is built on the base image.
+        build_base = build or (not check and not image.image_present(DEFAULT_IMAGE))
+        if build_base:
             image.build_base_image(DEFAULT_IMAGE, progress=_note)
+        if build_base or (not check and not image.image_present(DEFAULT_GATEWAY_IMAGE)):
+            gateway_image.build_gateway_image(progress=_note)
         results = checks.run_checks(DEFAULT_IMAGE)
     except KapsisError as error:
         _fail(error)
@@ -340,6 +352,44 @@ def config_show(
         print(json.dumps(render.config_with_origins(loaded), indent=2))
         return
     render.print_config(loaded)
+
+
+@policy_app.command("show")
+def policy_show(
+    project: Annotated[
+        Path | None, typer.Argument(help="Project whose config files apply (default: .).")
+    ] = None,
+    agent: Annotated[str | None, typer.Option(help="Agent profile (default: shell).")] = None,
+    network_mode: Annotated[
+        str | None, typer.Option("--network-mode", help="none | open | filtered")
+    ] = None,
+    allow: Annotated[
+        list[str] | None, typer.Option("--allow", help="Also allow HOST[:PORT] or ADDRESS.")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="Config file; beats other files, not flags."),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+) -> None:
+    """Show the effective network policy of a run: every allowed host, where it came from."""
+    from kapsis import api
+    from kapsis.cli import render
+
+    try:
+        policy = api.network_policy(
+            project or Path.cwd(),
+            agent=agent,
+            network_mode=network_mode,
+            allow=tuple(allow or ()),
+            config_file=config,
+        )
+    except KapsisError as error:
+        _fail(error)
+    if json_output:
+        print(json.dumps(render.policy_as_json(policy), indent=2))
+        return
+    render.print_policy(policy)
 
 
 @config_app.command("schema")

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from kapsis.agents import AgentProfile
     from kapsis.config.loader import LoadedConfig
     from kapsis.host.checks import Check
+    from kapsis.sandbox.network_plan import NetworkPlan
     from kapsis.status import AgentStatus
 
 PHASE_STYLES = {"complete": "green", "failed": "red", "running": "cyan"}
@@ -133,3 +134,42 @@ def print_checks(checks: Sequence[Check], image: str) -> None:
         if not check.ok and check.fix:
             console.print(f"          fix: {check.fix}")
     console.print(f"image: {image}")
+
+
+def policy_as_json(network: NetworkPlan) -> dict[str, Any]:
+    policy = network.policy
+    return {
+        "mode": network.mode,
+        "allowed": [rule.model_dump(mode="json") for rule in policy.rules]
+        if network.mode == "filtered"
+        else [],
+        "dns_servers": list(policy.dns_servers),
+        "podman_network": network.podman_network,
+        "blocked": policy.blocked_summary(),
+    }
+
+
+def print_policy(network: NetworkPlan) -> None:
+    console = Console()
+    policy = network.policy
+    mode = "[bold yellow]OPEN (unfiltered)[/]" if network.mode == "open" else network.mode
+    console.print(f"network mode: {mode}")
+    if network.mode == "filtered":
+        table = Table(title="Allowed", expand=False)
+        for column in ("HOST / ADDRESS", "KIND", "PORTS", "FROM"):
+            table.add_column(column)
+        for rule in policy.rules:
+            table.add_row(
+                rule.pattern,
+                rule.kind,
+                ", ".join(map(str, rule.ports)),
+                "; ".join(rule.sources),
+            )
+        if policy.rules:
+            console.print(table)
+        else:
+            console.print("allowed: nothing (no hosts, categories or addresses listed)")
+        console.print(f"resolver upstreams: {', '.join(policy.dns_servers)}")
+    console.print("blocked:")
+    for line in policy.blocked_summary():
+        console.print(f"  - {line}")

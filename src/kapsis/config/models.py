@@ -7,6 +7,7 @@ description; ``scripts/gen_docs.py`` turns them into the reference.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import string
 from typing import Annotated, Literal
@@ -68,10 +69,53 @@ def _check_env_name(value: str) -> str:
 def _check_host(value: str) -> str:
     if not _HOST_RE.match(value):
         raise ValueError(f"{value!r} is not a host name; use name, *.domain or name:port")
+    if _is_ip(value.rpartition(":")[0] or value):
+        raise ValueError(f"{value!r} is an address; list it under network.allowlist.addresses")
     _, _, port = value.partition(":")
     if port and not 1 <= int(port) <= 65535:
         raise ValueError(f"{value!r}: the port must be between 1 and 65535")
     return value.lower()
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_address(value: str) -> str:
+    text = value.strip()
+    host, port = text, ""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":") if rest.startswith(":") else "" if not rest else "x"
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    try:
+        network = ipaddress.ip_network(host, strict=False)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not an address; use an IP, a network (10.0.0.0/8), IP:port or "
+            "[IPv6]:port"
+        ) from None
+    if port and (not port.isdigit() or not 1 <= int(port) <= 65535):
+        raise ValueError(f"{value!r}: the port must be a number between 1 and 65535")
+    shown = f"[{network}]" if network.version == 6 and port else str(network)
+    return f"{shown}:{port}" if port else shown
+
+
+def _check_category(value: str) -> str:
+    from importlib import resources
+
+    folder = resources.files("kapsis.network") / "categories"
+    known = sorted(
+        i.name.removesuffix(".yaml") for i in folder.iterdir() if i.name.endswith(".yaml")
+    )
+    if value not in known:
+        raise ValueError(f"{value!r} is not a category; use one of {', '.join(known)}")
+    return value
 
 
 def _check_capability(value: str) -> str:
@@ -91,6 +135,9 @@ MemorySize = Annotated[str, AfterValidator(_check_memory)]
 Duration = Annotated[str | int, AfterValidator(_check_duration)]
 EnvName = Annotated[str, AfterValidator(_check_env_name)]
 HostPattern = Annotated[str, AfterValidator(_check_host)]
+AddressPattern = Annotated[str, AfterValidator(_check_address)]
+CategoryName = Annotated[str, AfterValidator(_check_category)]
+IPAddress = Annotated[str, AfterValidator(lambda v: str(ipaddress.ip_address(v)))]
 Capability = Annotated[str, AfterValidator(_check_capability)]
 SandboxPath = Annotated[str, AfterValidator(_check_absolute)]
 
@@ -160,18 +207,39 @@ class SecuritySection(Section):
 class AllowlistSection(Section):
     hosts: list[HostPattern] = Field(
         default_factory=list,
-        description="Host names the agent may reach in filtered mode: name, *.domain, name:port.",
+        description="Host names the agent may reach in filtered mode: name (exactly that name), "
+        "*.domain (its subdomains), optionally with :port (default ports 80 and 443).",
+    )
+    categories: list[CategoryName] = Field(
+        default_factory=list,
+        description="Host lists shipped with Kapsis, by name: git-hosts, package-registries, "
+        "ai-apis (see `kapsis policy show`).",
+    )
+    addresses: list[AddressPattern] = Field(
+        default_factory=list,
+        description="IP addresses or networks the agent may reach directly, optionally with "
+        ":port ([IPv6]:port). The only way to reach private, loopback or link-local addresses.",
     )
 
 
 class NetworkSection(Section):
     mode: NetworkMode = Field(
-        "none",
-        description="none: loopback only. open: unfiltered (marked loudly). filtered: domain "
-        "allowlist through the gateway (not available yet: runs refuse it rather than go open).",
+        "filtered",
+        description="filtered: only the allowlist, enforced by a gateway the agent cannot touch. "
+        "none: loopback only. open: unfiltered (marked loudly in the output and status).",
     )
     allowlist: AllowlistSection = Field(
         default_factory=AllowlistSection, description="What filtered mode lets through."
+    )
+    dns_servers: list[IPAddress] = Field(
+        default_factory=list,
+        description="Upstream resolvers of the gateway (default: the host's, from "
+        "/etc/resolv.conf).",
+    )
+    podman_network: str = Field(
+        "podman",
+        description="The Podman network a filtered sandbox's gateway (or an open sandbox) is "
+        "attached to; a dual-stack network gives the sandbox IPv6, filtered like IPv4.",
     )
 
 

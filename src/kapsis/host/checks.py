@@ -26,6 +26,7 @@ from typing import Any
 from kapsis.config.models import DEFAULT_IMAGE
 from kapsis.host.facts import probe_host
 from kapsis.host.image import image_present
+from kapsis.sandbox.network_plan import DEFAULT_GATEWAY_IMAGE
 
 # Rootful podman raises the container's nofile limit to this unless containers.conf says otherwise;
 # without CAP_SYS_RESOURCE and with a lower hard limit, crun's setrlimit fails.
@@ -136,6 +137,7 @@ def run_checks(image: str = DEFAULT_IMAGE) -> list[Check]:
         check_debootstrap(_find_program("debootstrap"), needed=not image_check.ok, sudo=sudo)
     )
     checks.append(image_check)
+    checks.append(check_gateway_image(DEFAULT_GATEWAY_IMAGE, image_present(DEFAULT_GATEWAY_IMAGE)))
     checks.append(check_apparmor(facts.apparmor))
     return checks
 
@@ -363,6 +365,17 @@ def check_image(image: str, present: bool) -> Check:
     if present:
         return Check("base image", True, f"{image} present")
     return Check("base image", False, f"{image} is missing", "kapsis setup --build")
+
+
+def check_gateway_image(image: str, present: bool) -> Check:
+    if present:
+        return Check("gateway image", True, f"{image} present")
+    return Check(
+        "gateway image",
+        False,
+        f"{image} is missing: filtered network mode (the default) cannot run",
+        "kapsis setup",
+    )
 
 
 def check_apparmor(enabled: bool) -> Check:

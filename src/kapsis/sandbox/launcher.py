@@ -161,6 +161,8 @@ def finish(plan: SandboxPlan, backend: Backend, exit_info: ExitInfo) -> RunResul
     work = save_work(plan, agent_succeeded=error is None)
     _audit_work(audit, work)
     store.update(plan.agent_id, **work.status_fields())
+    if plan.network.gateway is not None:
+        work.notes += _observe_network(plan, backend, store, audit)
     backend.remove(plan)
     if error is None and work.error is not None:
         error = work.error
@@ -168,6 +170,45 @@ def finish(plan: SandboxPlan, backend: Backend, exit_info: ExitInfo) -> RunResul
         return _close(plan, store, audit, ExitCode.SUCCESS, 0, None, _success_message(work), work)
     code, agent_code = error.exit_code, exit_info.exit_code
     return _close(plan, store, audit, code, agent_code, error.error_type, str(error), work)
+
+
+def _observe_network(
+    plan: SandboxPlan, backend: Backend, store: StatusStore, audit: AuditLog
+) -> list[str]:
+    """Record what the gateway allowed and refused; say so if it did not last the run."""
+    from kapsis.network.gateway_files import gateway_dirs, probe_address
+    from kapsis.network.observe import (
+        NetworkReport,
+        parse_dns_log,
+        without_selftest,
+        write_network_log,
+    )
+
+    blocked, gateway_ran = backend.blocked_connections(plan)
+    dns_log = gateway_dirs(Path(plan.workspace.root)).dns_log
+    try:
+        dns = parse_dns_log(dns_log.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        dns = []
+    dns, blocked = without_selftest(dns, blocked, probe_address(plan.network.policy))
+    report = NetworkReport(dns=dns, blocked=blocked, gateway_ran_to_the_end=gateway_ran)
+    log = write_network_log(plan.agent_id, report)
+    store.update(plan.agent_id, blocked_requests=report.blocked_requests)
+    audit.record(
+        "network_summary",
+        dns_queries=len(dns),
+        blocked_requests=report.blocked_requests,
+        gateway_ran_to_the_end=gateway_ran,
+        log=str(log),
+    )
+    notes = []
+    if report.blocked_requests:
+        notes.append(f"the gateway refused {report.blocked_requests} request(s); see {log}")
+    if not gateway_ran:
+        notes.append(
+            "the network gateway stopped during the run: from then on the agent had no network"
+        )
+    return notes
 
 
 def _success_message(work: WorkOutcome) -> str:

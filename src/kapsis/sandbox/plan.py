@@ -19,13 +19,13 @@ from kapsis import paths
 from kapsis.agents import AgentProfile
 from kapsis.config.loader import LoadedConfig
 from kapsis.config.models import (
-    NetworkMode,
     SecurityProfileName,
     duration_to_seconds,
     memory_to_bytes,
 )
 from kapsis.errors import ConfigError, HostUnsupportedError
 from kapsis.host.facts import HostFacts
+from kapsis.sandbox.network_plan import NetworkPlan, plan_network
 from kapsis.sandbox.plan_model import PlanModel
 from kapsis.sandbox.security import APPARMOR_PROFILE_NAME, PROFILES, effective_settings
 from kapsis.sandbox.workspace_plan import (
@@ -87,16 +87,6 @@ class ResourcePlan(PlanModel):
     limits_enforced: bool
 
 
-class AllowedHost(PlanModel):
-    host: str
-    source: str
-
-
-class NetworkPlan(PlanModel):
-    mode: NetworkMode
-    allowlist: tuple[AllowedHost, ...] = ()
-
-
 class SandboxPlan(PlanModel):
     """Everything about one agent's sandbox, decided before anything runs."""
 
@@ -145,6 +135,7 @@ class RunRequest:
     mode: str | None = None
     push: bool | None = None
     config_file: Path | None = None
+    allow: tuple[str, ...] = ()
     extra_flags: dict[str, tuple[str, Any]] = field(default_factory=dict)
 
     def flag_values(self) -> dict[str, tuple[str, Any]]:
@@ -200,12 +191,6 @@ def build_plan(
             f"security profile 'paranoid' ({loaded.origin_of(('security', 'profile'))}) needs "
             "AppArmor, which this host does not have enabled; use --security-profile strict, "
             "or enable AppArmor"
-        )
-    if config.network.mode == "filtered":
-        raise ConfigError(
-            f"{loaded.origin_of(('network', 'mode'))}: network.mode: 'filtered' needs the network "
-            "gateway, which this version of Kapsis does not ship yet; use none or open "
-            "(Kapsis refuses rather than run with an open network)"
         )
     for name in config.environment.passthrough:
         if name not in environ:
@@ -287,10 +272,7 @@ def build_plan(
             timeout_seconds=duration_to_seconds(resources.timeout) if resources.timeout else None,
             limits_enforced=host.limits_enforced,
         ),
-        network=NetworkPlan(
-            mode=config.network.mode,
-            allowlist=_allowlist(loaded, profile),
-        ),
+        network=plan_network(loaded, profile, agent_id, request.allow, host.dns_servers),
         git=git,
         audit_enabled=config.audit.enabled,
         labels={
@@ -357,17 +339,3 @@ def _tmpfs(noexec_tmp: bool) -> tuple[Tmpfs, ...]:
         # U: owned by the container user, so the home is writable even with a read-only root.
         Tmpfs(target=AGENT_HOME, options=("rw", "nosuid", "nodev", "mode=0700", "U")),
     )
-
-
-def _allowlist(loaded: LoadedConfig, profile: AgentProfile) -> tuple[AllowedHost, ...]:
-    hosts = [
-        AllowedHost(
-            host=host, source=str(loaded.origin_of(("network", "allowlist", "hosts", index)))
-        )
-        for index, host in enumerate(loaded.config.network.allowlist.hosts)
-    ]
-    hosts += [
-        AllowedHost(host=host, source=f"agent profile {profile.name}")
-        for host in profile.network.hosts
-    ]
-    return tuple(hosts)

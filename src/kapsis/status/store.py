@@ -70,6 +70,7 @@ class AgentStatus(BaseModel):
     push_command: str | None = None
     pr_url: str | None = None
     work_location: str | None = None
+    blocked_requests: int = 0
 
     @property
     def finished(self) -> bool:

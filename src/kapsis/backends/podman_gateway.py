@@ -1,0 +1,140 @@
+"""The network gateway of a filtered sandbox, as a Podman container in the sandbox's pod.
+
+The gateway starts first and owns the network namespace (on podman's bridge network); the agent
+container joins it with ``--network container:``. The gateway has CAP_NET_ADMIN and its own
+uid range; the agent has no capabilities, another uid range and its own pid namespace, so it
+can neither change the rules nor see or signal the gateway's processes. Before the agent starts,
+the self-test runs inside the namespace; if it fails, the run stops there.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from kapsis.backends import _uidslots
+from kapsis.errors import SandboxError
+from kapsis.network.gateway_files import (
+    CONFIG_TARGET,
+    LOG_TARGET,
+    gateway_dirs,
+    probe_address,
+    write_gateway_files,
+)
+from kapsis.network.observe import BlockedConnection, parse_blocked_set
+from kapsis.sandbox.plan import SandboxPlan
+
+PODMAN = "podman"
+GATEWAY_CAPABILITIES = ("NET_ADMIN", "NET_BIND_SERVICE", "SETUID", "SETGID")
+NOBODY = "65534:65534"
+
+
+def gateway_run_args(plan: SandboxPlan, *, uid_base: int | str) -> list[str]:
+    gateway = plan.network.gateway
+    assert gateway is not None
+    dirs = gateway_dirs(Path(plan.workspace.root))
+    args = [PODMAN, "run", "--detach", "--pod", plan.pod_name, "--name", gateway.container_name]
+    args += ["--pull", "never", "--network", plan.network.podman_network, "--dns", "127.0.0.1"]
+    for key, value in plan.labels.items():
+        args += ["--label", f"{key}={value}"]
+    args += ["--label", "io.kapsis.role=gateway"]
+    if plan.userns.kind == "mapped":
+        first = f"{uid_base}" if isinstance(uid_base, str) else uid_base + _uidslots.GATEWAY_OFFSET
+        size = _uidslots.CONTAINER_RANGE
+        args += ["--uidmap", f"0:{first}:{size}", "--gidmap", f"0:{first}:{size}"]
+    args += ["--cap-drop", "ALL"]
+    for capability in GATEWAY_CAPABILITIES:
+        args += ["--cap-add", capability]
+    args += ["--security-opt", "no-new-privileges"]
+    args += ["--read-only", "--read-only-tmpfs=false", "--tmpfs", "/run:rw,nosuid,nodev,noexec"]
+    args += ["--tmpfs", "/tmp:rw,nosuid,nodev,noexec", "--memory", "128m", "--pids-limit", "64"]
+    args += [
+        "--volume",
+        f"{dirs.config}:{CONFIG_TARGET}:ro",
+        "--volume",
+        f"{dirs.log}:{LOG_TARGET}",
+    ]
+    args += [gateway.image, "/bin/sh", f"{CONFIG_TARGET}/entrypoint.sh"]
+    return args
+
+
+def start_gateway(plan: SandboxPlan, uid_base: int | str) -> None:
+    """Start the gateway and run the self-test; raise SandboxError (no agent) if either fails."""
+    gateway = plan.network.gateway
+    assert gateway is not None
+    owner = uid_base + _uidslots.GATEWAY_OFFSET if isinstance(uid_base, int) else None
+    write_gateway_files(
+        gateway_dirs(Path(plan.workspace.root)), plan.network.policy, gateway.upstreams, owner
+    )
+    started = subprocess.run(
+        gateway_run_args(plan, uid_base=uid_base), capture_output=True, text=True, check=False
+    )
+    if started.returncode != 0:
+        if "image not known" in started.stderr or "no such image" in started.stderr.lower():
+            raise SandboxError(
+                f"the network gateway image {gateway.image} is missing; build it with "
+                "`kapsis setup` (or run with --network-mode none)"
+            )
+        detail = (started.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SandboxError(f"the network gateway did not start: {detail}")
+    probe = probe_address(plan.network.policy)
+    test = subprocess.run(
+        [
+            PODMAN,
+            "exec",
+            "--user",
+            NOBODY,
+            gateway.container_name,
+            "python3",
+            f"{CONFIG_TARGET}/selftest.py",
+            probe,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if test.returncode != 0:
+        reason = test.stdout.strip().replace("\n", "; ") or _gateway_failure(gateway.container_name)
+        raise SandboxError(
+            f"the network gateway failed its self-test ({reason}); the agent was not started "
+            "and had no network"
+        )
+
+
+def _gateway_failure(container: str) -> str:
+    logs = subprocess.run(
+        [PODMAN, "logs", "--tail", "3", container], capture_output=True, text=True, check=False
+    )
+    lines = (logs.stdout + logs.stderr).strip().splitlines()
+    return lines[-1] if lines else "the gateway exited"
+
+
+def blocked_connections(plan: SandboxPlan) -> tuple[list[BlockedConnection], bool]:
+    """The refused destinations the firewall counted, and whether the gateway still ran."""
+    gateway = plan.network.gateway
+    if gateway is None:
+        return [], True
+    blocked: list[BlockedConnection] = []
+    for name in ("blocked4", "blocked6"):
+        result = subprocess.run(
+            [
+                PODMAN,
+                "exec",
+                gateway.container_name,
+                "nft",
+                "-j",
+                "list",
+                "set",
+                "inet",
+                "kapsis",
+                name,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            return blocked, False
+        blocked += parse_blocked_set(json.loads(result.stdout or "{}"))
+    return blocked, True

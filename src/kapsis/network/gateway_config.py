@@ -1,0 +1,167 @@
+"""The gateway's configuration, rendered from a :class:`NetworkPolicy`: nftables rules, dnsmasq.
+
+Pure text generation, so both backends (and the unit tests) share it. The firewall drops every
+packet leaving the sandbox's network namespace except: loopback (where the resolver listens),
+replies of established connections, DNS from the resolver's own uid to the upstream servers,
+and TCP to the listed ports of addresses in the allow sets. Everything else is refused (TCP
+and UDP, so the sender learns at once) or dropped (the rest, ICMP included). The resolver
+fills the allow sets with the answers of listed names only, answers NXDOMAIN for every other
+name, and refuses answers in private, loopback and link-local ranges (rebinding). Refused
+packets are counted per destination in a dynamic set, which the host reads.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from kapsis.network.policy import (
+    DNS_PORT,
+    NON_PUBLIC_V4,
+    NON_PUBLIC_V6,
+    AllowRule,
+    NetworkPolicy,
+    parse_address,
+)
+
+TABLE = "kapsis"
+RESOLVER_USER = "kapsis-dns"
+RESOLVER_UID = 990
+BLOCKED_SETS = ("blocked4", "blocked6")
+
+
+def _port_groups(rules: Iterable[AllowRule]) -> list[tuple[tuple[int, ...], list[AllowRule]]]:
+    """Rules grouped by their exact port list, so each group is one set and one rule."""
+    groups: dict[tuple[int, ...], list[AllowRule]] = {}
+    for rule in rules:
+        groups.setdefault(rule.ports, []).append(rule)
+    return sorted(groups.items())
+
+
+def _elements(values: Iterable[str]) -> str:
+    items = sorted(set(values))
+    return f" elements = {{ {', '.join(items)} }};" if items else ""
+
+
+def _ports(ports: tuple[int, ...]) -> str:
+    return str(ports[0]) if len(ports) == 1 else "{ " + ", ".join(map(str, ports)) + " }"
+
+
+def name_sets(policy: NetworkPolicy) -> dict[str, tuple[str, str]]:
+    """Pattern of each name rule -> its (IPv4, IPv6) allow sets."""
+    sets: dict[str, tuple[str, str]] = {}
+    for index, (_, rules) in enumerate(_port_groups(policy.names())):
+        for rule in rules:
+            sets[rule.pattern] = (f"names{index}_v4", f"names{index}_v6")
+    return sets
+
+
+def nft_ruleset(policy: NetworkPolicy, upstreams: Iterable[str]) -> str:
+    """The nftables ruleset of a filtered sandbox (``nft -f`` input)."""
+    upstream4 = [a for a in upstreams if ipaddress.ip_address(a).version == 4]
+    upstream6 = [a for a in upstreams if ipaddress.ip_address(a).version == 6]
+    lines = [
+        f"table inet {TABLE} {{",
+        f"  set upstream_v4 {{ type ipv4_addr;{_elements(upstream4)} }}",
+        f"  set upstream_v6 {{ type ipv6_addr;{_elements(upstream6)} }}",
+        f"  set nonpublic_v4 {{ type ipv4_addr; flags interval;{_elements(NON_PUBLIC_V4)} }}",
+        f"  set nonpublic_v6 {{ type ipv6_addr; flags interval;{_elements(NON_PUBLIC_V6)} }}",
+        "  set blocked4 { type ipv4_addr . inet_proto . inet_service; flags dynamic, timeout;"
+        " timeout 1d; size 65535; counter; }",
+        "  set blocked6 { type ipv6_addr . inet_proto . inet_service; flags dynamic, timeout;"
+        " timeout 1d; size 65535; counter; }",
+    ]
+    accepts: list[str] = []
+    for index, (ports, _rules) in enumerate(_port_groups(policy.names())):
+        lines.append(f"  set names{index}_v4 {{ type ipv4_addr; }}")
+        lines.append(f"  set names{index}_v6 {{ type ipv6_addr; }}")
+        # Names never open a non-public address, even if the resolver let one through.
+        accepts.append(
+            f"    ip daddr @names{index}_v4 ip daddr != @nonpublic_v4 tcp dport {_ports(ports)}"
+            " accept"
+        )
+        accepts.append(
+            f"    ip6 daddr @names{index}_v6 ip6 daddr != @nonpublic_v6 tcp dport {_ports(ports)}"
+            " accept"
+        )
+    for index, (ports, rules) in enumerate(_port_groups(policy.addresses())):
+        networks = [parse_address(rule.pattern)[0] for rule in rules]
+        v4 = [str(n) for n in networks if n.version == 4]
+        v6 = [str(n) for n in networks if n.version == 6]
+        lines.append(
+            f"  set addresses{index}_v4 {{ type ipv4_addr; flags interval;{_elements(v4)} }}"
+        )
+        lines.append(
+            f"  set addresses{index}_v6 {{ type ipv6_addr; flags interval;{_elements(v6)} }}"
+        )
+        accepts.append(f"    ip daddr @addresses{index}_v4 tcp dport {_ports(ports)} accept")
+        accepts.append(f"    ip6 daddr @addresses{index}_v6 tcp dport {_ports(ports)} accept")
+    lines += [
+        "  chain output {",
+        "    type filter hook output priority filter; policy drop;",
+        '    oif "lo" accept',
+        "    ct state established,related accept",
+        f"    meta skuid {RESOLVER_UID} ip daddr @upstream_v4 meta l4proto {{ tcp, udp }}"
+        f" th dport {DNS_PORT} accept",
+        f"    meta skuid {RESOLVER_UID} ip6 daddr @upstream_v6 meta l4proto {{ tcp, udp }}"
+        f" th dport {DNS_PORT} accept",
+        *accepts,
+        "    meta l4proto { tcp, udp } meta nfproto ipv4"
+        " update @blocked4 { ip daddr . meta l4proto . th dport }",
+        "    meta l4proto { tcp, udp } meta nfproto ipv6"
+        " update @blocked6 { ip6 daddr . meta l4proto . th dport }",
+        # Refuse rather than drop: the agent's connect() fails at once instead of hanging, and
+        # one attempt is one packet in the counters above.
+        "    meta l4proto { tcp, udp } reject with icmpx type admin-prohibited",
+        "    counter",
+        "  }",
+        "  chain input {",
+        "    type filter hook input priority filter; policy drop;",
+        '    iif "lo" accept',
+        "    ct state established,related accept",
+        "  }",
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy drop;",
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _dnsmasq_pattern(rule: AllowRule) -> str:
+    return rule.pattern  # "*.example.com" is dnsmasq's own "subdomains only" syntax
+
+
+def dnsmasq_config(policy: NetworkPolicy, upstreams: Iterable[str], log_file: str) -> str:
+    """dnsmasq's configuration: NXDOMAIN for all but the listed names, answers into the sets."""
+    servers = list(upstreams)
+    lines = [
+        "no-resolv",
+        "no-hosts",
+        "no-poll",
+        "pid-file=",
+        "bind-interfaces",
+        "listen-address=127.0.0.1",
+        "port=53",
+        f"user={RESOLVER_USER}",
+        "group=nogroup",
+        "cache-size=1000",
+        # Refuse upstream answers in private, loopback and link-local ranges (rebinding).
+        "stop-dns-rebind",
+        "log-queries=extra",
+        f"log-facility={log_file}",
+        "log-async=25",
+        # Every name not listed below: no such domain.
+        "address=/#/",
+    ]
+    sets = name_sets(policy)
+    for rule in policy.names():
+        pattern = _dnsmasq_pattern(rule)
+        for server in servers:
+            lines.append(f"server=/{pattern}/{server}")
+        if rule.kind == "name" and f"*.{rule.pattern}" not in sets:
+            # An exact name: its subdomains stay unknown.
+            lines.append(f"address=/*.{rule.pattern}/")
+        v4, v6 = sets[rule.pattern]
+        lines.append(f"nftset=/{pattern}/4#inet#{TABLE}#{v4},6#inet#{TABLE}#{v6}")
+    return "\n".join(lines) + "\n"

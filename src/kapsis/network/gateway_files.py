@@ -1,0 +1,71 @@
+"""The files a gateway container gets, written on the host into the sandbox dir.
+
+``gateway/`` (mounted read-only at ``/etc/kapsis-gateway``) holds the firewall rules, the
+resolver's configuration, the entrypoint and the self-test; ``gateway-log/`` (mounted at
+``/var/log/kapsis``, writable by the gateway only) receives the resolver's query log. Neither is
+ever mounted into the agent's container.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kapsis.network.gateway_config import dnsmasq_config, nft_ruleset
+from kapsis.network.policy import NetworkPolicy, parse_address
+
+CONFIG_TARGET = "/etc/kapsis-gateway"
+LOG_TARGET = "/var/log/kapsis"
+DNS_LOG = "dns.log"
+# Candidates for the self-test's "an address not on the allowlist": documentation ranges,
+# never routed on the internet, so even a broken gateway sends nothing anywhere real.
+PROBE_CANDIDATES = ("192.0.2.1", "198.51.100.1", "203.0.113.254")
+
+
+@dataclass(frozen=True)
+class GatewayDirs:
+    config: Path
+    log: Path
+
+    @property
+    def dns_log(self) -> Path:
+        return self.log / DNS_LOG
+
+
+def gateway_dirs(sandbox_root: Path) -> GatewayDirs:
+    return GatewayDirs(config=sandbox_root / "gateway", log=sandbox_root / "gateway-log")
+
+
+def probe_address(policy: NetworkPolicy) -> str:
+    """An address the policy does not allow, for the self-test to connect to."""
+    allowed = [parse_address(rule.pattern)[0] for rule in policy.addresses()]
+    for candidate in PROBE_CANDIDATES:
+        address = ipaddress.ip_address(candidate)
+        if not any(address in network for network in allowed):
+            return candidate
+    raise ValueError("every self-test probe address is allowlisted")
+
+
+def write_gateway_files(
+    dirs: GatewayDirs, policy: NetworkPolicy, upstreams: tuple[str, ...], owner: int | None
+) -> None:
+    """Write the gateway's config; ``owner`` is the host uid of the gateway's root, if mapped."""
+    dirs.config.mkdir(parents=True, exist_ok=True)
+    dirs.log.mkdir(parents=True, exist_ok=True)
+    (dirs.config / "rules.nft").write_text(nft_ruleset(policy, upstreams))
+    (dirs.config / "dnsmasq.conf").write_text(
+        dnsmasq_config(policy, upstreams, f"{LOG_TARGET}/{DNS_LOG}")
+    )
+    shipped = importlib.resources.files("kapsis.network") / "gateway"
+    for name in ("entrypoint.sh", "selftest.py"):
+        (dirs.config / name).write_text(shipped.joinpath(name).read_text())
+    for path in dirs.config.iterdir():
+        path.chmod(0o644)
+    dirs.config.chmod(0o755)
+    if owner is not None:
+        # The resolver opens its log as the gateway's root: a host uid of the gateway's range.
+        os.chown(dirs.log, owner, owner)
+    dirs.log.chmod(0o700)

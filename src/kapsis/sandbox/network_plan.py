@@ -1,0 +1,97 @@
+"""The network part of a plan: the mode, the effective allowlist policy and the gateway.
+
+``filtered`` puts a gateway sidecar in the sandbox's pod: it owns the network namespace, which
+the agent joins, and enforces the :class:`~kapsis.network.policy.NetworkPolicy` computed here
+from the config, ``--allow`` flags, categories and the agent profile's API hosts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from kapsis.agents import AgentProfile
+from kapsis.config.loader import LoadedConfig
+from kapsis.config.models import AllowlistSection, NetworkMode
+from kapsis.errors import ConfigError
+from kapsis.network.policy import NetworkPolicy, PolicyBuilder, load_category
+from kapsis.sandbox.plan_model import PlanModel
+
+# Digits and dots (IPv4), hex and colons (IPv6), an optional /prefix: meant as an address.
+_ADDRESS_LIKE = re.compile(r"[0-9.]+(/\d*)?|[0-9A-Fa-f]*:[0-9A-Fa-f:.]*(/\d*)?")
+DEFAULT_GATEWAY_IMAGE = "localhost/kapsis-gateway:latest"
+
+
+class GatewayPlan(PlanModel):
+    image: str
+    container_name: str
+    upstreams: tuple[str, ...]
+
+
+class NetworkPlan(PlanModel):
+    mode: NetworkMode
+    policy: NetworkPolicy
+    podman_network: str = "podman"
+    gateway: GatewayPlan | None = None
+
+
+def _check_flag_entry(entry: str) -> tuple[str, bool]:
+    """``--allow`` takes a host or an address; validated like the config's entries."""
+    host = entry.rpartition(":")[0] if entry.count(":") == 1 else entry
+    is_address = host.startswith("[") or bool(_ADDRESS_LIKE.fullmatch(host))
+    field = "addresses" if is_address else "hosts"
+    try:
+        section = AllowlistSection.model_validate({field: [entry]})
+    except ValidationError as error:
+        detail = error.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"flag --allow: {detail}") from None
+    value = section.addresses[0] if is_address else section.hosts[0]
+    return value, is_address
+
+
+def plan_network(
+    loaded: LoadedConfig,
+    profile: AgentProfile,
+    agent_id: str,
+    allow_flags: Sequence[str],
+    host_dns_servers: Sequence[str],
+) -> NetworkPlan:
+    network = loaded.config.network
+    builder = PolicyBuilder(network.mode)
+    for index, host in enumerate(network.allowlist.hosts):
+        builder.add_host(host, str(loaded.origin_of(("network", "allowlist", "hosts", index))))
+    for index, name in enumerate(network.allowlist.categories):
+        origin = loaded.origin_of(("network", "allowlist", "categories", index))
+        builder.add_hosts(load_category(name).hosts, f"category {name} ({origin})")
+    for index, address in enumerate(network.allowlist.addresses):
+        origin = loaded.origin_of(("network", "allowlist", "addresses", index))
+        builder.add_address(address, str(origin))
+    builder.add_hosts(profile.network.hosts, f"agent profile {profile.name}")
+    for entry in allow_flags:
+        value, is_address = _check_flag_entry(entry)
+        if is_address:
+            builder.add_address(value, "flag --allow")
+        else:
+            builder.add_host(value, "flag --allow")
+    upstreams = list(network.dns_servers) or list(host_dns_servers)
+    policy = builder.build(upstreams if network.mode == "filtered" else ())
+    if network.mode != "filtered":
+        return NetworkPlan(mode=network.mode, policy=policy, podman_network=network.podman_network)
+    if not upstreams:
+        raise ConfigError(
+            f"{loaded.origin_of(('network', 'mode'))}: network.mode 'filtered' needs a DNS "
+            "server for the gateway and the host's /etc/resolv.conf names none it can reach; "
+            "set network.dns_servers"
+        )
+    gateway = GatewayPlan(
+        # KAPSIS_GATEWAY_IMAGE: another gateway image (a locally patched one, or a test's).
+        image=os.environ.get("KAPSIS_GATEWAY_IMAGE") or DEFAULT_GATEWAY_IMAGE,
+        container_name=f"kapsis-{agent_id}-gateway",
+        upstreams=tuple(upstreams),
+    )
+    return NetworkPlan(
+        mode=network.mode, policy=policy, podman_network=network.podman_network, gateway=gateway
+    )
