@@ -17,6 +17,8 @@ from kapsis.host.gateway_image import build_gateway_image
 from kapsis.host.image import build_base_image, image_present
 from kapsis.sandbox.network_plan import DEFAULT_GATEWAY_IMAGE
 
+from .internet import internet, podman_v6_network  # noqa: F401  (fixtures for the network tests)
+
 
 @pytest.fixture(scope="session")
 def base_image() -> str:

@@ -15,12 +15,9 @@ from pathlib import Path
 import pytest
 
 from . import internet as inet
-from .internet import Internet, internet, podman_v6_network
+from .internet import Internet
 
 pytestmark = pytest.mark.integration
-
-# The fixtures live in internet.py; importing them makes pytest find them here.
-__all__ = ["internet", "podman_v6_network"]
 
 
 def _netns_exists(name: str) -> bool:

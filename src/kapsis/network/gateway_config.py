@@ -28,6 +28,7 @@ TABLE = "kapsis"
 RESOLVER_USER = "kapsis-dns"
 RESOLVER_UID = 990
 BLOCKED_SETS = ("blocked4", "blocked6")
+ND_TYPES = "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert"
 
 
 def _port_groups(rules: Iterable[AllowRule]) -> list[tuple[tuple[int, ...], list[AllowRule]]]:
@@ -101,6 +102,8 @@ def nft_ruleset(policy: NetworkPolicy, upstreams: Iterable[str]) -> str:
         "    type filter hook output priority filter; policy drop;",
         '    oif "lo" accept',
         "    ct state established,related accept",
+        # IPv6 neighbour discovery: without it no IPv6 packet leaves, allowed or not.
+        f"    icmpv6 type {{ {ND_TYPES} }} ip6 hoplimit 255 accept",
         f"    meta skuid {RESOLVER_UID} ip daddr @upstream_v4 meta l4proto {{ tcp, udp }}"
         f" th dport {DNS_PORT} accept",
         f"    meta skuid {RESOLVER_UID} ip6 daddr @upstream_v6 meta l4proto {{ tcp, udp }}"
@@ -119,6 +122,7 @@ def nft_ruleset(policy: NetworkPolicy, upstreams: Iterable[str]) -> str:
         "    type filter hook input priority filter; policy drop;",
         '    iif "lo" accept',
         "    ct state established,related accept",
+        f"    icmpv6 type {{ {ND_TYPES} }} ip6 hoplimit 255 accept",
         "  }",
         "  chain forward {",
         "    type filter hook forward priority filter; policy drop;",
@@ -146,8 +150,9 @@ def dnsmasq_config(policy: NetworkPolicy, upstreams: Iterable[str], log_file: st
         f"user={RESOLVER_USER}",
         "group=nogroup",
         "cache-size=1000",
-        # Refuse upstream answers in private, loopback and link-local ranges (rebinding).
-        "stop-dns-rebind",
+        # Answers in non-public ranges become NXDOMAIN (DNS rebinding). Spelled out rather than
+        # dnsmasq's stop-dns-rebind, whose list is fixed and differs from the firewall's.
+        *(f"bogus-nxdomain={network}" for network in (*NON_PUBLIC_V4, *NON_PUBLIC_V6)),
         "log-queries=extra",
         f"log-facility={log_file}",
         "log-async=25",

@@ -23,6 +23,7 @@ PROTOCOLS = {6: "tcp", 17: "udp"}
 _LINE_RE = re.compile(r"dnsmasq\[\d+\]: (?P<serial>\d+) \S+ (?P<event>.+)$")
 _QUERY_RE = re.compile(r"^query\[(?P<qtype>\w+)\] (?P<name>\S+) from ")
 _NXDOMAIN_RE = re.compile(r"^config (?P<name>\S+) is NXDOMAIN")
+_FORWARDED_RE = re.compile(r"^forwarded (?P<name>\S+) to ")
 _ANSWER_RE = re.compile(r"^(reply|cached) (?P<name>\S+) is (?P<answer>\S+)")
 _REBIND_RE = re.compile(r"possible DNS-rebind attack detected: (?P<name>\S+)")
 
@@ -34,6 +35,7 @@ class DnsEvent:
     decision: DnsDecision = "allowed"
     answers: list[str] = field(default_factory=list)
     type: str = "dns"
+    forwarded: bool = field(default=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,12 @@ def parse_dns_log(text: str) -> list[DnsEvent]:
         if found is None:
             continue
         event = found
-        if _NXDOMAIN_RE.match(text_):
-            event.decision = "blocked"
+        if _FORWARDED_RE.match(text_):
+            event.forwarded = True
+        elif _NXDOMAIN_RE.match(text_):
+            # A listed name is forwarded first; its NXDOMAIN from "config" is a refused answer
+            # in a non-public range (bogus-nxdomain), i.e. rebinding.
+            event.decision = "rebind" if event.forwarded else "blocked"
         elif rebind := _REBIND_RE.search(text_):
             event.decision = "rebind"
         elif answer := _ANSWER_RE.match(text_):
@@ -139,5 +145,7 @@ def write_network_log(agent_id: str, report: NetworkReport) -> Path:
     with path.open("w", encoding="utf-8") as handle:
         records: list[DnsEvent | BlockedConnection] = [*report.dns, *report.blocked]
         for record in records:
-            handle.write(json.dumps(asdict(record), sort_keys=True) + "\n")
+            fields = asdict(record)
+            fields.pop("forwarded", None)
+            handle.write(json.dumps(fields, sort_keys=True) + "\n")
     return path

@@ -276,6 +276,7 @@ def _close(
         plan.agent_id,
         phase=phase,
         message=message,
+        notes=work.notes if work is not None else [],
         exit_code=int(exit_code),
         agent_exit_code=agent_exit_code,
         error_type=error_type,

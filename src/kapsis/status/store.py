@@ -71,6 +71,7 @@ class AgentStatus(BaseModel):
     pr_url: str | None = None
     work_location: str | None = None
     blocked_requests: int = 0
+    notes: list[str] = []
 
     @property
     def finished(self) -> bool:
