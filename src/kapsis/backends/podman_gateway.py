@@ -4,13 +4,15 @@ The gateway starts first and owns the network namespace (on podman's bridge netw
 container joins it with ``--network container:``. The gateway has CAP_NET_ADMIN and its own
 uid range; the agent has no capabilities, another uid range and its own pid namespace, so it
 can neither change the rules nor see or signal the gateway's processes. Before the agent starts,
-the self-test runs inside the namespace; if it fails, the run stops there.
+the gateway's entrypoint runs the self-test inside the namespace and writes its verdict where
+the host reads it; unless it is "ok", the run stops there.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 from kapsis.backends import _uidslots
@@ -18,8 +20,8 @@ from kapsis.errors import SandboxError
 from kapsis.network.gateway_files import (
     CONFIG_TARGET,
     LOG_TARGET,
+    GatewayDirs,
     gateway_dirs,
-    probe_address,
     write_gateway_files,
 )
 from kapsis.network.observe import BlockedConnection, parse_blocked_set
@@ -27,7 +29,6 @@ from kapsis.sandbox.plan import SandboxPlan
 
 PODMAN = "podman"
 GATEWAY_CAPABILITIES = ("NET_ADMIN", "NET_BIND_SERVICE", "SETUID", "SETGID")
-NOBODY = "65534:65534"
 
 
 def gateway_run_args(plan: SandboxPlan, *, uid_base: int | str) -> list[str]:
@@ -78,28 +79,36 @@ def start_gateway(plan: SandboxPlan, uid_base: int | str) -> None:
             )
         detail = (started.stderr.strip().splitlines() or ["no output"])[-1]
         raise SandboxError(f"the network gateway did not start: {detail}")
-    probe = probe_address(plan.network.policy)
-    test = subprocess.run(
-        [
-            PODMAN,
-            "exec",
-            "--user",
-            NOBODY,
-            gateway.container_name,
-            "python3",
-            f"{CONFIG_TARGET}/selftest.py",
-            probe,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if test.returncode != 0:
-        reason = test.stdout.strip().replace("\n", "; ") or _gateway_failure(gateway.container_name)
+    verdict = _await_verdict(gateway_dirs(Path(plan.workspace.root)), gateway.container_name)
+    if verdict is not None:
         raise SandboxError(
-            f"the network gateway failed its self-test ({reason}); the agent was not started "
+            f"the network gateway failed its self-test ({verdict}); the agent was not started "
             "and had no network"
         )
+
+
+def _await_verdict(dirs: GatewayDirs, container: str, timeout: float = 20.0) -> str | None:
+    """None when the gateway's self-test passed, else why not (it writes its verdict)."""
+    deadline = time.monotonic() + timeout
+    checked_running = time.monotonic()
+    while time.monotonic() < deadline:
+        if dirs.verdict.exists():
+            verdict = dirs.verdict.read_text().strip()
+            if verdict == "ok":
+                return None
+            detail = dirs.verdict_detail.read_text(errors="replace").strip()
+            return "; ".join(detail.splitlines()[-3:]) or _gateway_failure(container)
+        if time.monotonic() - checked_running > 2.0:
+            # Every 2 s: a gateway that died before writing a verdict will never write one.
+            checked_running = time.monotonic()
+            state = subprocess.run(
+                [PODMAN, "inspect", "--format", "{{.State.Running}}", container],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if state.stdout.strip() != "true":
+                return _gateway_failure(container)
+        time.sleep(0.01)
+    return f"no verdict within {timeout:g}s"
 
 
 def _gateway_failure(container: str) -> str:
@@ -115,26 +124,21 @@ def blocked_connections(plan: SandboxPlan) -> tuple[list[BlockedConnection], boo
     gateway = plan.network.gateway
     if gateway is None:
         return [], True
-    blocked: list[BlockedConnection] = []
-    for name in ("blocked4", "blocked6"):
-        result = subprocess.run(
-            [
-                PODMAN,
-                "exec",
-                gateway.container_name,
-                "nft",
-                "-j",
-                "list",
-                "set",
-                "inet",
-                "kapsis",
-                name,
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            return blocked, False
-        blocked += parse_blocked_set(json.loads(result.stdout or "{}"))
-    return blocked, True
+    # One exec for both sets: each podman exec costs a process start in the container.
+    result = subprocess.run(
+        [PODMAN, "exec", gateway.container_name, "nft", "-j", "list", "table", "inet", "kapsis"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        return [], False
+    listing = json.loads(result.stdout or "{}")
+    blocked_sets = {
+        "nftables": [
+            item
+            for item in listing.get("nftables", [])
+            if item.get("set", {}).get("name") in ("blocked4", "blocked6")
+        ]
+    }
+    return parse_blocked_set(blocked_sets), True

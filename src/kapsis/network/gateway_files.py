@@ -20,6 +20,7 @@ from kapsis.network.policy import NetworkPolicy, parse_address
 CONFIG_TARGET = "/etc/kapsis-gateway"
 LOG_TARGET = "/var/log/kapsis"
 DNS_LOG = "dns.log"
+VERDICT = "selftest"
 # Candidates for the self-test's "an address not on the allowlist": documentation ranges,
 # never routed on the internet, so even a broken gateway sends nothing anywhere real.
 PROBE_CANDIDATES = ("192.0.2.1", "198.51.100.1", "203.0.113.254")
@@ -33,6 +34,15 @@ class GatewayDirs:
     @property
     def dns_log(self) -> Path:
         return self.log / DNS_LOG
+
+    @property
+    def verdict(self) -> Path:
+        """The self-test's verdict ("ok" or "failed"), written by the gateway's entrypoint."""
+        return self.log / VERDICT
+
+    @property
+    def verdict_detail(self) -> Path:
+        return self.log / f"{VERDICT}.out"
 
 
 def gateway_dirs(sandbox_root: Path) -> GatewayDirs:
@@ -59,6 +69,7 @@ def write_gateway_files(
     (dirs.config / "dnsmasq.conf").write_text(
         dnsmasq_config(policy, upstreams, f"{LOG_TARGET}/{DNS_LOG}")
     )
+    (dirs.config / "probe-address").write_text(probe_address(policy) + "\n")
     shipped = importlib.resources.files("kapsis.network") / "gateway"
     for name in ("entrypoint.sh", "selftest.py"):
         (dirs.config / name).write_text(shipped.joinpath(name).read_text())

@@ -2,7 +2,22 @@
 # The Kapsis network gateway (runs in the gateway container, which owns the sandbox's network
 # namespace). The firewall goes in first: if it cannot be loaded the gateway exits, the sandbox
 # is never started and nothing else ever reaches the network (fail closed). Then the
-# allowlisting resolver runs in the foreground for the life of the sandbox.
+# allowlisting resolver starts, the self-test runs as an unprivileged user, and its verdict is
+# written for the host (which starts the agent only on "ok"). The gateway lives as long as the
+# resolver: if dnsmasq dies, the container exits and the sandbox's namespace loses its network.
 set -eu
-nft -f /etc/kapsis-gateway/rules.nft
-exec dnsmasq --keep-in-foreground --conf-file=/etc/kapsis-gateway/dnsmasq.conf
+CONFIG=/etc/kapsis-gateway
+VERDICT=/var/log/kapsis/selftest
+if ! nft -f "$CONFIG/rules.nft" > "$VERDICT.out" 2>&1; then
+    echo failed > "$VERDICT"
+    exit 1
+fi
+dnsmasq --keep-in-foreground --conf-file="$CONFIG/dnsmasq.conf" &
+resolver=$!
+if setpriv --reuid=65534 --regid=65534 --clear-groups \
+        python3 "$CONFIG/selftest.py" "$(cat "$CONFIG/probe-address")" > "$VERDICT.out" 2>&1; then
+    echo ok > "$VERDICT"
+else
+    echo failed > "$VERDICT"
+fi
+wait "$resolver"
