@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from kapsis import paths
 from kapsis.agents import find_profile
@@ -26,6 +28,9 @@ from kapsis.sandbox.plan import RunRequest, SandboxPlan, build_plan
 from kapsis.sandbox.workspace_plan import UNSAVED_ERROR_TYPES
 from kapsis.status import AgentStatus, StatusStore
 from kapsis.workspace import cleanup as workspace_cleanup
+
+if TYPE_CHECKING:
+    from kapsis.audit import VerifyResult
 
 
 def load_run_config(request: RunRequest) -> LoadedConfig:
@@ -199,3 +204,52 @@ def _removable(agent_id: str, has_status: bool, plan: SandboxPlan | None) -> tup
     if has_status:
         found.append(str(StatusStore().path(agent_id)))
     return tuple(found)
+
+
+def audit_files(target: str) -> tuple[list[Path], str | None]:
+    """The files of an audit chain given an agent id or a file; and the agent id if known."""
+    from kapsis.audit import audit_path, rotated_files
+
+    candidate = Path(target)
+    if candidate.suffix == ".jsonl" and candidate.exists():
+        return rotated_files(candidate), None
+    files = rotated_files(audit_path(target))
+    if not files:
+        raise ConfigError(
+            f"AGENT_ID {target}: no audit log in {paths.audit_dir()}; pass an agent id or a file"
+        )
+    return files, target
+
+
+def audit_verify(target: str, key_file: Path | None = None) -> VerifyResult:
+    """Verify an agent's audit chain (all its rotated files) with the host key or ``key_file``."""
+    from kapsis.audit import verify
+    from kapsis.audit.keys import load_public_key, signing_key
+
+    files, agent_id = audit_files(target)
+    key = load_public_key(key_file) if key_file else signing_key().public_key()
+    record = StatusStore().read(agent_id) if agent_id else None
+    # A session still running has no session_end yet; one that finished must have it.
+    finished = record.finished if record is not None else True
+    return verify(files, key, finished=finished)
+
+
+def audit_events(agent_id: str, event_type: str | None = None) -> list[dict[str, Any]]:
+    """The records of an agent's audit chain, oldest first (optionally of one type)."""
+    files, _ = audit_files(agent_id)
+    events = []
+    for file in files:
+        with file.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    record = json.loads(line)
+                    if event_type is None or record.get("event_type") == event_type:
+                        events.append(record)
+    return events
+
+
+def audit_public_key() -> str:
+    """The host's audit public key (PEM), created with the key pair on first use."""
+    from kapsis.audit.keys import public_pem, signing_key
+
+    return public_pem(signing_key().public_key())

@@ -13,8 +13,9 @@ about. The exit codes are part of the public contract and are documented in the 
     ├── AgentFailedError              1  the agent ran and exited non-zero
     ├── AgentKilledError              5  killed: out of memory, stopped, signalled
     ├── AgentTimeoutError             6  the run exceeded its time limit
-    └── GitWorkflowError              8  the host could not commit the agent's work
-        └── PushError                 7  the host could not push (or the remote diverged)
+    ├── GitWorkflowError              8  the host could not commit the agent's work
+    │   └── PushError                 7  the host could not push (or the remote diverged)
+    └── AuditDamagedError             9  `kapsis audit verify` found the log damaged
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class ExitCode(IntEnum):
     TIMEOUT = 6
     PUSH_FAILED = 7
     COMMIT_FAILED = 8
+    AUDIT_DAMAGED = 9
     INTERRUPTED = 130
 
 
@@ -121,3 +123,10 @@ class PushError(GitWorkflowError):
     def __init__(self, message: str, error_type: str = "push_failed") -> None:
         super().__init__(message)
         self.error_type = error_type
+
+
+class AuditDamagedError(KapsisError):
+    """``kapsis audit verify`` found a record modified, inserted, deleted, reordered or missing."""
+
+    exit_code = ExitCode.AUDIT_DAMAGED
+    error_type = "audit_damaged"

@@ -1,5 +1,6 @@
-"""Host-side record of what happened in each agent session."""
+"""The tamper-evident audit trail: written by the host alone, hash-chained, sealed, verifiable."""
 
-from kapsis.audit.events import AuditLog
+from kapsis.audit.log import AuditLog, audit_path, rotated_files
+from kapsis.audit.verify import Damage, VerifyResult, verify
 
-__all__ = ["AuditLog"]
+__all__ = ["AuditLog", "Damage", "VerifyResult", "audit_path", "rotated_files", "verify"]

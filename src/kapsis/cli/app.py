@@ -32,9 +32,11 @@ config_app = typer.Typer(
 )
 agents_app = typer.Typer(help="Agent profiles.", no_args_is_help=True)
 policy_app = typer.Typer(help="The network policy of a run.", no_args_is_help=True)
+audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(agents_app, name="agents")
 app.add_typer(policy_app, name="policy")
+app.add_typer(audit_app, name="audit")
 
 
 def _fail(error: KapsisError) -> NoReturn:
@@ -390,6 +392,66 @@ def policy_show(
         print(json.dumps(render.policy_as_json(policy), indent=2))
         return
     render.print_policy(policy)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    target: Annotated[str, typer.Argument(help="AGENT_ID, or an audit .jsonl file.")],
+    key: Annotated[
+        Path | None, typer.Option("--key", help="Public key (PEM) to verify with.")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+) -> None:
+    """Check every hash, link and seal; name the first damaged record (exit 9)."""
+    from kapsis import api
+
+    try:
+        result = api.audit_verify(target, key)
+    except KapsisError as error:
+        _fail(error)
+    first = result.first
+    if json_output:
+        payload = dataclasses.asdict(result)
+        payload["ok"] = result.ok
+        payload["first_damage"] = dataclasses.asdict(first) if first else None
+        print(json.dumps(payload, indent=2))
+    elif first is None:
+        print(
+            f"ok: {result.records} records, {result.seals} seals, {result.sessions} session(s) "
+            f"in {len(result.files)} file(s); every hash, link and seal verifies"
+        )
+    else:
+        print(f"DAMAGED: {first.kind} at seq {first.seq}: {first.detail}")
+    if first is not None:
+        raise typer.Exit(int(ExitCode.AUDIT_DAMAGED))
+
+
+@audit_app.command("show")
+def audit_show(
+    agent_id: Annotated[str, typer.Argument(help="The agent.")],
+    event_type: Annotated[str | None, typer.Option("--type", help="Only this event type.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+) -> None:
+    """The agent's audit trail as a readable timeline."""
+    from kapsis import api
+    from kapsis.cli import render
+
+    try:
+        events = api.audit_events(agent_id, event_type)
+    except KapsisError as error:
+        _fail(error)
+    if json_output:
+        print(json.dumps(events, indent=2))
+        return
+    render.print_audit(events)
+
+
+@audit_app.command("export-key")
+def audit_export_key() -> None:
+    """Print the host's audit public key (PEM), for `kapsis audit verify --key` elsewhere."""
+    from kapsis import api
+
+    print(api.audit_public_key(), end="")
 
 
 @config_app.command("schema")

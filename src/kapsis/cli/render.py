@@ -173,3 +173,24 @@ def print_policy(network: NetworkPlan) -> None:
     console.print("blocked:")
     for line in policy.blocked_summary():
         console.print(f"  - {line}")
+
+
+def print_audit(events: Sequence[dict[str, Any]]) -> None:
+    table = Table(title="Audit trail", expand=False)
+    for column in ("SEQ", "TIME", "SOURCE", "EVENT", "DETAIL"):
+        table.add_column(column)
+    for event in events:
+        detail = event.get("detail") or {}
+        if event.get("event_type") == "seal":
+            text = f"signed head seq {detail.get('head_seq')} (key {detail.get('key_id')})"
+        else:
+            text = ", ".join(f"{key}={value}" for key, value in detail.items())
+        source = event.get("source", "")
+        table.add_row(
+            str(event.get("seq")),
+            str(event.get("ts", ""))[11:23],
+            f"[yellow]{source}[/]" if source == "agent" else source,
+            str(event.get("event_type")),
+            text,
+        )
+    Console().print(table)

@@ -1,0 +1,226 @@
+"""The host-side audit writer: hash-chained JSON Lines, sealed with Ed25519, rotated by size.
+
+One writer appends at a time (an exclusive lock on the file while it appends), whichever host
+process holds the session (``kapsis run``, then a detached supervisor). The file lives in
+``~/.kapsis/audit/`` and is never mounted into a sandbox. Each record links to the previous one
+(see :mod:`.chain`); a seal record signs the head of the chain at the end of a session and every
+``seal_every`` records or ``seal_seconds`` seconds. Past ``rotate_bytes`` the file is sealed and
+renamed to ``AGENT_ID.N.jsonl``, and the new file opens with a ``continuation`` record that names
+it and its last hash, so the chain spans files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from kapsis import paths
+from kapsis.audit.chain import GENESIS, canonical, seal_message
+from kapsis.audit.keys import key_id, sign, signing_key
+from kapsis.status.store import utc_now
+
+SEAL = "seal"
+CONTINUATION = "continuation"
+SESSION_START = "session_start"
+SESSION_END = "session_end"
+DEFAULT_SEAL_EVERY = 1000
+DEFAULT_SEAL_SECONDS = 60.0
+DEFAULT_ROTATE_BYTES = 64 * 1024**2
+_TAIL_CHUNK = 65536
+
+
+def audit_path(agent_id: str, directory: Path | None = None) -> Path:
+    return (directory or paths.audit_dir()) / f"{agent_id}.jsonl"
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """The files of one chain in order: ``ID.1.jsonl``, ``ID.2.jsonl`` ..., then ``ID.jsonl``."""
+    stem = path.name.removesuffix(".jsonl")
+    numbered = []
+    for candidate in path.parent.glob(f"{stem}.*.jsonl"):
+        middle = candidate.name.removeprefix(f"{stem}.").removesuffix(".jsonl")
+        if middle.isdigit():
+            numbered.append((int(middle), candidate))
+    return [file for _, file in sorted(numbered)] + ([path] if path.exists() else [])
+
+
+def _last_record(path: Path) -> dict[str, Any] | None:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - _TAIL_CHUNK))
+            lines = handle.read().rstrip(b"\n").split(b"\n")
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            record: dict[str, Any] = json.loads(line)
+            return record
+        except ValueError:
+            continue
+    return None
+
+
+class AuditLog:
+    """Appends records to one agent's audit chain. ``record()`` is the only way in."""
+
+    def __init__(
+        self,
+        agent_id: str,
+        *,
+        enabled: bool = True,
+        directory: Path | None = None,
+        seal_every: int = DEFAULT_SEAL_EVERY,
+        seal_seconds: float = DEFAULT_SEAL_SECONDS,
+        rotate_bytes: int = DEFAULT_ROTATE_BYTES,
+    ) -> None:
+        self.agent_id = agent_id
+        self.enabled = enabled
+        self.path = audit_path(agent_id, directory)
+        self.seal_every = seal_every
+        self.seal_seconds = seal_seconds
+        self.rotate_bytes = rotate_bytes
+        self._head: tuple[int, str, str] | None = None  # seq, hash, session_id
+        self._known_size = -1
+        self._since_seal = 0
+        self._last_seal = time.monotonic()
+        self._key = None
+
+    # -- public ----------------------------------------------------------------------------
+
+    def record(self, event_type: str, source: str = "host", **detail: Any) -> None:
+        """Append one record; ``session_start`` opens a new session (a new session_id)."""
+        if not self.enabled:
+            return
+        with self._locked() as handle:
+            self._append(handle, event_type, source, detail)
+            if (
+                event_type == SESSION_END
+                or self._since_seal >= self.seal_every
+                or (time.monotonic() - self._last_seal >= self.seal_seconds)
+            ):
+                self._seal(handle)
+        if self._known_size >= self.rotate_bytes:
+            self.rotate()
+
+    def seal(self) -> None:
+        """Sign the head of the chain now (also done at session end and periodically)."""
+        if not self.enabled:
+            return
+        with self._locked() as handle:
+            self._seal(handle)
+
+    def rotate(self) -> None:
+        """Seal this file, move it aside as ``ID.N.jsonl`` and continue the chain in a new one."""
+        with self._locked() as handle:
+            self._seal(handle)
+            previous = self.path.with_name(f"{self.agent_id}.{len(rotated_files(self.path))}.jsonl")
+            os.rename(self.path, previous)
+        assert self._head is not None
+        _, head_hash, _ = self._head
+        with self._locked() as handle:
+            self._append(
+                handle,
+                CONTINUATION,
+                "host",
+                {"previous_file": previous.name, "previous_hash": head_hash},
+            )
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _locked(self) -> _Locked:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.chmod(0o700)
+        return _Locked(self)
+
+    def _refresh(self, handle: Any) -> None:
+        size = os.fstat(handle.fileno()).st_size
+        if size == self._known_size and self._head is not None:
+            return
+        last = _last_record(self.path)
+        if last is None:
+            # A new chain, or the continuation of a rotated one.
+            earlier = rotated_files(self.path)[:-1] if self.path.exists() else []
+            tail = _last_record(earlier[-1]) if earlier else None
+            self._head = (
+                (int(tail["seq"]), str(tail["hash"]), str(tail["session_id"]))
+                if tail
+                else (0, GENESIS, "")
+            )
+        else:
+            self._head = (int(last["seq"]), str(last["hash"]), str(last["session_id"]))
+        self._known_size = size
+
+    def _append(self, handle: Any, event_type: str, source: str, detail: dict[str, Any]) -> None:
+        self._refresh(handle)
+        assert self._head is not None
+        seq, prev_hash, session_id = self._head
+        if event_type == SESSION_START or not session_id:
+            session_id = uuid.uuid4().hex
+        record: dict[str, Any] = {
+            "seq": seq + 1,
+            "ts": utc_now(),
+            "session_id": session_id,
+            "agent_id": self.agent_id,
+            "source": source,
+            "event_type": event_type,
+            "detail": detail,
+            "prev_hash": prev_hash,
+        }
+        body = canonical(record)
+        record["hash"] = hashlib.sha256(body).hexdigest()
+        # The canonical record is the body with "hash" added; sorted keys put it right before
+        # the top-level "prev_hash", whose member is the last one of that name in the body.
+        cut = body.rindex(b',"prev_hash":"')
+        line = body[:cut] + b',"hash":"' + record["hash"].encode() + b'"' + body[cut:] + b"\n"
+        handle.write(line)
+        handle.flush()
+        self._head = (seq + 1, record["hash"], session_id)
+        self._known_size = os.fstat(handle.fileno()).st_size
+        self._since_seal += 1
+
+    def _seal(self, handle: Any) -> None:
+        self._refresh(handle)
+        assert self._head is not None
+        seq, head_hash, session_id = self._head
+        if seq == 0:
+            return
+        key = signing_key()
+        self._append(
+            handle,
+            SEAL,
+            "host",
+            {
+                "head_seq": seq,
+                "head_hash": head_hash,
+                "key_id": key_id(key.public_key()),
+                "signature": sign(key, seal_message(session_id, seq, head_hash)),
+            },
+        )
+        self._since_seal = 0
+        self._last_seal = time.monotonic()
+
+
+class _Locked:
+    """The log file, opened for appending under an exclusive lock."""
+
+    def __init__(self, log: AuditLog) -> None:
+        self.log = log
+        self.handle: Any = None
+
+    def __enter__(self) -> Any:
+        descriptor = os.open(self.log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.handle = os.fdopen(descriptor, "ab")
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+        return self.handle
+
+    def __exit__(self, *exc_info: object) -> None:
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
