@@ -147,11 +147,13 @@ def verify(files: list[Path], key: Ed25519PublicKey, *, finished: bool = True) -
     last_seq = expected_seq - 1
     if last_seq and sealed_through != last_seq:
         result.damage.append(
-            Damage("truncated", sealed_through + 1,
-                   f"records {sealed_through + 1}..{last_seq} are not covered by a seal")
+            Damage("truncated", last_seq + 1,
+                   f"the log ends at seq {last_seq}, but its last seal covers only "
+                   f"{sealed_through or 'nothing'}: the tail was cut off or never sealed")
         )  # fmt: skip
     elif finished and result.sessions and not last_session_ended:
         result.damage.append(
-            Damage("truncated", last_seq, "the session has no session_end: the tail is missing")
-        )
+            Damage("truncated", last_seq + 1,
+                   f"the session ends at seq {last_seq} without session_end: the tail is missing")
+        )  # fmt: skip
     return result
