@@ -91,7 +91,7 @@ class AuditLog:
         self._known_size = -1
         self._since_seal = 0
         self._last_seal = time.monotonic()
-        self._key = None
+        self._handle: Any = None
 
     # -- public ----------------------------------------------------------------------------
 
@@ -123,6 +123,7 @@ class AuditLog:
             self._seal(handle)
             previous = self.path.with_name(f"{self.agent_id}.{len(rotated_files(self.path))}.jsonl")
             os.rename(self.path, previous)
+        self.close()  # the next append opens the new file
         assert self._head is not None
         _, head_hash, _ = self._head
         with self._locked() as handle:
@@ -135,9 +136,15 @@ class AuditLog:
 
     # -- internals -------------------------------------------------------------------------
 
+    def close(self) -> None:
+        if self._handle is not None and not self._handle.closed:
+            self._handle.close()
+        self._handle = None
+
     def _locked(self) -> _Locked:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.parent.chmod(0o700)
+        if self._handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.chmod(0o700)
         return _Locked(self)
 
     def _refresh(self, handle: Any) -> None:
@@ -209,18 +216,19 @@ class AuditLog:
 
 
 class _Locked:
-    """The log file, opened for appending under an exclusive lock."""
+    """The log file, opened for appending (kept open between appends), under an exclusive lock."""
 
     def __init__(self, log: AuditLog) -> None:
         self.log = log
-        self.handle: Any = None
 
     def __enter__(self) -> Any:
-        descriptor = os.open(self.log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self.handle = os.fdopen(descriptor, "ab")
-        fcntl.flock(self.handle, fcntl.LOCK_EX)
-        return self.handle
+        handle = self.log._handle
+        if handle is None or handle.closed or not self.log.path.exists():
+            descriptor = os.open(self.log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            handle = self.log._handle = os.fdopen(descriptor, "ab")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return handle
 
     def __exit__(self, *exc_info: object) -> None:
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
+        assert self.log._handle is not None
+        fcntl.flock(self.log._handle, fcntl.LOCK_UN)
