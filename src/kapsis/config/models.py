@@ -69,7 +69,7 @@ def _check_env_name(value: str) -> str:
 def _check_host(value: str) -> str:
     if not _HOST_RE.match(value):
         raise ValueError(f"{value!r} is not a host name; use name, *.domain or name:port")
-    if _is_ip(value.rpartition(":")[0] or value):
+    if _is_ip(value) or _is_ip(value.rpartition(":")[0]):
         raise ValueError(f"{value!r} is an address; list it under network.allowlist.addresses")
     _, _, port = value.partition(":")
     if port and not 1 <= int(port) <= 65535:
@@ -137,7 +137,22 @@ EnvName = Annotated[str, AfterValidator(_check_env_name)]
 HostPattern = Annotated[str, AfterValidator(_check_host)]
 AddressPattern = Annotated[str, AfterValidator(_check_address)]
 CategoryName = Annotated[str, AfterValidator(_check_category)]
-IPAddress = Annotated[str, AfterValidator(lambda v: str(ipaddress.ip_address(v)))]
+
+
+def _check_resolver(value: str) -> str:
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+    if address.is_loopback:
+        raise ValueError(
+            f"{value} is a loopback address: inside the sandbox that is the gateway itself; "
+            "name a resolver the host can reach over the network"
+        )
+    return str(address)
+
+
+IPAddress = Annotated[str, AfterValidator(_check_resolver)]
 Capability = Annotated[str, AfterValidator(_check_capability)]
 SandboxPath = Annotated[str, AfterValidator(_check_absolute)]
 

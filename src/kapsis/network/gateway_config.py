@@ -48,13 +48,51 @@ def _ports(ports: tuple[int, ...]) -> str:
     return str(ports[0]) if len(ports) == 1 else "{ " + ", ".join(map(str, ports)) + " }"
 
 
+def _name_domains(policy: NetworkPolicy) -> dict[str, tuple[int, ...]]:
+    """Each listed domain with the ports its names may reach.
+
+    dnsmasq files answers into sets by domain (a domain and its subdomains alike), so an exact
+    name and a ``*.`` wildcard of the same domain share one set and their ports are merged.
+    """
+    domains: dict[str, set[int]] = {}
+    for rule in policy.names():
+        domains.setdefault(rule.pattern.removeprefix("*."), set()).update(rule.ports)
+    # dnsmasq files an answer under the longest matching domain only: a name listed below a
+    # wildcard must also carry the wildcard's ports, or they would be lost for it.
+    for rule in policy.names():
+        if rule.kind != "wildcard":
+            continue
+        wildcard = rule.pattern.removeprefix("*.")
+        for domain, ports in domains.items():
+            if domain.endswith(f".{wildcard}"):
+                ports.update(rule.ports)
+    return {domain: tuple(sorted(ports)) for domain, ports in domains.items()}
+
+
+def _domain_groups(policy: NetworkPolicy) -> list[tuple[tuple[int, ...], list[str]]]:
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for domain, ports in sorted(_name_domains(policy).items()):
+        groups.setdefault(ports, []).append(domain)
+    return sorted(groups.items())
+
+
 def name_sets(policy: NetworkPolicy) -> dict[str, tuple[str, str]]:
-    """Pattern of each name rule -> its (IPv4, IPv6) allow sets."""
+    """Each listed domain -> its (IPv4, IPv6) allow sets."""
     sets: dict[str, tuple[str, str]] = {}
-    for index, (_, rules) in enumerate(_port_groups(policy.names())):
-        for rule in rules:
-            sets[rule.pattern] = (f"names{index}_v4", f"names{index}_v6")
+    for index, (_, domains) in enumerate(_domain_groups(policy)):
+        for domain in domains:
+            sets[domain] = (f"names{index}_v4", f"names{index}_v6")
     return sets
+
+
+def _covered_by_wildcard(name: str, policy: NetworkPolicy) -> bool:
+    """Whether a listed ``*.domain`` already allows the subdomains of ``name``."""
+    for rule in policy.names():
+        if rule.kind == "wildcard":
+            domain = rule.pattern.removeprefix("*.")
+            if name == domain or name.endswith(f".{domain}"):
+                return True
+    return False
 
 
 def nft_ruleset(policy: NetworkPolicy, upstreams: Iterable[str]) -> str:
@@ -73,7 +111,7 @@ def nft_ruleset(policy: NetworkPolicy, upstreams: Iterable[str]) -> str:
         " timeout 1d; size 65535; counter; }",
     ]
     accepts: list[str] = []
-    for index, (ports, _rules) in enumerate(_port_groups(policy.names())):
+    for index, (ports, _domains) in enumerate(_domain_groups(policy)):
         lines.append(f"  set names{index}_v4 {{ type ipv4_addr; }}")
         lines.append(f"  set names{index}_v6 {{ type ipv6_addr; }}")
         # Names never open a non-public address, even if the resolver let one through.
@@ -87,8 +125,19 @@ def nft_ruleset(policy: NetworkPolicy, upstreams: Iterable[str]) -> str:
         )
     for index, (ports, rules) in enumerate(_port_groups(policy.addresses())):
         networks = [parse_address(rule.pattern)[0] for rule in rules]
-        v4 = [str(n) for n in networks if n.version == 4]
-        v6 = [str(n) for n in networks if n.version == 6]
+        # Overlapping entries (10.0.0.0/8 and 10.1.2.3) would be conflicting intervals for nft.
+        v4 = [
+            str(n)
+            for n in ipaddress.collapse_addresses(
+                n for n in networks if isinstance(n, ipaddress.IPv4Network)
+            )
+        ]
+        v6 = [
+            str(n)
+            for n in ipaddress.collapse_addresses(
+                n for n in networks if isinstance(n, ipaddress.IPv6Network)
+            )
+        ]
         lines.append(
             f"  set addresses{index}_v4 {{ type ipv4_addr; flags interval;{_elements(v4)} }}"
         )
@@ -159,14 +208,14 @@ def dnsmasq_config(policy: NetworkPolicy, upstreams: Iterable[str], log_file: st
         # Every name not listed below: no such domain.
         "address=/#/",
     ]
-    sets = name_sets(policy)
     for rule in policy.names():
         pattern = _dnsmasq_pattern(rule)
         for server in servers:
             lines.append(f"server=/{pattern}/{server}")
-        if rule.kind == "name" and f"*.{rule.pattern}" not in sets:
+        if rule.kind == "name" and not _covered_by_wildcard(rule.pattern, policy):
             # An exact name: its subdomains stay unknown.
             lines.append(f"address=/*.{rule.pattern}/")
-        v4, v6 = sets[rule.pattern]
-        lines.append(f"nftset=/{pattern}/4#inet#{TABLE}#{v4},6#inet#{TABLE}#{v6}")
+    for domain, (v4, v6) in sorted(name_sets(policy).items()):
+        # nftset matches a domain and its subdomains ("*." is not special there).
+        lines.append(f"nftset=/{domain}/4#inet#{TABLE}#{v4},6#inet#{TABLE}#{v6}")
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ each, gives the blocked connection attempts. Both are written as JSON Lines to
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ PROTOCOLS = {6: "tcp", 17: "udp"}
 
 # "Nov 26 18:55:10 dnsmasq[1]: 12 127.0.0.1/38680 query[A] example.com from 127.0.0.1"
 _LINE_RE = re.compile(r"dnsmasq\[\d+\]: (?P<serial>\d+) \S+ (?P<event>.+)$")
-_QUERY_RE = re.compile(r"^query\[(?P<qtype>\w+)\] (?P<name>\S+) from ")
+_QUERY_RE = re.compile(r"^query\[(?P<qtype>[^\]]+)\] (?P<name>\S+) from ")
 _NXDOMAIN_RE = re.compile(r"^config (?P<name>\S+) is NXDOMAIN")
 _FORWARDED_RE = re.compile(r"^forwarded (?P<name>\S+) to ")
 _ANSWER_RE = re.compile(r"^(reply|cached) (?P<name>\S+) is (?P<answer>\S+)")
@@ -45,6 +46,14 @@ class BlockedConnection:
     port: int
     packets: int
     type: str = "blocked_connection"
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False  # NXDOMAIN, NODATA, REFUSED, SERVFAIL, <CNAME>: not an answer
+    return True
 
 
 def parse_dns_log(text: str) -> list[DnsEvent]:
@@ -77,7 +86,7 @@ def parse_dns_log(text: str) -> list[DnsEvent]:
             event.decision = "rebind"
         elif answer := _ANSWER_RE.match(text_):
             value = answer["answer"]
-            if value not in ("NXDOMAIN", "NODATA", "NODATA-IPv6", "NODATA-IPv4", "<CNAME>"):
+            if _is_address(value):
                 event.answers.append(value)
             elif value == "NXDOMAIN" and event.decision == "allowed" and not event.answers:
                 event.decision = "blocked"
@@ -92,10 +101,12 @@ def parse_blocked_set(listing: dict[str, Any]) -> list[BlockedConnection]:
             value = element.get("elem", element)
             address, protocol, port = value["val"]["concat"]
             packets = int(value.get("counter", {}).get("packets", 1))
+            # nft -j names well-known protocols ("tcp") and numbers the rest.
+            name = PROTOCOLS.get(protocol, str(protocol)) if isinstance(protocol, int) else protocol
             blocked.append(
                 BlockedConnection(
                     address=str(address),
-                    protocol=PROTOCOLS.get(int(protocol), str(protocol)),
+                    protocol=str(name),
                     port=int(port),
                     packets=packets,
                 )

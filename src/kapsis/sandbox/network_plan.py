@@ -17,7 +17,8 @@ from kapsis.agents import AgentProfile
 from kapsis.config.loader import LoadedConfig
 from kapsis.config.models import AllowlistSection, NetworkMode
 from kapsis.errors import ConfigError
-from kapsis.network.policy import NetworkPolicy, PolicyBuilder, load_category
+from kapsis.network.gateway_files import probe_address
+from kapsis.network.policy import NetworkPolicy, PolicyBuilder, load_category, parse_address
 from kapsis.sandbox.plan_model import PlanModel
 
 # Digits and dots (IPv4), hex and colons (IPv6), an optional /prefix: meant as an address.
@@ -86,6 +87,17 @@ def plan_network(
             "server for the gateway and the host's /etc/resolv.conf names none it can reach; "
             "set network.dns_servers"
         )
+    try:
+        probe_address(policy)
+    except ValueError:
+        widest = max(
+            policy.addresses(), key=lambda rule: parse_address(rule.pattern)[0].num_addresses
+        )
+        raise ConfigError(
+            f"{widest.sources[0]}: the allowed address {widest.pattern} covers every address "
+            "the gateway's self-test could check; list narrower networks, or use network mode "
+            "open"
+        ) from None
     gateway = GatewayPlan(
         # KAPSIS_GATEWAY_IMAGE: another gateway image (a locally patched one, or a test's).
         image=os.environ.get("KAPSIS_GATEWAY_IMAGE") or DEFAULT_GATEWAY_IMAGE,
