@@ -162,7 +162,11 @@ def finish(plan: SandboxPlan, backend: Backend, exit_info: ExitInfo) -> RunResul
     _audit_work(audit, work)
     store.update(plan.agent_id, **work.status_fields())
     if plan.network.gateway is not None:
-        work.notes += _observe_network(plan, backend, store, audit)
+        try:
+            work.notes += _observe_network(plan, backend, store, audit)
+        except (OSError, ValueError, KeyError) as problem:
+            # The record of what the gateway saw must not keep the sandbox from being removed.
+            work.notes.append(f"could not read the gateway's records: {problem}")
     backend.remove(plan)
     if error is None and work.error is not None:
         error = work.error
