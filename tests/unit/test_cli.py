@@ -176,7 +176,9 @@ def test_run_dry_run_prints_plan_and_commands(runner, project):
     assert pod[:3] == ["podman", "pod", "create"]
     assert gateway[:2] == ["podman", "run"] and "NET_ADMIN" in gateway
     assert run[:2] == ["podman", "run"]
-    assert run[-3:] == ["sh", "-c", "make test"]
+    # The shell agent: its launcher snippet, then the task as the snippet's $0.
+    assert run[-5:-2] == ["localhost/kapsis-base:latest", "sh", "-c"]
+    assert run[-1] == "make test"
 
 
 def test_run_dry_run_creates_no_state(runner, project, kapsis_home):

@@ -228,7 +228,8 @@ def test_log_driver_writes_under_kapsis_home_logs(run_args, kapsis_home):
 def test_image_then_command_come_last(run_args):
     plan, argv = run_args(task="echo done", image="localhost/custom:1")
 
-    assert argv[-len(plan.command) - 1 :] == ["localhost/custom:1", "sh", "-c", "echo done"]
+    assert argv[-len(plan.command) - 1 :] == ["localhost/custom:1", *plan.command]
+    assert plan.command[:2] == ("sh", "-c") and plan.command[-1] == "echo done"
 
 
 def test_image_is_never_pulled(run_args):

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -92,6 +93,8 @@ class AuditLog:
         self._since_seal = 0
         self._last_seal = time.monotonic()
         self._handle: Any = None
+        # The agent-report thread and the launcher write through one instance.
+        self._thread_lock = threading.RLock()
 
     # -- public ----------------------------------------------------------------------------
 
@@ -99,7 +102,7 @@ class AuditLog:
         """Append one record; ``session_start`` opens a new session (a new session_id)."""
         if not self.enabled:
             return
-        with self._locked() as handle:
+        with self._thread_lock, self._locked() as handle:
             self._append(handle, event_type, source, detail)
             if (
                 event_type == SESSION_END
@@ -108,7 +111,8 @@ class AuditLog:
             ):
                 self._seal(handle)
         if self._known_size >= self.rotate_bytes:
-            self.rotate()
+            with self._thread_lock:
+                self.rotate()
 
     def seal(self) -> None:
         """Sign the head of the chain now (also done at session end and periodically)."""

@@ -16,6 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kapsis import paths
+from kapsis.audit.agent_reports import (
+    AUDIT_SOCKET,
+    REPORTER_TARGET,
+    SHELL_REPORTER,
+    SOCKET_TARGET,
+    install_shell_reporter,
+)
 from kapsis.backends import _uidslots
 from kapsis.backends.base import Backend, ExitInfo, RunningSandbox, SandboxInfo
 from kapsis.backends.podman_gateway import blocked_connections, gateway_run_args, start_gateway
@@ -89,6 +96,11 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool, uid_base: int | str) -> l
     args += workspace_volume_args(plan)
     for mount in plan.mounts:
         args += ["--volume", f"{mount.source}:{mount.target}:{'ro' if mount.read_only else 'rw'}"]
+    if plan.audit_enabled:
+        # The agent's side of the audit trail: a socket to report on, never the log itself.
+        args += ["--volume", f"{root / AUDIT_SOCKET}:{SOCKET_TARGET}"]
+        args += ["--volume", f"{root / SHELL_REPORTER}:{REPORTER_TARGET}:ro"]
+        args += ["--env", f"KAPSIS_AUDIT_SOCKET={SOCKET_TARGET}"]
     for name, value in plan.env.items():
         args += ["--env", f"{name}={value}"]
     for name in plan.env_passthrough:
@@ -301,6 +313,8 @@ class PodmanBackend(Backend):
             shutil.copyfile(plan.spec_source, root / "task-spec.md")
         if plan.security.seccomp:
             (root / "seccomp.json").write_text(json.dumps(seccomp_profile()))
+        if plan.audit_enabled:
+            install_shell_reporter(root / SHELL_REPORTER)
         if plan.security.apparmor_profile:
             _load_apparmor(plan.security.apparmor_profile)
         uid_base: int | str = ""

@@ -7,6 +7,8 @@ detached supervisor (``python -m kapsis.sandbox.supervise``) did.
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from kapsis import paths
 from kapsis.audit import AuditLog
+from kapsis.audit.agent_reports import AUDIT_SOCKET, AgentReportServer, Redactor
 from kapsis.backends import Backend, ExitInfo
 from kapsis.errors import (
     AgentFailedError,
@@ -107,6 +110,7 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
         limits_enforced=plan.resources.limits_enforced,
     )
     save_plan(plan)
+    reports: AgentReportServer | None = None
     try:
         store.update(plan.agent_id, phase="preparing", message="checking the image")
         backend.preflight(plan)
@@ -125,8 +129,12 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
                 mode=plan.workspace.mode,
             )
         store.update(plan.agent_id, phase="starting", message="starting the sandbox")
+        # Listening before the sandbox exists: its socket is mounted into the sandbox.
+        reports = open_agent_reports(plan, audit)
         sandbox = backend.launch(plan, attach=not detach)
     except KapsisError as error:
+        if reports is not None:
+            reports.stop()
         backend.remove(plan)
         if plan.git.repository:
             from kapsis.workspace.prepare import abandon_workspace
@@ -136,8 +144,13 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
     store.update(plan.agent_id, phase="running", message=f"agent {plan.agent} is running")
     audit.record("sandbox_started", pod=plan.pod_name)
     if detach:
-        _spawn_supervisor(plan.agent_id)
+        # The supervisor takes over the listening socket and records the agent's reports.
+        _spawn_supervisor(plan.agent_id, reports)
+        if reports is not None:
+            reports.listener.close()
         return RunResult(plan.agent_id, ExitCode.SUCCESS, None, None, "started", detached=True)
+    if reports is not None:
+        reports.start()
     try:
         exit_info = sandbox.wait()
     except KeyboardInterrupt:
@@ -147,7 +160,22 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
     except KapsisError as error:
         backend.remove(plan)
         return _close(plan, store, audit, error.exit_code, None, error.error_type, str(error))
+    finally:
+        if reports is not None:
+            reports.stop()
     return finish(plan, backend, exit_info)
+
+
+def open_agent_reports(
+    plan: SandboxPlan, audit: AuditLog, listener: socket.socket | None = None
+) -> AgentReportServer | None:
+    """The host end of the sandbox's audit socket (bound, not yet serving), if auditing is on."""
+    if not plan.audit_enabled:
+        return None
+    secrets = [os.environ[name] for name in plan.env_passthrough if name in os.environ]
+    root = Path(plan.workspace.root)
+    root.mkdir(parents=True, exist_ok=True)
+    return AgentReportServer(audit, root / AUDIT_SOCKET, Redactor(secrets), listener)
 
 
 def finish(plan: SandboxPlan, backend: Backend, exit_info: ExitInfo) -> RunResult:
@@ -305,13 +333,19 @@ def _close(
     )
 
 
-def _spawn_supervisor(agent_id: str) -> None:
+def _spawn_supervisor(agent_id: str, reports: AgentReportServer | None) -> None:
     log = paths.sandbox_dir(agent_id) / "supervisor.log"
+    command = [sys.executable, "-m", "kapsis.sandbox.supervise", agent_id]
+    passed: tuple[int, ...] = ()
+    if reports is not None:
+        passed = (reports.listener.fileno(),)
+        command.append(str(passed[0]))
     with log.open("ab") as output:
         subprocess.Popen(
-            [sys.executable, "-m", "kapsis.sandbox.supervise", agent_id],
+            command,
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=output,
             start_new_session=True,
+            pass_fds=passed,
         )

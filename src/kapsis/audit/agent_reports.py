@@ -1,0 +1,163 @@
+"""What the agent reports about itself: a Unix socket in the sandbox, read by the host.
+
+The host listens on ``SANDBOX_DIR/audit.sock``, mounted into the sandbox at
+``/run/kapsis/audit.sock``. Each line an agent writes becomes one audit record with source
+``agent`` (the agent cannot choose the source, the type or the sequence of a record: it only
+fills ``detail``). A line that is a JSON object is kept as reported (e.g. Claude Code's hook
+payloads); any other line is a shell command (the ``shell`` agent's xtrace). Values of the run's
+secrets are redacted before anything is written, lines are capped in length and number, and the
+host keeps listening only while the agent runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import json
+import os
+import selectors
+import socket
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kapsis.audit.log import AuditLog
+
+AUDIT_SOCKET = "audit.sock"  # in the sandbox dir
+SHELL_REPORTER = "report-shell.py"  # in the sandbox dir
+SOCKET_TARGET = "/run/kapsis/audit.sock"
+REPORTER_TARGET = "/run/kapsis/report-shell.py"
+MAX_LINE = 16 * 1024
+MAX_RECORDS = 100_000
+REDACTED = "[REDACTED]"
+
+
+def install_shell_reporter(path: Path) -> None:
+    """Copy the shell agent's reporter (see :mod:`.shell_reporter`) to ``path``, read-only."""
+    source = importlib.resources.files("kapsis.audit").joinpath("shell_reporter.py")
+    path.write_text(source.read_text())
+    path.chmod(0o644)
+
+
+class Redactor:
+    """Replaces every known secret value in the strings of a record's detail."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        # Longest first, so a secret that contains another is replaced whole.
+        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+
+    def text(self, value: str) -> str:
+        for secret in self.secrets:
+            value = value.replace(secret, REDACTED)
+        return value
+
+    def value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {self.text(str(k)): self.value(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.value(item) for item in value]
+        return value
+
+
+def report_detail(line: bytes, redactor: Redactor) -> tuple[str, dict[str, Any]]:
+    """(event_type, detail) of one reported line."""
+    text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+    if text.startswith("{"):
+        try:
+            reported = json.loads(text)
+        except ValueError:
+            reported = None
+        if isinstance(reported, dict):
+            return "agent_report", {"reported": redactor.value(reported)}
+    depth = len(text) - len(text.lstrip("+"))
+    return "agent_command", {"command": redactor.text(text[depth:].lstrip()), "depth": depth}
+
+
+class AgentReportServer:
+    """Listens on the sandbox's audit socket and records each reported line, in a thread."""
+
+    def __init__(
+        self, log: AuditLog, path: Path, redactor: Redactor, listener: socket.socket | None = None
+    ) -> None:
+        self.log = log
+        self.path = path
+        self.redactor = redactor
+        self.listener = listener or self._bind(path)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.records = 0
+
+    @staticmethod
+    def _bind(path: Path) -> socket.socket:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        # The agent runs as an unprivileged uid of its own range; it may connect, nothing more.
+        os.chmod(path, 0o666)
+        listener.listen(16)
+        return listener
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._serve, name="kapsis-audit-socket", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def _serve(self) -> None:
+        selector = selectors.DefaultSelector()
+        self.listener.setblocking(False)
+        selector.register(self.listener, selectors.EVENT_READ, None)
+        buffers: dict[socket.socket, bytes] = {}
+        while True:
+            stopping = self._stop.is_set()
+            # Once stopping, drain: take every pending connection and line, then end.
+            events = selector.select(timeout=0 if stopping else 0.1)
+            if not events and stopping:
+                break
+            for key, _ in events:
+                if key.fileobj is self.listener:
+                    with contextlib.suppress(OSError):
+                        connection, _address = self.listener.accept()
+                        connection.setblocking(False)
+                        selector.register(connection, selectors.EVENT_READ, None)
+                        buffers[connection] = b""
+                    continue
+                connection = key.fileobj  # type: ignore[assignment]
+                try:
+                    chunk = connection.recv(65536)
+                except OSError:
+                    chunk = b""
+                data = buffers.get(connection, b"") + chunk
+                *lines, rest = data.split(b"\n")
+                for line in lines:
+                    self._record(line[:MAX_LINE])
+                if not chunk:
+                    if rest:
+                        self._record(rest[:MAX_LINE])
+                    selector.unregister(connection)
+                    connection.close()
+                    buffers.pop(connection, None)
+                else:
+                    buffers[connection] = rest[-MAX_LINE:]
+        for connection in list(buffers):
+            with contextlib.suppress(Exception):
+                selector.unregister(connection)
+            connection.close()
+        selector.close()
+
+    def _record(self, line: bytes) -> None:
+        if not line.strip() or self.records >= MAX_RECORDS:
+            return
+        event_type, detail = report_detail(line, self.redactor)
+        self.records += 1
+        self.log.record(event_type, source="agent", **detail)

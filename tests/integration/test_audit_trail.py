@@ -1,0 +1,115 @@
+"""The audit trail of real sessions: what the agent ran, stamped as its own; a log it cannot reach.
+
+The agent (the built-in shell agent) reports each command through the sandbox's audit socket;
+it tries to find, write and forge the audit log from inside and cannot: the log is not in its
+view, and whatever it sends over the socket is recorded as agent-reported data. A secret handed
+to it by name never appears in the log, even when the agent uses it in a command.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kapsis.errors import ExitCode
+
+from .kapsis_runner import Kapsis
+
+pytestmark = pytest.mark.integration
+
+SECRET = "kapsis-test-secret-8c1f2e"
+
+
+@pytest.fixture
+def kapsis(tmp_path: Path, base_image: str) -> Kapsis:
+    return Kapsis(
+        home=tmp_path / "kapsis-home", config_dir=tmp_path / "kapsis-config", image=base_image
+    )
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "README.md").write_text("# sample\n")
+    return root
+
+
+def records(kapsis: Kapsis, agent_id: str) -> list[dict[str, object]]:
+    path = kapsis.home / "audit" / f"{agent_id}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_agents_commands_are_recorded_as_its_own_and_the_log_verifies(
+    kapsis: Kapsis, project: Path
+) -> None:
+    result = kapsis.run(project, "ls /workspace; echo done > out.txt", "--agent-id", "au1",
+                        "--network-mode", "none")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    commands = [
+        r["detail"]["command"]  # type: ignore[index]
+        for r in records(kapsis, "au1")
+        if r["event_type"] == "agent_command"
+    ]
+    assert "ls /workspace" in commands
+    assert "echo done" in commands
+    assert {r["source"] for r in records(kapsis, "au1") if "agent" in str(r["event_type"])} == {
+        "agent"
+    }
+    verified = kapsis("audit", "verify", "au1")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert verified.stdout.startswith("ok: ")
+
+
+def test_the_agent_cannot_reach_write_or_forge_the_log(
+    kapsis: Kapsis, project: Path, tmp_path: Path
+) -> None:
+    home = kapsis.home
+    attack = (
+        f"ls -d {home} {home}/audit 2>&1; "
+        f"echo forged >> {home}/audit/au2.jsonl; echo append=$?; "
+        "find / -name '*.jsonl' -path '*audit*' 2>/dev/null | wc -l; "
+        'python3 -c "import socket,json; s=socket.socket(socket.AF_UNIX); '
+        "s.connect('/run/kapsis/audit.sock'); "
+        "s.sendall(json.dumps({'source':'host','event_type':'session_end','seq':2}).encode()"
+        "+b'\\n')\"; "
+        "rm -f /run/kapsis/audit.sock; echo rm=$?"
+    )
+    result = kapsis.run(project, attack, "--agent-id", "au2", "--network-mode", "none")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "No such file or directory" in result.stdout  # the host's KAPSIS_HOME is not there
+    assert "append=1" in lines or "append=2" in lines
+    assert "0" in lines  # no audit file anywhere in its view
+    trail = records(kapsis, "au2")
+    host_ends = [r for r in trail if r["event_type"] == "session_end"]
+    assert len(host_ends) == 1 and host_ends[0]["source"] == "host"
+    forged = [r for r in trail if r["event_type"] == "agent_report"]
+    assert forged and forged[0]["source"] == "agent"
+    raw = (home / "audit" / "au2.jsonl").read_text().splitlines()
+    assert "forged" not in raw  # the append never reached the log (it is only reported)
+    assert kapsis("audit", "verify", "au2").returncode == 0
+    # Control: the same damage done on the host is caught and named.
+    path = home / "audit" / "au2.jsonl"
+    content = path.read_text().splitlines()
+    path.write_text("\n".join(content[:2] + content[3:]) + "\n")  # delete seq 3
+    damaged = kapsis("audit", "verify", "au2", "--json")
+    assert damaged.returncode == ExitCode.AUDIT_DAMAGED
+    assert json.loads(damaged.stdout)["first_damage"]["seq"] == 3
+
+
+def test_a_secret_given_by_name_never_appears_in_the_audit(
+    kapsis: Kapsis, project: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "secret.yaml"
+    config.write_text("environment:\n  passthrough: [API_TOKEN]\n")
+    task = 'curl_like() { :; }; curl_like -H "Authorization: $API_TOKEN"; echo "$API_TOKEN" | wc -c'
+    result = kapsis.run(project, task, "--agent-id", "au3", "--config", str(config),
+                        "--network-mode", "none", env={"API_TOKEN": SECRET})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    trail = (kapsis.home / "audit" / "au3.jsonl").read_text()
+    assert "Authorization: [REDACTED]" in trail  # the command was reported ...
+    assert SECRET not in trail  # ... without the value
+    assert SECRET not in (kapsis.home / "status" / "au3.json").read_text()

@@ -1,0 +1,60 @@
+"""Agent reports: lines on the sandbox's audit socket become agent-stamped, redacted records."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+from kapsis.audit import AuditLog, rotated_files, verify
+from kapsis.audit.agent_reports import MAX_LINE, AgentReportServer, Redactor, report_detail
+from kapsis.audit.keys import signing_key
+
+SECRET = "sk-test-1234567890abcdef"
+
+
+def test_a_shell_trace_line_is_a_command_and_json_is_kept_as_reported() -> None:
+    redactor = Redactor([])
+    assert report_detail(b"+ make test\n", redactor) == (
+        "agent_command", {"command": "make test", "depth": 1}
+    )  # fmt: skip
+    assert report_detail(b"++ date\n", redactor)[1]["depth"] == 2
+    kind, detail = report_detail(
+        b'{"tool_name": "Bash", "tool_input": {"command": "ls"}}', redactor
+    )
+    assert kind == "agent_report"
+    assert detail["reported"]["tool_input"] == {"command": "ls"}
+
+
+def test_secret_values_are_redacted_everywhere_in_a_report() -> None:
+    redactor = Redactor([SECRET, "abc"])  # too short to redact safely: left alone
+    _, command = report_detail(f"+ curl -H 'Authorization: Bearer {SECRET}' x".encode(), redactor)
+    assert SECRET not in json.dumps(command) and "[REDACTED]" in command["command"]
+    _, reported = report_detail(json.dumps({"env": {SECRET: [f"x{SECRET}y"]}}).encode(), redactor)
+    assert SECRET not in json.dumps(reported)
+
+
+def test_the_server_stamps_every_line_as_the_agents(kapsis_home: Path, tmp_path: Path) -> None:
+    log = AuditLog("r1", directory=tmp_path)
+    log.record("session_start")
+    server = AgentReportServer(log, tmp_path / "audit.sock", Redactor([SECRET]))
+    server.start()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(str(tmp_path / "audit.sock"))
+        forged = {"source": "host", "event_type": "session_end", "seq": 1, "hash": "0" * 64}
+        client.sendall(b"+ echo " + SECRET.encode() + b"\n")
+        client.sendall(json.dumps(forged).encode() + b"\n")
+        client.sendall(b"+ " + b"x" * (MAX_LINE * 2) + b"\n")
+    server.stop()
+    log.record("session_end")
+    records = [json.loads(line) for line in (tmp_path / "r1.jsonl").read_text().splitlines()]
+    reported = [r for r in records if r["source"] == "agent"]
+    assert [r["event_type"] for r in reported] == ["agent_command", "agent_report", "agent_command"]
+    assert reported[1]["detail"]["reported"] == forged  # kept as data, never as a host record
+    assert [r["event_type"] for r in records if r["source"] == "host"] == [
+        "session_start", "session_end", "seal"
+    ]  # fmt: skip
+    assert len(reported[2]["detail"]["command"]) < MAX_LINE
+    assert SECRET not in (tmp_path / "r1.jsonl").read_text()
+    assert verify(rotated_files(tmp_path / "r1.jsonl"), signing_key().public_key()).ok
+    assert not (tmp_path / "audit.sock").exists()
