@@ -253,3 +253,11 @@ def audit_public_key() -> str:
     from kapsis.audit.keys import public_pem, signing_key
 
     return public_pem(signing_key().public_key())
+
+
+def audit_alerts(agent_id: str) -> list[dict[str, Any]]:
+    """The alerts raised on an agent's audit stream, oldest first."""
+    from kapsis.audit.alerts import alerts_path, read_alerts
+
+    files, _ = audit_files(agent_id)
+    return read_alerts(alerts_path(files[-1]))

@@ -18,10 +18,11 @@ import os
 import selectors
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from kapsis.audit.alerts import Alert, AlertEngine, alerts_path, append_alerts
 from kapsis.audit.log import AuditLog
 
 AUDIT_SOCKET = "audit.sock"  # in the sandbox dir
@@ -80,9 +81,17 @@ class AgentReportServer:
     """Listens on the sandbox's audit socket and records each reported line, in a thread."""
 
     def __init__(
-        self, log: AuditLog, path: Path, redactor: Redactor, listener: socket.socket | None = None
+        self,
+        log: AuditLog,
+        path: Path,
+        redactor: Redactor,
+        listener: socket.socket | None = None,
+        alerts: AlertEngine | None = None,
+        on_alert: Callable[[list[Alert]], None] | None = None,
     ) -> None:
         self.log = log
+        self.alerts = alerts
+        self.on_alert = on_alert
         self.path = path
         self.redactor = redactor
         self.listener = listener or self._bind(path)
@@ -160,4 +169,20 @@ class AgentReportServer:
             return
         event_type, detail = report_detail(line, self.redactor)
         self.records += 1
-        self.log.record(event_type, source="agent", **detail)
+        record = self.log.record(event_type, source="agent", **detail)
+        if self.alerts is None or not record:
+            return
+        raised = self.alerts.observe(record)
+        if not raised:
+            return
+        append_alerts(alerts_path(self.log.path), raised)
+        for alert in raised:
+            self.log.record(
+                "alert",
+                rule=alert.rule,
+                severity=alert.severity,
+                about_seq=alert.seq,
+                message=alert.message,
+            )
+        if self.on_alert is not None:
+            self.on_alert(raised)

@@ -98,12 +98,12 @@ class AuditLog:
 
     # -- public ----------------------------------------------------------------------------
 
-    def record(self, event_type: str, source: str = "host", **detail: Any) -> None:
-        """Append one record; ``session_start`` opens a new session (a new session_id)."""
+    def record(self, event_type: str, source: str = "host", **detail: Any) -> dict[str, Any]:
+        """Append one record and return it; ``session_start`` opens a new session."""
         if not self.enabled:
-            return
+            return {}
         with self._thread_lock, self._locked() as handle:
-            self._append(handle, event_type, source, detail)
+            appended = self._append(handle, event_type, source, detail)
             if (
                 event_type == SESSION_END
                 or self._since_seal >= self.seal_every
@@ -113,6 +113,7 @@ class AuditLog:
         if self._known_size >= self.rotate_bytes:
             with self._thread_lock:
                 self.rotate()
+        return appended
 
     def seal(self) -> None:
         """Sign the head of the chain now (also done at session end and periodically)."""
@@ -169,7 +170,9 @@ class AuditLog:
             self._head = (int(last["seq"]), str(last["hash"]), str(last["session_id"]))
         self._known_size = size
 
-    def _append(self, handle: Any, event_type: str, source: str, detail: dict[str, Any]) -> None:
+    def _append(
+        self, handle: Any, event_type: str, source: str, detail: dict[str, Any]
+    ) -> dict[str, Any]:
         self._refresh(handle)
         assert self._head is not None
         seq, prev_hash, session_id = self._head
@@ -196,6 +199,7 @@ class AuditLog:
         self._head = (seq + 1, record["hash"], session_id)
         self._known_size = os.fstat(handle.fileno()).st_size
         self._since_seal += 1
+        return record
 
     def _seal(self, handle: Any) -> None:
         self._refresh(handle)

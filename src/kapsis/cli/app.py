@@ -446,6 +446,25 @@ def audit_show(
     render.print_audit(events)
 
 
+@audit_app.command("alerts")
+def audit_alerts(
+    agent_id: Annotated[str, typer.Argument(help="The agent.")],
+    json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+) -> None:
+    """The alerts the host raised on the agent's audit stream."""
+    from kapsis import api
+    from kapsis.cli import render
+
+    try:
+        alerts = api.audit_alerts(agent_id)
+    except KapsisError as error:
+        _fail(error)
+    if json_output:
+        print(json.dumps(alerts, indent=2))
+        return
+    render.print_alerts(alerts)
+
+
 @audit_app.command("export-key")
 def audit_export_key() -> None:
     """Print the host's audit public key (PEM), for `kapsis audit verify --key` elsewhere."""

@@ -41,6 +41,7 @@ def status_table(records: Sequence[AgentStatus]) -> Table:
         "PUSH / PR",
         "NETWORK",
         "LIMITS",
+        "ALERTS",
         "MESSAGE",
     ):
         table.add_column(column)
@@ -57,6 +58,7 @@ def status_table(records: Sequence[AgentStatus]) -> Table:
             _push_cell(record),
             record.network_mode if record.network_mode != "open" else "[bold yellow]OPEN[/]",
             "enforced" if record.limits_enforced else "[bold red]NOT ENFORCED[/]",
+            f"[bold red]{len(record.alerts)}[/]" if record.alerts else "",
             record.message,
         )
     return table
@@ -194,3 +196,23 @@ def print_audit(events: Sequence[dict[str, Any]]) -> None:
             text,
         )
     Console().print(table)
+
+
+def print_alerts(alerts: Sequence[dict[str, Any]]) -> None:
+    console = Console()
+    if not alerts:
+        console.print("no alerts")
+        return
+    table = Table(title="Alerts", expand=False)
+    for column in ("SEQ", "SEVERITY", "RULE", "WHAT", "EVIDENCE"):
+        table.add_column(column)
+    for alert in alerts:
+        severity = alert.get("severity", "")
+        table.add_row(
+            str(alert.get("seq")),
+            f"[bold red]{severity}[/]" if severity == "high" else f"[yellow]{severity}[/]",
+            str(alert.get("rule")),
+            str(alert.get("message")),
+            str(alert.get("evidence")),
+        )
+    console.print(table)

@@ -17,6 +17,7 @@ from pathlib import Path
 from kapsis import paths
 from kapsis.audit import AuditLog
 from kapsis.audit.agent_reports import AUDIT_SOCKET, AgentReportServer, Redactor
+from kapsis.audit.alerts import Alert
 from kapsis.backends import Backend, ExitInfo
 from kapsis.errors import (
     AgentFailedError,
@@ -172,10 +173,29 @@ def open_agent_reports(
     """The host end of the sandbox's audit socket (bound, not yet serving), if auditing is on."""
     if not plan.audit_enabled:
         return None
+    from kapsis.audit.alerts import AlertEngine
+    from kapsis.network.policy import load_category
+
     secrets = [os.environ[name] for name in plan.env_passthrough if name in os.environ]
     root = Path(plan.workspace.root)
     root.mkdir(parents=True, exist_ok=True)
-    return AgentReportServer(audit, root / AUDIT_SOCKET, Redactor(secrets), listener)
+    registries = frozenset(load_category("package-registries").hosts)
+    store = StatusStore()
+
+    def on_alert(raised: list[Alert]) -> None:
+        current = store.read(plan.agent_id)
+        if current is not None:
+            shown = [f"{a.severity}: {a.rule} (seq {a.seq})" for a in raised]
+            store.update(plan.agent_id, alerts=[*current.alerts, *shown])
+
+    return AgentReportServer(
+        audit,
+        root / AUDIT_SOCKET,
+        Redactor(secrets),
+        listener,
+        alerts=AlertEngine(registries),
+        on_alert=on_alert,
+    )
 
 
 def finish(plan: SandboxPlan, backend: Backend, exit_info: ExitInfo) -> RunResult:

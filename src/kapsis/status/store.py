@@ -72,6 +72,7 @@ class AgentStatus(BaseModel):
     work_location: str | None = None
     blocked_requests: int = 0
     notes: list[str] = []
+    alerts: list[str] = []
 
     @property
     def finished(self) -> bool:

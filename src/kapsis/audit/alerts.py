@@ -1,0 +1,164 @@
+"""Alerts: rules evaluated by the host on the live audit stream of one session.
+
+Each rule looks at the records as they are appended (the agent's reported commands and tool use,
+already redacted) and raises an alert with a severity. Alerts go to
+``~/.kapsis/audit/AGENT_ID.alerts.jsonl``, into the audit chain itself (event ``alert``, source
+``host``) and into the status. :data:`RULES` names each rule, its severity and what fires it
+(the README's table lists the same).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+Severity = Literal["medium", "high"]
+CREDENTIAL_WINDOW_SECONDS = 120.0
+
+_SENSITIVE = re.compile(
+    r"(~|\$HOME|/home/\w+|/root)?/?\.ssh\b|\.aws\b|(^|[\s/'\"])\.env\b|\bid_(rsa|ed25519|ecdsa)"
+    r"|\.netrc\b|\.git-credentials\b|/etc/shadow\b|keychain|\.gnupg\b|\.kube/config\b"
+)
+_NETWORK_TOOL = re.compile(r"\b(curl|wget|nc|ncat|ssh|scp|rsync|http)\b")
+_URL_HOST = re.compile(r"\b(?:https?|ftp)://([^/\s:'\"]+)|@([A-Za-z0-9.-]+\.[A-Za-z]{2,}):")
+_MASS_DELETE = re.compile(
+    r"\brm\s+(-[a-zA-Z]*[rR][a-zA-Z]*\s+)+(-[a-zA-Z]+\s+)*(/|~|\*|/workspace/?|\.|\$HOME)(\s|$)"
+    r"|\bgit\s+clean\s+-[a-zA-Z]*x|\bfind\b.*\s-delete\b"
+)
+_GATEWAY = re.compile(
+    r"\bnft\s|\biptables\b|\bip6?tables\b|\bip\s+(-\d\s+)?(route|link|addr)\s+(del|add|flush|set)"
+    r"|\b(pkill|killall)\s+(-\d+\s+)?dnsmasq|/etc/resolv\.conf"
+)
+_PIPE_TO_SHELL = re.compile(r"\b(curl|wget)\b[^|]*\|\s*(sudo\s+)?(ba|z|da)?sh\b")
+# A shell's trace shows a pipeline as its commands one by one: a download, then a bare shell.
+_DOWNLOAD = re.compile(r"^(curl|wget)\b")
+_BARE_SHELL = re.compile(r"^(sudo\s+)?(ba|z|da)?sh(\s+-s)?\s*$")
+_HISTORY = re.compile(
+    r"\bhistory\s+-c\b|\bunset\s+HISTFILE\b|(rm|truncate|>)\s*[^|;&]*\.(bash|zsh)_history"
+)
+
+
+RULES: dict[str, tuple[Severity, str]] = {
+    "sensitive_path": (
+        "medium",
+        "a command touching ~/.ssh, .aws, .env, private keys, keychains, .netrc, "
+        ".git-credentials or /etc/shadow",
+    ),
+    "credential_exfiltration": (
+        "high",
+        "a network command to a host outside the package registries within "
+        f"{CREDENTIAL_WINDOW_SECONDS:.0f} s after a sensitive_path access",
+    ),
+    "mass_deletion": (
+        "high",
+        "rm -r of /, ~, * or the whole workspace; git clean -x; find ... -delete",
+    ),
+    "gateway_tampering": (
+        "high",
+        "commands aimed at the network gateway: nft, iptables, ip route/link/addr changes, "
+        "killing dnsmasq, writing /etc/resolv.conf",
+    ),
+    "pipe_to_shell": (
+        "high",
+        "curl or wget output piped into a shell, from a host outside the package registries",
+    ),
+    "history_wiping": (
+        "medium",
+        "history -c, unset HISTFILE, removing or emptying a shell history file",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Alert:
+    rule: str
+    severity: Severity
+    seq: int
+    message: str
+    evidence: str
+
+
+def _command_of(record: dict[str, Any]) -> str | None:
+    detail = record.get("detail") or {}
+    if record.get("event_type") == "agent_command":
+        return str(detail.get("command", ""))
+    if record.get("event_type") == "agent_report":
+        reported = detail.get("reported") or {}
+        tool_input = reported.get("tool_input") if isinstance(reported, dict) else None
+        if isinstance(tool_input, dict):
+            return " ".join(str(value) for value in tool_input.values())
+    return None
+
+
+class AlertEngine:
+    """Feeds on records one by one; :meth:`observe` returns the alerts a record raises."""
+
+    def __init__(self, registry_hosts: frozenset[str]) -> None:
+        self.registry_hosts = registry_hosts
+        self._credential_seen_at: float | None = None
+        self._foreign_download = False
+
+    def _foreign_hosts(self, command: str) -> list[str]:
+        hosts = [a or b for a, b in _URL_HOST.findall(command)]
+        return [h for h in hosts if h and not self._is_registry(h)]
+
+    def _is_registry(self, host: str) -> bool:
+        host = host.lower()
+        return any(host == r or host.endswith(f".{r}") for r in self.registry_hosts)
+
+    def observe(self, record: dict[str, Any], now: float | None = None) -> list[Alert]:
+        command = _command_of(record)
+        if command is None:
+            return []
+        now = time.monotonic() if now is None else now
+        seq = int(record.get("seq", 0))
+        evidence = command[:300]
+        alerts: list[Alert] = []
+
+        def raise_(rule: str, severity: Severity, message: str) -> None:
+            alerts.append(Alert(rule, severity, seq, message, evidence))
+
+        if _SENSITIVE.search(command):
+            self._credential_seen_at = now
+            raise_("sensitive_path", "medium", "the agent touched a credential or secret path")
+        foreign = self._foreign_hosts(command) if _NETWORK_TOOL.search(command) else []
+        recent = self._credential_seen_at is not None and (
+            now - self._credential_seen_at <= CREDENTIAL_WINDOW_SECONDS
+        )
+        if foreign and recent:
+            raise_(
+                "credential_exfiltration",
+                "high",
+                f"a network request to {foreign[0]} right after a credential access",
+            )
+        if _MASS_DELETE.search(command):
+            raise_("mass_deletion", "high", "a command that deletes a whole tree")
+        if _GATEWAY.search(command):
+            raise_("gateway_tampering", "high", "a command aimed at the network gateway")
+        piped = _PIPE_TO_SHELL.search(command) and (foreign or not _URL_HOST.search(command))
+        if piped or (self._foreign_download and _BARE_SHELL.match(command)):
+            raise_("pipe_to_shell", "high", "downloaded code piped into a shell")
+        self._foreign_download = bool(_DOWNLOAD.match(command) and foreign)
+        if _HISTORY.search(command):
+            raise_("history_wiping", "medium", "a command that wipes shell history")
+        return alerts
+
+
+def alerts_path(audit_file: Path) -> Path:
+    return audit_file.with_name(audit_file.name.removesuffix(".jsonl") + ".alerts.jsonl")
+
+
+def append_alerts(path: Path, alerts: list[Alert]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        for alert in alerts:
+            handle.write(json.dumps(asdict(alert), sort_keys=True) + "\n")
+
+
+def read_alerts(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
