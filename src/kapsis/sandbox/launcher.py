@@ -109,6 +109,8 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
         cpus=plan.resources.cpus,
         pids_limit=plan.resources.pids_limit,
         limits_enforced=plan.resources.limits_enforced,
+        # Secrets by name only: their values never reach the audit trail.
+        secrets_passed=list(plan.env_passthrough),
     )
     save_plan(plan)
     reports: AgentReportServer | None = None
@@ -245,6 +247,25 @@ def _observe_network(
     dns, blocked = without_selftest(dns, blocked, probe_address(plan.network.policy))
     report = NetworkReport(dns=dns, blocked=blocked, gateway_ran_to_the_end=gateway_ran)
     log = write_network_log(plan.agent_id, report)
+    # Every decision of the gateway also goes into the audit chain, stamped as the gateway's.
+    for event in dns:
+        audit.record(
+            "dns_query",
+            source="gateway",
+            name=event.name,
+            qtype=event.qtype,
+            decision=event.decision,
+            answers=event.answers,
+        )
+    for entry in blocked:
+        audit.record(
+            "connection_blocked",
+            source="gateway",
+            address=entry.address,
+            protocol=entry.protocol,
+            port=entry.port,
+            attempts=entry.packets,
+        )
     store.update(plan.agent_id, blocked_requests=report.blocked_requests)
     audit.record(
         "network_summary",
