@@ -284,7 +284,9 @@ def test_the_agent_cannot_change_the_rules_even_with_net_admin(
     result = kapsis.run(project, attack, *flags, "--allow", "allowed.test")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert {"flush=1", "route=2", "kill=1", "resolv=2"} <= set(lines), result.stdout
+    codes = dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("["))
+    # Every attempt failed (the exact codes depend on the tool and the shell).
+    assert {codes[k] for k in ("flush", "route", "kill", "resolv")} <= {"1", "2"}, result.stdout
     after = json.loads(lines[-1])
     assert after[0] == {"rcode": 0, "addresses": [REMOTE_V4]}  # the resolver still runs
     # 203.0.113.2 was just resolved from an allowed name, so it is reachable on port 80 now:

@@ -104,7 +104,13 @@ class AgentReportServer:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(path))
+        # A socket path may have at most 107 bytes; a deep KAPSIS_HOME is longer. Binding
+        # through an open descriptor of the directory keeps the path short whatever it is.
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            listener.bind(f"/proc/self/fd/{directory}/{path.name}")
+        finally:
+            os.close(directory)
         # The agent runs as an unprivileged uid of its own range; it may connect, nothing more.
         os.chmod(path, 0o666)
         listener.listen(16)
