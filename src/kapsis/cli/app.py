@@ -49,6 +49,15 @@ def _note(text: str) -> None:
 
 
 ProjectArg = Annotated[Path, typer.Argument(help="The project folder the agent works on.")]
+# Options that several commands share, declared once.
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="Config file; beats other files, not flags.")
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="JSON for scripts.")]
+AgentOption = Annotated[str | None, typer.Option(help="Agent profile (default: shell).")]
+NetworkModeOption = Annotated[
+    str | None, typer.Option("--network-mode", help="none | open | filtered")
+]
 
 
 @app.command()
@@ -58,13 +67,11 @@ def run(
     spec: Annotated[
         Path | None, typer.Option(help="A Markdown task file (seen at /task-spec.md).")
     ] = None,
-    agent: Annotated[str | None, typer.Option(help="Agent profile (default: shell).")] = None,
+    agent: AgentOption = None,
     agent_id: Annotated[
         str | None, typer.Option("--agent-id", help="Id for this agent (default: random).")
     ] = None,
-    network_mode: Annotated[
-        str | None, typer.Option("--network-mode", help="none | open | filtered")
-    ] = None,
+    network_mode: NetworkModeOption = None,
     security_profile: Annotated[
         str | None,
         typer.Option("--security-profile", help="minimal | standard | strict | paranoid"),
@@ -92,10 +99,7 @@ def run(
         list[str] | None,
         typer.Option("--allow", help="Also allow HOST[:PORT] or ADDRESS (filtered mode)."),
     ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", help="Config file; beats other files, not flags."),
-    ] = None,
+    config: ConfigOption = None,
     detach: Annotated[
         bool, typer.Option("--detach", "-d", help="Start and return; see `kapsis status`.")
     ] = False,
@@ -191,7 +195,7 @@ def _announce(plan: SandboxPlan) -> None:
 @app.command()
 def status(
     agent_id: Annotated[str | None, typer.Argument(help="One agent (default: all).")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+    json_output: JsonFlag = False,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Live table until Ctrl-C.")] = False,
 ) -> None:
     """Show the status of agents."""
@@ -287,7 +291,7 @@ def setup(
     build: Annotated[
         bool, typer.Option("--build", help="Build the base and gateway images locally.")
     ] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+    json_output: JsonFlag = False,
 ) -> None:
     """Check the host and build the images (without flags: build what is missing, then check)."""
     from kapsis.cli import render
@@ -315,7 +319,7 @@ def setup(
 
 @agents_app.command("list")
 def agents_list(
-    json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+    json_output: JsonFlag = False,
 ) -> None:
     """List agent profiles (built-in and ~/.config/kapsis/agents/*.yaml)."""
     from kapsis.agents import list_profiles
@@ -336,11 +340,8 @@ def config_show(
     project: Annotated[
         Path | None, typer.Argument(help="Project whose config files apply.")
     ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", help="Config file; beats other files, not flags."),
-    ] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+    config: ConfigOption = None,
+    json_output: JsonFlag = False,
 ) -> None:
     """Show the effective merged config and where each value came from."""
     from kapsis.cli import render
@@ -361,18 +362,13 @@ def policy_show(
     project: Annotated[
         Path | None, typer.Argument(help="Project whose config files apply (default: .).")
     ] = None,
-    agent: Annotated[str | None, typer.Option(help="Agent profile (default: shell).")] = None,
-    network_mode: Annotated[
-        str | None, typer.Option("--network-mode", help="none | open | filtered")
-    ] = None,
+    agent: AgentOption = None,
+    network_mode: NetworkModeOption = None,
     allow: Annotated[
         list[str] | None, typer.Option("--allow", help="Also allow HOST[:PORT] or ADDRESS.")
     ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", help="Config file; beats other files, not flags."),
-    ] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+    config: ConfigOption = None,
+    json_output: JsonFlag = False,
 ) -> None:
     """Show the effective network policy of a run: every allowed host, where it came from."""
     from kapsis import api
@@ -400,7 +396,7 @@ def audit_verify(
     key: Annotated[
         Path | None, typer.Option("--key", help="Public key (PEM) to verify with.")
     ] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+    json_output: JsonFlag = False,
 ) -> None:
     """Check every hash, link and seal; name the first damaged record (exit 9)."""
     from kapsis import api
@@ -430,7 +426,7 @@ def audit_verify(
 def audit_show(
     agent_id: Annotated[str, typer.Argument(help="The agent.")],
     event_type: Annotated[str | None, typer.Option("--type", help="Only this event type.")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+    json_output: JsonFlag = False,
 ) -> None:
     """The agent's audit trail as a readable timeline."""
     from kapsis import api
@@ -449,7 +445,7 @@ def audit_show(
 @audit_app.command("alerts")
 def audit_alerts(
     agent_id: Annotated[str, typer.Argument(help="The agent.")],
-    json_output: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+    json_output: JsonFlag = False,
 ) -> None:
     """The alerts the host raised on the agent's audit stream."""
     from kapsis import api

@@ -9,16 +9,14 @@ commit stays where it is and the outcome carries a command the user can paste to
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shlex
-import signal
 import subprocess
 from dataclasses import dataclass
 from typing import Literal
 
-from kapsis.git.runner import GitCommandError, Repo
+from kapsis.git.runner import GitCommandError, Repo, run_as_group
 
 PushStatus = Literal["pushed", "up_to_date", "diverged", "failed"]
 _URL_RE = re.compile(r"https?://[^\s<>\"']+")
@@ -141,27 +139,12 @@ def run_post_push_hook(
         "KAPSIS_AGENT_ID": agent_id,
         "KAPSIS_PROJECT": str(repo.root),
     }
-    # Its own process group, so that a time-out stops what the hook started, too.
-    process = subprocess.Popen(
-        ["sh", "-c", command],
-        cwd=repo.root,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
     try:
-        stdout, stderr = process.communicate(timeout=timeout)
+        result = run_as_group(["sh", "-c", command], timeout=timeout, env=env, cwd=repo.root)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
         return 124, None, f"the post-push hook took longer than {timeout:g}s"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # nothing of the hook outlives it
+    stdout = result.stdout.decode(errors="replace")
+    stderr = result.stderr.decode(errors="replace")
     match = _URL_RE.search(stdout)
     url = match.group(0).rstrip(".,;:!?)]}'\"") if match else None
-    return process.returncode, url, stdout + stderr
+    return result.returncode, url, stdout + stderr

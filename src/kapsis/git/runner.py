@@ -139,25 +139,12 @@ class Repo:
         timeout the whole process group is killed, or waiting for those pipes would hang.
         Raises :class:`subprocess.TimeoutExpired` or :class:`GitCommandError`.
         """
-        process = subprocess.Popen(
-            self.command(*args),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=self.environment(),
-            cwd=self.root,
-            start_new_session=True,
+        result = run_as_group(
+            self.command(*args), timeout=timeout, env=self.environment(), cwd=self.root
         )
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            raise
-        if process.returncode != 0:
-            raise GitCommandError(args, process.returncode, stderr.decode(errors="replace"))
-        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+        if result.returncode != 0:
+            raise GitCommandError(args, result.returncode, result.stderr.decode(errors="replace"))
+        return result
 
     def text_timeout(self, args: Sequence[str], *, timeout: float) -> str:
         return self.run_timeout(args, timeout=timeout).stdout.decode().strip()
@@ -175,6 +162,37 @@ class Repo:
 
     def tree_of(self, commit: str) -> str:
         return self.text("rev-parse", "--verify", f"{commit}^{{tree}}")
+
+
+def run_as_group(
+    command: Sequence[str], *, timeout: float, env: Mapping[str, str], cwd: Path
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``command`` in a process group of its own, and end the whole group with it.
+
+    Whatever the command starts (git's transport helpers, a hook's programs) inherits its pipes
+    and would keep a plain time-out waiting; here a time-out kills the group, and so does the
+    end of the command, so nothing it started outlives it. Raises TimeoutExpired.
+    """
+    process = subprocess.Popen(
+        list(command),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(env),
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def _config_args(root: Path) -> list[str]:
