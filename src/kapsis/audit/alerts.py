@@ -100,7 +100,7 @@ class AlertEngine:
     def __init__(self, registry_hosts: frozenset[str]) -> None:
         self.registry_hosts = registry_hosts
         self._credential_seen_at: float | None = None
-        self._foreign_download = False
+        self._previous_kind: str | None = None
 
     def _foreign_hosts(self, command: str) -> list[str]:
         hosts = [a or b for a, b in _URL_HOST.findall(command)]
@@ -139,10 +139,18 @@ class AlertEngine:
             raise_("mass_deletion", "high", "a command that deletes a whole tree")
         if _GATEWAY.search(command):
             raise_("gateway_tampering", "high", "a command aimed at the network gateway")
+        # The two sides of a pipeline start together, so their trace lines come in either order.
+        kind = (
+            "download"
+            if _DOWNLOAD.match(command) and foreign
+            else "shell"
+            if _BARE_SHELL.match(command)
+            else None
+        )
         piped = _PIPE_TO_SHELL.search(command) and (foreign or not _URL_HOST.search(command))
-        if piped or (self._foreign_download and _BARE_SHELL.match(command)):
+        if piped or {kind, self._previous_kind} == {"download", "shell"}:
             raise_("pipe_to_shell", "high", "downloaded code piped into a shell")
-        self._foreign_download = bool(_DOWNLOAD.match(command) and foreign)
+        self._previous_kind = kind
         if _HISTORY.search(command):
             raise_("history_wiping", "medium", "a command that wipes shell history")
         return alerts
