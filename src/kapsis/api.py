@@ -27,7 +27,6 @@ from kapsis.sandbox.network_plan import NetworkPlan, plan_network
 from kapsis.sandbox.plan import RunRequest, SandboxPlan, build_plan
 from kapsis.sandbox.workspace_plan import UNSAVED_ERROR_TYPES
 from kapsis.status import AgentStatus, StatusStore
-from kapsis.workspace import cleanup as workspace_cleanup
 
 if TYPE_CHECKING:
     from kapsis.audit import VerifyResult
@@ -135,6 +134,8 @@ def cleanup(
     An agent whose work was never committed is kept unless ``force``. ``branches`` also deletes
     the agents' local branches once they are pushed (any branch, with ``force``).
     """
+    from kapsis.workspace import cleanup as workspace_cleanup
+
     store = StatusStore()
     records = status(agent_id) if agent_id else store.all()
     known = {r.agent_id for r in records}

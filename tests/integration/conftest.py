@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from kapsis.host.image import build_base_image, image_present
 from kapsis.sandbox.network_plan import DEFAULT_GATEWAY_IMAGE
 
 from .internet import internet, podman_v6_network  # noqa: F401  (fixtures for the network tests)
+from .kapsis_runner import Kapsis
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +34,11 @@ def base_image() -> str:
         # Filtered network mode, the default, needs the gateway image as well.
         build_gateway_image(progress=lambda line: print(f"[gateway image] {line}"))
     return DEFAULT_IMAGE
+
+
+@pytest.fixture
+def kapsis(tmp_path: Path, base_image: str) -> Kapsis:
+    """The real ``kapsis`` command, in this test's own KAPSIS_HOME and config dir."""
+    return Kapsis(
+        home=tmp_path / "kapsis-home", config_dir=tmp_path / "kapsis-config", image=base_image
+    )

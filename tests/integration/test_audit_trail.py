@@ -23,13 +23,6 @@ SECRET = "kapsis-test-secret-8c1f2e"
 
 
 @pytest.fixture
-def kapsis(tmp_path: Path, base_image: str) -> Kapsis:
-    return Kapsis(
-        home=tmp_path / "kapsis-home", config_dir=tmp_path / "kapsis-config", image=base_image
-    )
-
-
-@pytest.fixture
 def project(tmp_path: Path) -> Path:
     root = tmp_path / "project"
     root.mkdir()

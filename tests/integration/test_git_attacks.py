@@ -56,7 +56,9 @@ def plant_task(marker_dir: Path, *, replace_dot_git: bool) -> str:
             "cp $G/config .git/config",
         ]
     else:
-        lines.append("! echo 'gitdir: /etc' > .git")  # worktree mode: .git is read-only
+        # Worktree mode: .git is a read-only mount. (Not `! cmd`: set -e ignores a negated
+        # command, so a write that succeeded would go unnoticed.)
+        lines.append("if echo 'gitdir: /etc' > .git 2>/dev/null; then exit 97; fi")
     return "; ".join(lines)
 
 
@@ -78,13 +80,6 @@ def trapped_repo(tmp_path: Path) -> tuple[Path, Path, Path]:
     git(repo, "commit", "-q", "-m", "initial")
     git(repo, "remote", "add", "origin", str(origin))
     return repo, origin, markers
-
-
-@pytest.fixture
-def kapsis(tmp_path: Path, base_image: str) -> Kapsis:
-    return Kapsis(
-        home=tmp_path / "kapsis-home", config_dir=tmp_path / "kapsis-config", image=base_image
-    )
 
 
 @pytest.mark.parametrize("mode", ["overlay", "worktree"])

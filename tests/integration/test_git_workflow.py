@@ -30,13 +30,6 @@ def git(repo: Path, *args: str) -> str:
 
 
 @pytest.fixture
-def kapsis(tmp_path: Path, base_image: str) -> Kapsis:
-    return Kapsis(
-        home=tmp_path / "kapsis-home", config_dir=tmp_path / "kapsis-config", image=base_image
-    )
-
-
-@pytest.fixture
 def origin(tmp_path: Path) -> Path:
     bare = tmp_path / "origin.git"
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(bare)], check=True)

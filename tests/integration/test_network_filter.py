@@ -28,13 +28,6 @@ GATEWAY = "127.0.0.1"  # the gateway's resolver, as the agent sees it
 
 
 @pytest.fixture
-def kapsis(tmp_path: Path, base_image: str) -> Kapsis:
-    return Kapsis(
-        home=tmp_path / "kapsis-home", config_dir=tmp_path / "kapsis-config", image=base_image
-    )
-
-
-@pytest.fixture
 def project(tmp_path: Path) -> Path:
     root = tmp_path / "project"
     root.mkdir()

@@ -27,13 +27,6 @@ def status_field(output: str, name: str) -> str:
 
 
 @pytest.fixture
-def kapsis(tmp_path: Path, base_image: str) -> Kapsis:
-    return Kapsis(
-        home=tmp_path / "kapsis-home", config_dir=tmp_path / "kapsis-config", image=base_image
-    )
-
-
-@pytest.fixture
 def project(tmp_path: Path) -> Path:
     root = tmp_path / "project"
     (root / "src").mkdir(parents=True)

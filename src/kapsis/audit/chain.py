@@ -18,17 +18,6 @@ import rfc8785
 
 GENESIS = "0" * 64
 SEAL_PURPOSE = "kapsis-audit-seal-v1"
-RECORD_FIELDS = (
-    "seq",
-    "ts",
-    "session_id",
-    "agent_id",
-    "source",
-    "event_type",
-    "detail",
-    "prev_hash",
-    "hash",
-)
 
 
 def _plain(value: Any) -> bool:

@@ -23,7 +23,6 @@ from typing import Any
 
 from kapsis import paths
 from kapsis.audit.chain import GENESIS, canonical, seal_message
-from kapsis.audit.keys import key_id, sign, signing_key
 from kapsis.status.store import utc_now
 
 SEAL = "seal"
@@ -207,6 +206,9 @@ class AuditLog:
         seq, head_hash, session_id = self._head
         if seq == 0:
             return
+        # cryptography is loaded only to seal (status, logs and the like never need it).
+        from kapsis.audit.keys import key_id, sign, signing_key
+
         key = signing_key()
         self._append(
             handle,

@@ -10,9 +10,12 @@ import builtins
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from kapsis.network.observe import BlockedConnection
 from kapsis.sandbox.plan import SandboxPlan
+
+if TYPE_CHECKING:
+    from kapsis.network.observe import BlockedConnection
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kapsis import paths
 from kapsis.audit.agent_reports import (
@@ -28,10 +29,12 @@ from kapsis.backends.base import Backend, ExitInfo, RunningSandbox, SandboxInfo
 from kapsis.backends.podman_gateway import blocked_connections, gateway_run_args, start_gateway
 from kapsis.backends.transcript import follow_transcript, read_transcript
 from kapsis.errors import HostUnsupportedError, ImageError, SandboxError
-from kapsis.network.observe import BlockedConnection
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.security import apparmor_profile_text, seccomp_profile
 from kapsis.sandbox.workspace_plan import AGENT_GIT_TARGET, OBJECTS_TARGET
+
+if TYPE_CHECKING:
+    from kapsis.network.observe import BlockedConnection
 
 PODMAN = "podman"
 PODMAN_ERROR = 125  # podman's own failure, before the agent ran

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kapsis.backends import _uidslots
 from kapsis.errors import SandboxError
+from kapsis.network.gateway_config import BLOCKED_SETS
 from kapsis.network.gateway_files import (
     CONFIG_TARGET,
     LOG_TARGET,
@@ -138,7 +139,7 @@ def blocked_connections(plan: SandboxPlan) -> tuple[list[BlockedConnection], boo
         "nftables": [
             item
             for item in listing.get("nftables", [])
-            if item.get("set", {}).get("name") in ("blocked4", "blocked6")
+            if item.get("set", {}).get("name") in BLOCKED_SETS
         ]
     }
     return parse_blocked_set(blocked_sets), True

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-from kapsis.errors import ExitCode, KapsisError
+from kapsis.errors import AuditDamagedError, ExitCode, KapsisError
 
 if TYPE_CHECKING:
     from kapsis.sandbox.plan import SandboxPlan
@@ -55,6 +55,10 @@ ConfigOption = Annotated[
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="JSON for scripts.")]
 AgentOption = Annotated[str | None, typer.Option(help="Agent profile (default: shell).")]
+AllowOption = Annotated[
+    list[str] | None,
+    typer.Option("--allow", help="Also allow HOST[:PORT], *.DOMAIN or ADDRESS (filtered mode)."),
+]
 NetworkModeOption = Annotated[
     str | None, typer.Option("--network-mode", help="none | open | filtered")
 ]
@@ -95,10 +99,7 @@ def run(
         bool | None,
         typer.Option("--push/--no-push", help="Push the branch after a successful run."),
     ] = None,
-    allow: Annotated[
-        list[str] | None,
-        typer.Option("--allow", help="Also allow HOST[:PORT] or ADDRESS (filtered mode)."),
-    ] = None,
+    allow: AllowOption = None,
     config: ConfigOption = None,
     detach: Annotated[
         bool, typer.Option("--detach", "-d", help="Start and return; see `kapsis status`.")
@@ -364,9 +365,7 @@ def policy_show(
     ] = None,
     agent: AgentOption = None,
     network_mode: NetworkModeOption = None,
-    allow: Annotated[
-        list[str] | None, typer.Option("--allow", help="Also allow HOST[:PORT] or ADDRESS.")
-    ] = None,
+    allow: AllowOption = None,
     config: ConfigOption = None,
     json_output: JsonFlag = False,
 ) -> None:
@@ -419,7 +418,7 @@ def audit_verify(
     else:
         print(f"DAMAGED: {first.kind} at seq {first.seq}: {first.detail}")
     if first is not None:
-        raise typer.Exit(int(ExitCode.AUDIT_DAMAGED))
+        raise typer.Exit(int(AuditDamagedError.exit_code))
 
 
 @audit_app.command("show")

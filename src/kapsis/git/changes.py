@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +82,14 @@ def from_upper(upper: Path) -> WorkspaceChanges:
     return changes
 
 
-def _walk_upper(directory: Path, prefix: str, changes: WorkspaceChanges) -> None:
+def _entries(
+    directory: Path, prefix: str, changes: WorkspaceChanges
+) -> Iterator[tuple[str, os.DirEntry[str], os.stat_result]]:
+    """The entries of ``directory`` in name order, with their workspace path and lstat.
+
+    The top-level ``.git`` (the agent's git view) is skipped; a ``.git`` further down is
+    listed as unsupported and not descended into.
+    """
     with os.scandir(directory) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
             if not prefix and entry.name == ".git":
@@ -90,21 +98,30 @@ def _walk_upper(directory: Path, prefix: str, changes: WorkspaceChanges) -> None
             if entry.name.lower() == ".git":
                 changes.unsupported.append(relative)
                 continue
-            st = entry.stat(follow_symlinks=False)
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                changes.deleted.append(relative)
-            elif stat.S_ISDIR(st.st_mode):
-                if _is_opaque(Path(entry.path)):
-                    changes.cleared.append(relative)
-                _walk_upper(Path(entry.path), relative, changes)
-            elif stat.S_ISREG(st.st_mode):
-                changes.written[relative] = Written(_file_mode(st), source=Path(entry.path))
-            elif stat.S_ISLNK(st.st_mode):
-                changes.written[relative] = Written(
-                    MODE_SYMLINK, link=os.fsencode(os.readlink(entry.path))
-                )
-            else:
-                changes.unsupported.append(relative)
+            yield relative, entry, entry.stat(follow_symlinks=False)
+
+
+def _written(entry: os.DirEntry[str], st: os.stat_result) -> Written | None:
+    """A regular file or a symlink (read as a link, never followed); None for anything else."""
+    if stat.S_ISREG(st.st_mode):
+        return Written(_file_mode(st), source=Path(entry.path))
+    if stat.S_ISLNK(st.st_mode):
+        return Written(MODE_SYMLINK, link=os.fsencode(os.readlink(entry.path)))
+    return None
+
+
+def _walk_upper(directory: Path, prefix: str, changes: WorkspaceChanges) -> None:
+    for relative, entry, st in _entries(directory, prefix, changes):
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            changes.deleted.append(relative)
+        elif stat.S_ISDIR(st.st_mode):
+            if _is_opaque(Path(entry.path)):
+                changes.cleared.append(relative)
+            _walk_upper(Path(entry.path), relative, changes)
+        elif (written := _written(entry, st)) is not None:
+            changes.written[relative] = written
+        else:
+            changes.unsupported.append(relative)
 
 
 def blob_id(content: bytes) -> str:
@@ -139,36 +156,23 @@ def _walk_worktree(
     changes: WorkspaceChanges,
     present: set[str],
 ) -> None:
-    with os.scandir(directory) as entries:
-        for entry in sorted(entries, key=lambda e: e.name):
-            if not prefix and entry.name == ".git":
-                continue
-            relative = _join(prefix, entry.name)
-            if entry.name.lower() == ".git":
-                changes.unsupported.append(relative)
-                continue
-            st = entry.stat(follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                before = start_tree.get(relative)
-                if before is not None and before.mode == MODE_GITLINK:
-                    present.add(relative)  # a checked-out submodule: its own repository
-                    continue
-                _walk_worktree(Path(entry.path), relative, start_tree, changes, present)
-                continue
-            if stat.S_ISREG(st.st_mode):
-                written = Written(_file_mode(st), source=Path(entry.path))
-            elif stat.S_ISLNK(st.st_mode):
-                written = Written(MODE_SYMLINK, link=os.fsencode(os.readlink(entry.path)))
+    for relative, entry, st in _entries(directory, prefix, changes):
+        before = start_tree.get(relative)
+        if stat.S_ISDIR(st.st_mode):
+            if before is not None and before.mode == MODE_GITLINK:
+                present.add(relative)  # a checked-out submodule: its own repository
             else:
-                changes.unsupported.append(relative)
-                continue
-            present.add(relative)
-            before = start_tree.get(relative)
-            unchanged = (
-                before is not None
-                and before.mode == written.mode
-                and before.object_id == blob_id(written.content())
-            )
-            if unchanged:
-                continue
+                _walk_worktree(Path(entry.path), relative, start_tree, changes, present)
+            continue
+        written = _written(entry, st)
+        if written is None:
+            changes.unsupported.append(relative)
+            continue
+        present.add(relative)
+        unchanged = (
+            before is not None
+            and before.mode == written.mode
+            and before.object_id == blob_id(written.content())
+        )
+        if not unchanged:
             changes.written[relative] = written

@@ -29,7 +29,6 @@ class PushOutcome:
     remote_url: str | None = None
     retry_command: str | None = None
     pr_url: str | None = None
-    hook_exit_code: int | None = None
 
 
 def retry_command(repo: Repo, remote: str, branch: str) -> str:

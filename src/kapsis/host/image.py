@@ -80,7 +80,9 @@ _BUILD_HINTS = (
 def build_base_image(name: str = DEFAULT_IMAGE, *, progress: Progress | None = None) -> None:
     """Build the base image ``name`` from scratch (debootstrap + import + build)."""
     say: Progress = progress or (lambda _line: None)
-    podman = _require("podman", "install podman (`apt-get install podman`, or scripts/install.sh)")
+    podman = require_program(
+        "podman", "install podman (`apt-get install podman`, or scripts/install.sh)"
+    )
     cache = paths.kapsis_home() / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     key = rootfs_key()
@@ -101,9 +103,16 @@ def build_base_image(name: str = DEFAULT_IMAGE, *, progress: Progress | None = N
             )
         else:
             say(f"using the imported root filesystem {rootfs_image}")
-        previous = _image_id(podman, name)
-        _podman_build(podman, name, rootfs_image, say, log=cache / "podman-build.log")
-        replaced = previous if previous and previous != _image_id(podman, name) else None
+        previous = image_id(podman, name)
+        podman_build(
+            podman,
+            name,
+            recipe="Containerfile",
+            base=rootfs_image,
+            log=cache / "podman-build.log",
+            say=say,
+        )
+        replaced = previous if previous and previous != image_id(podman, name) else None
         _remove_leftovers(podman, replaced, rootfs_image)
     say(f"built {name}")
 
@@ -218,7 +227,7 @@ def _debootstrap_tarball(podman: str, tarball: Path, say: Progress) -> None:
     (``podman unshare``), where files get the owners the image needs; ``container=lxc`` makes
     debootstrap bind-mount /dev nodes it may not mknod there.
     """
-    debootstrap = _require(
+    debootstrap = require_program(
         "debootstrap", "install it with `apt-get install debootstrap` (or run scripts/install.sh)"
     )
     rootless = os.geteuid() != 0
@@ -279,10 +288,25 @@ def _debootstrap_tarball(podman: str, tarball: Path, say: Progress) -> None:
             _remove_tree(workdir)
 
 
-def _podman_build(podman: str, name: str, rootfs_image: str, say: Progress, log: Path) -> None:
-    containerfile = importlib.resources.files("kapsis.host").joinpath("Containerfile").read_text()
+def podman_build(
+    podman: str,
+    name: str,
+    *,
+    recipe: str,
+    base: str,
+    log: Path,
+    say: Progress,
+    network: bool = False,
+    fix: str | None = None,
+) -> None:
+    """Build ``name`` from the Containerfile ``recipe`` shipped in this package, on ``base``.
+
+    Without ``network`` the build has none (the base image needs nothing from outside). On
+    failure the whole output goes to ``log`` and the error names its last line and a fix.
+    """
+    containerfile = importlib.resources.files("kapsis.host").joinpath(recipe).read_text()
     version = kapsis_version()
-    say(f"building {name} (kapsis {version})")
+    say(f"building {name} from {base} (kapsis {version})")
     with tempfile.TemporaryDirectory(prefix="kapsis-build-") as context:
         (Path(context) / "Containerfile").write_text(containerfile)
         result = subprocess.run(
@@ -290,9 +314,9 @@ def _podman_build(podman: str, name: str, rootfs_image: str, say: Progress, log:
                 podman,
                 "build",
                 "--pull=never",
-                "--network=none",
+                *([] if network else ["--network=none"]),
                 "--build-arg",
-                f"BASE={rootfs_image}",
+                f"BASE={base}",
                 "--build-arg",
                 f"KAPSIS_VERSION={version}",
                 "-t",
@@ -308,15 +332,16 @@ def _podman_build(podman: str, name: str, rootfs_image: str, say: Progress, log:
     if result.returncode != 0:
         output = result.stderr + result.stdout
         with contextlib.suppress(OSError):
+            log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text(output)
-        fix = next((hint for needle, hint in _BUILD_HINTS if needle in output), None)
+        hint = fix or next((hint for needle, hint in _BUILD_HINTS if needle in output), None)
         raise SandboxError(
             f"podman build of {name} failed: {_last_line(output)} (full output in {log}); "
-            + (fix or "fix the error above and run `kapsis setup --build` again")
+            + (hint or "fix the error above and run `kapsis setup --build` again")
         )
 
 
-def _image_id(podman: str, name: str) -> str | None:
+def image_id(podman: str, name: str) -> str | None:
     result = subprocess.run(
         [podman, "image", "inspect", "--format", "{{.Id}}", name],
         capture_output=True,
@@ -346,7 +371,7 @@ def _remove_leftovers(podman: str, replaced: str | None, rootfs_image: str) -> N
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _require(program: str, fix: str) -> str:
+def require_program(program: str, fix: str) -> str:
     found = shutil.which(program) or next(
         (str(p) for d in _SBIN_DIRS if (p := Path(d) / program).is_file()), None
     )

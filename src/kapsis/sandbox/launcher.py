@@ -271,7 +271,7 @@ def _observe_network(
         "network_summary",
         dns_queries=len(dns),
         blocked_requests=report.blocked_requests,
-        gateway_ran_to_the_end=gateway_ran,
+        gateway_ran_to_the_end=report.gateway_ran_to_the_end,
         log=str(log),
     )
     notes = []
