@@ -215,7 +215,7 @@ def test_eight_agents_in_parallel_get_eight_branches(kapsis: Kapsis, repo: Path)
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(one, range(8)))
     for index, result in enumerate(results):
-        assert result["returncode"] == 0, result["stderr"]
+        assert result["returncode"] == 0, result
         assert "lock" not in str(result["stderr"])
         branch = str(result["branch"])
         names = git(repo, "diff", "--name-only", f"main..{branch}").splitlines()

@@ -128,3 +128,41 @@ def test_the_base_image_has_python_for_the_self_test():
     from kapsis.host.image import INCLUDE
 
     assert "python3" in INCLUDE
+
+
+def test_the_entrypoint_writes_its_verdict_in_one_step():
+    # The host polls for the verdict file; a plain `echo ok > "$VERDICT"` creates it empty first.
+    entrypoint = (SHIPPED / "entrypoint.sh").read_text()
+
+    assert '> "$VERDICT"' not in entrypoint
+    assert 'mv "$VERDICT.partial" "$VERDICT"' in entrypoint
+
+
+def test_the_host_waits_out_a_verdict_file_that_is_still_empty(tmp_path):
+    import threading
+
+    from kapsis.backends.podman_gateway import _await_verdict
+
+    dirs = gateway_dirs(tmp_path / "sb")
+    dirs.log.mkdir(parents=True)
+    dirs.verdict.touch()
+    dirs.verdict_detail.write_text("resolver ok\n")
+    writer = threading.Timer(0.2, dirs.verdict.write_text, args=("ok\n",))
+    writer.start()
+    try:
+        assert _await_verdict(dirs, "no-such-container", timeout=1.5) is None
+    finally:
+        writer.cancel()
+
+
+def test_the_host_reports_a_failed_verdict_with_the_self_test_output(tmp_path):
+    from kapsis.backends.podman_gateway import _await_verdict
+
+    dirs = gateway_dirs(tmp_path / "sb")
+    dirs.log.mkdir(parents=True)
+    dirs.verdict_detail.write_text("line 1\nunlisted name resolved: example.org\n")
+    dirs.verdict.write_text("failed\n")
+
+    assert _await_verdict(dirs, "no-such-container", timeout=1.5) == (
+        "line 1; unlisted name resolved: example.org"
+    )

@@ -93,10 +93,10 @@ def _await_verdict(dirs: GatewayDirs, container: str, timeout: float = 20.0) -> 
     deadline = time.monotonic() + timeout
     checked_running = time.monotonic()
     while time.monotonic() < deadline:
-        if dirs.verdict.exists():
-            verdict = dirs.verdict.read_text().strip()
-            if verdict == "ok":
-                return None
+        verdict = dirs.verdict.read_text().strip() if dirs.verdict.exists() else ""
+        if verdict == "ok":
+            return None
+        if verdict:  # empty: the file exists but its line is not written yet
             detail = dirs.verdict_detail.read_text(errors="replace").strip()
             return "; ".join(detail.splitlines()[-3:]) or _gateway_failure(container)
         if time.monotonic() - checked_running > 2.0:

@@ -8,16 +8,21 @@
 set -eu
 CONFIG=/etc/kapsis-gateway
 VERDICT=/var/log/kapsis/selftest
+# The host polls for the verdict: it must never see the file created but not yet written.
+verdict() {
+    echo "$1" > "$VERDICT.partial"
+    mv "$VERDICT.partial" "$VERDICT"
+}
 if ! nft -f "$CONFIG/rules.nft" > "$VERDICT.out" 2>&1; then
-    echo failed > "$VERDICT"
+    verdict failed
     exit 1
 fi
 dnsmasq --keep-in-foreground --conf-file="$CONFIG/dnsmasq.conf" &
 resolver=$!
 if setpriv --reuid=65534 --regid=65534 --clear-groups \
         python3 "$CONFIG/selftest.py" "$(cat "$CONFIG/probe-address")" > "$VERDICT.out" 2>&1; then
-    echo ok > "$VERDICT"
+    verdict ok
 else
-    echo failed > "$VERDICT"
+    verdict failed
 fi
 wait "$resolver"
