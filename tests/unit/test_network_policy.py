@@ -314,6 +314,7 @@ FULL_CONFIG = (
 def test_plan_network_merges_config_categories_addresses_profile_and_flags(make_plan, tmp_path):
     plan = make_plan(
         config=FULL_CONFIG,
+        environ={"ANTHROPIC_API_KEY": "sk-unit"},
         allow=("pypi.org:8080", "203.0.113.9", "[2001:db8::7]:23", "NEW.example.org"),
     )
 

@@ -14,6 +14,7 @@ DNS = ("192.0.2.53",)  # a resolver the sandbox's gateway could use
 
 EVIL_TASK = "$(touch /x); rm -rf ~ `id` && echo 'pwned' | tee \"/etc/passwd\""
 SECRET = "s3cr3t-token-value-8d1f"
+API_KEYS = {"ANTHROPIC_API_KEY": "sk-unit", "OPENAI_API_KEY": "sk-unit"}
 
 # ---------------------------------------------------------------------------------------------
 # security profiles
@@ -154,6 +155,7 @@ def test_allowlist_combines_config_profile_category_and_flag_with_sources(make_p
         "    categories: [git-hosts]\n"
         "    addresses: ['198.51.100.0/24:5432']\n",
         allow=("example.org", "203.0.113.9"),
+        environ=API_KEYS,
     )
     rules = {rule.pattern: rule for rule in plan.network.policy.rules}
     assert rules["pypi.org"].sources[0].endswith(":6")
@@ -275,7 +277,7 @@ def test_list_command_substitutes_task_into_one_argv_element(make_plan):
 
 
 def test_builtin_agent_puts_the_task_in_its_own_argument(make_plan):
-    plan = make_plan(task=EVIL_TASK, agent="claude")
+    plan = make_plan(task=EVIL_TASK, agent="claude", environ=API_KEYS)
 
     assert plan.command == ("claude", "-p", EVIL_TASK, "--dangerously-skip-permissions")
 
@@ -370,7 +372,7 @@ def test_passthrough_value_never_enters_the_plan(make_plan):
         config="environment:\n  passthrough: [API_TOKEN]\n", environ={"API_TOKEN": SECRET}
     )
 
-    assert plan.env_passthrough == ("API_TOKEN",)
+    assert [(s.name, s.source) for s in plan.secrets] == [("API_TOKEN", "passthrough")]
     assert "API_TOKEN" not in plan.env
     assert SECRET not in plan.model_dump_json()
 
@@ -383,8 +385,9 @@ def test_passthrough_value_never_enters_podman_argv(make_plan):
     argv = agent_run_args(plan, detach=False, uid_base=1_500_000_000) + pod_create_args(plan)
 
     assert not [arg for arg in argv if SECRET in arg]
-    index = argv.index("API_TOKEN")
-    assert argv[index - 1] == "--env"
+    # Not even by name as --env: podman would copy the value into the container's config file.
+    assert "API_TOKEN" not in argv
+    assert not [arg for arg in argv if arg.startswith("API_TOKEN")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,7 +464,7 @@ def test_user_profile_overrides_a_builtin(make_plan, config_dir):
     agents.mkdir()
     (agents / "claude.yaml").write_text("command: [my-claude, '{task}']\nworkdir: /workspace/app\n")
 
-    plan = make_plan(agent="claude", task="hello")
+    plan = make_plan(agent="claude", task="hello", environ=API_KEYS)
 
     assert plan.command == ("my-claude", "hello")
     assert plan.workdir == "/workspace/app"
@@ -530,7 +533,9 @@ def test_user_profile_name_must_match_its_file_name(config_dir):
 
 
 def test_config_command_overrides_profile_command(make_plan):
-    plan = make_plan(agent="codex", config="agent:\n  command: [codex, '{task}']\n", task="t")
+    plan = make_plan(
+        agent="codex", config="agent:\n  command: [codex, '{task}']\n", task="t", environ=API_KEYS
+    )
 
     assert plan.command == ("codex", "t")
     assert plan.requires == ("codex",)

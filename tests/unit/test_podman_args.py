@@ -218,11 +218,14 @@ def test_env_values_are_passed(run_args):
     assert f"KAPSIS_AGENT_ID={plan.agent_id}" in envs
 
 
-def test_log_driver_writes_under_kapsis_home_logs(run_args, kapsis_home):
+def test_the_log_goes_into_the_sandbox_dirs_pipe_for_the_host_to_redact(run_args, kapsis_home):
     plan, argv = run_args()
 
     assert _values(argv, "--log-driver") == ["k8s-file"]
-    assert _values(argv, "--log-opt") == [f"path={kapsis_home / 'logs' / (plan.agent_id + '.log')}"]
+    fifo = kapsis_home / "sandboxes" / plan.agent_id / "transcript.fifo"
+    assert _values(argv, "--log-opt") == [f"path={fifo}"]
+    # In the foreground the client attaches only stdin: output comes through the pipe alone.
+    assert _values(argv, "--attach") == ["stdin"]
 
 
 def test_image_then_command_come_last(run_args):

@@ -10,6 +10,7 @@ from kapsis.backends import podman
 from kapsis.backends.podman import PodmanBackend
 from kapsis.errors import SandboxError
 from kapsis.host.facts import HostFacts
+from kapsis.secrets import Redactor
 
 DNS = ("192.0.2.53",)  # a resolver the sandbox's gateway could use
 
@@ -69,7 +70,7 @@ def events(monkeypatch) -> list[str]:
 def test_pod_is_created_while_the_host_side_is_prepared(make_plan, events):
     plan = make_plan(host=ROOTLESS, network_mode="none")
 
-    PodmanBackend().launch(plan, attach=True)
+    PodmanBackend().launch(plan, attach=True, redactor=Redactor(()))
 
     assert events == ["start pod create", "prepare host", "wait pod create", "start run --pod"]
 
@@ -79,7 +80,7 @@ def test_a_failed_pod_create_stops_the_launch(make_plan, events, monkeypatch):
     monkeypatch.setattr(podman.subprocess, "Popen", FakePodman(events, failing="pod create"))
 
     with pytest.raises(SandboxError, match="podman pod create failed: Error: something"):
-        PodmanBackend().launch(plan, attach=True)
+        PodmanBackend().launch(plan, attach=True, redactor=Redactor(()))
 
     assert "start run --pod" not in events
 
@@ -93,7 +94,7 @@ def test_a_failed_preparation_still_waits_for_the_pod(make_plan, events, monkeyp
     plan = make_plan(host=ROOTLESS, network_mode="none")
 
     with pytest.raises(SandboxError, match="cannot set up the workspace"):
-        PodmanBackend().launch(plan, attach=True)
+        PodmanBackend().launch(plan, attach=True, redactor=Redactor(()))
 
     # The pod exists by the time the error reaches the launcher, whose remove() takes it away.
     assert events == ["start pod create", "prepare host", "wait pod create"]

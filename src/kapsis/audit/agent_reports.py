@@ -18,12 +18,13 @@ import os
 import selectors
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kapsis.audit.alerts import Alert, AlertEngine, alerts_path, append_alerts
 from kapsis.audit.log import AuditLog
+from kapsis.secrets.redact import Redactor
 
 AUDIT_SOCKET = "audit.sock"  # in the sandbox dir
 SHELL_REPORTER = "report-shell.py"  # in the sandbox dir
@@ -31,7 +32,6 @@ SOCKET_TARGET = "/run/kapsis/audit.sock"
 REPORTER_TARGET = "/run/kapsis/report-shell.py"
 MAX_LINE = 16 * 1024
 MAX_RECORDS = 100_000
-REDACTED = "[REDACTED]"
 
 
 def install_shell_reporter(path: Path) -> None:
@@ -39,28 +39,6 @@ def install_shell_reporter(path: Path) -> None:
     source = importlib.resources.files("kapsis.audit").joinpath("shell_reporter.py")
     path.write_text(source.read_text())
     path.chmod(0o644)
-
-
-class Redactor:
-    """Replaces every known secret value in the strings of a record's detail."""
-
-    def __init__(self, secrets: Iterable[str]) -> None:
-        # Longest first, so a secret that contains another is replaced whole.
-        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
-
-    def text(self, value: str) -> str:
-        for secret in self.secrets:
-            value = value.replace(secret, REDACTED)
-        return value
-
-    def value(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, dict):
-            return {self.text(str(k)): self.value(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.value(item) for item in value]
-        return value
 
 
 def report_detail(line: bytes, redactor: Redactor) -> tuple[str, dict[str, Any]]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kapsis.sandbox.plan import SandboxPlan
+from kapsis.secrets.redact import Redactor
 
 if TYPE_CHECKING:
     from kapsis.network.observe import BlockedConnection
@@ -44,6 +45,11 @@ class RunningSandbox(ABC):
     @abstractmethod
     def wait(self) -> ExitInfo: ...
 
+    def handover(self) -> tuple[int, ...]:
+        """File descriptors a detached supervisor must inherit to carry on with this sandbox
+        (given back to :meth:`Backend.attach_to`); the caller closes its copies afterwards."""
+        return ()
+
 
 class Backend(ABC):
     name: str
@@ -57,12 +63,21 @@ class Backend(ABC):
         """Check, before anything is created, that the plan can run (image, tools)."""
 
     @abstractmethod
-    def launch(self, plan: SandboxPlan, *, attach: bool) -> RunningSandbox:
-        """Create and start the sandbox. With ``attach`` the agent's output goes to our stdout."""
+    def launch(self, plan: SandboxPlan, *, attach: bool, redactor: Redactor) -> RunningSandbox:
+        """Create and start the sandbox. With ``attach`` the agent's output also goes to our
+        stdout/stderr; the transcript and the terminal only ever see it through ``redactor``."""
 
     @abstractmethod
-    def attach_to(self, plan: SandboxPlan, started_at: float | None = None) -> RunningSandbox:
-        """A handle on a launched sandbox (for a supervisor); ``started_at`` is epoch seconds."""
+    def attach_to(
+        self,
+        plan: SandboxPlan,
+        started_at: float | None = None,
+        *,
+        handover: tuple[int, ...] = (),
+        redactor: Redactor | None = None,
+    ) -> RunningSandbox:
+        """A handle on a launched sandbox (for a supervisor): ``started_at`` is epoch seconds,
+        ``handover`` what :meth:`RunningSandbox.handover` gave the launcher."""
 
     @abstractmethod
     def stop(self, agent_id: str, grace_seconds: int = 5) -> None: ...

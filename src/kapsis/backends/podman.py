@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -27,11 +28,25 @@ from kapsis.audit.agent_reports import (
 from kapsis.backends import _uidslots
 from kapsis.backends.base import Backend, ExitInfo, RunningSandbox, SandboxInfo
 from kapsis.backends.podman_gateway import blocked_connections, gateway_run_args, start_gateway
-from kapsis.backends.transcript import follow_transcript, read_transcript
+from kapsis.backends.transcript import (
+    LOG_FIFO,
+    TranscriptPump,
+    follow_transcript,
+    read_transcript,
+)
 from kapsis.errors import HostUnsupportedError, ImageError, SandboxError
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.security import apparmor_profile_text, seccomp_profile
 from kapsis.sandbox.workspace_plan import AGENT_GIT_TARGET, OBJECTS_TARGET
+from kapsis.secrets.delivery import (
+    INBOX,
+    INBOX_TARGET,
+    INIT_SCRIPT,
+    INIT_TARGET,
+    SECRETS_TMPFS,
+    prepare_inbox,
+)
+from kapsis.secrets.redact import Redactor
 
 if TYPE_CHECKING:
     from kapsis.network.observe import BlockedConnection
@@ -61,8 +76,9 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool, uid_base: int | str) -> l
     security, resources = plan.security, plan.resources
     args = [PODMAN, "run", "--pod", plan.pod_name, "--name", plan.container_name, "--pull", "never"]
     # In the foreground podman removes the exited container itself, which leaves an empty pod that
-    # is quicker to remove; a detached container stays for `podman wait` in the supervisor.
-    args += ["--detach"] if detach else ["--sig-proxy=true", "--rm"]
+    # is quicker to remove; a detached container stays for `podman wait` in the supervisor. The
+    # output goes only to the log pipe (read by the host's transcript pump), never to the client.
+    args += ["--detach"] if detach else ["--sig-proxy=true", "--rm", "--attach", "stdin"]
     args += ["--init", "--stop-timeout", "5"]
     for key, value in plan.labels.items():
         args += ["--label", f"{key}={value}"]
@@ -106,16 +122,17 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool, uid_base: int | str) -> l
         args += ["--env", f"KAPSIS_AUDIT_SOCKET={SOCKET_TARGET}"]
     for name, value in plan.env.items():
         args += ["--env", f"{name}={value}"]
-    for name in plan.env_passthrough:
-        # Name only: podman copies the value from its own environment, so it is never in argv.
-        args += ["--env", name]
-    args += [
-        "--log-driver",
-        "k8s-file",
-        "--log-opt",
-        f"path={paths.transcript_path(plan.agent_id)}",
-    ]
-    args += [plan.image, *plan.command]
+    command: tuple[str, ...] = plan.command
+    if plan.secrets:
+        # Values come through pipes (see kapsis.secrets.delivery), never as --env: podman would
+        # store them in the container's config on disk.
+        args += ["--volume", f"{root / INBOX}:{INBOX_TARGET}:ro"]
+        args += ["--volume", f"{root / INIT_SCRIPT}:{INIT_TARGET}:ro"]
+        args += ["--tmpfs", f"{SECRETS_TMPFS}:rw,nosuid,nodev,noexec,mode=0700,U"]
+        command = ("/bin/sh", INIT_TARGET, *command)
+    # conmon writes the output into a pipe that the host's transcript pump reads and redacts.
+    args += ["--log-driver", "k8s-file", "--log-opt", f"path={root / LOG_FIFO}"]
+    args += [plan.image, *command]
     return args
 
 
@@ -185,22 +202,27 @@ class PodmanSandbox(RunningSandbox):
     def __init__(
         self,
         plan: SandboxPlan,
-        process: subprocess.Popen[bytes] | None,
+        process: subprocess.Popen[str] | None,
+        pump: TranscriptPump | None,
         started_at: float | None = None,
     ) -> None:
         self.plan = plan
         self._process = process
+        self._pump = pump
         # Wall-clock seconds, so that a detached supervisor can use the launcher's start time.
         self._started = time.time() if started_at is None else started_at
 
+    def handover(self) -> tuple[int, ...]:
+        return (self._pump.read_fd, self._pump.keep_fd) if self._pump is not None else ()
+
     def wait(self) -> ExitInfo:
-        if self._process is not None:
-            code = self._process.wait()
-        else:
-            result = _run([PODMAN, "wait", self.plan.container_name], what="podman wait")
-            code = int(result.stdout.strip().splitlines()[-1])
+        try:
+            code, podman_error = self._wait_for_exit()
+        finally:
+            if self._pump is not None:
+                self._pump.finish()
         if code == PODMAN_ERROR:
-            _diagnose_start_failure(self.plan)
+            _diagnose_start_failure(self.plan, podman_error)
         oom = False
         timed_out = False
         if code >= 128:  # killed by a signal: find out by whom
@@ -209,6 +231,15 @@ class PodmanSandbox(RunningSandbox):
             elapsed = time.time() - self._started
             timed_out = not oom and limit is not None and elapsed >= limit
         return ExitInfo(exit_code=code, oom_killed=oom, timed_out=timed_out)
+
+    def _wait_for_exit(self) -> tuple[int, str]:
+        """The agent's exit code, and podman's own last error line (for exit code 125)."""
+        if self._process is not None:
+            # Only podman's own messages come here: the agent's output goes to the log pipe.
+            _, stderr = self._process.communicate()
+            return self._process.returncode, _last_line(stderr)
+        result = _run([PODMAN, "wait", self.plan.container_name], what="podman wait")
+        return int(result.stdout.strip().splitlines()[-1]), ""
 
     def _oom_killed(self) -> bool:
         # conmon drops an empty "oom" file into its working directory (the sandbox dir, see
@@ -225,14 +256,20 @@ class PodmanSandbox(RunningSandbox):
         return result.stdout.strip() == "true"
 
 
-def _diagnose_start_failure(plan: SandboxPlan) -> None:
+def _diagnose_start_failure(plan: SandboxPlan, podman_error: str = "") -> None:
     exists = _run([PODMAN, "image", "exists", plan.image], what="podman image exists", check=False)
     if exists.returncode != 0:
         raise ImageError(
             f"image {plan.image} is not present; build it with `kapsis setup --build` "
             "or pass --image"
         )
-    raise SandboxError(f"podman could not start the agent container in pod {plan.pod_name}")
+    detail = f": {podman_error}" if podman_error else ""
+    raise SandboxError(f"podman could not start the agent container in pod {plan.pod_name}{detail}")
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 class PodmanBackend(Backend):
@@ -280,7 +317,7 @@ class PodmanBackend(Backend):
                 f"build an image with it (`kapsis setup --build`) or pass --image"
             )
 
-    def launch(self, plan: SandboxPlan, *, attach: bool) -> RunningSandbox:
+    def launch(self, plan: SandboxPlan, *, attach: bool, redactor: Redactor) -> RunningSandbox:
         root = Path(plan.workspace.root)
         root.mkdir(parents=True, exist_ok=True)
         paths.logs_dir().mkdir(parents=True, exist_ok=True)
@@ -296,18 +333,34 @@ class PodmanBackend(Backend):
         if plan.network.gateway is not None:
             start_gateway(plan, uid_base)
         args = agent_run_args(plan, detach=not attach, uid_base=uid_base)
+        # Reading before conmon writes: it opens the log pipe when it starts the container.
+        pump = TranscriptPump.open(
+            root / LOG_FIFO, paths.transcript_path(plan.agent_id), redactor, echo=attach
+        )
         if attach:
+            pump.start()
             try:
-                process = subprocess.Popen(args, cwd=root)
+                process = subprocess.Popen(
+                    args,
+                    cwd=root,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
             except FileNotFoundError:
+                pump.finish()
                 raise HostUnsupportedError("podman is not installed") from None
-            return PodmanSandbox(plan, process)
+            return PodmanSandbox(plan, process, pump)
         result = _run(args, what="podman run", check=False, cwd=str(root))
         if result.returncode != 0:
+            pump.close()
             if result.returncode == PODMAN_ERROR:
-                _diagnose_start_failure(plan)
+                _diagnose_start_failure(plan, _last_line(result.stderr))
             raise SandboxError(f"podman run failed: {result.stderr.strip()}")
-        return PodmanSandbox(plan, None)
+        # Not pumped here: the launcher hands the pipe over to the supervisor (handover()); what
+        # the agent writes meanwhile waits in the kernel's pipe buffer.
+        return PodmanSandbox(plan, None, pump)
 
     def _prepare_host(self, plan: SandboxPlan, root: Path) -> int | str:
         """Files, LSM profile, uid range and workspace; returns the uid base (rootful) or ""."""
@@ -318,6 +371,9 @@ class PodmanBackend(Backend):
             (root / "seccomp.json").write_text(json.dumps(seccomp_profile()))
         if plan.audit_enabled:
             install_shell_reporter(root / SHELL_REPORTER)
+        log_pipe = root / LOG_FIFO
+        if not log_pipe.exists():
+            os.mkfifo(log_pipe, 0o600)
         if plan.security.apparmor_profile:
             _load_apparmor(plan.security.apparmor_profile)
         uid_base: int | str = ""
@@ -327,10 +383,26 @@ class PodmanBackend(Backend):
             from kapsis.workspace import mount_workspace
 
             mount_workspace(plan.workspace, agent_host_id, agent_host_id)
+        if plan.secrets:
+            owner = uid_base + plan.userns.agent_uid if isinstance(uid_base, int) else None
+            prepare_inbox(root, plan.secrets, owner)
         return uid_base
 
-    def attach_to(self, plan: SandboxPlan, started_at: float | None = None) -> RunningSandbox:
-        return PodmanSandbox(plan, None, started_at)
+    def attach_to(
+        self,
+        plan: SandboxPlan,
+        started_at: float | None = None,
+        *,
+        handover: tuple[int, ...] = (),
+        redactor: Redactor | None = None,
+    ) -> RunningSandbox:
+        pump = None
+        if len(handover) == 2:
+            transcript = paths.transcript_path(plan.agent_id)
+            pump = TranscriptPump(
+                handover[0], handover[1], transcript, redactor or Redactor(()), echo=False
+            ).start()
+        return PodmanSandbox(plan, None, pump, started_at)
 
     def blocked_connections(
         self, plan: SandboxPlan

@@ -1,14 +1,115 @@
-"""Read the agent's transcript: the k8s-file log that conmon writes on the host.
+"""The agent's transcript: copied from conmon's log pipe by the host, redacted, and read back.
 
-Each line is ``TIMESTAMP STREAM TAG TEXT``; TAG ``P`` marks a partial line that the next record
-continues, ``F`` a full one. The file is written by conmon, outside the sandbox.
+conmon writes the container's output in the k8s-file format, one record per line:
+``TIMESTAMP STREAM TAG TEXT``, where TAG ``P`` marks a partial line that the next record
+continues and ``F`` a full one. Kapsis points conmon's log at a FIFO, not a file:
+:class:`TranscriptPump` joins partial records into lines, replaces secret values, appends the
+result to the transcript file (same format) and, in the foreground, shows it on the terminal.
+So a secret the agent prints never reaches a disk file, and ``kapsis logs`` reads the same
+redacted text.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TextIO
+
+from kapsis.secrets.redact import Redactor
+
+LOG_FIFO = "transcript.fifo"  # in the sandbox dir
+# A line longer than this is written out in parts (redacted part by part).
+MAX_PENDING = 1024 * 1024
+
+
+class TranscriptPump:
+    """Copies records from conmon's log FIFO into the transcript, redacted; runs in a thread.
+
+    The host holds a write end of the FIFO too (``keep_fd``) until the container has exited, so
+    that the reader does not see end-of-file before conmon has opened the pipe.
+    """
+
+    def __init__(
+        self,
+        read_fd: int,
+        keep_fd: int,
+        transcript: Path,
+        redactor: Redactor,
+        *,
+        echo: bool,
+    ) -> None:
+        self.read_fd, self.keep_fd = read_fd, keep_fd
+        self._transcript = transcript
+        self._redactor = redactor
+        self._echo = echo
+        self._thread = threading.Thread(target=self._run, name="kapsis-transcript", daemon=True)
+
+    @classmethod
+    def open(
+        cls, fifo: Path, transcript: Path, redactor: Redactor, *, echo: bool
+    ) -> TranscriptPump:
+        if not fifo.exists():
+            os.mkfifo(fifo, 0o600)
+        read_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        keep_fd = os.open(fifo, os.O_WRONLY | os.O_CLOEXEC)
+        os.set_blocking(read_fd, True)
+        return cls(read_fd, keep_fd, transcript, redactor, echo=echo)
+
+    def start(self) -> TranscriptPump:
+        self._thread.start()
+        return self
+
+    def finish(self, timeout: float = 10.0) -> None:
+        """The container has exited: drain what conmon wrote and stop."""
+        if self.keep_fd >= 0:
+            os.close(self.keep_fd)
+            self.keep_fd = -1
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        elif self.read_fd >= 0 and self._thread.ident is None:
+            self.close()  # never started
+
+    def close(self) -> None:
+        """Give up without pumping (the container never started)."""
+        for fd in (self.read_fd, self.keep_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.read_fd = self.keep_fd = -1
+
+    def _run(self) -> None:
+        self._transcript.parent.mkdir(parents=True, exist_ok=True)
+        pending: dict[str, str] = {}
+        stamps: dict[str, str] = {}
+        with (
+            os.fdopen(self.read_fd, "r", encoding="utf-8", errors="replace") as pipe,
+            self._transcript.open("a", encoding="utf-8") as out,
+        ):
+            for raw in pipe:
+                parts = raw.rstrip("\n").split(" ", 3)
+                if len(parts) < 3:
+                    continue
+                stamp, stream, tag = parts[:3]
+                text = pending.pop(stream, "") + (parts[3] if len(parts) == 4 else "")
+                stamps[stream] = stamp
+                if tag == "P" and len(text) < MAX_PENDING:
+                    pending[stream] = text
+                    continue
+                self._emit(out, stamp, stream, "F" if tag == "F" else "P", text)
+            for stream, text in pending.items():  # the last line had no newline
+                self._emit(out, stamps[stream], stream, "F", text)
+
+    def _emit(self, out: TextIO, stamp: str, stream: str, tag: str, text: str) -> None:
+        shown = self._redactor.text(text)
+        out.write(f"{stamp} {stream} {tag} {shown}\n")
+        out.flush()
+        if self._echo:
+            terminal = sys.stderr if stream == "stderr" else sys.stdout
+            terminal.write(shown + ("\n" if tag == "F" else ""))
+            terminal.flush()
 
 
 def parse_records(lines: Iterator[str]) -> Iterator[str]:

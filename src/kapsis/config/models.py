@@ -12,7 +12,7 @@ import re
 import string
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_IMAGE = "localhost/kapsis-base:latest"
 
@@ -369,14 +369,72 @@ class GitSection(Section):
     )
 
 
+# A secret file must land on a tmpfs of the sandbox: the agent's home or Kapsis's secrets dir.
+SECRET_FILE_ROOTS = ("/home/agent/", "/run/kapsis/secrets/")
+_SECRET_PATH_RE = re.compile(r"^/[A-Za-z0-9._/@+-]+$")
+
+
+def _check_secret_file(value: str) -> str:
+    if not _SECRET_PATH_RE.match(value) or "/../" in f"{value}/" or "//" in value:
+        raise ValueError(
+            f"{value!r} is not a plain absolute path (letters, digits, . _ - + @ and /)"
+        )
+    if not value.startswith(SECRET_FILE_ROOTS) or value.endswith("/"):
+        raise ValueError(
+            f"{value!r} is not on a tmpfs of the sandbox; put the file under "
+            + " or ".join(SECRET_FILE_ROOTS)
+        )
+    return value
+
+
+SecretFilePath = Annotated[str, AfterValidator(_check_secret_file)]
+
+
+class KeychainSecret(Section):
+    """One secret read from the host's keychain when the run starts."""
+
+    service: str = Field(min_length=1, description="Keychain service (Secret Service attribute).")
+    account: str | list[str] = Field(
+        description="Account name, or a list tried in order until one holds the secret."
+    )
+    inject_to_file: SecretFilePath | None = Field(
+        None,
+        description="Write the secret to this file in the sandbox (on a tmpfs, mode 0600) "
+        "instead of the agent's environment. Must be under /home/agent/ or /run/kapsis/secrets/.",
+    )
+    template: str | None = Field(
+        None,
+        description="The file's content, with `{value}` standing for the secret "
+        "(only with inject_to_file; default: the secret alone).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KeychainSecret:
+        if not self.accounts() or not all(self.accounts()):
+            raise ValueError("account: name at least one account (non-empty)")
+        if self.template is not None and self.inject_to_file is None:
+            raise ValueError("template is only used with inject_to_file; set both or neither")
+        return self
+
+    def accounts(self) -> tuple[str, ...]:
+        return (self.account,) if isinstance(self.account, str) else tuple(self.account)
+
+
 class EnvironmentSection(Section):
     set: dict[EnvName, str] = Field(
-        default_factory=dict, description="Variables set in the agent's environment (plain values)."
+        default_factory=dict,
+        description="Variables set in the agent's environment (plain values, shown in the plan: "
+        "not for secrets).",
     )
     passthrough: list[EnvName] = Field(
         default_factory=list,
-        description="Host variables copied into the agent's environment by name (values are never "
-        "written into the plan or to disk).",
+        description="Host variables handed to the agent by name, as secrets: the value is read "
+        "when the run starts, never written to disk, and redacted from transcripts and the audit.",
+    )
+    keychain: dict[EnvName, KeychainSecret] = Field(
+        default_factory=dict,
+        description="Secrets read from the host keychain (the `keyring` library, else "
+        "`secret-tool`) when the run starts. Wins over passthrough and set for the same name.",
     )
 
 

@@ -7,16 +7,18 @@ detached supervisor (``python -m kapsis.sandbox.supervise``) did.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kapsis import paths
 from kapsis.audit import AuditLog
-from kapsis.audit.agent_reports import AUDIT_SOCKET, AgentReportServer, Redactor
+from kapsis.audit.agent_reports import AUDIT_SOCKET, AgentReportServer
 from kapsis.audit.alerts import Alert
 from kapsis.backends import Backend, ExitInfo
 from kapsis.errors import (
@@ -28,8 +30,12 @@ from kapsis.errors import (
 )
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.save_work import WorkOutcome, save_work
+from kapsis.secrets.redact import Redactor
 from kapsis.status import AgentStatus, StatusStore
 from kapsis.status.store import utc_now
+
+if TYPE_CHECKING:
+    from kapsis.secrets.delivery import SecretWriter
 
 PLAN_FILE = "plan.json"
 
@@ -110,10 +116,15 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
         pids_limit=plan.resources.pids_limit,
         limits_enforced=plan.resources.limits_enforced,
         # Secrets by name only: their values never reach the audit trail.
-        secrets_passed=list(plan.env_passthrough),
+        secrets_passed=[secret.name for secret in plan.secrets],
     )
     save_plan(plan)
     reports: AgentReportServer | None = None
+    try:
+        values = _resolve_secrets(plan)
+    except KapsisError as error:
+        return _close(plan, store, audit, error.exit_code, None, error.error_type, str(error))
+    redactor = Redactor(values.values())
     try:
         store.update(plan.agent_id, phase="preparing", message="checking the image")
         backend.preflight(plan)
@@ -133,8 +144,9 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
             )
         store.update(plan.agent_id, phase="starting", message="starting the sandbox")
         # Listening before the sandbox exists: its socket is mounted into the sandbox.
-        reports = open_agent_reports(plan, audit)
-        sandbox = backend.launch(plan, attach=not detach)
+        reports = open_agent_reports(plan, audit, redactor)
+        sandbox = backend.launch(plan, attach=not detach, redactor=redactor)
+        delivery = _deliver_secrets(plan, values)
     except KapsisError as error:
         if reports is not None:
             reports.stop()
@@ -147,10 +159,15 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
     store.update(plan.agent_id, phase="running", message=f"agent {plan.agent} is running")
     audit.record("sandbox_started", pod=plan.pod_name)
     if detach:
-        # The supervisor takes over the listening socket and records the agent's reports.
-        _spawn_supervisor(plan.agent_id, reports)
+        # The agent waits for its secrets before it starts: hand them over before returning.
+        _record_delivery(plan, audit, delivery)
+        # The supervisor takes over the listening socket, the transcript pipe and the values it
+        # must redact, and carries on from here.
+        _spawn_supervisor(plan.agent_id, reports, sandbox.handover(), values)
         if reports is not None:
             reports.listener.close()
+        for fd in sandbox.handover():
+            os.close(fd)
         return RunResult(plan.agent_id, ExitCode.SUCCESS, None, None, "started", detached=True)
     if reports is not None:
         reports.start()
@@ -166,11 +183,50 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
     finally:
         if reports is not None:
             reports.stop()
-    return finish(plan, backend, exit_info)
+        if delivery is not None:
+            delivery.stop()
+    _record_delivery(plan, audit, delivery)
+    return finish(plan, backend, exit_info, redactor)
+
+
+def _resolve_secrets(plan: SandboxPlan) -> dict[str, str]:
+    if not plan.secrets:
+        return {}
+    from kapsis.secrets.resolve import resolve_secrets
+
+    return resolve_secrets(plan.secrets)
+
+
+def _deliver_secrets(plan: SandboxPlan, values: dict[str, str]) -> SecretWriter | None:
+    """Start handing the values to the sandbox (it reads them before the agent starts)."""
+    if not plan.secrets:
+        return None
+    from kapsis.secrets.delivery import SecretWriter
+
+    return SecretWriter(Path(plan.workspace.root), plan.secrets, values).start()
+
+
+def _record_delivery(plan: SandboxPlan, audit: AuditLog, delivery: SecretWriter | None) -> None:
+    """Wait for the hand-over to end; record, by name only, what the sandbox received."""
+    if delivery is None:
+        return
+    from kapsis.secrets.delivery import DELIVERY_TIMEOUT
+
+    delivery.join(DELIVERY_TIMEOUT)
+    for secret in plan.secrets:
+        audit.record(
+            "secret_injected" if secret.name in delivery.delivered else "secret_not_injected",
+            name=secret.name,
+            secret_source=secret.source,
+            into=secret.target_file or "environment",
+        )
 
 
 def open_agent_reports(
-    plan: SandboxPlan, audit: AuditLog, listener: socket.socket | None = None
+    plan: SandboxPlan,
+    audit: AuditLog,
+    redactor: Redactor,
+    listener: socket.socket | None = None,
 ) -> AgentReportServer | None:
     """The host end of the sandbox's audit socket (bound, not yet serving), if auditing is on."""
     if not plan.audit_enabled:
@@ -178,7 +234,6 @@ def open_agent_reports(
     from kapsis.audit.alerts import AlertEngine
     from kapsis.network.policy import load_category
 
-    secrets = [os.environ[name] for name in plan.env_passthrough if name in os.environ]
     root = Path(plan.workspace.root)
     root.mkdir(parents=True, exist_ok=True)
     registries = frozenset(load_category("package-registries").hosts)
@@ -193,15 +248,19 @@ def open_agent_reports(
     return AgentReportServer(
         audit,
         root / AUDIT_SOCKET,
-        Redactor(secrets),
+        redactor,
         listener,
         alerts=AlertEngine(registries),
         on_alert=on_alert,
     )
 
 
-def finish(plan: SandboxPlan, backend: Backend, exit_info: ExitInfo) -> RunResult:
-    """Classify how the agent ended, save its work, tear the sandbox down, write the status."""
+def finish(
+    plan: SandboxPlan, backend: Backend, exit_info: ExitInfo, redactor: Redactor | None = None
+) -> RunResult:
+    """Classify how the agent ended, save its work, tear the sandbox down, write the status.
+
+    ``redactor`` hides the run's secret values in the messages and notes that are kept."""
     store = StatusStore()
     audit = AuditLog(plan.agent_id, enabled=plan.audit_enabled)
     store.update(plan.agent_id, phase="post_processing", message="saving the agent's work")
@@ -218,12 +277,15 @@ def finish(plan: SandboxPlan, backend: Backend, exit_info: ExitInfo) -> RunResul
             # The record of what the gateway saw must not keep the sandbox from being removed.
             work.notes.append(f"could not read the gateway's records: {problem}")
     backend.remove(plan)
+    if redactor:
+        work.notes = [redactor.text(note) for note in work.notes]
     if error is None and work.error is not None:
         error = work.error
     if error is None:
         return _close(plan, store, audit, ExitCode.SUCCESS, 0, None, _success_message(work), work)
     code, agent_code = error.exit_code, exit_info.exit_code
-    return _close(plan, store, audit, code, agent_code, error.error_type, str(error), work)
+    message = redactor.text(str(error)) if redactor else str(error)
+    return _close(plan, store, audit, code, agent_code, error.error_type, message, work)
 
 
 def _observe_network(
@@ -374,19 +436,31 @@ def _close(
     )
 
 
-def _spawn_supervisor(agent_id: str, reports: AgentReportServer | None) -> None:
+def _spawn_supervisor(
+    agent_id: str,
+    reports: AgentReportServer | None,
+    sandbox_fds: tuple[int, ...],
+    values: dict[str, str],
+) -> None:
+    """Start the detached supervisor; what it takes over comes through its stdin (a pipe, so
+    the secret values it needs for redaction are never written anywhere)."""
     log = paths.sandbox_dir(agent_id) / "supervisor.log"
-    command = [sys.executable, "-m", "kapsis.sandbox.supervise", agent_id]
-    passed: tuple[int, ...] = ()
-    if reports is not None:
-        passed = (reports.listener.fileno(),)
-        command.append(str(passed[0]))
+    audit_fd = reports.listener.fileno() if reports is not None else None
+    handover = {
+        "audit_fd": audit_fd,
+        "sandbox_fds": list(sandbox_fds),
+        "secrets": list(values.values()),
+    }
+    passed = (*sandbox_fds, *([audit_fd] if audit_fd is not None else []))
     with log.open("ab") as output:
-        subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "kapsis.sandbox.supervise", agent_id],
+            stdin=subprocess.PIPE,
             stdout=output,
             stderr=output,
             start_new_session=True,
             pass_fds=passed,
         )
+    assert supervisor.stdin is not None
+    supervisor.stdin.write(json.dumps(handover).encode())
+    supervisor.stdin.close()

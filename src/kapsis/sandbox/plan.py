@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from secrets import token_hex
 from typing import Any, Literal
 
 from kapsis import paths
@@ -27,6 +27,7 @@ from kapsis.errors import ConfigError, HostUnsupportedError
 from kapsis.host.facts import HostFacts
 from kapsis.sandbox.network_plan import NetworkPlan, plan_network
 from kapsis.sandbox.plan_model import PlanModel
+from kapsis.sandbox.secrets_plan import SecretPlan, plan_secrets
 from kapsis.sandbox.security import APPARMOR_PROFILE_NAME, PROFILES, effective_settings
 from kapsis.sandbox.workspace_plan import (
     GitPlan,
@@ -100,7 +101,7 @@ class SandboxPlan(PlanModel):
     command: tuple[str, ...]
     workdir: str
     env: dict[str, str]
-    env_passthrough: tuple[str, ...]
+    secrets: tuple[SecretPlan, ...]
     task_summary: str
     spec_source: str | None
     mounts: tuple[Mount, ...]
@@ -157,7 +158,7 @@ class RunRequest:
 
 
 def new_agent_id() -> str:
-    return secrets.token_hex(3)
+    return token_hex(3)
 
 
 def check_agent_id(agent_id: str) -> str:
@@ -192,12 +193,8 @@ def build_plan(
             "AppArmor, which this host does not have enabled; use --security-profile strict, "
             "or enable AppArmor"
         )
-    for name in config.environment.passthrough:
-        if name not in environ:
-            raise ConfigError(
-                f"{loaded.origin_of(('environment', 'passthrough'))}: environment.passthrough: "
-                f"{name} is not set in the host environment; set it or remove it from the list"
-            )
+    secrets_planned = plan_secrets(loaded, profile, environ)
+    secret_names = {secret.name for secret in secrets_planned}
 
     command = _command(config.agent.command or profile.command, task_text)
     summary = _summary(task_text, spec_source)
@@ -211,8 +208,8 @@ def build_plan(
         )
     sandbox_root = paths.sandbox_dir(agent_id)
     env = {
-        **profile.env,
-        **config.environment.set,
+        **{k: v for k, v in profile.env.items() if k not in secret_names},
+        **{k: v for k, v in config.environment.set.items() if k not in secret_names},
         "HOME": AGENT_HOME,
         "KAPSIS_AGENT_ID": agent_id,
     }
@@ -247,7 +244,7 @@ def build_plan(
         command=command,
         workdir=config.agent.workdir or profile.workdir,
         env=env,
-        env_passthrough=tuple(config.environment.passthrough),
+        secrets=secrets_planned,
         task_summary=summary,
         spec_source=spec_source,
         mounts=tuple(mounts),

@@ -1,0 +1,87 @@
+"""Which secrets a run hands to its agent, by name and source only: values are never in a plan.
+
+Sources, strongest first (a name in several takes the first):
+
+1. ``environment.keychain.NAME``: read from the host keychain when the run starts;
+2. ``environment.passthrough``: the host environment variable of that name;
+3. a secret the agent profile needs (``secrets:``) that no config names: the host environment
+   variable of that name, if set.
+
+A name in ``environment.set`` that is also a secret is dropped from the plain environment (the
+secret wins). A secret the profile needs that no source provides is an error before anything
+starts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from kapsis.agents import AgentProfile
+from kapsis.config.loader import LoadedConfig
+from kapsis.errors import ConfigError
+from kapsis.sandbox.plan_model import PlanModel
+
+SecretSource = Literal["keychain", "passthrough", "host-environment"]
+
+
+class SecretPlan(PlanModel):
+    """One secret: its variable name, where its value comes from and where it goes."""
+
+    name: str
+    source: SecretSource
+    origin: str
+    service: str | None = None
+    accounts: tuple[str, ...] = ()
+    target_file: str | None = None
+    template: str | None = None
+
+    @property
+    def to_file(self) -> bool:
+        return self.target_file is not None
+
+    def render(self, value: str) -> str:
+        """What the agent receives: the value, or the file's content from the template."""
+        if self.template is None:
+            return value
+        return self.template.replace("{value}", value)
+
+
+def plan_secrets(
+    loaded: LoadedConfig, profile: AgentProfile, environ: dict[str, str]
+) -> tuple[SecretPlan, ...]:
+    environment = loaded.config.environment
+    planned: dict[str, SecretPlan] = {}
+    for name, entry in environment.keychain.items():
+        planned[name] = SecretPlan(
+            name=name,
+            source="keychain",
+            origin=str(loaded.origin_of(("environment", "keychain", name))),
+            service=entry.service,
+            accounts=entry.accounts(),
+            target_file=entry.inject_to_file,
+            template=entry.template,
+        )
+    for name in environment.passthrough:
+        if name in planned:
+            continue
+        origin = str(loaded.origin_of(("environment", "passthrough")))
+        if name not in environ:
+            raise ConfigError(
+                f"{origin}: environment.passthrough: {name} is not set in the host environment; "
+                "set it or remove it from the list"
+            )
+        planned[name] = SecretPlan(name=name, source="passthrough", origin=origin)
+    for name in profile.secrets:
+        if name in planned:
+            continue
+        if name in environ:
+            origin = f"agent profile {profile.name} ({profile.source})"
+            planned[name] = SecretPlan(name=name, source="host-environment", origin=origin)
+        elif name not in environment.set:
+            raise ConfigError(
+                f"agent '{profile.name}' needs the secret {name}, and no source has it: not in "
+                f"environment.keychain or environment.passthrough of the config, nor in the host "
+                f"environment; add `environment.keychain.{name}: {{service: ..., account: ...}}` "
+                f"to agent-sandbox.yaml, or export {name}"
+            )
+    return tuple(planned.values())
