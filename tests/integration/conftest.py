@@ -20,6 +20,7 @@ from kapsis.sandbox.network_plan import DEFAULT_GATEWAY_IMAGE
 
 from .internet import internet, podman_v6_network  # noqa: F401  (fixtures for the network tests)
 from .kapsis_runner import Kapsis
+from .secret_service import secret_service  # noqa: F401  (fixture for the secrets tests)
 
 
 @pytest.fixture(scope="session")

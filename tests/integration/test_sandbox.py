@@ -235,7 +235,7 @@ def test_missing_image_is_a_sandbox_error(kapsis: Kapsis, project: Path) -> None
 
 
 def test_agent_whose_cli_the_image_lacks_fails_clearly(kapsis: Kapsis, project: Path) -> None:
-    result = kapsis.run(project, "hello", "--agent", "claude")
+    result = kapsis.run(project, "hello", "--agent", "claude", env={"ANTHROPIC_API_KEY": "sk-x"})
     assert result.returncode == ExitCode.SANDBOX_FAILED
     assert "lacks claude" in result.stderr
 
