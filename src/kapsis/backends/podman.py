@@ -29,6 +29,7 @@ from kapsis.backends.base import Backend, ExitInfo, RunningSandbox, SandboxInfo
 from kapsis.backends.podman_gateway import blocked_connections, gateway_run_args, start_gateway
 from kapsis.backends.transcript import follow_transcript, read_transcript
 from kapsis.errors import HostUnsupportedError, ImageError, SandboxError
+from kapsis.sandbox.host_files import write_host_files
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.security import apparmor_profile_text, seccomp_profile
 from kapsis.sandbox.workspace_plan import AGENT_GIT_TARGET, OBJECTS_TARGET
@@ -318,6 +319,7 @@ class PodmanBackend(Backend):
             (root / "seccomp.json").write_text(json.dumps(seccomp_profile()))
         if plan.audit_enabled:
             install_shell_reporter(root / SHELL_REPORTER)
+        write_host_files(plan)
         if plan.security.apparmor_profile:
             _load_apparmor(plan.security.apparmor_profile)
         uid_base: int | str = ""
