@@ -13,7 +13,8 @@ cd "$ROOT"
 IMAGE="localhost/kapsis-base:latest"
 GATEWAY_IMAGE="localhost/kapsis-gateway:latest"
 PACKAGES=(podman crun runc fuse-overlayfs slirp4netns uidmap netavark aardvark-dns catatonit
-          debootstrap dnsmasq-base nftables iproute2 iptables git ca-certificates python3)
+          debootstrap dnsmasq-base nftables iproute2 iptables git ca-certificates python3
+          openssh-client)
 DEMO=1
 
 for arg in "$@"; do
