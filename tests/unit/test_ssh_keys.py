@@ -29,8 +29,8 @@ GITHUB_ECDSA = (
 def test_every_pinned_key_has_the_fingerprint_written_above_it():
     # The comments are the fingerprints the operators publish; a key mistyped in the data file
     # would not hash to them.
-    text = (resources.files("kapsis.ssh") / "pinned_hosts.yaml").read_text()
-    pairs = re.findall(r"# (SHA256:\S+).*\n\s*- (\S+) (\S+)", text)
+    text = (resources.files("kapsis.ssh") / "pinned_known_hosts").read_text()
+    pairs = re.findall(r"# (SHA256:\S+).*\n\S+ (\S+) (\S+)", text)
     assert len(pairs) == 9
     for published, key_type, blob in pairs:
         check_key(key_type, blob)

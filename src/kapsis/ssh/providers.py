@@ -4,7 +4,7 @@ Each provider publishes its keys somewhere Kapsis can read: GitHub in the ``ssh_
 meta API (with their fingerprints alongside), Bitbucket as a known_hosts list, GitLab in its
 documentation page (keys and fingerprints in the text). ``kapsis ssh refresh`` fetches them over
 HTTPS into ``~/.kapsis/ssh/providers/HOST.json``; a run uses that cache when it is newer than the
-pinned copy shipped in ``pinned_hosts.yaml`` and the pinned keys otherwise, so a host that cannot
+pinned copy shipped in ``pinned_known_hosts`` and the pinned keys otherwise, so a host that cannot
 reach the providers (or a fetch that fails or parses to nothing) still has keys to check against.
 
 A fetched list replaces, never extends, the pinned one: a key the operator rotated out stops
@@ -14,11 +14,9 @@ being trusted. Lists whose keys do not match the fingerprints published with the
 from __future__ import annotations
 
 import datetime as dt
-import html
 import json
 import os
 import re
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -71,6 +69,8 @@ def parse_known_hosts_list(body: str, host: str) -> list[tuple[str, str]]:
 
 def parse_docs_page(body: str, host: str) -> list[tuple[str, str]]:
     """A documentation page (GitLab's) holding ``HOST TYPE BASE64`` lines and the fingerprints."""
+    import html
+
     text = html.unescape(re.sub(r"<[^>]+>", "", body))
     keys = re.findall(re.escape(host) + r"\s+" + _KEY_RE, text)
     return _checked(list(dict.fromkeys(keys)), None, page=text)
@@ -134,16 +134,31 @@ class KeyList:
 
 @cache
 def pinned() -> dict[str, KeyList]:
-    from ruamel.yaml import YAML
-
-    text = (resources.files("kapsis.ssh") / "pinned_hosts.yaml").read_text(encoding="utf-8")
-    data = YAML(typ="safe", pure=True).load(text)
-    lists = {}
-    for host, entry in data.items():
-        keys = tuple(tuple(line.split()[:2]) for line in entry["keys"])
-        recorded = dt.datetime.combine(entry["recorded"], dt.time(), tzinfo=dt.UTC)
-        lists[host] = KeyList(host, keys, "pinned", entry["source"], recorded)
-    return lists
+    """The keys shipped in ``pinned_known_hosts``, by provider (a known_hosts file whose
+    ``# @provider``, ``# @recorded`` and ``# @source`` comments say where they came from)."""
+    text = (resources.files("kapsis.ssh") / "pinned_known_hosts").read_text(encoding="utf-8")
+    meta: dict[str, dict[str, str]] = {}
+    keys: dict[str, list[tuple[str, str]]] = {}
+    current = ""
+    for line in text.splitlines():
+        if line.startswith("# @"):
+            name, _, value = line[3:].partition(" ")
+            if name == "provider":
+                current = value.strip()
+            meta.setdefault(current, {})[name] = value.strip()
+        elif line.strip() and not line.startswith("#"):
+            host, key_type, blob = line.split()[:3]
+            keys.setdefault(host, []).append((key_type, blob))
+    return {
+        host: KeyList(
+            host,
+            tuple(keys[host]),
+            "pinned",
+            meta[host]["source"],
+            dt.datetime.combine(dt.date.fromisoformat(meta[host]["recorded"]), dt.time(), dt.UTC),
+        )
+        for host in keys
+    }
 
 
 def cache_dir() -> Path:
@@ -174,6 +189,8 @@ def effective(host: str) -> KeyList:
 
 def fetch(provider: Provider, url: str | None = None, timeout: float = FETCH_TIMEOUT) -> KeyList:
     """Fetch and check ``provider``'s list (``url`` overrides where from). Raises FetchError."""
+    import urllib.request  # only here: ~20 ms of imports a run does not need
+
     from kapsis.host.image import kapsis_version
 
     source = url or provider.url
