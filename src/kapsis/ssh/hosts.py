@@ -39,7 +39,7 @@ def added_keys() -> list[HostKey]:
     if not directory.is_dir():
         return []
     keys: list[HostKey] = []
-    files = sorted(directory.glob("*.known_hosts"), key=lambda path: path.stat().st_mtime)
+    files = sorted(directory.glob("*.known_hosts"), key=lambda p: (p.stat().st_mtime, p.name))
     for file in files:
         text = file.read_text(encoding="utf-8")
         first = text.splitlines()[0] if text else ""
