@@ -122,6 +122,19 @@ NAMED_TYPES: tuple[tuple[Any, str, str, str], ...] = (
         "a git identity, `Name <email>`",
     ),
     (
+        models.KnownHostsLine,
+        "known_hosts line",
+        "known_hosts lines",
+        "`HOST[,HOST...] TYPE BASE64` as in ssh's known_hosts, HOST a name, an address or "
+        "`[HOST]:PORT`, e.g. `git.corp.example ssh-ed25519 AAAAC3...`",
+    ),
+    (
+        models.MirrorUrl,
+        "URL",
+        "URLs",
+        "an `http://` or `https://` URL without credentials in it",
+    ),
+    (
         models.SandboxPath,
         "absolute path",
         "absolute paths",

@@ -14,7 +14,7 @@ IMAGE="localhost/kapsis-base:latest"
 GATEWAY_IMAGE="localhost/kapsis-gateway:latest"
 PACKAGES=(podman crun runc fuse-overlayfs slirp4netns uidmap netavark aardvark-dns catatonit
           debootstrap dnsmasq-base nftables iproute2 iptables git ca-certificates python3
-          libsecret-tools gnome-keyring dbus)
+          libsecret-tools gnome-keyring dbus openssh-client)
 DEMO=1
 
 for arg in "$@"; do

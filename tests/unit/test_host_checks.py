@@ -472,7 +472,7 @@ def test_build_caches_the_rootfs_and_skips_debootstrap_the_second_time(
     debootstrap_args = (fakes / "debootstrap").read_text().split()
     assert debootstrap_args[:2] == [
         "--variant=minbase",
-        "--include=git,bash,coreutils,python3,ca-certificates",
+        "--include=git,bash,coreutils,python3,ca-certificates,openssh-client",
     ]
     assert debootstrap_args[2] == "bookworm"
     with tarfile.open(fakes / "imported.tar") as archive:

@@ -439,9 +439,10 @@ def test_extra_mounts_are_read_only(make_plan, tmp_path):
 
     plan = make_plan(config=f"filesystem:\n  mounts:\n    - source: {data}\n      target: /data\n")
 
-    assert [(m.source, m.target, m.read_only) for m in plan.mounts] == [
+    assert [(m.source, m.target, m.read_only) for m in plan.mounts if m.target == "/data"] == [
         (str(data.resolve()), "/data", True)
     ]
+    assert all(mount.read_only for mount in plan.mounts)  # the SSH files are read-only too
 
 
 def test_unknown_agent_lists_the_known_ones():

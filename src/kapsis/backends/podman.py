@@ -35,6 +35,7 @@ from kapsis.backends.transcript import (
     read_transcript,
 )
 from kapsis.errors import HostUnsupportedError, ImageError, SandboxError
+from kapsis.sandbox.host_files import write_host_files
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.security import apparmor_profile_text, seccomp_profile
 from kapsis.sandbox.workspace_plan import AGENT_GIT_TARGET, OBJECTS_TARGET
@@ -374,6 +375,7 @@ class PodmanBackend(Backend):
         log_pipe = root / LOG_FIFO
         if not log_pipe.exists():
             os.mkfifo(log_pipe, 0o600)
+        write_host_files(plan)
         if plan.security.apparmor_profile:
             _load_apparmor(plan.security.apparmor_profile)
         uid_base: int | str = ""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
+from kapsis.cli.ssh_commands import ssh_app
 from kapsis.errors import AuditDamagedError, ExitCode, KapsisError
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(agents_app, name="agents")
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
+app.add_typer(ssh_app, name="ssh")
 
 
 def _fail(error: KapsisError) -> NoReturn:

@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +21,7 @@ from kapsis.git.runner import GitCommandError, Repo, run_as_group
 
 PushStatus = Literal["pushed", "up_to_date", "diverged", "failed"]
 _URL_RE = re.compile(r"https?://[^\s<>\"']+")
+HOST_KEY_FAILURE = "Host key verification failed"
 
 
 @dataclass
@@ -37,9 +39,11 @@ def retry_command(repo: Repo, remote: str, branch: str) -> str:
     )
 
 
-def _remote_sha(repo: Repo, remote: str, branch: str, timeout: float) -> str | None:
+def _remote_sha(
+    repo: Repo, remote: str, branch: str, timeout: float, env: Mapping[str, str]
+) -> str | None:
     listing = repo.text_timeout(
-        ("ls-remote", "--refs", remote, f"refs/heads/{branch}"), timeout=timeout
+        ("ls-remote", "--refs", remote, f"refs/heads/{branch}"), timeout=timeout, env=env
     )
     for line in listing.splitlines():
         sha, _, ref = line.partition("\t")
@@ -49,9 +53,18 @@ def _remote_sha(repo: Repo, remote: str, branch: str, timeout: float) -> str | N
 
 
 def push_branch(
-    repo: Repo, remote: str, branch: str, local_sha: str, *, timeout: float
+    repo: Repo,
+    remote: str,
+    branch: str,
+    local_sha: str,
+    *,
+    timeout: float,
+    ssh_command: str | None = None,
 ) -> PushOutcome:
+    """Push ``local_sha`` to ``remote``'s ``branch``; ``ssh_command`` is ssh for SSH remotes
+    (GIT_SSH_COMMAND, which beats core.sshCommand and the user's environment)."""
     retry = retry_command(repo, remote, branch)
+    env = {"GIT_SSH_COMMAND": ssh_command} if ssh_command else {}
     url_result = repo.run("remote", "get-url", "--push", remote, check=False)
     if url_result.returncode != 0:
         return PushOutcome(
@@ -61,7 +74,7 @@ def push_branch(
         )
     url = url_result.stdout.decode().strip()
     try:
-        remote_sha = _remote_sha(repo, remote, branch, timeout)
+        remote_sha = _remote_sha(repo, remote, branch, timeout, env)
         if remote_sha == local_sha:
             return PushOutcome("up_to_date", f"{remote} already has {local_sha[:12]}", url)
         if remote_sha is not None:
@@ -75,6 +88,7 @@ def push_branch(
                         f"+refs/heads/{branch}:refs/remotes/{remote}/{branch}",
                     ),
                     timeout=timeout,
+                    env=env,
                 )
             if not repo.is_ancestor(remote_sha, local_sha):
                 return PushOutcome(
@@ -96,13 +110,16 @@ def push_branch(
                 f"{local_sha}:refs/heads/{branch}",
             ),
             timeout=timeout,
+            env=env,
         )
-        after = _remote_sha(repo, remote, branch, timeout)
+        after = _remote_sha(repo, remote, branch, timeout, env)
     except subprocess.TimeoutExpired:
         return PushOutcome(
             "failed", f"pushing to {remote} took longer than {timeout:g}s", url, retry
         )
     except GitCommandError as error:
+        if HOST_KEY_FAILURE in error.stderr:
+            return PushOutcome("failed", _host_key_message(remote, url, error.stderr), url, retry)
         return PushOutcome("failed", f"push to {remote} failed: {error}", url, retry)
     if after != local_sha:
         return PushOutcome(
@@ -113,6 +130,21 @@ def push_branch(
         )
     repo.run("update-ref", f"refs/remotes/{remote}/{branch}", local_sha, check=False)
     return PushOutcome("pushed", f"pushed {local_sha[:12]} to {remote}/{branch}", url)
+
+
+def _host_key_message(remote: str, url: str, stderr: str) -> str:
+    changed = "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr
+    what = (
+        "presented a host key other than the trusted one"
+        if changed
+        else ("presented a host key Kapsis does not trust")
+    )
+    return (
+        f"push to {remote} refused: {url} {what} ({HOST_KEY_FAILURE}; a man in the middle, "
+        "or a key that really changed). Nothing was pushed. Compare the fingerprint with the "
+        "host's published one; `kapsis ssh add-host HOST[:PORT]` trusts an enterprise host, "
+        "`kapsis ssh refresh` updates GitHub's, GitLab's and Bitbucket's keys"
+    )
 
 
 def run_post_push_hook(

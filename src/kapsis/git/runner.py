@@ -131,7 +131,7 @@ class Repo:
         return self.run(*args, input=input).stdout.decode().strip()
 
     def run_timeout(
-        self, args: Sequence[str], *, timeout: float
+        self, args: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None
     ) -> subprocess.CompletedProcess[bytes]:
         """A network command (fetch, push, ls-remote) with a time limit.
 
@@ -140,14 +140,16 @@ class Repo:
         Raises :class:`subprocess.TimeoutExpired` or :class:`GitCommandError`.
         """
         result = run_as_group(
-            self.command(*args), timeout=timeout, env=self.environment(), cwd=self.root
+            self.command(*args), timeout=timeout, env=self.environment(env), cwd=self.root
         )
         if result.returncode != 0:
             raise GitCommandError(args, result.returncode, result.stderr.decode(errors="replace"))
         return result
 
-    def text_timeout(self, args: Sequence[str], *, timeout: float) -> str:
-        return self.run_timeout(args, timeout=timeout).stdout.decode().strip()
+    def text_timeout(
+        self, args: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None
+    ) -> str:
+        return self.run_timeout(args, timeout=timeout, env=env).stdout.decode().strip()
 
     def rev(self, name: str) -> str | None:
         """The object name ``name`` resolves to, or None."""

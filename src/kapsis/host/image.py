@@ -40,7 +40,8 @@ Progress = Callable[[str], None]
 
 SUITE = "bookworm"
 VARIANT = "minbase"
-INCLUDE = ("git", "bash", "coreutils", "python3", "ca-certificates")
+# openssh-client: git over SSH in the sandbox (checked strictly, see kapsis.ssh).
+INCLUDE = ("git", "bash", "coreutils", "python3", "ca-certificates", "openssh-client")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 ROOTFS_REPOSITORY = "localhost/kapsis-rootfs"
 SOURCES_LIST = Path("/etc/apt/sources.list")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from kapsis.agents import AgentProfile
+from kapsis.buildtools import allowlist_entries
 from kapsis.config.loader import LoadedConfig
 from kapsis.config.models import AllowlistSection, NetworkMode
 from kapsis.errors import ConfigError
@@ -71,6 +72,10 @@ def plan_network(
         origin = loaded.origin_of(("network", "allowlist", "addresses", index))
         builder.add_address(address, str(origin))
     builder.add_hosts(profile.network.hosts, f"agent profile {profile.name}")
+    for entry, key, is_address in allowlist_entries(loaded.config.build_tools):
+        # The approved package source is reachable without listing it twice.
+        source = f"{key} ({loaded.origin_of(tuple(key.split('.')))})"
+        (builder.add_address if is_address else builder.add_host)(entry, source)
     for entry in allow_flags:
         value, is_address = _check_flag_entry(entry)
         if is_address:

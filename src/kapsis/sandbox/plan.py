@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from kapsis import paths
 from kapsis.agents import AgentProfile
+from kapsis.buildtools import BuildToolsPlan, plan_build_tools
 from kapsis.config.loader import LoadedConfig
 from kapsis.config.models import (
     SecurityProfileName,
@@ -34,6 +35,7 @@ from kapsis.sandbox.workspace_plan import (
     WorkspacePlan,
     plan_workspace_and_git,
 )
+from kapsis.ssh.trust import CLIENT_CONFIG_TARGET, KNOWN_HOSTS_TARGET, SshPlan, plan_ssh
 
 AGENT_UID = 1000
 AGENT_HOME = "/home/agent"
@@ -114,6 +116,9 @@ class SandboxPlan(PlanModel):
     git: GitPlan
     audit_enabled: bool
     labels: dict[str, str]
+    # Host keys the sandbox's ssh and the host's push trust (None: ssh.verify_hosts is off).
+    ssh: SshPlan | None = None
+    build_tools: BuildToolsPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -226,6 +231,11 @@ def build_plan(
     mounts = [_read_only_mount(m.source, m.target) for m in config.filesystem.mounts]
     if spec_source is not None:
         mounts.append(Mount(source=str(sandbox_root / "task-spec.md"), target=SPEC_TARGET))
+    ssh = plan_ssh(loaded, sandbox_root)
+    tools = plan_build_tools(loaded, sandbox_root)
+    mounts += _host_file_mounts(ssh, tools)
+    for name, value in (tools.env if tools else {}).items():
+        env.setdefault(name, value)  # an explicit environment.set of the same name wins
 
     resources = config.resources
     pids = (
@@ -248,7 +258,7 @@ def build_plan(
         task_summary=summary,
         spec_source=spec_source,
         mounts=tuple(mounts),
-        tmpfs=_tmpfs(settings["noexec_tmp"]),
+        tmpfs=_tmpfs(settings["noexec_tmp"]) + _owned_dirs(tools),
         workspace=workspace,
         userns=UserNamespacePlan(kind="keep-id" if host.rootless else "mapped"),
         security=SecurityPlan(
@@ -272,6 +282,8 @@ def build_plan(
         network=plan_network(loaded, profile, agent_id, request.allow, host.dns_servers),
         git=git,
         audit_enabled=config.audit.enabled,
+        ssh=ssh,
+        build_tools=tools,
         labels={
             "io.kapsis.agent-id": agent_id,
             "io.kapsis.agent": profile.name,
@@ -336,3 +348,20 @@ def _tmpfs(noexec_tmp: bool) -> tuple[Tmpfs, ...]:
         # U: owned by the container user, so the home is writable even with a read-only root.
         Tmpfs(target=AGENT_HOME, options=("rw", "nosuid", "nodev", "mode=0700", "U")),
     )
+
+
+def _host_file_mounts(ssh: SshPlan | None, tools: BuildToolsPlan | None) -> list[Mount]:
+    """Files the host renders into the sandbox dir at launch, each mounted read-only."""
+    mounts = []
+    if ssh is not None:
+        mounts.append(Mount(source=ssh.known_hosts, target=KNOWN_HOSTS_TARGET))
+        mounts.append(Mount(source=ssh.client_config, target=CLIENT_CONFIG_TARGET))
+    for item in tools.files if tools else ():
+        mounts.append(Mount(source=item.source, target=item.target))
+    return mounts
+
+
+def _owned_dirs(tools: BuildToolsPlan | None) -> tuple[Tmpfs, ...]:
+    # A mount point made inside the home tmpfs would belong to root; these stay the agent's.
+    options = ("rw", "nosuid", "nodev", "mode=0700", "U")
+    return tuple(Tmpfs(target=d, options=options) for d in (tools.writable_dirs if tools else ()))

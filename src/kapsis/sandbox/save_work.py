@@ -166,6 +166,17 @@ def _sync_worktree_index(worktree: Path, commit: str) -> None:
         own.run("read-tree", commit, check=False)
 
 
+def _ssh_command(plan: SandboxPlan) -> str | None:
+    """Strict host-key checking for the push, against the run's trusted keys (rewritten here:
+    the file must say what the plan says, whatever happened to the sandbox dir meanwhile)."""
+    if plan.ssh is None:
+        return None
+    from kapsis.ssh.trust import host_ssh_command, write_files
+
+    write_files(plan.ssh)
+    return host_ssh_command(plan.ssh)
+
+
 def _push(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome, *, agent_succeeded: bool) -> None:
     from kapsis.git.push import push_branch, run_post_push_hook
 
@@ -181,7 +192,12 @@ def _push(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome, *, agent_succeede
         outcome.push_message = "nothing new to push"
         return
     pushed = push_branch(
-        repo, git.remote, git.branch, local, timeout=float(git.push_timeout_seconds)
+        repo,
+        git.remote,
+        git.branch,
+        local,
+        timeout=float(git.push_timeout_seconds),
+        ssh_command=_ssh_command(plan),
     )
     outcome.push_status = pushed.status
     outcome.push_message = pushed.message
