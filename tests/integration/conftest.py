@@ -3,6 +3,8 @@
 ``base_image`` is the Kapsis base image every sandbox test runs in. It is built once per session
 with :func:`kapsis.host.image.build_base_image` (about a minute on a fresh host, seconds when the
 debootstrap cache in ~/.kapsis/cache is warm) only when podman does not have it yet.
+``claude_image`` (the Claude Code agent image) is built at the start of every session that has a
+test using it (about 30 s).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kapsis.config.models import DEFAULT_IMAGE
+from kapsis.host.agent_images import agent_image, build_agent_image
 from kapsis.host.gateway_image import build_gateway_image
 from kapsis.host.image import build_base_image, image_present
 from kapsis.sandbox.network_plan import DEFAULT_GATEWAY_IMAGE
@@ -34,6 +37,30 @@ def base_image() -> str:
         # Filtered network mode, the default, needs the gateway image as well.
         build_gateway_image(progress=lambda line: print(f"[gateway image] {line}"))
     return DEFAULT_IMAGE
+
+
+@pytest.fixture(scope="session")
+def claude_image(base_image: str) -> str:
+    """The claude agent image, built once per session, always: the build is under test too."""
+    started = time.monotonic()
+    version = build_agent_image(
+        "claude", base=base_image, progress=lambda line: print(f"[claude image] {line}")
+    )
+    print(f"[claude image] Claude Code {version}, built in {time.monotonic() - started:.0f} s")
+    return agent_image("claude")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _agent_images_before_the_test_internet(request: pytest.FixtureRequest) -> None:
+    """Build the agent images a session needs before any test runs.
+
+    The build fetches from the package registries, and the test internet, once up, routes all
+    of 203.0.113.0/24 into its namespace: where a registry (or the proxy in front of it) has
+    an address in that range, as on the machines Kapsis is tested on, a build then fails with
+    "No route to host".
+    """
+    if any("claude_image" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("claude_image")
 
 
 @pytest.fixture
