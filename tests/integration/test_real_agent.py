@@ -212,3 +212,27 @@ def test_without_the_audit_socket_the_hook_neither_blocks_nor_fails(claude_image
     )  # fmt: skip
     assert (result.returncode, result.stdout) == (0, "")
     assert time.monotonic() - started < 10
+
+
+def test_the_agent_cannot_rewrite_the_managed_settings_and_root_can(claude_image: str) -> None:
+    """What keeps the hooks on: the settings file belongs to root, the agent runs as uid 1000."""
+    attack = (
+        "echo '{}' > /etc/claude-code/managed-settings.json; echo write=$?; "
+        "rm -f /etc/claude-code/managed-settings.json; echo rm=$?; "
+        "mv /etc/claude-code /tmp/cc; echo mv=$?; "
+        "python3 -c 'import json, sys; print(len(json.load(open(sys.argv[1]))[\"hooks\"]))' "
+        "/etc/claude-code/managed-settings.json"
+    )
+
+    def attempt(user: str) -> list[str]:
+        result = subprocess.run(
+            ["podman", "run", "--rm", "--network=none", f"--user={user}", claude_image,
+             "sh", "-c", attack],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        return result.stdout.split()
+
+    agent = attempt("1000:1000")
+    assert agent[:3] == ["write=2", "rm=1", "mv=1"] and int(agent[3]) >= 5
+    root = attempt("0:0")  # control: the same steps as root succeed
+    assert root[:3] == ["write=0", "rm=0", "mv=0"]
