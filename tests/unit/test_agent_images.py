@@ -261,3 +261,11 @@ def test_setup_agents_builds_the_missing_ones_and_build_rebuilds_all(
     assert (setup_calls["base"], setup_calls["agents"]) == (1, ["claude", "codex"])
     bad = CliRunner().invoke(app, ["setup", "--agents", "claude,nope"])
     assert bad.exit_code == 2 and "unknown agent nope" in bad.stderr
+
+
+def test_the_hint_for_a_missing_image_names_the_command_that_builds_it() -> None:
+    assert agent_images.build_hint(agent_image("codex")) == (
+        "build it with `kapsis setup --agents codex`"
+    )
+    assert agent_images.build_hint(DEFAULT_IMAGE) == "build it with `kapsis setup --build`"
+    assert agent_images.build_hint("localhost/kapsis-agent-x:1").endswith("--build`")

@@ -57,6 +57,15 @@ def agent_image(agent: str) -> str:
     return f"{AGENT_IMAGE_PREFIX}{agent}:latest"
 
 
+def build_hint(image: str) -> str:
+    """How to build ``image``, for an error that says it is missing or lacks a program."""
+    if image.startswith(AGENT_IMAGE_PREFIX):
+        agent = image.removeprefix(AGENT_IMAGE_PREFIX).split(":")[0]
+        if agent in AGENT_PROGRAMS:
+            return f"build it with `kapsis setup --agents {agent}`"
+    return "build it with `kapsis setup --build`"
+
+
 def parse_agents(text: str) -> list[str]:
     """``claude,codex`` -> ["claude", "codex"]; unknown names raise ConfigError."""
     names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
