@@ -9,6 +9,7 @@ test using it (about 30 s).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -39,15 +40,33 @@ def base_image() -> str:
     return DEFAULT_IMAGE
 
 
+# The outcome of the one claude image build of this session: its name, or why it failed.
+_CLAUDE_IMAGE: dict[str, str | BaseException] = {}
+
+
+def _build_claude_image(base: str) -> str:
+    if "outcome" not in _CLAUDE_IMAGE:
+        started = time.monotonic()
+        try:
+            version = build_agent_image(
+                "claude", base=base, progress=lambda line: print(f"[claude image] {line}")
+            )
+        except Exception as error:  # kept: only the tests that need the image fail with it
+            _CLAUDE_IMAGE["outcome"] = error
+        else:
+            seconds = time.monotonic() - started
+            print(f"[claude image] Claude Code {version}, built in {seconds:.0f} s")
+            _CLAUDE_IMAGE["outcome"] = agent_image("claude")
+    outcome = _CLAUDE_IMAGE["outcome"]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
 @pytest.fixture(scope="session")
 def claude_image(base_image: str) -> str:
     """The claude agent image, built once per session, always: the build is under test too."""
-    started = time.monotonic()
-    version = build_agent_image(
-        "claude", base=base_image, progress=lambda line: print(f"[claude image] {line}")
-    )
-    print(f"[claude image] Claude Code {version}, built in {time.monotonic() - started:.0f} s")
-    return agent_image("claude")
+    return _build_claude_image(base_image)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -57,10 +76,12 @@ def _agent_images_before_the_test_internet(request: pytest.FixtureRequest) -> No
     The build fetches from the package registries, and the test internet, once up, routes all
     of 203.0.113.0/24 into its namespace: where a registry (or the proxy in front of it) has
     an address in that range, as on the machines Kapsis is tested on, a build then fails with
-    "No route to host".
+    "No route to host". A failed build fails the tests that use the image, no others.
     """
     if any("claude_image" in item.fixturenames for item in request.session.items):
-        request.getfixturevalue("claude_image")
+        base = request.getfixturevalue("base_image")
+        with contextlib.suppress(Exception):
+            _build_claude_image(base)
 
 
 @pytest.fixture
