@@ -267,3 +267,39 @@ def test_the_in_image_scripts_need_nothing_but_the_standard_library(name: str) -
         if line.startswith(("import ", "from ")) and "__future__" not in line
     }
     assert imports <= set(sys.stdlib_module_names), imports - set(sys.stdlib_module_names)
+
+
+def test_the_status_table_shows_what_the_agent_says(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from kapsis.cli.render import status_table
+
+    store = StatusStore(tmp_path / "status")
+    new_status(store, "a5")
+    recorder = ActivityRecorder(store, "a5")
+    for tool in ("Read", "Edit", "Write"):
+        recorder.observe(hook_record("PreToolUse", tool))
+    recorder.flush()
+    status = store.read("a5")
+    assert status is not None
+    console = Console(width=300, record=True)
+    console.print(status_table([status]))
+    text = console.export_text()
+    assert "AGENT SAYS" in text and "using_tool Write (3 tools)" in text
+
+
+def test_a_status_that_cannot_be_written_does_not_stop_the_audit(tmp_path: Path) -> None:
+    log = AuditLog("a6", directory=tmp_path / "audit")
+    path = tmp_path / "s" / "audit.sock"
+    path.parent.mkdir()
+
+    def broken(record: dict[str, Any]) -> None:
+        raise KeyError("a6")  # e.g. the status file was removed meanwhile
+
+    server = AgentReportServer(log, path, Redactor([]), on_record=broken)
+    server.start()
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(path))
+        client.sendall(b'{"hook_event_name": "Stop"}\nls -l\n')
+    server.stop()
+    assert server.records == 2

@@ -196,7 +196,9 @@ class AgentReportServer:
         self.records += 1
         record = self.log.record(event_type, source="agent", **detail)
         if record and self.on_record is not None:
-            self.on_record(record)
+            # A status that cannot be written must not stop the recording of the audit trail.
+            with contextlib.suppress(OSError, KeyError, ValueError):
+                self.on_record(record)
         if self.alerts is None or not record:
             return
         raised = self.alerts.observe(record)
