@@ -11,6 +11,10 @@ Checked: the endpoint got the API key passed by name; the file became a commit o
 branch; the agent's tool use reached the audit trail through the image's managed hooks (which
 the project's own settings cannot switch off, while they do switch off the project's own hook)
 and the status's agent-reported activity.
+
+A run takes about 20 s, most of it Claude Code retrying its first-party fetches of
+``https://api.anthropic.com/api/claude_code/settings`` and ``.../policy_limits`` (nothing
+listens on 443 here; a 404 would end them at once) before it starts the session.
 """
 
 from __future__ import annotations
