@@ -41,6 +41,11 @@ class AgentProfile(Section):
     command: str | list[str] = Field(
         description="A string runs with `sh -c`; a list is the argv, `{task}` is the task text."
     )
+    image: str | None = Field(
+        None,
+        description="Image the agent runs in, unless --image or image.name is set; "
+        "`kapsis setup --agents NAME` builds the built-ins' (default: the base image).",
+    )
     workdir: SandboxPath = Field("/workspace", description="Working directory in the sandbox.")
     env: dict[EnvName, str] = Field(default_factory=dict, description="Fixed environment.")
     requires: list[str] = Field(

@@ -2,11 +2,14 @@
 
 The host listens on ``SANDBOX_DIR/audit.sock``, mounted into the sandbox at
 ``/run/kapsis/audit.sock``. Each line an agent writes becomes one audit record with source
-``agent`` (the agent cannot choose the source, the type or the sequence of a record: it only
-fills ``detail``). A line that is a JSON object is kept as reported (e.g. Claude Code's hook
-payloads); any other line is a shell command (the ``shell`` agent's xtrace). Values of the run's
-secrets are redacted before anything is written, lines are capped in length and number, and the
-host keeps listening only while the agent runs.
+``agent`` (the agent cannot choose the source or the sequence of a record: it only fills
+``detail``). A line that is a JSON object is kept as reported: a tool hook's payload (Claude
+Code's PreToolUse / PostToolUse, sent by the agent images' ``report-hook.py``) becomes a
+``tool_use`` record, any other object an ``agent_report``. Any other line is a shell command (the
+``shell`` agent's xtrace), an ``agent_command``. Values of the run's secrets are redacted before
+anything is written, lines are capped in length and number, and the host keeps listening only
+while the agent runs. Each record is also handed to ``on_record`` (the status's agent-reported
+activity, see :mod:`kapsis.status.activity`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ SOCKET_TARGET = "/run/kapsis/audit.sock"
 REPORTER_TARGET = "/run/kapsis/report-shell.py"
 MAX_LINE = 16 * 1024
 MAX_RECORDS = 100_000
+# Hook events about one tool call; their payloads name the tool and its input.
+TOOL_HOOKS = frozenset({"PreToolUse", "PostToolUse", "PostToolUseFailure"})
 
 
 def install_shell_reporter(path: Path) -> None:
@@ -50,6 +55,14 @@ def report_detail(line: bytes, redactor: Redactor) -> tuple[str, dict[str, Any]]
         except ValueError:
             reported = None
         if isinstance(reported, dict):
+            hook = reported.get("hook_event_name")
+            if hook in TOOL_HOOKS and isinstance(reported.get("tool_name"), str):
+                # hook and tool repeated outside the payload, for `kapsis audit show`.
+                return "tool_use", {
+                    "hook": hook,
+                    "tool": redactor.text(reported["tool_name"]),
+                    "reported": redactor.value(reported),
+                }
             return "agent_report", {"reported": redactor.value(reported)}
     depth = len(text) - len(text.lstrip("+"))
     return "agent_command", {"command": redactor.text(text[depth:].lstrip()), "depth": depth}
@@ -66,10 +79,14 @@ class AgentReportServer:
         listener: socket.socket | None = None,
         alerts: AlertEngine | None = None,
         on_alert: Callable[[list[Alert]], None] | None = None,
+        on_record: Callable[[dict[str, Any]], None] | None = None,
+        on_stop: Callable[[], None] | None = None,
     ) -> None:
         self.log = log
         self.alerts = alerts
         self.on_alert = on_alert
+        self.on_record = on_record
+        self.on_stop = on_stop
         self.path = path
         self.redactor = redactor
         self.listener = listener or self._bind(path)
@@ -105,6 +122,8 @@ class AgentReportServer:
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        if self.on_stop is not None:
+            self.on_stop()
 
     def _serve(self) -> None:
         selector = selectors.DefaultSelector()
@@ -154,6 +173,10 @@ class AgentReportServer:
         event_type, detail = report_detail(line, self.redactor)
         self.records += 1
         record = self.log.record(event_type, source="agent", **detail)
+        if record and self.on_record is not None:
+            # A status that cannot be written must not stop the recording of the audit trail.
+            with contextlib.suppress(OSError, KeyError, ValueError):
+                self.on_record(record)
         if self.alerts is None or not record:
             return
         raised = self.alerts.observe(record)

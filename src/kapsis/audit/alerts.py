@@ -86,7 +86,7 @@ def _command_of(record: dict[str, Any]) -> str | None:
     detail = record.get("detail") or {}
     if record.get("event_type") == "agent_command":
         return str(detail.get("command", ""))
-    if record.get("event_type") == "agent_report":
+    if record.get("event_type") in ("agent_report", "tool_use"):
         reported = detail.get("reported") or {}
         tool_input = reported.get("tool_input") if isinstance(reported, dict) else None
         if isinstance(tool_input, dict):

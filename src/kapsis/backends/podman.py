@@ -260,9 +260,10 @@ class PodmanSandbox(RunningSandbox):
 def _diagnose_start_failure(plan: SandboxPlan, podman_error: str = "") -> None:
     exists = _run([PODMAN, "image", "exists", plan.image], what="podman image exists", check=False)
     if exists.returncode != 0:
+        from kapsis.host.agent_images import build_hint
+
         raise ImageError(
-            f"image {plan.image} is not present; build it with `kapsis setup --build` "
-            "or pass --image"
+            f"image {plan.image} is not present; {build_hint(plan.image)} or pass --image"
         )
     detail = f": {podman_error}" if podman_error else ""
     raise SandboxError(f"podman could not start the agent container in pod {plan.pod_name}{detail}")
@@ -313,9 +314,11 @@ class PodmanBackend(Backend):
             _diagnose_start_failure(plan)
         if result.returncode != 0:
             missing = ", ".join(plan.requires)
+            from kapsis.host.agent_images import build_hint
+
             raise ImageError(
                 f"image {plan.image} lacks {missing}, which agent '{plan.agent}' needs; "
-                f"build an image with it (`kapsis setup --build`) or pass --image"
+                f"{build_hint(plan.image)} or pass --image"
             )
 
     def launch(self, plan: SandboxPlan, *, attach: bool, redactor: Redactor) -> RunningSandbox:

@@ -294,6 +294,14 @@ def setup(
     build: Annotated[
         bool, typer.Option("--build", help="Build the base and gateway images locally.")
     ] = False,
+    agents: Annotated[
+        str | None,
+        typer.Option(
+            "--agents",
+            help="Also build agent images, e.g. claude,codex,aider,gemini (with --build: "
+            "rebuild them; without: build the missing ones).",
+        ),
+    ] = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Check the host and build the images (without flags: build what is missing, then check)."""
@@ -303,12 +311,25 @@ def setup(
     from kapsis.sandbox.network_plan import DEFAULT_GATEWAY_IMAGE
 
     try:
+        wanted: list[str] = []
+        if agents is not None:
+            from kapsis.host import agent_images
+
+            wanted = agent_images.parse_agents(agents)
         # Without flags: build only what is missing. The gateway is built on the base image.
         build_base = build or (not check and not image.image_present(DEFAULT_IMAGE))
         if build_base:
             image.build_base_image(DEFAULT_IMAGE, progress=_note)
         if build_base or (not check and not image.image_present(DEFAULT_GATEWAY_IMAGE)):
             gateway_image.build_gateway_image(progress=_note)
+        if wanted:
+            # Agent images sit on the base image: a rebuilt base means rebuilt agents.
+            if build or build_base:
+                todo = wanted
+            else:
+                todo = [] if check else agent_images.missing_agents(wanted)
+            for agent in todo:
+                agent_images.build_agent_image(agent, progress=_note)
         results = checks.run_checks(DEFAULT_IMAGE)
     except KapsisError as error:
         _fail(error)
@@ -324,18 +345,32 @@ def setup(
 def agents_list(
     json_output: JsonFlag = False,
 ) -> None:
-    """List agent profiles (built-in and ~/.config/kapsis/agents/*.yaml)."""
+    """List agent profiles (built-in and ~/.config/kapsis/agents/*.yaml) and their images."""
     from kapsis.agents import list_profiles
     from kapsis.cli import render
+    from kapsis.config.models import DEFAULT_IMAGE
+    from kapsis.host.agent_images import inspect_images
 
     try:
         profiles = list_profiles()
     except KapsisError as error:
         _fail(error)
+    wanted = {p.name: p.image or DEFAULT_IMAGE for p in profiles}
+    found = inspect_images(wanted.values())  # one podman call for all of them
+    images = {name: found[image] for name, image in wanted.items()}
     if json_output:
-        print(json.dumps([p.model_dump(mode="json") for p in profiles], indent=2))
+        listing = [
+            {
+                **p.model_dump(mode="json"),
+                "runs_in": wanted[p.name],
+                "image_present": images[p.name].present,
+                "cli_version": images[p.name].version,
+            }
+            for p in profiles
+        ]
+        print(json.dumps(listing, indent=2))
         return
-    render.print_profiles(profiles)
+    render.print_profiles(profiles, images)
 
 
 @config_app.command("show")

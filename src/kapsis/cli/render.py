@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -12,6 +12,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from kapsis.agents import AgentProfile
     from kapsis.config.loader import LoadedConfig
+    from kapsis.host.agent_images import ImageInfo
     from kapsis.host.checks import Check
     from kapsis.sandbox.network_plan import NetworkPlan
     from kapsis.status import AgentStatus
@@ -42,6 +43,7 @@ def status_table(records: Sequence[AgentStatus]) -> Table:
         "NETWORK",
         "LIMITS",
         "ALERTS",
+        "AGENT SAYS",
         "MESSAGE",
     ):
         table.add_column(column)
@@ -59,9 +61,19 @@ def status_table(records: Sequence[AgentStatus]) -> Table:
             record.network_mode if record.network_mode != "open" else "[bold yellow]OPEN[/]",
             "enforced" if record.limits_enforced else "[bold red]NOT ENFORCED[/]",
             f"[bold red]{len(record.alerts)}[/]" if record.alerts else "",
+            _activity_cell(record),
             record.message,
         )
     return table
+
+
+def _activity_cell(record: AgentStatus) -> str:
+    """The agent-reported activity (its hooks), e.g. ``using_tool Write (3 tools)``."""
+    activity = record.agent_reported
+    if activity is None:
+        return ""
+    tool = f" {activity.last_tool}" if activity.last_tool else ""
+    return f"{activity.state}{tool} ({activity.tool_uses} tools)"
 
 
 def print_status(records: Sequence[AgentStatus]) -> None:
@@ -109,15 +121,22 @@ def print_config(loaded: LoadedConfig) -> None:
     Console().print(table)
 
 
-def print_profiles(profiles: Sequence[AgentProfile]) -> None:
+def print_profiles(profiles: Sequence[AgentProfile], images: Mapping[str, ImageInfo]) -> None:
+    """``images`` is what podman has of each profile's image (keyed by profile name)."""
     table = Table(title="Agent profiles", expand=False)
-    for column in ("NAME", "DESCRIPTION", "NEEDS IN IMAGE", "API HOSTS", "SOURCE"):
+    for column in ("NAME", "DESCRIPTION", "IMAGE", "CLI VERSION", "API HOSTS", "SOURCE"):
         table.add_column(column)
     for profile in profiles:
+        info = images.get(profile.name)
+        image = "-"
+        if info is not None:
+            short = info.name.removeprefix("localhost/").removesuffix(":latest")
+            image = f"{short} " + ("[green]present[/]" if info.present else "[yellow]missing[/]")
         table.add_row(
             profile.name,
             profile.description,
-            ", ".join(profile.requires) or "-",
+            image,
+            (info.version if info else None) or "-",
             ", ".join(profile.network.hosts) or "-",
             profile.source,
         )

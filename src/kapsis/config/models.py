@@ -439,7 +439,11 @@ class EnvironmentSection(Section):
 
 
 class ImageSection(Section):
-    name: str = Field(DEFAULT_IMAGE, description="Container image the agent runs in.")
+    name: str = Field(
+        DEFAULT_IMAGE,
+        description="Container image the agent runs in. Unless set (here or with --image), the "
+        "agent profile's image is used, and this default only for a profile without one.",
+    )
 
 
 class AuditSection(Section):

@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from kapsis import paths
@@ -299,37 +299,42 @@ def podman_build(
     say: Progress,
     network: bool = False,
     fix: str | None = None,
+    target: str | None = None,
+    files: Sequence[str] = (),
+    volumes: Sequence[str] = (),
+    build_args: Mapping[str, str] | None = None,
+    labels: Mapping[str, str] | None = None,
+    fresh: bool = False,
 ) -> None:
     """Build ``name`` from the Containerfile ``recipe`` shipped in this package, on ``base``.
 
-    Without ``network`` the build has none (the base image needs nothing from outside). On
+    Without ``network`` the build has none (the base image needs nothing from outside).
+    ``target`` picks a stage of a multi-stage recipe, ``files`` are other files of this package
+    put in the build context, ``volumes`` are ``podman build -v`` mounts (seen by RUN steps
+    only), ``labels`` are set on the result. ``fresh`` takes nothing from the layer cache and
+    keeps no intermediate image, so a rebuild fetches afresh what a RUN step downloads. On
     failure the whole output goes to ``log`` and the error names its last line and a fix.
     """
-    containerfile = importlib.resources.files("kapsis.host").joinpath(recipe).read_text()
+    package = importlib.resources.files("kapsis.host")
     version = kapsis_version()
     say(f"building {name} from {base} (kapsis {version})")
+    args = [podman, "build", "--pull=never"]
+    args += ["--layers=false", "--no-cache"] if fresh else []
+    args += [] if network else ["--network=none"]
+    args += [f"--target={target}"] if target else []
+    for volume in volumes:
+        args += ["-v", volume]
+    arguments = {"BASE": base, "KAPSIS_VERSION": version, **(build_args or {})}
+    for key, value in arguments.items():
+        args += ["--build-arg", f"{key}={value}"]
+    for key, value in (labels or {}).items():
+        args += ["--label", f"{key}={value}"]
     with tempfile.TemporaryDirectory(prefix="kapsis-build-") as context:
-        (Path(context) / "Containerfile").write_text(containerfile)
-        result = subprocess.run(
-            [
-                podman,
-                "build",
-                "--pull=never",
-                *([] if network else ["--network=none"]),
-                "--build-arg",
-                f"BASE={base}",
-                "--build-arg",
-                f"KAPSIS_VERSION={version}",
-                "-t",
-                name,
-                "-f",
-                str(Path(context) / "Containerfile"),
-                context,
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        for file in (recipe, *files):
+            (Path(context) / file).write_text(package.joinpath(file).read_text())
+            (Path(context) / file).chmod(0o644)  # COPY keeps the mode: no umask surprises
+        args += ["-t", name, "-f", str(Path(context) / recipe), context]
+        result = subprocess.run(args, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         output = result.stderr + result.stdout
         with contextlib.suppress(OSError):

@@ -32,6 +32,7 @@ from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.save_work import WorkOutcome, save_work
 from kapsis.secrets.redact import Redactor
 from kapsis.status import AgentStatus, StatusStore
+from kapsis.status.activity import ActivityRecorder
 from kapsis.status.store import utc_now
 
 if TYPE_CHECKING:
@@ -245,6 +246,7 @@ def open_agent_reports(
             shown = [f"{a.severity}: {a.rule} (seq {a.seq})" for a in raised]
             store.update(plan.agent_id, alerts=[*current.alerts, *shown])
 
+    activity = ActivityRecorder(store, plan.agent_id)
     return AgentReportServer(
         audit,
         root / AUDIT_SOCKET,
@@ -252,6 +254,8 @@ def open_agent_reports(
         listener,
         alerts=AlertEngine(registries),
         on_alert=on_alert,
+        on_record=activity.observe,
+        on_stop=activity.flush,
     )
 
 

@@ -249,7 +249,7 @@ def build_plan(
         container_name=f"kapsis-{agent_id}-agent",
         project=str(project),
         agent=profile.name,
-        image=config.image.name,
+        image=_image(loaded, profile),
         requires=tuple(profile.requires),
         command=command,
         workdir=config.agent.workdir or profile.workdir,
@@ -290,6 +290,13 @@ def build_plan(
             "io.kapsis.project": str(project),
         },
     )
+
+
+def _image(loaded: LoadedConfig, profile: AgentProfile) -> str:
+    """--image or image.name when given, else the profile's image, else the default image."""
+    if loaded.origin_of(("image", "name")).kind == "default" and profile.image:
+        return profile.image
+    return loaded.config.image.name
 
 
 def _task(request: RunRequest) -> tuple[str, str | None]:

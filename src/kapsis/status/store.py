@@ -2,13 +2,18 @@
 
 Files live in ``~/.kapsis/status/AGENT_ID.json``, a directory never mounted into a sandbox, so
 only the host can write them. Each write goes to a temporary file then ``os.replace``, so a reader
-never sees a half-written record.
+never sees a half-written record, and each read-modify-write holds a lock on the directory, so
+two writers (the run, ``kapsis stop``, the thread that records the agent's reports) never undo
+each other's changes. ``agent_reported`` alone holds what the agent said about itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from kapsis import paths
+from kapsis.status.activity import AgentActivity
 
 Phase = Literal[
     "initializing", "preparing", "starting", "running", "post_processing", "complete", "failed"
@@ -73,6 +79,7 @@ class AgentStatus(BaseModel):
     blocked_requests: int = 0
     notes: list[str] = []
     alerts: list[str] = []
+    agent_reported: AgentActivity | None = None
 
     @property
     def finished(self) -> bool:
@@ -101,14 +108,25 @@ class StatusStore:
             raise
 
     def update(self, agent_id: str, **changes: Any) -> AgentStatus:
-        current = self.read(agent_id)
-        if current is None:
-            raise KeyError(agent_id)
-        if "phase" in changes and "progress" not in changes:
-            changes["progress"] = PHASE_PROGRESS.get(changes["phase"], current.progress)
-        updated = current.model_copy(update={**changes, "updated_at": utc_now()})
-        self.write(updated)
+        with self._locked():
+            current = self.read(agent_id)
+            if current is None:
+                raise KeyError(agent_id)
+            if "phase" in changes and "progress" not in changes:
+                changes["progress"] = PHASE_PROGRESS.get(changes["phase"], current.progress)
+            updated = current.model_copy(update={**changes, "updated_at": utc_now()})
+            self.write(updated)
         return updated
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # releases the lock
 
     def read(self, agent_id: str) -> AgentStatus | None:
         try:
