@@ -33,6 +33,8 @@ from kapsis.host.agent_images import LABEL_VERSION
 
 from .internet import DEFAULT_NAMES, INNER_IF, Internet, _die_with_parent
 from .kapsis_runner import Kapsis
+from .secret_service import SecretService
+from .test_secrets import files_holding
 
 pytestmark = pytest.mark.integration
 
@@ -99,21 +101,35 @@ def make_project(root: Path, *, disable_hooks: bool) -> Path:
 
 
 def run_claude(
-    kapsis: Kapsis, project: Path, internet: Internet, tmp_path: Path, agent_id: str
+    kapsis: Kapsis,
+    project: Path,
+    internet: Internet,
+    tmp_path: Path,
+    agent_id: str,
+    keychain: SecretService | None = None,
 ) -> dict[str, Any]:
+    """Run the claude profile; its API key from the keychain if given, else the environment."""
     config = tmp_path / "claude.yaml"
+    key_source = "  passthrough: [ANTHROPIC_API_KEY]\n"
+    env = {"ANTHROPIC_API_KEY": API_KEY}
+    if keychain is not None:
+        keychain.store_with_secret_tool(API_KEY, service="anthropic", account="kapsis-test")
+        key_source = (
+            "  keychain:\n"
+            "    ANTHROPIC_API_KEY: {service: anthropic, account: [nobody, kapsis-test]}\n"
+        )
+        env = keychain.env
     config.write_text(
         "network:\n"
         f"  dns_servers: [{internet.dns_server}]\n"
         "  podman_network: podman\n"
         "environment:\n"
-        f"  set: {{ANTHROPIC_BASE_URL: 'http://{API_HOST}'}}\n"
-        "  passthrough: [ANTHROPIC_API_KEY]\n"
+        f"  set: {{ANTHROPIC_BASE_URL: 'http://{API_HOST}'}}\n" + key_source
     )
     result = kapsis(
         "run", str(project), "--agent", "claude", "--agent-id", agent_id,
         "--task", "Write hello.txt", "--config", str(config), "--json",
-        env={"ANTHROPIC_API_KEY": API_KEY}, timeout=300,
+        env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return dict(json.loads(result.stdout))
@@ -135,12 +151,13 @@ def test_claude_code_edits_through_the_allowlist_and_reports_its_tool_use(
     anthropic_endpoint: Path,
     internet: Internet,
     tmp_path: Path,
+    secret_service: SecretService,
 ) -> None:
     project = make_project(tmp_path / "project", disable_hooks=True)
     before = len(anthropic_endpoint.read_text().splitlines())
-    outcome = run_claude(kapsis, project, internet, tmp_path, "claude1")
+    outcome = run_claude(kapsis, project, internet, tmp_path, "claude1", secret_service)
 
-    # The model's turns went to the endpoint, by name, with the key passed by name.
+    # The model's turns went to the endpoint, by name, with the key from the keychain.
     seen = requests(anthropic_endpoint, before)
     answered = [r["answer"] for r in seen if r["method"] == "POST" and "answer" in r]
     assert "tool_use" in answered and "final" in answered, seen
@@ -169,6 +186,13 @@ def test_claude_code_edits_through_the_allowlist_and_reports_its_tool_use(
     assert {"SessionStart", "UserPromptSubmit", "Stop", "SessionEnd"} <= set(events)
     assert "ProjectHook" not in events  # disableAllHooks silenced the project's own hook
     assert API_KEY not in json.dumps(trail)
+    # The key is on no disk file: not in Kapsis's state, the project, or podman's containers.
+    storage = Path("/var/lib/containers/storage/overlay-containers")
+    assert files_holding(API_KEY, kapsis.home, tmp_path / "project", storage) == []
+    injected = [r["detail"] for r in trail if r["event_type"] == "secret_injected"]
+    assert injected == [
+        {"name": "ANTHROPIC_API_KEY", "secret_source": "keychain", "into": "environment"}
+    ]
 
     # The status: host-written, with what the agent reported about itself.
     status = kapsis.status("claude1")
