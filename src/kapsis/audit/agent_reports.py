@@ -91,6 +91,7 @@ class AgentReportServer:
         self.redactor = redactor
         self.listener = listener or self._bind(path)
         self._stop = threading.Event()
+        self._wake_read, self._wake_write = os.pipe()
         self._thread: threading.Thread | None = None
         self.records = 0
 
@@ -117,9 +118,12 @@ class AgentReportServer:
 
     def stop(self) -> None:
         self._stop.set()
+        os.write(self._wake_write, b"x")  # ends the server's wait at once
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.listener.close()
+        for fd in (self._wake_read, self._wake_write):
+            os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         if self.on_stop is not None:
@@ -129,14 +133,18 @@ class AgentReportServer:
         selector = selectors.DefaultSelector()
         self.listener.setblocking(False)
         selector.register(self.listener, selectors.EVENT_READ, None)
+        selector.register(self._wake_read, selectors.EVENT_READ, None)
         buffers: dict[socket.socket, bytes] = {}
         while True:
             stopping = self._stop.is_set()
             # Once stopping, drain: take every pending connection and line, then end.
-            events = selector.select(timeout=0 if stopping else 0.1)
+            events = selector.select(timeout=0 if stopping else 1.0)
             if not events and stopping:
                 break
             for key, _ in events:
+                if key.fileobj == self._wake_read:
+                    os.read(self._wake_read, 64)
+                    continue
                 if key.fileobj is self.listener:
                     with contextlib.suppress(OSError):
                         connection, _address = self.listener.accept()

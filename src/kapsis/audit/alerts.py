@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -97,8 +98,9 @@ def _command_of(record: dict[str, Any]) -> str | None:
 class AlertEngine:
     """Feeds on records one by one; :meth:`observe` returns the alerts a record raises."""
 
-    def __init__(self, registry_hosts: frozenset[str]) -> None:
-        self.registry_hosts = registry_hosts
+    def __init__(self, registry_hosts: frozenset[str] | Callable[[], frozenset[str]]) -> None:
+        # A callable is asked on first need: most runs never send a network command.
+        self._registry_hosts = registry_hosts
         self._credential_seen_at: float | None = None
         self._previous_kind: str | None = None
 
@@ -109,6 +111,12 @@ class AlertEngine:
     def _is_registry(self, host: str) -> bool:
         host = host.lower()
         return any(host == r or host.endswith(f".{r}") for r in self.registry_hosts)
+
+    @property
+    def registry_hosts(self) -> frozenset[str]:
+        if callable(self._registry_hosts):
+            self._registry_hosts = self._registry_hosts()
+        return self._registry_hosts
 
     def observe(self, record: dict[str, Any], now: float | None = None) -> list[Alert]:
         command = _command_of(record)

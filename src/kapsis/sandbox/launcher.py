@@ -237,7 +237,10 @@ def open_agent_reports(
 
     root = Path(plan.workspace.root)
     root.mkdir(parents=True, exist_ok=True)
-    registries = frozenset(load_category("package-registries").hosts)
+
+    def registries() -> frozenset[str]:
+        return frozenset(load_category("package-registries").hosts)
+
     store = StatusStore()
 
     def on_alert(raised: list[Alert]) -> None:
