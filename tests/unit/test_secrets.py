@@ -10,9 +10,9 @@ import pytest
 
 from kapsis.backends.transcript import TranscriptPump, read_transcript
 from kapsis.errors import ConfigError
-from kapsis.sandbox.secrets_plan import SecretPlan
+from kapsis.sandbox.secrets_plan import INBOX, SecretPlan
 from kapsis.secrets import keychain
-from kapsis.secrets.delivery import INBOX, MANIFEST, SecretWriter, prepare_inbox
+from kapsis.secrets.delivery import MANIFEST, SecretWriter, prepare_inbox
 from kapsis.secrets.redact import REDACTED, Redactor
 from kapsis.secrets.resolve import resolve_secrets
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -39,14 +38,7 @@ from kapsis.sandbox.host_files import write_host_files
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.security import apparmor_profile_text, seccomp_profile
 from kapsis.sandbox.workspace_plan import AGENT_GIT_TARGET, OBJECTS_TARGET
-from kapsis.secrets.delivery import (
-    INBOX,
-    INBOX_TARGET,
-    INIT_SCRIPT,
-    INIT_TARGET,
-    SECRETS_TMPFS,
-    prepare_inbox,
-)
+from kapsis.secrets.delivery import prepare_inbox
 from kapsis.secrets.redact import Redactor
 
 if TYPE_CHECKING:
@@ -123,17 +115,11 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool, uid_base: int | str) -> l
         args += ["--env", f"KAPSIS_AUDIT_SOCKET={SOCKET_TARGET}"]
     for name, value in plan.env.items():
         args += ["--env", f"{name}={value}"]
-    command: tuple[str, ...] = plan.command
-    if plan.secrets:
-        # Values come through pipes (see kapsis.secrets.delivery), never as --env: podman would
-        # store them in the container's config on disk.
-        args += ["--volume", f"{root / INBOX}:{INBOX_TARGET}:ro"]
-        args += ["--volume", f"{root / INIT_SCRIPT}:{INIT_TARGET}:ro"]
-        args += ["--tmpfs", f"{SECRETS_TMPFS}:rw,nosuid,nodev,noexec,mode=0700,U"]
-        command = ("/bin/sh", INIT_TARGET, *command)
+    # Secrets are never --env (podman would store them in the container's config on disk): they
+    # come through the pipes that the plan's entrypoint reads (see kapsis.secrets.delivery).
     # conmon writes the output into a pipe that the host's transcript pump reads and redacts.
     args += ["--log-driver", "k8s-file", "--log-opt", f"path={root / LOG_FIFO}"]
-    args += [plan.image, *command]
+    args += [plan.image, *plan.entrypoint, *plan.command]
     return args
 
 
@@ -375,9 +361,6 @@ class PodmanBackend(Backend):
             (root / "seccomp.json").write_text(json.dumps(seccomp_profile()))
         if plan.audit_enabled:
             install_shell_reporter(root / SHELL_REPORTER)
-        log_pipe = root / LOG_FIFO
-        if not log_pipe.exists():
-            os.mkfifo(log_pipe, 0o600)
         write_host_files(plan)
         if plan.security.apparmor_profile:
             _load_apparmor(plan.security.apparmor_profile)

@@ -68,10 +68,7 @@ class TranscriptPump:
         if self.keep_fd >= 0:
             os.close(self.keep_fd)
             self.keep_fd = -1
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        elif self.read_fd >= 0 and self._thread.ident is None:
-            self.close()  # never started
+        self._thread.join(timeout)
 
     def close(self) -> None:
         """Give up without pumping (the container never started)."""

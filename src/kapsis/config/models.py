@@ -69,7 +69,7 @@ def _check_env_name(value: str) -> str:
 def _check_host(value: str) -> str:
     if not _HOST_RE.match(value):
         raise ValueError(f"{value!r} is not a host name; use name, *.domain or name:port")
-    if _is_ip(value) or _is_ip(value.rpartition(":")[0]):
+    if is_ip_address(value) or is_ip_address(value.rpartition(":")[0]):
         raise ValueError(f"{value!r} is an address; list it under network.allowlist.addresses")
     _, _, port = value.partition(":")
     if port and not 1 <= int(port) <= 65535:
@@ -77,7 +77,7 @@ def _check_host(value: str) -> str:
     return value.lower()
 
 
-def _is_ip(text: str) -> bool:
+def is_ip_address(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
     except ValueError:

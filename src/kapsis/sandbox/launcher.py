@@ -263,7 +263,7 @@ def open_agent_reports(
 
 
 def finish(
-    plan: SandboxPlan, backend: Backend, exit_info: ExitInfo, redactor: Redactor | None = None
+    plan: SandboxPlan, backend: Backend, exit_info: ExitInfo, redactor: Redactor
 ) -> RunResult:
     """Classify how the agent ended, save its work, tear the sandbox down, write the status.
 
@@ -284,14 +284,13 @@ def finish(
             # The record of what the gateway saw must not keep the sandbox from being removed.
             work.notes.append(f"could not read the gateway's records: {problem}")
     backend.remove(plan)
-    if redactor:
-        work.notes = [redactor.text(note) for note in work.notes]
+    work.notes = [redactor.text(note) for note in work.notes]
     if error is None and work.error is not None:
         error = work.error
     if error is None:
         return _close(plan, store, audit, ExitCode.SUCCESS, 0, None, _success_message(work), work)
     code, agent_code = error.exit_code, exit_info.exit_code
-    message = redactor.text(str(error)) if redactor else str(error)
+    message = redactor.text(str(error))
     return _close(plan, store, audit, code, agent_code, error.error_type, message, work)
 
 

@@ -28,7 +28,16 @@ from kapsis.errors import ConfigError, HostUnsupportedError
 from kapsis.host.facts import HostFacts
 from kapsis.sandbox.network_plan import NetworkPlan, plan_network
 from kapsis.sandbox.plan_model import PlanModel
-from kapsis.sandbox.secrets_plan import SecretPlan, plan_secrets
+from kapsis.sandbox.secrets_plan import (
+    ENTRYPOINT,
+    INBOX,
+    INBOX_TARGET,
+    INIT_SCRIPT,
+    INIT_TARGET,
+    SECRETS_TMPFS,
+    SecretPlan,
+    plan_secrets,
+)
 from kapsis.sandbox.security import APPARMOR_PROFILE_NAME, PROFILES, effective_settings
 from kapsis.sandbox.workspace_plan import (
     GitPlan,
@@ -104,6 +113,8 @@ class SandboxPlan(PlanModel):
     workdir: str
     env: dict[str, str]
     secrets: tuple[SecretPlan, ...]
+    # Runs before ``command`` (which it execs): the secrets' init script, when there are secrets.
+    entrypoint: tuple[str, ...]
     task_summary: str
     spec_source: str | None
     mounts: tuple[Mount, ...]
@@ -234,6 +245,14 @@ def build_plan(
     ssh = plan_ssh(loaded, sandbox_root)
     tools = plan_build_tools(loaded, sandbox_root)
     mounts += _host_file_mounts(ssh, tools)
+    tmpfs = _tmpfs(settings["noexec_tmp"]) + _owned_dirs(tools)
+    if secrets_planned:
+        mounts += [
+            Mount(source=str(sandbox_root / INBOX), target=INBOX_TARGET),
+            Mount(source=str(sandbox_root / INIT_SCRIPT), target=INIT_TARGET),
+        ]
+        options = ("rw", "nosuid", "nodev", "noexec", "mode=0700", "U")
+        tmpfs += (Tmpfs(target=SECRETS_TMPFS, options=options),)
     for name, value in (tools.env if tools else {}).items():
         env.setdefault(name, value)  # an explicit environment.set of the same name wins
 
@@ -255,10 +274,11 @@ def build_plan(
         workdir=config.agent.workdir or profile.workdir,
         env=env,
         secrets=secrets_planned,
+        entrypoint=ENTRYPOINT if secrets_planned else (),
         task_summary=summary,
         spec_source=spec_source,
         mounts=tuple(mounts),
-        tmpfs=_tmpfs(settings["noexec_tmp"]) + _owned_dirs(tools),
+        tmpfs=tmpfs,
         workspace=workspace,
         userns=UserNamespacePlan(kind="keep-id" if host.rootless else "mapped"),
         security=SecurityPlan(

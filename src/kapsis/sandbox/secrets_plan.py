@@ -23,6 +23,15 @@ from kapsis.sandbox.plan_model import PlanModel
 
 SecretSource = Literal["keychain", "passthrough", "host-environment"]
 
+# Where the hand-over happens (see kapsis.secrets.delivery): in the sandbox dir on the host, and
+# mounted read-only into the sandbox, whose command the init script runs first.
+INBOX = "secrets-in"
+INIT_SCRIPT = "secrets-init.sh"
+INBOX_TARGET = "/run/kapsis/secrets-in"
+INIT_TARGET = "/run/kapsis/secrets-init.sh"
+SECRETS_TMPFS = "/run/kapsis/secrets"
+ENTRYPOINT = ("/bin/sh", INIT_TARGET)
+
 
 class SecretPlan(PlanModel):
     """One secret: its variable name, where its value comes from and where it goes."""

@@ -21,13 +21,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from kapsis.sandbox.secrets_plan import SecretPlan
+from kapsis.sandbox.secrets_plan import INBOX, INIT_SCRIPT, SecretPlan
 
-INBOX = "secrets-in"  # in the sandbox dir
-INIT_SCRIPT = "secrets-init.sh"  # in the sandbox dir
-INBOX_TARGET = "/run/kapsis/secrets-in"
-INIT_TARGET = "/run/kapsis/secrets-init.sh"
-SECRETS_TMPFS = "/run/kapsis/secrets"
 MANIFEST = "manifest"
 DELIVERY_TIMEOUT = 60.0
 

@@ -22,7 +22,6 @@ class Redactor:
         self.secrets = sorted(
             {s for s in secrets if len(s) >= MIN_REDACTED_LENGTH}, key=len, reverse=True
         )
-        self.longest = len(self.secrets[0]) if self.secrets else 0
 
     def __bool__(self) -> bool:
         return bool(self.secrets)

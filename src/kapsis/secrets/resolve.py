@@ -26,8 +26,10 @@ def resolve_secrets(
             found = lookup(secret.service, secret.accounts)
             if found.value is None:
                 accounts = " or ".join(repr(a) for a in secret.accounts)
-                asked = ", ".join(found.asked) or "no keychain: install the keyring package or "
-                "secret-tool (libsecret-tools)"
+                asked = ", ".join(found.asked) or (
+                    "no store answered: on Linux run a Secret Service (e.g. gnome-keyring) "
+                    "or install secret-tool (libsecret-tools)"
+                )
                 raise ConfigError(
                     f"{secret.origin}: environment.keychain.{secret.name}: no secret for service "
                     f"{secret.service!r}, account {accounts} (asked: {asked}); store it with "

@@ -16,6 +16,7 @@ import ipaddress
 import re
 import struct
 
+from kapsis.config.models import is_ip_address
 from kapsis.sandbox.plan_model import PlanModel
 
 KEY_TYPES = (
@@ -112,7 +113,7 @@ def parse_host(text: str) -> tuple[str, int]:
         if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
             raise ValueError(f"{text!r}: the port must be a number between 1 and 65535")
         port = int(port_text)
-    if _is_ip(host):
+    if is_ip_address(host):
         return str(ipaddress.ip_address(host)), port
     if not _NAME_RE.match(host):
         raise ValueError(
@@ -158,11 +159,3 @@ def parse_known_hosts(text: str, source: str) -> list[HostKey]:
         except ValueError as error:
             raise ValueError(f"line {number}: {error}") from None
     return keys
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
