@@ -237,7 +237,9 @@ class AllowlistSection(Section):
     )
 
 
-class NetworkSection(Section):
+class NetworkPolicySection(Section):
+    """The network policy shared by both backends (the Kubernetes ``AgentRequest`` uses it too)."""
+
     mode: NetworkMode = Field(
         "filtered",
         description="filtered: only the allowlist, enforced by a gateway the agent cannot touch. "
@@ -251,6 +253,9 @@ class NetworkSection(Section):
         description="Upstream resolvers of the gateway (default: the host's, from "
         "/etc/resolv.conf).",
     )
+
+
+class NetworkSection(NetworkPolicySection):
     podman_network: str = Field(
         "podman",
         description="The Podman network a filtered sandbox's gateway (or an open sandbox) is "

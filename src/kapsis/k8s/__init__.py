@@ -1,0 +1,1 @@
+"""Kubernetes: the ``AgentRequest`` resource, its CRD and the objects rendered from it."""
