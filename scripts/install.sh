@@ -119,8 +119,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.kapsis-install-stamp
 if [ ! -x .venv/bin/kapsis ] || [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    say "installing Kapsis into .venv (pip install -e '.[dev]')"
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+    say "installing Kapsis into .venv (pip install -e '.[dev,k8s]')"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,k8s]'
     touch "$stamp"
 else
     say "Kapsis already installed in .venv"
