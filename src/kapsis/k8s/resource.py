@@ -136,7 +136,10 @@ class AgentRequestStatus(ResourceModel):
     podName: str | None = None
     startedAt: str | None = None
     completedAt: str | None = None
+    # The Kapsis exit code (README table, the same as a local run's) and the agent's own code.
     exitCode: int | None = None
+    agentExitCode: int | None = None
+    # The same vocabulary as a local run's status: KapsisError.error_type (kapsis.errors).
     errorType: str | None = None
     branch: str | None = None
     commitSha: str | None = None
