@@ -12,9 +12,13 @@ Damage is named by kind and by the first sequence number where it shows:
 
 from __future__ import annotations
 
+import binascii
+import gc
 import hashlib
 import json
+import operator
 from dataclasses import dataclass, field
+from itertools import compress, count, repeat
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -65,11 +69,6 @@ _PREV_AT = b',"prev_hash":"'
 _SEQ_AFTER_PREV = b'","seq":'
 _EVENT_AT = b',"event_type":"'
 _START = b'{"agent_id":"'
-
-
-def _read(files: list[Path]) -> list[_Entry]:
-    """Every line of the chain's files as an entry, in order."""
-    return _read_chunk(b"".join(file.read_bytes() for file in files))
 
 
 def _read_chunk(data: bytes) -> list[_Entry]:
@@ -137,20 +136,99 @@ def _parsed(line: bytes) -> _Entry:
 _SESSION_START, _SESSION_END, _SEAL = (name.encode() for name in (SESSION_START, SESSION_END, SEAL))
 
 
-def _seal_valid(seal: dict[str, Any], head: _Entry | None, key: Ed25519PublicKey) -> bool:
+def _seal_valid(
+    seal: dict[str, Any], head_seq: int, head_hash: bytes, key: Ed25519PublicKey
+) -> bool:
+    """Whether ``seal`` signs the record before it (``head_seq``, ``head_hash``)."""
     detail = seal.get("detail") or {}
-    if head is None or detail.get("head_seq") != head.seq:
+    if detail.get("head_seq") != head_seq or str(detail.get("head_hash")).encode() != head_hash:
         return False
-    if str(detail.get("head_hash")).encode() != head.hash:
-        return False
-    message = seal_message(str(seal.get("session_id")), head.seq, head.hash.decode())
+    message = seal_message(str(seal.get("session_id")), head_seq, head_hash.decode())
     return signature_valid(key, message, str(detail.get("signature")))
 
 
 def verify(files: list[Path], key: Ed25519PublicKey, *, finished: bool = True) -> VerifyResult:
     """Check a chain spread over ``files`` (in order) against the public ``key``."""
-    result = VerifyResult(files=[str(f) for f in files])
-    entries = _read(files)
+    data = b"".join(file.read_bytes() for file in files)
+    # Verification allocates a few objects per record and frees none until the end: the cyclic
+    # collector would rescan them again and again for nothing (there are no cycles here).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        result = _verify_intact_chain(data, key, finished=finished)
+        if result is None:
+            result = _verify_record_by_record(data, key, finished=finished)
+    finally:
+        if collecting:
+            gc.enable()
+    result.files = [str(f) for f in files]
+    return result
+
+
+def _verify_intact_chain(
+    data: bytes, key: Ed25519PublicKey, *, finished: bool
+) -> VerifyResult | None:
+    """The common case, checked column by column at C speed instead of record by record.
+
+    Holds when every line is in the writer's canonical form and every hash, link, seq and seal
+    is right; returns None at the first doubt, and the record-by-record walk then judges the chain
+    and names the damage. It never accepts what the walk would reject (the unit tests run the two
+    side by side on intact and damaged chains).
+    """
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        return None
+    # The top-level hash is the last `,"hash":"` of a canonical line (only plain strings follow).
+    heads, separators, rests = zip(*map(_cut_at_hash, lines), strict=True)
+    if not all(separators) or not all(map(_starts_canonically, heads)):
+        return None
+    hashes = tuple(map(_hash_part, rests))
+    tails = tuple(map(_after_hash_part, rests))
+    try:
+        stored = tuple(map(binascii.unhexlify, hashes))
+    except (binascii.Error, ValueError):
+        return None
+    computed = tuple(map(_digest, map(hashlib.sha256, map(operator.add, heads, tails))))
+    # What must follow each hash: the link to the record before it and the next seq.
+    expected = map(
+        operator.mod,
+        repeat(b',"prev_hash":"%s","seq":%d,'),
+        zip((GENESIS.encode(), *hashes[:-1]), count(1)),
+    )
+    if computed != stored or not all(map(bytes.startswith, tails, expected)):
+        return None
+    result = VerifyResult(files=[], records=len(lines))
+    starts = list(compress(count(), map(_is_session_start, heads)))
+    ends = list(compress(count(), map(_is_session_end, heads)))
+    result.sessions = len(starts)
+    sealed_through = 0
+    for index in compress(count(), map(_is_seal, heads)):
+        if index == 0 or not _seal_valid(json.loads(lines[index]), index, hashes[index - 1], key):
+            return None
+        result.seals += 1
+        sealed_through = index + 1
+    ended = bool(ends) and (not starts or ends[-1] > starts[-1])
+    if sealed_through != len(lines) or (finished and starts and not ended):
+        return None
+    return result
+
+
+_cut_at_hash = operator.methodcaller("rpartition", b',"hash":"')
+_starts_canonically = operator.methodcaller("startswith", b'{"agent_id":"')
+_hash_part = operator.itemgetter(slice(0, 64))
+_after_hash_part = operator.itemgetter(slice(65, None))
+_digest = operator.methodcaller("digest")
+_is_session_start = operator.methodcaller("endswith", b',"event_type":"session_start"')
+_is_session_end = operator.methodcaller("endswith", b',"event_type":"session_end"')
+_is_seal = operator.methodcaller("endswith", b',"event_type":"seal"')
+
+
+def _verify_record_by_record(data: bytes, key: Ed25519PublicKey, *, finished: bool) -> VerifyResult:
+    """Walk the chain one record at a time; names the first damage it finds."""
+    result = VerifyResult(files=[])
+    entries = _read_chunk(data)
     result.records = len(entries)
     expected_seq, expected_prev = 1, GENESIS.encode()
     previous: _Entry | None = None
@@ -188,7 +266,9 @@ def verify(files: list[Path], key: Ed25519PublicKey, *, finished: bool = True) -
             last_session_ended = True
         elif event == _SEAL:
             result.seals += 1
-            if not _seal_valid(json.loads(entry.line), previous, key):
+            if previous is None or not _seal_valid(
+                json.loads(entry.line), previous.seq, previous.hash, key
+            ):
                 result.damage.append(
                     Damage("bad_seal", seq, "the seal's signature does not verify with this key")
                 )
