@@ -324,6 +324,8 @@ def test_refusals_name_the_key() -> None:
         )
     with pytest.raises(ConfigError, match=r"spec\.workspace\.git\.branch"):
         _render(_spec(workspace={"git": {"url": "https://h/r.git", "branch": "bad..name"}}))
+    with pytest.raises(ConfigError, match="no credentials in the URL"):
+        _render(_spec(workspace={"git": {"url": "https://u:ghp_x@git.example.com/r.git"}}))
     with pytest.raises(ValueError, match="reserved"):
         _spec(environment={"set": {"KAPSIS_AGENT_ID": "x"}})
 
