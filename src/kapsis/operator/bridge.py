@@ -198,7 +198,9 @@ def _conditions(
 ) -> list[dict[str, Any]]:
     """Conditions with ``lastTransitionTime`` kept where the status did not change."""
     before = {c.get("type"): c for c in current if isinstance(c, Mapping)}
-    result = []
+    mine = {kind for kind, _, _, _ in wanted}
+    # Conditions the bridge does not own (e.g. Accepted, set at admission) stay as they are.
+    result: list[dict[str, Any]] = [dict(c) for t, c in before.items() if t not in mine]
     for kind, status, reason, message in wanted:
         old = before.get(kind)
         changed = old is None or old.get("status") != status
@@ -271,8 +273,9 @@ def bridge(pod: Mapping[str, Any], current: Mapping[str, Any] | None, now: str) 
             if key in result:
                 status[key] = result[key]
     blocked = _blocked_requests(gateway)
-    if blocked is not None:
-        status["blockedRequests"] = blocked
+    status["blockedRequests"] = (
+        blocked if blocked is not None else current.get("blockedRequests", 0)
+    )
     if phase in TERMINAL_PHASES:
         assert outcome is not None
         status["exitCode"] = outcome.exit_code
