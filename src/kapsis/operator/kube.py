@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from kapsis.k8s import resource as ar
 from kapsis.k8s.names import MANAGED_BY_LABEL, MANAGED_BY_VALUE, REQUEST_LABEL
+from kapsis.k8s.render import request_label_value
 
 COMPONENT: Final = "kapsis-operator"
 _CONFLICT: Final = 409
@@ -91,7 +92,9 @@ class Kube:
         """(kind, name) of the objects made for a request: labelled with it and, where they
         have owner references, owned by it (another object that merely copies the label is
         left alone)."""
-        selector = f"{REQUEST_LABEL}={request},{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
+        selector = (
+            f"{REQUEST_LABEL}={request_label_value(request)},{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
+        )
         found: list[tuple[str, str]] = []
         listings = (
             ("Pod", self.core.list_namespaced_pod),
