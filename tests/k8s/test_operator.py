@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from kubernetes import client
 
 from kapsis.k8s.names import (
@@ -358,3 +359,43 @@ def test_a_restarted_operator_resumes_without_duplicating(
     )
     assert requests.status("resumed")["phase"] == "Pending"
     assert len([e for e in requests.events("resumed") if e.reason == "Accepted"]) == 1
+
+
+def test_a_cluster_wide_operator_handles_any_namespace(
+    api_client: Any,
+    kubeconfig: Any,
+    make_namespace: Any,
+    operator_settings: Any,
+    run_operator: Any,
+    k8s_cluster: Any,
+):
+    if k8s_cluster.is_real:
+        pytest.skip("a cluster-wide test operator would act on the real cluster's other requests")
+    from kapsis.operator.connect import client_configuration
+    from kapsis.operator.runner import build_operator
+
+    built = build_operator(operator_settings, client_configuration(kubeconfig))
+    run_operator(built.registry, settings=built.kopf_settings, clusterwide=True)
+    requests = Requests(api_client, make_namespace("kapsis-anywhere"))
+    requests.create("anywhere")
+    requests.wait_pod("anywhere")
+    assert requests.wait_phase("anywhere", "Pending")["podName"] == pod_name("anywhere")
+
+
+def test_the_pod_really_starts_on_a_real_cluster(
+    operator: OperatorUnderTest, real_cluster_only: None
+):
+    """On a real cluster the kubelet, not the test, moves the Pod on: the request must leave
+    Pending (to Preparing and on, or to Failed with a sandbox/image reason if the cluster
+    cannot pull the Kapsis images)."""
+    requests = operator.requests
+    requests.create("real")
+    requests.wait_pod("real", timeout=30)
+
+    def moved() -> dict[str, Any] | None:
+        status = requests.status("real")
+        return status if status.get("phase") not in (None, "Pending") else None
+
+    status = wait_for("the request to leave Pending", moved, timeout=180, interval=1)
+    if status["phase"] == "Failed":
+        assert status["errorType"] in ("image", "sandbox"), status

@@ -145,8 +145,6 @@ class Reconciler:
         if first:
             self.audit.start(ref, request=f"{namespace}/{name}", uid=uid)
         self.audit.record(ref, "request_rejected", reason=reason)
-        if had_pod:
-            self._delete_children(ref)
         now = utc_now()
         self.kube.patch_request_status(
             namespace,
@@ -170,6 +168,9 @@ class Reconciler:
             },
         )
         self.kube.post_event(body, "Warning", "Rejected", reason)
+        if had_pod:
+            # After the status: the Pod watch then sees a finished request, not a lost Pod.
+            self._delete_children(ref)
         self.audit.end(ref, phase="Failed", exitCode=int(ExitCode.USAGE), errorType="config")
 
     def on_update(self, body: Mapping[str, Any], diff: Any = (), **_: Any) -> None:
