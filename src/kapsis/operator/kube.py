@@ -17,6 +17,17 @@ from kapsis.k8s.names import MANAGED_BY_LABEL, MANAGED_BY_VALUE, REQUEST_LABEL
 from kapsis.k8s.render import request_label_value
 
 COMPONENT: Final = "kapsis-operator"
+# What the operator's calls (and kopf's watches and patches) need, per (API group, resource):
+# deploy/operator.yaml's ClusterRole must grant these (a unit test holds it to that).
+API_VERBS: Final = {
+    (ar.GROUP, ar.PLURAL): frozenset({"get", "list", "watch", "patch"}),
+    (ar.GROUP, f"{ar.PLURAL}/status"): frozenset({"patch"}),
+    ("", "pods"): frozenset({"list", "watch", "create", "patch", "delete"}),
+    ("", "configmaps"): frozenset({"list", "create", "delete"}),
+    ("networking.k8s.io", "networkpolicies"): frozenset({"list", "create", "delete"}),
+    ("", "events"): frozenset({"create"}),
+    ("", "namespaces"): frozenset({"get"}),
+}
 _CONFLICT: Final = 409
 _NOT_FOUND: Final = 404
 
