@@ -53,6 +53,17 @@ def _request_owner(meta: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def _nothing_reported(pod: Mapping[str, Any]) -> bool:
+    """A Pod the kubelet has not reported on yet (no container states, still Pending)."""
+    status = pod.get("status") or {}
+    return (
+        status.get("phase") in (None, "Pending")
+        and not status.get("reason")
+        and not status.get("initContainerStatuses")
+        and not status.get("containerStatuses")
+    )
+
+
 class Reconciler:
     """The operator's handlers, over one API client, one settings value and one audit book."""
 
@@ -235,6 +246,8 @@ class Reconciler:
         """Bridge a Pod's state (as the kubelet reports it) to its request's status."""
         meta = body.get("metadata") or {}
         namespace = str(meta.get("namespace"))
+        if event.get("type") != "DELETED" and _nothing_reported(body):
+            return  # the request already says Pending; spare the API server two calls
         owner = _request_owner(meta)
         if owner is None:
             return  # a Pod that merely carries the label does not speak for any request

@@ -71,7 +71,13 @@ class Kube:
         """Merge ``status`` into the request's status (a no-op if the request is gone)."""
         try:
             self.custom.patch_namespaced_custom_object_status(
-                ar.GROUP, ar.VERSION, namespace, ar.PLURAL, name, {"status": dict(status)}
+                ar.GROUP,
+                ar.VERSION,
+                namespace,
+                ar.PLURAL,
+                name,
+                {"status": dict(status)},
+                _preload_content=False,
             )
         except self._exception as error:
             if _status_of(error) != _NOT_FOUND:
@@ -85,12 +91,16 @@ class Kube:
         namespace = obj["metadata"]["namespace"]
         body = dict(obj)
         try:
+            # _preload_content=False: the answer is not needed, so the client does not build
+            # its model of it (a Pod's is large; parsing it costs more than the call).
             if kind == "Pod":
-                self.core.create_namespaced_pod(namespace, body)
+                self.core.create_namespaced_pod(namespace, body, _preload_content=False)
             elif kind == "ConfigMap":
-                self.core.create_namespaced_config_map(namespace, body)
+                self.core.create_namespaced_config_map(namespace, body, _preload_content=False)
             elif kind == "NetworkPolicy":
-                self.networking.create_namespaced_network_policy(namespace, body)
+                self.networking.create_namespaced_network_policy(
+                    namespace, body, _preload_content=False
+                )
             else:
                 raise ValueError(f"the operator does not create {kind} objects")
         except self._exception as error:
@@ -137,7 +147,10 @@ class Kube:
 
     def annotate_pod(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None:
         self.core.patch_namespaced_pod(
-            name, namespace, {"metadata": {"annotations": dict(annotations)}}
+            name,
+            namespace,
+            {"metadata": {"annotations": dict(annotations)}},
+            _preload_content=False,
         )
 
     # -- namespaces and events -------------------------------------------------------------
@@ -180,4 +193,4 @@ class Kube:
             "reportingComponent": f"{ar.GROUP}/operator",
             "reportingInstance": socket.gethostname(),
         }
-        self.core.create_namespaced_event(namespace, body)
+        self.core.create_namespaced_event(namespace, body, _preload_content=False)
