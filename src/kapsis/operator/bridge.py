@@ -49,6 +49,8 @@ _IMAGE_REASONS: Final = frozenset(
     {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
 )
 _SHA_RE: Final = re.compile(r"^[0-9a-f]{7,64}$")
+_ERROR_TYPE_RE: Final = re.compile(r"^[a-z_]{1,40}$")
+_PUSH_ERRORS: Final = frozenset({"push_failed", "push_diverged"})
 _MAX_TEXT: Final = 1000
 _PUSH_STATUSES: Final = frozenset(get_args(PushStatus))
 
@@ -135,6 +137,9 @@ def parse_finisher_result(message: Any) -> dict[str, Any]:
         result["pushStatus"] = push
     if isinstance(data.get("message"), str):
         result["message"] = _text(data["message"])
+    error_type = data.get("errorType")
+    if isinstance(error_type, str) and _ERROR_TYPE_RE.match(error_type):
+        result["errorType"] = error_type
     return result
 
 
@@ -182,12 +187,19 @@ def agent_outcome(
 
 
 def finisher_outcome(code: int, result: Mapping[str, Any]) -> Outcome | None:
-    """The outcome of the finishing step (commit + push), or None when it succeeded."""
+    """The outcome of the finishing step (commit + push), or None when it succeeded.
+
+    The finisher names its failure (``errorType``: push_failed, push_diverged, commit_failed,
+    or the type of whatever stopped it before a commit); a push failure is exit code 7, any
+    other failure means nothing was committed and pushed: 8.
+    """
     detail = result.get("message") or f"the finishing step exited with code {code}"
-    if code == 0 and result.get("pushStatus") != "failed":
+    error_type = result.get("errorType")
+    if code == 0 and error_type is None and result.get("pushStatus") != "failed":
         return None
-    if code == ExitCode.PUSH_FAILED or result.get("pushStatus") == "failed":
-        return Outcome(ExitCode.PUSH_FAILED, "push_failed", f"push failed: {detail}")
+    if error_type in _PUSH_ERRORS or (error_type is None and result.get("pushStatus") == "failed"):
+        kind = str(error_type or "push_failed")
+        return Outcome(ExitCode.PUSH_FAILED, kind, f"push failed: {detail}")
     return Outcome(ExitCode.COMMIT_FAILED, "commit_failed", f"commit failed: {detail}")
 
 
@@ -369,6 +381,8 @@ def _phase(
         if ending is None:
             push = result.get("pushStatus")
             done = "finished" + (f"; push {push}" if push else "")
+            if result.get("message"):
+                done += f": {result['message']}"
             return "Complete", "Complete", Outcome(ExitCode.SUCCESS, None, done), ""
         return "Failed", "Failed", ending, ""
     if pod_status.get("phase") in ("Failed", "Succeeded"):
