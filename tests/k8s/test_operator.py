@@ -404,3 +404,27 @@ def test_the_pod_really_starts_on_a_real_cluster(
     status = wait_for("the request to leave Pending", moved, timeout=180, interval=1)
     if status["phase"] == "Failed":
         assert status["errorType"] in ("image", "sandbox"), status
+
+
+def test_a_pod_lost_while_the_operator_was_away_fails_its_request_and_is_not_rerun(
+    operator: OperatorUnderTest,
+    run_operator: Any,
+    kubeconfig: Any,
+    operator_settings: Any,
+    emulator_only: None,
+):
+    from kapsis.operator.connect import client_configuration
+    from kapsis.operator.runner import build_operator
+
+    requests = operator.requests
+    requests.create("away")
+    requests.wait_pod("away")
+    requests.kubelet("away", k.agent_running())
+    requests.wait_phase("away", "Running")
+    operator.thread.stop()
+    requests.core.delete_namespaced_pod(pod_name("away"), requests.namespace)
+    built = build_operator(operator_settings, client_configuration(kubeconfig))
+    run_operator(built.registry, settings=built.kopf_settings, namespaces=(requests.namespace,))
+    status = requests.wait_phase("away", "Failed")
+    assert (status["exitCode"], status["errorType"]) == (5, "killed")
+    assert requests.pod("away") is None  # the agent is not run a second time

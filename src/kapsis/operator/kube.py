@@ -23,7 +23,7 @@ COMPONENT: Final = "kapsis-operator"
 API_VERBS: Final = {
     (ar.GROUP, ar.PLURAL): frozenset({"get", "list", "watch", "patch"}),
     (ar.GROUP, f"{ar.PLURAL}/status"): frozenset({"patch"}),
-    ("", "pods"): frozenset({"list", "watch", "create", "patch", "delete"}),
+    ("", "pods"): frozenset({"get", "list", "watch", "create", "patch", "delete"}),
     ("", "configmaps"): frozenset({"list", "create", "delete"}),
     ("networking.k8s.io", "networkpolicies"): frozenset({"list", "create", "delete"}),
     ("", "events"): frozenset({"create"}),
@@ -141,6 +141,15 @@ class Kube:
         }
         try:
             deleters[kind](name, namespace)
+        except self._exception as error:
+            if _status_of(error) == _NOT_FOUND:
+                return False
+            raise
+        return True
+
+    def pod_exists(self, namespace: str, name: str) -> bool:
+        try:
+            self.core.read_namespaced_pod(name, namespace, _preload_content=False)
         except self._exception as error:
             if _status_of(error) == _NOT_FOUND:
                 return False
