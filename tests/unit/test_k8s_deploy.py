@@ -62,7 +62,7 @@ def test_rbac_is_least_privilege() -> None:
         assert not verbs & {"escalate", "bind", "impersonate"}
     assert ("", "secrets") not in granted  # the operator never reads a Secret
     assert ("", "pods/exec") not in granted
-    assert granted[("", "pods")] == {"get", "list", "watch", "create", "patch"}
+    assert granted[("", "pods")] == {"get", "list", "watch", "create", "patch", "delete"}
     assert granted[("kapsis.dev", "agentrequests/status")] == {"get", "patch"}
     assert granted[("", "namespaces")] == {"get", "list", "watch"}
     assert granted[("", "events")] == {"create"}

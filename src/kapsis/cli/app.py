@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
+from kapsis.cli.operator_commands import operator_app
 from kapsis.cli.ssh_commands import ssh_app
 from kapsis.errors import AuditDamagedError, ExitCode, KapsisError
 
@@ -39,6 +40,7 @@ app.add_typer(agents_app, name="agents")
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
 app.add_typer(ssh_app, name="ssh")
+app.add_typer(operator_app, name="operator")
 
 
 def _fail(error: KapsisError) -> NoReturn:
