@@ -12,11 +12,9 @@ import pytest
 
 from kapsis.agents.profiles import find_profile
 from kapsis.errors import ConfigError
-from kapsis.k8s.admission import admission_problems
 from kapsis.k8s.layout import FINISHER_UID, StepConfig
 from kapsis.k8s.names import (
     AGENT_CONTAINER,
-    ALLOW_OPEN_NETWORK_LABEL,
     CLONE_CONTAINER,
     FINISHER_CONTAINER,
     GATEWAY_CONTAINER,
@@ -328,15 +326,6 @@ def test_refusals_name_the_key() -> None:
         _render(_spec(workspace={"git": {"url": "https://u:ghp_x@git.example.com/r.git"}}))
     with pytest.raises(ValueError, match="reserved"):
         _spec(environment={"set": {"KAPSIS_AGENT_ID": "x"}})
-
-
-def test_admission_needs_the_namespace_label_for_open() -> None:
-    spec = _spec(network={"mode": "open"})
-    problems = admission_problems("r", "team", spec, SETTINGS, {})
-    assert len(problems) == 1 and ALLOW_OPEN_NETWORK_LABEL in problems[0]
-    assert admission_problems("r", "team", spec, SETTINGS, {ALLOW_OPEN_NETWORK_LABEL: "true"}) == []
-    bad = _spec(agent={"image": "evil.example/agent"})
-    assert any("spec.agent.image" in p for p in admission_problems("r", "t", bad, SETTINGS, {}))
 
 
 def test_step_config_carries_no_secret() -> None:

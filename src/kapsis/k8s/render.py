@@ -120,7 +120,8 @@ def agent_image(spec: AgentRequestSpec, profile: AgentProfile, settings: Operato
     if not settings.image_allowed(image):
         allowed = ", ".join(settings.allowed_image_prefixes) or "none"
         raise ConfigError(
-            f"spec.agent.image: {image} does not start with an allowed prefix ({allowed}); "
+            f"spec.agent.image: {image} is not allowed: it does not start with an allowed "
+            f"prefix ({allowed}); "
             "the operator's KAPSIS_OPERATOR_ALLOWED_IMAGE_PREFIXES decides"
         )
     return image
@@ -131,7 +132,9 @@ def check_environment(spec: AgentRequestSpec) -> None:
     for section, names in (("set", spec.environment.set), ("secrets", spec.environment.secrets)):
         for name in names:
             if name in RESERVED_ENV_NAMES:
-                raise ConfigError(f"spec.environment.{section}.{name}: {name} is set by Kapsis")
+                raise ConfigError(
+                    f"spec.environment.{section}.{name}: {name} is reserved (Kapsis sets it)"
+                )
     both = sorted(set(spec.environment.set) & set(spec.environment.secrets))
     if both:
         raise ConfigError(

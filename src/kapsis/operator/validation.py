@@ -19,7 +19,6 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from kapsis.config.models import RESERVED_ENV_PREFIX
 from kapsis.errors import ConfigError
 from kapsis.k8s.render import RESERVED_ENV_NAMES
 from kapsis.k8s.resource import AgentRequestSpec
@@ -77,43 +76,29 @@ def check_network(
 
 
 def check_environment(spec: AgentRequestSpec) -> None:
-    names = [*spec.environment.set, *spec.environment.secrets]
-    for name in names:
-        # EnvName already refuses KAPSIS_*; checked again here so the rule does not depend on
-        # a type defined elsewhere.
-        if name.startswith(RESERVED_ENV_PREFIX) or name in POD_ENV_NAMES:
-            raise RequestRejected(
-                f"spec.environment: {name} is reserved (names starting with "
-                f"{RESERVED_ENV_PREFIX} and {', '.join(sorted(POD_ENV_NAMES))} are set by the "
-                "sandbox)"
-            )
-    both = set(spec.environment.set) & set(spec.environment.secrets)
-    if both:
-        raise RequestRejected(
-            f"spec.environment: {', '.join(sorted(both))} is both in set and in secrets"
-        )
+    """Reserved names and names given twice: the renderer's rule, as a rejection."""
+    from kapsis.k8s import render
+
+    try:
+        render.check_environment(spec)
+    except ConfigError as error:
+        raise RequestRejected(str(error)) from None
 
 
 def agent_image(spec: AgentRequestSpec, settings: OperatorSettings) -> str:
-    """The image the agent runs in: the request's, else its profile's, else the default."""
-    if spec.agent.image:
-        return spec.agent.image
+    """The image the agent runs in (the request's, else its profile's, else the default), if
+    the settings allow it: the renderer's rule, as a rejection."""
     from kapsis.agents import find_profile
+    from kapsis.k8s import render
 
     try:
-        profile = find_profile(spec.agent.profile)
+        return render.agent_image(spec, find_profile(spec.agent.profile), settings)
     except ConfigError as error:
-        raise RequestRejected(f"spec.agent.profile: {error}") from None
-    return profile.image or settings.agent_image
+        raise RequestRejected(str(error)) from None
 
 
 def check_image(spec: AgentRequestSpec, settings: OperatorSettings) -> None:
-    image = agent_image(spec, settings)
-    if not settings.image_allowed(image):
-        allowed = ", ".join(settings.allowed_image_prefixes) or "(none)"
-        raise RequestRejected(
-            f"spec.agent.image {image!r} is not allowed: images must start with one of {allowed}"
-        )
+    agent_image(spec, settings)
 
 
 def check_references(spec: AgentRequestSpec) -> None:
