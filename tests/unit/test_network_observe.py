@@ -537,3 +537,52 @@ def test_probe_address_avoids_allowed_addresses(addresses, expected):
 def test_probe_address_raises_when_every_candidate_is_allowed():
     with pytest.raises(ValueError, match="every self-test probe address is allowlisted"):
         probe_address(_policy_with_addresses("0.0.0.0/0"))
+
+
+def test_the_gateways_own_report_counts_what_the_host_counts(tmp_path):
+    """gateway/report.py (the Kubernetes gateway's termination message) runs on a bare Python
+    with only the shipped scripts - no Kapsis installed - and gives the host's count."""
+    import ast
+
+    from kapsis.network.gateway_config import BLOCKED_SETS, TABLE
+    from kapsis.network.gateway_files import gateway_scripts
+
+    scripts = gateway_scripts()
+    constants = {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in ast.parse(scripts["report.py"]).body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Name)
+        and node.targets[0].id in ("TABLE", "BLOCKED_SETS")
+    }
+    assert constants == {"TABLE": TABLE, "BLOCKED_SETS": BLOCKED_SETS}
+    config = tmp_path / "etc"
+    config.mkdir()
+    for name, text in scripts.items():
+        (config / name).write_text(text)
+    (config / "probe-address").write_text("192.0.2.1\n")
+    (tmp_path / "dns.log").write_text(LOG)
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "nft").write_text(
+        f"#!/bin/sh\ncat <<'EOF'\n{json.dumps(REAL_TABLE_LISTING)}\nEOF\n"
+    )
+    (fake_bin / "nft").chmod(0o755)
+    result = subprocess.run(
+        ["/usr/bin/python3", "-S", "-I", str(config / "report.py"), str(tmp_path / "dns.log")],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": f"{fake_bin}:/usr/bin:/bin"},
+    )
+    blocked_sets = [
+        item
+        for item in REAL_TABLE_LISTING["nftables"]
+        if item.get("set", {}).get("name") in BLOCKED_SETS
+    ]
+    dns, blocked = without_selftest(
+        parse_dns_log(LOG), parse_blocked_set({"nftables": blocked_sets}), "192.0.2.1"
+    )
+    expected = NetworkReport(dns, blocked).blocked_requests
+    assert blocked and expected > len(blocked)  # both refused names and refused packets count
+    assert json.loads(result.stdout) == {"blockedRequests": expected}

@@ -25,7 +25,7 @@ from kapsis.network.gateway_files import (
     gateway_dirs,
     write_gateway_files,
 )
-from kapsis.network.observe import BlockedConnection, parse_blocked_set
+from kapsis.network.observe import BlockedConnection, blocked_in_table
 from kapsis.sandbox.plan import SandboxPlan
 
 PODMAN = "podman"
@@ -134,12 +134,4 @@ def blocked_connections(plan: SandboxPlan) -> tuple[list[BlockedConnection], boo
     )
     if result.returncode != 0:
         return [], False
-    listing = json.loads(result.stdout or "{}")
-    blocked_sets = {
-        "nftables": [
-            item
-            for item in listing.get("nftables", [])
-            if item.get("set", {}).get("name") in BLOCKED_SETS
-        ]
-    }
-    return parse_blocked_set(blocked_sets), True
+    return blocked_in_table(json.loads(result.stdout or "{}"), BLOCKED_SETS), True

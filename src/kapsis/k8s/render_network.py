@@ -15,7 +15,6 @@ off that port).
 
 from __future__ import annotations
 
-import importlib.resources
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,10 +26,9 @@ from kapsis.k8s.layout import FINISHER_UID
 from kapsis.k8s.resource import AgentRequestSpec
 from kapsis.k8s.settings import OperatorSettings
 from kapsis.network.gateway_config import dnsmasq_config, nft_ruleset
-from kapsis.network.gateway_files import DNS_LOG, LOG_TARGET, probe_address
+from kapsis.network.gateway_files import DNS_LOG, LOG_TARGET, gateway_scripts, probe_address
 from kapsis.network.policy import DNS_PORT, NetworkPolicy, PolicyBuilder, load_category
 
-GATEWAY_SCRIPTS = ("entrypoint.sh", "selftest.py")
 _SCP_LIKE = re.compile(r"^(?:[^@/:]+@)?(?P<host>[^/:\[\]]+|\[[^\]]+\]):(?!//)")
 
 
@@ -123,10 +121,7 @@ def gateway_files(
         ),
         "probe-address": probe + "\n",
     }
-    shipped = importlib.resources.files("kapsis.network") / "gateway"
-    for name in GATEWAY_SCRIPTS:
-        files[name] = shipped.joinpath(name).read_text(encoding="utf-8")
-    return files
+    return files | gateway_scripts()
 
 
 def _dns_peers(settings: OperatorSettings, servers: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -59,6 +59,19 @@ def probe_address(policy: NetworkPolicy) -> str:
     raise ValueError("every self-test probe address is allowlisted")
 
 
+def gateway_scripts() -> dict[str, str]:
+    """The programs every gateway runs, by file name (the same on both backends): the
+    entrypoint, the self-test, and the blocked-requests report with the parser it shares
+    with the host."""
+    network = importlib.resources.files("kapsis.network")
+    scripts = {
+        name: (network / "gateway" / name).read_text(encoding="utf-8")
+        for name in ("entrypoint.sh", "selftest.py", "report.py")
+    }
+    scripts["observe.py"] = (network / "observe.py").read_text(encoding="utf-8")
+    return scripts
+
+
 def write_gateway_files(
     dirs: GatewayDirs, policy: NetworkPolicy, upstreams: tuple[str, ...], owner: int | None
 ) -> None:
@@ -70,9 +83,8 @@ def write_gateway_files(
         dnsmasq_config(policy, upstreams, f"{LOG_TARGET}/{DNS_LOG}")
     )
     (dirs.config / "probe-address").write_text(probe_address(policy) + "\n")
-    shipped = importlib.resources.files("kapsis.network") / "gateway"
-    for name in ("entrypoint.sh", "selftest.py"):
-        (dirs.config / name).write_text(shipped.joinpath(name).read_text())
+    for name, text in gateway_scripts().items():
+        (dirs.config / name).write_text(text)
     for path in dirs.config.iterdir():
         path.chmod(0o644)
     dirs.config.chmod(0o755)

@@ -4,6 +4,9 @@ The resolver's query log (written by the gateway, on the host side of the sandbo
 into DNS decisions; the firewall's dynamic set of refused destinations, with a packet counter
 each, gives the blocked connection attempts. Both are written as JSON Lines to
 ``~/.kapsis/network/AGENT_ID.jsonl`` and summed into the status's ``blocked_requests``.
+
+Only the standard library is imported at module level: the gateway container runs this module
+too (``gateway/report.py``), where Kapsis itself is not installed.
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-from kapsis import paths
 
 DnsDecision = Literal["allowed", "blocked", "rebind"]
 PROTOCOLS = {6: "tcp", 17: "udp"}
@@ -146,7 +147,19 @@ class NetworkReport:
         return refused_names + sum(entry.packets for entry in self.blocked)
 
 
+def blocked_in_table(
+    listing: dict[str, Any], set_names: tuple[str, ...]
+) -> list[BlockedConnection]:
+    """The entries of the named blocked sets in ``nft -j list table`` output."""
+    sets = [
+        item for item in listing.get("nftables", []) if item.get("set", {}).get("name") in set_names
+    ]
+    return parse_blocked_set({"nftables": sets})
+
+
 def network_log_path(agent_id: str) -> Path:
+    from kapsis import paths
+
     return paths.kapsis_home() / "network" / f"{agent_id}.jsonl"
 
 

@@ -19,6 +19,16 @@ if ! nft -f "$CONFIG/rules.nft" > "$VERDICT.out" 2>&1; then
 fi
 dnsmasq --keep-in-foreground --conf-file="$CONFIG/dnsmasq.conf" &
 resolver=$!
+# Stopped (Kubernetes stops this sidecar once the agent and the finisher are done): leave what
+# was blocked as the container's termination message, for the operator's status.
+stopped() {
+    if [ -w /dev/termination-log ]; then
+        python3 "$CONFIG/report.py" > /dev/termination-log 2>/dev/null || true
+    fi
+    kill "$resolver" 2>/dev/null || true
+    exit 0
+}
+trap stopped TERM INT
 if setpriv --reuid=65534 --regid=65534 --clear-groups \
         python3 "$CONFIG/selftest.py" "$(cat "$CONFIG/probe-address")" > "$VERDICT.out" 2>&1; then
     verdict ok
