@@ -167,9 +167,7 @@ def test_a_string_command_runs_with_sh_as_locally(project: Path, tmp_path: Path)
     assert sub.spec.agent.command == ["sh", "-c", "make test"]
 
 
-def test_a_spec_file_goes_to_a_config_map_the_request_names(
-    project: Path, tmp_path: Path
-) -> None:
+def test_a_spec_file_goes_to_a_config_map_the_request_names(project: Path, tmp_path: Path) -> None:
     spec_file = tmp_path / "fix.md"
     spec_file.write_text("# Fix login\n\nDetails.\n")
     sub = submit(project, tmp_path, task=None, spec=spec_file)
