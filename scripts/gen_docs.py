@@ -7,11 +7,12 @@ Sources, so that the documentation says exactly what the code does:
   type, default, description) and a complete example file holding the defaults;
 * :data:`kapsis.sandbox.security.PROFILES` and ``DENIED_SYSCALLS`` - the security-profile table
   and the seccomp filter's denied syscalls;
-* :class:`kapsis.errors.ExitCode` and the docstrings of the error classes - the exit-code table.
+* :class:`kapsis.errors.ExitCode` and the docstrings of the error classes - the exit-code table;
+* :mod:`kapsis.k8s.crd` (from the ``AgentRequest`` models) - the Kubernetes CRD.
 
-Outputs: ``docs/config-reference.md`` (written whole) and the regions of ``README.md`` between
-``<!-- BEGIN GENERATED: NAME -->`` and ``<!-- END GENERATED: NAME -->`` for NAME in
-``security-profiles`` and ``exit-codes`` (the rest of the README is left alone).
+Outputs: ``docs/config-reference.md`` and ``deploy/crd.yaml`` (written whole) and the regions
+of ``README.md`` between ``<!-- BEGIN GENERATED: NAME -->`` and ``<!-- END GENERATED: NAME -->``
+for NAME in ``security-profiles`` and ``exit-codes`` (the rest of the README is left alone).
 
 Usage::
 
@@ -46,11 +47,13 @@ from ruamel.yaml import YAML  # noqa: E402
 from kapsis import errors  # noqa: E402
 from kapsis.config import kubernetes_section, models  # noqa: E402
 from kapsis.config.models import KapsisConfig  # noqa: E402
+from kapsis.k8s.crd import crd_yaml  # noqa: E402
 from kapsis.network.policy import category_names  # noqa: E402
 from kapsis.sandbox.security import DENIED_SYSCALLS, PROFILES  # noqa: E402
 
 REFERENCE = ROOT / "docs" / "config-reference.md"
 README = ROOT / "README.md"
+CRD = ROOT / "deploy" / "crd.yaml"
 GENERATOR = "scripts/gen_docs.py"
 
 # Named value types of models.py: (name, plural, what a value looks like).
@@ -615,6 +618,7 @@ def expected_files() -> dict[Path, str]:
     return {
         REFERENCE: reference_markdown(),
         README: readme_text(README.read_text(encoding="utf-8")),
+        CRD: crd_yaml(),
     }
 
 
