@@ -97,8 +97,12 @@ def run(
     detach: bool = False,
     on_status: StatusCallback | None = None,
     submission: Submission | None = None,
+    on_created: Callable[[Submission, str], None] | None = None,
 ) -> RunResult:
-    """Create the request; unless ``detach``, follow it until it is Complete or Failed."""
+    """Create the request; unless ``detach``, follow it until it is Complete or Failed.
+
+    ``on_created(submission, namespace)`` runs once the request exists on the cluster.
+    """
     submission = submission or submission_for(request)
     store = StatusStore()
     if store.read(submission.agent_id) is not None:
@@ -109,6 +113,8 @@ def run(
     namespace = namespace_of(submission)
     cluster = connect(submission.context)
     created = submit(submission, namespace, cluster)
+    if on_created is not None:
+        on_created(submission, namespace)
     store.write(
         status_view.initial_record(submission, namespace, submission.context, submission.project)
     )

@@ -19,6 +19,7 @@ from kapsis.cli.ssh_commands import ssh_app
 from kapsis.errors import AuditDamagedError, ExitCode, KapsisError
 
 if TYPE_CHECKING:
+    from kapsis.k8s.submission import Submission
     from kapsis.sandbox.launcher import RunResult
     from kapsis.sandbox.plan import RunRequest, SandboxPlan
 
@@ -216,23 +217,11 @@ def _run_k8s(request: RunRequest, *, detach: bool, json_output: bool, dry_run: b
             yaml.default_flow_style = False
             yaml.dump_all(submission.manifests(namespace), sys.stdout)
             raise typer.Exit(0)
-        spec = submission.spec
-        _note(
-            f"agent {submission.agent_id} ({spec.agent.profile}) on {submission.project}: "
-            f"AgentRequest {namespace}/{submission.name}, profile {spec.security.profile}, "
-            f"network {spec.network.mode}, memory {spec.resources.memory}, "
-            f"cpus {spec.resources.cpus:g}"
-        )
-        if spec.network.mode == "open":
-            _note("WARNING: network mode OPEN: the agent can reach any address")
-        git = spec.workspace.git
-        _note(f"branch {git.branch} from {git.baseBranch} of {git.url}")
-        for line in submission.notes:
-            _note(line)
         result = kubernetes.run(
             request,
             detach=detach,
             submission=submission,
+            on_created=_announce_k8s,
             on_status=lambda status: _note(
                 f"agent {submission.agent_id}: {status_view.describe(status)}"
             ),
@@ -250,6 +239,22 @@ def _run_k8s(request: RunRequest, *, detach: bool, json_output: bool, dry_run: b
         print(json.dumps(dataclasses.asdict(result)), flush=True)
         raise typer.Exit(result.exit_code)
     _report(result)
+
+
+def _announce_k8s(submission: Submission, namespace: str) -> None:
+    spec = submission.spec
+    _note(
+        f"agent {submission.agent_id} ({spec.agent.profile}) on {submission.project}: "
+        f"AgentRequest {namespace}/{submission.name} created, profile {spec.security.profile}, "
+        f"network {spec.network.mode}, memory {spec.resources.memory}, "
+        f"cpus {spec.resources.cpus:g}"
+    )
+    if spec.network.mode == "open":
+        _note("WARNING: network mode OPEN: the agent can reach any address")
+    git = spec.workspace.git
+    _note(f"branch {git.branch} from {git.baseBranch} of {git.url}")
+    for line in submission.notes:
+        _note(line)
 
 
 def _announce(plan: SandboxPlan) -> None:
