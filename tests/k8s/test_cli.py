@@ -103,7 +103,7 @@ def operator_plays(api_client: Any) -> Iterator[Callable[..., None]]:
                 for status in statuses:
                     set_status(api_client, namespace, name, status)
                     # Pace like an operator: the next change after the CLI has seen this one.
-                    wait_for(f"the CLI to see {status['phase']}", lambda: seen(name, status))
+                    wait_for(f"the CLI to see {status['phase']}", lambda s=status: seen(name, s))
             except BaseException as error:  # reported by the fixture
                 errors.append(error)
 
