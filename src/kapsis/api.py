@@ -91,9 +91,7 @@ def run(
     """
     check_backend(request)
     if request.backend == "k8s":
-        from kapsis.backends import kubernetes
-
-        return kubernetes.run(request, detach=detach, on_status=on_status)
+        return k8s_run(k8s_submission(request), detach=detach, on_status=on_status)
     return launch(plan(request), detach=detach, backend=backend)
 
 
@@ -105,12 +103,33 @@ def k8s_submission(request: RunRequest) -> Submission:
     return kubernetes.submission_for(request)
 
 
-def k8s_manifests(request: RunRequest) -> list[dict[str, Any]]:
-    """The AgentRequest (and task ConfigMap) of a k8s run, as YAML-ready dicts (--dry-run)."""
+def k8s_namespace(submission: Submission) -> str:
+    """The namespace a submission goes to: its own, else the kubeconfig context's, else default."""
     from kapsis.backends import kubernetes
 
+    return kubernetes.namespace_of(submission)
+
+
+def k8s_manifests(request: RunRequest) -> list[dict[str, Any]]:
+    """The AgentRequest (and task ConfigMap) of a k8s run, as YAML-ready dicts (--dry-run)."""
     submission = k8s_submission(request)
-    return submission.manifests(kubernetes.namespace_of(submission))
+    return submission.manifests(k8s_namespace(submission))
+
+
+def k8s_run(
+    submission: Submission,
+    *,
+    detach: bool = False,
+    on_status: Callable[[AgentRequestStatus], None] | None = None,
+    on_created: Callable[[Submission, str], None] | None = None,
+) -> RunResult:
+    """Create a computed submission on its cluster and, unless ``detach``, follow it to its end.
+
+    Ctrl-C (KeyboardInterrupt) while following leaves the request running on the cluster.
+    """
+    from kapsis.backends import kubernetes
+
+    return kubernetes.run(submission, detach=detach, on_status=on_status, on_created=on_created)
 
 
 def launch(

@@ -375,3 +375,59 @@ def test_a_local_only_key_is_refused_before_any_cluster_call(project: Path, name
     assert result.exit_code == 2
     assert "kubernetes.secrets.GITHUB_TOKEN" in result.stderr
     assert StatusStore().all() == []
+
+
+def test_ctrl_c_while_following_leaves_the_request_running(
+    project: Path, api_client: Any, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kapsis.backends import kubernetes
+
+    def interrupted(*_: Any, **__: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kubernetes, "follow", interrupted)
+    result = kapsis(
+        "run", str(project), "--backend", "k8s", "-n", namespace, "--agent-id", "int1",
+        "-t", "sleep 1000",
+    )  # fmt: skip
+    assert result.exit_code == 130
+    assert "keeps running on the cluster" in result.stderr and "kapsis stop int1" in result.stderr
+    assert get_request(api_client, namespace, "int1") is not None
+    record = StatusStore().read("int1")
+    assert record is not None and not record.finished
+
+
+def test_a_request_deleted_while_followed_ends_the_run_as_killed(
+    project: Path, api_client: Any, namespace: str
+) -> None:
+    def delete_it() -> None:
+        wait_for("the request", lambda: get_request(api_client, namespace, "del1"))
+        custom(api_client).delete_namespaced_custom_object(
+            ar.GROUP, ar.VERSION, namespace, ar.PLURAL, "del1"
+        )
+
+    thread = threading.Thread(target=delete_it, daemon=True)
+    thread.start()
+    result = kapsis(
+        "run", str(project), "--backend", "k8s", "-n", namespace, "--agent-id", "del1", "-t", "x"
+    )
+    thread.join(10)
+    assert result.exit_code == 5, result.output
+    assert "was deleted while it ran" in result.stderr
+
+
+def test_the_sdk_runs_on_the_cluster_with_the_same_request(
+    project: Path, namespace: str, operator_plays: Callable[..., None]
+) -> None:
+    from kapsis import api
+    from kapsis.sandbox.plan import RunRequest
+
+    operator_plays(namespace, "sdk1", {"phase": "Failed", "exitCode": 6, "errorType": "timeout"})
+    seen_phases: list[str] = []
+    request = RunRequest(
+        project=project, task="x", agent_id="sdk1", backend="k8s", namespace=namespace
+    )
+    result = api.run(request, on_status=lambda s: seen_phases.append(s.phase))
+    assert (result.exit_code, result.error_type) == (6, "timeout")
+    assert seen_phases[-1] == "Failed"
+    assert api.status("sdk1")[0].backend == "k8s"

@@ -360,3 +360,15 @@ def test_git_facts_need_a_repositorys_top_level(repo: Path, project: Path) -> No
     (repo / "sub").mkdir()
     with pytest.raises(ConfigError, match="not the top level"):
         read_git_facts(repo / "sub", "origin", "default")
+
+
+def test_namespace_and_backend_flags_are_checked(project: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kapsis.cli.app import app
+
+    result = CliRunner().invoke(app, ["run", str(project), "-t", "x", "--namespace", "team"])
+    assert result.exit_code == 2
+    assert "--namespace: only a run with --backend k8s has a namespace" in result.stderr
+    result = CliRunner().invoke(app, ["run", str(project), "-t", "x", "--backend", "nomad"])
+    assert result.exit_code == 2 and "--backend nomad: unknown backend" in result.stderr

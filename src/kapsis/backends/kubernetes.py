@@ -92,18 +92,16 @@ def submit(submission: Submission, namespace: str, cluster: Cluster) -> dict[str
 
 
 def run(
-    request: RunRequest,
+    submission: Submission,
     *,
     detach: bool = False,
     on_status: StatusCallback | None = None,
-    submission: Submission | None = None,
     on_created: Callable[[Submission, str], None] | None = None,
 ) -> RunResult:
     """Create the request; unless ``detach``, follow it until it is Complete or Failed.
 
     ``on_created(submission, namespace)`` runs once the request exists on the cluster.
     """
-    submission = submission or submission_for(request)
     store = StatusStore()
     if store.read(submission.agent_id) is not None:
         raise ConfigError(

@@ -202,25 +202,22 @@ def _report(result: RunResult) -> NoReturn:
 def _run_k8s(request: RunRequest, *, detach: bool, json_output: bool, dry_run: bool) -> NoReturn:
     """``kapsis run --backend k8s``: create the AgentRequest and follow it (or print it)."""
     from kapsis import api
-    from kapsis.backends import kubernetes
     from kapsis.k8s import status_view
 
     agent_id = request.agent_id or "ID"
     try:
         submission = api.k8s_submission(request)
         agent_id = submission.agent_id
-        namespace = kubernetes.namespace_of(submission)
         if dry_run:
             from ruamel.yaml import YAML
 
             yaml = YAML(typ="safe", pure=True)
             yaml.default_flow_style = False
-            yaml.dump_all(submission.manifests(namespace), sys.stdout)
+            yaml.dump_all(submission.manifests(api.k8s_namespace(submission)), sys.stdout)
             raise typer.Exit(0)
-        result = kubernetes.run(
-            request,
+        result = api.k8s_run(
+            submission,
             detach=detach,
-            submission=submission,
             on_created=_announce_k8s,
             on_status=lambda status: _note(
                 f"agent {submission.agent_id}: {status_view.describe(status)}"
