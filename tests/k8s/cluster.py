@@ -64,7 +64,7 @@ def agent_request_crd() -> dict[str, Any]:
     try:
         from kapsis.k8s import crd  # generated from the pydantic models (branch k8s-render)
 
-        return dict(crd.agent_request_crd())
+        return dict(crd.crd())
     except (ImportError, AttributeError, NotImplementedError):
         return {
             "apiVersion": "apiextensions.k8s.io/v1",

@@ -25,9 +25,10 @@ def keys_dir() -> Path:
     return paths.kapsis_home() / "keys"
 
 
-def signing_key() -> Ed25519PrivateKey:
-    """The host's signing key, created (atomically, mode 0600) if there is none yet."""
-    directory = keys_dir()
+def signing_key(directory: Path | None = None) -> Ed25519PrivateKey:
+    """The host's signing key (or the one in ``directory``, e.g. the Kubernetes operator's),
+    created (atomically, mode 0600) if there is none yet."""
+    directory = directory or keys_dir()
     path = directory / PRIVATE_KEY_FILE
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)

@@ -80,8 +80,11 @@ class AuditLog:
         seal_every: int = DEFAULT_SEAL_EVERY,
         seal_seconds: float = DEFAULT_SEAL_SECONDS,
         rotate_bytes: int = DEFAULT_ROTATE_BYTES,
+        keys_directory: Path | None = None,
     ) -> None:
         self.agent_id = agent_id
+        # None: the host's key (~/.kapsis/keys); the Kubernetes operator keeps its own.
+        self.keys_directory = keys_directory
         self.enabled = enabled
         self.path = audit_path(agent_id, directory)
         self.seal_every = seal_every
@@ -209,7 +212,7 @@ class AuditLog:
         # cryptography is loaded only to seal (status, logs and the like never need it).
         from kapsis.audit.keys import key_id, sign, signing_key
 
-        key = signing_key()
+        key = signing_key(self.keys_directory)
         self._append(
             handle,
             SEAL,

@@ -13,7 +13,7 @@ packets are counted per destination in a dynamic set, which the host reads.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from kapsis.network.policy import (
     DNS_PORT,
@@ -95,8 +95,17 @@ def _covered_by_wildcard(name: str, policy: NetworkPolicy) -> bool:
     return False
 
 
-def nft_ruleset(policy: NetworkPolicy, upstreams: Iterable[str]) -> str:
-    """The nftables ruleset of a filtered sandbox (``nft -f`` input)."""
+def nft_ruleset(
+    policy: NetworkPolicy,
+    upstreams: Iterable[str],
+    owner_ports: Mapping[int, tuple[int, ...]] | None = None,
+) -> str:
+    """The nftables ruleset of a filtered sandbox (``nft -f`` input).
+
+    ``owner_ports``: uid -> TCP ports that uid's sockets may reach anywhere. Only the Kubernetes
+    backend uses it, for the finishing step that pushes from inside the Pod (its uid is one the
+    agent can never take: no capabilities, no privilege escalation); Podman pushes from the host.
+    """
     upstream4 = [a for a in upstreams if ipaddress.ip_address(a).version == 4]
     upstream6 = [a for a in upstreams if ipaddress.ip_address(a).version == 6]
     lines = [
@@ -157,6 +166,11 @@ def nft_ruleset(policy: NetworkPolicy, upstreams: Iterable[str]) -> str:
         f" th dport {DNS_PORT} accept",
         f"    meta skuid {RESOLVER_UID} ip6 daddr @upstream_v6 meta l4proto {{ tcp, udp }}"
         f" th dport {DNS_PORT} accept",
+        *(
+            f"    meta skuid {uid} tcp dport {_ports(ports)} accept"
+            for uid, ports in sorted((owner_ports or {}).items())
+            if ports
+        ),
         *accepts,
         "    meta l4proto { tcp, udp } meta nfproto ipv4"
         " update @blocked4 { ip daddr . meta l4proto . th dport }",
@@ -185,8 +199,17 @@ def _dnsmasq_pattern(rule: AllowRule) -> str:
     return rule.pattern  # "*.example.com" is dnsmasq's own "subdomains only" syntax
 
 
-def dnsmasq_config(policy: NetworkPolicy, upstreams: Iterable[str], log_file: str) -> str:
-    """dnsmasq's configuration: NXDOMAIN for all but the listed names, answers into the sets."""
+def dnsmasq_config(
+    policy: NetworkPolicy,
+    upstreams: Iterable[str],
+    log_file: str,
+    resolve_only: Iterable[str] = (),
+) -> str:
+    """dnsmasq's configuration: NXDOMAIN for all but the listed names, answers into the sets.
+
+    ``resolve_only``: exact names answered too but *not* filed into any allow set, so the
+    firewall still refuses them to the agent (Kubernetes: the git host, for the finishing step).
+    """
     servers = list(upstreams)
     lines = [
         "no-resolv",
@@ -215,6 +238,11 @@ def dnsmasq_config(policy: NetworkPolicy, upstreams: Iterable[str], log_file: st
         if rule.kind == "name" and not _covered_by_wildcard(rule.pattern, policy):
             # An exact name: its subdomains stay unknown.
             lines.append(f"address=/*.{rule.pattern}/")
+    listed = {rule.pattern for rule in policy.names()}
+    for name in sorted(set(resolve_only) - listed):
+        lines += [f"server=/{name}/{server}" for server in servers]
+        if not _covered_by_wildcard(name, policy):
+            lines.append(f"address=/*.{name}/")
     for domain, (v4, v6) in sorted(name_sets(policy).items()):
         # nftset matches a domain and its subdomains ("*." is not special there).
         lines.append(f"nftset=/{domain}/4#inet#{TABLE}#{v4},6#inet#{TABLE}#{v6}")

@@ -1,0 +1,316 @@
+"""The operator's reconcile logic: AgentRequest create/resume/update/delete and the Pod watch.
+
+Handlers are plain methods of :class:`Reconciler` (sync: kopf runs them in its thread pool,
+since the kubernetes client blocks), registered on a kopf registry by :func:`register`. State
+lives in the API server (the request's status, the Pod) and in the audit log, so a restarted
+operator resumes where it stopped: creating a child that exists is fine, and a finished request
+is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Final
+
+from kapsis.errors import ConfigError, ExitCode
+from kapsis.k8s import resource as ar
+from kapsis.k8s.names import (
+    AGENT_EXIT_ANNOTATION,
+    MANAGED_BY_LABEL,
+    MANAGED_BY_VALUE,
+    REQUEST_LABEL,
+)
+from kapsis.k8s.settings import OperatorSettings
+from kapsis.operator.audit import OperatorAudit
+from kapsis.operator.bridge import TERMINAL_PHASES, bridge
+from kapsis.operator.kube import Kube, utc_now
+from kapsis.operator.validation import RequestRejected, agent_image, validate_request
+
+log = logging.getLogger("kapsis.operator")
+
+Ref = tuple[str, str, str]  # namespace, name, uid
+AUDITED_RESULT_KEYS: Final = ("branch", "commitSha", "pushStatus", "message")
+
+
+def _ref(body: Mapping[str, Any]) -> Ref:
+    meta = body.get("metadata") or {}
+    return str(meta.get("namespace")), str(meta.get("name")), str(meta.get("uid"))
+
+
+class Reconciler:
+    """The operator's handlers, over one API client, one settings value and one audit book."""
+
+    def __init__(self, kube: Kube, settings: OperatorSettings, audit: OperatorAudit) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.audit = audit
+
+    # -- AgentRequest ----------------------------------------------------------------------
+
+    def on_create(self, body: Mapping[str, Any], **_: Any) -> None:
+        self.reconcile(body, resumed=False)
+
+    def on_resume(self, body: Mapping[str, Any], **_: Any) -> None:
+        self.reconcile(body, resumed=True)
+
+    def reconcile(self, body: Mapping[str, Any], *, resumed: bool) -> None:
+        """Validate, render, create the children (those that exist are kept), record it."""
+        ref = _ref(body)
+        namespace, name, uid = ref
+        status = dict(body.get("status") or {})
+        if status.get("phase") in TERMINAL_PHASES:
+            return
+        first = not status.get("phase")
+        labels = self.kube.namespace_labels(namespace)
+        try:
+            spec = validate_request(body.get("spec"), labels, self.settings)
+            from kapsis.k8s.render import render_request
+
+            rendered = render_request(name, namespace, uid, spec, self.settings)
+        except ConfigError as error:
+            self.reject(body, str(error), first=first, had_pod=bool(status.get("podName")))
+            return
+        pod_name = str(rendered.pod["metadata"]["name"])
+        if first:
+            self.audit.start(ref, request=f"{namespace}/{name}", uid=uid)
+            self.audit.record(
+                ref,
+                "request_accepted",
+                image=agent_image(spec, self.settings),
+                profile=spec.agent.profile,
+                network_mode=spec.network.mode,
+                security_profile=spec.security.profile,
+                repository=spec.workspace.git.url,
+                pod=pod_name,
+            )
+            # Status before the Pod: the Pod watch then always finds podName and a phase.
+            self.kube.patch_request_status(
+                namespace,
+                name,
+                {"phase": "Pending", "progress": 0, "podName": pod_name, "message": "accepted"},
+            )
+            self.kube.post_event(body, "Normal", "Accepted", f"creating Pod {pod_name}")
+        for obj in rendered.objects():
+            made = self.kube.create(self._owned(obj, body))
+            if made and obj.get("kind") == "Pod":
+                self.audit.record(ref, "pod_created", pod=pod_name, resumed=resumed)
+
+    def _owned(self, obj: Mapping[str, Any], body: Mapping[str, Any]) -> dict[str, Any]:
+        """``obj`` with the labels and owner reference the cleanup relies on (the renderer
+        sets them; this makes sure, without overriding what it set)."""
+        namespace, name, uid = _ref(body)
+        result = dict(obj)
+        meta = dict(result.get("metadata") or {})
+        meta.setdefault("namespace", namespace)
+        labels = dict(meta.get("labels") or {})
+        labels.setdefault(REQUEST_LABEL, name)
+        labels.setdefault(MANAGED_BY_LABEL, MANAGED_BY_VALUE)
+        meta["labels"] = labels
+        if not meta.get("ownerReferences"):
+            meta["ownerReferences"] = [
+                {
+                    "apiVersion": f"{ar.GROUP}/{ar.VERSION}",
+                    "kind": ar.KIND,
+                    "name": name,
+                    "uid": uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ]
+        result["metadata"] = meta
+        return result
+
+    def reject(self, body: Mapping[str, Any], reason: str, *, first: bool, had_pod: bool) -> None:
+        """Failed with exit code 2 (config), a Warning event and an audit record. A request
+        that no longer passes (e.g. its namespace lost the open-network label) is stopped."""
+        ref = _ref(body)
+        namespace, name, uid = ref
+        log.warning("rejected %s/%s: %s", namespace, name, reason)
+        if first:
+            self.audit.start(ref, request=f"{namespace}/{name}", uid=uid)
+        self.audit.record(ref, "request_rejected", reason=reason)
+        if had_pod:
+            self._delete_children(ref)
+        now = utc_now()
+        self.kube.patch_request_status(
+            namespace,
+            name,
+            {
+                "phase": "Failed",
+                "progress": 100,
+                "message": reason,
+                "exitCode": int(ExitCode.USAGE),
+                "errorType": RequestRejected.error_type,
+                "completedAt": now,
+                "conditions": [
+                    {
+                        "type": "Accepted",
+                        "status": "False",
+                        "reason": "Rejected",
+                        "message": reason,
+                        "lastTransitionTime": now,
+                    }
+                ],
+            },
+        )
+        self.kube.post_event(body, "Warning", "Rejected", reason)
+        self.audit.end(ref, phase="Failed", exitCode=int(ExitCode.USAGE), errorType="config")
+
+    def on_update(self, body: Mapping[str, Any], diff: Any = (), **_: Any) -> None:
+        """The spec is immutable once a Pod was made for it; before that (a rejected request
+        being fixed), the changed spec is reconciled afresh."""
+        ref = _ref(body)
+        namespace, name, _uid = ref
+        status = dict(body.get("status") or {})
+        fields = sorted({".".join(str(p) for p in change[1]) for change in diff or ()})
+        if status.get("podName"):
+            message = (
+                f"spec is immutable once the Pod exists (changed: {', '.join(fields) or 'spec'});"
+                " the running Pod keeps the spec it started with: delete and re-create the "
+                "request to change it"
+            )
+            self.audit.record(ref, "update_rejected", fields=fields)
+            self.kube.post_event(body, "Warning", "SpecImmutable", message)
+            return
+        # Never got a Pod (rejected): judge the new spec like a new request.
+        self.audit.record(ref, "spec_changed", fields=fields)
+        fresh = dict(body)
+        fresh["status"] = {}
+        self.kube.patch_request_status(
+            namespace,
+            name,
+            {
+                "phase": None,
+                "exitCode": None,
+                "errorType": None,
+                "completedAt": None,
+                "conditions": [],
+                "message": "re-validating the changed spec",
+            },
+        )
+        self.reconcile(fresh, resumed=False)
+
+    def on_delete(self, body: Mapping[str, Any], **_: Any) -> None:
+        """Delete the children explicitly (owner references do it on a real cluster too, but
+        an emulator or a cluster without the garbage collector would keep them)."""
+        ref = _ref(body)
+        deleted = self._delete_children(ref)
+        phase = (body.get("status") or {}).get("phase")
+        self.audit.record(ref, "request_deleted", phase=phase, deleted=deleted)
+        if phase in TERMINAL_PHASES or phase is None:
+            self.audit.seal(ref)
+        else:
+            self.audit.end(ref, phase="Deleted", previous_phase=phase)
+        self.audit.forget(ref)
+
+    def _delete_children(self, ref: Ref) -> list[str]:
+        namespace, name, uid = ref
+        deleted = []
+        for kind, child in self.kube.children(namespace, name, uid):
+            if self.kube.delete(kind, namespace, child):
+                deleted.append(f"{kind}/{child}")
+        return deleted
+
+    # -- Pods ------------------------------------------------------------------------------
+
+    def on_pod_event(self, event: Mapping[str, Any], body: Mapping[str, Any], **_: Any) -> None:
+        """Bridge a Pod's state (as the kubelet reports it) to its request's status."""
+        meta = body.get("metadata") or {}
+        namespace = str(meta.get("namespace"))
+        request_name = (meta.get("labels") or {}).get(REQUEST_LABEL)
+        if not request_name:
+            return
+        request = self.kube.read_request(namespace, request_name)
+        if request is None or (request.get("metadata") or {}).get("deletionTimestamp"):
+            return
+        ref = _ref(request)
+        owners = meta.get("ownerReferences") or []
+        if not any(owner.get("uid") == ref[2] for owner in owners):
+            return  # a Pod that merely carries the label does not speak for the request
+        current = dict(request.get("status") or {})
+        if event.get("type") == "DELETED":
+            self._pod_vanished(request, current)
+            return
+        bridged = bridge(body, current, utc_now())
+        annotations = meta.get("annotations") or {}
+        if bridged.agent_exit_code is not None and AGENT_EXIT_ANNOTATION not in annotations:
+            self.audit.record(
+                ref,
+                "agent_exited",
+                exit_code=bridged.agent_exit_code,
+                oom_killed=bridged.agent_oom_killed,
+                reported_by="kubelet",
+            )
+            # This releases the finisher: it commits and pushes once it sees the annotation.
+            self.kube.annotate_pod(
+                namespace,
+                str(meta.get("name")),
+                {AGENT_EXIT_ANNOTATION: str(bridged.agent_exit_code)},
+            )
+        changes = {k: v for k, v in bridged.status.items() if current.get(k) != v}
+        if not changes:
+            return
+        old_phase, new_phase = current.get("phase"), bridged.status.get("phase")
+        if bridged.finisher_result is not None and new_phase in TERMINAL_PHASES:
+            result = {k: bridged.finisher_result.get(k) for k in AUDITED_RESULT_KEYS}
+            self.audit.record(
+                ref, "finisher_result", exit_code=bridged.finisher_exit_code, **result
+            )
+        if new_phase != old_phase:
+            self.audit.record(ref, "phase_changed", previous=old_phase, phase=new_phase)
+        self.kube.patch_request_status(namespace, request_name, changes)
+        if new_phase in TERMINAL_PHASES and old_phase not in TERMINAL_PHASES:
+            final = bridged.status
+            kind = "Normal" if new_phase == "Complete" else "Warning"
+            self.kube.post_event(request, kind, str(new_phase), str(final.get("message")))
+            self.audit.end(
+                ref,
+                phase=new_phase,
+                exitCode=final.get("exitCode"),
+                errorType=final.get("errorType"),
+                agentExitCode=final.get("agentExitCode"),
+                branch=final.get("branch"),
+                commitSha=final.get("commitSha"),
+                pushStatus=final.get("pushStatus"),
+            )
+
+    def _pod_vanished(self, request: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+        if current.get("phase") in TERMINAL_PHASES:
+            return
+        ref = _ref(request)
+        message = "the Pod was deleted before the request finished"
+        self.audit.record(ref, "phase_changed", previous=current.get("phase"), phase="Failed")
+        self.kube.patch_request_status(
+            ref[0],
+            ref[1],
+            {
+                "phase": "Failed",
+                "progress": 100,
+                "message": message,
+                "exitCode": int(ExitCode.KILLED),
+                "errorType": "killed",
+                "completedAt": utc_now(),
+            },
+        )
+        self.kube.post_event(request, "Warning", "Failed", message)
+        self.audit.end(ref, phase="Failed", exitCode=int(ExitCode.KILLED), errorType="killed")
+
+
+def register(registry: Any, reconciler: Reconciler) -> None:
+    """Register ``reconciler``'s handlers on a kopf registry."""
+    import kopf
+
+    resource = (ar.GROUP, ar.VERSION, ar.PLURAL)
+    kopf.on.create(*resource, registry=registry, id="create")(reconciler.on_create)
+    kopf.on.resume(*resource, registry=registry, id="resume")(reconciler.on_resume)
+    kopf.on.update(*resource, registry=registry, id="update", field="spec")(reconciler.on_update)
+    kopf.on.delete(*resource, registry=registry, id="delete")(reconciler.on_delete)
+    kopf.on.event(
+        "",
+        "v1",
+        "pods",
+        registry=registry,
+        id="pod",
+        labels={REQUEST_LABEL: kopf.PRESENT, MANAGED_BY_LABEL: MANAGED_BY_VALUE},
+    )(reconciler.on_pod_event)

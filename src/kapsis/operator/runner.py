@@ -1,0 +1,116 @@
+"""Assemble and run the operator: kopf settings, the registry of handlers, the entry point.
+
+``build_operator`` makes everything a kopf run needs from ``OperatorSettings`` and a client
+configuration, so the tests run the very same operator in-process that ``python -m
+kapsis.operator`` (and ``kapsis operator run``) runs in the Deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kapsis.errors import KapsisError
+from kapsis.k8s import resource as ar
+from kapsis.k8s.settings import OperatorSettings
+from kapsis.operator.audit import OperatorAudit
+from kapsis.operator.connect import api_client, client_configuration, kopf_login
+from kapsis.operator.handlers import Reconciler, register
+from kapsis.operator.kube import Kube
+
+FINALIZER = f"{ar.GROUP}/cleanup"
+
+
+@dataclass
+class BuiltOperator:
+    """What ``kopf.operator``/``kopf.run`` takes, plus the parts tests look at."""
+
+    registry: Any
+    kopf_settings: Any
+    reconciler: Reconciler
+    audit: OperatorAudit
+
+
+def kopf_settings(workers: int = 32) -> Any:
+    import kopf
+
+    settings = kopf.OperatorSettings()
+    # kopf's bookkeeping goes to annotations: a CRD's structural schema would prune status.kopf.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ar.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ar.GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = FINALIZER
+    # The operator posts its own events; kopf's are only for its errors.
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = workers
+    settings.watching.server_timeout = 300
+    return settings
+
+
+def build_operator(settings: OperatorSettings, configuration: Any) -> BuiltOperator:
+    import kopf
+
+    audit = OperatorAudit(settings.data_dir)
+    audit.export_public_key()
+    reconciler = Reconciler(Kube(api_client(configuration)), settings, audit)
+    registry = kopf.OperatorRegistry()
+    kopf.on.login(registry=registry, id="login")(kopf_login(configuration))
+    register(registry, reconciler)
+    return BuiltOperator(registry, kopf_settings(), reconciler, audit)
+
+
+def run(
+    settings: OperatorSettings,
+    *,
+    kubeconfig: Path | None = None,
+    namespaces: tuple[str, ...] = (),
+    clusterwide: bool = False,
+) -> None:
+    """Run the operator in this thread until it is stopped (SIGTERM, SIGINT)."""
+    import kopf
+
+    built = build_operator(settings, client_configuration(kubeconfig))
+    kopf.run(
+        registry=built.registry,
+        settings=built.kopf_settings,
+        standalone=True,
+        namespaces=namespaces,
+        clusterwide=clusterwide or not namespaces,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m kapsis.operator",
+        description="Run the Kapsis operator for AgentRequest resources (settings from "
+        "KAPSIS_OPERATOR_* variables).",
+    )
+    parser.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="Watch this namespace (repeatable; kopf patterns allowed). Default: all.",
+    )
+    parser.add_argument("--kubeconfig", type=Path, help="Kubeconfig (default: in-cluster).")
+    parser.add_argument("--verbose", "-v", action="store_true", help="Debug logging.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        run(
+            OperatorSettings.from_env(),
+            kubeconfig=args.kubeconfig,
+            namespaces=tuple(args.namespace),
+        )
+    except KapsisError as error:
+        print(f"kapsis-operator: error: {error}", file=sys.stderr)
+        return int(error.exit_code)
+    return 0
