@@ -20,6 +20,7 @@ from kubernetes import client
 from typer.testing import CliRunner
 
 from kapsis.cli.app import app
+from kapsis.k8s import names
 from kapsis.k8s import resource as ar
 from kapsis.k8s.resource import AgentRequestSpec
 from kapsis.k8s.status_view import PHASES
@@ -273,9 +274,7 @@ def test_stop_marks_the_request_and_deletes_its_pod(
     def operator_sees_the_stop() -> None:
         def stopped() -> bool:
             obj = get_request(api_client, namespace, "stop1") or {}
-            return (obj["metadata"].get("annotations") or {}).get(
-                "kapsis.dev/stop-requested"
-            ) == "true"
+            return (obj["metadata"].get("annotations") or {}).get(names.STOP_ANNOTATION) == "true"
 
         wait_for("the stop annotation", stopped)
         failed = {"phase": "Failed", "exitCode": 5, "errorType": "stopped", "message": "stopped"}

@@ -21,7 +21,6 @@ from kapsis.k8s import names
 from kapsis.k8s.resource import GROUP, PLURAL, VERSION
 
 T = TypeVar("T")
-STOP_ANNOTATION = "kapsis.dev/stop-requested"
 _SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 # A watch is re-opened this often, so a silently dropped connection cannot stall `kapsis run`.
 WATCH_SECONDS = 30
@@ -66,10 +65,11 @@ def context_namespace(context: str | None) -> str | None:
         with contextlib.suppress(OSError):
             return _SERVICE_ACCOUNT_NAMESPACE.read_text(encoding="utf-8").strip() or None
         return None
-    from kubernetes import config
+    from kubernetes import config as kube_config
 
+    config: Any = kube_config  # its loaders are untyped
     try:
-        contexts, active = config.list_kube_config_contexts(config_file=kubeconfig_path())  # type: ignore[no-untyped-call]
+        contexts, active = config.list_kube_config_contexts(config_file=kubeconfig_path())
     except (config.ConfigException, OSError):
         return None
     chosen = next((c for c in contexts if c.get("name") == context), None) if context else active
@@ -175,14 +175,18 @@ class Cluster:
         patch = {"metadata": {"ownerReferences": [reference]}}
         self._call(
             f"own ConfigMap {name}",
-            lambda: self._core().patch_namespaced_config_map(name, namespace, patch),
+            lambda: self._core().patch_namespaced_config_map(
+                name, namespace, patch, _preload_content=False
+            ),
         )
 
     def delete_config_map(self, namespace: str, name: str) -> None:
         with contextlib.suppress(ConfigError):
             self._call(
                 f"delete ConfigMap {name}",
-                lambda: self._core().delete_namespaced_config_map(name, namespace),
+                lambda: self._core().delete_namespaced_config_map(
+                    name, namespace, _preload_content=False
+                ),
                 missing="gone",
             )
 
@@ -206,13 +210,14 @@ class Cluster:
         Yields its objects, from ``resource_version`` on; filtered by name here as well as by
         field selector, since not every API (the test emulator) honours the selector.
         """
-        from kubernetes import watch
+        from kubernetes import watch as kube_watch
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
 
-        watcher = watch.Watch()  # type: ignore[no-untyped-call]
+        watch: Any = kube_watch  # untyped
+        watcher = watch.Watch()
         try:
-            for event in watcher.stream(  # type: ignore[no-untyped-call]
+            for event in watcher.stream(
                 self._custom().list_namespaced_custom_object,
                 GROUP,
                 VERSION,
@@ -239,10 +244,10 @@ class Cluster:
                 f"keeps running: `kapsis status {name}`"
             ) from None
         finally:
-            watcher.stop()  # type: ignore[no-untyped-call]
+            watcher.stop()
 
     def mark_stop(self, namespace: str, name: str) -> None:
-        patch = {"metadata": {"annotations": {STOP_ANNOTATION: "true"}}}
+        patch = {"metadata": {"annotations": {names.STOP_ANNOTATION: "true"}}}
         self._call(
             f"stop AgentRequest {namespace}/{name}",
             lambda: self._custom().patch_namespaced_custom_object(
@@ -256,7 +261,7 @@ class Cluster:
             self._call(
                 f"delete Pod {namespace}/{pod}",
                 lambda: self._core().delete_namespaced_pod(
-                    pod, namespace, grace_period_seconds=grace_seconds
+                    pod, namespace, grace_period_seconds=grace_seconds, _preload_content=False
                 ),
                 missing="gone",
             )
@@ -310,15 +315,17 @@ def _reason(error: Any) -> str:
 
 def connect(context: str | None) -> Cluster:
     """A client for ``context`` of the kubeconfig, or in-cluster when there is no kubeconfig."""
-    from kubernetes import client, config
+    from kubernetes import client
+    from kubernetes import config as kube_config
 
+    config: Any = kube_config  # its loaders are untyped
     try:
         if context is None and _in_cluster():
             configuration = client.Configuration()
-            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            config.load_incluster_config(client_configuration=configuration)
             api = client.ApiClient(configuration)
         else:
-            api = config.new_client_from_config(config_file=kubeconfig_path(), context=context)  # type: ignore[no-untyped-call]
+            api = config.new_client_from_config(config_file=kubeconfig_path(), context=context)
     except (config.ConfigException, OSError) as error:
         where = f"context {context!r} of " if context else ""
         raise ConfigError(
