@@ -36,7 +36,9 @@ def main() -> None:
             log.record("session_start", project="/bench")
             start = time.perf_counter()
             for index in range(args.records):
-                log.record("command", source="agent", command=f"make test {index}", cwd="/workspace")
+                log.record(
+                    "command", source="agent", command=f"make test {index}", cwd="/workspace"
+                )
             appends.append(args.records / (time.perf_counter() - start))
             log.record("session_end", phase="complete")
             files = rotated_files(log.path)
@@ -44,10 +46,14 @@ def main() -> None:
             result = verify(files, key)
             verifies.append(result.records / (time.perf_counter() - start))
             assert result.ok, result.damage
-    print(f"  appended: median {statistics.median(appends):10,.0f} records/s over {args.runs} runs"
-          f" (target >= 20,000)")
-    print(f"  verified: median {statistics.median(verifies):10,.0f} records/s over {args.runs} runs"
-          f" (target >= 200,000)")
+    print(
+        f"  appended: median {statistics.median(appends):10,.0f} records/s over {args.runs} runs"
+        f" (target >= 20,000)"
+    )
+    print(
+        f"  verified: median {statistics.median(verifies):10,.0f} records/s over {args.runs} runs"
+        f" (target >= 200,000)"
+    )
 
 
 if __name__ == "__main__":

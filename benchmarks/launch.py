@@ -21,7 +21,9 @@ from pathlib import Path
 
 def timed(command: list[str], env: dict[str, str]) -> float:
     start = time.perf_counter()
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     return time.perf_counter() - start
 
 
@@ -36,16 +38,37 @@ def main() -> None:
         project.mkdir()
         (project / "README.md").write_text("benchmark\n")
         env = {**os.environ, "KAPSIS_HOME": str(Path(scratch) / "home")}
-        kapsis = [sys.executable, "-m", "kapsis", "run", str(project), "--agent", "shell",
-                  "--task", "true", "--network-mode", "none", "--image", args.image]
+        kapsis = [
+            sys.executable,
+            "-m",
+            "kapsis",
+            "run",
+            str(project),
+            "--agent",
+            "shell",
+            "--task",
+            "true",
+            "--network-mode",
+            "none",
+            "--image",
+            args.image,
+        ]
         bare = ["podman", "run", "--rm", "--network=none", args.image, "true"]
         python_start = [sys.executable, "-c", "pass"]
-        kapsis_import = [sys.executable, "-c", "import kapsis.cli.app, kapsis.api, kapsis.backends.podman"]
+        kapsis_import = [
+            sys.executable,
+            "-c",
+            "import kapsis.cli.app, kapsis.api, kapsis.backends.podman",
+        ]
 
         for command in (bare, kapsis):  # warm caches and the pause image
             timed(command, env)
-        samples: dict[str, list[float]] = {"bare podman run": [], "kapsis run": [],
-                                           "python start": [], "kapsis imports": []}
+        samples: dict[str, list[float]] = {
+            "bare podman run": [],
+            "kapsis run": [],
+            "python start": [],
+            "kapsis imports": [],
+        }
         for _ in range(args.runs):
             samples["bare podman run"].append(timed(bare, env))
             samples["kapsis run"].append(timed(kapsis, env))

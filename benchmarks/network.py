@@ -78,9 +78,10 @@ def main() -> None:
         for mode in ("filtered", "open")
         for i in range(args.queries)
     }
-    with tempfile.TemporaryDirectory(prefix="kapsis-bench-net-") as scratch, start_internet(
-        names
-    ) as internet:
+    with (
+        tempfile.TemporaryDirectory(prefix="kapsis-bench-net-") as scratch,
+        start_internet(names) as internet,
+    ):
         project = Path(scratch) / "project"
         project.mkdir()
         (project / "bench.py").write_text(AGENT_BENCH)

@@ -160,7 +160,24 @@ class KapsisEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 meta["resourceVersion"] = str(next(self._versions))
             elif request.action == kmock.action.UPDATE:
                 data.setdefault("metadata", {})["resourceVersion"] = str(next(self._versions))
-        return await super()._handle(request)
+        try:
+            response = await super()._handle(request)
+        finally:
+            # kmock keeps every request for assertions and matches each new one against that
+            # whole history, so serving slows down linearly; Kapsis's tests read objects, not
+            # the request log, so only the requests in flight are kept.
+            for log in (self._requests, *(payload._requests for payload in self._payloads)):
+                with contextlib.suppress(ValueError):
+                    log.remove(request)
+        # An API server answers a create with 201 Created; the kubernetes client's typed
+        # create calls deserialize only that (a 200 would read as None).
+        if (
+            request.action == kmock.action.CREATE
+            and response.status == 200
+            and not response.prepared
+        ):
+            response.set_status(201)
+        return response
 
     async def _serve_list(self, request: kmock.Request) -> Any:
         result = await super()._serve_list(request)

@@ -7,12 +7,14 @@
 - ``make_namespace``: more namespaces (with labels), deleted afterwards.
 - ``real_cluster_only`` / ``emulator_only``: skip a test that only makes sense on one of them.
 - ``run_operator``: start a kopf registry in-process (see ``cluster.OperatorThread``).
+- ``operator``: the Kapsis operator itself, running in-process for the test's namespaces.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from tests.k8s.cluster import (
     new_api_client,
     start_cluster,
 )
+from tests.k8s.requests import Requests
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -100,3 +103,49 @@ def run_operator() -> Iterator[Callable[..., OperatorThread]]:
     yield run
     for thread in reversed(started):
         thread.stop()
+
+
+@dataclass
+class OperatorUnderTest:
+    """The real operator (kapsis.operator) running in-process against the test cluster."""
+
+    built: Any
+    thread: OperatorThread
+    settings: Any
+    requests: Requests  # in the plain test namespace
+    open_requests: Requests  # in a namespace labelled to allow network mode open
+
+
+@pytest.fixture
+def operator_settings(tmp_path: Path) -> Any:
+    from kapsis.k8s.settings import OperatorSettings
+
+    # dns_servers: configuration data only (TEST-NET address); nothing is sent to it.
+    return OperatorSettings(data_dir=tmp_path / "operator", dns_servers=("192.0.2.53",))
+
+
+@pytest.fixture
+def operator(
+    kubeconfig: Path,
+    api_client: Any,
+    namespace: str,
+    make_namespace: Callable[..., str],
+    operator_settings: Any,
+    run_operator: Callable[..., OperatorThread],
+) -> OperatorUnderTest:
+    from kapsis.k8s.names import ALLOW_OPEN_NETWORK_LABEL
+    from kapsis.operator.connect import client_configuration
+    from kapsis.operator.runner import build_operator
+
+    open_namespace = make_namespace("kapsis-open", {ALLOW_OPEN_NETWORK_LABEL: "true"})
+    built = build_operator(operator_settings, client_configuration(kubeconfig))
+    thread = run_operator(
+        built.registry, settings=built.kopf_settings, namespaces=(namespace, open_namespace)
+    )
+    return OperatorUnderTest(
+        built,
+        thread,
+        operator_settings,
+        Requests(api_client, namespace),
+        Requests(api_client, open_namespace),
+    )

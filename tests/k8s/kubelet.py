@@ -53,6 +53,8 @@ def result_message(
 def container(name: str, state: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {
         "name": name,
+        "image": extra.pop("image", f"localhost/kapsis-{name}:latest"),
+        "imageID": extra.pop("imageID", ""),
         "state": state,
         "ready": extra.pop("ready", "running" in state),
         "restartCount": extra.pop("restartCount", 0),

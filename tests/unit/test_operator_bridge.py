@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -76,6 +77,17 @@ def test_agent_exit_is_reported_only_once_the_agent_terminated():
         (k.finished(finisher_code=1, finisher_message=k.result_message(push="failed")), 7,
          "push_failed", 0),
         (k.finished(finisher_code=8, finisher_message='{"message": "nothing to commit?"}'), 8,
+         "commit_failed", 0),
+        # What the finisher writes (kapsis.k8s.inpod.finish): errorType names the failure.
+        (k.finished(finisher_code=1, finisher_message=json.dumps(
+            {"branch": "b", "commitSha": "abcdef1", "pushStatus": "failed",
+             "message": "rejected", "errorType": "push_diverged"})), 7, "push_diverged", 0),
+        (k.finished(finisher_code=1, finisher_message=json.dumps(
+            {"branch": "b", "commitSha": None, "pushStatus": "skipped",
+             "message": "commit failed: x", "errorType": "commit_failed"})), 8, "commit_failed", 0),
+        (k.finished(finisher_code=1, finisher_message=json.dumps(
+            {"branch": None, "commitSha": None, "pushStatus": "failed",
+             "message": "finishing failed: no annotation", "errorType": "sandbox"})), 8,
          "commit_failed", 0),
         # The agent's own failure is what a local run reports first, even if the push failed.
         (k.finished(agent_code=2, finisher_code=7), 1, "agent_failed", 2),
@@ -213,6 +225,8 @@ def test_blocked_requests_come_from_the_gateways_termination_message_only():
         ('{"commitSha": "not-a-sha", "pushStatus": "sure"}', {}),
         ('{"branch": "b", "commitSha": "abcdef1", "pushStatus": "pushed"}',
          {"branch": "b", "commitSha": "abcdef1", "pushStatus": "pushed"}),
+        ('{"commitSha": null, "errorType": "push_failed"}', {"errorType": "push_failed"}),
+        ('{"errorType": "Not A Type!"}', {}),
     ],
 )  # fmt: skip
 def test_finisher_result_fields_are_checked(message: str, expected: dict[str, Any]):

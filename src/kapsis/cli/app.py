@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
+from kapsis.cli.operator_commands import operator_app
 from kapsis.cli.ssh_commands import ssh_app
 from kapsis.errors import AuditDamagedError, ExitCode, KapsisError
 
@@ -41,6 +42,7 @@ app.add_typer(agents_app, name="agents")
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
 app.add_typer(ssh_app, name="ssh")
+app.add_typer(operator_app, name="operator")
 
 
 def _fail(error: KapsisError) -> NoReturn:
@@ -382,6 +384,21 @@ def setup(
             "rebuild them; without: build the missing ones).",
         ),
     ] = None,
+    operator: Annotated[
+        bool,
+        typer.Option(
+            "--operator",
+            help="Also build the Kubernetes operator image (localhost/kapsis-operator:latest).",
+        ),
+    ] = False,
+    registry: Annotated[
+        str | None,
+        typer.Option(
+            "--registry",
+            help="Tag the Kapsis images as REGISTRY/NAME:TAG and print the `podman push` "
+            "commands (nothing is pushed).",
+        ),
+    ] = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Check the host and build the images (without flags: build what is missing, then check)."""
@@ -410,6 +427,23 @@ def setup(
                 todo = [] if check else agent_images.missing_agents(wanted)
             for agent in todo:
                 agent_images.build_agent_image(agent, progress=_note)
+        if operator or registry:
+            from kapsis.host import operator_image
+
+            present = image.image_present(operator_image.DEFAULT_OPERATOR_IMAGE)
+            if operator and (build or build_base or not present):
+                operator_image.build_operator_image(progress=_note)
+            if registry:
+                from kapsis.host.agent_images import agent_image
+
+                images = [
+                    DEFAULT_IMAGE,
+                    DEFAULT_GATEWAY_IMAGE,
+                    operator_image.DEFAULT_OPERATOR_IMAGE,
+                ]
+                images += [agent_image(agent) for agent in wanted]
+                for command in operator_image.tag_for_registry(images, registry, _note):
+                    print(command)
         results = checks.run_checks(DEFAULT_IMAGE)
     except KapsisError as error:
         _fail(error)

@@ -165,7 +165,7 @@ def command_argv(spec: AgentRequestSpec, profile: AgentProfile) -> tuple[str, ..
         return tuple(template)
     # The text is only known in the Pod: a shell reads the spec file and substitutes it.
     words = [
-        '"' + _double_quoted(part).replace("{task}", '"$KAPSIS_TASK"') + '"'
+        '"' + _double_quoted(part).replace("{task}", "${KAPSIS_TASK}") + '"'
         if "{task}" in part
         else shlex.quote(part)
         for part in template

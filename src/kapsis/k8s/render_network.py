@@ -46,6 +46,11 @@ class GitRemote:
 def git_remote(url: str) -> GitRemote:
     """The host and port of a clone URL (https://, http://, ssh:// or scp-like user@host:path)."""
     parts = urlsplit(url)
+    if parts.password:
+        raise ConfigError(
+            "workspace.git.url: no credentials in the URL (the agent's clone shows it); put the "
+            "token in the credentials Secret"
+        )
     if parts.scheme in ("https", "http", "ssh") and parts.hostname:
         default = {"https": 443, "http": 80, "ssh": 22}[parts.scheme]
         try:

@@ -33,6 +33,7 @@ from kapsis.k8s.resource import PushStatus
 TERMINAL_PHASES: Final = frozenset({"Complete", "Failed"})
 PHASE_ORDER: Final = ("Pending", "Preparing", "Running", "Finishing", "Complete", "Failed")
 TIMEOUT_EXIT: Final = 124  # what `timeout` returns; the Pod's time limit ends the agent with it
+TIMEOUT_KILL_EXIT: Final = 137  # `timeout --kill-after` had to SIGKILL the agent
 # Waiting reasons after which the container will not start without someone fixing something.
 _STUCK_REASONS: Final = frozenset(
     {
@@ -48,6 +49,8 @@ _IMAGE_REASONS: Final = frozenset(
     {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
 )
 _SHA_RE: Final = re.compile(r"^[0-9a-f]{7,64}$")
+_ERROR_TYPE_RE: Final = re.compile(r"^[a-z_]{1,40}$")
+_PUSH_ERRORS: Final = frozenset({"push_failed", "push_diverged"})
 _MAX_TEXT: Final = 1000
 _PUSH_STATUSES: Final = frozenset(get_args(PushStatus))
 
@@ -134,6 +137,9 @@ def parse_finisher_result(message: Any) -> dict[str, Any]:
         result["pushStatus"] = push
     if isinstance(data.get("message"), str):
         result["message"] = _text(data["message"])
+    error_type = data.get("errorType")
+    if isinstance(error_type, str) and _ERROR_TYPE_RE.match(error_type):
+        result["errorType"] = error_type
     return result
 
 
@@ -161,13 +167,19 @@ def _stuck(container: Mapping[str, Any] | None) -> str | None:
     return None
 
 
-def agent_outcome(terminated: Mapping[str, Any], memory: str | None = None) -> Outcome | None:
-    """The outcome the agent's own termination decides, or None when it succeeded."""
+def agent_outcome(
+    terminated: Mapping[str, Any], memory: str | None = None, time_limited: bool = False
+) -> Outcome | None:
+    """The outcome the agent's own termination decides, or None when it succeeded.
+
+    ``time_limited``: the agent runs under ``timeout --kill-after`` (the renderer's wrapper),
+    which exits 124, or 137 when it had to SIGKILL an agent that ignored SIGTERM.
+    """
     code = _exit_code(terminated)
     if terminated.get("reason") == "OOMKilled":
         limit = f" (limit {memory})" if memory else ""
         return Outcome(ExitCode.KILLED, "oom", f"the agent ran out of memory{limit} and was killed")
-    if code == TIMEOUT_EXIT:
+    if code == TIMEOUT_EXIT or (time_limited and code == TIMEOUT_KILL_EXIT):
         return Outcome(ExitCode.TIMEOUT, "timeout", "the agent exceeded its time limit")
     if code != 0:
         return Outcome(ExitCode.AGENT_FAILED, "agent_failed", f"the agent exited with code {code}")
@@ -175,22 +187,38 @@ def agent_outcome(terminated: Mapping[str, Any], memory: str | None = None) -> O
 
 
 def finisher_outcome(code: int, result: Mapping[str, Any]) -> Outcome | None:
-    """The outcome of the finishing step (commit + push), or None when it succeeded."""
+    """The outcome of the finishing step (commit + push), or None when it succeeded.
+
+    The finisher names its failure (``errorType``: push_failed, push_diverged, commit_failed,
+    or the type of whatever stopped it before a commit); a push failure is exit code 7, any
+    other failure means nothing was committed and pushed: 8.
+    """
     detail = result.get("message") or f"the finishing step exited with code {code}"
-    if code == 0 and result.get("pushStatus") != "failed":
+    error_type = result.get("errorType")
+    if code == 0 and error_type is None and result.get("pushStatus") != "failed":
         return None
-    if code == ExitCode.PUSH_FAILED or result.get("pushStatus") == "failed":
-        return Outcome(ExitCode.PUSH_FAILED, "push_failed", f"push failed: {detail}")
+    if error_type in _PUSH_ERRORS or (error_type is None and result.get("pushStatus") == "failed"):
+        kind = str(error_type or "push_failed")
+        return Outcome(ExitCode.PUSH_FAILED, kind, f"push failed: {detail}")
     return Outcome(ExitCode.COMMIT_FAILED, "commit_failed", f"commit failed: {detail}")
 
 
-def _memory_limit(pod: Mapping[str, Any]) -> str | None:
+def _agent_spec(pod: Mapping[str, Any]) -> Mapping[str, Any]:
     for container in (pod.get("spec") or {}).get("containers") or ():
         if isinstance(container, Mapping) and container.get("name") == AGENT_CONTAINER:
-            limits = (container.get("resources") or {}).get("limits") or {}
-            memory = limits.get("memory")
-            return str(memory) if memory else None
-    return None
+            return container
+    return {}
+
+
+def _memory_limit(pod: Mapping[str, Any]) -> str | None:
+    limits = (_agent_spec(pod).get("resources") or {}).get("limits") or {}
+    memory = limits.get("memory")
+    return str(memory) if memory else None
+
+
+def _time_limited(pod: Mapping[str, Any]) -> bool:
+    command = _agent_spec(pod).get("command") or []
+    return bool(command) and command[0] == "timeout"
 
 
 def _conditions(
@@ -346,13 +374,15 @@ def _phase(
         return "Running", "Running", None, "the agent is running"
 
     assert agent_done is not None
-    agent_end = agent_outcome(agent_done, _memory_limit(pod))
+    agent_end = agent_outcome(agent_done, _memory_limit(pod), _time_limited(pod))
     if finisher_done:
         finish_end = finisher_outcome(_exit_code(finisher_done), result)
         ending = agent_end or finish_end
         if ending is None:
             push = result.get("pushStatus")
             done = "finished" + (f"; push {push}" if push else "")
+            if result.get("message"):
+                done += f": {result['message']}"
             return "Complete", "Complete", Outcome(ExitCode.SUCCESS, None, done), ""
         return "Failed", "Failed", ending, ""
     if pod_status.get("phase") in ("Failed", "Succeeded"):

@@ -38,6 +38,32 @@ def _ref(body: Mapping[str, Any]) -> Ref:
     return str(meta.get("namespace")), str(meta.get("name")), str(meta.get("uid"))
 
 
+def _request_owner(meta: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(name, uid) of the AgentRequest controlling a Pod. The owner reference, not the label,
+    names it: a label value is cut to 63 characters, and anyone can copy a label."""
+    for owner in meta.get("ownerReferences") or ():
+        if (
+            owner.get("kind") == ar.KIND
+            and str(owner.get("apiVersion", "")).startswith(f"{ar.GROUP}/")
+            and owner.get("controller")
+            and owner.get("name")
+            and owner.get("uid")
+        ):
+            return str(owner["name"]), str(owner["uid"])
+    return None
+
+
+def _nothing_reported(pod: Mapping[str, Any]) -> bool:
+    """A Pod the kubelet has not reported on yet (no container states, still Pending)."""
+    status = pod.get("status") or {}
+    return (
+        status.get("phase") in (None, "Pending")
+        and not status.get("reason")
+        and not status.get("initContainerStatuses")
+        and not status.get("containerStatuses")
+    )
+
+
 class Reconciler:
     """The operator's handlers, over one API client, one settings value and one audit book."""
 
@@ -130,8 +156,6 @@ class Reconciler:
         if first:
             self.audit.start(ref, request=f"{namespace}/{name}", uid=uid)
         self.audit.record(ref, "request_rejected", reason=reason)
-        if had_pod:
-            self._delete_children(ref)
         now = utc_now()
         self.kube.patch_request_status(
             namespace,
@@ -155,6 +179,9 @@ class Reconciler:
             },
         )
         self.kube.post_event(body, "Warning", "Rejected", reason)
+        if had_pod:
+            # After the status: the Pod watch then sees a finished request, not a lost Pod.
+            self._delete_children(ref)
         self.audit.end(ref, phase="Failed", exitCode=int(ExitCode.USAGE), errorType="config")
 
     def on_update(self, body: Mapping[str, Any], diff: Any = (), **_: Any) -> None:
@@ -163,7 +190,8 @@ class Reconciler:
         ref = _ref(body)
         namespace, name, _uid = ref
         status = dict(body.get("status") or {})
-        fields = sorted({".".join(str(p) for p in change[1]) for change in diff or ()})
+        # kopf's diff paths are relative to the watched field (spec).
+        fields = sorted({".".join(("spec", *map(str, change[1]))) for change in diff or ()})
         if status.get("podName"):
             message = (
                 f"spec is immutable once the Pod exists (changed: {', '.join(fields) or 'spec'});"
@@ -218,16 +246,18 @@ class Reconciler:
         """Bridge a Pod's state (as the kubelet reports it) to its request's status."""
         meta = body.get("metadata") or {}
         namespace = str(meta.get("namespace"))
-        request_name = (meta.get("labels") or {}).get(REQUEST_LABEL)
-        if not request_name:
-            return
+        if event.get("type") != "DELETED" and _nothing_reported(body):
+            return  # the request already says Pending; spare the API server two calls
+        owner = _request_owner(meta)
+        if owner is None:
+            return  # a Pod that merely carries the label does not speak for any request
+        request_name, owner_uid = owner
         request = self.kube.read_request(namespace, request_name)
         if request is None or (request.get("metadata") or {}).get("deletionTimestamp"):
             return
         ref = _ref(request)
-        owners = meta.get("ownerReferences") or []
-        if not any(owner.get("uid") == ref[2] for owner in owners):
-            return  # a Pod that merely carries the label does not speak for the request
+        if ref[2] != owner_uid:
+            return  # owned by an earlier request of the same name
         current = dict(request.get("status") or {})
         if event.get("type") == "DELETED":
             self._pod_vanished(request, current)

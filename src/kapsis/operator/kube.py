@@ -14,8 +14,20 @@ from typing import Any, Final
 
 from kapsis.k8s import resource as ar
 from kapsis.k8s.names import MANAGED_BY_LABEL, MANAGED_BY_VALUE, REQUEST_LABEL
+from kapsis.k8s.render import request_label_value
 
 COMPONENT: Final = "kapsis-operator"
+# What the operator's calls (and kopf's watches and patches) need, per (API group, resource):
+# deploy/operator.yaml's ClusterRole must grant these (a unit test holds it to that).
+API_VERBS: Final = {
+    (ar.GROUP, ar.PLURAL): frozenset({"get", "list", "watch", "patch"}),
+    (ar.GROUP, f"{ar.PLURAL}/status"): frozenset({"patch"}),
+    ("", "pods"): frozenset({"list", "watch", "create", "patch", "delete"}),
+    ("", "configmaps"): frozenset({"list", "create", "delete"}),
+    ("networking.k8s.io", "networkpolicies"): frozenset({"list", "create", "delete"}),
+    ("", "events"): frozenset({"create"}),
+    ("", "namespaces"): frozenset({"get"}),
+}
 _CONFLICT: Final = 409
 _NOT_FOUND: Final = 404
 
@@ -59,7 +71,13 @@ class Kube:
         """Merge ``status`` into the request's status (a no-op if the request is gone)."""
         try:
             self.custom.patch_namespaced_custom_object_status(
-                ar.GROUP, ar.VERSION, namespace, ar.PLURAL, name, {"status": dict(status)}
+                ar.GROUP,
+                ar.VERSION,
+                namespace,
+                ar.PLURAL,
+                name,
+                {"status": dict(status)},
+                _preload_content=False,
             )
         except self._exception as error:
             if _status_of(error) != _NOT_FOUND:
@@ -73,12 +91,16 @@ class Kube:
         namespace = obj["metadata"]["namespace"]
         body = dict(obj)
         try:
+            # _preload_content=False: the answer is not needed, so the client does not build
+            # its model of it (a Pod's is large; parsing it costs more than the call).
             if kind == "Pod":
-                self.core.create_namespaced_pod(namespace, body)
+                self.core.create_namespaced_pod(namespace, body, _preload_content=False)
             elif kind == "ConfigMap":
-                self.core.create_namespaced_config_map(namespace, body)
+                self.core.create_namespaced_config_map(namespace, body, _preload_content=False)
             elif kind == "NetworkPolicy":
-                self.networking.create_namespaced_network_policy(namespace, body)
+                self.networking.create_namespaced_network_policy(
+                    namespace, body, _preload_content=False
+                )
             else:
                 raise ValueError(f"the operator does not create {kind} objects")
         except self._exception as error:
@@ -91,7 +113,9 @@ class Kube:
         """(kind, name) of the objects made for a request: labelled with it and, where they
         have owner references, owned by it (another object that merely copies the label is
         left alone)."""
-        selector = f"{REQUEST_LABEL}={request},{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
+        selector = (
+            f"{REQUEST_LABEL}={request_label_value(request)},{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
+        )
         found: list[tuple[str, str]] = []
         listings = (
             ("Pod", self.core.list_namespaced_pod),
@@ -123,7 +147,10 @@ class Kube:
 
     def annotate_pod(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None:
         self.core.patch_namespaced_pod(
-            name, namespace, {"metadata": {"annotations": dict(annotations)}}
+            name,
+            namespace,
+            {"metadata": {"annotations": dict(annotations)}},
+            _preload_content=False,
         )
 
     # -- namespaces and events -------------------------------------------------------------
@@ -166,4 +193,4 @@ class Kube:
             "reportingComponent": f"{ar.GROUP}/operator",
             "reportingInstance": socket.gethostname(),
         }
-        self.core.create_namespaced_event(namespace, body)
+        self.core.create_namespaced_event(namespace, body, _preload_content=False)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kapsis.errors import KapsisError
+from kapsis.errors import ConfigError, KapsisError
 from kapsis.k8s import resource as ar
 from kapsis.k8s.settings import OperatorSettings
 from kapsis.operator.audit import OperatorAudit
@@ -56,7 +56,13 @@ def build_operator(settings: OperatorSettings, configuration: Any) -> BuiltOpera
     import kopf
 
     audit = OperatorAudit(settings.data_dir)
-    audit.export_public_key()
+    try:
+        audit.export_public_key()
+    except OSError as error:
+        raise ConfigError(
+            f"KAPSIS_OPERATOR_DATA_DIR {settings.data_dir}: cannot keep the audit key there "
+            f"({error.strerror}); point it at a writable directory"
+        ) from None
     reconciler = Reconciler(Kube(api_client(configuration)), settings, audit)
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry, id="login")(kopf_login(configuration))
