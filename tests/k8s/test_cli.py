@@ -430,3 +430,38 @@ def test_the_sdk_runs_on_the_cluster_with_the_same_request(
     assert (result.exit_code, result.error_type) == (6, "timeout")
     assert seen_phases[-1] == "Failed"
     assert api.status("sdk1")[0].backend == "k8s"
+
+
+def test_the_namespace_comes_from_flag_config_context_then_default(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def namespace_of(*extra: str) -> str:
+        result = kapsis("run", str(project), "--backend", "k8s", "-t", "x", "--dry-run", *extra)
+        assert result.exit_code == 0, result.output
+        return str(yaml.safe_load(result.stdout)["metadata"]["namespace"])
+
+    kubeconfig = write_kubeconfig(tmp_path / "kc", "http://127.0.0.1:9")
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    assert namespace_of() == "default"
+    data = yaml.safe_load(kubeconfig.read_text())
+    data["contexts"][0]["context"]["namespace"] = "from-context"
+    kubeconfig.write_text(yaml.safe_dump(data))
+    assert namespace_of() == "from-context"
+    (project / "agent-sandbox.yaml").write_text("kubernetes:\n  namespace: from-config\n")
+    assert namespace_of() == "from-config"
+    assert namespace_of("-n", "from-flag") == "from-flag"
+
+
+def test_no_kubeconfig_or_an_unknown_context_is_exit_2(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    result = kapsis("run", str(project), "--backend", "k8s", "-t", "x")
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("kapsis: error: cannot load the kubeconfig") and "KUBECONFIG" in line
+    monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "kc", "http://127.0.0.1:9")))
+    (project / "agent-sandbox.yaml").write_text("kubernetes:\n  context: nope\n")
+    result = kapsis("run", str(project), "--backend", "k8s", "-t", "x")
+    assert result.exit_code == 2, result.output
+    assert "context 'nope'" in result.stderr

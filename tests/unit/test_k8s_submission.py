@@ -126,10 +126,10 @@ def test_every_config_key_that_maps_reaches_the_spec(project: Path, tmp_path: Pa
     config = """
 agent: {name: shell, command: [make, "{task}"]}
 image: {name: registry.example/base:2}
-resources: {memory: 2g, cpus: 3, pids: 100, timeout: 1h}
+resources: {memory: 2g, cpus: 3, timeout: 1h}
 security:
   profile: minimal
-  overrides: {read_only_root: true, cap_add: [chown]}
+  overrides: {read_only_root: true, no_new_privileges: true, seccomp: true, cap_add: [chown]}
 network:
   mode: filtered
   allowlist: {hosts: [example.org], addresses: ["192.0.2.0/24:443"]}
@@ -146,10 +146,12 @@ kubernetes:
     spec = sub.spec
     assert spec.agent.command == ["make", "Fix the login bug"]  # {task} as locally
     assert spec.agent.image == "registry.example/base:2"
-    assert spec.resources.pids == 100 and spec.resources.timeout == "1h"
+    assert spec.resources.pids is None and spec.resources.timeout == "1h"
     assert spec.resources.cpus == 3
     assert spec.security.profile == "minimal"
     assert spec.security.overrides.read_only_root is True
+    assert spec.security.overrides.no_new_privileges is True
+    assert spec.security.overrides.seccomp is True
     assert spec.security.overrides.cap_add == ["CAP_CHOWN"]
     assert spec.network.allowlist.hosts == ["example.org"]
     assert spec.network.allowlist.addresses == ["192.0.2.0/24:443"]
@@ -190,6 +192,8 @@ def test_task_and_spec_are_checked_as_locally(project: Path, tmp_path: Path) -> 
 # One non-default value for every local-only key, and the words the refusal must contain.
 LOCAL_ONLY_CASES: dict[str, tuple[str, str]] = {
     "agent.workdir": ("agent: {workdir: /src}", "remove it for --backend k8s"),
+    "resources.pids": ("resources: {pids: 100}", "podPidsLimit"),
+    "security.overrides.noexec_tmp": ("security: {overrides: {noexec_tmp: true}}", "noexec"),
     "filesystem.mode": ("filesystem: {mode: worktree}", "fresh clone"),
     "filesystem.mounts": (
         "filesystem: {mounts: [{source: /etc, target: /data}]}",

@@ -51,8 +51,14 @@ MAPPED_KEYS: frozenset[KeyPath] = frozenset(
         ("agent", "name"),
         ("agent", "command"),
         ("image", "name"),
-        ("resources",),
-        ("security",),
+        ("resources", "memory"),
+        ("resources", "cpus"),
+        ("resources", "timeout"),
+        ("security", "profile"),
+        ("security", "overrides", "read_only_root"),
+        ("security", "overrides", "no_new_privileges"),
+        ("security", "overrides", "seccomp"),
+        ("security", "overrides", "cap_add"),
         ("network", "mode"),
         ("network", "allowlist"),
         ("network", "dns_servers"),
@@ -73,6 +79,10 @@ _NOT_YET = "the Kubernetes backend does not support it; remove it for --backend 
 # Keys that cannot mean anything on a cluster (or that the AgentRequest cannot carry): a value
 # other than the default is refused with this fix. ``{name}`` is the first entry's name.
 LOCAL_ONLY: dict[KeyPath, str] = {
+    ("resources", "pids"): "Kubernetes limits processes per Pod only, in the kubelet's "
+    "configuration (podPidsLimit); set it there and remove resources.pids for --backend k8s",
+    ("security", "overrides", "noexec_tmp"): "a Pod's /tmp is an emptyDir, which cannot be "
+    "mounted noexec; remove the override for --backend k8s",
     ("agent", "workdir"): "the agent works in the clone at /workspace; " + _NOT_YET,
     ("filesystem", "mode"): "a cluster run's workspace is a fresh clone on an emptyDir, neither "
     "an overlay nor a worktree of this machine; remove it (and --mode) for --backend k8s",
