@@ -248,10 +248,15 @@ def test_logs_read_the_agent_containers_log(
     set_status(api_client, namespace, "log1", {**RUNNING, "podName": "log1-pod"})
     emulator = k8s_cluster.emulator  # type: ignore[union-attr]
     path = f"/api/v1/namespaces/{namespace}/pods/log1-pod/log"
+    # The more specific reaction first: kmock answers with the first that matches.
+    emulator["get", path, {"container": "agent", "follow": "true"}] << b"streamed\n"
     emulator["get", path, {"container": "agent"}] << b"hello from the agent\nsecond line\n"
     result = kapsis("logs", "log1")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == ["hello from the agent", "second line"]
+    result = kapsis("logs", "log1", "--follow")  # the stream ends when the server closes it
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["streamed"]
 
 
 def test_stop_marks_the_request_and_deletes_its_pod(
@@ -326,6 +331,14 @@ def test_cleanup_deletes_finished_requests_and_their_records(
 
     assert kapsis("cleanup", "--agent", "live1").exit_code == 0
     assert get_request(api_client, namespace, "live1") is None
+    assert StatusStore().all() == []
+
+    assert kapsis(
+        "run", str(project), "--backend", "k8s", "-n", namespace, "--agent-id", "live2",
+        "-t", "sleep 1000", "--detach",
+    ).exit_code == 0  # fmt: skip
+    assert kapsis("cleanup", "--all").exit_code == 0
+    assert get_request(api_client, namespace, "live2") is None
     assert StatusStore().all() == []
 
 
