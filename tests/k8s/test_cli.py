@@ -410,8 +410,14 @@ def test_ctrl_c_while_following_leaves_the_request_running(
 
 
 def test_a_request_deleted_while_followed_ends_the_run_as_killed(
-    project: Path, api_client: Any, namespace: str
+    project: Path, api_client: Any, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from kapsis.backends import k8s_client
+
+    # A deletion between two watches is only seen when the next one starts (a real API server
+    # replays it from the resourceVersion; the emulator does not): short watches keep it quick.
+    monkeypatch.setattr(k8s_client, "WATCH_SECONDS", 1)
+    monkeypatch.setattr(k8s_client, "WATCH_GRACE_SECONDS", 1)
     def delete_it() -> None:
         wait_for("the request", lambda: get_request(api_client, namespace, "del1"))
         custom(api_client).delete_namespaced_custom_object(

@@ -24,6 +24,8 @@ T = TypeVar("T")
 _SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 # A watch is re-opened this often, so a silently dropped connection cannot stall `kapsis run`.
 WATCH_SECONDS = 30
+# How much longer the client waits for a quiet watch than the server should keep it open.
+WATCH_GRACE_SECONDS = 5
 
 
 class ClusterUnreachableError(SandboxError):
@@ -226,7 +228,7 @@ class Cluster:
                 field_selector=f"metadata.name={name}",
                 resource_version=resource_version,
                 timeout_seconds=WATCH_SECONDS,
-                _request_timeout=(10, WATCH_SECONDS + 5),
+                _request_timeout=(10, WATCH_SECONDS + WATCH_GRACE_SECONDS),
             ):
                 obj = event.get("object") or {}
                 if obj.get("metadata", {}).get("name") != name:
