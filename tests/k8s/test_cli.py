@@ -418,6 +418,7 @@ def test_a_request_deleted_while_followed_ends_the_run_as_killed(
     # replays it from the resourceVersion; the emulator does not): short watches keep it quick.
     monkeypatch.setattr(k8s_client, "WATCH_SECONDS", 1)
     monkeypatch.setattr(k8s_client, "WATCH_GRACE_SECONDS", 1)
+
     def delete_it() -> None:
         wait_for("the request", lambda: get_request(api_client, namespace, "del1"))
         custom(api_client).delete_namespaced_custom_object(
