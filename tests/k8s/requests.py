@@ -83,6 +83,18 @@ class Requests:
             raise AssertionError(f"{error}; status now: {self.status(name)}") from None
         return result
 
+    def wait_accepted(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The status once the operator accepted the request and named its Pod: Pending on the
+        emulator; on a real cluster the kubelet may already have moved it on."""
+
+        def probe() -> dict[str, Any] | None:
+            status = self.status(name)
+            accepted = status.get("podName") and status.get("phase") not in (None, "Failed")
+            return status if accepted else None
+
+        result: dict[str, Any] = wait_for(f"{name} to be accepted", probe, timeout)
+        return result
+
     def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object(
             ar.GROUP, ar.VERSION, self.namespace, ar.PLURAL, name, {"spec": spec}

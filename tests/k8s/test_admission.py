@@ -54,7 +54,7 @@ def test_open_network_runs_in_a_namespace_labelled_for_it(operator: OperatorUnde
     requests.create("open", network={"mode": "open"})
     pod = requests.wait_pod("open")
     assert pod["metadata"]["name"] == pod_name("open")
-    assert requests.wait_phase("open", "Pending")["podName"] == pod_name("open")
+    assert requests.wait_accepted("open")["podName"] == pod_name("open")
 
 
 def test_valid_environment_and_image_get_a_pod(operator: OperatorUnderTest):
@@ -74,7 +74,7 @@ def test_a_rejected_request_fixed_before_it_ran_gets_its_pod(operator: OperatorU
     _assert_rejected(requests, "fixme", "docker.io/evil:1")
     requests.patch_spec("fixme", {"agent": {"image": "localhost/kapsis-base:latest"}})
     requests.wait_pod("fixme")
-    status = requests.wait_phase("fixme", "Pending")
+    status = requests.wait_accepted("fixme")
     assert "exitCode" not in status and "errorType" not in status
 
 

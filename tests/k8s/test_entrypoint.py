@@ -37,7 +37,7 @@ def test_the_operator_entry_point_runs_and_stops_on_sigterm(
         requests = Requests(api_client, namespace)
         requests.create("from-main")
         requests.wait_pod("from-main", timeout=30)
-        assert requests.wait_phase("from-main", "Pending")["podName"]
+        assert requests.wait_accepted("from-main")["podName"]
         assert (tmp_path / "operator" / "keys" / "audit-ed25519.pub.pem").exists()
     finally:
         process.send_signal(signal.SIGTERM)

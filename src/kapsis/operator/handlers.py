@@ -31,6 +31,8 @@ log = logging.getLogger("kapsis.operator")
 
 Ref = tuple[str, str, str]  # namespace, name, uid
 AUDITED_RESULT_KEYS: Final = ("branch", "commitSha", "pushStatus", "message")
+# Phases in which the Pod has started: a missing Pod then means a lost run.
+STARTED_PHASES: Final = frozenset({"Preparing", "Running", "Finishing"})
 
 
 def _ref(body: Mapping[str, Any]) -> Ref:
@@ -98,6 +100,10 @@ class Reconciler:
             self.reject(body, str(error), first=first, had_pod=bool(status.get("podName")))
             return
         pod_name = str(rendered.pod["metadata"]["name"])
+        if status.get("phase") in STARTED_PHASES and not self.kube.pod_exists(namespace, pod_name):
+            # Its Pod went while the operator was away: the run is lost, not to be redone.
+            self._pod_vanished(body, status)
+            return
         if first:
             self.audit.start(ref, request=f"{namespace}/{name}", uid=uid)
             self.audit.record(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+import time
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -22,7 +23,7 @@ COMPONENT: Final = "kapsis-operator"
 API_VERBS: Final = {
     (ar.GROUP, ar.PLURAL): frozenset({"get", "list", "watch", "patch"}),
     (ar.GROUP, f"{ar.PLURAL}/status"): frozenset({"patch"}),
-    ("", "pods"): frozenset({"list", "watch", "create", "patch", "delete"}),
+    ("", "pods"): frozenset({"get", "list", "watch", "create", "patch", "delete"}),
     ("", "configmaps"): frozenset({"list", "create", "delete"}),
     ("networking.k8s.io", "networkpolicies"): frozenset({"list", "create", "delete"}),
     ("", "events"): frozenset({"create"}),
@@ -30,6 +31,7 @@ API_VERBS: Final = {
 }
 _CONFLICT: Final = 409
 _NOT_FOUND: Final = 404
+_RETRY_DELAYS: Final = (0.2, 1.0, 3.0)
 
 
 def utc_now() -> str:
@@ -145,13 +147,31 @@ class Kube:
             raise
         return True
 
+    def pod_exists(self, namespace: str, name: str) -> bool:
+        try:
+            self.core.read_namespaced_pod(name, namespace, _preload_content=False)
+        except self._exception as error:
+            if _status_of(error) == _NOT_FOUND:
+                return False
+            raise
+        return True
+
     def annotate_pod(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None:
-        self.core.patch_namespaced_pod(
-            name,
-            namespace,
-            {"metadata": {"annotations": dict(annotations)}},
-            _preload_content=False,
-        )
+        """Set annotations on a Pod, retrying a few times: this is what releases the finisher,
+        and a Pod whose finisher waits changes no more, so no later event would retry it."""
+        for delay in (*_RETRY_DELAYS, None):
+            try:
+                self.core.patch_namespaced_pod(
+                    name,
+                    namespace,
+                    {"metadata": {"annotations": dict(annotations)}},
+                    _preload_content=False,
+                )
+                return
+            except Exception as error:  # the API's refusal, or the connection's failure
+                if delay is None or _status_of(error) == _NOT_FOUND:
+                    raise
+            time.sleep(delay)
 
     # -- namespaces and events -------------------------------------------------------------
 
