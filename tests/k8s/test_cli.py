@@ -485,3 +485,33 @@ def test_no_kubeconfig_or_an_unknown_context_is_exit_2(
     result = kapsis("run", str(project), "--backend", "k8s", "-t", "x")
     assert result.exit_code == 2, result.output
     assert "context 'nope'" in result.stderr
+
+
+def test_a_cluster_that_never_answers_costs_seconds_not_minutes(
+    project: Path, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+    import time
+
+    from kapsis.backends import k8s_client
+
+    assert kapsis(
+        "run", str(project), "--backend", "k8s", "-n", namespace, "--agent-id", "mute1",
+        "-t", "sleep 1000", "--detach",
+    ).exit_code == 0  # fmt: skip
+    silent = socket.socket()  # accepts connections (the backlog) and never says a word
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        port = silent.getsockname()[1]
+        kubeconfig = write_kubeconfig(tmp_path / "mute", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        monkeypatch.setattr(k8s_client, "REQUEST_TIMEOUT", (1, 1))
+        started = time.monotonic()
+        result = kapsis("status", "mute1", "--json")
+        elapsed = time.monotonic() - started
+    finally:
+        silent.close()
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["message"].startswith("cluster unreachable: ")
+    assert elapsed < 10

@@ -9,6 +9,7 @@ cluster, a missing CRD, a namespace that does not exist, missing permissions.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -26,6 +27,10 @@ _SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount
 WATCH_SECONDS = 30
 # How much longer the client waits for a quiet watch than the server should keep it open.
 WATCH_GRACE_SECONDS = 5
+# Every call's (connect, read) limit, so a cluster that does not answer (a VPN that is down)
+# costs seconds, not minutes of TCP retries; streams set their own read limit.
+CONNECT_SECONDS = 5
+REQUEST_TIMEOUT = (CONNECT_SECONDS, 30)
 
 
 class ClusterUnreachableError(SandboxError):
@@ -107,12 +112,12 @@ class Cluster:
     def _custom(self) -> Any:
         from kubernetes import client
 
-        return client.CustomObjectsApi(self.api)
+        return _Timed(client.CustomObjectsApi(self.api))
 
     def _core(self) -> Any:
         from kubernetes import client
 
-        return client.CoreV1Api(self.api)
+        return _Timed(client.CoreV1Api(self.api))
 
     def preflight(self, namespace: str) -> None:
         """The CRD is installed and the namespace exists (a 403 on the namespace is no proof)."""
@@ -228,7 +233,7 @@ class Cluster:
                 field_selector=f"metadata.name={name}",
                 resource_version=resource_version,
                 timeout_seconds=WATCH_SECONDS,
-                _request_timeout=(10, WATCH_SECONDS + WATCH_GRACE_SECONDS),
+                _request_timeout=(CONNECT_SECONDS, WATCH_SECONDS + WATCH_GRACE_SECONDS),
             ):
                 obj = event.get("object") or {}
                 if obj.get("metadata", {}).get("name") != name:
@@ -290,6 +295,9 @@ class Cluster:
                 container=names.AGENT_CONTAINER,
                 follow=follow,
                 _preload_content=False,
+                # A quiet agent is no reason to stop following its log (the request was just
+                # read with the usual limit, so the cluster answers).
+                _request_timeout=None if follow else REQUEST_TIMEOUT,
             ),
             missing=missing,
         )
@@ -304,6 +312,26 @@ class Cluster:
                 yield pending.decode(errors="replace")
         finally:
             response.release_conn()
+
+
+class _Timed:
+    """An API object whose calls get :data:`REQUEST_TIMEOUT` unless they name their own."""
+
+    def __init__(self, api: Any) -> None:
+        self._api = api
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._api, name)
+        if not callable(method):
+            return method
+
+        # wraps: kubernetes.watch reads the method's name and docstring.
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
+            return method(*args, **kwargs)
+
+        return call
 
 
 def _reason(error: Any) -> str:
@@ -321,17 +349,21 @@ def connect(context: str | None) -> Cluster:
     from kubernetes import config as kube_config
 
     config: Any = kube_config  # its loaders are untyped
+    configuration = client.Configuration()
+    # One retry: with REQUEST_TIMEOUT, a silent cluster is reported within seconds.
+    configuration.retries = 1
     try:
         if context is None and _in_cluster():
-            configuration = client.Configuration()
             config.load_incluster_config(client_configuration=configuration)
-            api = client.ApiClient(configuration)
         else:
-            api = config.new_client_from_config(config_file=kubeconfig_path(), context=context)
+            config.load_kube_config(
+                config_file=kubeconfig_path(), context=context, client_configuration=configuration
+            )
     except (config.ConfigException, OSError) as error:
         where = f"context {context!r} of " if context else ""
         raise ConfigError(
             f"cannot load {where}the kubeconfig {kubeconfig_path()}: {error}; set KUBECONFIG, "
             "or kubernetes.context in agent-sandbox.yaml"
         ) from None
-    return Cluster(api=api, context=context, host=str(api.configuration.host))
+    api = client.ApiClient(configuration)
+    return Cluster(api=api, context=context, host=str(configuration.host))
