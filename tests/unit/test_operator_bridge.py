@@ -192,6 +192,13 @@ def test_a_terminal_status_never_changes():
     assert again.status == done
 
 
+def test_the_gateways_count_may_arrive_after_the_end():
+    late = k.finished()
+    late["initContainerStatuses"][1]["state"] = k.terminated(0, message='{"blockedRequests": 7}')
+    status = bridge(pod(late), {"phase": "Complete", "exitCode": 0}, "later").status
+    assert status == {"phase": "Complete", "exitCode": 0, "blockedRequests": 7}
+
+
 def test_condition_times_move_only_on_transitions():
     first = run(k.agent_running()).status
     second = bridge(pod(k.agent_running()), first, "2099-01-01T00:00:00Z").status

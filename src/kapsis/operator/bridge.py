@@ -270,6 +270,10 @@ def bridge(pod: Mapping[str, Any], current: Mapping[str, Any] | None, now: str) 
     finisher_exit = _exit_code(finisher_done) if finisher_done else None
 
     if current.get("phase") in TERMINAL_PHASES:
+        # Only the gateway's count may still arrive: a sidecar is stopped after the finisher.
+        blocked = _blocked_requests(gateway)
+        if blocked is not None:
+            current["blockedRequests"] = blocked
         return Bridged(current, agent_exit, oom, result, finisher_exit)
 
     phase, stage, outcome, message = _phase(

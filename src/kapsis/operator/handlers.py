@@ -295,6 +295,8 @@ class Reconciler:
             )
         if new_phase != old_phase:
             self.audit.record(ref, "phase_changed", previous=old_phase, phase=new_phase)
+        if changes.get("blockedRequests"):
+            self.audit.record(ref, "gateway_report", blocked_requests=changes["blockedRequests"])
         self.kube.patch_request_status(namespace, request_name, changes)
         if new_phase in TERMINAL_PHASES and old_phase not in TERMINAL_PHASES:
             final = bridged.status
