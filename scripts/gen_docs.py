@@ -45,7 +45,7 @@ from pydantic_core import PydanticUndefined  # noqa: E402
 from ruamel.yaml import YAML  # noqa: E402
 
 from kapsis import errors  # noqa: E402
-from kapsis.config import models  # noqa: E402
+from kapsis.config import kubernetes_section, models  # noqa: E402
 from kapsis.config.models import KapsisConfig  # noqa: E402
 from kapsis.k8s.crd import crd_yaml  # noqa: E402
 from kapsis.network.policy import category_names  # noqa: E402
@@ -136,6 +136,18 @@ NAMED_TYPES: tuple[tuple[Any, str, str, str], ...] = (
         "URL",
         "URLs",
         "an `http://` or `https://` URL without credentials in it",
+    ),
+    (
+        kubernetes_section.NamespaceName,
+        "namespace name",
+        "namespace names",
+        "a Kubernetes namespace name: lowercase letters, digits and `-`, at most 63",
+    ),
+    (
+        kubernetes_section.ObjectName,
+        "object name",
+        "object names",
+        "a Kubernetes object name: lowercase letters, digits, `-` and `.`",
     ),
     (
         models.SandboxPath,

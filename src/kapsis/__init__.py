@@ -20,6 +20,9 @@ _EXPORTS = {
     "stop": "kapsis.api",
     "cleanup": "kapsis.api",
     "CleanupItem": "kapsis.api",
+    "k8s_submission": "kapsis.api",
+    "k8s_manifests": "kapsis.api",
+    "k8s_run": "kapsis.api",
     "RunRequest": "kapsis.sandbox.plan",
     "SandboxPlan": "kapsis.sandbox.plan",
     "RunResult": "kapsis.sandbox.launcher",
@@ -54,6 +57,9 @@ __all__ = [
     "SandboxError",
     "SandboxPlan",
     "cleanup",
+    "k8s_manifests",
+    "k8s_run",
+    "k8s_submission",
     "launch",
     "load_config",
     "logs",
@@ -64,7 +70,19 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from kapsis.api import CleanupItem, cleanup, launch, logs, plan, run, status, stop
+    from kapsis.api import (
+        CleanupItem,
+        cleanup,
+        k8s_manifests,
+        k8s_run,
+        k8s_submission,
+        launch,
+        logs,
+        plan,
+        run,
+        status,
+        stop,
+    )
     from kapsis.config.loader import load_config
     from kapsis.config.models import KapsisConfig
     from kapsis.errors import (

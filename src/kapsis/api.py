@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,8 @@ from kapsis.status import AgentStatus, StatusStore
 
 if TYPE_CHECKING:
     from kapsis.audit import VerifyResult
+    from kapsis.k8s.resource import AgentRequestStatus
+    from kapsis.k8s.submission import Submission
 
 
 def load_run_config(request: RunRequest) -> LoadedConfig:
@@ -65,9 +67,69 @@ def network_policy(
     return plan_network(loaded, profile, "policy", allow, probe_host().dns_servers)
 
 
-def run(request: RunRequest, *, detach: bool = False, backend: Backend | None = None) -> RunResult:
-    """Run an agent. In the foreground its output goes to stdout and this returns when it ends."""
+BACKENDS = ("podman", "k8s")
+
+
+def check_backend(request: RunRequest) -> None:
+    if request.backend not in BACKENDS:
+        raise ConfigError(f"--backend {request.backend}: unknown backend; use podman or k8s")
+    if request.namespace is not None and request.backend != "k8s":
+        raise ConfigError("--namespace: only a run with --backend k8s has a namespace")
+
+
+def run(
+    request: RunRequest,
+    *,
+    detach: bool = False,
+    backend: Backend | None = None,
+    on_status: Callable[[AgentRequestStatus], None] | None = None,
+) -> RunResult:
+    """Run an agent. In the foreground its output goes to stdout and this returns when it ends.
+
+    With ``request.backend == "k8s"`` the agent runs on a cluster as an AgentRequest, whose
+    status changes go to ``on_status`` while this follows it.
+    """
+    check_backend(request)
+    if request.backend == "k8s":
+        return k8s_run(k8s_submission(request), detach=detach, on_status=on_status)
     return launch(plan(request), detach=detach, backend=backend)
+
+
+def k8s_submission(request: RunRequest) -> Submission:
+    """What ``kapsis run --backend k8s`` would create, computed without any cluster."""
+    check_backend(request)
+    from kapsis.backends import kubernetes
+
+    return kubernetes.submission_for(request)
+
+
+def k8s_namespace(submission: Submission) -> str:
+    """The namespace a submission goes to: its own, else the kubeconfig context's, else default."""
+    from kapsis.backends import kubernetes
+
+    return kubernetes.namespace_of(submission)
+
+
+def k8s_manifests(request: RunRequest) -> list[dict[str, Any]]:
+    """The AgentRequest (and task ConfigMap) of a k8s run, as YAML-ready dicts (--dry-run)."""
+    submission = k8s_submission(request)
+    return submission.manifests(k8s_namespace(submission))
+
+
+def k8s_run(
+    submission: Submission,
+    *,
+    detach: bool = False,
+    on_status: Callable[[AgentRequestStatus], None] | None = None,
+    on_created: Callable[[Submission, str], None] | None = None,
+) -> RunResult:
+    """Create a computed submission on its cluster and, unless ``detach``, follow it to its end.
+
+    Ctrl-C (KeyboardInterrupt) while following leaves the request running on the cluster.
+    """
+    from kapsis.backends import kubernetes
+
+    return kubernetes.run(submission, detach=detach, on_status=on_status, on_created=on_created)
 
 
 def launch(
@@ -87,16 +149,26 @@ def status(agent_id: str | None = None) -> list[AgentStatus]:
     """Status of one agent, or of all agents (oldest first)."""
     store = StatusStore()
     if agent_id is None:
-        return store.all()
-    record = store.read(agent_id)
-    if record is None:
-        raise ConfigError(f"AGENT_ID {agent_id}: no such agent; `kapsis status` lists them")
-    return [record]
+        records = store.all()
+    else:
+        record = store.read(agent_id)
+        if record is None:
+            raise ConfigError(f"AGENT_ID {agent_id}: no such agent; `kapsis status` lists them")
+        records = [record]
+    if any(r.backend == "k8s" and not r.finished for r in records):
+        from kapsis.backends import kubernetes
+
+        records = kubernetes.refresh(records)
+    return records
 
 
 def logs(agent_id: str, *, follow: bool = False) -> Iterator[str]:
     """The agent's transcript (stdout and stderr), line by line."""
     record = status(agent_id)[0]
+    if record.backend == "k8s":
+        from kapsis.backends import kubernetes
+
+        return kubernetes.logs(record, follow=follow and not record.finished)
     backend = get_backend(record.backend)
     return backend.logs(agent_id, follow=follow and not record.finished)
 
@@ -106,6 +178,10 @@ def stop(agent_id: str) -> AgentStatus:
     record = status(agent_id)[0]
     if record.finished:
         return record
+    if record.backend == "k8s":
+        from kapsis.backends import kubernetes
+
+        return kubernetes.stop(record)
     store = StatusStore()
     store.update(agent_id, stop_requested=True, message="stopping")
     get_backend(record.backend).stop(agent_id)
@@ -137,8 +213,10 @@ def cleanup(
     from kapsis.workspace import cleanup as workspace_cleanup
 
     store = StatusStore()
-    records = status(agent_id) if agent_id else store.all()
+    records = status(agent_id) if agent_id else status()
     known = {r.agent_id for r in records}
+    on_cluster = [r for r in records if r.backend == "k8s"]
+    records = [r for r in records if r.backend != "k8s"]
     orphans: list[str] = []
     if everything or agent_id is None:
         # Sandboxes left behind with no status record (e.g. a crash before the first write).
@@ -162,11 +240,14 @@ def cleanup(
             removes += workspace_cleanup.deletable_branch(sandbox_plan, force=force)
         items.append(CleanupItem(record.agent_id, record.phase, removes))
     items += [CleanupItem(orphan, "unknown", _removable(orphan, False, None)) for orphan in orphans]
+    if on_cluster:
+        items += _cleanup_k8s(on_cluster, everything or agent_id is not None, dry_run)
     if dry_run:
         return items
     backend = get_backend()
+    cluster_ids = {r.agent_id for r in on_cluster}
     for item in items:
-        if item.kept:
+        if item.kept or item.agent_id in cluster_ids:
             continue
         current = store.read(item.agent_id)
         if current is not None and not current.finished:
@@ -181,6 +262,20 @@ def cleanup(
         shutil.rmtree(paths.sandbox_dir(item.agent_id), ignore_errors=True)
         paths.transcript_path(item.agent_id).unlink(missing_ok=True)
         store.delete(item.agent_id)
+    return items
+
+
+def _cleanup_k8s(records: list[AgentStatus], running_too: bool, dry_run: bool) -> list[CleanupItem]:
+    """Delete the AgentRequests of finished k8s runs (running ones too with --all / --agent)."""
+    from kapsis.backends import kubernetes
+
+    items: list[CleanupItem] = []
+    for record in records:
+        if not record.finished and not running_too:
+            continue
+        items.append(CleanupItem(record.agent_id, record.phase, kubernetes.removes(record)))
+        if not dry_run:
+            kubernetes.remove(record)
     return items
 
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from kapsis.cli.app import app
 
 SECTIONS = ["agent", "resources", "security", "network", "filesystem", "git", "environment"]
-SECTIONS += ["image", "audit", "ssh", "build_tools"]
+SECTIONS += ["image", "audit", "ssh", "build_tools", "kubernetes"]
 
 
 @pytest.fixture

@@ -20,7 +20,9 @@ from kapsis.cli.ssh_commands import ssh_app
 from kapsis.errors import AuditDamagedError, ExitCode, KapsisError
 
 if TYPE_CHECKING:
-    from kapsis.sandbox.plan import SandboxPlan
+    from kapsis.k8s.submission import Submission
+    from kapsis.sandbox.launcher import RunResult
+    from kapsis.sandbox.plan import RunRequest, SandboxPlan
 
 app = typer.Typer(
     name="kapsis",
@@ -112,8 +114,22 @@ def run(
         bool, typer.Option("--json", help="Print the result as JSON on stdout.")
     ] = False,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the plan and podman commands; run nothing.")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the plan and podman commands (k8s: the AgentRequest YAML); run nothing.",
+        ),
     ] = False,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend", help="podman (this machine) | k8s (an AgentRequest on a cluster)."
+        ),
+    ] = "podman",
+    namespace: Annotated[
+        str | None,
+        typer.Option("--namespace", "-n", help="k8s: the namespace (default: the context's)."),
+    ] = None,
 ) -> None:
     """Run an agent on PROJECT in a sandbox."""
     from kapsis import api
@@ -137,8 +153,13 @@ def run(
         push=push,
         allow=tuple(allow or ()),
         config_file=config,
+        backend=backend,
+        namespace=namespace,
     )
+    if backend == "k8s":
+        _run_k8s(request, detach=detach, json_output=json_output, dry_run=dry_run)
     try:
+        api.check_backend(request)
         plan = api.plan(request)
         if dry_run:
             from kapsis.backends import get_backend
@@ -160,6 +181,10 @@ def run(
     if json_output:
         print(json.dumps(dataclasses.asdict(result)), file=stdout, flush=True)
         raise typer.Exit(result.exit_code)
+    _report(result)
+
+
+def _report(result: RunResult) -> NoReturn:
     for line in result.notes:
         _note(line)
     if result.pr_url:
@@ -174,6 +199,61 @@ def run(
     else:
         _note(f"agent {result.agent_id} failed ({result.error_type}): {result.message}")
     raise typer.Exit(result.exit_code)
+
+
+def _run_k8s(request: RunRequest, *, detach: bool, json_output: bool, dry_run: bool) -> NoReturn:
+    """``kapsis run --backend k8s``: create the AgentRequest and follow it (or print it)."""
+    from kapsis import api
+    from kapsis.k8s import status_view
+
+    agent_id = request.agent_id or "ID"
+    try:
+        submission = api.k8s_submission(request)
+        agent_id = submission.agent_id
+        if dry_run:
+            from ruamel.yaml import YAML
+
+            yaml = YAML(typ="safe", pure=True)
+            yaml.default_flow_style = False
+            yaml.dump_all(submission.manifests(api.k8s_namespace(submission)), sys.stdout)
+            raise typer.Exit(0)
+        result = api.k8s_run(
+            submission,
+            detach=detach,
+            on_created=_announce_k8s,
+            on_status=lambda status: _note(
+                f"agent {submission.agent_id}: {status_view.describe(status)}"
+            ),
+        )
+    except KeyboardInterrupt:
+        # The request is the cluster's now: leaving the terminal must not stop or delete it.
+        _note(
+            f"no longer following agent {agent_id}; once created it keeps running on the "
+            f"cluster: see `kapsis status {agent_id}`, stop it with `kapsis stop {agent_id}`"
+        )
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    except KapsisError as error:
+        _fail(error)
+    if json_output:
+        print(json.dumps(dataclasses.asdict(result)), flush=True)
+        raise typer.Exit(result.exit_code)
+    _report(result)
+
+
+def _announce_k8s(submission: Submission, namespace: str) -> None:
+    spec = submission.spec
+    _note(
+        f"agent {submission.agent_id} ({spec.agent.profile}) on {submission.project}: "
+        f"AgentRequest {namespace}/{submission.name} created, profile {spec.security.profile}, "
+        f"network {spec.network.mode}, memory {spec.resources.memory}, "
+        f"cpus {spec.resources.cpus:g}"
+    )
+    if spec.network.mode == "open":
+        _note("WARNING: network mode OPEN: the agent can reach any address")
+    git = spec.workspace.git
+    _note(f"branch {git.branch} from {git.baseBranch} of {git.url}")
+    for line in submission.notes:
+        _note(line)
 
 
 def _announce(plan: SandboxPlan) -> None:

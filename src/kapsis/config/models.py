@@ -12,7 +12,13 @@ import re
 import string
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
+
+# Re-exported: the base and the variable-name type are shared with the section modules.
+from kapsis.config.base import RESERVED_ENV_PREFIX as RESERVED_ENV_PREFIX
+from kapsis.config.base import EnvName as EnvName
+from kapsis.config.base import Section as Section
+from kapsis.config.kubernetes_section import KubernetesSection
 
 DEFAULT_IMAGE = "localhost/kapsis-base:latest"
 
@@ -23,13 +29,11 @@ _MEMORY_RE = re.compile(r"^(\d+)([bkmg]?)$")
 _MEMORY_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _DURATION_RE = re.compile(r"^(\d+)([smh]?)$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOST_RE = re.compile(
     r"^(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(:\d{1,5})?$"
 )
 _CAPABILITY_RE = re.compile(r"^(CAP_)?[A-Z_]+$")
-RESERVED_ENV_PREFIX = "KAPSIS_"
 
 
 def memory_to_bytes(value: str) -> int:
@@ -55,14 +59,6 @@ def _check_memory(value: str) -> str:
 def _check_duration(value: str | int) -> str | int:
     if duration_to_seconds(value) <= 0:
         raise ValueError("a duration must be positive")
-    return value
-
-
-def _check_env_name(value: str) -> str:
-    if not _ENV_NAME_RE.match(value):
-        raise ValueError(f"{value!r} is not an environment variable name (letters, digits, _)")
-    if value.startswith(RESERVED_ENV_PREFIX):
-        raise ValueError(f"{value!r}: names starting with {RESERVED_ENV_PREFIX} are reserved")
     return value
 
 
@@ -133,7 +129,6 @@ def _check_absolute(value: str) -> str:
 
 MemorySize = Annotated[str, AfterValidator(_check_memory)]
 Duration = Annotated[str | int, AfterValidator(_check_duration)]
-EnvName = Annotated[str, AfterValidator(_check_env_name)]
 HostPattern = Annotated[str, AfterValidator(_check_host)]
 AddressPattern = Annotated[str, AfterValidator(_check_address)]
 CategoryName = Annotated[str, AfterValidator(_check_category)]
@@ -155,12 +150,6 @@ def _check_resolver(value: str) -> str:
 IPAddress = Annotated[str, AfterValidator(_check_resolver)]
 Capability = Annotated[str, AfterValidator(_check_capability)]
 SandboxPath = Annotated[str, AfterValidator(_check_absolute)]
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class AgentSection(Section):
@@ -573,3 +562,7 @@ class KapsisConfig(Section):
     audit: AuditSection = Field(default_factory=AuditSection)
     ssh: SshSection = Field(default_factory=SshSection)
     build_tools: BuildToolsSection = Field(default_factory=BuildToolsSection)
+    kubernetes: KubernetesSection = Field(
+        default_factory=KubernetesSection,
+        description="Settings of `kapsis run --backend k8s` (ignored by local runs).",
+    )

@@ -24,3 +24,7 @@ AGENT_EXIT_ANNOTATION: Final = "kapsis.dev/agent-exit-code"
 
 # A namespace labelled with this (value "true") may run requests with network.mode open.
 ALLOW_OPEN_NETWORK_LABEL: Final = "kapsis.dev/allow-open-network"
+
+# Set on an AgentRequest by `kapsis stop` (which also deletes the Pod): the request was stopped
+# on purpose, so an operator may report errorType "stopped" rather than "killed".
+STOP_ANNOTATION: Final = "kapsis.dev/stop-requested"

@@ -154,6 +154,9 @@ class RunRequest:
     config_file: Path | None = None
     allow: tuple[str, ...] = ()
     extra_flags: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    # "podman" (local) or "k8s" (an AgentRequest on a cluster; see kapsis.backends.kubernetes).
+    backend: str = "podman"
+    namespace: str | None = None
 
     def flag_values(self) -> dict[str, tuple[str, Any]]:
         """The request's overrides, keyed by config path, labelled with their flag."""
@@ -169,6 +172,7 @@ class RunRequest:
             "git.base_branch": ("--base-branch", self.base_branch),
             "filesystem.mode": ("--mode", self.mode),
             "git.auto_push": ("--push" if self.push else "--no-push", self.push),
+            "kubernetes.namespace": ("--namespace", self.namespace),
             **self.extra_flags,
         }
 

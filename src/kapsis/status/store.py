@@ -80,6 +80,9 @@ class AgentStatus(BaseModel):
     notes: list[str] = []
     alerts: list[str] = []
     agent_reported: AgentActivity | None = None
+    # Backend "k8s": where the AgentRequest (named after the agent id) lives.
+    namespace: str | None = None
+    kube_context: str | None = None
 
     @property
     def finished(self) -> bool:
