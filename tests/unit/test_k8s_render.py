@@ -282,6 +282,8 @@ def test_gateway_files_are_the_podman_gateways() -> None:
         "probe-address",
         "entrypoint.sh",
         "selftest.py",
+        "report.py",
+        "observe.py",
     }
 
 

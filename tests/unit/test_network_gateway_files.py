@@ -55,6 +55,8 @@ def test_write_gateway_files_writes_the_rendered_config_and_the_shipped_scripts(
         "probe-address": "198.51.100.1\n",  # 192.0.2.1 is allowlisted
         "entrypoint.sh": (SHIPPED / "entrypoint.sh").read_text(),
         "selftest.py": (SHIPPED / "selftest.py").read_text(),
+        "report.py": (SHIPPED / "report.py").read_text(),
+        "observe.py": (SHIPPED.parent / "observe.py").read_text(),
     }
     assert probe_address(policy) == "198.51.100.1"
 
