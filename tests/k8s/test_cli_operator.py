@@ -162,4 +162,5 @@ def test_stop_deletes_the_pod_and_the_operator_fails_the_request(
     assert result.exit_code == 0, result.output
     record = StatusStore().read("e2e2")
     assert record is not None and record.phase == "failed" and record.exit_code == 5
+    assert record.error_type == "stopped"  # as a local `kapsis stop`
     assert pods(api_client, namespace) == []

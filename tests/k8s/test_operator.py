@@ -12,19 +12,21 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from kapsis.k8s import resource as ar
 from kapsis.k8s.names import (
     AGENT_CONTAINER,
     AGENT_EXIT_ANNOTATION,
     CLONE_CONTAINER,
     FINISHER_CONTAINER,
     GATEWAY_CONTAINER,
+    STOP_ANNOTATION,
 )
 from kapsis.k8s.render import object_name, pod_name, render_request
 from kapsis.k8s.resource import AgentRequestSpec
 from tests.k8s import kubelet as k
 from tests.k8s.cluster import wait_for
 from tests.k8s.conftest import OperatorUnderTest
-from tests.k8s.requests import Requests
+from tests.k8s.requests import Requests, request_body
 
 
 def _containers(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -302,6 +304,22 @@ def test_a_deleted_pod_fails_its_request(operator: OperatorUnderTest, emulator_o
     requests.core.delete_namespaced_pod(pod_name("lost"), requests.namespace)
     status = requests.wait_phase("lost", "Failed")
     assert (status["exitCode"], status["errorType"]) == (5, "killed")
+
+
+def test_a_request_stopped_before_its_pod_existed_never_gets_one(operator: OperatorUnderTest):
+    requests = operator.requests
+    body = request_body("halted")
+    body["metadata"]["annotations"] = {STOP_ANNOTATION: "true"}
+    requests.custom.create_namespaced_custom_object(
+        ar.GROUP, ar.VERSION, requests.namespace, ar.PLURAL, body
+    )
+    status = requests.wait_phase("halted", "Failed")
+    assert (status["exitCode"], status["errorType"]) == (5, "stopped")
+    # Control: the same request without the annotation does get its Pod.
+    requests.create("running")
+    requests.wait_pod("running")
+    pods = requests.core.list_namespaced_pod(requests.namespace).items
+    assert [pod.metadata.name for pod in pods] == [pod_name("running")]
 
 
 def test_spec_changes_after_the_pod_exists_are_refused(operator: OperatorUnderTest):

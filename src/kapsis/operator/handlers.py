@@ -20,6 +20,7 @@ from kapsis.k8s.names import (
     MANAGED_BY_LABEL,
     MANAGED_BY_VALUE,
     REQUEST_LABEL,
+    STOP_ANNOTATION,
 )
 from kapsis.k8s.settings import OperatorSettings
 from kapsis.operator.audit import OperatorAudit
@@ -53,6 +54,12 @@ def _request_owner(meta: Mapping[str, Any]) -> tuple[str, str] | None:
         ):
             return str(owner["name"]), str(owner["uid"])
     return None
+
+
+def _stop_requested(request: Mapping[str, Any]) -> bool:
+    """Whether `kapsis stop` asked for the request to end (an annotation on the request)."""
+    annotations = (request.get("metadata") or {}).get("annotations") or {}
+    return annotations.get(STOP_ANNOTATION) == "true"
 
 
 def _nothing_reported(pod: Mapping[str, Any]) -> bool:
@@ -100,6 +107,12 @@ class Reconciler:
             self.reject(body, str(error), first=first, had_pod=bool(status.get("podName")))
             return
         pod_name = str(rendered.pod["metadata"]["name"])
+        if _stop_requested(body):
+            # `kapsis stop` before the Pod existed (or while the operator was away): never
+            # start it; whatever was made for it goes.
+            self._delete_children(ref)
+            self._pod_vanished(body, status)
+            return
         if status.get("phase") in STARTED_PHASES and not self.kube.pod_exists(namespace, pod_name):
             # Its Pod went while the operator was away: the run is lost, not to be redone.
             self._pod_vanished(body, status)
@@ -317,7 +330,13 @@ class Reconciler:
         if current.get("phase") in TERMINAL_PHASES:
             return
         ref = _ref(request)
-        message = "the Pod was deleted before the request finished"
+        if _stop_requested(request):
+            # The same error type as a local `kapsis stop`.
+            error_type, message = "stopped", "stopped by `kapsis stop`"
+        else:
+            error_type, message = "killed", "the Pod was deleted before the request finished"
+        if not current.get("phase"):
+            self.audit.start(ref, request=f"{ref[0]}/{ref[1]}", uid=ref[2])
         self.audit.record(ref, "phase_changed", previous=current.get("phase"), phase="Failed")
         self.kube.patch_request_status(
             ref[0],
@@ -327,12 +346,12 @@ class Reconciler:
                 "progress": 100,
                 "message": message,
                 "exitCode": int(ExitCode.KILLED),
-                "errorType": "killed",
+                "errorType": error_type,
                 "completedAt": utc_now(),
             },
         )
         self.kube.post_event(request, "Warning", "Failed", message)
-        self.audit.end(ref, phase="Failed", exitCode=int(ExitCode.KILLED), errorType="killed")
+        self.audit.end(ref, phase="Failed", exitCode=int(ExitCode.KILLED), errorType=error_type)
 
 
 def register(registry: Any, reconciler: Reconciler) -> None:
