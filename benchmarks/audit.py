@@ -10,12 +10,19 @@ machines: >= 20,000 appends/s and >= 200,000 verified records/s. Not a test.
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
-import tempfile
-import time
-from pathlib import Path
+import sys
+
+# benchmarks/operator.py shares its name with the standard library's ``operator``: this folder
+# must not come first on the path (as it does for ``python benchmarks/NAME.py``).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 
 def main() -> None:

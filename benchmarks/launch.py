@@ -9,15 +9,21 @@ machine; the issue's target is a ratio <= 2.5 on 2 cores.
 
 from __future__ import annotations
 
-import argparse
-import compileall
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
+
+# benchmarks/operator.py shares its name with the standard library's ``operator``: this folder
+# must not come first on the path (as it does for ``python benchmarks/NAME.py``).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import argparse  # noqa: E402
+import compileall  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 
 def timed(command: list[str], env: dict[str, str]) -> float:

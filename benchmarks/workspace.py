@@ -10,13 +10,20 @@ the ratio large / small (the target for overlay: <= 1.5). Needs root (mounts). N
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
-import subprocess
-import tempfile
-import time
-from pathlib import Path
+import sys
+
+# benchmarks/operator.py shares its name with the standard library's ``operator``: this folder
+# must not come first on the path (as it does for ``python benchmarks/NAME.py``).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 FILE_SIZE = 100 * 1024  # a realistic mix would vary; the file count scales with the size
 
