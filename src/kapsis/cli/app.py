@@ -15,9 +15,20 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
+from kapsis.cli.audit_commands import audit_app
+from kapsis.cli.common import (
+    AgentOption,
+    AllowOption,
+    ConfigOption,
+    JsonFlag,
+    NetworkModeOption,
+)
+from kapsis.cli.common import fail as _fail
+from kapsis.cli.common import note as _note
+from kapsis.cli.inspect_commands import agents_app, config_app, policy_app
 from kapsis.cli.operator_commands import operator_app
 from kapsis.cli.ssh_commands import ssh_app
-from kapsis.errors import AuditDamagedError, ExitCode, KapsisError
+from kapsis.errors import ExitCode, KapsisError
 
 if TYPE_CHECKING:
     from kapsis.k8s.submission import Submission
@@ -31,12 +42,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-config_app = typer.Typer(
-    help="Show the effective configuration or its JSON Schema.", no_args_is_help=True
-)
-agents_app = typer.Typer(help="Agent profiles.", no_args_is_help=True)
-policy_app = typer.Typer(help="The network policy of a run.", no_args_is_help=True)
-audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(agents_app, name="agents")
 app.add_typer(policy_app, name="policy")
@@ -45,29 +50,7 @@ app.add_typer(ssh_app, name="ssh")
 app.add_typer(operator_app, name="operator")
 
 
-def _fail(error: KapsisError) -> NoReturn:
-    print(f"kapsis: error: {error}", file=sys.stderr)
-    raise typer.Exit(int(error.exit_code))
-
-
-def _note(text: str) -> None:
-    print(f"kapsis: {text}", file=sys.stderr, flush=True)
-
-
 ProjectArg = Annotated[Path, typer.Argument(help="The project folder the agent works on.")]
-# Options that several commands share, declared once.
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", help="Config file; beats other files, not flags.")
-]
-JsonFlag = Annotated[bool, typer.Option("--json", help="JSON for scripts.")]
-AgentOption = Annotated[str | None, typer.Option(help="Agent profile (default: shell).")]
-AllowOption = Annotated[
-    list[str] | None,
-    typer.Option("--allow", help="Also allow HOST[:PORT], *.DOMAIN or ADDRESS (filtered mode)."),
-]
-NetworkModeOption = Annotated[
-    str | None, typer.Option("--network-mode", help="none | open | filtered")
-]
 
 
 @app.command()
@@ -453,181 +436,6 @@ def setup(
     else:
         render.print_checks(results, DEFAULT_IMAGE)
     raise typer.Exit(0 if report["ok"] else int(ExitCode.HOST_UNSUPPORTED))
-
-
-@agents_app.command("list")
-def agents_list(
-    json_output: JsonFlag = False,
-) -> None:
-    """List agent profiles (built-in and ~/.config/kapsis/agents/*.yaml) and their images."""
-    from kapsis.agents import list_profiles
-    from kapsis.cli import render
-    from kapsis.config.models import DEFAULT_IMAGE
-    from kapsis.host.agent_images import inspect_images
-
-    try:
-        profiles = list_profiles()
-    except KapsisError as error:
-        _fail(error)
-    wanted = {p.name: p.image or DEFAULT_IMAGE for p in profiles}
-    found = inspect_images(wanted.values())  # one podman call for all of them
-    images = {name: found[image] for name, image in wanted.items()}
-    if json_output:
-        listing = [
-            {
-                **p.model_dump(mode="json"),
-                "runs_in": wanted[p.name],
-                "image_present": images[p.name].present,
-                "cli_version": images[p.name].version,
-            }
-            for p in profiles
-        ]
-        print(json.dumps(listing, indent=2))
-        return
-    render.print_profiles(profiles, images)
-
-
-@config_app.command("show")
-def config_show(
-    project: Annotated[
-        Path | None, typer.Argument(help="Project whose config files apply.")
-    ] = None,
-    config: ConfigOption = None,
-    json_output: JsonFlag = False,
-) -> None:
-    """Show the effective merged config and where each value came from."""
-    from kapsis.cli import render
-    from kapsis.config.loader import load_config
-
-    try:
-        loaded = load_config(project, config)
-    except KapsisError as error:
-        _fail(error)
-    if json_output:
-        print(json.dumps(render.config_with_origins(loaded), indent=2))
-        return
-    render.print_config(loaded)
-
-
-@policy_app.command("show")
-def policy_show(
-    project: Annotated[
-        Path | None, typer.Argument(help="Project whose config files apply (default: .).")
-    ] = None,
-    agent: AgentOption = None,
-    network_mode: NetworkModeOption = None,
-    allow: AllowOption = None,
-    config: ConfigOption = None,
-    json_output: JsonFlag = False,
-) -> None:
-    """Show the effective network policy of a run: every allowed host, where it came from."""
-    from kapsis import api
-    from kapsis.cli import render
-
-    try:
-        policy = api.network_policy(
-            project or Path.cwd(),
-            agent=agent,
-            network_mode=network_mode,
-            allow=tuple(allow or ()),
-            config_file=config,
-        )
-    except KapsisError as error:
-        _fail(error)
-    if json_output:
-        print(json.dumps(render.policy_as_json(policy), indent=2))
-        return
-    render.print_policy(policy)
-
-
-@audit_app.command("verify")
-def audit_verify(
-    target: Annotated[str, typer.Argument(help="AGENT_ID, or an audit .jsonl file.")],
-    key: Annotated[
-        Path | None, typer.Option("--key", help="Public key (PEM) to verify with.")
-    ] = None,
-    json_output: JsonFlag = False,
-) -> None:
-    """Check every hash, link and seal; name the first damaged record (exit 9)."""
-    from kapsis import api
-
-    try:
-        result = api.audit_verify(target, key)
-    except KapsisError as error:
-        _fail(error)
-    first = result.first
-    if json_output:
-        payload = dataclasses.asdict(result)
-        payload["ok"] = result.ok
-        payload["first_damage"] = dataclasses.asdict(first) if first else None
-        print(json.dumps(payload, indent=2))
-    elif first is None:
-        print(
-            f"ok: {result.records} records, {result.seals} seals, {result.sessions} session(s) "
-            f"in {len(result.files)} file(s); every hash, link and seal verifies"
-        )
-    else:
-        print(f"DAMAGED: {first.kind} at seq {first.seq}: {first.detail}")
-    if first is not None:
-        raise typer.Exit(int(AuditDamagedError.exit_code))
-
-
-@audit_app.command("show")
-def audit_show(
-    agent_id: Annotated[str, typer.Argument(help="The agent.")],
-    event_type: Annotated[str | None, typer.Option("--type", help="Only this event type.")] = None,
-    json_output: JsonFlag = False,
-) -> None:
-    """The agent's audit trail as a readable timeline."""
-    from kapsis import api
-    from kapsis.cli import render
-
-    try:
-        events = api.audit_events(agent_id, event_type)
-    except KapsisError as error:
-        _fail(error)
-    if json_output:
-        print(json.dumps(events, indent=2))
-        return
-    render.print_audit(events)
-
-
-@audit_app.command("alerts")
-def audit_alerts(
-    agent_id: Annotated[str, typer.Argument(help="The agent.")],
-    json_output: JsonFlag = False,
-) -> None:
-    """The alerts the host raised on the agent's audit stream."""
-    from kapsis import api
-    from kapsis.cli import render
-
-    try:
-        alerts = api.audit_alerts(agent_id)
-    except KapsisError as error:
-        _fail(error)
-    if json_output:
-        print(json.dumps(alerts, indent=2))
-        return
-    render.print_alerts(alerts)
-
-
-@audit_app.command("export-key")
-def audit_export_key() -> None:
-    """Print the host's audit public key (PEM), for `kapsis audit verify --key` elsewhere."""
-    from kapsis import api
-
-    print(api.audit_public_key(), end="")
-
-
-@config_app.command("schema")
-def config_schema() -> None:
-    """Print the JSON Schema of agent-sandbox.yaml (for editor completion)."""
-    from kapsis.config.models import KapsisConfig
-
-    schema = KapsisConfig.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "agent-sandbox.yaml"
-    print(json.dumps(schema, indent=2))
 
 
 def main() -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
+from kapsis.cli.common import fail as _fail
 from kapsis.errors import ConfigError, ExitCode, KapsisError
 
 ssh_app = typer.Typer(
@@ -18,11 +19,6 @@ ssh_app = typer.Typer(
 HostArg = Annotated[
     str, typer.Argument(help="HOST, HOST:PORT or [ADDRESS]:PORT (port 22 by default).")
 ]
-
-
-def _fail(error: KapsisError) -> NoReturn:
-    print(f"kapsis: error: {error}", file=sys.stderr)
-    raise typer.Exit(int(error.exit_code))
 
 
 @ssh_app.command("list")
