@@ -20,8 +20,7 @@ from kubernetes import client
 from typer.testing import CliRunner
 
 from kapsis.cli.app import app
-from kapsis.k8s import names
-from kapsis.k8s import resource as ar
+from kapsis.k8s import names, resource as ar
 from kapsis.k8s.resource import AgentRequestSpec
 from kapsis.k8s.status_view import PHASES
 from kapsis.status import StatusStore

@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from kapsis.errors import SandboxError
-from kapsis.k8s.inpod import clone as clone_step
-from kapsis.k8s.inpod import finish as finish_step
+from kapsis.k8s.inpod import clone as clone_step, finish as finish_step
 from kapsis.k8s.inpod.credentials import prepare
 from kapsis.k8s.layout import STEP_CONFIG_ENV, StepConfig
 from kapsis.k8s.names import AGENT_EXIT_ANNOTATION

@@ -345,8 +345,7 @@ def _reason(error: Any) -> str:
 
 def connect(context: str | None) -> Cluster:
     """A client for ``context`` of the kubeconfig, or in-cluster when there is no kubeconfig."""
-    from kubernetes import client
-    from kubernetes import config as kube_config
+    from kubernetes import client, config as kube_config
 
     config: Any = kube_config  # its loaders are untyped
     configuration = client.Configuration()

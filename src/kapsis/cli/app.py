@@ -22,9 +22,9 @@ from kapsis.cli.common import (
     ConfigOption,
     JsonFlag,
     NetworkModeOption,
+    fail as _fail,
+    note as _note,
 )
-from kapsis.cli.common import fail as _fail
-from kapsis.cli.common import note as _note
 from kapsis.cli.inspect_commands import agents_app, config_app, policy_app
 from kapsis.cli.operator_commands import operator_app
 from kapsis.cli.ssh_commands import ssh_app

@@ -9,8 +9,7 @@ from typing import Annotated
 
 import typer
 
-from kapsis.cli.common import JsonFlag
-from kapsis.cli.common import fail as _fail
+from kapsis.cli.common import JsonFlag, fail as _fail
 from kapsis.errors import AuditDamagedError, KapsisError
 
 audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)

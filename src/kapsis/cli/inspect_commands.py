@@ -8,8 +8,14 @@ from typing import Annotated
 
 import typer
 
-from kapsis.cli.common import AgentOption, AllowOption, ConfigOption, JsonFlag, NetworkModeOption
-from kapsis.cli.common import fail as _fail
+from kapsis.cli.common import (
+    AgentOption,
+    AllowOption,
+    ConfigOption,
+    JsonFlag,
+    NetworkModeOption,
+    fail as _fail,
+)
 from kapsis.errors import KapsisError
 
 config_app = typer.Typer(

@@ -18,8 +18,7 @@ IN_CLUSTER_ENV = "KUBERNETES_SERVICE_HOST"
 def client_configuration(kubeconfig: Path | None = None) -> Any:
     """A ``kubernetes.client.Configuration``: from ``kubeconfig`` if given, else in-cluster
     when running in a Pod, else from ``$KUBECONFIG`` / ``~/.kube/config``."""
-    from kubernetes import client
-    from kubernetes import config as kube_config
+    from kubernetes import client, config as kube_config
 
     config: Any = kube_config  # its loaders are untyped
     configuration = client.Configuration()
