@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from kapsis.errors import HostUnsupportedError, SandboxError
-from kapsis.host import checks, image
-from kapsis.host.checks import CgroupLayout, Check
+from kapsis.host import checks, host_parsing, image
+from kapsis.host.checks import Check
+from kapsis.host.host_parsing import CgroupLayout
 
 # /proc/self/mounts (cgroup lines) of the three layouts.
 HYBRID_MOUNTS = """\
@@ -58,37 +59,40 @@ STATUS_FULL_ROOT = "Name:\tbash\nCapEff:\t000001ffffffffff\n"
 
 
 def test_cgroup_layout_hybrid() -> None:
-    layout = checks.cgroup_layout(HYBRID_MOUNTS)
+    layout = host_parsing.cgroup_layout(HYBRID_MOUNTS)
     assert layout.version == 1
     assert layout.hybrid
     assert layout.v1_controllers == {"cpu", "cpuacct", "memory", "pids"}
 
 
 def test_cgroup_layout_v2_and_legacy() -> None:
-    assert checks.cgroup_layout(V2_MOUNTS) == CgroupLayout(2, False, frozenset())
-    legacy = checks.cgroup_layout(LEGACY_MOUNTS)
+    assert host_parsing.cgroup_layout(V2_MOUNTS) == CgroupLayout(2, False, frozenset())
+    legacy = host_parsing.cgroup_layout(LEGACY_MOUNTS)
     assert (legacy.version, legacy.hybrid) == (1, False)
     assert legacy.v1_controllers == {"cpu", "cpuacct", "memory"}
 
 
 def test_hybrid_blockers_from_the_v2_controllers_file() -> None:
-    layout = checks.cgroup_layout(HYBRID_MOUNTS)
-    assert checks.hybrid_blockers(layout, "hugetlb\n", PROC_CGROUPS) == ["hugetlb"]
-    assert checks.hybrid_blockers(layout, "\n", PROC_CGROUPS) == []
-    mounted = checks.cgroup_layout(HYBRID_WITH_HUGETLB)
-    assert checks.hybrid_blockers(mounted, "", PROC_CGROUPS) == []
+    layout = host_parsing.cgroup_layout(HYBRID_MOUNTS)
+    assert host_parsing.hybrid_blockers(layout, "hugetlb\n", PROC_CGROUPS) == ["hugetlb"]
+    assert host_parsing.hybrid_blockers(layout, "\n", PROC_CGROUPS) == []
+    mounted = host_parsing.cgroup_layout(HYBRID_WITH_HUGETLB)
+    assert host_parsing.hybrid_blockers(mounted, "", PROC_CGROUPS) == []
 
 
 def test_hybrid_blockers_fall_back_to_proc_cgroups() -> None:
-    layout = checks.cgroup_layout(HYBRID_MOUNTS)
-    assert checks.hybrid_blockers(layout, None, PROC_CGROUPS) == ["hugetlb"]
-    mounted = checks.cgroup_layout(HYBRID_WITH_HUGETLB)
-    assert checks.hybrid_blockers(mounted, None, PROC_CGROUPS) == []
-    assert checks.hybrid_blockers(checks.cgroup_layout(V2_MOUNTS), "hugetlb", PROC_CGROUPS) == []
+    layout = host_parsing.cgroup_layout(HYBRID_MOUNTS)
+    assert host_parsing.hybrid_blockers(layout, None, PROC_CGROUPS) == ["hugetlb"]
+    mounted = host_parsing.cgroup_layout(HYBRID_WITH_HUGETLB)
+    assert host_parsing.hybrid_blockers(mounted, None, PROC_CGROUPS) == []
+    assert (
+        host_parsing.hybrid_blockers(host_parsing.cgroup_layout(V2_MOUNTS), "hugetlb", PROC_CGROUPS)
+        == []
+    )
 
 
 def test_hybrid_check_fails_only_for_crun_and_gives_the_mount_command() -> None:
-    layout = checks.cgroup_layout(HYBRID_MOUNTS)
+    layout = host_parsing.cgroup_layout(HYBRID_MOUNTS)
     failing = checks.check_hybrid("crun", layout, ["hugetlb"])
     assert not failing.ok and failing.required
     assert failing.fix == (
@@ -99,7 +103,7 @@ def test_hybrid_check_fails_only_for_crun_and_gives_the_mount_command() -> None:
     assert with_sudo and with_sudo.startswith("sudo mkdir")
     assert checks.check_hybrid("runc", layout, ["hugetlb"]).ok
     assert checks.check_hybrid("crun", layout, []).ok
-    assert checks.check_hybrid("crun", checks.cgroup_layout(V2_MOUNTS), ["hugetlb"]).ok
+    assert checks.check_hybrid("crun", host_parsing.cgroup_layout(V2_MOUNTS), ["hugetlb"]).ok
 
 
 def test_limits_rootless_cgroup_v1_are_not_enforced_and_say_so() -> None:
@@ -126,16 +130,19 @@ def test_configured_nofile_reads_the_last_file_that_sets_default_ulimits() -> No
     base = '[containers]\ndefault_ulimits = [\n  "nofile=1048576:1048576",\n]\n'
     override = '[containers]\ndefault_ulimits = ["nproc=32768:32768", "nofile=20000:20000"]\n'
     unrelated = '[engine]\nruntime = "crun"\n'
-    assert checks.configured_nofile([base]) == 1048576
-    assert checks.configured_nofile([base, override, unrelated]) == 20000
-    assert checks.configured_nofile([unrelated]) is None
-    assert checks.configured_nofile(["[containers]\ndefault_ulimits = []\n"]) is None
-    assert checks.configured_nofile(["this is = = not toml", override]) == 20000
-    assert checks.configured_nofile(['[containers]\ndefault_ulimits = ["nofile=4096"]\n']) == 4096
+    assert host_parsing.configured_nofile([base]) == 1048576
+    assert host_parsing.configured_nofile([base, override, unrelated]) == 20000
+    assert host_parsing.configured_nofile([unrelated]) is None
+    assert host_parsing.configured_nofile(["[containers]\ndefault_ulimits = []\n"]) is None
+    assert host_parsing.configured_nofile(["this is = = not toml", override]) == 20000
+    assert (
+        host_parsing.configured_nofile(['[containers]\ndefault_ulimits = ["nofile=4096"]\n'])
+        == 4096
+    )
 
 
 def test_nofile_check_fails_on_a_low_hard_limit_without_config() -> None:
-    can_raise = checks.has_capability(STATUS_NO_SYS_RESOURCE, checks.CAP_SYS_RESOURCE)
+    can_raise = host_parsing.has_capability(STATUS_NO_SYS_RESOURCE, checks.CAP_SYS_RESOURCE)
     assert can_raise is False
     check = checks.check_nofile(False, 20000, can_raise, None)
     assert not check.ok and check.required
@@ -149,8 +156,8 @@ def test_nofile_check_passes_when_fixed_or_not_needed() -> None:
     assert checks.check_nofile(False, 1048576, False, None).ok
     assert checks.check_nofile(False, 20000, True, None).ok, "CAP_SYS_RESOURCE can raise it"
     assert checks.check_nofile(True, 1024, False, None).ok, "rootless keeps the session limits"
-    assert checks.has_capability(STATUS_FULL_ROOT, checks.CAP_SYS_RESOURCE)
-    assert not checks.has_capability("Name:\tbash\n", checks.CAP_SYS_RESOURCE)
+    assert host_parsing.has_capability(STATUS_FULL_ROOT, checks.CAP_SYS_RESOURCE)
+    assert not host_parsing.has_capability("Name:\tbash\n", checks.CAP_SYS_RESOURCE)
 
 
 def test_the_nofile_fix_writes_a_file_that_the_check_accepts(tmp_path: Path) -> None:
@@ -161,7 +168,7 @@ def test_the_nofile_fix_writes_a_file_that_the_check_accepts(tmp_path: Path) -> 
     files = checks.containers_conf_files(rootless=False, etc=tmp_path, usr=tmp_path / "none")
     assert files[-1] == tmp_path / "containers.conf.d" / "kapsis.conf"
     texts = [f.read_text() for f in files if f.exists()]
-    assert checks.check_nofile(False, 20000, False, checks.configured_nofile(texts)).ok
+    assert checks.check_nofile(False, 20000, False, host_parsing.configured_nofile(texts)).ok
 
 
 def test_containers_conf_files_are_in_podman_order(
@@ -190,11 +197,11 @@ def test_runtime_is_the_configured_one_else_crun_else_runc() -> None:
         return lambda name: f"/usr/bin/{name}" if name in names else None
 
     conf = '[engine]\nruntime = "runc"\n'
-    assert checks.configured_runtime([conf]) == "runc"
-    assert checks.pick_runtime("runc", only("crun", "runc")) == "runc"
-    assert checks.pick_runtime(None, only("crun", "runc")) == "crun"
-    assert checks.pick_runtime(None, only("runc")) == "runc"
-    assert checks.pick_runtime(None, only()) is None
+    assert host_parsing.configured_runtime([conf]) == "runc"
+    assert host_parsing.pick_runtime("runc", only("crun", "runc")) == "runc"
+    assert host_parsing.pick_runtime(None, only("crun", "runc")) == "crun"
+    assert host_parsing.pick_runtime(None, only("runc")) == "runc"
+    assert host_parsing.pick_runtime(None, only()) is None
     assert not checks.check_runtime(None, None).ok
     assert checks.check_runtime("runc", None).fix == "apt-get install runc"
 
@@ -204,8 +211,8 @@ def test_runtime_is_the_configured_one_else_crun_else_runc() -> None:
 
 def test_subid_ranges_by_name_or_uid() -> None:
     text = "containers:200000:1000000\nalice:100000:65536\n1001:300000:65536\nbad:line\n"
-    assert checks.subid_ranges(text, "alice", 1000) == [(100000, 65536)]
-    assert checks.subid_ranges(text, "bob", 1001) == [(300000, 65536)]
+    assert host_parsing.subid_ranges(text, "alice", 1000) == [(100000, 65536)]
+    assert host_parsing.subid_ranges(text, "bob", 1001) == [(300000, 65536)]
     assert checks.check_subids("/etc/subuid", text, "alice", 1000).ok
     small = checks.check_subids("/etc/subuid", "alice:100000:1000\n", "alice", 1000)
     assert not small.ok and "1000" in small.detail
@@ -231,10 +238,10 @@ def test_device_check(tmp_path: Path) -> None:
 
 
 def test_parse_version() -> None:
-    assert checks.parse_version("6.18.44-fc-v657") == (6, 18, 44)
-    assert checks.parse_version("5.10.0-28-amd64") == (5, 10, 0)
-    assert checks.parse_version("4.3") == (4, 3)
-    assert checks.parse_version("garbage") == (0, 0)
+    assert host_parsing.parse_version("6.18.44-fc-v657") == (6, 18, 44)
+    assert host_parsing.parse_version("5.10.0-28-amd64") == (5, 10, 0)
+    assert host_parsing.parse_version("4.3") == (4, 3)
+    assert host_parsing.parse_version("garbage") == (0, 0)
 
 
 def test_idmapped_mounts_need_linux_5_19() -> None:
@@ -276,7 +283,7 @@ def test_podman_check() -> None:
 
 
 def test_every_failing_check_has_a_fix() -> None:
-    hybrid = checks.cgroup_layout(HYBRID_MOUNTS)
+    hybrid = host_parsing.cgroup_layout(HYBRID_MOUNTS)
     failing = [
         checks.check_podman(None),
         checks.check_runtime(None, None),
