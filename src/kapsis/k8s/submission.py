@@ -40,8 +40,14 @@ from kapsis.k8s.resource import (
 )
 
 # The sandbox's own helpers give --task/--spec and agent.command exactly their local meaning.
-from kapsis.sandbox.network_plan import _check_flag_entry
-from kapsis.sandbox.plan import RunRequest, _command, _fits_one_string, _task, check_agent_id
+from kapsis.sandbox.network_plan import check_flag_entry
+from kapsis.sandbox.plan import (
+    RunRequest,
+    agent_command,
+    check_agent_id,
+    fits_one_string,
+    task_of,
+)
 
 TASK_KEY = "task.md"
 
@@ -260,15 +266,15 @@ def build_submission(
             f"--agent {profile.name}: this profile comes from {profile.source}, a file the "
             "cluster does not have; use a built-in profile (with agent.command and --image)"
         )
-    task_text, spec_source = _task(request)
+    task_text, spec_source = task_of(request)
     summary = task_text.strip().splitlines()[0] if task_text.strip() else ""
-    if spec_source is None and not _fits_one_string(f"KAPSIS_TASK={task_text}"):
+    if spec_source is None and not fits_one_string(f"KAPSIS_TASK={task_text}"):
         raise ConfigError(
             "--task is too long for the agent's environment; put it in a file and pass --spec FILE"
         )
     command = None
     if config.agent.command is not None:
-        command = list(_command(config.agent.command, task_text))
+        command = list(agent_command(config.agent.command, task_text))
 
     secrets = {
         name: SecretKeyRef(name=ref.name, key=ref.key)
@@ -317,7 +323,7 @@ def build_submission(
         hosts = list(network.allowlist.hosts)
         addresses = list(network.allowlist.addresses)
         for entry in request.allow:
-            value, is_address = _check_flag_entry(entry)
+            value, is_address = check_flag_entry(entry)
             (addresses if is_address else hosts).append(value)
         allowlist = network.allowlist.model_copy(update={"hosts": hosts, "addresses": addresses})
         network = network.model_copy(update={"allowlist": allowlist})

@@ -40,7 +40,7 @@ class NetworkPlan(PlanModel):
     gateway: GatewayPlan | None = None
 
 
-def _check_flag_entry(entry: str) -> tuple[str, bool]:
+def check_flag_entry(entry: str) -> tuple[str, bool]:
     """``--allow`` takes a host or an address; validated like the config's entries."""
     host = entry.rpartition(":")[0] if entry.count(":") == 1 else entry
     is_address = host.startswith("[") or bool(_ADDRESS_LIKE.fullmatch(host))
@@ -77,7 +77,7 @@ def plan_network(
         source = f"{key} ({loaded.origin_of(tuple(key.split('.')))})"
         (builder.add_address if is_address else builder.add_host)(entry, source)
     for entry in allow_flags:
-        value, is_address = _check_flag_entry(entry)
+        value, is_address = check_flag_entry(entry)
         if is_address:
             builder.add_address(value, "flag --allow")
         else:

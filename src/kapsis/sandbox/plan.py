@@ -204,7 +204,7 @@ def build_plan(
     if not project.is_dir():
         raise ConfigError(f"PROJECT {request.project}: no such directory; pass a project folder")
     agent_id = check_agent_id(request.agent_id) if request.agent_id else new_agent_id()
-    task_text, spec_source = _task(request)
+    task_text, spec_source = task_of(request)
 
     settings = effective_settings(config.security.profile, config.security.overrides)
     if settings["requires_lsm"] and not host.apparmor:
@@ -216,7 +216,7 @@ def build_plan(
     secrets_planned = plan_secrets(loaded, profile, environ)
     secret_names = {secret.name for secret in secrets_planned}
 
-    command = _command(config.agent.command or profile.command, task_text)
+    command = agent_command(config.agent.command or profile.command, task_text)
     summary = _summary(task_text, spec_source)
     workspace, git = plan_workspace_and_git(loaded, project, agent_id, task_text)
     if workspace.needs_delta and host.rootless:
@@ -235,7 +235,7 @@ def build_plan(
     }
     if spec_source is not None:
         env["KAPSIS_TASK_SPEC"] = SPEC_TARGET
-    elif _fits_one_string(f"KAPSIS_TASK={task_text}"):
+    elif fits_one_string(f"KAPSIS_TASK={task_text}"):
         env["KAPSIS_TASK"] = task_text
     else:
         raise ConfigError(
@@ -323,7 +323,8 @@ def _image(loaded: LoadedConfig, profile: AgentProfile) -> str:
     return loaded.config.image.name
 
 
-def _task(request: RunRequest) -> tuple[str, str | None]:
+def task_of(request: RunRequest) -> tuple[str, str | None]:
+    """The task text of a request, and the spec file it came from (None for --task)."""
     if request.task is not None and request.spec is not None:
         raise ConfigError("--task and --spec: give one of them, not both")
     if request.spec is not None:
@@ -339,12 +340,13 @@ def _task(request: RunRequest) -> tuple[str, str | None]:
     return request.task, None
 
 
-def _command(template: str | list[str], task_text: str) -> tuple[str, ...]:
+def agent_command(template: str | list[str], task_text: str) -> tuple[str, ...]:
+    """The agent's argv from a profile's command template (both backends build it so)."""
     if isinstance(template, str):
         # A string command goes through sh; the task reaches it only as $KAPSIS_TASK.
         return ("sh", "-c", template)
     argv = tuple(part.replace("{task}", task_text) for part in template)
-    if not all(_fits_one_string(part) for part in argv):
+    if not all(fits_one_string(part) for part in argv):
         raise ConfigError(
             f"the task is longer than {MAX_ARG_LENGTH} bytes, too long for a command argument; "
             "shorten it, or use an agent command that reads $KAPSIS_TASK_SPEC"
@@ -352,7 +354,7 @@ def _command(template: str | list[str], task_text: str) -> tuple[str, ...]:
     return argv
 
 
-def _fits_one_string(text: str) -> bool:
+def fits_one_string(text: str) -> bool:
     """Whether the kernel accepts ``text`` as one argv or environment string (NUL included)."""
     return len(text.encode()) + 1 <= MAX_ARG_LENGTH
 
