@@ -332,7 +332,8 @@ def test_run_checks_on_this_host_is_fast_and_complete(monkeypatch: pytest.Monkey
     started = time.monotonic()
     result = checks.run_checks("localhost/kapsis-no-such-image:never")
     elapsed = time.monotonic() - started
-    assert len(calls) <= 3, calls
+    # podman --version, podman image exists (base, gateway), one podman image inspect (agents)
+    assert len(calls) <= 4, calls
     assert elapsed < 5
     names = [check.name for check in result]
     assert len(names) == len(set(names))
@@ -346,6 +347,7 @@ def test_run_checks_on_this_host_is_fast_and_complete(monkeypatch: pytest.Monkey
         "overlayfs",
         "idmapped mounts",
         "debootstrap",
+        "agent images",
         "base image",
         "AppArmor",
     ):
@@ -603,3 +605,16 @@ def test_rootfs_key_changes_with_the_recipe(monkeypatch: pytest.MonkeyPatch) -> 
     assert key == image.rootfs_key()
     monkeypatch.setattr(image, "INCLUDE", (*image.INCLUDE, "curl"))
     assert image.rootfs_key() != key
+
+
+def test_agent_images_are_reported_with_their_cli_versions_and_the_fix_for_missing_ones():
+    from kapsis.host.agent_images import ImageInfo
+
+    present = ImageInfo("localhost/kapsis-agent-claude:latest", True, "claude", "2.1.332")
+    missing = ImageInfo("localhost/kapsis-agent-codex:latest", False)
+    check = checks.check_agent_images({"claude": present, "codex": missing})
+    assert not check.ok and not check.required  # informational: shell runs need none
+    assert "claude 2.1.332" in check.detail and "missing: codex" in check.detail
+    assert check.fix == "kapsis setup --agents codex"
+    complete = checks.check_agent_images({"claude": present})
+    assert complete.ok and complete.fix is None

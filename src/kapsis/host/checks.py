@@ -1,8 +1,9 @@
 """Host checks for `kapsis setup`: can this machine run Kapsis sandboxes, and what fixes it if not.
 
 :func:`run_checks` inspects the host and returns one :class:`Check` per requirement, each failing
-one with a concrete fix command. It reads files under /proc, /sys and /etc and runs at most two
-subprocesses (``podman --version`` and ``podman image exists``), so it takes well under a second.
+one with a concrete fix command. It reads files under /proc, /sys and /etc and runs at most four
+subprocesses (``podman --version``, ``podman image exists`` for the base and gateway images,
+one ``podman image inspect`` for every agent image), so it takes well under a second.
 
 The decisions here and the parsers in :mod:`kapsis.host.host_parsing` are small pure functions
 that take text or values (not paths they open themselves), so they can be tested on fake inputs.
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from kapsis.config.models import DEFAULT_IMAGE
+from kapsis.errors import KapsisError
+from kapsis.host.agent_images import ImageInfo, inspect_images
 from kapsis.host.facts import probe_host
 from kapsis.host.host_parsing import (
     PODMAN_DEFAULT_NOFILE,
@@ -125,6 +128,7 @@ def run_checks(image: str = DEFAULT_IMAGE) -> list[Check]:
     )
     checks.append(image_check)
     checks.append(check_gateway_image(DEFAULT_GATEWAY_IMAGE, image_present(DEFAULT_GATEWAY_IMAGE)))
+    checks.append(check_agent_images(_agent_images()))
     checks.append(check_apparmor(facts.apparmor))
     return checks
 
@@ -365,6 +369,26 @@ def check_gateway_image(image: str, present: bool) -> Check:
     )
 
 
+def check_agent_images(images: dict[str, ImageInfo]) -> Check:
+    """Which agent profiles' images exist (informational: only runs of that agent need one)."""
+    present = [
+        f"{agent} {info.version}" if info.version else agent
+        for agent, info in images.items()
+        if info.present
+    ]
+    missing = [agent for agent, info in images.items() if not info.present]
+    detail = f"present: {', '.join(present) or 'none'}"
+    if not missing:
+        return Check("agent images", True, detail, required=False)
+    return Check(
+        "agent images",
+        False,
+        f"{detail}; missing: {', '.join(missing)} (runs of those agents fail until built)",
+        f"kapsis setup --agents {','.join(missing)}",
+        required=False,
+    )
+
+
 def check_apparmor(enabled: bool) -> Check:
     if enabled:
         return Check("AppArmor", True, "enabled (the paranoid profile can run)", required=False)
@@ -395,6 +419,18 @@ def containers_conf_files(
 
 
 # --- reading the host -------------------------------------------------------------------------
+
+
+def _agent_images() -> dict[str, ImageInfo]:
+    """The image of each agent profile that has one of its own (one podman call for all)."""
+    from kapsis.agents import list_profiles
+
+    try:
+        wanted = {p.name: p.image for p in list_profiles() if p.image}
+    except KapsisError:
+        return {}  # a broken user profile is reported when it is used, not here
+    found = inspect_images(wanted.values())
+    return {name: found[image] for name, image in wanted.items()}
 
 
 def _read(path: str | Path) -> str:
