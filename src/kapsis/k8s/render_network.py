@@ -29,6 +29,9 @@ from kapsis.network.gateway_config import dnsmasq_config, nft_ruleset
 from kapsis.network.gateway_files import DNS_LOG, LOG_TARGET, gateway_scripts, probe_address
 from kapsis.network.policy import DNS_PORT, NetworkPolicy, PolicyBuilder, load_category
 
+Transport = Literal["https", "http", "ssh"]
+_TRANSPORTS: dict[str, Transport] = {"https": "https", "http": "http", "ssh": "ssh"}
+_DEFAULT_PORTS: dict[Transport, int] = {"https": 443, "http": 80, "ssh": 22}
 _SCP_LIKE = re.compile(r"^(?:[^@/:]+@)?(?P<host>[^/:\[\]]+|\[[^\]]+\]):(?!//)")
 
 
@@ -38,7 +41,7 @@ class GitRemote:
 
     host: str
     port: int
-    transport: Literal["https", "http", "ssh"]
+    transport: Transport
 
 
 def git_remote(url: str) -> GitRemote:
@@ -49,13 +52,12 @@ def git_remote(url: str) -> GitRemote:
             "workspace.git.url: no credentials in the URL (the agent's clone shows it); put the "
             "token in the credentials Secret"
         )
-    if parts.scheme in ("https", "http", "ssh") and parts.hostname:
-        default = {"https": 443, "http": 80, "ssh": 22}[parts.scheme]
+    transport = _TRANSPORTS.get(parts.scheme)
+    if transport is not None and parts.hostname:
         try:
-            port = parts.port or default
+            port = parts.port or _DEFAULT_PORTS[transport]
         except ValueError:
             raise ConfigError(f"workspace.git.url: {url!r} has an invalid port") from None
-        transport: Literal["https", "http", "ssh"] = parts.scheme  # type: ignore[assignment]
         return GitRemote(parts.hostname.lower(), port, transport)
     match = _SCP_LIKE.match(url)
     if not parts.scheme and match:
