@@ -84,7 +84,7 @@ def test_building_an_agent_image_builds_labels_and_untags(
     bundle = tmp_path / "ca.crt"
     bundle.write_text("pem")
     monkeypatch.setenv("KAPSIS_CA_BUNDLE", str(bundle))
-    monkeypatch.setattr(agent_images, "require_program", lambda *a: "podman")
+    monkeypatch.setattr(agent_images, "require_podman", lambda: "podman")
     monkeypatch.setattr(agent_images, "image_present", lambda name: True)
     monkeypatch.setattr(subprocess, "run", fake_run)
 

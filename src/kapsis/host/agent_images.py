@@ -25,7 +25,14 @@ from pathlib import Path
 from kapsis import paths
 from kapsis.config.models import DEFAULT_IMAGE
 from kapsis.errors import ConfigError, HostUnsupportedError, ImageError, SandboxError
-from kapsis.host.image import Progress, image_id, image_present, podman_build, require_program
+from kapsis.host.image import (
+    Progress,
+    image_id,
+    image_present,
+    podman_build,
+    remove_replaced,
+    require_podman,
+)
 
 AGENT_IMAGE_PREFIX = "localhost/kapsis-agent-"
 # Agent name -> the program its image provides (run with --version after the build).
@@ -98,9 +105,7 @@ def build_agent_image(
 ) -> str:
     """Build ``localhost/kapsis-agent-AGENT:latest`` on ``base``; returns the CLI's version."""
     say: Progress = progress or (lambda _line: None)
-    podman = require_program(
-        "podman", "install podman (`apt-get install podman`, or scripts/install.sh)"
-    )
+    podman = require_podman()
     if not image_present(base):
         raise ImageError(f"the base image {base} is not present; build it with `kapsis setup`")
     node_package = _NODE_PACKAGES.get(platform.machine())
@@ -145,8 +150,7 @@ def build_agent_image(
     finally:
         # The staging tag only; its layers live on in the labelled image.
         subprocess.run([podman, "untag", staging, staging], capture_output=True, check=False)
-    if previous and previous != image_id(podman, name):
-        subprocess.run([podman, "rmi", previous], capture_output=True, check=False)
+    remove_replaced(podman, previous, name)
     say(f"built {name}")
     return version
 

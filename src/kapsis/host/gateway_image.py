@@ -7,11 +7,9 @@ needs a rebuild.
 
 from __future__ import annotations
 
-import subprocess
-
 from kapsis import paths
 from kapsis.config.models import DEFAULT_IMAGE
-from kapsis.host.image import Progress, image_id, podman_build, require_program
+from kapsis.host.image import Progress, image_id, podman_build, remove_replaced, require_podman
 from kapsis.sandbox.network_plan import DEFAULT_GATEWAY_IMAGE
 
 
@@ -22,9 +20,7 @@ def build_gateway_image(
     progress: Progress | None = None,
 ) -> None:
     say: Progress = progress or (lambda _line: None)
-    podman = require_program(
-        "podman", "install podman (`apt-get install podman`, or scripts/install.sh)"
-    )
+    podman = require_podman()
     previous = image_id(podman, name)
     podman_build(
         podman,
@@ -37,6 +33,5 @@ def build_gateway_image(
         fix="the build installs dnsmasq-base and nftables from the Debian mirror, so it needs "
         "the mirror to be reachable",
     )
-    if previous and previous != image_id(podman, name):
-        subprocess.run([podman, "rmi", previous], capture_output=True, check=False)
+    remove_replaced(podman, previous, name)
     say(f"built {name}")

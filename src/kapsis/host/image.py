@@ -81,9 +81,7 @@ _BUILD_HINTS = (
 def build_base_image(name: str = DEFAULT_IMAGE, *, progress: Progress | None = None) -> None:
     """Build the base image ``name`` from scratch (debootstrap + import + build)."""
     say: Progress = progress or (lambda _line: None)
-    podman = require_program(
-        "podman", "install podman (`apt-get install podman`, or scripts/install.sh)"
-    )
+    podman = require_podman()
     cache = paths.kapsis_home() / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     key = rootfs_key()
@@ -375,6 +373,18 @@ def _remove_leftovers(podman: str, replaced: str | None, rootfs_image: str) -> N
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def require_podman() -> str:
+    return require_program(
+        "podman", "install podman (`apt-get install podman`, or scripts/install.sh)"
+    )
+
+
+def remove_replaced(podman: str, previous: str | None, name: str) -> None:
+    """Remove the image ``name`` was before a rebuild, once the rebuild has moved the name."""
+    if previous and previous != image_id(podman, name):
+        subprocess.run([podman, "rmi", previous], capture_output=True, check=False)
 
 
 def require_program(program: str, fix: str) -> str:

@@ -31,7 +31,8 @@ from kapsis.host.image import (
     image_present,
     kapsis_version,
     podman_build,
-    require_program,
+    remove_replaced,
+    require_podman,
 )
 
 DEFAULT_OPERATOR_IMAGE = "localhost/kapsis-operator:latest"
@@ -121,9 +122,7 @@ def build_operator_image(
     progress: Progress | None = None,
 ) -> None:
     say: Progress = progress or (lambda _line: None)
-    podman = require_program(
-        "podman", "install podman (`apt-get install podman`, or scripts/install.sh)"
-    )
+    podman = require_podman()
     if sys.version_info[:2] != (3, 11):
         raise ImageError(
             "the operator image reuses this Python's packages and the base image has Python "
@@ -142,8 +141,7 @@ def build_operator_image(
             say=say,
             volumes=[f"{site}:{SITE_TARGET}:ro"],
         )
-    if previous and previous != image_id(podman, name):
-        subprocess.run([podman, "rmi", previous], capture_output=True, check=False)
+    remove_replaced(podman, previous, name)
     say(f"built {name}")
 
 
@@ -157,7 +155,7 @@ def registry_name(image: str, registry: str) -> str:
 
 def tag_for_registry(images: Iterable[str], registry: str, progress: Progress) -> list[str]:
     """Tag each present image for ``registry``; return the ``podman push`` commands to run."""
-    podman = require_program("podman", "install podman")
+    podman = require_podman()
     commands = []
     for image in images:
         if not image_present(image):
