@@ -15,6 +15,7 @@ from kapsis.network.observe import (
     BlockedConnection,
     DnsEvent,
     NetworkReport,
+    blocked_in_table,
     network_log_path,
     parse_blocked_set,
     parse_dns_log,
@@ -340,14 +341,8 @@ def test_blocked_connection_records_its_type():
     assert BlockedConnection("192.0.2.1", "tcp", 9, 1).type == "blocked_connection"
 
 
-def test_parse_blocked_set_reads_nfts_real_listing():
-    blocked_sets = [
-        item
-        for item in REAL_TABLE_LISTING["nftables"]
-        if item.get("set", {}).get("name") in ("blocked4", "blocked6")
-    ]
-
-    assert parse_blocked_set({"nftables": blocked_sets}) == [
+def test_the_blocked_sets_of_nfts_real_listing_are_read_and_nothing_else():
+    assert blocked_in_table(REAL_TABLE_LISTING, ("blocked4", "blocked6")) == [
         BlockedConnection("192.0.2.1", "tcp", 9, 2),
         BlockedConnection("198.51.100.7", "udp", 53, 1),
         BlockedConnection("2001:db8::99", "tcp", 9, 2),
@@ -575,13 +570,8 @@ def test_the_gateways_own_report_counts_what_the_host_counts(tmp_path):
         check=True,
         env={"PATH": f"{fake_bin}:/usr/bin:/bin"},
     )
-    blocked_sets = [
-        item
-        for item in REAL_TABLE_LISTING["nftables"]
-        if item.get("set", {}).get("name") in BLOCKED_SETS
-    ]
     dns, blocked = without_selftest(
-        parse_dns_log(LOG), parse_blocked_set({"nftables": blocked_sets}), "192.0.2.1"
+        parse_dns_log(LOG), blocked_in_table(REAL_TABLE_LISTING, BLOCKED_SETS), "192.0.2.1"
     )
     expected = NetworkReport(dns, blocked).blocked_requests
     assert blocked and expected > len(blocked)  # both refused names and refused packets count
