@@ -180,6 +180,34 @@ def agent_container(
     }
 
 
+def _tools_step(
+    name: str,
+    step: str,
+    settings: OperatorSettings,
+    step_env: list[dict[str, Any]],
+    mounts: list[dict[str, Any]],
+    credentials: bool,
+    security_context: dict[str, Any],
+) -> dict[str, Any]:
+    """A step of the tools image (``python3 -m kapsis.k8s.inpod.STEP``): the clone or the
+    finisher, the only containers that mount the credentials Secret."""
+    if credentials:
+        mounts = [*mounts, _mount(CREDENTIALS_VOLUME, layout.CREDENTIALS, read_only=True)]
+    return {
+        "name": name,
+        "image": settings.tools_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python3", "-m", f"kapsis.k8s.inpod.{step}"],
+        "env": step_env,
+        "resources": {
+            "limits": {"memory": "1Gi", "cpu": "1"},
+            "requests": {"memory": "128Mi", "cpu": "100m"},
+        },
+        "securityContext": security_context,
+        "volumeMounts": mounts,
+    }
+
+
 def clone_container(
     settings: OperatorSettings, step_env: list[dict[str, Any]], credentials: bool
 ) -> dict[str, Any]:
@@ -188,21 +216,8 @@ def clone_container(
         _mount(TRUSTED_VOLUME, layout.TRUSTED_VOLUME),
         _mount("clone-tmp", "/tmp"),
     ]
-    if credentials:
-        mounts.append(_mount(CREDENTIALS_VOLUME, layout.CREDENTIALS, read_only=True))
-    return {
-        "name": CLONE_CONTAINER,
-        "image": settings.tools_image,
-        "imagePullPolicy": "IfNotPresent",
-        "command": ["python3", "-m", "kapsis.k8s.inpod.clone"],
-        "env": step_env,
-        "resources": {
-            "limits": {"memory": "1Gi", "cpu": "1"},
-            "requests": {"memory": "128Mi", "cpu": "100m"},
-        },
-        "securityContext": _step_context(0, CLONE_CAPABILITIES),
-        "volumeMounts": mounts,
-    }
+    context = _step_context(0, CLONE_CAPABILITIES)
+    return _tools_step(CLONE_CONTAINER, "clone", settings, step_env, mounts, credentials, context)
 
 
 def gateway_container(settings: OperatorSettings) -> dict[str, Any]:
@@ -245,23 +260,14 @@ def finisher_container(
         _mount(POD_INFO_VOLUME, layout.POD_INFO, read_only=True),
         _mount("finisher-tmp", "/tmp"),
     ]
-    if credentials:
-        mounts.append(_mount(CREDENTIALS_VOLUME, layout.CREDENTIALS, read_only=True))
-    return {
-        "name": FINISHER_CONTAINER,
-        "image": settings.tools_image,
-        "imagePullPolicy": "IfNotPresent",
-        "command": ["python3", "-m", "kapsis.k8s.inpod.finish"],
-        "env": step_env,
-        "terminationMessagePath": layout.TERMINATION_LOG,
-        "terminationMessagePolicy": "File",
-        "resources": {
-            "limits": {"memory": "1Gi", "cpu": "1"},
-            "requests": {"memory": "128Mi", "cpu": "100m"},
-        },
-        "securityContext": _step_context(layout.FINISHER_UID),
-        "volumeMounts": mounts,
-    }
+    context = _step_context(layout.FINISHER_UID)
+    container = _tools_step(
+        FINISHER_CONTAINER, "finish", settings, step_env, mounts, credentials, context
+    )
+    # Its result (the operator's only source for commit and push) is its termination message.
+    container["terminationMessagePath"] = layout.TERMINATION_LOG
+    container["terminationMessagePolicy"] = "File"
+    return container
 
 
 def volumes(
