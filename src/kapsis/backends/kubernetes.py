@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from kapsis.agents import find_profile
 from kapsis.config.loader import load_config
 from kapsis.errors import AgentKilledError, ConfigError, ExitCode, KapsisError
-from kapsis.k8s import status_view
-from kapsis.k8s.resource import AgentRequestStatus
+from kapsis.k8s import names, status_view
+from kapsis.k8s.resource import FINAL_PHASES, AgentRequestStatus
 from kapsis.k8s.submission import Submission, build_submission, read_git_facts
 from kapsis.sandbox.launcher import RunResult
 from kapsis.sandbox.plan import RunRequest, new_agent_id
@@ -153,7 +153,7 @@ def follow(
                 on_status(status)
             if store.read(name) is not None:
                 store.update(name, **status_view.record_changes(status))
-        if status.phase in status_view.FINAL:
+        if status.phase in FINAL_PHASES:
             return status
         version = str(obj.get("metadata", {}).get("resourceVersion") or "")
         for changed in cluster.watch_request(namespace, name, version):
@@ -227,7 +227,7 @@ def _pod_name(cluster: Cluster, record: AgentStatus, *, wait: bool) -> str:
         status = status_view.parse_status(obj)
         if status.podName:
             return status.podName
-        if not wait or status.phase in status_view.FINAL:
+        if not wait or status.phase in FINAL_PHASES:
             raise ConfigError(
                 f"AGENT_ID {record.agent_id}: no Pod yet ({status.phase}); try "
                 f"`kapsis logs {record.agent_id} --follow`"
@@ -256,7 +256,7 @@ def stop(record: AgentStatus) -> AgentStatus:
     deadline = time.monotonic() + STOP_WAIT_SECONDS
     while obj is not None and time.monotonic() < deadline:
         status = status_view.parse_status(obj)
-        if status.phase in status_view.FINAL:
+        if status.phase in FINAL_PHASES:
             return store.update(record.agent_id, **status_view.record_changes(status))
         time.sleep(0.2)
         obj = cluster.get_request(namespace, record.agent_id)
@@ -279,5 +279,5 @@ def remove(record: AgentStatus) -> None:
     namespace = record.namespace or "default"
     cluster = connect(record.kube_context)
     cluster.delete_request(namespace, record.agent_id)
-    cluster.delete_config_map(namespace, f"{record.agent_id}-task")
+    cluster.delete_config_map(namespace, names.task_config_map_name(record.agent_id))
     StatusStore().delete(record.agent_id)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kapsis.backends import _uidslots
 from kapsis.errors import SandboxError
-from kapsis.network.gateway_config import BLOCKED_SETS
+from kapsis.network.gateway_config import BLOCKED_SETS, GATEWAY_CAPABILITIES
 from kapsis.network.gateway_files import (
     CONFIG_TARGET,
     LOG_TARGET,
@@ -29,7 +29,6 @@ from kapsis.network.observe import BlockedConnection, blocked_in_table
 from kapsis.sandbox.plan import SandboxPlan
 
 PODMAN = "podman"
-GATEWAY_CAPABILITIES = ("NET_ADMIN", "NET_BIND_SERVICE", "SETUID", "SETGID")
 
 
 def gateway_run_args(plan: SandboxPlan, *, uid_base: int | str) -> list[str]:

@@ -34,8 +34,9 @@ from kapsis.host.image import (
     remove_replaced,
     require_podman,
 )
+from kapsis.k8s.settings import DEFAULT_TOOLS_IMAGE
 
-DEFAULT_OPERATOR_IMAGE = "localhost/kapsis-operator:latest"
+DEFAULT_OPERATOR_IMAGE = DEFAULT_TOOLS_IMAGE  # what the operator runs its steps in
 SITE_TARGET = "/kapsis-site"  # where the recipe sees the prepared packages
 EXTRAS = ("k8s",)
 _REGISTRY_RE = re.compile(r"^[A-Za-z0-9.-]+(:\d+)?(/[a-z0-9._/-]+)?$")

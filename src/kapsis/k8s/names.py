@@ -22,6 +22,12 @@ REQUEST_LABEL: Final = "kapsis.dev/request"
 # finisher through a downward-API volume: the agent cannot set Pod annotations.
 AGENT_EXIT_ANNOTATION: Final = "kapsis.dev/agent-exit-code"
 
+
+def task_config_map_name(agent_id: str) -> str:
+    """The ConfigMap `kapsis run --backend k8s --spec` creates for the request's task spec."""
+    return f"{agent_id}-task"
+
+
 # A namespace labelled with this (value "true") may run requests with network.mode open.
 ALLOW_OPEN_NETWORK_LABEL: Final = "kapsis.dev/allow-open-network"
 

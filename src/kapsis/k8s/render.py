@@ -251,8 +251,8 @@ def render_request(
     Raises :class:`kapsis.errors.ConfigError` for a request the settings do not allow (an
     image outside the allowed prefixes, a reserved variable, a capability the agent may not
     have, a bad branch name, an unknown profile); the message names the offending key.
-    Whether the namespace allows ``open`` networking is checked by
-    :func:`kapsis.k8s.admission.admission_problems`, which needs the namespace's labels.
+    Whether the namespace allows ``open`` networking is checked by the operator
+    (:func:`kapsis.operator.validation.validate_request`), which reads the namespace's labels.
     """
     profile = find_profile(spec.agent.profile)
     image = agent_image(spec, profile, settings)

@@ -19,11 +19,10 @@ from kapsis.k8s import layout
 from kapsis.k8s.names import AGENT_CONTAINER, CLONE_CONTAINER, FINISHER_CONTAINER, GATEWAY_CONTAINER
 from kapsis.k8s.resource import AgentRequestSpec
 from kapsis.k8s.settings import OperatorSettings
+from kapsis.network.gateway_config import GATEWAY_CAPABILITIES
 from kapsis.network.gateway_files import CONFIG_TARGET, LOG_TARGET, VERDICT
 from kapsis.sandbox.security import effective_settings
 
-# The Podman gateway's capabilities (kapsis.backends.podman_gateway), nothing more.
-GATEWAY_CAPABILITIES = ("NET_ADMIN", "NET_BIND_SERVICE", "SETUID", "SETGID")
 # The clone step hands the workspace to the agent's uid and the trusted repo to the finisher's.
 CLONE_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER")
 # cap_add may not give these back: each lets the agent change uid (and so pass the gateway as

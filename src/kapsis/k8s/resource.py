@@ -28,6 +28,8 @@ SINGULAR = "agentrequest"
 SHORT_NAMES = ("ar",)
 
 Phase = Literal["Pending", "Preparing", "Running", "Finishing", "Complete", "Failed"]
+# The phases a request never leaves.
+FINAL_PHASES: frozenset[str] = frozenset({"Complete", "Failed"})
 PushStatus = Literal["pending", "pushed", "skipped", "failed", "verified"]
 
 

@@ -18,17 +18,13 @@ Environment variables (each optional; lists are comma-separated):
 - ``KAPSIS_OPERATOR_SECCOMP``: ``RuntimeDefault`` (the container runtime's filter) or
   ``Localhost`` (the Kapsis filter, installed on every node under the kubelet's seccomp
   directory, ``/var/lib/kubelet/seccomp/`` + ``KAPSIS_OPERATOR_SECCOMP_LOCALHOST_PROFILE``;
-  ``kapsis k8s seccomp-profile`` is not needed: ``python -c "import json;
-  from kapsis.sandbox.security import seccomp_profile; print(json.dumps(seccomp_profile()))"``
-  prints it; see docs/kubernetes.md).
+  ``python -m kapsis.k8s.node_profiles seccomp`` prints it; see docs/kubernetes.md).
 - ``KAPSIS_OPERATOR_APPARMOR_PROFILE``: the Localhost AppArmor profile of ``paranoid`` requests,
   loaded on every node (``apparmor_parser``).
 - ``KAPSIS_OPERATOR_DNS_SERVERS``: upstream resolvers of the gateway. Default: the operator's
   own ``/etc/resolv.conf`` nameservers, i.e. the cluster resolver (the agent's Pod cannot read
   it itself: its resolv.conf points at the gateway).
 - ``KAPSIS_OPERATOR_DATA_DIR``: where the operator keeps its sealed audit logs and keys.
-- ``KAPSIS_OPERATOR_KUBERNETES_VERSION``: the Kubernetes version the manifests target and are
-  validated against.
 """
 
 from __future__ import annotations
@@ -75,7 +71,6 @@ class OperatorSettings(BaseModel):
     cluster_dns_namespace: str = "kube-system"
     cluster_dns_pod_labels: tuple[tuple[str, str], ...] = (("k8s-app", "kube-dns"),)
     data_dir: Path = Path("/var/lib/kapsis-operator")
-    kubernetes_version: str = Field(KUBERNETES_VERSION, pattern=r"^\d+\.\d+\.\d+$")
 
     @classmethod
     def from_env(

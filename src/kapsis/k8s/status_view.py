@@ -20,7 +20,7 @@ from kapsis.errors import (
     PushError,
     SandboxError,
 )
-from kapsis.k8s.resource import AgentRequestStatus
+from kapsis.k8s.resource import FINAL_PHASES, AgentRequestStatus
 from kapsis.k8s.submission import Submission
 from kapsis.sandbox.launcher import RunResult
 from kapsis.status import AgentStatus
@@ -36,7 +36,6 @@ PHASES: dict[str, Phase] = {
     "Complete": "complete",
     "Failed": "failed",
 }
-FINAL = frozenset({"Complete", "Failed"})
 
 # errorType -> exit code, for a Failed status that carries no exitCode (the errors.py table).
 _EXIT_CODES: dict[str, int] = {
@@ -115,7 +114,7 @@ def record_changes(status: AgentRequestStatus) -> dict[str, Any]:
     """What a status says, as fields of the local record (for ``StatusStore.update``)."""
     changes: dict[str, Any] = {
         "phase": PHASES[status.phase],
-        "progress": 100 if status.phase in FINAL else status.progress,
+        "progress": 100 if status.phase in FINAL_PHASES else status.progress,
         "message": status.message,
         "blocked_requests": status.blockedRequests,
     }
@@ -130,14 +129,14 @@ def record_changes(status: AgentRequestStatus) -> dict[str, Any]:
             changes[key] = value
     if status.pushStatus is not None:
         changes["push_status"] = _PUSH_STATUS.get(status.pushStatus, status.pushStatus)
-    if status.phase in FINAL:
+    if status.phase in FINAL_PHASES:
         changes["exit_code"] = exit_code(status)
     return changes
 
 
 def run_result(agent_id: str, status: AgentRequestStatus, *, detached: bool) -> RunResult:
     """What ``kapsis run`` reports: a finished request's outcome, or a detached start."""
-    if detached or status.phase not in FINAL:
+    if detached or status.phase not in FINAL_PHASES:
         return RunResult(
             agent_id=agent_id,
             exit_code=int(ExitCode.SUCCESS),
@@ -163,5 +162,5 @@ def run_result(agent_id: str, status: AgentRequestStatus, *, detached: bool) -> 
 
 def describe(status: AgentRequestStatus) -> str:
     """One progress line: ``Running 30%: message``."""
-    text = f"{status.phase} {status.progress if status.phase not in FINAL else 100}%"
+    text = f"{status.phase} {status.progress if status.phase not in FINAL_PHASES else 100}%"
     return f"{text}: {status.message}" if status.message else text

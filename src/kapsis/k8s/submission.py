@@ -143,7 +143,7 @@ class Submission:
 
     @property
     def task_config_map(self) -> str:
-        return f"{self.agent_id}-task"
+        return names.task_config_map_name(self.agent_id)
 
     def agent_request(self, namespace: str) -> dict[str, Any]:
         return {
@@ -332,7 +332,9 @@ def build_submission(
     task = (
         TaskSpec(inline=task_text)
         if spec_source is None
-        else TaskSpec(configMapRef=ConfigMapKeyRef(name=f"{agent_id}-task", key=TASK_KEY))
+        else TaskSpec(
+            configMapRef=ConfigMapKeyRef(name=names.task_config_map_name(agent_id), key=TASK_KEY)
+        )
     )
     spec = AgentRequestSpec(
         agent=AgentSpec(profile=profile.name, image=image, command=command),

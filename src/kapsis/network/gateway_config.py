@@ -28,6 +28,8 @@ TABLE = "kapsis"
 RESOLVER_USER = "kapsis-dns"
 RESOLVER_UID = 990
 BLOCKED_SETS = ("blocked4", "blocked6")
+# What the gateway container may do, on both backends (nothing else has NET_ADMIN).
+GATEWAY_CAPABILITIES = ("NET_ADMIN", "NET_BIND_SERVICE", "SETUID", "SETGID")
 ND_TYPES = "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert"
 
 

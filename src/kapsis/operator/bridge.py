@@ -28,10 +28,8 @@ from kapsis.k8s.names import (
     FINISHER_CONTAINER,
     GATEWAY_CONTAINER,
 )
-from kapsis.k8s.resource import PushStatus
+from kapsis.k8s.resource import FINAL_PHASES, PushStatus
 
-TERMINAL_PHASES: Final = frozenset({"Complete", "Failed"})
-PHASE_ORDER: Final = ("Pending", "Preparing", "Running", "Finishing", "Complete", "Failed")
 TIMEOUT_EXIT: Final = 124  # what `timeout` returns; the Pod's time limit ends the agent with it
 TIMEOUT_KILL_EXIT: Final = 137  # `timeout --kill-after` had to SIGKILL the agent
 # Waiting reasons after which the container will not start without someone fixing something.
@@ -269,7 +267,7 @@ def bridge(pod: Mapping[str, Any], current: Mapping[str, Any] | None, now: str) 
     result = parse_finisher_result(finisher_done.get("message")) if finisher_done else None
     finisher_exit = _exit_code(finisher_done) if finisher_done else None
 
-    if current.get("phase") in TERMINAL_PHASES:
+    if current.get("phase") in FINAL_PHASES:
         # Only the gateway's count may still arrive: a sidecar is stopped after the finisher.
         blocked = _blocked_requests(gateway)
         if blocked is not None:
@@ -308,7 +306,7 @@ def bridge(pod: Mapping[str, Any], current: Mapping[str, Any] | None, now: str) 
     status["blockedRequests"] = (
         blocked if blocked is not None else current.get("blockedRequests", 0)
     )
-    if phase in TERMINAL_PHASES:
+    if phase in FINAL_PHASES:
         assert outcome is not None
         status["exitCode"] = outcome.exit_code
         status["errorType"] = outcome.error_type
@@ -441,8 +439,3 @@ def _wanted_conditions(
             ("Finished", "True", f"Push{push.capitalize()}", _text(result.get("message")))
         )
     return wanted
-
-
-def phase_index(phase: str | None) -> int:
-    """Position of a phase in the lifecycle (-1 when unknown), to log transitions in order."""
-    return PHASE_ORDER.index(phase) if phase in PHASE_ORDER else -1

@@ -22,9 +22,10 @@ from kapsis.k8s.names import (
     REQUEST_LABEL,
     STOP_ANNOTATION,
 )
+from kapsis.k8s.resource import FINAL_PHASES
 from kapsis.k8s.settings import OperatorSettings
 from kapsis.operator.audit import OperatorAudit
-from kapsis.operator.bridge import TERMINAL_PHASES, bridge
+from kapsis.operator.bridge import bridge
 from kapsis.operator.kube import Kube, utc_now
 from kapsis.operator.validation import RequestRejected, agent_image, validate_request
 
@@ -94,7 +95,7 @@ class Reconciler:
         ref = _ref(body)
         namespace, name, uid = ref
         status = dict(body.get("status") or {})
-        if status.get("phase") in TERMINAL_PHASES:
+        if status.get("phase") in FINAL_PHASES:
             return
         first = not status.get("phase")
         labels = self.kube.namespace_labels(namespace)
@@ -245,7 +246,7 @@ class Reconciler:
         deleted = self._delete_children(ref)
         phase = (body.get("status") or {}).get("phase")
         self.audit.record(ref, "request_deleted", phase=phase, deleted=deleted)
-        if phase in TERMINAL_PHASES or phase is None:
+        if phase in FINAL_PHASES or phase is None:
             self.audit.seal(ref)
         else:
             self.audit.end(ref, phase="Deleted", previous_phase=phase)
@@ -301,7 +302,7 @@ class Reconciler:
         if not changes:
             return
         old_phase, new_phase = current.get("phase"), bridged.status.get("phase")
-        if bridged.finisher_result is not None and new_phase in TERMINAL_PHASES:
+        if bridged.finisher_result is not None and new_phase in FINAL_PHASES:
             result = {k: bridged.finisher_result.get(k) for k in AUDITED_RESULT_KEYS}
             self.audit.record(
                 ref, "finisher_result", exit_code=bridged.finisher_exit_code, **result
@@ -311,7 +312,7 @@ class Reconciler:
         if changes.get("blockedRequests"):
             self.audit.record(ref, "gateway_report", blocked_requests=changes["blockedRequests"])
         self.kube.patch_request_status(namespace, request_name, changes)
-        if new_phase in TERMINAL_PHASES and old_phase not in TERMINAL_PHASES:
+        if new_phase in FINAL_PHASES and old_phase not in FINAL_PHASES:
             final = bridged.status
             kind = "Normal" if new_phase == "Complete" else "Warning"
             self.kube.post_event(request, kind, str(new_phase), str(final.get("message")))
@@ -327,7 +328,7 @@ class Reconciler:
             )
 
     def _pod_vanished(self, request: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-        if current.get("phase") in TERMINAL_PHASES:
+        if current.get("phase") in FINAL_PHASES:
             return
         ref = _ref(request)
         if _stop_requested(request):

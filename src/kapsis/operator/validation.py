@@ -20,13 +20,8 @@ from typing import Any, Final
 from pydantic import ValidationError
 
 from kapsis.errors import ConfigError
-from kapsis.k8s.render import RESERVED_ENV_NAMES
 from kapsis.k8s.resource import AgentRequestSpec
 from kapsis.k8s.settings import OperatorSettings
-
-# Set by the rendered Pod itself (the renderer's list); a request setting them would be
-# silently overridden, or would override what the sandbox relies on, so it is refused instead.
-POD_ENV_NAMES: Final = RESERVED_ENV_NAMES
 
 # A ConfigMap or Secret name: a DNS-1123 subdomain.
 _OBJECT_NAME_RE: Final = re.compile(
