@@ -168,7 +168,8 @@ class AgentReportServer:
                     connection.close()
                     buffers.pop(connection, None)
                 else:
-                    buffers[connection] = rest[-MAX_LINE:]
+                    # The head: what a long line says first (the command) is what it is about.
+                    buffers[connection] = rest[:MAX_LINE]
         for connection in list(buffers):
             with contextlib.suppress(Exception):
                 selector.unregister(connection)
