@@ -197,3 +197,31 @@ def test_log_and_key_are_private_to_the_host_user(kapsis_home: Path, tmp_path: P
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert stat.S_IMODE(keys_dir().stat().st_mode) == 0o700
     assert os.stat(key_file).st_uid == os.geteuid()
+
+
+def test_threads_sealing_and_recording_through_one_log_keep_the_chain_whole(
+    kapsis_home: Path, tmp_path: Path
+) -> None:
+    # The operator seals from one thread while Pod events record from another.
+    import threading
+
+    log = AuditLog("s1", directory=tmp_path, rotate_bytes=200_000)
+    log.record("session_start")
+
+    def recording() -> None:
+        for index in range(1500):
+            log.record("step", index=index)
+
+    def sealing() -> None:
+        for _ in range(300):
+            log.seal()
+
+    threads = [threading.Thread(target=recording), threading.Thread(target=sealing)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    log.record("session_end")
+    result = check(tmp_path / "s1.jsonl")
+    assert result.ok, result.damage
+    assert len(rotated_files(tmp_path / "s1.jsonl")) > 1  # rotation happened under contention

@@ -104,16 +104,16 @@ class AuditLog:
         """Append one record and return it; ``session_start`` opens a new session."""
         if not self.enabled:
             return {}
-        with self._thread_lock, self._locked() as handle:
-            appended = self._append(handle, event_type, source, detail)
-            if (
-                event_type == SESSION_END
-                or self._since_seal >= self.seal_every
-                or (time.monotonic() - self._last_seal >= self.seal_seconds)
-            ):
-                self._seal(handle)
-        if self._known_size >= self.rotate_bytes:
-            with self._thread_lock:
+        with self._thread_lock:
+            with self._locked() as handle:
+                appended = self._append(handle, event_type, source, detail)
+                if (
+                    event_type == SESSION_END
+                    or self._since_seal >= self.seal_every
+                    or (time.monotonic() - self._last_seal >= self.seal_seconds)
+                ):
+                    self._seal(handle)
+            if self._known_size >= self.rotate_bytes:
                 self.rotate()
         return appended
 
@@ -126,20 +126,22 @@ class AuditLog:
 
     def rotate(self) -> None:
         """Seal this file, move it aside as ``ID.N.jsonl`` and continue the chain in a new one."""
-        with self._locked() as handle:
-            self._seal(handle)
-            previous = self.path.with_name(f"{self.agent_id}.{len(rotated_files(self.path))}.jsonl")
-            os.rename(self.path, previous)
-        self.close()  # the next append opens the new file
-        assert self._head is not None
-        _, head_hash, _ = self._head
-        with self._locked() as handle:
-            self._append(
-                handle,
-                CONTINUATION,
-                "host",
-                {"previous_file": previous.name, "previous_hash": head_hash},
-            )
+        with self._thread_lock:  # the whole move: no other thread may append in between
+            with self._locked() as handle:
+                self._seal(handle)
+                number = len(rotated_files(self.path))
+                previous = self.path.with_name(f"{self.agent_id}.{number}.jsonl")
+                os.rename(self.path, previous)
+            self.close()  # the next append opens the new file
+            assert self._head is not None
+            _, head_hash, _ = self._head
+            with self._locked() as handle:
+                self._append(
+                    handle,
+                    CONTINUATION,
+                    "host",
+                    {"previous_file": previous.name, "previous_hash": head_hash},
+                )
 
     # -- internals -------------------------------------------------------------------------
 
@@ -229,19 +231,29 @@ class AuditLog:
 
 
 class _Locked:
-    """The log file, opened for appending (kept open between appends), under an exclusive lock."""
+    """The log file, opened for appending (kept open between appends), under an exclusive lock:
+    the instance's thread lock (flock does not keep threads of one process apart), then flock
+    (other processes: a detached supervisor writes the same chain)."""
 
     def __init__(self, log: AuditLog) -> None:
         self.log = log
 
     def __enter__(self) -> Any:
-        handle = self.log._handle
-        if handle is None or handle.closed or not self.log.path.exists():
-            descriptor = os.open(self.log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            handle = self.log._handle = os.fdopen(descriptor, "ab")
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        self.log._thread_lock.acquire()
+        try:
+            handle = self.log._handle
+            if handle is None or handle.closed or not self.log.path.exists():
+                descriptor = os.open(self.log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                handle = self.log._handle = os.fdopen(descriptor, "ab")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except BaseException:
+            self.log._thread_lock.release()
+            raise
         return handle
 
     def __exit__(self, *exc_info: object) -> None:
-        assert self.log._handle is not None
-        fcntl.flock(self.log._handle, fcntl.LOCK_UN)
+        try:
+            assert self.log._handle is not None
+            fcntl.flock(self.log._handle, fcntl.LOCK_UN)
+        finally:
+            self.log._thread_lock.release()
