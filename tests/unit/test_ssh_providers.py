@@ -138,6 +138,15 @@ def test_a_damaged_cache_falls_back_to_the_pinned_keys(kapsis_home):
     assert providers.effective("gitlab.com").origin == "pinned"
 
 
+def test_a_cache_without_a_timezone_falls_back_to_the_pinned_keys(kapsis_home):
+    folder = providers.cache_dir()
+    folder.mkdir(parents=True)
+    naive = {"keys": [["ssh-ed25519", NEW_KEY]], "url": "x", "fetched_at": "2030-01-01T00:00:00"}
+    (folder / "gitlab.com.json").write_text(json.dumps(naive))
+    assert providers.cached("gitlab.com") is None
+    assert providers.effective("gitlab.com").origin == "pinned"
+
+
 def test_fetch_failures_are_fetch_errors(server):
     base, pages = server
     provider = providers.PROVIDERS["github.com"]

@@ -173,6 +173,8 @@ def cached(host: str) -> KeyList | None:
         for key_type, blob in keys:
             check_key(key_type, blob)
         fetched = dt.datetime.fromisoformat(data["fetched_at"])
+        if fetched.tzinfo is None:
+            return None  # not what `kapsis ssh refresh` writes: not comparable with the pin
         return KeyList(host, keys, "refreshed", str(data["url"]), fetched)
     except (OSError, ValueError, KeyError, TypeError):
         return None
