@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from urllib.parse import urlsplit
-from xml.etree import ElementTree as ET
 
 from kapsis.config.loader import LoadedConfig
 from kapsis.config.models import BuildToolsSection, MavenSection
@@ -106,6 +105,8 @@ def maven_settings(maven: MavenSection) -> str:
     with ``block_snapshots`` the approved mirror (or Central itself) serves ``central`` and the
     blocked mirror catches every other remote repository.
     """
+    from xml.etree import ElementTree as ET  # only for Maven settings: not on every run's path
+
     ET.register_namespace("", SETTINGS_NS)
 
     def sub(parent: ET.Element, tag: str, text: str | None = None) -> ET.Element:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from kapsis import paths
 from kapsis.audit import AuditLog
 from kapsis.audit.agent_reports import AUDIT_SOCKET, AgentReportServer
-from kapsis.audit.alerts import Alert
+from kapsis.audit.alerts import Alert, AlertEngine
 from kapsis.backends import Backend, ExitInfo
 from kapsis.errors import (
     AgentFailedError,
@@ -232,7 +232,6 @@ def open_agent_reports(
     """The host end of the sandbox's audit socket (bound, not yet serving), if auditing is on."""
     if not plan.audit_enabled:
         return None
-    from kapsis.audit.alerts import AlertEngine
     from kapsis.network.policy import load_category
 
     root = Path(plan.workspace.root)
