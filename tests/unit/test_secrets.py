@@ -210,6 +210,23 @@ def test_the_transcript_pump_joins_partial_records_before_redacting(tmp_path):
     assert text.splitlines()[0].startswith("T2 stdout F ")
 
 
+def test_a_secret_across_the_cut_of_an_overlong_partial_line_is_still_redacted(tmp_path):
+    from kapsis.backends.transcript import MAX_PENDING
+
+    fifo = tmp_path / "log.fifo"
+    transcript = tmp_path / "transcript.log"
+    pump = TranscriptPump.open(fifo, transcript, Redactor([VALUE]), echo=False).start()
+    half = len(VALUE) // 2
+    padding = "x" * (MAX_PENDING - half)  # the pump must write this record out unfinished
+    with open(fifo, "w") as conmon:
+        conmon.write(f"T1 stdout P {padding}{VALUE[:half]}\nT2 stdout F {VALUE[half:]} end\n")
+    pump.finish()
+
+    text = transcript.read_text()
+    assert VALUE[:half] not in text and VALUE[half:] not in text
+    assert list(read_transcript(transcript)) == [f"{padding}{REDACTED} end"]
+
+
 def test_the_pump_waits_for_a_writer_instead_of_ending_at_once(tmp_path):
     fifo = tmp_path / "log.fifo"
     transcript = tmp_path / "transcript.log"

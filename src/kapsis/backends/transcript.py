@@ -92,9 +92,15 @@ class TranscriptPump:
                 stamp, stream, tag = parts[:3]
                 text = pending.pop(stream, "") + (parts[3] if len(parts) == 4 else "")
                 stamps[stream] = stamp
-                if tag == "P" and len(text) < MAX_PENDING:
-                    pending[stream] = text
-                    continue
+                if tag == "P":
+                    if len(text) < MAX_PENDING:
+                        pending[stream] = text
+                        continue
+                    # Too long to hold: write it out, but keep back what could be the start
+                    # of a secret that the next record completes.
+                    keep = self._redactor.longest - 1
+                    if keep > 0:
+                        text, pending[stream] = text[:-keep], text[-keep:]
                 self._emit(out, stamp, stream, "F" if tag == "F" else "P", text)
             for stream, text in pending.items():  # the last line had no newline
                 self._emit(out, stamps[stream], stream, "F", text)

@@ -23,6 +23,11 @@ class Redactor:
             {s for s in secrets if len(s) >= MIN_REDACTED_LENGTH}, key=len, reverse=True
         )
 
+    @property
+    def longest(self) -> int:
+        """The length of the longest secret (0 without any)."""
+        return len(self.secrets[0]) if self.secrets else 0
+
     def __bool__(self) -> bool:
         return bool(self.secrets)
 
