@@ -225,3 +225,20 @@ def test_threads_sealing_and_recording_through_one_log_keep_the_chain_whole(
     result = check(tmp_path / "s1.jsonl")
     assert result.ok, result.damage
     assert len(rotated_files(tmp_path / "s1.jsonl")) > 1  # rotation happened under contention
+
+
+def test_a_log_given_the_runs_secrets_redacts_every_records_detail(
+    kapsis_home: Path, tmp_path: Path
+) -> None:
+    from kapsis.secrets.redact import Redactor
+
+    secret = "ghp_0123456789abcdefABCDEF"
+    message = f"remote: invalid credentials for https://x:{secret}@git.example/r.git"
+    redacting = AuditLog("s1", directory=tmp_path, redactor=Redactor([secret]))
+    redacting.record("git_push", status="failed", message=message, notes=[{"text": secret}])
+    text = (tmp_path / "s1.jsonl").read_text()
+    assert secret not in text and "[REDACTED]@git.example" in text
+    # Control: without the run's secrets the same record keeps the value.
+    plain = AuditLog("s2", directory=tmp_path)
+    plain.record("git_push", status="failed", message=message)
+    assert secret in (tmp_path / "s2.jsonl").read_text()

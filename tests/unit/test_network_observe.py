@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -576,3 +577,45 @@ def test_the_gateways_own_report_counts_what_the_host_counts(tmp_path):
     expected = NetworkReport(dns, blocked).blocked_requests
     assert blocked and expected > len(blocked)  # both refused names and refused packets count
     assert json.loads(result.stdout) == {"blockedRequests": expected}
+
+
+def test_a_secret_spelled_in_a_looked_up_name_is_redacted_in_the_audit_and_network_log(
+    make_plan, kapsis_home
+):
+    """Exfiltration by DNS: the agent resolves `<secret>.evil.example`; the gateway's records of
+    it reach the audit trail and the network log only redacted (control: another name is kept)."""
+    from kapsis.audit import AuditLog
+    from kapsis.network.gateway_files import gateway_dirs
+    from kapsis.sandbox.launcher import _observe_network, initial_status
+    from kapsis.secrets.redact import Redactor
+    from kapsis.status.store import StatusStore
+
+    secret = "sk-live-0123456789abcdef"
+    plan = make_plan()
+    log = gateway_dirs(Path(plan.workspace.root)).dns_log
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(
+        f"{PREFIX} 1 127.0.0.1/41000 query[A] {secret}.evil.example from 127.0.0.1\n"
+        f"{PREFIX} 1 127.0.0.1/41000 config {secret}.evil.example is NXDOMAIN\n"
+        f"{PREFIX} 2 127.0.0.1/41001 query[A] plain.evil.example from 127.0.0.1\n"
+        f"{PREFIX} 2 127.0.0.1/41001 config plain.evil.example is NXDOMAIN\n"
+    )
+
+    class Gateway:
+        name = "podman"
+
+        def blocked_connections(self, plan):
+            return [], True
+
+    store = StatusStore()
+    store.write(initial_status(plan, Gateway()))
+    audit = AuditLog(plan.agent_id, redactor=Redactor([secret]))
+    audit.record("session_start")
+    _observe_network(plan, Gateway(), store, audit, Redactor([secret]))
+
+    audit_text = audit.path.read_text()
+    network_text = network_log_path(plan.agent_id).read_text()
+    for text in (audit_text, network_text):
+        assert secret not in text
+        assert "[REDACTED].evil.example" in text
+        assert "plain.evil.example" in text

@@ -19,11 +19,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kapsis import paths
 from kapsis.audit.chain import GENESIS, canonical, seal_message
 from kapsis.status.store import utc_now
+
+if TYPE_CHECKING:
+    from kapsis.secrets.redact import Redactor
 
 SEAL = "seal"
 CONTINUATION = "continuation"
@@ -81,8 +84,11 @@ class AuditLog:
         seal_seconds: float = DEFAULT_SEAL_SECONDS,
         rotate_bytes: int = DEFAULT_ROTATE_BYTES,
         keys_directory: Path | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self.agent_id = agent_id
+        # The run's secret values, hidden in every record's detail whoever its writer is.
+        self.redactor = redactor
         # None: the host's key (~/.kapsis/keys); the Kubernetes operator keeps its own.
         self.keys_directory = keys_directory
         self.enabled = enabled
@@ -104,6 +110,8 @@ class AuditLog:
         """Append one record and return it; ``session_start`` opens a new session."""
         if not self.enabled:
             return {}
+        if self.redactor:
+            detail = self.redactor.value(detail)
         with self._thread_lock:
             with self._locked() as handle:
                 appended = self._append(handle, event_type, source, detail)

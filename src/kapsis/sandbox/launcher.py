@@ -126,6 +126,7 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
     except KapsisError as error:
         return _close(plan, store, audit, error.exit_code, None, error.error_type, str(error))
     redactor = Redactor(values.values())
+    audit.redactor = redactor
     try:
         store.update(plan.agent_id, phase="preparing", message="checking the image")
         backend.preflight(plan)
@@ -156,7 +157,8 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
             from kapsis.workspace.prepare import abandon_workspace
 
             abandon_workspace(plan)
-        return _close(plan, store, audit, error.exit_code, None, error.error_type, str(error))
+        message = redactor.text(str(error))
+        return _close(plan, store, audit, error.exit_code, None, error.error_type, message)
     store.update(plan.agent_id, phase="running", message=f"agent {plan.agent} is running")
     audit.record("sandbox_started", pod=plan.pod_name)
     if detach:
@@ -180,7 +182,8 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
         return _close(plan, store, audit, ExitCode.INTERRUPTED, None, "interrupted", "interrupted")
     except KapsisError as error:
         backend.remove(plan)
-        return _close(plan, store, audit, error.exit_code, None, error.error_type, str(error))
+        message = redactor.text(str(error))
+        return _close(plan, store, audit, error.exit_code, None, error.error_type, message)
     finally:
         if reports is not None:
             reports.stop()
@@ -268,17 +271,17 @@ def finish(
 
     ``redactor`` hides the run's secret values in the messages and notes that are kept."""
     store = StatusStore()
-    audit = AuditLog(plan.agent_id, enabled=plan.audit_enabled)
+    audit = AuditLog(plan.agent_id, enabled=plan.audit_enabled, redactor=redactor)
     store.update(plan.agent_id, phase="post_processing", message="saving the agent's work")
     audit.record("sandbox_exited", exit_code=exit_info.exit_code, oom_killed=exit_info.oom_killed)
     current = store.read(plan.agent_id)
     error = classify(plan, exit_info, stop_requested=bool(current and current.stop_requested))
     work = save_work(plan, agent_succeeded=error is None)
     _audit_work(audit, work)
-    store.update(plan.agent_id, **work.status_fields())
+    store.update(plan.agent_id, **redactor.value(work.status_fields()))
     if plan.network.gateway is not None:
         try:
-            work.notes += _observe_network(plan, backend, store, audit)
+            work.notes += _observe_network(plan, backend, store, audit, redactor)
         except (OSError, ValueError, KeyError) as problem:
             # The record of what the gateway saw must not keep the sandbox from being removed.
             work.notes.append(f"could not read the gateway's records: {problem}")
@@ -294,7 +297,7 @@ def finish(
 
 
 def _observe_network(
-    plan: SandboxPlan, backend: Backend, store: StatusStore, audit: AuditLog
+    plan: SandboxPlan, backend: Backend, store: StatusStore, audit: AuditLog, redactor: Redactor
 ) -> list[str]:
     """Record what the gateway allowed and refused; say so if it did not last the run."""
     from kapsis.network.gateway_files import gateway_dirs, probe_address
@@ -312,6 +315,8 @@ def _observe_network(
     except OSError:
         dns = []
     dns, blocked = without_selftest(dns, blocked, probe_address(plan.network.policy))
+    for event in dns:  # a name the agent looked up may spell a secret out
+        event.name = redactor.text(event.name)
     report = NetworkReport(dns=dns, blocked=blocked, gateway_ran_to_the_end=gateway_ran)
     log = write_network_log(plan.agent_id, report)
     # Every decision of the gateway also goes into the audit chain, stamped as the gateway's.

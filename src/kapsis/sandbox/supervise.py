@@ -34,7 +34,9 @@ def main(agent_id: str) -> int:
     if audit_fd is not None:
         # The launcher bound the sandbox's audit socket and handed it over.
         listener = socket.socket(fileno=int(audit_fd))
-        reports = open_agent_reports(plan, AuditLog(agent_id), redactor, listener)
+        reports = open_agent_reports(
+            plan, AuditLog(agent_id, redactor=redactor), redactor, listener
+        )
         if reports is not None:
             reports.start()
     sandbox = backend.attach_to(
