@@ -326,6 +326,31 @@ def test_unclonable_or_credentialed_urls_are_refused(url: str, words: str) -> No
     assert "s3cret" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://git.example/a.git",
+        "git@github.com:org/app.git",
+        "github.com:org/repo.git",
+        "myhost:repo.git",
+        "git://host/r.git",
+        "https://h:99999/r",
+        "/srv/git/app.git",
+    ],
+)
+def test_the_cli_accepts_exactly_the_remotes_the_operator_renders(url: str) -> None:
+    from kapsis.k8s.render_network import git_remote
+
+    def accepted(check: Any) -> bool:
+        try:
+            check()
+        except ConfigError:
+            return False
+        return True
+
+    assert accepted(lambda: check_clone_url(url, "origin")) == accepted(lambda: git_remote(url))
+
+
 def _git(root: Path, *args: str) -> str:
     return subprocess.run(
         ["git", "-C", str(root), *args], capture_output=True, text=True, check=True

@@ -60,7 +60,7 @@ def git_remote(url: str) -> GitRemote:
             raise ConfigError(f"workspace.git.url: {url!r} has an invalid port") from None
         return GitRemote(parts.hostname.lower(), port, transport)
     match = _SCP_LIKE.match(url)
-    if not parts.scheme and match:
+    if "://" not in url and match:  # urlsplit takes "host:path" for a scheme and its path
         return GitRemote(match.group("host").strip("[]").lower(), 22, "ssh")
     raise ConfigError(
         f"workspace.git.url: {url!r} is not a remote the Pod can reach; use https://HOST/PATH, "

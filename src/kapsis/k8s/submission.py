@@ -208,22 +208,29 @@ def read_git_facts(project: Path, remote: str, remote_origin: str) -> GitFacts:
 
 
 def check_clone_url(url: str, remote: str) -> str:
-    """The remote URL if a cluster can clone it and it carries no credentials."""
+    """The remote URL if a cluster can clone it and it carries no credentials: what the
+    operator's renderer (:func:`kapsis.k8s.render_network.git_remote`) will accept."""
+    from kapsis.k8s.render_network import git_remote
+
     scp_like = "://" not in url and ":" in url.split("/", 1)[0]
-    if scp_like:  # user@host:path, ssh's short form
-        return url
     parts = urlsplit(url)
-    if parts.scheme not in ("https", "http", "ssh", "git") or not parts.hostname:
+    if not scp_like and (parts.scheme not in ("https", "http", "ssh") or not parts.hostname):
         raise ConfigError(
             f"git.remote: the remote {remote!r} is {url!r}, which a cluster cannot clone (a path "
-            "on this machine); set git.remote to a remote with an https or ssh URL"
+            "on this machine, or not https, http or ssh); set git.remote to a remote with an "
+            "https or ssh URL"
         )
-    if parts.password:
+    if not scp_like and parts.password:
         raise ConfigError(
             f"git.remote: the URL of remote {remote!r} holds a password or token, which would be "
             "readable in the AgentRequest; remove it from the URL and put it in a Secret named "
             "by kubernetes.credentials_secret"
         )
+    try:
+        git_remote(url)
+    except ConfigError as error:
+        reason = str(error).removeprefix("workspace.git.url: ")
+        raise ConfigError(f"git.remote: the remote {remote!r}: {reason}") from None
     return url
 
 
