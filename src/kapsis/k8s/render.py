@@ -42,14 +42,18 @@ from kapsis.k8s.render_pod import (
 )
 from kapsis.k8s.resource import GROUP, KIND, VERSION, AgentRequestSpec
 from kapsis.k8s.settings import OperatorSettings
+from kapsis.sandbox.plan import (
+    MAX_ARG_LENGTH,
+    agent_command as local_agent_command,
+    fits_one_string,
+    task_summary,
+)
 
 # Set by Kapsis in the agent's environment; a request may not set them (KAPSIS_* is refused by
 # the model already).
 RESERVED_ENV_NAMES = frozenset({"HOME"})
 MAX_NAME = 253
 MAX_LABEL = 63
-# Linux refuses a single argv or environment string longer than this (MAX_ARG_STRLEN).
-MAX_ARG_LENGTH = 128 * 1024
 GATEWAY_RESOLVER = "127.0.0.1"
 
 
@@ -154,16 +158,14 @@ def _command_template(spec: AgentRequestSpec, profile: AgentProfile) -> str | li
 def command_argv(spec: AgentRequestSpec, profile: AgentProfile) -> tuple[str, ...]:
     """The agent's argv, as a local run builds it; ``{task}`` from a ConfigMap is read at start."""
     template = _command_template(spec, profile)
-    if isinstance(template, str):
-        return ("sh", "-c", template)  # the task reaches it as $KAPSIS_TASK / the spec file
-    if spec.task.inline is not None:
-        argv = tuple(part.replace("{task}", spec.task.inline) for part in template)
-        if any(len(part.encode()) + 1 > MAX_ARG_LENGTH for part in argv):
+    if isinstance(template, str) or spec.task.inline is not None:
+        try:  # as locally: a string goes through sh, {task} is the inline text
+            return local_agent_command(template, spec.task.inline or "")
+        except ConfigError:
             raise ConfigError(
                 f"spec.task.inline: longer than {MAX_ARG_LENGTH} bytes, too long for a command "
                 "argument; put it in a ConfigMap (spec.task.configMapRef)"
-            )
-        return argv
+            ) from None
     if not any("{task}" in part for part in template):
         return tuple(template)
     # The text is only known in the Pod: a shell reads the spec file and substitutes it.
@@ -183,9 +185,7 @@ def _double_quoted(text: str) -> str:
 
 def _task_text_summary(name: str, spec: AgentRequestSpec) -> str:
     if spec.task.inline is not None:
-        lines = spec.task.inline.strip().splitlines()
-        first = lines[0] if lines else "task"
-        return first if len(first) <= 80 else first[:77] + "..."
+        return task_summary(spec.task.inline, None) or "task"
     ref = spec.task.configMapRef
     assert ref is not None
     return f"spec configmap {ref.name}/{ref.key}"
@@ -200,7 +200,7 @@ def agent_env(name: str, spec: AgentRequestSpec, profile: AgentProfile) -> list[
         "KAPSIS_AGENT_ID": name,
         "KAPSIS_TASK_SPEC": layout.TASK_SPEC,
     }
-    if spec.task.inline is not None and len(spec.task.inline.encode()) + 12 <= MAX_ARG_LENGTH:
+    if spec.task.inline is not None and fits_one_string(f"KAPSIS_TASK={spec.task.inline}"):
         plain["KAPSIS_TASK"] = spec.task.inline
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in plain.items()]
     for variable, ref in secrets.items():

@@ -47,6 +47,7 @@ from kapsis.sandbox.plan import (
     check_agent_id,
     fits_one_string,
     task_of,
+    task_summary,
 )
 
 TASK_KEY = "task.md"
@@ -274,7 +275,6 @@ def build_submission(
             "cluster does not have; use a built-in profile (with agent.command and --image)"
         )
     task_text, spec_source = task_of(request)
-    summary = task_text.strip().splitlines()[0] if task_text.strip() else ""
     if spec_source is None and not fits_one_string(f"KAPSIS_TASK={task_text}"):
         raise ConfigError(
             "--task is too long for the agent's environment; put it in a file and pass --spec FILE"
@@ -366,7 +366,7 @@ def build_submission(
         context=config.kubernetes.context,
         spec=spec,
         task_text=task_text if spec_source is not None else None,
-        task_summary=f"spec {spec_source}: {summary}" if spec_source else summary,
+        task_summary=task_summary(task_text, spec_source),
         project=str(request.project.expanduser().resolve()),
         notes=tuple(notes),
     )

@@ -217,7 +217,7 @@ def build_plan(
     secret_names = {secret.name for secret in secrets_planned}
 
     command = agent_command(config.agent.command or profile.command, task_text)
-    summary = _summary(task_text, spec_source)
+    summary = task_summary(task_text, spec_source)
     workspace, git = plan_workspace_and_git(loaded, project, agent_id, task_text)
     if workspace.needs_delta and host.rootless:
         # Podman's rootless overlay volume takes one lower layer: the checkout.
@@ -359,7 +359,8 @@ def fits_one_string(text: str) -> bool:
     return len(text.encode()) + 1 <= MAX_ARG_LENGTH
 
 
-def _summary(task_text: str, spec_source: str | None) -> str:
+def task_summary(task_text: str, spec_source: str | None) -> str:
+    """The task's first line (cut at 80 characters), and the spec file it came from."""
     first_line = task_text.strip().splitlines()[0] if task_text.strip() else ""
     summary = first_line if len(first_line) <= 80 else first_line[:77] + "..."
     return f"spec {spec_source}: {summary}" if spec_source else summary
