@@ -3,7 +3,6 @@ kapsis.operator`` does in its Deployment). kopf and the kubernetes client load o
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -30,6 +29,8 @@ def operator_run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Run the operator until interrupted; settings come from KAPSIS_OPERATOR_* variables."""
+    import logging
+
     from kapsis.k8s.settings import OperatorSettings
     from kapsis.operator.runner import run
 

@@ -1,10 +1,10 @@
-"""``python -m kapsis.operator``: run the operator (standalone kopf) until SIGTERM/SIGINT."""
+"""``python -m kapsis.operator`` (what the Deployment runs): ``kapsis operator run``."""
 
 from __future__ import annotations
 
-import sys
+import typer
 
-from kapsis.operator.runner import main
+from kapsis.cli.operator_commands import operator_run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    typer.run(operator_run)

@@ -1,4 +1,4 @@
-"""Assemble and run the operator: kopf settings, the registry of handlers, the entry point.
+"""Assemble and run the operator: kopf settings, the registry of handlers, the run.
 
 ``build_operator`` makes everything a kopf run needs from ``OperatorSettings`` and a client
 configuration, so the tests run the very same operator in-process that ``python -m
@@ -7,14 +7,12 @@ kapsis.operator`` (and ``kapsis operator run``) runs in the Deployment.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kapsis.errors import ConfigError, KapsisError
+from kapsis.errors import ConfigError
 from kapsis.k8s import resource as ar
 from kapsis.k8s.settings import OperatorSettings
 from kapsis.operator.audit import OperatorAudit
@@ -75,7 +73,6 @@ def run(
     *,
     kubeconfig: Path | None = None,
     namespaces: tuple[str, ...] = (),
-    clusterwide: bool = False,
 ) -> None:
     """Run the operator in this thread until it is stopped (SIGTERM, SIGINT)."""
     import kopf
@@ -86,37 +83,5 @@ def run(
         settings=built.kopf_settings,
         standalone=True,
         namespaces=namespaces,
-        clusterwide=clusterwide or not namespaces,
+        clusterwide=not namespaces,
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m kapsis.operator",
-        description="Run the Kapsis operator for AgentRequest resources (settings from "
-        "KAPSIS_OPERATOR_* variables).",
-    )
-    parser.add_argument(
-        "--namespace",
-        "-n",
-        action="append",
-        default=[],
-        help="Watch this namespace (repeatable; kopf patterns allowed). Default: all.",
-    )
-    parser.add_argument("--kubeconfig", type=Path, help="Kubeconfig (default: in-cluster).")
-    parser.add_argument("--verbose", "-v", action="store_true", help="Debug logging.")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        run(
-            OperatorSettings.from_env(),
-            kubeconfig=args.kubeconfig,
-            namespaces=tuple(args.namespace),
-        )
-    except KapsisError as error:
-        print(f"kapsis-operator: error: {error}", file=sys.stderr)
-        return int(error.exit_code)
-    return 0
