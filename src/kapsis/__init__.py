@@ -21,7 +21,6 @@ _EXPORTS = {
     "cleanup": "kapsis.api",
     "CleanupItem": "kapsis.api",
     "k8s_submission": "kapsis.api",
-    "k8s_manifests": "kapsis.api",
     "k8s_run": "kapsis.api",
     "RunRequest": "kapsis.sandbox.plan",
     "SandboxPlan": "kapsis.sandbox.plan",
@@ -57,7 +56,6 @@ __all__ = [
     "SandboxError",
     "SandboxPlan",
     "cleanup",
-    "k8s_manifests",
     "k8s_run",
     "k8s_submission",
     "launch",
@@ -73,7 +71,6 @@ if TYPE_CHECKING:
     from kapsis.api import (
         CleanupItem,
         cleanup,
-        k8s_manifests,
         k8s_run,
         k8s_submission,
         launch,

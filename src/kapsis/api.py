@@ -110,12 +110,6 @@ def k8s_namespace(submission: Submission) -> str:
     return kubernetes.namespace_of(submission)
 
 
-def k8s_manifests(request: RunRequest) -> list[dict[str, Any]]:
-    """The AgentRequest (and task ConfigMap) of a k8s run, as YAML-ready dicts (--dry-run)."""
-    submission = k8s_submission(request)
-    return submission.manifests(k8s_namespace(submission))
-
-
 def k8s_run(
     submission: Submission,
     *,

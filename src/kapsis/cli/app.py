@@ -413,8 +413,11 @@ def setup(
         if operator or registry:
             from kapsis.host import operator_image
 
-            present = image.image_present(operator_image.DEFAULT_OPERATOR_IMAGE)
-            if operator and (build or build_base or not present):
+            if operator and (
+                build
+                or build_base
+                or not image.image_present(operator_image.DEFAULT_OPERATOR_IMAGE)
+            ):
                 operator_image.build_operator_image(progress=_note)
             if registry:
                 from kapsis.host.agent_images import agent_image

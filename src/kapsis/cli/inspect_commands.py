@@ -33,15 +33,14 @@ def agents_list(
     from kapsis.agents import list_profiles
     from kapsis.cli import render
     from kapsis.config.models import DEFAULT_IMAGE
-    from kapsis.host.agent_images import inspect_images
+    from kapsis.host.agent_images import profile_images
 
     try:
         profiles = list_profiles()
+        images = profile_images(profiles, DEFAULT_IMAGE)
     except KapsisError as error:
         _fail(error)
-    wanted = {p.name: p.image or DEFAULT_IMAGE for p in profiles}
-    found = inspect_images(wanted.values())  # one podman call for all of them
-    images = {name: found[image] for name, image in wanted.items()}
+    wanted = {p.name: images[p.name].name for p in profiles}
     if json_output:
         listing = [
             {

@@ -147,12 +147,12 @@ def ssh_refresh(
         _fail(ConfigError(f"--provider {unknown[0]}: not a provider; use one of {known}"))
     failed = False
     for name in chosen:
-        before = {key for _, key in providers.effective(name).keys}
+        kept = providers.effective(name)
+        before = {key for _, key in kept.keys}
         try:
             fetched = providers.fetch(providers.PROVIDERS[name])
         except providers.FetchError as error:
             failed = True
-            kept = providers.effective(name)
             print(f"{name}: {error}; still trusting the {kept.origin} keys of {kept.date:%Y-%m-%d}")
             continue
         providers.store(fetched)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kapsis import paths
+from kapsis.agents.profiles import AgentProfile
 from kapsis.config.models import DEFAULT_IMAGE
 from kapsis.errors import ConfigError, HostUnsupportedError, ImageError, SandboxError
 from kapsis.host.image import (
@@ -42,7 +43,6 @@ AGENT_PROGRAMS: dict[str, str] = {
     "gemini": "gemini",
     "aider": "aider",
 }
-LABEL_IMAGE = "io.kapsis.image"
 LABEL_AGENT = "io.kapsis.agent"
 LABEL_VERSION = "io.kapsis.agent.version"
 RECIPE = "Containerfile.agents"
@@ -234,3 +234,13 @@ def _matches(name: str, tags: set[str], image_id: str) -> bool:
 def missing_agents(agents: Sequence[str]) -> list[str]:
     """The agents whose image is not present."""
     return [agent for agent in agents if not image_present(agent_image(agent))]
+
+
+def profile_images(
+    profiles: Iterable[AgentProfile], default_image: str | None
+) -> dict[str, ImageInfo]:
+    """Each profile's image (``default_image`` for a profile without one; such profiles are
+    left out when it is None), by profile name, from one podman call."""
+    wanted = {p.name: p.image or default_image for p in profiles if p.image or default_image}
+    found = inspect_images(image for image in wanted.values() if image)
+    return {name: found[image] for name, image in wanted.items() if image}

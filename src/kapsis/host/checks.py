@@ -25,7 +25,7 @@ from typing import Any
 
 from kapsis.config.models import DEFAULT_IMAGE
 from kapsis.errors import KapsisError
-from kapsis.host.agent_images import ImageInfo, inspect_images
+from kapsis.host.agent_images import ImageInfo, profile_images
 from kapsis.host.facts import probe_host
 from kapsis.host.host_parsing import (
     PODMAN_DEFAULT_NOFILE,
@@ -128,7 +128,13 @@ def run_checks(image: str = DEFAULT_IMAGE) -> list[Check]:
     )
     checks.append(image_check)
     checks.append(check_gateway_image(DEFAULT_GATEWAY_IMAGE, image_present(DEFAULT_GATEWAY_IMAGE)))
-    checks.append(check_agent_images(_agent_images()))
+    from kapsis.agents import list_profiles
+
+    try:
+        agents = profile_images(list_profiles(), None)  # profiles with an image of their own
+    except KapsisError:
+        agents = {}  # a broken user profile is reported when it is used, not here
+    checks.append(check_agent_images(agents))
     checks.append(check_apparmor(facts.apparmor))
     return checks
 
@@ -419,18 +425,6 @@ def containers_conf_files(
 
 
 # --- reading the host -------------------------------------------------------------------------
-
-
-def _agent_images() -> dict[str, ImageInfo]:
-    """The image of each agent profile that has one of its own (one podman call for all)."""
-    from kapsis.agents import list_profiles
-
-    try:
-        wanted = {p.name: p.image for p in list_profiles() if p.image}
-    except KapsisError:
-        return {}  # a broken user profile is reported when it is used, not here
-    found = inspect_images(wanted.values())
-    return {name: found[image] for name, image in wanted.items()}
 
 
 def _read(path: str | Path) -> str:
