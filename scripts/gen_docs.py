@@ -239,6 +239,8 @@ def _plural(name: str) -> str:
     for _, singular, plural, _ in NAMED_TYPES:
         if name == singular:
             return plural
+    if name.startswith("one of "):  # a list of Literal values: "list of github.com, ..."
+        return name.removeprefix("one of ")
     return name + "s"
 
 
