@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kapsis.errors import KapsisError, SandboxError
-from kapsis.git.runner import GIT, HARDENING, git_environment
+from kapsis.git.runner import GIT, HARDENING, git_environment, run_as_group
 from kapsis.k8s import layout
 from kapsis.k8s.inpod.credentials import GitCredentials, prepare
 from kapsis.k8s.inpod.result import write_result
@@ -41,14 +41,13 @@ def _git(
     command = [GIT]
     for item in (*HARDENING, "safe.directory=*", *credentials.config()):
         command += ["-c", item]
-    result = subprocess.run(
-        [*command, *args],
-        capture_output=True,
-        env=git_environment(credentials.env),
-        cwd=cwd,
-        timeout=timeout,
-        check=False,
-    )
+    env = git_environment(credentials.env)
+    if timeout is not None:
+        # The network clone: its transport helpers inherit git's pipes, so a time-out must end
+        # the whole process group (as the host's fetch and push do), or it would hang on them.
+        result = run_as_group([*command, *args], timeout=timeout, env=env, cwd=cwd or Path.cwd())
+    else:
+        result = subprocess.run([*command, *args], capture_output=True, env=env, cwd=cwd)
     if result.returncode != 0:
         detail = (result.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
         raise SandboxError(f"git {args[0]} failed: {detail}")
