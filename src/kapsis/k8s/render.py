@@ -64,6 +64,7 @@ class RenderedRequest:
     pod: dict[str, Any]
     network_policy: dict[str, Any]
     config_maps: tuple[dict[str, Any], ...]
+    image: str  # the agent's (checked against the allowed prefixes)
 
     def objects(self) -> tuple[dict[str, Any], ...]:
         """Every object, in creation order (ConfigMaps before the Pod that mounts them)."""
@@ -344,4 +345,6 @@ def render_request(
         _metadata(object_name(name), namespace, name, uid),
         pod_labels(name),
     )
-    return RenderedRequest(pod=pod, network_policy=network_policy, config_maps=tuple(config_maps))
+    return RenderedRequest(
+        pod=pod, network_policy=network_policy, config_maps=tuple(config_maps), image=image
+    )

@@ -22,12 +22,13 @@ from kapsis.k8s.names import (
     REQUEST_LABEL,
     STOP_ANNOTATION,
 )
+from kapsis.k8s.render import render_request
 from kapsis.k8s.resource import FINAL_PHASES
 from kapsis.k8s.settings import OperatorSettings
 from kapsis.operator.audit import OperatorAudit
 from kapsis.operator.bridge import bridge
 from kapsis.operator.kube import Kube, utc_now
-from kapsis.operator.validation import RequestRejected, agent_image, validate_request
+from kapsis.operator.validation import RequestRejected, validate_request
 
 log = logging.getLogger("kapsis.operator")
 
@@ -101,8 +102,6 @@ class Reconciler:
         labels = self.kube.namespace_labels(namespace)
         try:
             spec = validate_request(body.get("spec"), labels, self.settings)
-            from kapsis.k8s.render import render_request
-
             rendered = render_request(name, namespace, uid, spec, self.settings)
         except ConfigError as error:
             self.reject(body, str(error), first=first, had_pod=bool(status.get("podName")))
@@ -123,7 +122,7 @@ class Reconciler:
             self.audit.record(
                 ref,
                 "request_accepted",
-                image=agent_image(spec, self.settings),
+                image=rendered.image,
                 profile=spec.agent.profile,
                 network_mode=spec.network.mode,
                 security_profile=spec.security.profile,
@@ -138,34 +137,9 @@ class Reconciler:
             )
             self.kube.post_event(body, "Normal", "Accepted", f"creating Pod {pod_name}")
         for obj in rendered.objects():
-            made = self.kube.create(self._owned(obj, body))
+            made = self.kube.create(obj)  # labelled and owner-referenced by the renderer
             if made and obj.get("kind") == "Pod":
                 self.audit.record(ref, "pod_created", pod=pod_name, resumed=resumed)
-
-    def _owned(self, obj: Mapping[str, Any], body: Mapping[str, Any]) -> dict[str, Any]:
-        """``obj`` with the labels and owner reference the cleanup relies on (the renderer
-        sets them; this makes sure, without overriding what it set)."""
-        namespace, name, uid = _ref(body)
-        result = dict(obj)
-        meta = dict(result.get("metadata") or {})
-        meta.setdefault("namespace", namespace)
-        labels = dict(meta.get("labels") or {})
-        labels.setdefault(REQUEST_LABEL, name)
-        labels.setdefault(MANAGED_BY_LABEL, MANAGED_BY_VALUE)
-        meta["labels"] = labels
-        if not meta.get("ownerReferences"):
-            meta["ownerReferences"] = [
-                {
-                    "apiVersion": f"{ar.GROUP}/{ar.VERSION}",
-                    "kind": ar.KIND,
-                    "name": name,
-                    "uid": uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ]
-        result["metadata"] = meta
-        return result
 
     def reject(self, body: Mapping[str, Any], reason: str, *, first: bool, had_pod: bool) -> None:
         """Failed with exit code 2 (config), a Warning event and an audit record. A request
