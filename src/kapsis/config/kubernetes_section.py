@@ -16,7 +16,13 @@ from kapsis.config.base import EnvName, Section
 
 # RFC 1123: a label (namespaces) and a subdomain (Secret names), as the API server checks them.
 _LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+MAX_OBJECT_NAME = 253
+
+
+def is_object_name(text: str) -> bool:
+    """Whether ``text`` is a valid name of a Secret or ConfigMap (an RFC 1123 subdomain)."""
+    return len(text) <= MAX_OBJECT_NAME and bool(_SUBDOMAIN_RE.match(text))
 
 
 def _check_label(value: str) -> str:
@@ -29,7 +35,7 @@ def _check_label(value: str) -> str:
 
 
 def _check_object_name(value: str) -> str:
-    if not _SUBDOMAIN_RE.match(value) or ".." in value:
+    if not is_object_name(value):
         raise ValueError(
             f"{value!r} is not a Kubernetes object name (lowercase letters, digits, '-' and '.')"
         )

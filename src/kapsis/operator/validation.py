@@ -19,17 +19,13 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
+from kapsis.config.kubernetes_section import MAX_OBJECT_NAME, is_object_name
 from kapsis.errors import ConfigError
 from kapsis.k8s.resource import AgentRequestSpec
 from kapsis.k8s.settings import OperatorSettings
 
-# A ConfigMap or Secret name: a DNS-1123 subdomain.
-_OBJECT_NAME_RE: Final = re.compile(
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-)
 # A ConfigMap or Secret data key.
 _DATA_KEY_RE: Final = re.compile(r"^[-._a-zA-Z0-9]+$")
-_MAX_OBJECT_NAME: Final = 253
 
 
 class RequestRejected(ConfigError):
@@ -109,7 +105,7 @@ def check_references(spec: AgentRequestSpec) -> None:
 
 
 def _check_name(where: str, name: str) -> None:
-    if len(name) > _MAX_OBJECT_NAME or not _OBJECT_NAME_RE.match(name):
+    if not is_object_name(name):
         raise RequestRejected(
             f"{where}: {name!r} is not a Kubernetes object name (lowercase letters, digits, "
             "'-' and '.', at most 253 characters)"
@@ -117,7 +113,7 @@ def _check_name(where: str, name: str) -> None:
 
 
 def _check_key(where: str, key: str) -> None:
-    if len(key) > _MAX_OBJECT_NAME or not _DATA_KEY_RE.match(key):
+    if len(key) > MAX_OBJECT_NAME or not _DATA_KEY_RE.match(key):
         raise RequestRejected(
             f"{where}: {key!r} is not a ConfigMap/Secret key (letters, digits, '-', '_', '.')"
         )
