@@ -120,8 +120,7 @@ def run(
         return status_view.run_result(
             submission.agent_id, status_view.parse_status(created), detached=True
         )
-    final = follow(cluster, namespace, submission.name, created, on_status)
-    store.update(submission.agent_id, **status_view.record_changes(final))
+    final = follow(cluster, namespace, submission.name, created, on_status)  # records it too
     return status_view.run_result(submission.agent_id, final, detached=False)
 
 
