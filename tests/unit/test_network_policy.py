@@ -509,3 +509,19 @@ def test_a_flag_covering_every_probe_address_is_blamed_on_the_flag(make_plan):
     message = str(caught.value)
     assert not message.startswith("default")
     assert "--allow" in message
+
+
+def test_the_rule_blamed_for_covering_the_probes_is_one_that_holds_them(make_plan, tmp_path):
+    # ::/0 is the widest rule but holds no IPv4 probe: the IPv4 rule of the config is to blame.
+    with pytest.raises(ConfigError) as caught:
+        make_plan(config=ALL_PROBES_CONFIG, allow=("::/0",))
+    message = str(caught.value)
+    assert "0.0.0.0/0 covers every address" in message and "::/0" not in message
+    # Covered piecewise: each network that holds a probe is named, none said to cover all.
+    config = "network:\n  allowlist:\n    addresses: [192.0.2.0/24, 198.51.0.0/16, 203.0.0.0/8]\n"
+    with pytest.raises(ConfigError) as caught:
+        make_plan(config=config)
+    message = str(caught.value)
+    assert "together cover every address" in message
+    for network in ("192.0.2.0/24", "198.51.0.0/16", "203.0.0.0/8"):
+        assert network in message

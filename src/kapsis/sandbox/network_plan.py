@@ -7,6 +7,7 @@ from the config, ``--allow`` flags, categories and the agent profile's API hosts
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Sequence
@@ -18,13 +19,38 @@ from kapsis.buildtools import allowlist_entries
 from kapsis.config.loader import LoadedConfig
 from kapsis.config.models import AllowlistSection, NetworkMode
 from kapsis.errors import ConfigError
-from kapsis.network.gateway_files import probe_address
+from kapsis.network.gateway_files import PROBE_CANDIDATES, probe_address
 from kapsis.network.policy import NetworkPolicy, PolicyBuilder, load_category, parse_address
 from kapsis.sandbox.plan_model import PlanModel
 
 # Digits and dots (IPv4), hex and colons (IPv6), an optional /prefix: meant as an address.
 _ADDRESS_LIKE = re.compile(r"[0-9.]+(/\d*)?|[0-9A-Fa-f]*:[0-9A-Fa-f:.]*(/\d*)?")
 DEFAULT_GATEWAY_IMAGE = "localhost/kapsis-gateway:latest"
+
+
+def _probes_covered(policy: NetworkPolicy) -> str:
+    """Why no self-test address is left: the allowed networks that hold the candidates."""
+    probes = [ipaddress.ip_address(candidate) for candidate in PROBE_CANDIDATES]
+
+    def holds(rule_pattern: str) -> list[bool]:
+        network = parse_address(rule_pattern)[0]
+        return [probe in network for probe in probes]
+
+    rules = policy.addresses()
+    whole = next((rule for rule in rules if all(holds(rule.pattern))), None)
+    if whole is not None:
+        return (
+            f"{whole.sources[0]}: the allowed address {whole.pattern} covers every address "
+            "the gateway's self-test could check; list narrower networks, or use network mode "
+            "open"
+        )
+    blamed = [rule for rule in rules if any(holds(rule.pattern))]
+    return (
+        f"{blamed[0].sources[0]}: the allowed addresses "
+        f"{', '.join(f'{rule.pattern} ({rule.sources[0]})' for rule in blamed)} together cover "
+        "every address the gateway's self-test could check; list narrower networks, or use "
+        "network mode open"
+    )
 
 
 class GatewayPlan(PlanModel):
@@ -95,14 +121,7 @@ def plan_network(
     try:
         probe_address(policy)
     except ValueError:
-        widest = max(
-            policy.addresses(), key=lambda rule: parse_address(rule.pattern)[0].num_addresses
-        )
-        raise ConfigError(
-            f"{widest.sources[0]}: the allowed address {widest.pattern} covers every address "
-            "the gateway's self-test could check; list narrower networks, or use network mode "
-            "open"
-        ) from None
+        raise ConfigError(_probes_covered(policy)) from None
     gateway = GatewayPlan(
         # KAPSIS_GATEWAY_IMAGE: another gateway image (a locally patched one, or a test's).
         image=os.environ.get("KAPSIS_GATEWAY_IMAGE") or DEFAULT_GATEWAY_IMAGE,
