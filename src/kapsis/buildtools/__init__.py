@@ -17,11 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from kapsis.config.base import AGENT_HOME
 from kapsis.config.loader import LoadedConfig
 from kapsis.config.models import BuildToolsSection, MavenSection
 from kapsis.sandbox.plan_model import PlanModel
 
-AGENT_HOME = "/home/agent"  # kapsis.sandbox.plan.AGENT_HOME (which imports this module)
 MAVEN_DIR = f"{AGENT_HOME}/.m2"
 MAVEN_SETTINGS_TARGET = f"{MAVEN_DIR}/settings.xml"
 NPMRC_TARGET = f"{AGENT_HOME}/.npmrc"

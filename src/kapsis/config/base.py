@@ -1,4 +1,4 @@
-"""The base of every config section and the value types more than one section module uses.
+"""The base of every config section, the value types and the sandbox paths several modules use.
 
 Kept apart from :mod:`kapsis.config.models` so that a section defined in a module of its own
 (``kubernetes_section``) can share them without importing ``models``, which imports it.
@@ -12,6 +12,10 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
 RESERVED_ENV_PREFIX = "KAPSIS_"
+# Paths inside every sandbox (both backends): the agent's home, and the tmpfs for secret files.
+# Config validation checks against them, so they live at the bottom of the imports.
+AGENT_HOME = "/home/agent"
+SECRETS_TMPFS = "/run/kapsis/secrets"
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 

@@ -16,7 +16,9 @@ from pydantic import AfterValidator, Field, model_validator
 
 # Re-exported: the base and the variable-name type are shared with the section modules.
 from kapsis.config.base import (
+    AGENT_HOME,
     RESERVED_ENV_PREFIX as RESERVED_ENV_PREFIX,
+    SECRETS_TMPFS,
     EnvName as EnvName,
     Section as Section,
 )
@@ -377,7 +379,7 @@ class GitSection(Section):
 
 
 # A secret file must land on a tmpfs of the sandbox: the agent's home or Kapsis's secrets dir.
-SECRET_FILE_ROOTS = ("/home/agent/", "/run/kapsis/secrets/")
+SECRET_FILE_ROOTS = (f"{AGENT_HOME}/", f"{SECRETS_TMPFS}/")
 _SECRET_PATH_RE = re.compile(r"^/[A-Za-z0-9._/@+-]+$")
 
 

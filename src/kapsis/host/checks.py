@@ -26,7 +26,7 @@ from typing import Any
 from kapsis.config.models import DEFAULT_IMAGE
 from kapsis.errors import KapsisError
 from kapsis.host.agent_images import ImageInfo, profile_images
-from kapsis.host.facts import probe_host
+from kapsis.host.facts import CGROUP_ROOT, probe_host
 from kapsis.host.host_parsing import (
     PODMAN_DEFAULT_NOFILE,
     CgroupLayout,
@@ -50,7 +50,6 @@ MIN_PODMAN = (4, 0)
 
 ETC_CONTAINERS = Path("/etc/containers")
 USR_CONTAINERS = Path("/usr/share/containers")
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 _RUNTIME_DIRS = (
     "/usr/bin",
     "/usr/sbin",

@@ -12,10 +12,10 @@ import resource
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+from kapsis.host.facts import CGROUP_ROOT
+
 # Rootful podman raises the container's nofile limit to this unless containers.conf says otherwise;
 # without CAP_SYS_RESOURCE and with a lower hard limit, crun's setrlimit fails.
 PODMAN_DEFAULT_NOFILE = 1_048_576

@@ -11,6 +11,8 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from kapsis.config import base as config_base
+
 # uids. The agent's is the local one (the base image's `agent` user). The finisher gets a uid of
 # its own because the gateway lets exactly that uid reach the git remote's port; the agent can
 # never take it (no capabilities, no privilege escalation, runAsNonRoot).
@@ -27,7 +29,7 @@ CREDENTIALS: Final = "/etc/kapsis-credentials"  # the credentials Secret (clone,
 POD_INFO: Final = "/etc/kapsis-pod"  # downward API: the Pod's annotations (finisher only)
 ANNOTATIONS_FILE: Final = "/etc/kapsis-pod/annotations"
 TASK_SPEC: Final = "/task-spec.md"
-AGENT_HOME: Final = "/home/agent"
+AGENT_HOME: Final = config_base.AGENT_HOME
 TERMINATION_LOG: Final = "/dev/termination-log"
 
 # Keys of the credentials Secret (documented in the CRD's credentialsSecret field).

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from kapsis import paths
 from kapsis.agents import AgentProfile
 from kapsis.buildtools import BuildToolsPlan, plan_build_tools
+from kapsis.config import base as config_base
 from kapsis.config.loader import LoadedConfig
 from kapsis.config.models import (
     SecurityProfileName,
@@ -47,7 +48,7 @@ from kapsis.sandbox.workspace_plan import (
 from kapsis.ssh.trust import CLIENT_CONFIG_TARGET, KNOWN_HOSTS_TARGET, SshPlan, plan_ssh
 
 AGENT_UID = 1000
-AGENT_HOME = "/home/agent"
+AGENT_HOME = config_base.AGENT_HOME
 SPEC_TARGET = "/task-spec.md"
 USERNS_SIZE = 65536
 # Linux refuses a single argv string longer than this (MAX_ARG_STRLEN).

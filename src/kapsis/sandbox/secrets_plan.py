@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Literal
 
 from kapsis.agents import AgentProfile
+from kapsis.config import base as config_base
 from kapsis.config.loader import LoadedConfig
 from kapsis.errors import ConfigError
 from kapsis.sandbox.plan_model import PlanModel
@@ -29,7 +30,7 @@ INBOX = "secrets-in"
 INIT_SCRIPT = "secrets-init.sh"
 INBOX_TARGET = "/run/kapsis/secrets-in"
 INIT_TARGET = "/run/kapsis/secrets-init.sh"
-SECRETS_TMPFS = "/run/kapsis/secrets"
+SECRETS_TMPFS = config_base.SECRETS_TMPFS
 ENTRYPOINT = ("/bin/sh", INIT_TARGET)
 
 
