@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kapsis.errors import SandboxError
 from kapsis.k8s.layout import KNOWN_HOSTS_KEY, SSH_KEY, TOKEN_KEY, USERNAME_KEY, StepConfig
+from kapsis.ssh.trust import STRICT_OPTIONS
 
 DEFAULT_USERNAME = "x-access-token"
 
@@ -70,23 +71,16 @@ def prepare(config: StepConfig, secret_dir: Path, scratch: Path) -> GitCredentia
     fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(key.read_bytes())
-    command = shlex.join(
-        [
-            "ssh",
-            "-F",
-            "/dev/null",
-            "-i",
-            str(private),
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            f"UserKnownHostsFile={known_hosts}",
-            "-o",
-            "GlobalKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-        ]
-    )
+    # The host push's strict options (kapsis.ssh.trust), with the Secret's key and known_hosts.
+    options = [
+        *STRICT_OPTIONS,
+        ("IdentitiesOnly", "yes"),
+        ("UserKnownHostsFile", str(known_hosts)),
+        ("GlobalKnownHostsFile", "/dev/null"),
+        ("BatchMode", "yes"),
+    ]
+    argv = ["ssh", "-F", "/dev/null", "-i", str(private)]
+    for name, value in options:
+        argv += ["-o", f"{name}={value}"]
+    command = shlex.join(argv)
     return GitCredentials(env={"GIT_SSH_COMMAND": command}, ssh_command=command)
