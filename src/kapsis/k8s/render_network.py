@@ -27,7 +27,8 @@ from kapsis.k8s.resource import AgentRequestSpec
 from kapsis.k8s.settings import OperatorSettings
 from kapsis.network.gateway_config import dnsmasq_config, nft_ruleset
 from kapsis.network.gateway_files import DNS_LOG, LOG_TARGET, gateway_scripts, probe_address
-from kapsis.network.policy import DNS_PORT, NetworkPolicy, PolicyBuilder, load_category
+from kapsis.network.policy import DNS_PORT, NetworkPolicy, PolicyBuilder
+from kapsis.sandbox.network_plan import add_allowlist
 
 Transport = Literal["https", "http", "ssh"]
 _TRANSPORTS: dict[str, Transport] = {"https": "https", "http": "http", "ssh": "ssh"}
@@ -74,14 +75,12 @@ def network_policy_of(
     """The effective allowlist, built like a local run's (minus flags and build tools)."""
     network = spec.network
     builder = PolicyBuilder(network.mode)
-    for index, host in enumerate(network.allowlist.hosts):
-        builder.add_host(host, f"spec.network.allowlist.hosts[{index}]")
-    for index, name in enumerate(network.allowlist.categories):
-        source = f"category {name} (spec.network.allowlist.categories[{index}])"
-        builder.add_hosts(load_category(name).hosts, source)
-    for index, address in enumerate(network.allowlist.addresses):
-        builder.add_address(address, f"spec.network.allowlist.addresses[{index}]")
-    builder.add_hosts(profile.network.hosts, f"agent profile {profile.name}")
+    add_allowlist(
+        builder,
+        network.allowlist,
+        profile,
+        lambda key, index: f"spec.network.allowlist.{key}[{index}]",
+    )
     return builder.build(upstreams(spec, settings) if network.mode == "filtered" else ())
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
@@ -80,6 +80,25 @@ def check_flag_entry(entry: str) -> tuple[str, bool]:
     return value, is_address
 
 
+def add_allowlist(
+    builder: PolicyBuilder,
+    allowlist: AllowlistSection,
+    profile: AgentProfile,
+    source_of: Callable[[str, int], str],
+) -> None:
+    """The allowlist section and the profile's API hosts, on both backends; ``source_of(key,
+    index)`` says where an entry came from (a config file:line, or a request's spec key)."""
+    for index, host in enumerate(allowlist.hosts):
+        builder.add_host(host, source_of("hosts", index))
+    for index, name in enumerate(allowlist.categories):
+        builder.add_hosts(
+            load_category(name).hosts, f"category {name} ({source_of('categories', index)})"
+        )
+    for index, address in enumerate(allowlist.addresses):
+        builder.add_address(address, source_of("addresses", index))
+    builder.add_hosts(profile.network.hosts, f"agent profile {profile.name}")
+
+
 def plan_network(
     loaded: LoadedConfig,
     profile: AgentProfile,
@@ -89,15 +108,12 @@ def plan_network(
 ) -> NetworkPlan:
     network = loaded.config.network
     builder = PolicyBuilder(network.mode)
-    for index, host in enumerate(network.allowlist.hosts):
-        builder.add_host(host, str(loaded.origin_of(("network", "allowlist", "hosts", index))))
-    for index, name in enumerate(network.allowlist.categories):
-        origin = loaded.origin_of(("network", "allowlist", "categories", index))
-        builder.add_hosts(load_category(name).hosts, f"category {name} ({origin})")
-    for index, address in enumerate(network.allowlist.addresses):
-        origin = loaded.origin_of(("network", "allowlist", "addresses", index))
-        builder.add_address(address, str(origin))
-    builder.add_hosts(profile.network.hosts, f"agent profile {profile.name}")
+    add_allowlist(
+        builder,
+        network.allowlist,
+        profile,
+        lambda key, index: str(loaded.origin_of(("network", "allowlist", key, index))),
+    )
     for entry, key, is_address in allowlist_entries(loaded.config.build_tools):
         # The approved package source is reachable without listing it twice.
         source = f"{key} ({loaded.origin_of(tuple(key.split('.')))})"
