@@ -40,6 +40,7 @@ def load_run_config(request: RunRequest) -> LoadedConfig:
 
 def plan(request: RunRequest) -> SandboxPlan:
     """Compute the sandbox plan for a request without running anything."""
+    check_backend(request)
     loaded = load_run_config(request)
     profile = find_profile(loaded.config.agent.name)
     return build_plan(request, loaded, profile, probe_host())
@@ -89,8 +90,7 @@ def run(
     With ``request.backend == "k8s"`` the agent runs on a cluster as an AgentRequest, whose
     status changes go to ``on_status`` while this follows it.
     """
-    check_backend(request)
-    if request.backend == "k8s":
+    if request.backend == "k8s":  # both paths check the request's backend settings
         return k8s_run(k8s_submission(request), detach=detach, on_status=on_status)
     return launch(plan(request), detach=detach, backend=backend)
 

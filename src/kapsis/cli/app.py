@@ -142,7 +142,6 @@ def run(
     if backend == "k8s":
         _run_k8s(request, detach=detach, json_output=json_output, dry_run=dry_run)
     try:
-        api.check_backend(request)
         plan = api.plan(request)
         if dry_run:
             from kapsis.backends import get_backend
