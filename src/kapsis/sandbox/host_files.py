@@ -7,15 +7,13 @@ prepares the host side, so ``--dry-run`` shows exactly what a run would write.
 
 from __future__ import annotations
 
+from kapsis import buildtools
 from kapsis.sandbox.plan import SandboxPlan
+from kapsis.ssh import trust
 
 
 def write_host_files(plan: SandboxPlan) -> None:
     if plan.ssh is not None:
-        from kapsis.ssh.trust import write_files
-
-        write_files(plan.ssh)
+        trust.write_files(plan.ssh)
     if plan.build_tools is not None:
-        from kapsis.buildtools import write_files as write_tool_files
-
-        write_tool_files(plan.build_tools)
+        buildtools.write_files(plan.build_tools)
