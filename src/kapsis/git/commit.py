@@ -39,6 +39,12 @@ class CommitRequest:
     ignore_view: Path | None = None
 
 
+def split_identity(identity: str) -> tuple[str, str]:
+    """``"Name <email>"`` (git.committer's form) as (name, email)."""
+    name, _, email = identity.partition(" <")
+    return name, email.rstrip(">")
+
+
 @dataclass
 class CommitOutcome:
     commit_sha: str | None

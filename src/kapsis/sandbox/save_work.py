@@ -107,7 +107,7 @@ def save_work(plan: SandboxPlan, *, agent_succeeded: bool) -> WorkOutcome:
 
 def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
     from kapsis.git.changes import from_upper, from_worktree
-    from kapsis.git.commit import CommitRequest, commit_workspace, tree_listing
+    from kapsis.git.commit import CommitRequest, commit_workspace, split_identity, tree_listing
 
     git, workspace = plan.git, plan.workspace
     assert git.branch and git.start_commit and git.committer
@@ -119,7 +119,7 @@ def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
         changes = from_upper(Path(workspace.upper))
         merged = Path(workspace.merged)
         view = merged if (merged / ".git").exists() else Path(plan.project)
-    name, _, email = git.committer.partition(" <")
+    name, email = split_identity(git.committer)
     result = commit_workspace(
         CommitRequest(
             repo=repo,
@@ -127,7 +127,7 @@ def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
             start_commit=git.start_commit,
             message=commit_message(plan),
             committer_name=name,
-            committer_email=email.rstrip(">"),
+            committer_email=email,
             exclude=git.commit_exclude,
             scratch_name=plan.agent_id,
             agent_git=Path(workspace.agent_git) if workspace.agent_git else None,

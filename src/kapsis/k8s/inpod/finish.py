@@ -29,7 +29,7 @@ from typing import Any
 
 from kapsis.errors import GitWorkflowError, KapsisError, SandboxError
 from kapsis.git.changes import from_worktree
-from kapsis.git.commit import CommitRequest, commit_workspace, tree_listing
+from kapsis.git.commit import CommitRequest, commit_workspace, split_identity, tree_listing
 from kapsis.git.push import push_branch
 from kapsis.git.runner import Repo
 from kapsis.k8s import layout
@@ -85,11 +85,6 @@ def wait_for_exit_code(
         time.sleep(poll)
 
 
-def _identity(committer: str) -> tuple[str, str]:
-    name, _, email = committer.partition(" <")
-    return name, email.rstrip(">")
-
-
 def finish(
     config: StepConfig,
     exit_code: int,
@@ -105,7 +100,7 @@ def finish(
     root = trusted_volume / "repo"
     repo = Repo(root=root, git_dir=root / ".git", common_dir=root / ".git")
     result: dict[str, Any] = {"branch": branch, "commitSha": None, "pushStatus": "skipped"}
-    name, email = _identity(config.committer)
+    name, email = split_identity(config.committer)
     try:
         changes = from_worktree(workspace, tree_listing(repo, start))
         outcome = commit_workspace(
