@@ -30,7 +30,6 @@ Environment variables (each optional; lists are comma-separated):
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -39,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kapsis.config.models import DEFAULT_IMAGE
 from kapsis.errors import ConfigError
+from kapsis.host.facts import host_dns_servers
 from kapsis.k8s.names import ALLOW_OPEN_NETWORK_LABEL
 from kapsis.sandbox.network_plan import DEFAULT_GATEWAY_IMAGE
 
@@ -114,17 +114,7 @@ def _parse(field: str, text: str) -> object:
     return text
 
 
-_NAMESERVER_RE = re.compile(r"^\s*nameserver\s+(\S+)", re.MULTILINE)
-
-
 def cluster_resolvers(resolv_conf: Path = RESOLV_CONF) -> list[str]:
-    """The nameservers of ``resolv_conf`` (in a Pod with ClusterFirst DNS: the cluster DNS)."""
-    try:
-        text = resolv_conf.read_text(encoding="utf-8")
-    except OSError:
-        return []
-    return [address for address in _NAMESERVER_RE.findall(text) if not _is_loopback(address)]
-
-
-def _is_loopback(address: str) -> bool:
-    return address.startswith("127.") or address == "::1"
+    """The nameservers of ``resolv_conf`` (in a Pod with ClusterFirst DNS: the cluster DNS),
+    read as the host's are for a local run (valid, non-loopback addresses)."""
+    return host_dns_servers((resolv_conf,))
