@@ -227,6 +227,22 @@ def test_threads_sealing_and_recording_through_one_log_keep_the_chain_whole(
     assert len(rotated_files(tmp_path / "s1.jsonl")) > 1  # rotation happened under contention
 
 
+def test_a_session_end_that_fills_the_file_leaves_a_log_that_verifies(
+    kapsis_home: Path, tmp_path: Path
+) -> None:
+    # Every record fills the file: a rotation after the sealed session_end would leave an
+    # unsealed continuation record as the tail, which verifies as cut off.
+    log = AuditLog("s1", directory=tmp_path, rotate_bytes=1)
+    log.record("session_start")
+    log.record("step", index=1)
+    log.record("session_end")
+    result = check(tmp_path / "s1.jsonl")
+    assert result.ok, result.damage
+    assert len(rotated_files(tmp_path / "s1.jsonl")) >= 2
+    last = json.loads((tmp_path / "s1.jsonl").read_text().splitlines()[-1])
+    assert last["event_type"] == "seal"
+
+
 def test_a_log_given_the_runs_secrets_redacts_every_records_detail(
     kapsis_home: Path, tmp_path: Path
 ) -> None:

@@ -113,6 +113,11 @@ class AuditLog:
         if self.redactor:
             detail = self.redactor.value(detail)
         with self._thread_lock:
+            # A full file is rotated before the next record, not after the last one: rotating
+            # after a session's sealed end would leave the new file's unsealed continuation
+            # record as the log's tail, which verifies as cut off.
+            if self._known_size >= self.rotate_bytes:
+                self.rotate()
             with self._locked() as handle:
                 appended = self._append(handle, event_type, source, detail)
                 if (
@@ -121,8 +126,6 @@ class AuditLog:
                     or (time.monotonic() - self._last_seal >= self.seal_seconds)
                 ):
                     self._seal(handle)
-            if self._known_size >= self.rotate_bytes:
-                self.rotate()
         return appended
 
     def seal(self) -> None:
