@@ -1,5 +1,5 @@
-"""``python -m kapsis``: the same as the ``kapsis`` command."""
+"""``python -m kapsis``: the same as the ``kapsis`` command (through the start-up server)."""
 
-from kapsis.cli import main
+from kapsis.forkserver.client import main
 
 main()

@@ -1,0 +1,66 @@
+"""Asking the start-up server of this build how it is, or to stop (``kapsis server ...``)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from kapsis.forkserver import location, protocol
+
+
+def current_socket() -> str | None:
+    """This build's socket path, or None where no server can be used (disabled, unsafe dir)."""
+    if location.disabled():
+        return None
+    directory = location.private_runtime_dir()
+    if directory is None:
+        return None
+    return location.socket_path(directory, location.build_id())
+
+
+def ask(path: str, operation: str) -> tuple[str, str] | None:
+    """Send a request without a command; the server's one-line answer, or None if none listens."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.settimeout(5)
+            connection.connect(path)
+            protocol.send_request(connection, protocol.Request(operation, ""), [])
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = connection.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+    except OSError:
+        return None
+    return protocol.parse_reply(answer) if answer else None
+
+
+def status() -> dict[str, str | int] | None:
+    """The running server's facts (pid, build, served, commands_running, ...), or None."""
+    path = current_socket()
+    answer = ask(path, protocol.STATUS) if path else None
+    if path is None or answer is None or answer[0] != "status":
+        return None
+    facts: dict[str, str | int] = {"socket": path}
+    for item in answer[1].split():
+        name, _, value = item.partition("=")
+        facts[name] = int(value) if value.isdigit() else value
+    return facts
+
+
+def stop() -> bool:
+    """Ask this build's server to stop taking commands; True if one was running."""
+    path = current_socket()
+    answer = ask(path, protocol.STOP) if path else None
+    return answer is not None and answer[0] == "stopping"
+
+
+def wait_until_ready(timeout: float = 10.0) -> bool:
+    """Wait for a server of this build to answer (benchmarks and tests start one, then wait)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if status() is not None:
+            return True
+        time.sleep(0.05)
+    return False
