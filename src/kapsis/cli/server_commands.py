@@ -39,8 +39,8 @@ def server_status(json_output: JsonFlag = False) -> None:
 
 @server_app.command("stop")
 def server_stop() -> None:
-    """Stop this Kapsis's start-up server (commands it is running finish normally)."""
+    """Stop this user's start-up servers (the commands they are running finish normally)."""
     from kapsis.forkserver import control
 
-    stopped = control.stop()
-    print("start-up server stopping" if stopped else "no start-up server was running")
+    stopped = control.stop_all()
+    print(f"{stopped} start-up server(s) stopping" if stopped else "no start-up server was running")

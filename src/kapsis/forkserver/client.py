@@ -64,7 +64,7 @@ def run_on_server(path: str, build: str) -> int | None:
         return _follow(connection, path)
 
 
-def _follow(connection: socket.socket, path: str) -> int:
+def _follow(connection: socket.socket, path: str) -> int | None:
     """Forward signals to the command's process group until it has ended.
 
     The child sends its exit status as it begins to exit and the server sends it again once the
@@ -91,6 +91,8 @@ def _follow(connection: socket.socket, path: str) -> int:
                 forwarder.attach(int(value))
             elif word == "exit":
                 status = int(value)
+            elif word == "refused":
+                return None  # nothing was forked: the command may run here
     if status is None:
         log = path.removesuffix(".sock") + ".log"
         print(

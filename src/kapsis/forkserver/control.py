@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -49,11 +50,17 @@ def status() -> dict[str, str | int] | None:
     return facts
 
 
-def stop() -> bool:
-    """Ask this build's server to stop taking commands; True if one was running."""
-    path = current_socket()
-    answer = ask(path, protocol.STOP) if path else None
-    return answer is not None and answer[0] == "stopping"
+def stop_all() -> int:
+    """Ask every start-up server of this user (any build) to stop; how many were running."""
+    directory = location.private_runtime_dir()
+    if directory is None:
+        return 0
+    stopped = 0
+    for name in sorted(os.listdir(directory)):
+        if name.startswith("server-") and name.endswith(".sock"):
+            answer = ask(os.path.join(directory, name), protocol.STOP)
+            stopped += answer is not None and answer[0] == "stopping"
+    return stopped
 
 
 def wait_until_ready(timeout: float = 10.0) -> bool:
