@@ -254,18 +254,7 @@ class Server:
         os.close(self.wakeup_read)
         os.close(self.wakeup_write)
         _release_lock()
-        stdin, stdout, stderr, cwd = fds
-        for target, fd in enumerate((stdin, stdout, stderr)):
-            os.dup2(fd, target)
-        os.fchdir(cwd)
-        for fd in fds:
-            if fd > 2:
-                os.close(fd)
-        os.umask(request.umask)
-        os.environb.clear()
-        os.environb.update(request.environ)
-        sys.argv = [os.fsdecode(argument) for argument in request.argv] or ["kapsis"]
-        _adopt_environment()
+        adopt_client(request, fds)
 
     def _client_event(self, connection: socket.socket, pid: int) -> None:
         try:
@@ -348,6 +337,23 @@ def _exit_status(code: object) -> int:
     if isinstance(code, int):
         return code & 0xFF
     return 1
+
+
+def adopt_client(request: protocol.Request, fds: list[int]) -> None:
+    """Become the client's process in all it passed: standard streams, working directory,
+    umask, environment and argv (``fds``: its stdin, stdout, stderr and working directory)."""
+    stdin, stdout, stderr, cwd = fds
+    for target, fd in enumerate((stdin, stdout, stderr)):
+        os.dup2(fd, target)
+    os.fchdir(cwd)
+    for fd in fds:
+        if fd > 2:
+            os.close(fd)
+    os.umask(request.umask)
+    os.environb.clear()
+    os.environb.update(request.environ)
+    sys.argv = [os.fsdecode(argument) for argument in request.argv] or ["kapsis"]
+    _adopt_environment()
 
 
 def _adopt_environment() -> None:

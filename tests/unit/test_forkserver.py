@@ -1,0 +1,332 @@
+"""The start-up server: commands through it behave as commands run here, and only its user's."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kapsis.forkserver import location, protocol
+from kapsis.forkserver.server import adopt_client
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """An environment whose commands use a start-up server of this test alone."""
+    # Under /tmp, not tmp_path: another user must be able to reach it once it is opened up.
+    directory = Path(tempfile.mkdtemp(prefix="kapsis-test-run-")) / "run"
+    monkeypatch.setenv("KAPSIS_RUNTIME_DIR", str(directory))
+    env = {
+        **os.environ,
+        "KAPSIS_RUNTIME_DIR": str(directory),
+        "KAPSIS_HOME": str(tmp_path / "home"),
+        "KAPSIS_CONFIG_DIR": str(tmp_path / "config"),
+        "COLUMNS": "100",
+    }
+    env.pop("KAPSIS_NO_SERVER", None)
+    yield env
+    kapsis("server", "stop", env=env)
+    shutil.rmtree(directory.parent, ignore_errors=True)
+
+
+def kapsis(
+    *args: str, env: dict[str, str], cwd: Path | None = None, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kapsis", *args],
+        env=env,
+        cwd=cwd,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def server_facts(env: dict[str, str]) -> dict[str, object]:
+    """The running server's status, starting one (by running a command) if there is none."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        result = kapsis("server", "status", "--json", env=env)
+        if result.returncode == 0:
+            return dict(json.loads(result.stdout))
+        time.sleep(0.1)
+    raise AssertionError("no start-up server came up")
+
+
+def test_commands_through_the_server_match_the_same_commands_run_here(
+    runtime: dict[str, str], tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "agent-sandbox.yaml").write_text("resources:\n  memory: 3g\n")
+    commands = [
+        ("config", "show", "--json"),  # reads ./agent-sandbox.yaml: the cwd came along
+        ("config", "show", "--config", "missing.yaml"),  # exit 2 and one line on stderr
+        ("status", "--json"),  # KAPSIS_HOME from the environment
+        ("run", str(project), "--task", "true", "--memory", "lots", "--dry-run"),
+    ]
+    served_before = int(str(server_facts(runtime)["served"]))
+    through_server = [kapsis(*command, env=runtime, cwd=project) for command in commands]
+    here = {**runtime, "KAPSIS_NO_SERVER": "1"}
+    run_here = [kapsis(*command, env=here, cwd=project) for command in commands]
+    for command, served, local in zip(commands, through_server, run_here, strict=True):
+        assert (served.returncode, served.stdout, served.stderr) == (
+            local.returncode,
+            local.stdout,
+            local.stderr,
+        ), command
+    assert json.loads(through_server[0].stdout)["config"]["resources"]["memory"] == "3g"
+    assert through_server[1].returncode == 2
+    assert "missing.yaml" in through_server[1].stderr
+    assert through_server[3].returncode == 2
+    # They went through the server (plus the status request that counts them).
+    served_after = int(str(server_facts(runtime)["served"]))
+    assert served_after - served_before == len(commands) + 1
+
+
+def test_the_child_takes_the_clients_streams_directory_umask_environment_and_argv(
+    tmp_path: Path,
+) -> None:
+    stdin_read, stdin_write = os.pipe()
+    stdout_read, stdout_write = os.pipe()
+    stderr_read, stderr_write = os.pipe()
+    cwd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    request = protocol.Request(
+        protocol.RUN,
+        "build",
+        umask=0o027,
+        argv=[b"kapsis", b"caf\xc3\xa9", b"\xff-not-utf8"],
+        environ={b"ONLY_IN_CLIENT": b"yes", b"PYTHONIOENCODING": b"utf-8"},
+    )
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its new stdout
+        try:
+            for fd in (stdin_write, stdout_read, stderr_read):  # the parent's ends
+                os.close(fd)
+            adopt_client(request, [stdin_read, stdout_write, stderr_write, cwd])
+            report = {
+                "cwd": os.getcwd(),
+                "umask": os.umask(0),
+                "env": dict(os.environ),
+                "argv": sys.argv,
+                "stdin": sys.stdin.read(),
+            }
+            print(json.dumps(report))
+            print("to stderr", file=sys.stderr)
+            sys.stdout.flush()
+        finally:
+            os._exit(0)
+    for fd in (stdin_read, stdout_write, stderr_write, cwd):
+        os.close(fd)
+    os.write(stdin_write, b"from the client's stdin")
+    os.close(stdin_write)
+    os.waitpid(pid, 0)
+    with os.fdopen(stdout_read) as stdout, os.fdopen(stderr_read) as stderr:
+        report = json.loads(stdout.read())
+        assert stderr.read() == "to stderr\n"
+    assert report["cwd"] == str(tmp_path)
+    assert report["umask"] == 0o027
+    assert report["env"] == {"ONLY_IN_CLIENT": "yes", "PYTHONIOENCODING": "utf-8"}
+    assert report["argv"] == ["kapsis", "café", os.fsdecode(b"\xff-not-utf8")]
+    assert report["stdin"] == "from the client's stdin"
+
+
+def _wait_for(condition: object, timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _watch(env: dict[str, str]) -> subprocess.Popen[str]:
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "kapsis", "status", "--watch"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)  # until it watches (it never ends by itself)
+    assert watcher.poll() is None
+    return watcher
+
+
+def _running(env: dict[str, str]) -> int:
+    return int(str(server_facts(env)["commands_running"])) - 1  # minus the status request
+
+
+def test_ctrl_c_reaches_the_command_and_ends_it_as_it_would_here(runtime: dict[str, str]) -> None:
+    server_facts(runtime)
+    here = _watch({**runtime, "KAPSIS_NO_SERVER": "1"})
+    here.send_signal(signal.SIGINT)
+    here_code = here.wait(timeout=15)
+
+    served = _watch(runtime)
+    assert _running(runtime) == 1
+    served.send_signal(signal.SIGINT)
+    assert served.wait(timeout=15) == here_code
+    assert _wait_for(lambda: _running(runtime) == 0)
+
+
+def test_a_command_whose_client_was_killed_is_hung_up(runtime: dict[str, str]) -> None:
+    server_facts(runtime)
+    watcher = _watch(runtime)
+    assert _running(runtime) == 1  # control: it runs while its client does
+    watcher.kill()
+    watcher.wait()
+    assert _wait_for(lambda: _running(runtime) == 0)
+
+
+def _raw_request(build: str, as_user: int | None) -> str:
+    """Connect and send a run request as ``as_user``; what the server answered."""
+    frame = protocol.encode(
+        protocol.Request(protocol.RUN, build, argv=[b"kapsis", b"config", b"schema"])
+    )
+    path = location.socket_path(os.environ["KAPSIS_RUNTIME_DIR"], build)
+    script = (
+        "import os, socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        f"s.connect({path!r})\n"
+        "cwd = os.open('/', os.O_RDONLY)\n"
+        "null = os.open('/dev/null', os.O_RDWR)\n"
+        "answer = b''\n"
+        "try:\n"
+        f"    socket.send_fds(s, [bytes.fromhex({frame.hex()!r})], [null, null, null, cwd])\n"
+        "    while chunk := s.recv(4096):\n"
+        "        answer += chunk\n"
+        "except ConnectionError:\n"  # a refusal may arrive as a reset
+        "    pass\n"
+        "print(answer.decode())\n"
+    )
+    # The system's interpreter: another user may not be able to enter this one's directory.
+    result = subprocess.run(
+        [SYSTEM_PYTHON, "-I", "-c", script],
+        user=as_user,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
+    reason="needs root (to act as another user) and the system's python3",
+)
+def test_another_user_gets_nothing_from_the_server_even_through_loose_permissions(
+    runtime: dict[str, str],
+) -> None:
+    facts = server_facts(runtime)
+    build = str(facts["build"])
+    # A careless chmod: the directory and the socket open to everyone.
+    os.chmod(Path(os.environ["KAPSIS_RUNTIME_DIR"]).parent, 0o711)
+    os.chmod(os.environ["KAPSIS_RUNTIME_DIR"], 0o711)
+    os.chmod(str(facts["socket"]), 0o666)
+    assert "pid" not in _raw_request(build, as_user=65534)
+    # Control: the same request from the server's own user is served.
+    answer = _raw_request(build, as_user=None)
+    assert "pid " in answer and "exit 0" in answer
+
+
+def test_stop_and_idle_end_the_server(runtime: dict[str, str]) -> None:
+    facts = server_facts(runtime)
+    socket_file = Path(str(facts["socket"]))
+    assert socket_file.exists()
+    result = kapsis("server", "stop", env={**runtime, "KAPSIS_NO_SERVER": "1"})
+    assert result.returncode == 0 and "stopping" in result.stdout
+    assert _wait_for(lambda: not socket_file.exists())
+
+    idle = {**runtime, "KAPSIS_SERVER_IDLE_SECONDS": "1"}
+    facts = server_facts(idle)
+    socket_file = Path(str(facts["socket"]))
+    assert _wait_for(lambda: not socket_file.exists(), timeout=20)
+
+
+def test_no_server_with_kapsis_no_server(runtime: dict[str, str]) -> None:
+    off = {**runtime, "KAPSIS_NO_SERVER": "1"}
+    for _ in range(2):
+        assert kapsis("status", "--json", env=off).returncode == 0
+    time.sleep(1)
+    directory = Path(runtime["KAPSIS_RUNTIME_DIR"])
+    assert not directory.exists() or not list(directory.glob("*.sock"))
+    status = kapsis("server", "status", env=off)
+    assert status.returncode == 1 and "KAPSIS_NO_SERVER" in status.stdout
+
+
+def test_the_runtime_directory_must_be_this_users_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "run"
+    monkeypatch.setenv("KAPSIS_RUNTIME_DIR", str(directory))
+    assert location.private_runtime_dir() == str(directory)
+    assert directory.stat().st_mode & 0o777 == 0o700
+    directory.chmod(0o755)
+    assert location.private_runtime_dir() is None
+    directory.chmod(0o700)
+    assert location.private_runtime_dir() == str(directory)
+    if os.geteuid() == 0:
+        os.chown(directory, 65534, 65534)
+        assert location.private_runtime_dir() is None
+
+
+def test_the_build_id_follows_the_import_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = location.build_id()
+    assert location.build_id() == first
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "path", [sys.path[-1], *sys.path])  # keep sys.path[0] aside
+    with_entry = location.build_id()
+    assert with_entry != first
+    os.utime(tmp_path, ns=(1, 1))  # a package installed or removed there changes its mtime
+    assert location.build_id() != with_entry
+
+
+def test_requests_survive_the_wire_and_bad_frames_are_refused() -> None:
+    request = protocol.Request(
+        protocol.RUN,
+        "abc",
+        umask=0o077,
+        argv=[b"kapsis", b"--task", b"a=b \xff"],
+        environ={b"A": b"1=2", b"EMPTY": b""},
+    )
+    left, right = socket.socketpair()
+    with left, right:
+        read_end, write_end = os.pipe()
+        protocol.send_request(left, request, [read_end])
+        received, fds = protocol.receive_request(right)
+        assert len(fds) == 1
+        os.write(write_end, b"x")
+        assert os.read(fds[0], 1) == b"x"
+        for fd in (read_end, write_end, *fds):
+            os.close(fd)
+    assert (received.operation, received.build, received.umask) == ("run", "abc", 0o077)
+    assert received.argv == request.argv and received.environ == request.environ
+    with pytest.raises(protocol.ProtocolError):
+        protocol.encode(protocol.Request(protocol.RUN, "abc", argv=[b"a\0b"]))
+    for bad in (b"run\0abc\0" + b"18\0" + b"3\0only-one", b"run\0abc\x0018\x000\0NOEQUALS"):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.decode(bad)
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(b"HTTP/1.1 GET /\r\n\r\n")
+        with pytest.raises(protocol.ProtocolError):
+            protocol.receive_request(right)
