@@ -31,7 +31,9 @@ def main() -> None:
             status = run_on_server(location.socket_path(directory, build), build)
             if status is not None:
                 exit_like(status)
-            start_server(directory, build)
+            # `kapsis server stop` (or status) must not start the server it asks about.
+            if sys.argv[1:2] != ["server"]:
+                start_server(directory, build)
     from kapsis.cli.app import main as run_here
 
     run_here()
