@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -11,12 +13,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from kapsis.forkserver import location, protocol
+from kapsis.forkserver import control, location, protocol
 from kapsis.forkserver.server import adopt_client
 
 
@@ -35,8 +38,34 @@ def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[st
     }
     env.pop("KAPSIS_NO_SERVER", None)
     yield env
+    _kill_commands_of_servers(directory)
     kapsis("server", "stop", env=env)
     shutil.rmtree(directory.parent, ignore_errors=True)
+
+
+def _kill_commands_of_servers(directory: Path) -> None:
+    """A failed test may leave a never-ending command behind: end them with their servers."""
+    for socket_file in directory.glob("*.sock"):
+        answer = control.ask(str(socket_file), protocol.STATUS)
+        if answer is None:
+            continue
+        server_pid = int(answer[1].split("pid=")[1].split()[0])
+        for child in _children(server_pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                children.append(int(entry.name))
+    return children
 
 
 def kapsis(
@@ -76,11 +105,20 @@ def test_commands_through_the_server_match_the_same_commands_run_here(
         ("config", "show", "--config", "missing.yaml"),  # exit 2 and one line on stderr
         ("status", "--json"),  # KAPSIS_HOME from the environment
         ("run", str(project), "--task", "true", "--memory", "lots", "--dry-run"),
+        ("config", "show", "--bogus"),  # the usage message names the program
     ]
+    # What the server derived from its own start-up environment must not leak into them: a
+    # table of box-drawing characters under the C locale (UTF-8 mode, as CPython would).
+    extra = {("config", "show"): {"LC_ALL": "C"}}
     served_before = int(str(server_facts(runtime)["served"]))
-    through_server = [kapsis(*command, env=runtime, cwd=project) for command in commands]
+    commands.append(("config", "show"))
+
+    def run(command: tuple[str, ...], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return kapsis(*command, env={**env, **extra.get(command, {})}, cwd=project)
+
+    through_server = [run(command, runtime) for command in commands]
     here = {**runtime, "KAPSIS_NO_SERVER": "1"}
-    run_here = [kapsis(*command, env=here, cwd=project) for command in commands]
+    run_here = [run(command, here) for command in commands]
     for command, served, local in zip(commands, through_server, run_here, strict=True):
         assert (served.returncode, served.stdout, served.stderr) == (
             local.returncode,
@@ -91,6 +129,8 @@ def test_commands_through_the_server_match_the_same_commands_run_here(
     assert through_server[1].returncode == 2
     assert "missing.yaml" in through_server[1].stderr
     assert through_server[3].returncode == 2
+    assert "Usage: python -m kapsis config show" in through_server[4].stderr
+    assert through_server[5].returncode == 0 and "┃" in through_server[5].stdout
     # They went through the server (plus server_facts' own two commands).
     served_after = int(str(server_facts(runtime)["served"]))
     assert served_after - served_before == len(commands) + 2
@@ -143,19 +183,22 @@ def test_the_child_takes_the_clients_streams_directory_umask_environment_and_arg
     assert report["stdin"] == "from the client's stdin"
 
 
-def _wait_for(condition: object, timeout: float = 15) -> bool:
+def _wait_for(condition: Callable[[], bool], timeout: float = 15) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
+        if condition():
             return True
         time.sleep(0.1)
     return False
 
 
-def _watch(env: dict[str, str]) -> subprocess.Popen[str]:
+def _watch(
+    env: dict[str, str], preexec_fn: Callable[[], None] | None = None
+) -> subprocess.Popen[str]:
     watcher = subprocess.Popen(
         [sys.executable, "-m", "kapsis", "status", "--watch"],
         env=env,
+        preexec_fn=preexec_fn,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -313,12 +356,13 @@ def test_requests_survive_the_wire_and_bad_frames_are_refused() -> None:
         umask=0o077,
         argv=[b"kapsis", b"--task", b"a=b \xff"],
         environ={b"A": b"1=2", b"EMPTY": b""},
+        ignored_signals=[1, 15],
     )
     left, right = socket.socketpair()
     with left, right:
         read_end, write_end = os.pipe()
         protocol.send_request(left, request, [read_end])
-        received, fds = protocol.receive_request(right)
+        received, fds = protocol.receive_request(right, timeout=5)
         assert len(fds) == 1
         os.write(write_end, b"x")
         assert os.read(fds[0], 1) == b"x"
@@ -326,13 +370,144 @@ def test_requests_survive_the_wire_and_bad_frames_are_refused() -> None:
             os.close(fd)
     assert (received.operation, received.build, received.umask) == ("run", "abc", 0o077)
     assert received.argv == request.argv and received.environ == request.environ
+    assert received.ignored_signals == [1, 15]
     with pytest.raises(protocol.ProtocolError):
         protocol.encode(protocol.Request(protocol.RUN, "abc", argv=[b"a\0b"]))
-    for bad in (b"run\0abc\0" + b"18\0" + b"3\0only-one", b"run\0abc\x0018\x000\0NOEQUALS"):
+    for bad in (
+        b"run\0abc\0" + b"18\0" + b"\0" + b"3\0only-one",  # fewer arguments than announced
+        b"run\0abc\x0018\0\x000\0NOEQUALS",  # an environment entry without '='
+    ):
         with pytest.raises(protocol.ProtocolError):
             protocol.decode(bad)
     left, right = socket.socketpair()
     with left, right:
         left.sendall(b"HTTP/1.1 GET /\r\n\r\n")
         with pytest.raises(protocol.ProtocolError):
-            protocol.receive_request(right)
+            protocol.receive_request(right, timeout=5)
+
+
+def _command_pid(env: dict[str, str]) -> int:
+    """The pid of the one command the server is running (a long one the test started)."""
+    server_pid = int(str(server_facts(env)["pid"]))
+    assert _wait_for(lambda: len(_children(server_pid)) == 1)
+    return _children(server_pid)[0]
+
+
+def test_a_command_killed_by_sigkill_ends_its_client_the_same_way(
+    runtime: dict[str, str],
+) -> None:
+    server_facts(runtime)
+    watcher = _watch(runtime)
+    os.kill(_command_pid(runtime), signal.SIGKILL)  # as the OOM killer would
+    assert watcher.wait(timeout=15) == -signal.SIGKILL
+    assert "Traceback" not in watcher.stderr.read()  # type: ignore[union-attr]
+
+
+def test_a_signal_the_client_ignores_is_ignored_by_the_command(runtime: dict[str, str]) -> None:
+    def ignore_hangup() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    server_facts(runtime)
+    nohup = _watch(runtime, preexec_fn=ignore_hangup)
+    command = _command_pid(runtime)
+    nohup.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    assert nohup.poll() is None and _running(runtime) == 1
+    os.killpg(command, signal.SIGKILL)  # it would outlive even its client now, as under nohup
+    assert nohup.wait(timeout=15) == -signal.SIGKILL
+    assert _wait_for(lambda: _running(runtime) == 0)
+    # Control: without nohup, the same hang-up ends the command.
+    plain = _watch(runtime)
+    plain.send_signal(signal.SIGHUP)
+    assert plain.wait(timeout=15) == -signal.SIGHUP
+
+
+def test_after_stop_a_new_server_starts_while_the_old_ones_commands_finish(
+    runtime: dict[str, str],
+) -> None:
+    old = server_facts(runtime)
+    watcher = _watch(runtime)  # keeps the old server alive
+    assert kapsis("server", "stop", env=runtime).returncode == 0
+    new = server_facts(runtime)
+    assert new["pid"] != old["pid"] and watcher.poll() is None
+    watcher.kill()
+    watcher.wait()
+
+
+def test_commands_queued_when_the_server_stops_run_here(runtime: dict[str, str]) -> None:
+    server_pid = int(str(server_facts(runtime)["pid"]))
+    os.kill(server_pid, signal.SIGSTOP)
+    try:
+        here = {**runtime, "KAPSIS_NO_SERVER": "1"}
+        stop = subprocess.Popen(
+            [sys.executable, "-m", "kapsis", "server", "stop"], env=here, stdout=subprocess.PIPE
+        )
+        time.sleep(1)  # the stop request is queued first
+        queued = subprocess.Popen(
+            [sys.executable, "-m", "kapsis", "status", "--json"],
+            env=runtime,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1)
+    finally:
+        os.kill(server_pid, signal.SIGCONT)
+    out, err = queued.communicate(timeout=60)
+    assert stop.wait(timeout=30) == 0
+    assert queued.returncode == 0, err
+    assert json.loads(out) == []
+
+
+def test_a_refusing_server_leaves_the_command_to_the_client(runtime: dict[str, str]) -> None:
+    facts = server_facts(runtime)
+    socket_file = str(facts["socket"])
+    kapsis("server", "stop", env=runtime)
+    assert _wait_for(lambda: not os.path.exists(socket_file))
+    # Holding the build's lock keeps the client's fallback from starting a real server there.
+    lock = os.open(
+        location.lock_path(runtime["KAPSIS_RUNTIME_DIR"], str(facts["build"])), os.O_RDWR
+    )
+    fcntl.flock(lock, fcntl.LOCK_EX)
+
+    def impostor(answer: bytes) -> subprocess.CompletedProcess[str]:
+        """A listener on the build's socket that reads a request and gives ``answer``."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(socket_file)
+            listener.listen(1)
+            with ThreadPoolExecutor(1) as pool:
+                client = pool.submit(kapsis, "status", "--json", env=runtime)
+                connection, _ = listener.accept()
+                with connection:
+                    _request, fds = protocol.receive_request(connection, timeout=10)
+                    for fd in fds:
+                        os.close(fd)
+                    connection.sendall(answer)
+                result = client.result(timeout=60)
+        os.unlink(socket_file)
+        return result
+
+    refused = impostor(b"refused stopping\n")
+    assert refused.returncode == 0 and json.loads(refused.stdout) == []  # it ran here
+    # Control: a server that says the command ended with 7 is believed.
+    assert impostor(b"pid 1\nexit 7\n").returncode == 7
+    os.close(lock)
+
+
+def test_the_socket_is_the_users_alone(runtime: dict[str, str]) -> None:
+    socket_file = str(server_facts(runtime)["socket"])
+    assert os.stat(socket_file).st_mode & 0o077 == 0
+
+
+def test_a_symlink_is_not_a_runtime_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    link = tmp_path / "run"
+    link.symlink_to(target)
+    monkeypatch.setenv("KAPSIS_RUNTIME_DIR", str(link))
+    assert location.private_runtime_dir() is None
+    # Control: the directory it points to is acceptable in itself.
+    monkeypatch.setenv("KAPSIS_RUNTIME_DIR", str(target))
+    assert location.private_runtime_dir() == str(target)

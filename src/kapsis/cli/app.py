@@ -7,6 +7,7 @@ the documented exit code; nothing here decides policy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+from typer.main import get_command
 
 from kapsis.cli.audit_commands import audit_app
 from kapsis.cli.common import (
@@ -32,6 +34,8 @@ from kapsis.cli.ssh_commands import ssh_app
 from kapsis.errors import ExitCode, KapsisError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from kapsis.k8s.submission import Submission
     from kapsis.sandbox.launcher import RunResult
     from kapsis.sandbox.plan import RunRequest, SandboxPlan
@@ -442,5 +446,14 @@ def setup(
     raise typer.Exit(0 if report["ok"] else int(ExitCode.HOST_UNSUPPORTED))
 
 
-def main() -> None:
-    app()
+@functools.cache
+def click_command() -> Callable[..., object]:
+    """The click command tree of ``app``: typer builds it from the function signatures on every
+    call (~50 ms); it depends only on the code, so it is built once per process (the start-up
+    server builds it before it forks)."""
+    return get_command(app)
+
+
+def main(prog_name: str | None = None) -> None:
+    # Not ``app()``: that rebuilds the tree; what it adds (pretty tracebacks) the app turns off.
+    click_command()(prog_name=prog_name)

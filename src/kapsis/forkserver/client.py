@@ -16,9 +16,11 @@ import sys
 
 from kapsis.forkserver import location, protocol
 
-# Signals a terminal or a supervisor sends to the command; they go on to the command's process
-# group, as they would reach it if it ran here.
+# Signals a terminal or a supervisor sends to the command; they go on to it. Those a terminal
+# sends (Ctrl-C, Ctrl-\, hang-up) reach the whole foreground group, podman included; a TERM is
+# typically a `kill PID`, which reaches only the process named.
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+TO_THE_GROUP = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 LOST_EXIT_CODE = 1
 
 
@@ -28,7 +30,7 @@ def main() -> None:
         directory = location.private_runtime_dir()
         if directory is not None:
             build = location.build_id()
-            status = run_on_server(location.socket_path(directory, build), build)
+            status = run_on_server(directory, build)
             if status is not None:
                 exit_like(status)
             # `kapsis server stop` (or status) must not start the server it asks about.
@@ -39,13 +41,18 @@ def main() -> None:
     run_here()
 
 
-def run_on_server(path: str, build: str) -> int | None:
+def run_on_server(directory: str, build: str) -> int | None:
     """The command's exit status (negative: killed by that signal), or None if no server took it."""
     try:
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        connection.connect(path)
+        connection.connect(location.socket_path(directory, build))
+        # The environment (API keys included) goes only to a server of this very user.
+        if protocol.peer_uid(connection) != os.getuid():
+            connection.close()
+            return None
     except OSError:
         return None
+    ignored = [n for n in FORWARDED_SIGNALS if signal.getsignal(n) == signal.SIG_IGN]
     with connection:
         request = protocol.Request(
             protocol.RUN,
@@ -53,29 +60,35 @@ def run_on_server(path: str, build: str) -> int | None:
             umask=_current_umask(),
             argv=[os.fsencode(argument) for argument in sys.argv],
             environ=dict(os.environb),
+            ignored_signals=[int(number) for number in ignored],
         )
-        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            # O_PATH: a directory this user may enter but not list is still a working directory.
+            cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
         try:
             protocol.send_request(connection, request, [0, 1, 2, cwd])
         except OSError:
-            # Not delivered whole: the server's child refuses a partial request, so the
-            # command has not run and may run here.
+            # Not delivered whole: the server refuses a partial request, so the command has
+            # not run and may run here.
             return None
         finally:
             os.close(cwd)
-        return _follow(connection, path)
+        forwarder = _Forwarder()
+        for number in FORWARDED_SIGNALS:
+            if number not in ignored:
+                signal.signal(number, forwarder)
+        return _follow(connection, forwarder, location.log_path(directory, build))
 
 
-def _follow(connection: socket.socket, path: str) -> int | None:
+def _follow(connection: socket.socket, forwarder: _Forwarder, server_log: str) -> int | None:
     """Forward signals to the command's process group until it has ended.
 
     The child sends its exit status as it begins to exit and the server sends it again once the
     child is gone; reading on to the end of the connection (both have closed it) means this
     process ends after the command's last output, not during its final flush.
     """
-    forwarder = _Forwarder()
-    for number in FORWARDED_SIGNALS:
-        signal.signal(number, forwarder)
     buffer = b""
     status: int | None = None
     while True:
@@ -96,10 +109,9 @@ def _follow(connection: socket.socket, path: str) -> int | None:
             elif word == "refused":
                 return None  # nothing was forked: the command may run here
     if status is None:
-        log = path.removesuffix(".sock") + ".log"
         print(
             f"kapsis: error: the start-up server went away before the command ended "
-            f"(its log: {log}); `kapsis status` shows whether an agent still runs",
+            f"(its log: {server_log}); `kapsis status` shows whether an agent still runs",
             file=sys.stderr,
         )
         return LOST_EXIT_CODE
@@ -107,31 +119,33 @@ def _follow(connection: socket.socket, path: str) -> int | None:
 
 
 class _Forwarder:
-    """A signal handler that passes each signal to the command, or holds it until the command's
-    process is known."""
+    """A signal handler that passes each signal on to the command."""
 
     def __init__(self) -> None:
         self.pid: int | None = None
-        self.pending: list[int] = []
 
     def __call__(self, number: int, _frame: object) -> None:
         if self.pid is None:
-            self.pending.append(number)
+            # The command may not exist yet: end here, as this signal would end the command.
+            # The server hangs up a command whose client is gone.
+            signal.signal(number, signal.SIG_DFL)
+            os.kill(os.getpid(), number)
+        elif number in TO_THE_GROUP:
+            signal_command(self.pid, number)
         else:
-            _signal_group(self.pid, number)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, number)
 
     def attach(self, pid: int) -> None:
         self.pid = pid
-        for number in self.pending:
-            _signal_group(pid, number)
-        self.pending.clear()
 
 
-def _signal_group(pid: int, number: int) -> None:
+def signal_command(pid: int, number: int) -> None:
+    """Signal a command's process group (a fresh child may not have made it yet: then the
+    process alone)."""
     try:
         os.killpg(pid, number)
     except ProcessLookupError:
-        # The child has not made its own process group yet (or has just ended).
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, number)
 
@@ -139,7 +153,8 @@ def _signal_group(pid: int, number: int) -> None:
 def exit_like(status: int) -> None:
     """End this process the way the command ended: same code, or the same fatal signal."""
     if status < 0:
-        signal.signal(-status, signal.SIG_DFL)
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL and SIGSTOP keep no handler
+            signal.signal(-status, signal.SIG_DFL)
         os.kill(os.getpid(), -status)
         status = 128 - status
     sys.exit(status)
@@ -153,8 +168,7 @@ def start_server(directory: str, build: str) -> None:
     try:
         with open(log, "ab") as output:
             subprocess.Popen(
-                # -P: the server must not import from wherever this command happened to start.
-                [sys.executable, "-P", "-m", "kapsis.forkserver.server", build],
+                [sys.executable, *_interpreter_flags(), "-m", "kapsis.forkserver.server", build],
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,
@@ -164,6 +178,20 @@ def start_server(directory: str, build: str) -> None:
             )
     except OSError:
         pass
+
+
+def _interpreter_flags() -> list[str]:
+    """This interpreter's flags that shape the import path, so that the server sees the same
+    one (its build id would differ otherwise), and -P: the server must not import from wherever
+    this command happened to start."""
+    if sys.flags.isolated:
+        return ["-I"]
+    flags = ["-P"]
+    if sys.flags.ignore_environment:
+        flags.append("-E")
+    if sys.flags.no_user_site:
+        flags.append("-s")
+    return flags
 
 
 def _current_umask() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 from kapsis.forkserver import location, protocol
 
@@ -61,13 +60,3 @@ def stop_all() -> int:
             answer = ask(os.path.join(directory, name), protocol.STOP)
             stopped += answer is not None and answer[0] == "stopping"
     return stopped
-
-
-def wait_until_ready(timeout: float = 10.0) -> bool:
-    """Wait for a server of this build to answer (benchmarks and tests start one, then wait)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if status() is not None:
-            return True
-        time.sleep(0.05)
-    return False

@@ -30,9 +30,17 @@ def runtime_dir() -> str:
     if explicit:
         return explicit
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
+    # Only this user's own runtime directory: under `sudo -E` it is the invoking user's.
+    if xdg and _owned_by_me(xdg):
         return os.path.join(xdg, "kapsis")
     return f"/tmp/kapsis-{os.getuid()}"
+
+
+def _owned_by_me(path: str) -> bool:
+    try:
+        return os.stat(path).st_uid == os.getuid()
+    except OSError:
+        return False
 
 
 def private_runtime_dir() -> str | None:

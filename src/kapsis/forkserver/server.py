@@ -2,12 +2,13 @@
 
 ``python -P -m kapsis.forkserver.server BUILD`` (started by the client) holds a lock so that one
 server per build runs, imports what commands need, checks that it is the build it was started
-for, and listens on a 0600 socket in a 0700 directory, serving only its own user. Per request it
-forks; the child takes the client's standard streams, working directory, umask, environment and
-argv, and returns from :meth:`Server.serve` so that it runs the command at the top of the stack
-and ends through a normal interpreter exit (threads joined, atexit run, streams flushed). The
-server reports a child's death by signal, hangs up a child whose client went away, and leaves
-when idle, when its socket is taken away, or on a ``stop`` request.
+for, and listens on a socket closed to others in a 0700 directory, serving only its own user.
+Per request it forks; the child takes the client's standard streams, working directory, umask,
+environment, ignored signals and argv, and returns from :meth:`Server.serve` so that it runs the
+command at the top of the stack and ends through a normal interpreter exit (threads joined,
+atexit run, streams flushed). The server reports a child's death by signal, hangs up a child
+whose client went away, and leaves when idle, when its socket is taken away, or on a ``stop``
+request, turning away what is still queued.
 """
 
 from __future__ import annotations
@@ -22,12 +23,10 @@ import os
 import selectors
 import signal
 import socket
-import struct
 import sys
 import time
-from typing import Any
 
-from kapsis.forkserver import location, protocol
+from kapsis.forkserver import client, location, protocol
 
 IDLE_SECONDS_VARIABLE = "KAPSIS_SERVER_IDLE_SECONDS"
 DEFAULT_IDLE_SECONDS = 900.0
@@ -62,10 +61,9 @@ PRELOAD = (
 
 
 class Command:
-    """A request this process (a fresh fork) is to run as the ``kapsis`` command."""
+    """The ``kapsis`` command that this process (a fresh fork) is to run for a client."""
 
-    def __init__(self, request: protocol.Request, connection: socket.socket) -> None:
-        self.request = request
+    def __init__(self, connection: socket.socket) -> None:
         self.connection = connection
         self.exit_code = 1
 
@@ -75,17 +73,11 @@ class Command:
         from kapsis.cli.app import main
 
         try:
-            main()
+            main(prog_name=program_name(sys.argv[0]))
             self.exit_code = 0
         except SystemExit as stop:
             self.exit_code = _exit_status(stop.code)
             raise
-        except KeyboardInterrupt:
-            # As an interpreter interrupted here would: die of SIGINT.
-            self.exit_code = -signal.SIGINT
-            sys.stderr.flush()
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
 
     def _report(self) -> None:
         # Registered first, so it runs last. Should the server be gone, this line is the only
@@ -137,9 +129,7 @@ class Server:
                     command = self._accept()
                     if command is not None:
                         return command
-                elif key.data == "child":
-                    self._reap()
-                else:
+                elif key.data != "child":  # children are reaped below, every round
                     self._client_event(key.fileobj, key.data)  # type: ignore[arg-type]
             self._reap()
         self._leave()
@@ -163,12 +153,24 @@ class Server:
             return True
 
     def _leave(self) -> None:
-        try:
+        """Take no more commands: new clients find no socket and run theirs themselves; those
+        already queued are told ``refused`` and do the same. The lock goes too, so that the next
+        command can start a new server while this one's commands finish."""
+        if self.listener.fileno() < 0:
+            return
+        with contextlib.suppress(OSError):
             if os.stat(self.socket_path).st_ino == self.socket_inode:
                 os.unlink(self.socket_path)
-        except OSError:
-            pass
+        self.listener.setblocking(False)
+        while True:
+            try:
+                queued, _address = self.listener.accept()
+            except OSError:
+                break
+            with queued, contextlib.suppress(OSError):
+                protocol.reply(queued, "refused", "stopping")
         self.listener.close()
+        _release_lock()
 
     def _accept(self) -> Command | None:
         try:
@@ -176,14 +178,15 @@ class Server:
         except OSError:
             return None
         self.last_activity = time.monotonic()
-        if _peer_uid(connection) != os.getuid():
+        if protocol.peer_uid(connection) != os.getuid():
             connection.close()
             return None
-        connection.settimeout(REQUEST_TIMEOUT_SECONDS)
         try:
-            request, fds = protocol.receive_request(connection)
+            request, fds = protocol.receive_request(connection, REQUEST_TIMEOUT_SECONDS)
         except (OSError, protocol.ProtocolError) as error:
             print(f"kapsis server: refused a request: {error}", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                protocol.reply(connection, "refused", "bad-request")
             connection.close()
             return None
         connection.settimeout(None)
@@ -198,7 +201,8 @@ class Server:
                 protocol.reply(connection, "status", self._status_line())
             elif request.operation == protocol.STOP:
                 self.stopping = True
-                self._leave_socket()
+                self.selector.unregister(self.listener)
+                self._leave()
                 protocol.reply(connection, "stopping", os.getpid())
             else:
                 protocol.reply(connection, "refused", request.operation or "-")
@@ -210,11 +214,6 @@ class Server:
         connection.close()
         return None
 
-    def _leave_socket(self) -> None:
-        """Stop taking commands now; the running ones still get their exit status reported."""
-        self.selector.unregister(self.listener)
-        self._leave()
-
     def _status_line(self) -> str:
         return (
             f"pid={os.getpid()} build={self.build} served={self.served} "
@@ -225,10 +224,17 @@ class Server:
     def _fork(
         self, request: protocol.Request, connection: socket.socket, fds: list[int]
     ) -> Command | None:
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as error:
+            print(f"kapsis server: cannot fork: {error}", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                protocol.reply(connection, "refused", "fork-failed")
+            connection.close()
+            return None
         if pid == 0:
             self._become_child(request, connection, fds)
-            return Command(request, connection)
+            return Command(connection)
         self.served += 1
         self.children[pid] = connection
         self.selector.register(connection, selectors.EVENT_READ, pid)
@@ -244,6 +250,9 @@ class Server:
         for number in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(number, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        for ignored in request.ignored_signals:
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(ignored, signal.SIG_IGN)
         # Nothing of the server may outlive it in a child: not the listening socket (a client
         # would queue on it forever), not the lock (no new server could start), not another
         # command's connection (its client would miss its end).
@@ -265,8 +274,7 @@ class Server:
             # The client is gone (killed, or its terminal closed): hang up the command as a
             # terminal would, instead of letting it run on unseen.
             self.selector.unregister(connection)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGHUP)
+            client.signal_command(pid, signal.SIGHUP)
 
     def _reap(self) -> None:
         try:
@@ -316,14 +324,6 @@ def _release_lock() -> None:
         _lock_fd = None
 
 
-def _peer_uid(connection: socket.socket) -> int:
-    credentials = connection.getsockopt(
-        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
-    )
-    _pid, uid, _gid = struct.unpack("3i", credentials)
-    return int(uid)
-
-
 def _idle_seconds() -> float:
     try:
         return float(os.environ.get(IDLE_SECONDS_VARIABLE) or DEFAULT_IDLE_SECONDS)
@@ -357,53 +357,75 @@ def adopt_client(request: protocol.Request, fds: list[int]) -> None:
 
 
 def _adopt_environment() -> None:
-    """Redo what an interpreter derives from its environment at start: locale, temp dir, and
-    the standard streams (their encoding, and line buffering on a terminal)."""
-    with contextlib.suppress(locale.Error):
-        locale.setlocale(locale.LC_CTYPE, "")
+    """Redo what an interpreter derives from its environment at start: locale, time zone, temp
+    dir, and the standard streams (encoding and error handler as CPython chooses them, line
+    buffering on a terminal, none with PYTHONUNBUFFERED)."""
+    try:
+        ctype = locale.setlocale(locale.LC_CTYPE, "")
+    except locale.Error:
+        ctype = "C"
+    time.tzset()
     if "tempfile" in sys.modules:
         # Its cached choice came from the server's TMPDIR.
         sys.modules["tempfile"].tempdir = None  # type: ignore[attr-defined]
+    utf8_setting = os.environ.get("PYTHONUTF8")
+    # PEP 540: UTF-8 mode when asked for, or by default under the C or POSIX locale.
+    utf8_mode = utf8_setting == "1" or (utf8_setting is None and ctype in ("C", "POSIX"))
     encoding, _, errors = os.environ.get("PYTHONIOENCODING", "").partition(":")
     if not encoding:
-        encoding = "utf-8" if sys.flags.utf8_mode else locale.getpreferredencoding(False)
-    # Opened for the rest of the process's life, as the interpreter's own streams are.
-    sys.stdin = open(0, encoding=encoding, errors=errors or "strict", closefd=False)  # noqa: SIM115
+        encoding = "utf-8" if utf8_mode else locale.nl_langinfo(locale.CODESET)
+    if not errors:
+        lenient = utf8_mode or ctype in ("C", "POSIX", "C.UTF-8", "C.utf8", "UTF-8")
+        errors = "surrogateescape" if lenient else "strict"
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    # Opened for the rest of the process's life, as the interpreter's own streams are; the
+    # originals (sys.__stdout__ & co.) write to the same descriptors since adopt_client.
+    sys.stdin = open(0, encoding=encoding, errors=errors, newline="\n", closefd=False)  # noqa: SIM115
     sys.stdout = open(  # noqa: SIM115
         1,
         "w",
         encoding=encoding,
-        errors=errors or "strict",
+        errors=errors,
+        newline="\n",
         closefd=False,
-        buffering=1 if os.isatty(1) else -1,
+        buffering=1 if unbuffered or os.isatty(1) else -1,
     )
     sys.stderr = open(  # noqa: SIM115
-        2, "w", encoding=encoding, errors="backslashreplace", closefd=False, buffering=1
+        2,
+        "w",
+        encoding=encoding,
+        errors="backslashreplace",
+        newline="\n",
+        closefd=False,
+        buffering=1,
     )
-    # The originals (sys.__stdout__ & co.) still point at the server's log; rich and the
-    # interpreter's last-resort printing use sys.stdout and sys.stderr.
+
+
+def program_name(argv0: str) -> str:
+    """What usage messages call the command: as click names it in the client's process."""
+    if argv0.endswith(os.path.join("kapsis", "__main__.py")):
+        return "python -m kapsis"
+    return os.path.basename(argv0) or "kapsis"
 
 
 def preload() -> None:
     """Import what commands use and build the CLI's command tree once, before any fork."""
     for name in PRELOAD:
         importlib.import_module(name)
-    import typer.main
+    from kapsis.cli.app import click_command
 
-    from kapsis.cli.app import app
-
-    # typer rebuilds the click command tree from the function signatures on every call (~50 ms);
-    # the tree depends only on the code, so the server builds it once for all its children.
-    built = typer.main.get_command(app)
-    build_command = typer.main.get_command
-
-    def prebuilt(instance: typer.Typer) -> Any:
-        return built if instance is app else build_command(instance)
-
-    typer.main.get_command = prebuilt  # type: ignore[assignment]
+    click_command()
     # Objects that exist now are never collected: their pages stay shared with the children.
     gc.collect()
     gc.freeze()
+
+
+def _is_build(build: str) -> bool:
+    if location.build_id() == build:
+        return True
+    # A client started with other interpreter flags sees another import path.
+    print(f"kapsis server: this is not build {build}; not serving", file=sys.stderr, flush=True)
+    return False
 
 
 def main() -> None:
@@ -411,9 +433,12 @@ def main() -> None:
     directory = location.private_runtime_dir()
     if directory is None or not build or not _take_lock(directory, build):
         return
+    # Checked before the imports (which cost far more), and after them: the code may have
+    # changed meanwhile.
+    if not _is_build(build):
+        return
     preload()
-    if location.build_id() != build:
-        print("kapsis server: the code changed while it started; not serving", file=sys.stderr)
+    if not _is_build(build):
         return
     server = Server(build, directory)
     server.listen()
