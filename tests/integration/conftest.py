@@ -1,10 +1,20 @@
 """Fixtures for the integration tests, which run real podman containers.
 
-``base_image`` is the Kapsis base image every sandbox test runs in. It is built once per session
-with :func:`kapsis.host.image.build_base_image` (about a minute on a fresh host, seconds when the
-debootstrap cache in ~/.kapsis/cache is warm) only when podman does not have it yet.
-``claude_image`` (the Claude Code agent image) is built at the start of every session that has a
-test using it (about 30 s).
+Every image a test needs is built by the session itself, before its first test, so before
+anything changes the host's routing (the test internet adds routes to the host; image builds
+fetch from the package mirror and registries):
+
+* ``base_image``: ``localhost/kapsis-base`` and, for filtered mode, ``localhost/kapsis-gateway``
+  (scripts/install.sh builds both; built here when podman lacks them: about a minute on a fresh
+  host, seconds when the debootstrap cache in ~/.kapsis/cache is warm);
+* ``claude_image``: the Claude Code agent image, built in every session that has a test using
+  it (about 30 s; the build is under test too);
+* ``ssh_image``: ``localhost/kapsis-test-ssh``, the base image plus OpenSSH (sshd.py), built
+  when podman lacks it (about 15 s).
+
+``_images_first`` builds those that the collected tests use; ``internet`` depends on it, so
+the order holds whichever test comes first. A failed build fails the tests that use the image
+(pytest keeps a session fixture's error and raises it again for each), no others.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,9 +33,12 @@ from kapsis.host.gateway_image import build_gateway_image
 from kapsis.host.image import build_base_image, image_present
 from kapsis.sandbox.network_plan import DEFAULT_GATEWAY_IMAGE
 
-from .internet import internet, podman_v6_network  # noqa: F401  (fixtures for the network tests)
+from .internet import Internet, podman_network, skip_reason, start_internet
 from .kapsis_runner import Kapsis
 from .secret_service import secret_service  # noqa: F401  (fixture for the secrets tests)
+from .sshd import ensure_ssh_image
+
+IMAGE_FIXTURES = ("base_image", "claude_image", "ssh_image")
 
 
 @pytest.fixture(scope="session")
@@ -41,48 +55,53 @@ def base_image() -> str:
     return DEFAULT_IMAGE
 
 
-# The outcome of the one claude image build of this session: its name, or why it failed.
-_CLAUDE_IMAGE: dict[str, str | BaseException] = {}
-
-
-def _build_claude_image(base: str) -> str:
-    if "outcome" not in _CLAUDE_IMAGE:
-        started = time.monotonic()
-        try:
-            version = build_agent_image(
-                "claude", base=base, progress=lambda line: print(f"[claude image] {line}")
-            )
-        except Exception as error:  # kept: only the tests that need the image fail with it
-            _CLAUDE_IMAGE["outcome"] = error
-        else:
-            seconds = time.monotonic() - started
-            print(f"[claude image] Claude Code {version}, built in {seconds:.0f} s")
-            _CLAUDE_IMAGE["outcome"] = agent_image("claude")
-    outcome = _CLAUDE_IMAGE["outcome"]
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
-
-
 @pytest.fixture(scope="session")
 def claude_image(base_image: str) -> str:
     """The claude agent image, built once per session, always: the build is under test too."""
-    return _build_claude_image(base_image)
+    started = time.monotonic()
+    version = build_agent_image(
+        "claude", base=base_image, progress=lambda line: print(f"[claude image] {line}")
+    )
+    print(f"[claude image] Claude Code {version}, built in {time.monotonic() - started:.0f} s")
+    return agent_image("claude")
+
+
+@pytest.fixture(scope="session")
+def ssh_image(base_image: str) -> str:
+    return ensure_ssh_image(base_image)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _agent_images_before_the_test_internet(request: pytest.FixtureRequest) -> None:
-    """Build the agent images a session needs before any test runs.
+def _images_first(request: pytest.FixtureRequest) -> None:
+    """Build the images of :data:`IMAGE_FIXTURES` that this session's tests use, now."""
+    used = {name for item in request.session.items for name in item.fixturenames}
+    for name in IMAGE_FIXTURES:
+        if name in used:
+            with contextlib.suppress(Exception, pytest.skip.Exception):
+                request.getfixturevalue(name)
 
-    The build fetches from the package registries, and the test internet, once up, routes all
-    of 203.0.113.0/24 into its namespace: where a registry (or the proxy in front of it) has
-    an address in that range, as on the machines Kapsis is tested on, a build then fails with
-    "No route to host". A failed build fails the tests that use the image, no others.
-    """
-    if any("claude_image" in item.fixturenames for item in request.session.items):
-        base = request.getfixturevalue("base_image")
-        with contextlib.suppress(Exception):
-            _build_claude_image(base)
+
+@pytest.fixture(scope="session")
+def internet(_images_first: None) -> Iterator[Internet]:
+    """The session's test internet (internet.py), after the images; skips when it cannot run.
+
+    Shared by every test of the session: call ``internet.reset_logs()`` before the traffic a test
+    checks, and restore the name table if a test changes it with ``set_names``."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with start_internet() as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def podman_v6_network(internet: Internet) -> Iterator[str]:
+    """A dual-stack podman network (internet.podman_network); depends on ``internet`` so it is
+    removed before the host's forwarding sysctls are restored."""
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed")
+    with podman_network() as name:
+        yield name
 
 
 @pytest.fixture

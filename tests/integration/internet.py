@@ -2,22 +2,34 @@
 
 Tests may only send traffic to loopback or to hosts they create themselves, so every test that
 needs a "remote" host uses this one. :func:`start_internet` (and the session-scoped ``internet``
-fixture built on it) creates:
+fixture of conftest.py built on it) creates:
 
 * a network namespace ``kapsis-inet-<pid>`` joined to the host by a veth pair::
 
-      host: kinet-<pid>   203.0.113.1/24   2001:db8:1::1/64
-      netns: inet0        203.0.113.2/24   2001:db8:1::2/64
+      host: kinet-<pid>   198.51.100.1/32   2001:db8:1::1/128
+      netns: inet0        198.51.100.2/32   2001:db8:1::2/128
 
-  Both ranges are documentation ranges (RFC 5737, RFC 3849) that are never routed on the real
-  internet, so a mistake in a test cannot reach anybody else. The addresses are added with
-  ``nodad`` so IPv6 is usable at once instead of after ~1-2 s of duplicate address detection.
-  The netns has no default route on purpose: it can only answer the host and whatever the host
-  masquerades to a host address (see below); it can never send traffic anywhere else.
+  and one host route each way for exactly those addresses (``198.51.100.2 dev kinet-<pid>``; in
+  the netns ``198.51.100.1 dev inet0``), never a whole /24 or /64: the host routes into the
+  namespace only what the namespace serves (:meth:`Internet.serve_address` adds one more).
+  Both ranges are documentation ranges (RFC 5737 TEST-NET-2, RFC 3849) that are never routed on
+  the real internet, so a mistake in a test cannot reach anybody else; 198.51.100.0/24 is the
+  one of the three IPv4 documentation ranges that the machines Kapsis is tested on leave unused
+  (their own network is in 192.0.2.0/24, their package mirror and registry proxy in
+  203.0.113.0/24). Documentation ranges are still used by real set-ups, so before it adds any
+  route :func:`start_internet` checks the host (shadowing.py): when one of the addresses it
+  would route lies in a route the host has, is one of the host's addresses, or is an address
+  the host needs (a resolver, a gateway, the package mirror, a registry or its proxy), it fails
+  with a :class:`~tests.integration.shadowing.ShadowError` naming the collision instead of
+  breaking the host's traffic in silence.
+  The addresses are added with ``nodad`` so IPv6 is usable at once instead of after ~1-2 s of
+  duplicate address detection. The netns has no default route on purpose: it can only answer the
+  host and whatever the host masquerades to a host address (see below); it can never send
+  traffic anywhere else.
 
 * inside the netns:
 
-  - ``dnsmasq`` on 203.0.113.2:53 and [2001:db8:1::2]:53, UDP and TCP, authoritative for the
+  - ``dnsmasq`` on 198.51.100.2:53 and [2001:db8:1::2]:53, UDP and TCP, authoritative for the
     names of :data:`DEFAULT_NAMES` (an extendable table, see :meth:`Internet.set_names`) and
     NXDOMAIN for every other name. Each query is logged (:meth:`Internet.dns_queries`).
   - an HTTP server on port 80 (v4 and v6) answering every request with :data:`HTTP_BODY` and
@@ -27,10 +39,13 @@ fixture built on it) creates:
     connection or datagram (:meth:`Internet.connections`).
   - the kernel answers ICMP echo on both addresses.
 
+Images are built before any of this exists: conftest.py's ``internet`` fixture depends on the
+session's image builds, so no build ever runs while the host's routes are changed.
+
 How packets flow
 ----------------
-From the host: the host has the connected routes 203.0.113.0/24 and 2001:db8:1::/64 on the veth,
-so a socket on the host reaches 203.0.113.2 directly, with source 203.0.113.1 / 2001:db8:1::1.
+From the host: the host routes 198.51.100.2 and 2001:db8:1::2 to the veth, with source
+198.51.100.1 / 2001:db8:1::1, so a socket on the host reaches the netns directly.
 
 From a rootful podman container on the default ``podman`` network (10.88.0.0/16, bridge
 ``podman0``, IPv4 only)::
@@ -38,9 +53,9 @@ From a rootful podman container on the default ``podman`` network (10.88.0.0/16,
     container eth0 10.88.0.x --> podman0 (host, 10.88.0.1, the container's default gateway)
       --> host routing (net.ipv4.ip_forward=1; netavark sets it, this module makes sure)
       --> netavark's POSTROUTING rule masquerades every packet from 10.88.0.0/16 that leaves
-          the bridge, so the source becomes 203.0.113.1 (the address of the outgoing veth)
-      --> kinet-<pid> --> inet0 in the netns (sees the client as 203.0.113.1)
-      --> replies to 203.0.113.1, un-NATed by conntrack on the host, forwarded to podman0.
+          the bridge, so the source becomes 198.51.100.1 (the address of the outgoing veth)
+      --> kinet-<pid> --> inet0 in the netns (sees the client as 198.51.100.1)
+      --> replies to 198.51.100.1, un-NATed by conntrack on the host, forwarded to podman0.
 
 IPv6 from a container needs a dual-stack podman network (the default one has no IPv6):
 :func:`podman_network` creates one with a ULA subnet (fd00:6b:7073::/64 by default); netavark
@@ -52,7 +67,7 @@ puts back the value it found on teardown.
 Because of the masquerading the netns never sees a container's own address: the logs tell
 *whether* a query or request arrived, not which container sent it.
 
-Host changes (all undone on teardown): the netns, the veth pair and its two connected routes,
+Host changes (all undone on teardown): the netns, the veth pair and its host routes,
 the sysctls ``net.ipv4.ip_forward`` / ``net.ipv6.conf.all.forwarding`` when they were 0, a work
 directory for the logs (``/tmp/kapsis-inet-*``) and a state file
 (``/run/kapsis-inet/kapsis-inet-<pid>.json``) recording what to undo. When a run is killed, its
@@ -65,10 +80,10 @@ Client helpers (stdlib only, so they also run inside containers through :func:`p
 :func:`resolve` (a raw-socket DNS client), :func:`http_get`, :func:`tcp_banner`,
 :func:`udp_echo`, :func:`ping`.
 
-Send to these addresses only while the test internet runs. Without the veth's connected routes
-the host's default route carries 203.0.113.0/24 out of the host, and something beyond it answers
-(seen here: a DNS query to 203.0.113.2 after teardown got a reply). Check routes, not
-reachability, after teardown (``ip route get 203.0.113.2``).
+Send to these addresses only while the test internet runs. Without the veth's routes the host's
+default route carries them out of the host, and something beyond it may answer (seen here, when
+the test internet lived in 203.0.113.0/24: a DNS query to 203.0.113.2 after teardown got a
+reply). Check routes, not reachability, after teardown (``ip route get 198.51.100.2``).
 
 Only one test internet can run at a time on a host (the addresses are fixed); the fixture skips
 with a clear reason when another pytest process runs one.
@@ -102,20 +117,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 # --- addresses and names ---------------------------------------------------------------------
 
 NETNS_PREFIX = "kapsis-inet-"
 VETH_PREFIX = "kinet-"  # host side; + pid stays within the 15-character interface name limit
 INNER_IF = "inet0"  # netns side
 
-HOST_V4 = "203.0.113.1"
-REMOTE_V4 = "203.0.113.2"
+HOST_V4 = "198.51.100.1"
+REMOTE_V4 = "198.51.100.2"
 HOST_V6 = "2001:db8:1::1"
 REMOTE_V6 = "2001:db8:1::2"
-PREFIX_V4 = 24
-PREFIX_V6 = 64
 
 DNS_PORT = 53
 HTTP_PORT = 80
@@ -149,7 +160,7 @@ def banner(port: int) -> str:
 
 def resolve(
     name: str,
-    server: str = "203.0.113.2",  # REMOTE_V4, spelled out: this source also runs alone
+    server: str = "198.51.100.2",  # REMOTE_V4, spelled out: this source also runs alone
     qtype: str = "A",
     *,
     port: int = 53,
@@ -354,7 +365,7 @@ def probe_script() -> str:
     """Python source (stdlib only) that runs :func:`run_probes` on the JSON list in ``argv[1]``
     and prints the JSON list of results, for ``python3 -c SCRIPT CHECKS`` inside a container::
 
-        podman run --rm IMAGE python3 -c "$(probe_script())" '[["http", "203.0.113.2"]]'
+        podman run --rm IMAGE python3 -c "$(probe_script())" '[["http", "198.51.100.2"]]'
     """
     helpers = (resolve, http_get, tcp_banner, udp_echo, ping, run_probes)
     parts = [inspect.getsource(helper) for helper in helpers]
@@ -386,7 +397,7 @@ class HttpRequest:
     method: str
     path: str
     host: str | None  # the Host header, None when the request had none
-    client: str  # client address as the netns sees it (203.0.113.1 for masqueraded traffic)
+    client: str  # client address as the netns sees it (198.51.100.1 for masqueraded traffic)
     port: int  # the server port
     headers: dict[str, str]
 
@@ -441,7 +452,7 @@ class Internet:
         """Queries that reached the DNS server since the last :meth:`reset_logs`."""
         queries = []
         for line in self._lines(self.dns_log):
-            # "... dnsmasq[12]: 3 203.0.113.1/40000 query[A] allowed.test from 203.0.113.1"
+            # "... dnsmasq[12]: 3 198.51.100.1/40000 query[A] allowed.test from 198.51.100.1"
             match = re.search(r"query\[(\w+)\] (\S+) from (\S+)", line)
             if match:
                 queries.append(DnsQuery(match[1], match[2], match[3]))
@@ -473,7 +484,7 @@ class Internet:
     def set_names(self, names: Mapping[str, Sequence[str]]) -> None:
         """Replace the DNS table (name -> addresses) of the running server; takes effect before
         this returns. Tests that extend the table should restore it afterwards, e.g.
-        ``internet.set_names({**DEFAULT_NAMES, "new.test": ("203.0.113.2",)})`` then
+        ``internet.set_names({**DEFAULT_NAMES, "new.test": ("198.51.100.2",)})`` then
         ``internet.set_names(DEFAULT_NAMES)``."""
         before = self._hosts_reloads()
         self.names = {name: tuple(addresses) for name, addresses in names.items()}
@@ -491,6 +502,26 @@ class Internet:
         if not self.dns_log.exists():
             return 0
         return self.dns_log.read_text(errors="replace").count(f"read {self.hosts_file} ")
+
+    # addresses
+
+    @contextlib.contextmanager
+    def serve_address(self, address: str) -> Iterator[str]:
+        """One more address of the netns (for a server of a test's own to bind to), routed from
+        the host as the others are, after the same shadowing check; removed on exit."""
+        _check_not_shadowing(address)
+        _add_address(("ip", "-n", self.netns), INNER_IF, address)
+        try:
+            self._route(address)
+            yield address
+        finally:
+            _run("ip", "route", "del", _single(address), "dev", self.host_if, check=False)
+            ns_ip = ("ip", "-n", self.netns)
+            _run(*ns_ip, "addr", "del", _single(address), "dev", INNER_IF, check=False)
+
+    def _route(self, address: str) -> None:
+        source = self.host_v6 if ":" in address else self.host_v4
+        _run("ip", "route", "add", _single(address), "dev", self.host_if, "src", source)
 
     # conveniences
 
@@ -611,23 +642,34 @@ def cleanup_stale() -> list[str]:
 
 
 def _in_use_by_other() -> str | None:
-    """Why another test internet blocks ours (its addresses are ours), or None."""
+    """Why another test internet blocks ours (its addresses are ours), or None. Our addresses on
+    any other device are the shadowing check's to report."""
     for netns in _list_netns():
         pid = _pid_of(netns, NETNS_PREFIX)
         if pid is not None and _owner_alive(pid):
             owner = "this process" if pid == os.getpid() else f"live process {pid}"
             return f"namespace {netns} of {owner}"
-    out = _run("ip", "-j", "addr", "show", check=False).stdout
-    for link in json.loads(out or "[]"):
-        for addr in link.get("addr_info", []):
-            local = addr.get("local", "")
-            if local in (HOST_V4, REMOTE_V4, HOST_V6, REMOTE_V6) or (
-                addr.get("family") == "inet"
-                and ipaddress.ip_address(local)
-                in ipaddress.ip_network(f"{HOST_V4}/{PREFIX_V4}", strict=False)
-            ):
-                return f"{local} is already assigned to {link['ifname']}"
     return None
+
+
+def _check_not_shadowing(*served: str) -> None:
+    """Refuse (ShadowError) to route ``served`` addresses or networks when that would shadow
+    something the host needs (see shadowing.py)."""
+    # Imported here: this file also runs as a script in the netns, where it has no package.
+    from .shadowing import check
+
+    check([ipaddress.ip_network(text) for text in served])
+
+
+def _single(address: str) -> str:
+    """``address`` as a network of its own: /32 or /128."""
+    return f"{address}/{128 if ':' in address else 32}"
+
+
+def _add_address(ip: Sequence[str], device: str, address: str) -> None:
+    """Add ``address`` alone (no connected route) to ``device``; ``ip``: ``ip`` or ``ip -n NS``."""
+    nodad = ("nodad",) if ":" in address else ()
+    _run(*ip, "addr", "add", _single(address), "dev", device, *nodad)
 
 
 def _sysctl_path(key: str) -> Path:
@@ -700,6 +742,7 @@ def start_internet(
     other = _in_use_by_other()
     if other:
         raise RuntimeError(f"another test internet is running on this host ({other})")
+    _check_not_shadowing(HOST_V4, REMOTE_V4, HOST_V6, REMOTE_V6)  # before any change to the host
     pid = os.getpid()
     workdir = Path(tempfile.mkdtemp(prefix="kapsis-inet-"))
     internet = Internet(
@@ -732,14 +775,18 @@ def start_internet(
         _run("ip", "netns", "add", ns)
         # The peer is created directly inside the netns, so its name cannot clash with the host's.
         _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", INNER_IF, "netns", ns)
-        _run("ip", "addr", "add", f"{HOST_V4}/{PREFIX_V4}", "dev", host_if)
-        _run("ip", "-6", "addr", "add", f"{HOST_V6}/{PREFIX_V6}", "dev", host_if, "nodad")
-        _run("ip", "link", "set", host_if, "up")
         nsip = ("ip", "-n", ns)
+        # Single addresses (/32, /128) and one route for each served address: nothing but what
+        # the netns serves is routed into it (a connected /24 would take the whole range).
+        for host_address, remote_address in ((HOST_V4, REMOTE_V4), (HOST_V6, REMOTE_V6)):
+            _add_address(("ip",), host_if, host_address)
+            _add_address(nsip, INNER_IF, remote_address)
+        _run("ip", "link", "set", host_if, "up")
         _run(*nsip, "link", "set", "lo", "up")
-        _run(*nsip, "addr", "add", f"{REMOTE_V4}/{PREFIX_V4}", "dev", INNER_IF)
-        _run(*nsip, "-6", "addr", "add", f"{REMOTE_V6}/{PREFIX_V6}", "dev", INNER_IF, "nodad")
         _run(*nsip, "link", "set", INNER_IF, "up")
+        for host_address, remote_address in ((HOST_V4, REMOTE_V4), (HOST_V6, REMOTE_V6)):
+            internet._route(remote_address)
+            _run(*nsip, "route", "add", _single(host_address), "dev", INNER_IF)
 
         if forwarding:
             for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
@@ -824,19 +871,6 @@ def skip_reason() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def internet() -> Iterator[Internet]:
-    """The session's test internet (see the module docstring); skips when it cannot run.
-
-    Shared by every test of the session: call ``internet.reset_logs()`` before the traffic a test
-    checks, and restore the name table if a test changes it with ``set_names``."""
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    with start_internet() as running:
-        yield running
-
-
 # --- podman networks for container tests -----------------------------------------------------
 
 
@@ -847,11 +881,13 @@ def podman_network(
 ) -> Iterator[str]:
     """A rootful podman bridge network (dual-stack by default: IPv4 + a ULA IPv6 subnet, which
     netavark masquerades), removed on exit together with any container still attached. A network
-    of the same name left over by a crashed run is removed first. Yields the network name.
+    of the same name left over by a crashed run is removed first, and the subnets are checked as
+    the test internet's addresses are (see shadowing.py). Yields the network name.
 
     A container on it reaches the test internet's IPv6 address only while the host forwards IPv6
     (``start_internet(forwarding=True)``, the default); netavark also turns it on itself."""
     _run("podman", "network", "rm", "--force", name, check=False)
+    _check_not_shadowing(*subnets)
     command = ["podman", "network", "create", "--disable-dns"]  # no aardvark-dns: not needed
     if any(":" in subnet for subnet in subnets):
         command.append("--ipv6")
@@ -862,16 +898,6 @@ def podman_network(
         yield name
     finally:
         _run("podman", "network", "rm", "--force", name, check=False)
-
-
-@pytest.fixture(scope="session")
-def podman_v6_network(internet: Internet) -> Iterator[str]:
-    """A dual-stack podman network (see :func:`podman_network`); depends on ``internet`` so it is
-    removed before the host's forwarding sysctls are restored."""
-    if _which("podman") is None:
-        pytest.skip("podman is not installed")
-    with podman_network() as name:
-        yield name
 
 
 # --- the servers (run inside the netns: python internet.py serve ...) -------------------------

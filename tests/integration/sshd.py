@@ -1,8 +1,9 @@
 """A real OpenSSH server in the test internet (see internet.py), for the SSH verification tests.
 
 sshd runs in a container from :data:`SSH_IMAGE` (the base image plus openssh-server and
-openssh-client, built here from the Debian mirror when podman lacks it) that joins the test
-internet's network namespace, so it listens on 203.0.113.2:2222 - a documentation address in a
+openssh-client, built from the Debian mirror when podman lacks it, by conftest.py before the
+test internet exists) that joins the test
+internet's network namespace, so it listens on 198.51.100.2:2222 - a documentation address in a
 namespace this session made; nothing else is ever contacted. The host keys are made by the test
 with ssh-keygen: the "legitimate" server's and a man in the middle's. The server lets ``root`` in
 with the test's client key and serves git repositories under ``/srv`` (a directory of the test).

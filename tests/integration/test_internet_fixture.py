@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from . import internet as inet
+from . import internet as inet, shadowing
 from .internet import Internet
 
 pytestmark = pytest.mark.integration
@@ -90,22 +90,45 @@ def test_stale_namespace_and_veth_are_removed() -> None:
 
 def test_fixture_shape(internet: Internet) -> None:
     assert internet.netns == f"kapsis-inet-{os.getpid()}"
-    assert (internet.v4, internet.v6) == ("203.0.113.2", "2001:db8:1::2")
-    assert internet.dns_server == "203.0.113.2"
-    assert internet.names["allowed.test"] == ("203.0.113.2", "2001:db8:1::2")
+    assert (internet.v4, internet.v6) == ("198.51.100.2", "2001:db8:1::2")
+    assert internet.dns_server == "198.51.100.2"
+    assert internet.names["allowed.test"] == ("198.51.100.2", "2001:db8:1::2")
     assert internet.url("/x", v6=True) == "http://[2001:db8:1::2]:80/x"
-    assert internet.exec("ip", "-br", "addr").stdout.count("203.0.113.2/24") == 1
+    assert internet.exec("ip", "-br", "addr").stdout.count("198.51.100.2/32") == 1
     print(f"\nsession internet setup: {internet.setup_seconds * 1000:.0f} ms")
 
 
-@pytest.mark.parametrize("server", ["203.0.113.2", "2001:db8:1::2"])
+def _route_device(address: str) -> str:
+    """The device the host sends ``address``'s packets to ("" when it has no route at all)."""
+    result = subprocess.run(["ip", "-j", "route", "get", address], capture_output=True)
+    return str(json.loads(result.stdout or b"[{}]")[0].get("dev", ""))
+
+
+def test_only_the_served_addresses_are_routed_into_the_netns(internet: Internet) -> None:
+    """Host routes, not ranges: the address next door, and every address the host needs (its
+    resolvers, gateways, package mirror and registries), keep the host's own routes."""
+    for served in (inet.REMOTE_V4, inet.REMOTE_V6):
+        assert _route_device(served) == internet.host_if
+    for neighbour in ("198.51.100.3", "198.51.100.80", "198.51.100.254", "2001:db8:1::3"):
+        assert _route_device(neighbour) != internet.host_if, neighbour
+    needed = shadowing.read_host_network().needed
+    assert needed, "a host always needs something: at least its resolvers and the mirror"
+    for address, what in needed:
+        assert _route_device(str(address)) != internet.host_if, what
+    with internet.serve_address("198.51.100.3"):
+        assert _route_device("198.51.100.3") == internet.host_if
+        assert inet.ping("198.51.100.3")
+    assert _route_device("198.51.100.3") != internet.host_if
+
+
+@pytest.mark.parametrize("server", ["198.51.100.2", "2001:db8:1::2"])
 @pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
 def test_dns_from_the_host(internet: Internet, server: str, tcp: bool) -> None:
     internet.reset_logs()
-    assert inet.resolve("allowed.test", server, "A", tcp=tcp) == (0, ["203.0.113.2"])
+    assert inet.resolve("allowed.test", server, "A", tcp=tcp) == (0, ["198.51.100.2"])
     assert inet.resolve("allowed.test", server, "AAAA", tcp=tcp) == (0, ["2001:db8:1::2"])
-    assert inet.resolve("other.test", server, "A", tcp=tcp) == (0, ["203.0.113.2"])
-    assert inet.resolve("sub.allowed.test", server, "A", tcp=tcp) == (0, ["203.0.113.2"])
+    assert inet.resolve("other.test", server, "A", tcp=tcp) == (0, ["198.51.100.2"])
+    assert inet.resolve("sub.allowed.test", server, "A", tcp=tcp) == (0, ["198.51.100.2"])
     assert inet.resolve("sub.allowed.test", server, "AAAA", tcp=tcp) == (0, [])  # NODATA
     assert inet.resolve("rebind.test", server, "A", tcp=tcp) == (0, ["10.0.0.1"])
     assert inet.resolve("loop.test", server, "A", tcp=tcp) == (0, ["127.0.0.1"])
@@ -121,15 +144,15 @@ def test_dns_from_the_host(internet: Internet, server: str, tcp: bool) -> None:
 
 def test_set_names_extends_the_table(internet: Internet) -> None:
     assert inet.resolve("new.test")[0] == 3
-    internet.set_names({**inet.DEFAULT_NAMES, "new.test": ("203.0.113.2",)})
+    internet.set_names({**inet.DEFAULT_NAMES, "new.test": ("198.51.100.2",)})
     try:
-        assert inet.resolve("new.test") == (0, ["203.0.113.2"])
+        assert inet.resolve("new.test") == (0, ["198.51.100.2"])
     finally:
         internet.set_names(inet.DEFAULT_NAMES)
     assert inet.resolve("new.test")[0] == 3
 
 
-@pytest.mark.parametrize("host", ["203.0.113.2", "2001:db8:1::2"])
+@pytest.mark.parametrize("host", ["198.51.100.2", "2001:db8:1::2"])
 def test_http_banners_udp_and_ping_from_the_host(internet: Internet, host: str) -> None:
     internet.reset_logs()
     assert inet.http_get(host, "/path?q=1", host_header="allowed.test") == (200, inet.HTTP_BODY)
@@ -168,17 +191,17 @@ def _probe_in_container(
 
 
 V4_CHECKS: list[list[object]] = [
-    ["resolve", "allowed.test", "203.0.113.2", "A"],
-    ["resolve", "allowed.test", "203.0.113.2", "AAAA", "tcp"],
-    ["resolve", "unknown.test", "203.0.113.2", "A"],
-    ["resolve", "rebind.test", "203.0.113.2", "A"],
-    ["http", "203.0.113.2", "/from-container", 80, "allowed.test"],
-    ["tcp", "203.0.113.2", 22],
-    ["udp", "203.0.113.2", 9999, "ping"],
-    ["ping", "203.0.113.2"],
+    ["resolve", "allowed.test", "198.51.100.2", "A"],
+    ["resolve", "allowed.test", "198.51.100.2", "AAAA", "tcp"],
+    ["resolve", "unknown.test", "198.51.100.2", "A"],
+    ["resolve", "rebind.test", "198.51.100.2", "A"],
+    ["http", "198.51.100.2", "/from-container", 80, "allowed.test"],
+    ["tcp", "198.51.100.2", 22],
+    ["udp", "198.51.100.2", 9999, "ping"],
+    ["ping", "198.51.100.2"],
 ]
 V4_EXPECTED: list[dict[str, object]] = [
-    {"rcode": 0, "addresses": ["203.0.113.2"]},
+    {"rcode": 0, "addresses": ["198.51.100.2"]},
     {"rcode": 0, "addresses": ["2001:db8:1::2"]},
     {"rcode": 3, "addresses": []},
     {"rcode": 0, "addresses": ["10.0.0.1"]},
@@ -190,15 +213,15 @@ V4_EXPECTED: list[dict[str, object]] = [
 
 
 def test_container_on_the_default_bridge(internet: Internet, base_image: str) -> None:
-    """The default network (10.88.0.0/16) is IPv4 only: v4 works, masqueraded to 203.0.113.1."""
+    """The default network (10.88.0.0/16) is IPv4 only: v4 works, masqueraded to 198.51.100.1."""
     internet.reset_logs()
     checks: list[list[object]] = [*V4_CHECKS, ["http", "2001:db8:1::2", "/v6"]]
     results = _probe_in_container(base_image, "podman", checks)
     assert results[:-1] == V4_EXPECTED
     assert results[-1]["error"] == "OSError"  # [Errno 101] Network is unreachable
     [request] = internet.http_requests()
-    assert (request.path, request.client) == ("/from-container", "203.0.113.1")
-    assert {q.client for q in internet.dns_queries()} == {"203.0.113.1"}
+    assert (request.path, request.client) == ("/from-container", "198.51.100.1")
+    assert {q.client for q in internet.dns_queries()} == {"198.51.100.1"}
 
 
 def test_container_on_a_dual_stack_network(
@@ -224,4 +247,4 @@ def test_container_on_a_dual_stack_network(
         {"reply": True},
     ]
     clients = {(r.path, r.client) for r in internet.http_requests()}
-    assert clients == {("/from-container", "203.0.113.1"), ("/v6", "2001:db8:1::1")}
+    assert clients == {("/from-container", "198.51.100.1"), ("/v6", "2001:db8:1::1")}

@@ -268,7 +268,7 @@ def test_the_agent_cannot_change_the_rules_even_with_net_admin(
     # here - in its own user namespace, which does not own the gateway's network namespace.
     attack = (
         "nft flush ruleset; echo flush=$?; ip route del default; echo route=$?; "
-        "pkill -9 dnsmasq; echo kill=$?; echo nameserver 203.0.113.2 > /etc/resolv.conf; "
+        f"pkill -9 dnsmasq; echo kill=$?; echo nameserver {REMOTE_V4} > /etc/resolv.conf; "
         'echo resolv=$?; python3 /workspace/probe.py \'[["resolve", "allowed.test", '
         f'"{GATEWAY}", "A"], ["http", "{REMOTE_V4}", "/after"]]\''
     )
@@ -282,7 +282,7 @@ def test_the_agent_cannot_change_the_rules_even_with_net_admin(
     assert {codes[k] for k in ("flush", "route", "kill", "resolv")} <= {"1", "2"}, result.stdout
     after = json.loads(lines[-1])
     assert after[0] == {"rcode": 0, "addresses": [REMOTE_V4]}  # the resolver still runs
-    # 203.0.113.2 was just resolved from an allowed name, so it is reachable on port 80 now:
+    # REMOTE_V4 was just resolved from an allowed name, so it is reachable on port 80 now:
     # the rules are intact (not flushed, which would also have allowed it, see the control).
     assert after[1]["status"] == 200
     # Control: with the same capability in open mode the agent owns its namespace and can.

@@ -31,14 +31,14 @@ import pytest
 
 from kapsis.host.agent_images import LABEL_VERSION
 
-from .internet import DEFAULT_NAMES, INNER_IF, Internet, _die_with_parent
+from .internet import DEFAULT_NAMES, Internet, _die_with_parent
 from .kapsis_runner import Kapsis
 from .secret_service import SecretService
 from .test_secrets import files_holding
 
 pytestmark = pytest.mark.integration
 
-STUB_V4 = "203.0.113.3"  # a second address of the test internet's host, for the endpoint alone
+STUB_V4 = "198.51.100.3"  # a second address of the test internet's host, for the endpoint alone
 API_HOST = "api.anthropic.com"
 API_KEY = "sk-ant-kapsis-test-0123456789"
 FILE_PATH = "/workspace/hello.txt"
@@ -53,25 +53,23 @@ def anthropic_endpoint(
     """The scripted endpoint on STUB_V4:80, named api.anthropic.com; yields its request log."""
     log = tmp_path_factory.mktemp("anthropic") / "requests.jsonl"
     log.touch()
-    ip_netns = ["ip", "-n", internet.netns]
-    subprocess.run([*ip_netns, "addr", "add", f"{STUB_V4}/24", "dev", INNER_IF], check=True)
     script = Path(__file__).with_name("anthropic_stub.py")
     serve = [sys.executable, str(script), "serve", STUB_V4, "80", str(log), FILE_PATH, CONTENT]
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", internet.netns, *serve],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        preexec_fn=_die_with_parent,
-    )
-    try:
-        assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
-        internet.set_names({**DEFAULT_NAMES, API_HOST: (STUB_V4,)})
-        yield log
-    finally:
-        internet.set_names(DEFAULT_NAMES)
-        server.terminate()
-        server.wait(timeout=5)
-        subprocess.run([*ip_netns, "addr", "del", f"{STUB_V4}/24", "dev", INNER_IF], check=False)
+    with internet.serve_address(STUB_V4):
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", internet.netns, *serve],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            preexec_fn=_die_with_parent,
+        )
+        try:
+            assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+            internet.set_names({**DEFAULT_NAMES, API_HOST: (STUB_V4,)})
+            yield log
+        finally:
+            internet.set_names(DEFAULT_NAMES)
+            server.terminate()
+            server.wait(timeout=5)
 
 
 def git(repo: Path, *args: str) -> str:

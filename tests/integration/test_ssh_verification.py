@@ -21,7 +21,7 @@ from kapsis.ssh.keys import fingerprint
 
 from .internet import DEFAULT_NAMES, REMOTE_V4, Internet
 from .kapsis_runner import Kapsis
-from .sshd import SSH_PORT, SshServer, ensure_ssh_image, has_ssh_client, ssh_agent, ssh_server
+from .sshd import SSH_PORT, SshServer, has_ssh_client, ssh_agent, ssh_server
 
 pytestmark = pytest.mark.integration
 
@@ -37,11 +37,6 @@ echo "write-known-hosts=$?"
 mkdir -p ~/.ssh && ssh-keyscan -p {SSH_PORT} git.test >> ~/.ssh/known_hosts 2>/dev/null
 ssh -o BatchMode=yes -o ConnectTimeout=10 -p {SSH_PORT} git@git.test true; echo "rescan-exit=$?"
 """
-
-
-@pytest.fixture(scope="module")
-def ssh_image(base_image: str) -> str:
-    return ensure_ssh_image(base_image)
 
 
 @pytest.fixture(scope="module")
