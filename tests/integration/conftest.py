@@ -1,8 +1,9 @@
 """Fixtures for the integration tests, which run real podman containers.
 
-Every image a test needs is built by the session itself, before its first test, so before
+Every image the tests run in is built by the session itself, before its first test, so before
 anything changes the host's routing (the test internet adds routes to the host; image builds
-fetch from the package mirror and registries):
+fetch from the package mirror and registries). Only the tests of a build itself build in their
+body: the operator image (no network) and a rebuild from the rootfs cache.
 
 * ``base_image``: ``localhost/kapsis-base`` and, for filtered mode, ``localhost/kapsis-gateway``
   (scripts/install.sh builds both; built here when podman lacks them: about a minute on a fresh
@@ -10,7 +11,9 @@ fetch from the package mirror and registries):
 * ``claude_image``: the Claude Code agent image, built in every session that has a test using
   it (about 30 s; the build is under test too);
 * ``ssh_image``: ``localhost/kapsis-test-ssh``, the base image plus OpenSSH (sshd.py), built
-  when podman lacks it (about 15 s).
+  when podman lacks it or has one built on another base image (about 15 s);
+* ``rootfs_cache``: the debootstrap result base image builds start from, for the rebuild test;
+  made when missing (a base image that came from elsewhere leaves none): about a minute.
 
 ``_images_first`` builds those that the collected tests use; ``internet`` depends on it, so
 the order holds whichever test comes first. A failed build fails the tests that use the image
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +34,7 @@ import pytest
 from kapsis.config.models import DEFAULT_IMAGE
 from kapsis.host.agent_images import agent_image, build_agent_image
 from kapsis.host.gateway_image import build_gateway_image
-from kapsis.host.image import build_base_image, image_present
+from kapsis.host.image import build_base_image, image_present, rootfs_cache as image_rootfs_cache
 from kapsis.sandbox.network_plan import DEFAULT_GATEWAY_IMAGE
 
 from .internet import Internet, podman_network, skip_reason, start_internet
@@ -38,7 +42,7 @@ from .kapsis_runner import Kapsis
 from .secret_service import secret_service  # noqa: F401  (fixture for the secrets tests)
 from .sshd import ensure_ssh_image
 
-IMAGE_FIXTURES = ("base_image", "claude_image", "ssh_image")
+IMAGE_FIXTURES = ("base_image", "claude_image", "ssh_image", "rootfs_cache")
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +73,17 @@ def claude_image(base_image: str) -> str:
 @pytest.fixture(scope="session")
 def ssh_image(base_image: str) -> str:
     return ensure_ssh_image(base_image)
+
+
+@pytest.fixture(scope="session")
+def rootfs_cache(base_image: str) -> str:
+    """The imported rootfs image or its tarball exists (see :func:`rootfs_cache`); its name."""
+    rootfs, tarball = image_rootfs_cache()
+    if not image_present(rootfs) and not tarball.is_file():
+        scratch = "localhost/kapsis-base-cache-test:latest"  # builds the cache on its way
+        build_base_image(scratch, progress=lambda line: print(f"[rootfs cache] {line}"))
+        subprocess.run(["podman", "rmi", "--force", scratch], capture_output=True, check=False)
+    return rootfs
 
 
 @pytest.fixture(scope="session", autouse=True)

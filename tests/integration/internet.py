@@ -6,22 +6,25 @@ fixture of conftest.py built on it) creates:
 
 * a network namespace ``kapsis-inet-<pid>`` joined to the host by a veth pair::
 
-      host: kinet-<pid>   198.51.100.1/32   2001:db8:1::1/128
-      netns: inet0        198.51.100.2/32   2001:db8:1::2/128
+      host: kinet-<pid>   198.51.100.1/32   2001:db8:6b73::1/128
+      netns: inet0        198.51.100.2/32   2001:db8:6b73::2/128
 
   and one host route each way for exactly those addresses (``198.51.100.2 dev kinet-<pid>``; in
   the netns ``198.51.100.1 dev inet0``), never a whole /24 or /64: the host routes into the
-  namespace only what the namespace serves (:meth:`Internet.serve_address` adds one more).
+  namespace only what the namespace serves (:meth:`Internet.serve_address` adds one more), and
+  each route is checked to be the one the host really uses (``ip route get``; a routing rule of
+  a VPN could take precedence).
   Both ranges are documentation ranges (RFC 5737 TEST-NET-2, RFC 3849) that are never routed on
-  the real internet, so a mistake in a test cannot reach anybody else; 198.51.100.0/24 is the
+  the real internet, so a mistake in a test cannot reach anybody else. 198.51.100.0/24 is the
   one of the three IPv4 documentation ranges that the machines Kapsis is tested on leave unused
   (their own network is in 192.0.2.0/24, their package mirror and registry proxy in
-  203.0.113.0/24). Documentation ranges are still used by real set-ups, so before it adds any
-  route :func:`start_internet` checks the host (shadowing.py): when one of the addresses it
-  would route lies in a route the host has, is one of the host's addresses, or is an address
-  the host needs (a resolver, a gateway, the package mirror, a registry or its proxy), it fails
-  with a :class:`~tests.integration.shadowing.ShadowError` naming the collision instead of
-  breaking the host's traffic in silence.
+  203.0.113.0/24); 2001:db8:6b73::/64 is not the 2001:db8:1::/64 of Docker's IPv6 examples.
+  Documentation ranges are still used by real set-ups, so before it adds any route
+  :func:`start_internet` checks the host (shadowing.py): when one of the addresses it would
+  route lies in a route the host has, is one of the host's addresses, or is an address the host
+  needs (a resolver, a gateway, the package mirror, a registry or its proxy), it fails with a
+  :class:`~tests.integration.shadowing.ShadowError` naming the collision instead of breaking
+  the host's traffic in silence; so do :meth:`Internet.serve_address` and :func:`podman_network`.
   The addresses are added with ``nodad`` so IPv6 is usable at once instead of after ~1-2 s of
   duplicate address detection. The netns has no default route on purpose: it can only answer the
   host and whatever the host masquerades to a host address (see below); it can never send
@@ -29,7 +32,7 @@ fixture of conftest.py built on it) creates:
 
 * inside the netns:
 
-  - ``dnsmasq`` on 198.51.100.2:53 and [2001:db8:1::2]:53, UDP and TCP, authoritative for the
+  - ``dnsmasq`` on 198.51.100.2:53 and [2001:db8:6b73::2]:53, UDP and TCP, authoritative for the
     names of :data:`DEFAULT_NAMES` (an extendable table, see :meth:`Internet.set_names`) and
     NXDOMAIN for every other name. Each query is logged (:meth:`Internet.dns_queries`).
   - an HTTP server on port 80 (v4 and v6) answering every request with :data:`HTTP_BODY` and
@@ -39,13 +42,14 @@ fixture of conftest.py built on it) creates:
     connection or datagram (:meth:`Internet.connections`).
   - the kernel answers ICMP echo on both addresses.
 
-Images are built before any of this exists: conftest.py's ``internet`` fixture depends on the
-session's image builds, so no build ever runs while the host's routes are changed.
+The images the tests need are built before any of this exists: conftest.py's ``internet``
+fixture depends on the session's image builds, so no build that fetches from the mirror or a
+registry waits for a test internet to go away.
 
 How packets flow
 ----------------
-From the host: the host routes 198.51.100.2 and 2001:db8:1::2 to the veth, with source
-198.51.100.1 / 2001:db8:1::1, so a socket on the host reaches the netns directly.
+From the host: the host routes 198.51.100.2 and 2001:db8:6b73::2 to the veth, with source
+198.51.100.1 / 2001:db8:6b73::1, so a socket on the host reaches the netns directly.
 
 From a rootful podman container on the default ``podman`` network (10.88.0.0/16, bridge
 ``podman0``, IPv4 only)::
@@ -59,7 +63,7 @@ From a rootful podman container on the default ``podman`` network (10.88.0.0/16,
 
 IPv6 from a container needs a dual-stack podman network (the default one has no IPv6):
 :func:`podman_network` creates one with a ULA subnet (fd00:6b:7073::/64 by default); netavark
-masquerades IPv6 too (NAT66 with ip6tables), so the netns sees 2001:db8:1::1, and the host must
+masquerades IPv6 too (NAT66 with ip6tables), so the netns sees 2001:db8:6b73::1, and the host must
 forward IPv6 (``net.ipv6.conf.all.forwarding=1``). netavark turns that on by itself when it
 starts a container on an IPv6 network and never turns it off; this module sets it before and
 puts back the value it found on teardown.
@@ -125,8 +129,8 @@ INNER_IF = "inet0"  # netns side
 
 HOST_V4 = "198.51.100.1"
 REMOTE_V4 = "198.51.100.2"
-HOST_V6 = "2001:db8:1::1"
-REMOTE_V6 = "2001:db8:1::2"
+HOST_V6 = "2001:db8:6b73::1"
+REMOTE_V6 = "2001:db8:6b73::2"
 
 DNS_PORT = 53
 HTTP_PORT = 80
@@ -522,6 +526,7 @@ class Internet:
     def _route(self, address: str) -> None:
         source = self.host_v6 if ":" in address else self.host_v4
         _run("ip", "route", "add", _single(address), "dev", self.host_if, "src", source)
+        _check_routed(address, self.host_if)
 
     # conveniences
 
@@ -658,7 +663,19 @@ def _check_not_shadowing(*served: str) -> None:
     # Imported here: this file also runs as a script in the netns, where it has no package.
     from .shadowing import check
 
-    check([ipaddress.ip_network(text) for text in served])
+    check([ipaddress.ip_network(text) for text in served], own_devices=VETH_PREFIX)
+
+
+def _check_routed(address: str, device: str) -> None:
+    """Make sure the host now sends ``address`` to ``device``: a policy-routing rule ahead of the
+    main table (a VPN's, say) would send test traffic elsewhere, maybe out of the host."""
+    out = _run("ip", "-j", "route", "get", address, check=False).stdout
+    got = (json.loads(out or "[{}]") or [{}])[0].get("dev")
+    if got != device:
+        raise RuntimeError(
+            f"the host routes {address} through {got or 'nothing'}, not the test internet's "
+            f"{device}: a routing rule of the host (ip rule) takes precedence over its route"
+        )
 
 
 def _single(address: str) -> str:

@@ -13,11 +13,16 @@ what the host has, and refuses, naming each collision, when the new route would 
   fetch from (the apt sources and the Debian mirror Kapsis builds from, the npm registry, PyPI)
   and the proxies in front of them.
 
-Default routes do not count (nor the two halves, /1, that VPNs install in their place): a test
-route is meant to be more specific than a default route, and what matters behind one is the
-needed addresses above. Devices of the test internet itself
-(``kinet-<pid>``) do not count either: a crashed run's are removed before the new one starts, and
-a live one is refused earlier as "another test internet is running".
+Default routes do not count, nor routes wider than a /16 (IPv4) or a /32 (IPv6), which VPNs
+install in place of a default route (0.0.0.0/1, 192.0.0.0/3, 2000::/4): a test route is meant
+to be more specific than those, and what matters behind them is the needed addresses above.
+Devices of the test internet itself (``own_devices``: ``kinet-<pid>``) do not count either: a
+crashed run's are removed before a new one starts, and a live one is refused as "another test
+internet is running".
+
+A name that does not resolve within :data:`RESOLVE_SECONDS` fails the check too: whether the
+test network would shadow it cannot be told. The check looks at the host once, before the
+routes are added; a VPN or DHCP change later in the session is not seen.
 
 :func:`read_host_network` reads the host (``ip -j route``/``ip -j addr``, resolv.conf, the apt
 sources, the environment) and resolves the names; :func:`collisions` is pure, for the unit tests.
@@ -25,13 +30,14 @@ sources, the environment) and resolves the names; :func:`collisions` is pure, fo
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import ipaddress
 import json
 import os
 import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +51,22 @@ from kapsis.host.npm_fetch import DEFAULT_REGISTRY
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-TEST_DEVICE_PREFIX = "kinet-"  # the test internet's host-side veths (internet.VETH_PREFIX)
 APT_DIR = Path("/etc/apt")
-PROXY_VARIABLES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy")
-RESOLVE_SECONDS = 5.0  # for all names together: a dead resolver must not hang the session
+PROXY_VARIABLES = (
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+)
+# Where the agent image builds fetch from, whatever the host's own npm or pip settings say (the
+# build container does not inherit them); a host setting is checked as well.
+NPM_REGISTRY = DEFAULT_REGISTRY
+PYTHON_INDEXES = ("https://pypi.org/simple", "https://files.pythonhosted.org/")
+REGISTRY_VARIABLES = ("npm_config_registry", "NPM_CONFIG_REGISTRY", "PIP_INDEX_URL")
+RESOLVE_SECONDS = 10.0  # for all names together, looked up in parallel
+WIDEST_ROUTE = {4: 16, 6: 32}  # prefix lengths: a wider route counts as a default route
 
 
 class ShadowError(RuntimeError):
@@ -70,19 +88,24 @@ class HostNetwork:
     needed: tuple[tuple[IPAddress, str], ...] = ()  # (address, what needs it)
 
 
-def collisions(served: Iterable[IPNetwork], host: HostNetwork) -> list[str]:
-    """One line per way that routing ``served`` into a test namespace would shadow ``host``."""
+def collisions(
+    served: Iterable[IPNetwork], host: HostNetwork, *, own_devices: str | None = None
+) -> list[str]:
+    """One line per way that routing ``served`` into a test namespace would shadow ``host``;
+    routes and addresses on devices whose name starts with ``own_devices`` are left out."""
+
+    def ours(device: str) -> bool:
+        return own_devices is not None and device.startswith(own_devices)
+
     found: list[str] = []
     for network in served:
         for route in host.routes:
-            if route.device.startswith(TEST_DEVICE_PREFIX):
-                continue
-            if route.network.version == network.version and _overlap(route.network, network):
+            if not ours(route.device) and _shadows(network, route.network):
                 found.append(
                     f"{network} overlaps the host's route {route.network} dev {route.device}"
                 )
         for address, device in host.addresses:
-            if not device.startswith(TEST_DEVICE_PREFIX) and address in network:
+            if not ours(device) and address in network:
                 found.append(f"{network} holds {address}, an address of the host ({device})")
         for address, what in host.needed:
             if address in network:
@@ -90,10 +113,14 @@ def collisions(served: Iterable[IPNetwork], host: HostNetwork) -> list[str]:
     return found
 
 
-def check(served: Sequence[IPNetwork], host: HostNetwork | None = None) -> None:
+def check(
+    served: Sequence[IPNetwork], host: HostNetwork | None = None, *, own_devices: str | None = None
+) -> None:
     """Raise :class:`ShadowError` naming every collision of ``served`` with ``host`` (read now
     when not given); return when there is none."""
-    found = collisions(served, read_host_network() if host is None else host)
+    found = collisions(
+        served, read_host_network() if host is None else host, own_devices=own_devices
+    )
     if found:
         raise ShadowError(
             "the test network would shadow what this host needs: "
@@ -102,15 +129,11 @@ def check(served: Sequence[IPNetwork], host: HostNetwork | None = None) -> None:
         )
 
 
-def _overlap(route: IPNetwork, network: IPNetwork) -> bool:
-    if route.prefixlen <= 1:  # 0.0.0.0/1 + 128.0.0.0/1: a VPN's default route in two halves
+def _shadows(network: IPNetwork, route: IPNetwork) -> bool:
+    """Would a route to ``network`` take over part of ``route`` (a default-like one aside)?"""
+    if route.version != network.version or route.prefixlen < WIDEST_ROUTE[route.version]:
         return False
     return route.network_address in network or network.network_address in route
-
-
-def addresses(*texts: str) -> list[IPNetwork]:
-    """Host networks (/32, /128) of addresses given as text."""
-    return [ipaddress.ip_network(text) for text in texts]
 
 
 # --- reading the host --------------------------------------------------------------------------
@@ -135,12 +158,13 @@ def package_sources() -> list[tuple[str, str]]:
         parse = parse_deb822_sources if path.suffix == ".sources" else parse_one_line_sources
         with contextlib.suppress(OSError):
             urls += [(uri, f"an apt source ({path})") for uri, _ in parse(path.read_text())]
-    registry = os.environ.get("npm_config_registry") or DEFAULT_REGISTRY  # noqa: SIM112
-    urls.append((registry, "the npm registry of the agent image builds"))
-    index = os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple"
-    urls.append((index, "the Python package index"))
-    urls.append(("https://files.pythonhosted.org/", "the Python package index's files"))
-    urls += [(os.environ[name], f"${name}") for name in PROXY_VARIABLES if os.environ.get(name)]
+    urls.append((NPM_REGISTRY, "the npm registry of the agent image builds"))
+    urls += [
+        (index, "the Python package index of the agent image builds") for index in PYTHON_INDEXES
+    ]
+    for name in (*REGISTRY_VARIABLES, *PROXY_VARIABLES):
+        if os.environ.get(name):
+            urls.append((os.environ[name], f"${name}"))
     urls += [(url, f"apt's proxy ({key})") for key, url in _apt_proxies()]
     hosts: list[tuple[str, str]] = []
     for url, what in urls:
@@ -182,10 +206,16 @@ def _apt_proxies() -> list[tuple[str, str]]:
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return []
+    return parse_apt_proxies(dump)
+
+
+def parse_apt_proxies(dump: str) -> list[tuple[str, str]]:
+    """(key, URL) of the proxies in ``apt-config dump``'s output: ``Acquire::http::Proxy "URL";``
+    and per host ``Acquire::http::Proxy::HOST "URL";`` ("DIRECT" is no proxy)."""
     proxies = []
-    for line in dump.splitlines():  # Acquire::http::Proxy "http://proxy:3128/";
+    for line in dump.splitlines():
         key, _, value = line.partition(" ")
-        if key.lower().endswith("::proxy") and key.lower().startswith("acquire::"):
+        if key.lower().startswith("acquire::") and "::proxy" in key.lower():
             value = value.strip().rstrip(";").strip('"')
             if value and value.upper() != "DIRECT":
                 proxies.append((key, value))
@@ -193,23 +223,47 @@ def _apt_proxies() -> list[tuple[str, str]]:
 
 
 def _resolve_all(hosts: Sequence[tuple[str, str]]) -> list[tuple[IPAddress, str]]:
-    """The addresses of every name, looked up in parallel within :data:`RESOLVE_SECONDS`; a name
-    that does not resolve in time is left out (there is nothing it could collide with)."""
+    """The addresses of every name, looked up in parallel. A name the resolver says does not
+    exist has none; one it does not answer for within :data:`RESOLVE_SECONDS` is a
+    :class:`ShadowError`, since nobody can tell what it would collide with."""
 
     def lookup(host: str) -> set[str]:
-        return {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+        try:
+            return {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+        except socket.gaierror as error:
+            if error.errno == socket.EAI_AGAIN:  # the resolver did not answer: unknown
+                raise
+            return set()  # no such name (now): nothing can use an address of it
 
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
-    futures = {pool.submit(lookup, host): (host, what) for host, what in hosts}
-    done, _ = concurrent.futures.wait(futures, timeout=RESOLVE_SECONDS)
-    pool.shutdown(wait=False, cancel_futures=True)
+    names = sorted({host for host, _what in hosts})
+    # Daemon threads, not a pool: a lookup stuck in the C library must not hold up the exit.
+    results: dict[str, set[str] | BaseException] = {}
+
+    def run(host: str) -> None:
+        try:
+            results[host] = lookup(host)
+        except Exception as error:
+            results[host] = error
+
+    threads = [threading.Thread(target=run, args=(host,), daemon=True) for host in names]
+    deadline = time.monotonic() + RESOLVE_SECONDS
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0))
+    unknown = [host for host in names if not isinstance(results.get(host), set)]
+    if unknown:
+        raise ShadowError(
+            f"cannot tell whether the test network would shadow {', '.join(unknown)}: "
+            f"no answer from the host's resolver within {RESOLVE_SECONDS:.0f} s"
+        )
     needed: list[tuple[IPAddress, str]] = []
-    for future in done:
-        host, what = futures[future]
-        if future.exception() is None:
-            for text in sorted(future.result()):
-                with contextlib.suppress(ValueError):
-                    needed.append((ipaddress.ip_address(text.split("%")[0]), f"{what}: {host}"))
+    for host, what in hosts:
+        answer = results[host]
+        assert isinstance(answer, set)
+        for text in sorted(answer):
+            with contextlib.suppress(ValueError):
+                needed.append((ipaddress.ip_address(text.split("%")[0]), f"{what}: {host}"))
     return needed
 
 

@@ -1,12 +1,12 @@
 """A real OpenSSH server in the test internet (see internet.py), for the SSH verification tests.
 
 sshd runs in a container from :data:`SSH_IMAGE` (the base image plus openssh-server and
-openssh-client, built from the Debian mirror when podman lacks it, by conftest.py before the
-test internet exists) that joins the test
-internet's network namespace, so it listens on 198.51.100.2:2222 - a documentation address in a
-namespace this session made; nothing else is ever contacted. The host keys are made by the test
-with ssh-keygen: the "legitimate" server's and a man in the middle's. The server lets ``root`` in
-with the test's client key and serves git repositories under ``/srv`` (a directory of the test).
+openssh-client from the Debian mirror; conftest.py has it built before the test internet
+exists) that joins the test internet's network namespace, so it listens on 198.51.100.2:2222 -
+a documentation address in a namespace this session made; nothing else is ever contacted. The
+host keys are made by the test with ssh-keygen: the "legitimate" server's and a man in the
+middle's. The server lets ``root`` in with the test's client key and serves git repositories
+under ``/srv`` (a directory of the test).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kapsis.host.image import image_present
+from kapsis.host.image import image_id
 
 SSH_IMAGE = "localhost/kapsis-test-ssh:latest"
+LABEL_BASE = "io.kapsis.test.base-id"  # the id of the base image it was built on
 SSH_PORT = 2222
 CONTAINERFILE = """\
 FROM {base}
@@ -45,18 +46,34 @@ AuthorizedKeysFile /keys/authorized_keys
 
 
 def ensure_ssh_image(base: str) -> str:
-    """Build :data:`SSH_IMAGE` on ``base`` unless podman has it (about 15 s, needs the mirror)."""
-    if image_present(SSH_IMAGE):
+    """Build :data:`SSH_IMAGE` on ``base`` unless podman has one built on this very ``base``
+    (about 15 s, needs the mirror): one left by an earlier session on another base is rebuilt."""
+    base_id = image_id("podman", base)
+    inspect = subprocess.run(
+        [
+            "podman",
+            "image",
+            "inspect",
+            "--format",
+            f'{{{{index .Labels "{LABEL_BASE}"}}}}',
+            SSH_IMAGE,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if inspect.returncode == 0 and base_id and inspect.stdout.strip() == base_id:
         return SSH_IMAGE
     with tempfile.TemporaryDirectory(prefix="kapsis-ssh-image-") as context:
         (Path(context) / "Containerfile").write_text(CONTAINERFILE.format(base=base))
         result = subprocess.run(
-            ["podman", "build", "--pull=never", "-q", "-t", SSH_IMAGE, context],
+            ["podman", "build", "--pull=never", "-q", "-t", SSH_IMAGE,
+             "--label", f"{LABEL_BASE}={base_id}", context],
             capture_output=True,
             text=True,
             timeout=600,
             check=False,
-        )
+        )  # fmt: skip
     if result.returncode != 0:
         raise RuntimeError(f"building {SSH_IMAGE} failed: {result.stderr[-2000:]}")
     return SSH_IMAGE

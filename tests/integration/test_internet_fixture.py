@@ -90,10 +90,10 @@ def test_stale_namespace_and_veth_are_removed() -> None:
 
 def test_fixture_shape(internet: Internet) -> None:
     assert internet.netns == f"kapsis-inet-{os.getpid()}"
-    assert (internet.v4, internet.v6) == ("198.51.100.2", "2001:db8:1::2")
+    assert (internet.v4, internet.v6) == ("198.51.100.2", "2001:db8:6b73::2")
     assert internet.dns_server == "198.51.100.2"
-    assert internet.names["allowed.test"] == ("198.51.100.2", "2001:db8:1::2")
-    assert internet.url("/x", v6=True) == "http://[2001:db8:1::2]:80/x"
+    assert internet.names["allowed.test"] == ("198.51.100.2", "2001:db8:6b73::2")
+    assert internet.url("/x", v6=True) == "http://[2001:db8:6b73::2]:80/x"
     assert internet.exec("ip", "-br", "addr").stdout.count("198.51.100.2/32") == 1
     print(f"\nsession internet setup: {internet.setup_seconds * 1000:.0f} ms")
 
@@ -109,24 +109,25 @@ def test_only_the_served_addresses_are_routed_into_the_netns(internet: Internet)
     resolvers, gateways, package mirror and registries), keep the host's own routes."""
     for served in (inet.REMOTE_V4, inet.REMOTE_V6):
         assert _route_device(served) == internet.host_if
-    for neighbour in ("198.51.100.3", "198.51.100.80", "198.51.100.254", "2001:db8:1::3"):
+    for neighbour in ("198.51.100.3", "198.51.100.80", "198.51.100.254", "2001:db8:6b73::3"):
         assert _route_device(neighbour) != internet.host_if, neighbour
     needed = shadowing.read_host_network().needed
     assert needed, "a host always needs something: at least its resolvers and the mirror"
     for address, what in needed:
-        assert _route_device(str(address)) != internet.host_if, what
+        if not address.is_link_local:  # a link-local gateway is its device's alone
+            assert _route_device(str(address)) != internet.host_if, what
     with internet.serve_address("198.51.100.3"):
         assert _route_device("198.51.100.3") == internet.host_if
         assert inet.ping("198.51.100.3")
     assert _route_device("198.51.100.3") != internet.host_if
 
 
-@pytest.mark.parametrize("server", ["198.51.100.2", "2001:db8:1::2"])
+@pytest.mark.parametrize("server", ["198.51.100.2", "2001:db8:6b73::2"])
 @pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
 def test_dns_from_the_host(internet: Internet, server: str, tcp: bool) -> None:
     internet.reset_logs()
     assert inet.resolve("allowed.test", server, "A", tcp=tcp) == (0, ["198.51.100.2"])
-    assert inet.resolve("allowed.test", server, "AAAA", tcp=tcp) == (0, ["2001:db8:1::2"])
+    assert inet.resolve("allowed.test", server, "AAAA", tcp=tcp) == (0, ["2001:db8:6b73::2"])
     assert inet.resolve("other.test", server, "A", tcp=tcp) == (0, ["198.51.100.2"])
     assert inet.resolve("sub.allowed.test", server, "A", tcp=tcp) == (0, ["198.51.100.2"])
     assert inet.resolve("sub.allowed.test", server, "AAAA", tcp=tcp) == (0, [])  # NODATA
@@ -152,7 +153,7 @@ def test_set_names_extends_the_table(internet: Internet) -> None:
     assert inet.resolve("new.test")[0] == 3
 
 
-@pytest.mark.parametrize("host", ["198.51.100.2", "2001:db8:1::2"])
+@pytest.mark.parametrize("host", ["198.51.100.2", "2001:db8:6b73::2"])
 def test_http_banners_udp_and_ping_from_the_host(internet: Internet, host: str) -> None:
     internet.reset_logs()
     assert inet.http_get(host, "/path?q=1", host_header="allowed.test") == (200, inet.HTTP_BODY)
@@ -202,7 +203,7 @@ V4_CHECKS: list[list[object]] = [
 ]
 V4_EXPECTED: list[dict[str, object]] = [
     {"rcode": 0, "addresses": ["198.51.100.2"]},
-    {"rcode": 0, "addresses": ["2001:db8:1::2"]},
+    {"rcode": 0, "addresses": ["2001:db8:6b73::2"]},
     {"rcode": 3, "addresses": []},
     {"rcode": 0, "addresses": ["10.0.0.1"]},
     {"status": 200, "body": inet.HTTP_BODY},
@@ -215,7 +216,7 @@ V4_EXPECTED: list[dict[str, object]] = [
 def test_container_on_the_default_bridge(internet: Internet, base_image: str) -> None:
     """The default network (10.88.0.0/16) is IPv4 only: v4 works, masqueraded to 198.51.100.1."""
     internet.reset_logs()
-    checks: list[list[object]] = [*V4_CHECKS, ["http", "2001:db8:1::2", "/v6"]]
+    checks: list[list[object]] = [*V4_CHECKS, ["http", "2001:db8:6b73::2", "/v6"]]
     results = _probe_in_container(base_image, "podman", checks)
     assert results[:-1] == V4_EXPECTED
     assert results[-1]["error"] == "OSError"  # [Errno 101] Network is unreachable
@@ -227,24 +228,24 @@ def test_container_on_the_default_bridge(internet: Internet, base_image: str) ->
 def test_container_on_a_dual_stack_network(
     internet: Internet, base_image: str, podman_v6_network: str
 ) -> None:
-    """A --ipv6 network with a ULA subnet: netavark masquerades IPv6 to 2001:db8:1::1."""
+    """A --ipv6 network with a ULA subnet: netavark masquerades IPv6 to 2001:db8:6b73::1."""
     internet.reset_logs()
     checks: list[list[object]] = [
         *V4_CHECKS,
-        ["resolve", "allowed.test", "2001:db8:1::2", "AAAA"],
-        ["http", "2001:db8:1::2", "/v6"],
-        ["tcp", "2001:db8:1::2", 8080],
-        ["udp", "2001:db8:1::2", 9999, "ping6"],
-        ["ping", "2001:db8:1::2"],
+        ["resolve", "allowed.test", "2001:db8:6b73::2", "AAAA"],
+        ["http", "2001:db8:6b73::2", "/v6"],
+        ["tcp", "2001:db8:6b73::2", 8080],
+        ["udp", "2001:db8:6b73::2", 9999, "ping6"],
+        ["ping", "2001:db8:6b73::2"],
     ]
     results = _probe_in_container(base_image, podman_v6_network, checks)
     assert results == [
         *V4_EXPECTED,
-        {"rcode": 0, "addresses": ["2001:db8:1::2"]},
+        {"rcode": 0, "addresses": ["2001:db8:6b73::2"]},
         {"status": 200, "body": inet.HTTP_BODY},
         {"banner": inet.banner(8080)},
         {"reply": "ping6"},
         {"reply": True},
     ]
     clients = {(r.path, r.client) for r in internet.http_requests()}
-    assert clients == {("/from-container", "198.51.100.1"), ("/v6", "2001:db8:1::1")}
+    assert clients == {("/from-container", "198.51.100.1"), ("/v6", "2001:db8:6b73::1")}

@@ -9,9 +9,11 @@ given, and no command that changes the host runs.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import socket
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,9 @@ import pytest
 from tests.integration import internet as inet, shadowing
 from tests.integration.shadowing import HostNetwork, Route, ShadowError, collisions
 
-SERVED = shadowing.addresses(inet.HOST_V4, inet.REMOTE_V4, inet.HOST_V6, inet.REMOTE_V6)
 ip = ipaddress.ip_address
 net = ipaddress.ip_network
+SERVED = [net(address) for address in (inet.HOST_V4, inet.REMOTE_V4, inet.HOST_V6, inet.REMOTE_V6)]
 
 # A host like the ones Kapsis is tested on: its own network in 192.0.2.0/24, a 10.x resolver,
 # the package mirror and the registries' proxy at an address of 203.0.113.0/24.
@@ -77,8 +79,10 @@ def test_the_old_range_would_have_taken_the_mirror() -> None:
          f"holds {inet.REMOTE_V6}, $https_proxy: proxy.test"),
         ({"routes": [Route(net("198.51.100.0/24"), "wg0")]},
          f"{inet.HOST_V4}/32 overlaps the host's route 198.51.100.0/24 dev wg0"),
-        ({"routes": [Route(net("198.0.0.0/8"), "tun0")]},
-         "overlaps the host's route 198.0.0.0/8 dev tun0"),
+        ({"routes": [Route(net("198.51.0.0/16"), "eth1")]},
+         "overlaps the host's route 198.51.0.0/16 dev eth1"),
+        ({"routes": [Route(net("198.51.100.2/32"), "tun0")]},
+         f"{inet.REMOTE_V4}/32 overlaps the host's route 198.51.100.2/32 dev tun0"),
         ({"routes": [Route(net("2001:db8::/32"), "eth1")]},
          f"{inet.REMOTE_V6}/128 overlaps the host's route 2001:db8::/32 dev eth1"),
         ({"addresses": [(ip(inet.REMOTE_V4), "eth1")]},
@@ -96,17 +100,21 @@ def test_a_collision_is_named(change: dict[str, Any], named: str) -> None:
     assert named in message and "tests/integration/internet.py" in message
 
 
-def test_default_routes_and_the_test_internets_own_devices_do_not_count() -> None:
-    host = with_(
-        routes=[
-            Route(net("0.0.0.0/1"), "tun0"),  # a VPN's default route in two halves
-            Route(net("128.0.0.0/1"), "tun0"),
-            Route(net("::/1"), "tun0"),
-            Route(net(f"{inet.REMOTE_V4}/32"), f"{inet.VETH_PREFIX}4242"),  # a crashed run's
-        ],
+def test_default_like_routes_do_not_count() -> None:
+    """Routes wider than a /16 or a /32, as VPNs install in place of the default route: a test
+    route is meant to be more specific; what matters behind them is the needed addresses."""
+    wide = ["0.0.0.0/1", "128.0.0.0/1", "192.0.0.0/3", "198.0.0.0/8", "::/1", "2000::/4"]
+    host = with_(routes=[Route(net(route), "tun0") for route in wide])
+    assert collisions(SERVED, host) == []
+
+
+def test_the_test_internets_own_devices_count_only_when_not_ours() -> None:
+    leftovers = with_(
+        routes=[Route(net(f"{inet.REMOTE_V4}/32"), f"{inet.VETH_PREFIX}4242")],  # a crashed run's
         addresses=[(ip(inet.HOST_V4), f"{inet.VETH_PREFIX}4242")],
     )
-    assert collisions(SERVED, host) == []
+    assert collisions(SERVED, leftovers, own_devices=inet.VETH_PREFIX) == []
+    assert len(collisions(SERVED, leftovers)) == 2  # control: any other device is the host's
 
 
 def test_podman_test_subnets_are_checked_too() -> None:
@@ -114,8 +122,11 @@ def test_podman_test_subnets_are_checked_too() -> None:
     assert collisions(subnets, HOST) == []
     [found] = collisions(subnets, with_(needed=[(ip("10.89.64.53"), "a resolver of the host")]))
     assert found == "10.89.64.0/24 holds 10.89.64.53, a resolver of the host"
-    [found] = collisions(subnets, with_(routes=[Route(net("fd00::/16"), "eth0")]))
-    assert found == "fd00:6b:7073::/64 overlaps the host's route fd00::/16 dev eth0"
+    [found] = collisions(subnets, with_(routes=[Route(net("fd00:6b::/32"), "eth0")]))
+    assert found == "fd00:6b:7073::/64 overlaps the host's route fd00:6b::/32 dev eth0"
+    # A route narrower than the subnet is taken over as well.
+    [found] = collisions(subnets, with_(routes=[Route(net("10.89.64.128/25"), "br1")]))
+    assert found == "10.89.64.0/24 overlaps the host's route 10.89.64.128/25 dev br1"
 
 
 # --- the fixture's gate: refuse before any change, proceed otherwise ---------------------------
@@ -127,20 +138,23 @@ class Proceeded(Exception):
 
 @pytest.fixture
 def commands(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[str, ...]]:
-    """Every command start_internet runs, through a fake that reads an empty host and stops
-    the run (Proceeded) at the first command that would change it."""
+    """Every command start_internet (or podman_network) runs, through a fake that reads an empty
+    host and stops the run (Proceeded) at the first command that would add something to it."""
     ran: list[tuple[str, ...]] = []
 
     def fake_run(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         ran.append(command)
-        if "add" in command:
+        if "add" in command or "create" in command:
             raise Proceeded(" ".join(command))
         stdout = "[]" if "-j" in command else ""
         return subprocess.CompletedProcess(command, 0, stdout, "")
 
     monkeypatch.setattr(inet, "_run", fake_run)
     monkeypatch.setattr(inet, "STATE_DIR", tmp_path / "state")
-    monkeypatch.setattr(inet, "_ACTIVE", None)  # the session's real one may be running
+    # The session's real test internet may be running in this very process: other names.
+    monkeypatch.setattr(inet, "_ACTIVE", None)
+    monkeypatch.setattr(inet, "NETNS_PREFIX", "kapsis-unit-")
+    monkeypatch.setattr(inet, "VETH_PREFIX", "kunit-")
     return ran
 
 
@@ -160,7 +174,7 @@ def test_the_fixture_proceeds_when_nothing_collides(
     commands: list[tuple[str, ...]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(shadowing, "read_host_network", lambda: HOST)
-    with pytest.raises(Proceeded, match="ip netns add kapsis-inet-"), inet.start_internet():
+    with pytest.raises(Proceeded, match="ip netns add kapsis-unit-"), inet.start_internet():
         pytest.fail("the fake ip cannot start anything")
 
 
@@ -180,6 +194,38 @@ def test_serving_one_more_address_is_checked_too(monkeypatch: pytest.MonkeyPatch
         pytest.fail("served")
 
 
+def test_the_podman_test_network_refuses_before_it_is_created(
+    commands: list[tuple[str, ...]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resolver = (ip("10.89.64.53"), "a resolver of the host (resolv.conf)")
+    monkeypatch.setattr(shadowing, "read_host_network", lambda: with_(needed=[resolver]))
+    refused = pytest.raises(ShadowError, match=re.escape("10.89.64.0/24 holds 10.89.64.53"))
+    with refused, inet.podman_network("kapsis-unit-net"):
+        pytest.fail("the network was made")
+    assert [c for c in commands if "create" in c] == []
+    monkeypatch.setattr(shadowing, "read_host_network", lambda: HOST)  # control
+    with pytest.raises(Proceeded), inet.podman_network("kapsis-unit-net"):
+        pytest.fail("the fake cannot make it")
+    assert [c[:3] for c in commands if "create" in c] == [("podman", "network", "create")]
+
+
+def test_a_routing_rule_that_takes_the_route_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After adding its route the test internet asks the kernel where the address goes: a rule
+    ahead of the main table (a VPN's) would send test traffic elsewhere."""
+    answer = {"dev": "tailscale0"}
+
+    def fake_run(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        stdout = json.dumps([answer]) if command[:4] == ("ip", "-j", "route", "get") else ""
+        return subprocess.CompletedProcess(command, 0, stdout, "")
+
+    monkeypatch.setattr(inet, "_run", fake_run)
+    taken = re.escape("routes 198.51.100.3 through tailscale0, not")
+    with pytest.raises(RuntimeError, match=taken):
+        inet._check_routed("198.51.100.3", "kinet-1")
+    answer["dev"] = "kinet-1"  # control
+    inet._check_routed("198.51.100.3", "kinet-1")
+
+
 # --- reading the host ---------------------------------------------------------------------------
 
 ROUTES_V4 = [
@@ -197,6 +243,7 @@ def test_read_host_network(monkeypatch: pytest.MonkeyPatch) -> None:
     def fake_ip(*args: str) -> list[dict[str, Any]]:
         if args[0] == "addr":
             return ADDRESSES
+        assert args[1:] == ("route", "show", "table", "all")  # policy routing's tables too
         return ROUTES_V4 if args[0] == "-4" else ROUTES_V6
 
     def fake_getaddrinfo(host: str, port: object) -> list[tuple[Any, ...]]:
@@ -240,7 +287,54 @@ def test_package_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     monkeypatch.setenv("PIP_INDEX_URL", "https://pip.test/simple")
     monkeypatch.setenv("https_proxy", "proxy.test:3128")
     hosts = dict(shadowing.package_sources())
-    for name in ("mirror.test", "one.test", "two.test", "npm.test", "pip.test",
-                 "files.pythonhosted.org", "proxy.test", "aptproxy.test"):  # fmt: skip
-        assert name in hosts, (name, hosts)
+    for name in (
+        "mirror.test",
+        "one.test",
+        "two.test",
+        "npm.test",
+        "pip.test",
+        "proxy.test",
+        "aptproxy.test",
+        "registry.npmjs.org",
+        "pypi.org",
+        "files.pythonhosted.org",
+    ):
+        assert name in hosts, (name, hosts)  # the builds' own registries, whatever the host says
     assert hosts["proxy.test"] == "$https_proxy"
+
+
+def test_parse_apt_proxies() -> None:
+    dump = (
+        'Acquire::http::Proxy "http://proxy.test:3142/";\n'
+        'Acquire::https::Proxy "DIRECT";\n'
+        'Acquire::http::Proxy::deb.example "http://other.test/";\n'
+        'Acquire::Retries "3";\n'
+    )
+    assert shadowing.parse_apt_proxies(dump) == [
+        ("Acquire::http::Proxy", "http://proxy.test:3142/"),
+        ("Acquire::http::Proxy::deb.example", "http://other.test/"),
+    ]
+
+
+def test_a_name_the_resolver_does_not_answer_for_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whether the mirror would be shadowed cannot be told without its address: refuse."""
+    release = threading.Event()
+
+    def fake_getaddrinfo(host: str, port: object) -> list[tuple[Any, ...]]:
+        if host == "slow.test":
+            release.wait(5)
+        if host == "gone.test":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, 0, 0, "", ("203.0.113.80", 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    monkeypatch.setattr(shadowing, "RESOLVE_SECONDS", 0.2)
+    try:
+        with pytest.raises(ShadowError, match=re.escape("would shadow slow.test: no answer")):
+            shadowing._resolve_all([("slow.test", "the mirror"), ("fast.test", "the registry")])
+    finally:
+        release.set()
+    found = shadowing._resolve_all([("gone.test", "a source"), ("fast.test", "the registry")])
+    assert found == [(ip("203.0.113.80"), "the registry: fast.test")]  # no such name: no address

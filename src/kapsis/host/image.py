@@ -82,11 +82,9 @@ def build_base_image(name: str = DEFAULT_IMAGE, *, progress: Progress | None = N
     """Build the base image ``name`` from scratch (debootstrap + import + build)."""
     say: Progress = progress or (lambda _line: None)
     podman = require_podman()
-    cache = paths.kapsis_home() / "cache"
+    rootfs_image, tarball = rootfs_cache()
+    cache = tarball.parent
     cache.mkdir(parents=True, exist_ok=True)
-    key = rootfs_key()
-    rootfs_image = f"{ROOTFS_REPOSITORY}:{SUITE}-{key}"
-    tarball = cache / f"rootfs-{SUITE}-{key}.tar"
 
     with _locked(cache / ".build.lock"):
         if not image_present(rootfs_image):
@@ -135,6 +133,16 @@ def kapsis_version() -> str:
         return importlib.metadata.version("kapsis")
     except importlib.metadata.PackageNotFoundError:
         return "0.0.0"
+
+
+def rootfs_cache() -> tuple[str, Path]:
+    """Where a base image build finds the debootstrap result: the imported rootfs image, else
+    the tarball in the cache directory (either may be absent; the build makes what is missing)."""
+    key = rootfs_key()
+    return (
+        f"{ROOTFS_REPOSITORY}:{SUITE}-{key}",
+        paths.kapsis_home() / "cache" / f"rootfs-{SUITE}-{key}.tar",
+    )
 
 
 def rootfs_key() -> str:
