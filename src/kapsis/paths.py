@@ -43,7 +43,14 @@ def sandbox_dir(agent_id: str) -> Path:
     return sandboxes_dir() / agent_id
 
 
-def worktrees_dir() -> Path:
+def worktrees_dir(owner_home: str | None = None) -> Path:
+    """Where worktrees of agents are checked out.
+
+    ``owner_home``: root runs Kapsis on a repository of the user whose home this is (sudo); the
+    worktree belongs to them, so it goes under *their* ``~/.kapsis``, which they can reach.
+    """
+    if owner_home is not None:
+        return Path(owner_home) / ".kapsis" / "worktrees"
     return kapsis_home() / "worktrees"
 
 

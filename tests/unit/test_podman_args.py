@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kapsis.backends.podman import PodmanBackend, agent_run_args, pod_create_args
+from kapsis.backends.podman import PodmanBackend, agent_run_args, keep_id_args, pod_create_args
 from kapsis.host.facts import HostFacts
 
 DNS = ("192.0.2.53",)  # a resolver the sandbox's gateway could use
@@ -167,11 +167,26 @@ def test_rootful_agent_maps_a_private_uid_range(run_args):
 
 
 def test_rootless_agent_keeps_the_user_id(run_args):
+    """Container uid 1000 is the invoking user (podman's namespace id 0), so the agent's files
+    land owned by the user; every other container id is one of the user's subordinate ids."""
     _plan, argv = run_args(host=ROOTLESS)
 
-    assert _values(argv, "--userns") == ["keep-id"]
-    assert "--uidmap" not in argv
-    assert "--gidmap" not in argv
+    # podman 4.3 refuses --userns on a container that joins a pod: the maps spell keep-id.
+    assert "--userns" not in argv
+    maps = ["0:1:1000", "1000:0:1", "1001:1001:64535"]
+    assert _values(argv, "--uidmap") == maps
+    assert _values(argv, "--gidmap") == maps
+    assert _values(argv, "--user") == ["1000:1000"]
+
+
+def test_keep_id_maps_cover_the_namespace_once():
+    """Every container id below the size maps to exactly one namespace id, none twice."""
+    for agent, size in [(1000, 65536), (1, 4096), (500, 1001)]:
+        spans = [tuple(map(int, m.split(":"))) for m in keep_id_args(agent, size)[1::4]]
+        inside = sorted(i for start, _, n in spans for i in range(start, start + n))
+        outside = sorted(o for _, start, n in spans for o in range(start, start + n))
+        assert inside == list(range(size))
+        assert outside == list(range(size))
 
 
 def test_rootful_agent_runs_as_uid_1000(run_args):

@@ -76,12 +76,12 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool, uid_base: int | str) -> l
     for key, value in plan.labels.items():
         args += ["--label", f"{key}={value}"]
     args += ["--network", _agent_network(plan)]
+    size, agent = plan.userns.size, plan.userns.agent_uid
     if plan.userns.kind == "mapped":
-        size, agent = plan.userns.size, plan.userns.agent_uid
         args += ["--uidmap", f"0:{uid_base}:{size}", "--gidmap", f"0:{uid_base}:{size}"]
-        args += ["--user", f"{agent}:{agent}"]
     else:
-        args += ["--userns", "keep-id"]
+        args += keep_id_args(agent, size)
+    args += ["--user", f"{agent}:{agent}"]
     args += ["--workdir", plan.workdir]
     memory = str(resources.memory_bytes)
     args += ["--memory", memory, "--memory-swap", memory]
@@ -121,6 +121,18 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool, uid_base: int | str) -> l
     args += ["--log-driver", "k8s-file", "--log-opt", f"path={root / LOG_FIFO}"]
     args += [plan.image, *plan.entrypoint, *plan.command]
     return args
+
+
+def keep_id_args(agent: int, size: int) -> list[str]:
+    """Rootless: container uid (and gid) ``agent`` is the invoking user, every other container
+    id one of the user's subordinate ids.
+
+    What ``--userns keep-id:uid=AGENT`` means, spelled as maps, because podman 4.3 refuses any
+    ``--userns`` on a container that joins a pod. The ids on the right are those of podman's own
+    user namespace, where 0 is the user and 1..N the user's subordinate ids (/etc/subuid).
+    """
+    maps = [f"0:1:{agent}", f"{agent}:0:1", f"{agent + 1}:{agent + 1}:{size - agent - 1}"]
+    return [arg for m in maps for arg in ("--uidmap", m, "--gidmap", m)]
 
 
 def _agent_network(plan: SandboxPlan) -> str:
@@ -440,6 +452,25 @@ class PodmanBackend(Backend):
 
             unmount_workspace(plan.workspace)
             _uidslots.release(plan.agent_id)
+        elif plan.workspace.mode == "overlay":
+            _remove_overlay_scratch(Path(plan.workspace.work))
+
+
+def _remove_overlay_scratch(work: Path) -> None:
+    """Rootless: remove the scratch dir overlayfs made inside ``work`` as the container's root.
+
+    It belongs to a subordinate uid, so the user could not delete their own sandbox dir later.
+    Empty (as overlayfs leaves it), its parent's owner removes it; else podman's user namespace,
+    where the user is root over those ids, does.
+    """
+    scratch = work / "work"
+    try:
+        scratch.rmdir()
+    except FileNotFoundError:
+        return
+    except OSError:
+        remove = [PODMAN, "unshare", "rm", "-rf", "--", str(scratch)]
+        _run(remove, what="podman unshare", check=False)
 
 
 def _pod_exists(agent_id: str) -> bool:

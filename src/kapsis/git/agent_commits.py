@@ -10,6 +10,7 @@ from quarantine and indexed into the project (``index-pack`` recomputes every ob
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import stat
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from kapsis.errors import GitWorkflowError
-from kapsis.git.runner import GitCommandError, Repo, git_environment
+from kapsis.git.runner import GitCommandError, Repo
 
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _OBJECT_DIR_RE = re.compile(r"^([0-9a-f]{2}|pack)$")
@@ -68,6 +69,14 @@ def _copy_object_store(source: Path, destination: Path) -> None:
                 shutil.copyfile(item, target / item.name, follow_symlinks=False)
 
 
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    """Give the quarantine (regular files and dirs that Kapsis made) to ``uid``."""
+    os.chown(root, uid, gid)
+    for directory, subdirs, files in os.walk(root):
+        for name in (*subdirs, *files):
+            os.lchown(os.path.join(directory, name), uid, gid)
+
+
 class AgentObjects:
     """The agent's objects in quarantine: readable by host git, not yet in the repository.
 
@@ -87,6 +96,9 @@ class AgentObjects:
         objects = Path(self._scratch.name) / "objects"
         objects.mkdir()
         _copy_object_store(self.agent_git / "objects", objects)
+        owner = self.repo.owner
+        if owner is not None:  # host git reads the quarantine as the repository's owner
+            _chown_tree(Path(self._scratch.name), owner.uid, owner.gid)
         self.env = {"GIT_ALTERNATE_OBJECT_DIRECTORIES": str(objects)}
         return self
 
@@ -139,16 +151,18 @@ class AgentObjects:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=git_environment(self.env),
+            env=repo.environment(self.env),
             cwd=repo.root,
+            **repo.subprocess_options(),
         )
         indexer = subprocess.Popen(
             repo.command("index-pack", "--stdin", "--fix-thin"),
             stdin=packer.stdout,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env=git_environment(),
+            env=repo.environment(),
             cwd=repo.root,
+            **repo.subprocess_options(),
         )
         assert packer.stdin is not None and packer.stdout is not None
         packer.stdout.close()  # the indexer owns the pipe now

@@ -203,6 +203,8 @@ def _ignored(repo: Repo, paths: list[str], view: Path | None) -> list[str]:
         env={"GIT_LITERAL_PATHSPECS": "0"},
         work_tree=view or repo.root,
         check=False,
+        # Reads the ignore files of a view that may sit in Kapsis's own (root-only) dirs.
+        as_owner=False,
     )
     if result.returncode not in (0, 1):
         raise GitWorkflowError(
@@ -227,6 +229,7 @@ def _build_tree(
         stderr=subprocess.PIPE,
         env=repo.environment(),
         cwd=repo.root,
+        **repo.subprocess_options(),
     )
     assert process.stdin is not None
     stream = process.stdin

@@ -171,7 +171,13 @@ def run_post_push_hook(
         "KAPSIS_PROJECT": str(repo.root),
     }
     try:
-        result = run_as_group(["sh", "-c", command], timeout=timeout, env=env, cwd=repo.root)
+        result = run_as_group(
+            ["sh", "-c", command],
+            timeout=timeout,
+            env=repo.owner.environment(env) if repo.owner else env,
+            cwd=repo.root,
+            owner=repo.owner,
+        )
     except subprocess.TimeoutExpired:
         return 124, None, f"the post-push hook took longer than {timeout:g}s"
     stdout = result.stdout.decode(errors="replace")

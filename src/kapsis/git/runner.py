@@ -11,13 +11,16 @@ name chosen by the agent is never read as a glob or pathspec magic.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import pwd
 import re
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kapsis.errors import GitWorkflowError
 
@@ -56,12 +59,63 @@ class GitCommandError(GitWorkflowError):
 
 
 @dataclass(frozen=True)
+class RepoOwner:
+    """The account host git runs as on a repository that root does not own."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+    @classmethod
+    def of(cls, path: Path) -> RepoOwner | None:
+        """``path``'s owner when this process is root and the owner is not, else None."""
+        if os.geteuid() != 0:
+            return None  # a user's git writes as that user anyway
+        try:
+            uid = os.stat(path).st_uid
+        except OSError:
+            return None
+        if uid == 0:
+            return None
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:  # an id without an account (a container's files, say)
+            return cls(uid, os.stat(path).st_gid, (), "/nonexistent")
+        groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+        return cls(uid, entry.pw_gid, groups, entry.pw_dir)
+
+    def subprocess_options(self) -> dict[str, Any]:
+        """``subprocess`` arguments that run a command as this owner, without root's groups."""
+        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
+
+    def environment(self, env: Mapping[str, str]) -> dict[str, str]:
+        """``env`` with the owner's home, so git reads the owner's own config (identity,
+        credentials), not root's; root's XDG config dir would be unreadable anyway."""
+        owned = {key: value for key, value in env.items() if key != "XDG_CONFIG_HOME"}
+        owned["HOME"] = self.home
+        return owned
+
+
+@dataclass(frozen=True)
 class Repo:
     """A repository on the host: its top-level work tree and its (common) git directory."""
 
     root: Path
     git_dir: Path
     common_dir: Path
+
+    @functools.cached_property
+    def owner(self) -> RepoOwner | None:
+        """Who git runs as here: the repository's owner when root runs Kapsis on a user's
+        repository; None means this process itself."""
+        return RepoOwner.of(self.common_dir)
+
+    def subprocess_options(self, *, as_owner: bool = True) -> dict[str, Any]:
+        """Arguments for ``subprocess`` running git on this repository (see :attr:`owner`)."""
+        if not as_owner or self.owner is None:
+            return {}
+        return self.owner.subprocess_options()
 
     @classmethod
     def discover(cls, path: Path) -> Repo | None:
@@ -100,15 +154,19 @@ class Repo:
         timeout: float | None = None,
         check: bool = True,
         extra_config: Sequence[str] = (),
+        as_owner: bool = True,
     ) -> subprocess.CompletedProcess[bytes]:
+        """Run a hardened git command; ``as_owner=False`` only for a command that writes
+        nothing into the repository and must reach Kapsis's own (root-only) files."""
         result = subprocess.run(
             self.command(*args, work_tree=work_tree, extra_config=extra_config),
             input=input,
             capture_output=True,
-            env=self.environment(env),
+            env=self.environment(env, as_owner=as_owner),
             timeout=timeout,
             check=False,
             cwd=work_tree or self.root,
+            **self.subprocess_options(as_owner=as_owner),
         )
         if check and result.returncode != 0:
             raise GitCommandError(args, result.returncode, result.stderr.decode(errors="replace"))
@@ -124,8 +182,13 @@ class Repo:
         command += [f"--git-dir={self.git_dir}", f"--work-tree={work_tree or self.root}"]
         return command + list(args)
 
-    def environment(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        return git_environment(extra)
+    def environment(
+        self, extra: Mapping[str, str] | None = None, *, as_owner: bool = True
+    ) -> dict[str, str]:
+        env = git_environment(extra)
+        if as_owner and self.owner is not None:
+            return self.owner.environment(env)
+        return env
 
     def text(self, *args: str, input: bytes | None = None) -> str:
         return self.run(*args, input=input).stdout.decode().strip()
@@ -140,7 +203,11 @@ class Repo:
         Raises :class:`subprocess.TimeoutExpired` or :class:`GitCommandError`.
         """
         result = run_as_group(
-            self.command(*args), timeout=timeout, env=self.environment(env), cwd=self.root
+            self.command(*args),
+            timeout=timeout,
+            env=self.environment(env),
+            cwd=self.root,
+            owner=self.owner,
         )
         if result.returncode != 0:
             raise GitCommandError(args, result.returncode, result.stderr.decode(errors="replace"))
@@ -167,13 +234,19 @@ class Repo:
 
 
 def run_as_group(
-    command: Sequence[str], *, timeout: float, env: Mapping[str, str], cwd: Path
+    command: Sequence[str],
+    *,
+    timeout: float,
+    env: Mapping[str, str],
+    cwd: Path,
+    owner: RepoOwner | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``command`` in a process group of its own, and end the whole group with it.
 
     Whatever the command starts (git's transport helpers, a hook's programs) inherits its pipes
     and would keep a plain time-out waiting; here a time-out kills the group, and so does the
-    end of the command, so nothing it started outlives it. Raises TimeoutExpired.
+    end of the command, so nothing it started outlives it. ``owner``: run it as that account.
+    Raises TimeoutExpired.
     """
     process = subprocess.Popen(
         list(command),
@@ -183,6 +256,7 @@ def run_as_group(
         env=dict(env),
         cwd=cwd,
         start_new_session=True,
+        **(owner.subprocess_options() if owner is not None else {}),
     )
     try:
         stdout, stderr = process.communicate(timeout=timeout)

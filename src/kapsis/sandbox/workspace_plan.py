@@ -140,7 +140,8 @@ def plan_workspace_and_git(
         "objects": str(root / "objects"),
     }
     if mode == "worktree":
-        worktree = paths.worktrees_dir() / f"{project.name}-{agent_id}"
+        owner_home = repo.owner.home if repo.owner is not None else None
+        worktree = paths.worktrees_dir(owner_home) / f"{project.name}-{agent_id}"
         workspace = workspace.model_copy(
             update={**git_view, "worktree": str(worktree), "gitlink": str(root / "gitlink")}
         )

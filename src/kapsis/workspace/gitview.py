@@ -83,7 +83,11 @@ def build_agent_git(
         assert checkout_index is not None
         shutil.copyfile(checkout_index, agent_git / "index")
     else:
-        repo.run("read-tree", start, env={"GIT_INDEX_FILE": str(agent_git / "index")})
+        # The index is Kapsis's own file, in its (root-only) sandbox dir: nothing of the
+        # repository is written.
+        repo.run(
+            "read-tree", start, env={"GIT_INDEX_FILE": str(agent_git / "index")}, as_owner=False
+        )
 
 
 def write_gitlink(path: Path) -> None:

@@ -53,6 +53,8 @@ def prepare_workspace(plan: SandboxPlan) -> None:
             checkout_index=_checkout_index(plan, repo),
         )
         if workspace.mode == "overlay":
+            # Rootless, podman mounts the overlay itself and needs its scratch dir to exist.
+            Path(workspace.work).mkdir(parents=True, exist_ok=True)
             write_gitlink(Path(workspace.upper) / ".git")
             if workspace.needs_delta:
                 build_delta(repo, git.start_commit, Path(workspace.delta))

@@ -16,7 +16,9 @@ from kapsis.git.runner import Repo, without_filters
 
 
 def add_worktree(repo: Repo, path: Path, branch: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if repo.owner is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    # else git, running as the repository's owner, makes the missing dirs theirs.
     repo.run("worktree", "add", "--quiet", str(path), branch, extra_config=without_filters(repo))
 
 

@@ -1,0 +1,196 @@
+"""Kapsis as a normal user runs it: rootless podman, the user's own repository and storage.
+
+Every test runs ``kapsis`` as a throwaway user that this session makes (rootless_user.py) and
+removes. The sandbox must give the same guarantees as rootful where the kernel allows, and every
+file the run leaves in the project and in ``~/.kapsis`` must belong to the user.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kapsis.sandbox.network_plan import DEFAULT_GATEWAY_IMAGE
+
+from .internet import REMOTE_V4, Internet, probe_script
+from .rootless_user import RootlessUser, host_settings_for_rootless, rootless_user, skip_reason
+
+pytestmark = pytest.mark.integration
+
+NO_SERVER = {"KAPSIS_NO_SERVER": "1"}  # no start-up server left running as the user
+ISOLATION = (
+    "id -u; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status;"
+    ' awk \'$2 == "/" { split($4, o, ","); print "root " o[1] }\' /proc/self/mounts'
+)
+
+
+@pytest.fixture(scope="session")
+def user(base_image: str) -> Iterator[RootlessUser]:
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with host_settings_for_rootless(), rootless_user([base_image, DEFAULT_GATEWAY_IMAGE]) as made:
+        yield made
+
+
+@pytest.fixture
+def project(user: RootlessUser, request: pytest.FixtureRequest) -> Path:
+    """A repository the user made, with one commit, in the user's home."""
+    root = user.home / "projects" / request.node.name[:40]
+    script = (
+        f"mkdir -p {root} && cd {root} && git init -q -b main"
+        " && git config user.name 'Rootless User' && git config user.email user@example.test"
+        " && echo base > base.txt && git add base.txt && git commit -q -m init"
+    )
+    made = user.run(["sh", "-c", script])
+    assert made.returncode == 0, made.stderr
+    return root
+
+
+def kapsis(user: RootlessUser, *args: str, timeout: float = 180) -> Any:
+    return user.kapsis(*args, env=NO_SERVER, timeout=timeout)
+
+
+def run(user: RootlessUser, project: Path, task: str, *flags: str) -> Any:
+    return kapsis(user, "run", str(project), "--task", task, *flags)
+
+
+def not_owned(user: RootlessUser, *roots: Path) -> list[str]:
+    """Files under ``roots`` that do not belong to the user (found as the user sees them)."""
+    found = user.run(["find", *map(str, roots), "-not", "-user", user.name])
+    return found.stdout.splitlines() + found.stderr.splitlines()
+
+
+def branch_files(user: RootlessUser, project: Path, branch: str) -> set[str]:
+    listing = user.run(["git", "-C", str(project), "ls-tree", "-r", "--name-only", branch])
+    assert listing.returncode == 0, listing.stderr
+    return set(listing.stdout.split())
+
+
+def agent_branch(stderr: str) -> str:
+    line = next(line for line in stderr.splitlines() if "new branch " in line)
+    return line.split("new branch ", 1)[1].split()[0]
+
+
+def test_rootless_overlay_run_commits_as_the_user_with_the_sandbox_locked_down(
+    user: RootlessUser, project: Path
+) -> None:
+    result = run(
+        user, project, f"echo made > made.txt; {ISOLATION}",
+        "--network-mode", "none", "--security-profile", "strict",
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.splitlines()[0] == "1000"
+    assert "CapEff:\t0000000000000000" in out
+    assert "NoNewPrivs:\t1" in out
+    assert "Seccomp:\t2" in out
+    assert "root ro" in out.splitlines()  # the image's root file system is read-only
+    branch = agent_branch(result.stderr)
+    assert "made.txt" in branch_files(user, project, branch)
+    # Every file the run made, in the project and in Kapsis's state, is the user's.
+    assert not_owned(user, project, user.home / ".kapsis") == []
+    # The user's own git works on the repository afterwards.
+    for command in (["gc", "--quiet"], ["branch", "-D", branch], ["worktree", "prune"]):
+        done = user.run(["git", "-C", str(project), *command])
+        assert done.returncode == 0, (command, done.stderr)
+
+
+def test_rootless_worktree_detached_run_can_be_followed_stopped_and_cleaned_up(
+    user: RootlessUser, project: Path
+) -> None:
+    started = run(
+        user, project, "echo wt > wt.txt; echo started; sleep 300",
+        "--network-mode", "none", "--mode", "worktree", "--detach", "--agent-id", "rlwt",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    agent_id = "rlwt"
+    deadline = time.monotonic() + 60
+    logs = ""
+    while "started" not in logs and time.monotonic() < deadline:
+        logs = kapsis(user, "logs", agent_id).stdout
+        time.sleep(0.5)
+    assert "started" in logs
+    status = json.loads(kapsis(user, "status", agent_id, "--json").stdout)
+    assert status["phase"] == "running"
+    assert status["work_location"].startswith(str(user.home / ".kapsis" / "worktrees"))
+
+    stopped = kapsis(user, "stop", agent_id)
+    assert stopped.returncode == 0, stopped.stderr
+    deadline = time.monotonic() + 60
+    while status["phase"] not in ("complete", "failed") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = json.loads(kapsis(user, "status", agent_id, "--json").stdout)
+    assert status["phase"] in ("complete", "failed")
+    assert "wt.txt" in branch_files(user, project, status["branch"])
+    assert not_owned(user, project, user.home / ".kapsis") == []
+
+    cleaned = kapsis(user, "cleanup", "--agent", agent_id, "--force")
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert not Path(status["work_location"]).exists()
+    assert not (user.home / ".kapsis" / "sandboxes" / agent_id).exists()
+
+
+def test_rootless_run_pushes_to_the_users_remote(user: RootlessUser, project: Path) -> None:
+    remote = user.home / "remotes" / f"{project.name}.git"
+    made = user.run(
+        ["sh", "-c", f"git init -q --bare {remote} && git -C {project} remote add origin {remote}"]
+    )
+    assert made.returncode == 0, made.stderr
+
+    result = run(user, project, "echo pushed > pushed.txt", "--network-mode", "none", "--push")
+
+    assert result.returncode == 0, result.stderr
+    branch = agent_branch(result.stderr)
+    assert "pushed.txt" in branch_files(user, remote, branch)
+    assert not_owned(user, project, remote) == []
+
+
+@pytest.fixture
+def probe_project(project: Path, user: RootlessUser) -> Path:
+    written = user.run(["sh", "-c", f"cat > {project}/probe.py"], input=probe_script())
+    assert written.returncode == 0, written.stderr
+    return project
+
+
+def probe(
+    user: RootlessUser, project: Path, internet: Internet, checks: list[list[Any]], *flags: str
+) -> list[dict[str, Any]]:
+    config = user.home / "network.yaml"
+    settings = f"network:\n  dns_servers: [{internet.dns_server}]\n"
+    user.run(["sh", "-c", f"cat > {config}"], input=settings)
+    task = f"python3 /workspace/probe.py '{json.dumps(checks)}'"
+    result = run(user, project, task, "--config", str(config), *flags)
+    assert result.returncode == 0, result.stderr
+    outcome: list[dict[str, Any]] = json.loads(result.stdout.strip().splitlines()[-1])
+    return outcome
+
+
+def test_rootless_filtered_mode_reaches_the_allowlist_and_nothing_else(
+    user: RootlessUser, probe_project: Path, internet: Internet
+) -> None:
+    resolver = "127.0.0.1"  # the gateway's, as the agent sees it
+    internet.reset_logs()
+    allowed, other, direct = probe(
+        user, probe_project, internet,
+        [["resolve", "allowed.test", resolver, "A"], ["resolve", "other.test", resolver, "A"],
+         ["http", REMOTE_V4]],
+        "--allow", "allowed.test",
+    )  # fmt: skip
+    assert allowed == {"rcode": 0, "addresses": [REMOTE_V4]}
+    assert "error" in other or other.get("addresses", []) == []
+    # allowed.test's address is now reachable by name; it was resolved above in the same run.
+    assert direct.get("status") == 200
+
+    refused = probe(user, probe_project, internet, [["http", REMOTE_V4]], "--allow", "other.test")
+    assert "error" in refused[0]  # an address no allowed name resolved to stays closed
+    # Control: the same request leaves an open sandbox, so the refusal above is the filter's.
+    opened = probe(user, probe_project, internet, [["http", REMOTE_V4]], "--network-mode", "open")
+    assert opened[0].get("status") == 200
+    assert not_owned(user, probe_project, user.home / ".kapsis") == []
