@@ -39,6 +39,12 @@ from kapsis.sandbox.network_plan import DEFAULT_GATEWAY_IMAGE
 
 from .internet import Internet, podman_network, skip_reason, start_internet
 from .kapsis_runner import Kapsis
+from .rootless_user import (
+    RootlessUser,
+    host_settings_for_rootless,
+    rootless_user,
+    skip_reason as rootless_skip_reason,
+)
 from .secret_service import secret_service  # noqa: F401  (fixture for the secrets tests)
 from .sshd import ensure_ssh_image
 
@@ -117,6 +123,16 @@ def podman_v6_network(internet: Internet) -> Iterator[str]:
         pytest.skip("podman is not installed")
     with podman_network() as name:
         yield name
+
+
+@pytest.fixture(scope="session")
+def user(base_image: str) -> Iterator[RootlessUser]:
+    """A throwaway non-root user with rootless podman and the images (rootless_user.py)."""
+    reason = rootless_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with host_settings_for_rootless(), rootless_user([base_image, DEFAULT_GATEWAY_IMAGE]) as made:
+        yield made
 
 
 @pytest.fixture

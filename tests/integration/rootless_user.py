@@ -84,6 +84,23 @@ class RootlessUser:
     def kapsis(self, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
         return self.run([SYSTEM_PYTHON, "-m", "kapsis", *args], **kwargs)  # type: ignore[arg-type]
 
+    def make_repository(self, root: Path) -> Path:
+        """A repository of the user's at ``root``, branch main, one commit (base.txt)."""
+        script = (
+            f"mkdir -p {root} && cd {root} && git init -q -b main"
+            " && git config user.name 'Rootless User' && git config user.email user@example.test"
+            " && echo base > base.txt && git add base.txt && git commit -q -m init"
+        )
+        made = self.run(["sh", "-c", script])
+        if made.returncode != 0:
+            raise RuntimeError(f"git init as {self.name} failed: {made.stderr.strip()}")
+        return root
+
+    def not_owned(self, *roots: Path) -> list[str]:
+        """Files under ``roots`` that are not the user's (and any that the user cannot read)."""
+        found = self.run(["find", *map(str, roots), "-not", "-user", self.name])
+        return found.stdout.splitlines() + found.stderr.splitlines()
+
     def podman(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         return self.run(["podman", *args], timeout=timeout)
 

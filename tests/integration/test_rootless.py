@@ -8,17 +8,15 @@ file the run leaves in the project and in ``~/.kapsis`` must belong to the user.
 from __future__ import annotations
 
 import json
+import secrets
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kapsis.sandbox.network_plan import DEFAULT_GATEWAY_IMAGE
-
 from .internet import REMOTE_V4, Internet, probe_script
-from .rootless_user import RootlessUser, host_settings_for_rootless, rootless_user, skip_reason
+from .rootless_user import RootlessUser
 
 pytestmark = pytest.mark.integration
 
@@ -29,27 +27,11 @@ ISOLATION = (
 )
 
 
-@pytest.fixture(scope="session")
-def user(base_image: str) -> Iterator[RootlessUser]:
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    with host_settings_for_rootless(), rootless_user([base_image, DEFAULT_GATEWAY_IMAGE]) as made:
-        yield made
-
-
 @pytest.fixture
 def project(user: RootlessUser, request: pytest.FixtureRequest) -> Path:
-    """A repository the user made, with one commit, in the user's home."""
-    root = user.home / "projects" / request.node.name[:40]
-    script = (
-        f"mkdir -p {root} && cd {root} && git init -q -b main"
-        " && git config user.name 'Rootless User' && git config user.email user@example.test"
-        " && echo base > base.txt && git add base.txt && git commit -q -m init"
+    return user.make_repository(
+        user.home / "projects" / f"{request.node.name[:30]}-{secrets.token_hex(3)}"
     )
-    made = user.run(["sh", "-c", script])
-    assert made.returncode == 0, made.stderr
-    return root
 
 
 def kapsis(user: RootlessUser, *args: str, timeout: float = 180) -> Any:
@@ -58,12 +40,6 @@ def kapsis(user: RootlessUser, *args: str, timeout: float = 180) -> Any:
 
 def run(user: RootlessUser, project: Path, task: str, *flags: str) -> Any:
     return kapsis(user, "run", str(project), "--task", task, *flags)
-
-
-def not_owned(user: RootlessUser, *roots: Path) -> list[str]:
-    """Files under ``roots`` that do not belong to the user (found as the user sees them)."""
-    found = user.run(["find", *map(str, roots), "-not", "-user", user.name])
-    return found.stdout.splitlines() + found.stderr.splitlines()
 
 
 def branch_files(user: RootlessUser, project: Path, branch: str) -> set[str]:
@@ -95,7 +71,7 @@ def test_rootless_overlay_run_commits_as_the_user_with_the_sandbox_locked_down(
     branch = agent_branch(result.stderr)
     assert "made.txt" in branch_files(user, project, branch)
     # Every file the run made, in the project and in Kapsis's state, is the user's.
-    assert not_owned(user, project, user.home / ".kapsis") == []
+    assert user.not_owned(project, user.home / ".kapsis") == []
     # The user's own git works on the repository afterwards.
     for command in (["gc", "--quiet"], ["branch", "-D", branch], ["worktree", "prune"]):
         done = user.run(["git", "-C", str(project), *command])
@@ -129,7 +105,7 @@ def test_rootless_worktree_detached_run_can_be_followed_stopped_and_cleaned_up(
         status = json.loads(kapsis(user, "status", agent_id, "--json").stdout)
     assert status["phase"] in ("complete", "failed")
     assert "wt.txt" in branch_files(user, project, status["branch"])
-    assert not_owned(user, project, user.home / ".kapsis") == []
+    assert user.not_owned(project, user.home / ".kapsis") == []
 
     cleaned = kapsis(user, "cleanup", "--agent", agent_id, "--force")
     assert cleaned.returncode == 0, cleaned.stderr
@@ -149,7 +125,7 @@ def test_rootless_run_pushes_to_the_users_remote(user: RootlessUser, project: Pa
     assert result.returncode == 0, result.stderr
     branch = agent_branch(result.stderr)
     assert "pushed.txt" in branch_files(user, remote, branch)
-    assert not_owned(user, project, remote) == []
+    assert user.not_owned(project, remote) == []
 
 
 @pytest.fixture
@@ -193,4 +169,4 @@ def test_rootless_filtered_mode_reaches_the_allowlist_and_nothing_else(
     # Control: the same request leaves an open sandbox, so the refusal above is the filter's.
     opened = probe(user, probe_project, internet, [["http", REMOTE_V4]], "--network-mode", "open")
     assert opened[0].get("status") == 200
-    assert not_owned(user, probe_project, user.home / ".kapsis") == []
+    assert user.not_owned(probe_project, user.home / ".kapsis") == []
