@@ -180,7 +180,8 @@ def rootless_user(images: Sequence[str]) -> Iterator[RootlessUser]:
         config = home / ".config" / "containers"
         user.run(["mkdir", "-p", str(config)])
         user.run(["sh", "-c", f"cat > {config}/storage.conf"], input=STORAGE_CONF)
-        _load_images(user, images)
+        if images:
+            _load_images(user, images)
         yield user
     finally:
         subprocess.run(["pkill", "-KILL", "-u", name], check=False)

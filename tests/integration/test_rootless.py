@@ -170,3 +170,37 @@ def test_rootless_filtered_mode_reaches_the_allowlist_and_nothing_else(
     opened = probe(user, probe_project, internet, [["http", REMOTE_V4]], "--network-mode", "open")
     assert opened[0].get("status") == 200
     assert user.not_owned(probe_project, user.home / ".kapsis") == []
+
+
+def setup_check(user: RootlessUser, env: dict[str, str] | None = None) -> dict[str, Any]:
+    result = user.kapsis("setup", "--check", "--json", env={**NO_SERVER, **(env or {})})
+    report: dict[str, Any] = json.loads(result.stdout)
+    return {check["name"]: check for check in report["checks"]} | {"ok": report["ok"]}
+
+
+def test_setup_check_passes_for_the_user_and_names_vfs_storage_with_its_fix(
+    user: RootlessUser,
+) -> None:
+    checks = setup_check(user)
+    assert checks["ok"], [c for c in checks.values() if isinstance(c, dict) and not c["ok"]]
+    assert checks["storage driver"]["detail"] == "overlay (native)"
+    # /dev/fuse is left locked (0600) on these machines: native overlay does not need it.
+    assert not checks["/dev/fuse"]["required"]
+    assert checks["XDG_RUNTIME_DIR"]["ok"]
+
+    # A user whose podman came up with vfs: a home of its own (podman's database, which pins
+    # the driver, lives there) whose storage.conf says vfs.
+    scratch = user.home / "vfs-user"
+    conf = scratch / ".config" / "containers" / "storage.conf"
+    settings = f'[storage]\ndriver = "vfs"\nrunroot = "{user.runtime_dir}/vfs-run"\n'
+    user.run(["sh", "-c", f"mkdir -p {conf.parent} && cat > {conf}"], input=settings)
+    vfs = setup_check(user, {"HOME": str(scratch)})
+    assert not vfs["ok"]
+    assert not vfs["storage driver"]["ok"]
+    assert "podman system reset" in vfs["storage driver"]["fix"]
+    # No runtime dir: the fix makes it without systemd.
+    no_runtime = setup_check(user, {"XDG_RUNTIME_DIR": ""})
+    assert not no_runtime["XDG_RUNTIME_DIR"]["ok"]
+    assert no_runtime["XDG_RUNTIME_DIR"]["fix"].startswith(
+        f"sudo install -d -m 700 -o {user.name} /run/user/{user.uid}"
+    )

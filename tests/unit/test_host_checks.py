@@ -13,6 +13,7 @@ import stat
 import subprocess
 import tarfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -289,7 +290,9 @@ def test_every_failing_check_has_a_fix() -> None:
         checks.check_runtime(None, None),
         checks.check_subids("/etc/subuid", "", "alice", 1000),
         checks.check_device("/nonexistent/dev/fuse", "fuse-overlayfs", "modprobe fuse"),
-        checks.check_runtime_dir(None, 1000),
+        checks.check_runtime_dir(None, 1000, "alice"),
+        checks.check_storage(host_parsing.StorageDriver("vfs"), rootless=True),
+        checks.check_storage(host_parsing.StorageDriver("vfs"), rootless=False),
         checks.check_limits(True, 1, None),
         checks.check_nofile(False, 20000, False, None),
         checks.check_hybrid("crun", hybrid, ["hugetlb"]),
@@ -332,8 +335,9 @@ def test_run_checks_on_this_host_is_fast_and_complete(monkeypatch: pytest.Monkey
     started = time.monotonic()
     result = checks.run_checks("localhost/kapsis-no-such-image:never")
     elapsed = time.monotonic() - started
-    # podman --version, podman image exists (base, gateway), one podman image inspect (agents)
-    assert len(calls) <= 4, calls
+    # podman --version, podman info (storage), podman image exists (base, gateway), one podman
+    # image inspect (agents)
+    assert len(calls) <= 5, calls
     assert elapsed < 5
     names = [check.name for check in result]
     assert len(names) == len(set(names))
@@ -345,6 +349,7 @@ def test_run_checks_on_this_host_is_fast_and_complete(monkeypatch: pytest.Monkey
         "nofile ulimit",
         "cgroup hybrid mode",
         "overlayfs",
+        "storage driver",
         "idmapped mounts",
         "debootstrap",
         "agent images",
@@ -618,3 +623,74 @@ def test_agent_images_are_reported_with_their_cli_versions_and_the_fix_for_missi
     assert check.fix == "kapsis setup --agents codex"
     complete = checks.check_agent_images({"claude": present})
     assert complete.ok and complete.fix is None
+
+
+# --- rootless set-up: storage driver, /dev/fuse, runtime dir ----------------------------------
+
+PODMAN_INFO_NATIVE = "overlay\n{}\n"
+PODMAN_INFO_FUSE = (
+    'overlay\n{"overlay.mount_program":{"Executable":"/usr/bin/fuse-overlayfs",'
+    '"Package":"fuse-overlayfs_1.10-1_amd64","Version":"fuse-overlayfs: version 1.10"}}\n'
+)
+
+
+def test_podman_info_tells_native_overlay_from_fuse_overlayfs() -> None:
+    assert host_parsing.parse_storage_info(PODMAN_INFO_NATIVE) == host_parsing.StorageDriver(
+        "overlay"
+    )
+    fuse = host_parsing.parse_storage_info(PODMAN_INFO_FUSE)
+    assert fuse == host_parsing.StorageDriver("overlay", "/usr/bin/fuse-overlayfs")
+    assert host_parsing.parse_storage_info("vfs\n{}\n") == host_parsing.StorageDriver("vfs")
+    assert host_parsing.parse_storage_info("") is None
+    assert host_parsing.parse_storage_info("overlay\nnot json") == host_parsing.StorageDriver(
+        "overlay"
+    )
+
+
+def test_vfs_storage_is_an_error_whose_fix_sets_overlay_and_resets() -> None:
+    vfs = checks.check_storage(host_parsing.StorageDriver("vfs"), rootless=True)
+    assert not vfs.ok and vfs.required
+    assert vfs.fix is not None
+    assert "~/.config/containers/storage.conf" in vfs.fix
+    assert 'driver = "overlay"' in vfs.fix
+    assert "podman system reset" in vfs.fix
+    native = checks.check_storage(host_parsing.StorageDriver("overlay"), rootless=True)
+    assert native.ok and native.detail == "overlay (native)"
+    fuse = checks.check_storage(
+        host_parsing.StorageDriver("overlay", "/usr/bin/fuse-overlayfs"), rootless=True
+    )
+    assert fuse.ok and "fuse-overlayfs" in fuse.detail
+    assert not checks.check_storage(None, rootless=True).ok
+
+
+def test_the_storage_fix_is_a_command_that_writes_overlay(tmp_path: Path) -> None:
+    """The fix's first two steps, run in a scratch HOME, leave a storage.conf naming overlay."""
+    fix = checks.check_storage(host_parsing.StorageDriver("vfs"), rootless=True).fix
+    assert fix is not None
+    steps = fix.split(" && podman system reset")[0]
+    subprocess.run(["sh", "-c", steps], env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+                   check=True)  # fmt: skip
+    written = (tmp_path / ".config/containers/storage.conf").read_text()
+    assert tomllib.loads(written) == {"storage": {"driver": "overlay"}}
+
+
+def test_dev_fuse_is_required_only_by_fuse_overlayfs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        checks, "check_device", lambda device, *_: checks.Check(device, False, "locked", "fix")
+    )
+    native = checks.check_fuse(host_parsing.StorageDriver("overlay"))
+    assert not native.required and "not needed" in native.detail
+    fuse = checks.check_fuse(host_parsing.StorageDriver("overlay", "/usr/bin/fuse-overlayfs"))
+    assert fuse.required and not fuse.ok
+    assert checks.check_fuse(None).required  # unknown driver: the device may be needed
+
+
+def test_runtime_dir_must_exist_and_be_the_users_and_the_fix_needs_no_systemd(
+    tmp_path: Path,
+) -> None:
+    uid = os.getuid()
+    missing = checks.check_runtime_dir(str(tmp_path / "nope"), uid, "alice")
+    assert not missing.ok and missing.fix is not None
+    assert missing.fix.startswith(f"sudo install -d -m 700 -o alice /run/user/{uid} && export")
+    assert not checks.check_runtime_dir(str(tmp_path), uid + 1, "alice").ok  # not theirs
+    assert checks.check_runtime_dir(str(tmp_path), uid, "alice").ok

@@ -1,9 +1,10 @@
 """Host checks for `kapsis setup`: can this machine run Kapsis sandboxes, and what fixes it if not.
 
 :func:`run_checks` inspects the host and returns one :class:`Check` per requirement, each failing
-one with a concrete fix command. It reads files under /proc, /sys and /etc and runs at most four
-subprocesses (``podman --version``, ``podman image exists`` for the base and gateway images,
-one ``podman image inspect`` for every agent image), so it takes well under a second.
+one with a concrete fix command. It reads files under /proc, /sys and /etc and runs a handful of
+subprocesses (``podman --version``, ``podman info`` for the storage driver, ``podman image
+exists`` for the base and gateway images, one ``podman image inspect`` for every agent image),
+so it takes about a second.
 
 The decisions here and the parsers in :mod:`kapsis.host.host_parsing` are small pure functions
 that take text or values (not paths they open themselves), so they can be tested on fake inputs.
@@ -30,12 +31,14 @@ from kapsis.host.facts import CGROUP_ROOT, probe_host
 from kapsis.host.host_parsing import (
     PODMAN_DEFAULT_NOFILE,
     CgroupLayout,
+    StorageDriver,
     cgroup_layout,
     configured_nofile,
     configured_runtime,
     has_capability,
     hybrid_blockers,
     nofile_ok,
+    parse_storage_info,
     parse_version,
     pick_runtime,
     subid_ranges,
@@ -86,20 +89,16 @@ def run_checks(image: str = DEFAULT_IMAGE) -> list[Check]:
     checks = [check_podman(_podman_version(), sudo=sudo)]
     checks.append(check_runtime(runtime, _find_program(runtime) if runtime else None, sudo=sudo))
     checks.append(check_mode(facts.rootless, uid))
+    storage = _storage_driver()
     if facts.rootless:
         user = _user_name(uid)
         checks.append(check_subids("/etc/subuid", _read("/etc/subuid"), user, uid))
         checks.append(check_subids("/etc/subgid", _read("/etc/subgid"), user, uid))
-        checks.append(
-            check_device(
-                "/dev/fuse",
-                "fuse-overlayfs; without it rootless podman falls back to the slow vfs driver, "
-                "and keeps it until `podman system reset`",
-                "modprobe fuse",
-            )
-        )
+        checks.append(check_runtime_dir(os.environ.get("XDG_RUNTIME_DIR"), uid, user))
+    checks.append(check_storage(storage, rootless=facts.rootless))
+    if facts.rootless:
+        checks.append(check_fuse(storage))
         checks.append(check_device("/dev/net/tun", "slirp4netns, for networking", "modprobe tun"))
-        checks.append(check_runtime_dir(os.environ.get("XDG_RUNTIME_DIR"), uid))
     checks.append(check_cgroup(layout))
     # The same facts the run plan uses, so `kapsis setup` and `kapsis run` never disagree.
     checks.append(check_limits(facts.rootless, facts.cgroup_version, _delegated_controllers(uid)))
@@ -226,13 +225,70 @@ def check_device(device: str, needed_by: str, module_fix: str) -> Check:
     return Check(name, True, "usable")
 
 
-def check_runtime_dir(runtime_dir: str | None, uid: int) -> Check:
-    fix = f"sudo loginctl enable-linger $(id -un) && export XDG_RUNTIME_DIR=/run/user/{uid}"
+def check_runtime_dir(runtime_dir: str | None, uid: int, user: str) -> Check:
+    """The runtime dir podman keeps its sockets and locks in: set, the user's, writable.
+
+    The fix makes the directory the way systemd-logind would (it works without systemd); with
+    logind, ``loginctl enable-linger`` keeps it across logouts instead.
+    """
+    wanted = f"/run/user/{uid}"
+    fix = (
+        f"sudo install -d -m 700 -o {user} {wanted} && export XDG_RUNTIME_DIR={wanted} "
+        "(add the export to your shell's profile; with systemd-logind, "
+        f"`sudo loginctl enable-linger {user}` makes and keeps it instead)"
+    )
     if not runtime_dir:
         return Check("XDG_RUNTIME_DIR", False, "not set (rootless podman needs it)", fix)
-    if not os.access(runtime_dir, os.W_OK):
-        return Check("XDG_RUNTIME_DIR", False, f"{runtime_dir} is not writable", fix)
+    try:
+        owner = os.stat(runtime_dir).st_uid
+    except OSError:
+        return Check("XDG_RUNTIME_DIR", False, f"{runtime_dir} does not exist", fix)
+    if owner != uid or not os.access(runtime_dir, os.W_OK):
+        return Check("XDG_RUNTIME_DIR", False, f"{runtime_dir} is not this user's", fix)
     return Check("XDG_RUNTIME_DIR", True, runtime_dir)
+
+
+STORAGE_CONF_FIX = (
+    "mkdir -p ~/.config/containers && printf '[storage]\\ndriver = \"overlay\"\\n' "
+    "> ~/.config/containers/storage.conf && podman system reset --force "
+    "(this deletes this user's images and containers: run `kapsis setup` again after it)"
+)
+
+
+ROOT_STORAGE_FIX = (
+    'set driver = "overlay" in the [storage] table of /etc/containers/storage.conf, then '
+    "sudo podman system reset --force (it deletes root's images: run `sudo kapsis setup` again)"
+)
+
+
+def check_fuse(storage: StorageDriver | None) -> Check:
+    """/dev/fuse matters only to fuse-overlayfs; native overlay in a user namespace (Linux >=
+    5.13) needs none, so then a missing or locked device is no failure."""
+    fuse = check_device("/dev/fuse", "fuse-overlayfs, the storage's mount program", "modprobe fuse")
+    if fuse.ok or storage is None or storage.mount_program is not None:
+        return fuse
+    return Check(fuse.name, False, "not needed: podman uses native overlay", None, required=False)
+
+
+def check_storage(driver: StorageDriver | None, *, rootless: bool) -> Check:
+    """Overlay (native, or fuse-overlayfs) is required; vfs copies every layer of every image
+    for each container: runs are slow and images huge."""
+    name = "storage driver"
+    if driver is None:
+        return Check(name, False, "`podman info` failed: cannot tell the storage driver", None)
+    if driver.name == "overlay":
+        how = f"via {driver.mount_program}" if driver.mount_program else "native"
+        return Check(name, True, f"overlay ({how})")
+    if driver.name == "vfs":
+        fix = STORAGE_CONF_FIX if rootless else ROOT_STORAGE_FIX
+        return Check(
+            name,
+            False,
+            "vfs: every container copies its whole image (slow starts, huge storage); podman "
+            "keeps the driver its storage was made with until it is reset",
+            fix,
+        )
+    return Check(name, True, driver.name)
 
 
 def check_cgroup(layout: CgroupLayout) -> Check:
@@ -460,6 +516,24 @@ def _delegated_controllers(uid: int) -> frozenset[str] | None:
     service = CGROUP_ROOT / "user.slice" / f"user-{uid}.slice" / f"user@{uid}.service"
     text = _read_or_none(service / "cgroup.controllers")
     return frozenset(text.split()) if text is not None else None
+
+
+def _storage_driver() -> StorageDriver | None:
+    podman = _find_program("podman")
+    if podman is None:
+        return None
+    template = "{{.Store.GraphDriverName}}\n{{json .Store.GraphOptions}}"
+    try:
+        result = subprocess.run(
+            [podman, "info", "--format", template],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_storage_info(result.stdout) if result.returncode == 0 else None
 
 
 def _podman_version() -> str | None:

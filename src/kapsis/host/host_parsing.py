@@ -7,6 +7,7 @@ strings: each function takes the text (or values), never a path it opens itself,
 
 from __future__ import annotations
 
+import json
 import re
 import resource
 import tomllib
@@ -165,3 +166,25 @@ def subid_ranges(text: str, user: str, uid: int) -> list[tuple[int, int]]:
             except ValueError:
                 continue
     return ranges
+
+
+@dataclass(frozen=True)
+class StorageDriver:
+    """podman's storage driver (``podman info``); ``mount_program``: fuse-overlayfs, if used."""
+
+    name: str
+    mount_program: str | None = None
+
+
+def parse_storage_info(text: str) -> StorageDriver | None:
+    """``podman info``'s driver line and its options as JSON (see :func:`_storage_driver`)."""
+    name, _, options_text = text.strip().partition("\n")
+    if not name:
+        return None
+    try:
+        options = json.loads(options_text or "{}")
+    except ValueError:
+        options = {}
+    program = options.get("overlay.mount_program") if isinstance(options, dict) else None
+    executable = program.get("Executable") if isinstance(program, dict) else None
+    return StorageDriver(name.strip(), executable if isinstance(executable, str) else None)
