@@ -70,6 +70,10 @@ class ImageError(SandboxError):
     error_type = "image"
 
 
+class SandboxStartError(SandboxError):
+    """The sandbox's container could not be started: the agent never ran."""
+
+
 class HostUnsupportedError(SandboxError):
     """The host lacks something the run asked for (a tool, an LSM, a kernel feature)."""
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from kapsis.errors import ExitCode
+
 from .internet import REMOTE_V4, Internet, probe_script
 from .rootless_user import RootlessUser
 
@@ -204,3 +206,23 @@ def test_setup_check_passes_for_the_user_and_names_vfs_storage_with_its_fix(
     assert no_runtime["XDG_RUNTIME_DIR"]["fix"].startswith(
         f"sudo install -d -m 700 -o {user.name} /run/user/{user.uid}"
     )
+
+
+def test_a_run_podman_refuses_to_start_leaves_no_branch(
+    user: RootlessUser, project: Path, base_image: str
+) -> None:
+    # A container already holding the agent container's name: podman refuses the run (125),
+    # which the foreground launch learns only when it waits for the container.
+    taken = user.podman("create", "--name", "kapsis-rlrefused-agent", base_image, "true")
+    assert taken.returncode == 0, taken.stderr
+    try:
+        result = run(
+            user, project, "echo never > never.txt", "--network-mode", "none",
+            "--agent-id", "rlrefused",
+        )  # fmt: skip
+    finally:
+        user.podman("rm", "--force", "kapsis-rlrefused-agent")
+    assert result.returncode == ExitCode.SANDBOX_FAILED, result.stderr
+    assert "podman could not start the agent container" in result.stderr
+    branches = user.run(["git", "-C", str(project), "branch", "--list", "kapsis/*"])
+    assert branches.returncode == 0 and branches.stdout.strip() == ""

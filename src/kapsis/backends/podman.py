@@ -33,7 +33,7 @@ from kapsis.backends.transcript import (
     follow_transcript,
     read_transcript,
 )
-from kapsis.errors import HostUnsupportedError, ImageError, SandboxError
+from kapsis.errors import HostUnsupportedError, ImageError, SandboxError, SandboxStartError
 from kapsis.sandbox.host_files import write_host_files
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.security import apparmor_profile_text, seccomp_profile
@@ -264,7 +264,9 @@ def _diagnose_start_failure(plan: SandboxPlan, podman_error: str = "") -> None:
             f"image {plan.image} is not present; {build_hint(plan.image)} or pass --image"
         )
     detail = f": {podman_error}" if podman_error else ""
-    raise SandboxError(f"podman could not start the agent container in pod {plan.pod_name}{detail}")
+    raise SandboxStartError(
+        f"podman could not start the agent container in pod {plan.pod_name}{detail}"
+    )
 
 
 def _last_line(text: str) -> str:

@@ -26,7 +26,9 @@ from kapsis.errors import (
     AgentKilledError,
     AgentTimeoutError,
     ExitCode,
+    ImageError,
     KapsisError,
+    SandboxStartError,
 )
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.save_work import WorkOutcome, save_work
@@ -153,10 +155,7 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
         if reports is not None:
             reports.stop()
         backend.remove(plan)
-        if plan.git.repository:
-            from kapsis.workspace.prepare import abandon_workspace
-
-            abandon_workspace(plan)
+        _abandon_workspace(plan)
         message = redactor.text(str(error))
         return _close(plan, store, audit, error.exit_code, None, error.error_type, message)
     store.update(plan.agent_id, phase="running", message=f"agent {plan.agent} is running")
@@ -182,6 +181,10 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
         return _close(plan, store, audit, ExitCode.INTERRUPTED, None, "interrupted", "interrupted")
     except KapsisError as error:
         backend.remove(plan)
+        if isinstance(error, (SandboxStartError, ImageError)):
+            # podman refused the container (it only says so when waited for): the agent never
+            # ran, so its branch holds nothing and goes, as when the launch itself fails.
+            _abandon_workspace(plan)
         message = redactor.text(str(error))
         return _close(plan, store, audit, error.exit_code, None, error.error_type, message)
     finally:
@@ -191,6 +194,13 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
             delivery.stop()
     _record_delivery(plan, audit, delivery)
     return finish(plan, backend, exit_info, redactor)
+
+
+def _abandon_workspace(plan: SandboxPlan) -> None:
+    if plan.git.repository:
+        from kapsis.workspace.prepare import abandon_workspace
+
+        abandon_workspace(plan)
 
 
 def _resolve_secrets(plan: SandboxPlan) -> dict[str, str]:
