@@ -166,10 +166,14 @@ def ssh_server(netns: str, address: str, image: str, workdir: Path) -> Iterator[
 
 
 @contextlib.contextmanager
-def ssh_agent(key: Path, workdir: Path) -> Iterator[str]:
-    """An ssh-agent holding ``key``; yields its socket (for SSH_AUTH_SOCK)."""
+def ssh_agent(key: Path, workdir: Path, user: str | None = None) -> Iterator[str]:
+    """An ssh-agent holding ``key``; yields its socket (for SSH_AUTH_SOCK). ``user``: the agent
+    runs as that user (it serves only its own uid), and ``workdir`` and ``key`` must be theirs."""
     sock = workdir / "agent.sock"
-    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    as_user = ["runuser", "-u", user, "--"] if user else []
+    agent = subprocess.Popen(
+        [*as_user, "ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 10
         while not sock.exists():
@@ -177,7 +181,7 @@ def ssh_agent(key: Path, workdir: Path) -> Iterator[str]:
                 raise RuntimeError("ssh-agent did not start")
             time.sleep(0.05)
         subprocess.run(
-            ["ssh-add", "-q", str(key)],
+            [*as_user, "env", f"SSH_AUTH_SOCK={sock}", "ssh-add", "-q", str(key)],
             env={**os.environ, "SSH_AUTH_SOCK": str(sock)},
             check=True,
             capture_output=True,

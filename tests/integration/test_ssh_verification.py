@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from kapsis.ssh.keys import fingerprint
 
 from .internet import DEFAULT_NAMES, REMOTE_V4, Internet
 from .kapsis_runner import Kapsis
+from .rootless_user import RootlessUser
 from .sshd import SSH_PORT, SshServer, has_ssh_client, ssh_agent, ssh_server
 
 pytestmark = pytest.mark.integration
@@ -153,3 +155,38 @@ def test_host_push_refuses_a_man_in_the_middle(
     assert heads.split() == ["refs/heads/lax", "refs/heads/one"]
     # The refused work is not lost: the commit is on the local branch, ready to push again.
     assert git(project, "rev-parse", "--verify", "refs/heads/two")
+
+
+def test_root_pushing_a_users_repository_checks_the_host_key_as_the_user(
+    kapsis_ssh: Kapsis, server: SshServer, user: RootlessUser, tmp_path: Path
+) -> None:
+    """sudo on a user's repository: git and ssh run as the owner, with the owner's ssh-agent,
+    and still only against the run's trusted keys (handed to them outside root's dirs)."""
+    remote = server.srv / "owner.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], check=True)
+    project = user.make_repository(user.home / f"ssh-{tmp_path.name}")
+    url = f"ssh://root@{REMOTE_V4}:{SSH_PORT}/srv/owner.git"
+    assert user.run(["git", "-C", str(project), "remote", "add", "origin", url]).returncode == 0
+    keys = user.home / f"ssh-keys-{tmp_path.name}"
+    keys.mkdir(mode=0o700)
+    key = keys / "client_key"
+    shutil.copyfile(server.client_key, key)
+    key.chmod(0o600)
+    subprocess.run(["chown", "-R", f"{user.name}:{user.name}", str(keys)], check=True)
+
+    server.serve("legit")
+    scanned = kapsis_ssh("ssh", "add-host", f"{REMOTE_V4}:{SSH_PORT}", "--yes")
+    assert scanned.returncode == 0, scanned.stderr
+    with ssh_agent(key, keys, user=user.name) as agent_socket:
+        env = {"SSH_AUTH_SOCK": agent_socket}
+        flags = ("--json", "--push", "--network-mode", "none")
+        pushed = kapsis_ssh.run(project, "echo one > one.txt", *flags, "--branch", "one", env=env)
+        server.serve("mitm")
+        refused = kapsis_ssh.run(project, "echo two > two.txt", *flags, "--branch", "two", env=env)
+
+    assert json.loads(pushed.stdout)["push_status"] == "pushed", pushed.stderr
+    second = json.loads(refused.stdout)
+    assert refused.returncode == 7 and HOST_KEY_FAILED in second["message"], refused.stderr
+    heads = git(remote, "for-each-ref", "--format=%(refname)", "refs/heads/")
+    assert heads.split() == ["refs/heads/one"]
+    assert user.not_owned(project) == []

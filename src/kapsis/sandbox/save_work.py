@@ -9,7 +9,12 @@ the outcome says where and how to retry.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -166,15 +171,29 @@ def _sync_worktree_index(worktree: Path, commit: str) -> None:
         own.run("read-tree", commit, check=False)
 
 
-def _ssh_command(plan: SandboxPlan) -> str | None:
+@contextlib.contextmanager
+def _ssh_command(plan: SandboxPlan, repo: Repo) -> Iterator[str | None]:
     """Strict host-key checking for the push, against the run's trusted keys (rewritten here:
-    the file must say what the plan says, whatever happened to the sandbox dir meanwhile)."""
+    the file must say what the plan says, whatever happened to the sandbox dir meanwhile).
+
+    When git runs as the repository's owner (root on a user's repository), ssh runs as them
+    too and cannot reach root's sandbox dir: it gets a copy of the file for the push's length.
+    """
     if plan.ssh is None:
-        return None
+        yield None
+        return
     from kapsis.ssh.trust import host_ssh_command, write_files
 
     write_files(plan.ssh)
-    return host_ssh_command(plan.ssh)
+    if repo.owner is None:
+        yield host_ssh_command(plan.ssh)
+        return
+    with tempfile.TemporaryDirectory(prefix="kapsis-ssh-") as scratch:
+        known_hosts = Path(scratch) / "known_hosts"
+        shutil.copyfile(plan.ssh.known_hosts, known_hosts)
+        for path in (Path(scratch), known_hosts):
+            os.chown(path, repo.owner.uid, repo.owner.gid)
+        yield host_ssh_command(plan.ssh.model_copy(update={"known_hosts": str(known_hosts)}))
 
 
 def _push(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome, *, agent_succeeded: bool) -> None:
@@ -191,14 +210,15 @@ def _push(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome, *, agent_succeede
         outcome.push_status = "skipped"
         outcome.push_message = "nothing new to push"
         return
-    pushed = push_branch(
-        repo,
-        git.remote,
-        git.branch,
-        local,
-        timeout=float(git.push_timeout_seconds),
-        ssh_command=_ssh_command(plan),
-    )
+    with _ssh_command(plan, repo) as ssh_command:
+        pushed = push_branch(
+            repo,
+            git.remote,
+            git.branch,
+            local,
+            timeout=float(git.push_timeout_seconds),
+            ssh_command=ssh_command,
+        )
     outcome.push_status = pushed.status
     outcome.push_message = pushed.message
     if pushed.status in ("failed", "diverged"):
