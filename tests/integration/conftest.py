@@ -3,7 +3,8 @@
 Every image the tests run in is built by the session itself, before its first test, so before
 anything changes the host's routing (the test internet adds routes to the host; image builds
 fetch from the package mirror and registries). Only the tests of a build itself build in their
-body: the operator image (no network) and a rebuild from the rootfs cache.
+body: the operator image (no network), a rebuild from the rootfs cache, and a fresh rootless
+user's ``kapsis setup`` (test_rootless.py).
 
 * ``base_image``: ``localhost/kapsis-base`` and, for filtered mode, ``localhost/kapsis-gateway``
   (scripts/install.sh builds both; built here when podman lacks them: about a minute on a fresh
@@ -14,6 +15,9 @@ body: the operator image (no network) and a rebuild from the rootfs cache.
   when podman lacks it or has one built on another base image (about 15 s);
 * ``rootfs_cache``: the debootstrap result base image builds start from, for the rebuild test;
   made when missing (a base image that came from elsewhere leaves none): about a minute.
+
+``user`` is a throwaway non-root user with the base and gateway images loaded into its own
+podman storage (rootless_user.py), for the rootless tests and root-on-a-user's-repository tests.
 
 ``_images_first`` builds those that the collected tests use; ``internet`` depends on it, so
 the order holds whichever test comes first. A failed build fails the tests that use the image

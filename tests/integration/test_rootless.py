@@ -18,7 +18,7 @@ import pytest
 from kapsis.errors import ExitCode
 
 from .internet import REMOTE_V4, Internet, probe_script
-from .rootless_user import RootlessUser
+from .rootless_user import RootlessUser, host_settings_for_rootless, rootless_user
 
 pytestmark = pytest.mark.integration
 
@@ -226,3 +226,21 @@ def test_a_run_podman_refuses_to_start_leaves_no_branch(
     assert "podman could not start the agent container" in result.stderr
     branches = user.run(["git", "-C", str(project), "branch", "--list", "kapsis/*"])
     assert branches.returncode == 0 and branches.stdout.strip() == ""
+
+
+def test_a_fresh_user_builds_the_images_with_kapsis_setup_and_runs(base_image: str) -> None:
+    """The README's rootless steps from nothing: no images, no cache; `kapsis setup` as the
+    user builds both images in the user's own storage (debootstrap under podman unshare)."""
+    with host_settings_for_rootless(), rootless_user([]) as fresh:
+        before = fresh.kapsis("setup", "--check", "--json", env=NO_SERVER)
+        report = json.loads(before.stdout)
+        missing = {c["name"] for c in report["checks"] if not c["ok"] and c["required"]}
+        assert before.returncode == ExitCode.HOST_UNSUPPORTED and "base image" in missing, missing
+
+        built = fresh.kapsis("setup", env=NO_SERVER, timeout=900)
+        assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+        project = fresh.make_repository(fresh.home / "project")
+        result = run(fresh, project, "echo first > first.txt", "--network-mode", "none")
+        assert result.returncode == 0, result.stderr
+        assert "first.txt" in branch_files(fresh, project, agent_branch(result.stderr))
+        assert fresh.not_owned(project, fresh.home / ".kapsis") == []
