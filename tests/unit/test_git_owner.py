@@ -1,0 +1,104 @@
+"""Root on someone else's repository: host git runs as the repository's owner.
+
+Needs root (to own nothing, and to switch uid); the owner is ``nobody``, which every Debian has.
+The integration tests (test_root_on_user_repository.py) do the same through whole runs.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kapsis.git.runner import Repo, RepoOwner
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching to the owner needs root")
+
+
+@pytest.fixture
+def reachable(tmp_path: Path) -> Iterator[Path]:
+    """A scratch dir the owner can reach (pytest's own tmp dirs are root's, 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="kapsis-owner-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _nobody() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no 'nobody' account")
+
+
+def _repo_owned_by(path: Path, account: pwd.struct_passwd) -> Repo:
+    env = {"PATH": os.environ["PATH"], "HOME": str(path), "GIT_CONFIG_NOSYSTEM": "1"}
+    for command in (
+        ["git", "init", "-q", "-b", "main", str(path)],
+        ["git", "-C", str(path), "-c", "user.name=U", "-c", "user.email=u@x", "commit", "-q",
+         "--allow-empty", "-m", "init"],
+    ):  # fmt: skip
+        subprocess.run(command, check=True, env=env, capture_output=True)
+    subprocess.run(["chown", "-R", f"{account.pw_uid}:{account.pw_gid}", str(path)], check=True)
+    repo = Repo.discover(path)
+    assert repo is not None
+    return repo
+
+
+def test_root_writes_into_a_users_repository_as_the_user(reachable: Path) -> None:
+    account = _nobody()
+    repo = _repo_owned_by(reachable / "project", account)
+
+    assert repo.owner == RepoOwner(
+        account.pw_uid,
+        account.pw_gid,
+        tuple(os.getgrouplist(account.pw_name, account.pw_gid)),
+        account.pw_dir,
+    )
+    head = repo.text("rev-parse", "HEAD")
+    repo.run("update-ref", "refs/heads/kapsis/agent", head)
+    blob = repo.text("hash-object", "-w", "--stdin", input=b"the agent's file\n")
+
+    ref = repo.common_dir / "refs" / "heads" / "kapsis" / "agent"
+    loose = repo.common_dir / "objects" / blob[:2] / blob[2:]
+    for made in (ref, ref.parent, loose, loose.parent):
+        assert made.stat().st_uid == account.pw_uid, made
+    # The owner's own environment: their home, not root's.
+    env = repo.environment()
+    assert env["HOME"] == account.pw_dir and "XDG_CONFIG_HOME" not in env
+
+
+def test_root_on_its_own_repository_stays_root(tmp_path: Path) -> None:
+    """Control: a root-owned repository is written by root itself, as before."""
+    repo = _repo_owned_by(tmp_path / "project", pwd.getpwuid(0))
+
+    assert repo.owner is None
+    assert repo.subprocess_options() == {}
+    head = repo.text("rev-parse", "HEAD")
+    repo.run("update-ref", "refs/heads/kapsis/agent", head)
+    assert (repo.common_dir / "refs" / "heads" / "kapsis" / "agent").stat().st_uid == 0
+
+
+def test_kapsis_own_files_are_written_by_root_even_on_a_users_repository(
+    reachable: Path,
+) -> None:
+    """``as_owner=False``: the agent's index, in root's 0700 sandbox dir, which the owner
+    could not reach."""
+    account = _nobody()
+    repo = _repo_owned_by(reachable / "project", account)
+    private = reachable / "sandbox"
+    private.mkdir(mode=0o700)
+    index = private / "index"
+
+    denied = repo.run("read-tree", "HEAD", env={"GIT_INDEX_FILE": str(index)}, check=False)
+    assert denied.returncode != 0  # as the owner: no way into root's dir
+    repo.run("read-tree", "HEAD", env={"GIT_INDEX_FILE": str(index)}, as_owner=False)
+    assert index.stat().st_uid == 0
