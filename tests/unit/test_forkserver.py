@@ -349,6 +349,32 @@ def test_the_build_id_follows_the_import_path(
     assert location.build_id() != with_entry
 
 
+def test_a_request_is_delivered_even_when_the_server_answers_and_hangs_up_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request that fits the first chunk is whole once that chunk is sent: a server quick to
+    answer and close must not make the client think otherwise (it would run the command a
+    second time, here)."""
+    client_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    real_send_fds = socket.send_fds
+    received: list[protocol.Request] = []
+
+    def send_then_server_finishes(sock: socket.socket, *args: object) -> int:
+        sent = real_send_fds(sock, *args)  # type: ignore[arg-type]
+        request, fds = protocol.receive_request(server_end, timeout=5)
+        received.append(request)
+        for fd in fds:
+            os.close(fd)
+        server_end.close()  # answered and gone before the client's next call
+        return sent
+
+    monkeypatch.setattr(socket, "send_fds", send_then_server_finishes)
+    request = protocol.Request(protocol.RUN, "build", argv=[b"kapsis", b"status"])
+    with client_end:
+        protocol.send_request(client_end, request, [0])
+    assert [r.argv for r in received] == [[b"kapsis", b"status"]]
+
+
 def test_requests_survive_the_wire_and_bad_frames_are_refused() -> None:
     request = protocol.Request(
         protocol.RUN,

@@ -88,7 +88,11 @@ def send_request(connection: socket.socket, request: Request, fds: list[int]) ->
     data = encode(request)
     # The descriptors ride on the first chunk; the rest follows as plain stream data.
     sent = socket.send_fds(connection, [data[:65536]], fds) if fds else 0
-    connection.sendall(data[sent:])
+    if sent < len(data):
+        # Never an empty send: sendall(b"") still calls send(), which fails with EPIPE once a
+        # quick server has answered and closed; the client would then take a request that was
+        # delivered whole for one that was not, and run the command a second time.
+        connection.sendall(data[sent:])
 
 
 def receive_request(
