@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kapsis.git.changes import WorkspaceChanges, from_upper, from_worktree
+from kapsis.git.changes import FileChangedError, WorkspaceChanges, from_upper, from_worktree
 from kapsis.git.commit import CommitOutcome, CommitRequest, commit_workspace, tree_listing
 from kapsis.git.push import push_branch
 from kapsis.git.runner import Repo
@@ -381,3 +381,32 @@ def test_build_delta_runs_no_filter_driver(planted: Setup) -> None:
     # control: the same comparison with plain git runs the clean filter
     run_git(project, "diff-index", "--name-only", rev(project, EVIL_BRANCH))
     assert "user-filter-clean" in planted.fired()
+
+
+@pytest.mark.parametrize("swap", ["symlink", "hard link", "fifo", "parent symlink"])
+def test_a_file_replaced_after_listing_is_refused_not_read(tmp_path: Path, swap: str) -> None:
+    """Root reads listed files later, by path; whoever can still write there (the user, in a
+    worktree of theirs) must not get it to read something else, or hang it on a fifo."""
+
+    upper = tmp_path / "upper"
+    (upper / "dir").mkdir(parents=True)
+    (upper / "dir" / "work.txt").write_text("the agent's work\n")
+    secret = tmp_path / "secret"
+    (secret / "dir").mkdir(parents=True)
+    (secret / "dir" / "work.txt").write_text("root's secret\n")
+    written = from_upper(upper).written["dir/work.txt"]
+    assert written.content() == b"the agent's work\n"  # control: unchanged, it is read
+
+    target = upper / "dir" / "work.txt"
+    target.unlink()
+    if swap == "symlink":
+        target.symlink_to(secret / "dir" / "work.txt")
+    elif swap == "hard link":  # another existing file (protected_hardlinks aside)
+        os.link(secret / "dir" / "work.txt", target)
+    elif swap == "fifo":
+        os.mkfifo(target)
+    else:
+        (upper / "dir").rmdir()
+        (upper / "dir").symlink_to(secret / "dir")
+    with pytest.raises(FileChangedError):
+        written.content()

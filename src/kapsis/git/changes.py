@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kapsis.errors import GitWorkflowError
+
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 MODE_FILE = "100644"
 MODE_EXECUTABLE = "100755"
@@ -30,17 +32,39 @@ MODE_GITLINK = "160000"
 
 @dataclass(frozen=True)
 class Written:
-    """A file or symlink in its final state: ``source`` is read for a file, ``link`` for a link."""
+    """A file or symlink in its final state: ``source`` is read for a file, ``link`` for a link.
+
+    ``identity`` is the file's (device, inode) when it was listed. It is read later, by path;
+    whoever can still write where it lies (the user, in a worktree of theirs that root commits)
+    could put a symlink or another file there meanwhile, and then root would read that.
+    """
 
     mode: str
     source: Path | None = None
     link: bytes | None = None
+    identity: tuple[int, int] | None = None
 
     def content(self) -> bytes:
         if self.link is not None:
             return self.link
         assert self.source is not None
-        return self.source.read_bytes()
+        # O_NOFOLLOW: not a symlink put in its place; O_NONBLOCK: not a fifo (it would hang).
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.source, flags)
+        except OSError as error:
+            raise FileChangedError(f"{self.source} cannot be read: {error.strerror}") from None
+        with os.fdopen(fd, "rb") as handle:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (
+                self.identity is not None and (st.st_dev, st.st_ino) != self.identity
+            ):
+                raise FileChangedError(f"{self.source} was replaced after it was listed")
+            return handle.read()
+
+
+class FileChangedError(GitWorkflowError):
+    """A file of the agent's work changed between listing and reading: nothing is committed."""
 
 
 @dataclass
@@ -104,7 +128,7 @@ def _entries(
 def _written(entry: os.DirEntry[str], st: os.stat_result) -> Written | None:
     """A regular file or a symlink (read as a link, never followed); None for anything else."""
     if stat.S_ISREG(st.st_mode):
-        return Written(_file_mode(st), source=Path(entry.path))
+        return Written(_file_mode(st), source=Path(entry.path), identity=(st.st_dev, st.st_ino))
     if stat.S_ISLNK(st.st_mode):
         return Written(MODE_SYMLINK, link=os.fsencode(os.readlink(entry.path)))
     return None

@@ -246,6 +246,10 @@ def _build_tree(
         stream.close()
     except BrokenPipeError:
         pass
+    except BaseException:
+        process.kill()  # a file could not be read: fast-import must not finish a partial tree
+        process.wait()
+        raise
     error = process.stderr.read() if process.stderr else b""
     if process.wait() != 0:
         raise GitWorkflowError(
