@@ -15,6 +15,18 @@ def kapsis_home() -> Path:
     return Path(os.environ.get("KAPSIS_HOME") or Path.home() / ".kapsis")
 
 
+def make_private(directory: Path) -> None:
+    """Create ``directory`` (a Kapsis home) 0700, or take group and other access away from it.
+
+    Below it lie the agents' files: an agent may have made a file set-uid (to the user, when it
+    runs as the user) or world-writable; no other local user may reach any of them.
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.stat()
+    if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+        directory.chmod(0o700)
+
+
 def config_dir() -> Path:
     explicit = os.environ.get("KAPSIS_CONFIG_DIR")
     if explicit:

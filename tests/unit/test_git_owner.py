@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from kapsis.git.runner import Repo, RepoOwner
+from kapsis.git.owner import RepoOwner, foreign_entries
+from kapsis.git.runner import Repo
+from kapsis.workspace.worktree import remove_worktree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching to the owner needs root")
 
@@ -62,6 +64,7 @@ def test_root_writes_into_a_users_repository_as_the_user(reachable: Path) -> Non
         account.pw_gid,
         tuple(os.getgrouplist(account.pw_name, account.pw_gid)),
         account.pw_dir,
+        account.pw_name,
     )
     head = repo.text("rev-parse", "HEAD")
     repo.run("update-ref", "refs/heads/kapsis/agent", head)
@@ -74,6 +77,7 @@ def test_root_writes_into_a_users_repository_as_the_user(reachable: Path) -> Non
     # The owner's own environment: their home, not root's.
     env = repo.environment()
     assert env["HOME"] == account.pw_dir and "XDG_CONFIG_HOME" not in env
+    assert env["USER"] == env["LOGNAME"] == account.pw_name
 
 
 def test_root_on_its_own_repository_stays_root(tmp_path: Path) -> None:
@@ -102,3 +106,64 @@ def test_kapsis_own_files_are_written_by_root_even_on_a_users_repository(
     assert denied.returncode != 0  # as the owner: no way into root's dir
     repo.run("read-tree", "HEAD", env={"GIT_INDEX_FILE": str(index)}, as_owner=False)
     assert index.stat().st_uid == 0
+
+
+def test_a_users_worktree_is_deleted_by_the_user_never_through_their_symlinks(
+    reachable: Path,
+) -> None:
+    """The user turns a parent of their worktree into a link to a directory of root's: root's
+    delete would follow it; the user's own cannot delete anything there."""
+    account = _nobody()
+    owner = RepoOwner.for_uid(account.pw_uid)
+    assert owner is not None
+    victim = reachable / "roots"
+    for attempt in ("as the owner", "as root (control)"):
+        (victim / "project-abc123").mkdir(parents=True)
+        (victim / "project-abc123" / "precious").write_text("root's\n")
+        worktrees = reachable / "home" / ".kapsis" / "worktrees"
+        worktrees.parent.mkdir(parents=True, exist_ok=True)
+        worktrees.symlink_to(victim)  # where the user's worktrees dir was
+        remove_worktree(
+            None, worktrees / "project-abc123", owner if attempt == "as the owner" else None
+        )
+        survived = (victim / "project-abc123" / "precious").exists()
+        assert survived == (attempt == "as the owner"), attempt
+        worktrees.unlink()
+        shutil.rmtree(victim, ignore_errors=True)
+
+
+def test_a_swapped_mount_source_is_not_mounted(reachable: Path) -> None:
+    """Root binds a worktree or project as planned: not a symlink put in its place, not a
+    directory of another owner."""
+    from kapsis.errors import SandboxError
+    from kapsis.workspace.overlay import _idmapped
+
+    account = _nobody()
+    source = reachable / "worktree"
+    source.mkdir()
+    os.chown(source, account.pw_uid, account.pw_gid)
+    target = reachable / "merged"
+    with pytest.raises(SandboxError, match="replaced meanwhile"):
+        _idmapped(str(reachable), str(target), 201000, 201000, planned_uid=account.pw_uid)
+    link = reachable / "link"
+    link.symlink_to(source)
+    with pytest.raises(OSError):  # ELOOP: a symlink is never followed
+        _idmapped(str(link), str(target), 201000, 201000, planned_uid=account.pw_uid)
+    assert not os.path.ismount(target)
+
+
+def test_files_of_roots_in_a_users_repository_are_found_before_a_run(reachable: Path) -> None:
+    """An older Kapsis, run as root, left root-owned refs and object dirs in the user's .git;
+    git as the user could not update them, so the run refuses up front and says how to fix."""
+    account = _nobody()
+    repo = _repo_owned_by(reachable / "project", account)
+    assert foreign_entries(repo.common_dir, account.pw_uid) == []  # control: all theirs
+    head = repo.text("rev-parse", "HEAD")
+    left = repo.common_dir / "refs" / "heads" / "kapsis" / "old"
+    left.parent.mkdir(parents=True)
+    left.write_text(head + "\n")  # as root
+    (repo.common_dir / "objects" / "ab").mkdir()
+
+    found = foreign_entries(repo.common_dir, account.pw_uid)
+    assert set(found) == {left.parent, left, repo.common_dir / "objects" / "ab"}
+    assert foreign_entries(repo.common_dir, account.pw_uid, limit=1) in ([], found[:1])

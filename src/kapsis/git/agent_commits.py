@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from kapsis.errors import GitWorkflowError
+from kapsis.git.owner import SHARED_TMP
 from kapsis.git.runner import GitCommandError, Repo
 
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -92,7 +93,9 @@ class AgentObjects:
         self.env: dict[str, str] = {}
 
     def __enter__(self) -> AgentObjects:
-        self._scratch = tempfile.TemporaryDirectory(prefix="kapsis-objects-")
+        self._scratch = tempfile.TemporaryDirectory(
+            prefix="kapsis-objects-", dir=SHARED_TMP if self.repo.owner is not None else None
+        )
         objects = Path(self._scratch.name) / "objects"
         objects.mkdir()
         _copy_object_store(self.agent_git / "objects", objects)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import pwd
 import re
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kapsis.errors import GitWorkflowError
+from kapsis.git.owner import RepoOwner
 
 GIT = "git"
 ZERO_SHA = "0" * 40
@@ -56,45 +56,6 @@ class GitCommandError(GitWorkflowError):
         super().__init__(f"git {' '.join(args[:2])} failed (exit {returncode}): {last}")
         self.returncode = returncode
         self.stderr = stderr
-
-
-@dataclass(frozen=True)
-class RepoOwner:
-    """The account host git runs as on a repository that root does not own."""
-
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-    home: str
-
-    @classmethod
-    def of(cls, path: Path) -> RepoOwner | None:
-        """``path``'s owner when this process is root and the owner is not, else None."""
-        if os.geteuid() != 0:
-            return None  # a user's git writes as that user anyway
-        try:
-            uid = os.stat(path).st_uid
-        except OSError:
-            return None
-        if uid == 0:
-            return None
-        try:
-            entry = pwd.getpwuid(uid)
-        except KeyError:  # an id without an account (a container's files, say)
-            return cls(uid, os.stat(path).st_gid, (), "/nonexistent")
-        groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
-        return cls(uid, entry.pw_gid, groups, entry.pw_dir)
-
-    def subprocess_options(self) -> dict[str, Any]:
-        """``subprocess`` arguments that run a command as this owner, without root's groups."""
-        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
-
-    def environment(self, env: Mapping[str, str]) -> dict[str, str]:
-        """``env`` with the owner's home, so git reads the owner's own config (identity,
-        credentials), not root's; root's XDG config dir would be unreadable anyway."""
-        owned = {key: value for key, value in env.items() if key != "XDG_CONFIG_HOME"}
-        owned["HOME"] = self.home
-        return owned
 
 
 @dataclass(frozen=True)
@@ -158,16 +119,29 @@ class Repo:
     ) -> subprocess.CompletedProcess[bytes]:
         """Run a hardened git command; ``as_owner=False`` only for a command that writes
         nothing into the repository and must reach Kapsis's own (root-only) files."""
-        result = subprocess.run(
-            self.command(*args, work_tree=work_tree, extra_config=extra_config),
-            input=input,
-            capture_output=True,
-            env=self.environment(env, as_owner=as_owner),
-            timeout=timeout,
-            check=False,
-            cwd=work_tree or self.root,
-            **self.subprocess_options(as_owner=as_owner),
-        )
+        if not as_owner and self.owner is not None:
+            # Root in someone's repository: a partial clone's missing object would make git
+            # fetch it, through the owner's configured ssh command or credential helper.
+            extra_config = (*extra_config, "protocol.allow=never")
+            env = {**(env or {}), "GIT_NO_LAZY_FETCH": "1"}
+        try:
+            result = subprocess.run(
+                self.command(*args, work_tree=work_tree, extra_config=extra_config),
+                input=input,
+                capture_output=True,
+                env=self.environment(env, as_owner=as_owner),
+                timeout=timeout,
+                check=False,
+                cwd=work_tree or self.root,
+                **self.subprocess_options(as_owner=as_owner),
+            )
+        except PermissionError as error:
+            if not as_owner or self.owner is None:
+                raise
+            raise GitWorkflowError(
+                f"git cannot run in {work_tree or self.root} as {self.owner.name}, who owns "
+                f"the repository ({error.strerror}): its folder must be theirs to enter"
+            ) from None
         if check and result.returncode != 0:
             raise GitCommandError(args, result.returncode, result.stderr.decode(errors="replace"))
         return result

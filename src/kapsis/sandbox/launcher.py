@@ -104,6 +104,7 @@ def initial_status(plan: SandboxPlan, backend: Backend) -> AgentStatus:
 
 def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
     """Start the sandbox; in the foreground also wait and finish."""
+    paths.make_private(paths.kapsis_home())
     store = StatusStore()
     audit = AuditLog(plan.agent_id, enabled=plan.audit_enabled)
     store.write(initial_status(plan, backend))

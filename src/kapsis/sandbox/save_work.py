@@ -188,7 +188,9 @@ def _ssh_command(plan: SandboxPlan, repo: Repo) -> Iterator[str | None]:
     if repo.owner is None:
         yield host_ssh_command(plan.ssh)
         return
-    with tempfile.TemporaryDirectory(prefix="kapsis-ssh-") as scratch:
+    from kapsis.git.owner import SHARED_TMP
+
+    with tempfile.TemporaryDirectory(prefix="kapsis-ssh-", dir=SHARED_TMP) as scratch:
         known_hosts = Path(scratch) / "known_hosts"
         shutil.copyfile(plan.ssh.known_hosts, known_hosts)
         for path in (Path(scratch), known_hosts):

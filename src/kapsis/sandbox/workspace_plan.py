@@ -15,6 +15,7 @@ from kapsis.config.loader import LoadedConfig
 from kapsis.config.models import WorkspaceMode, duration_to_seconds
 from kapsis.errors import ConfigError
 from kapsis.git.branches import auto_branch_name, check_branch_name, resolve_target
+from kapsis.git.owner import RepoOwner, foreign_entries
 from kapsis.git.runner import Repo
 from kapsis.sandbox.plan_model import PlanModel
 
@@ -51,6 +52,10 @@ class WorkspacePlan(PlanModel):
     objects_source: str | None = None
     objects: str | None = None
     gitlink: str | None = None
+    # Owners when the run was planned, of the project and of its git dir (and so of a worktree
+    # and the object store); root checks them again before it mounts those for the agent.
+    project_uid: int | None = None
+    git_uid: int | None = None
 
 
 class GitPlan(PlanModel):
@@ -93,11 +98,14 @@ def plan_workspace_and_git(
             f"PROJECT {project} is a folder inside the git repository {repo.root}; pass the "
             "repository's top level so the agent's branch holds the whole project"
         )
+    if repo is not None and repo.owner is not None:
+        _check_owned(repo, repo.owner, worktree=mode == "worktree")
     mode_origin = loaded.origin_of(("filesystem", "mode"))
     branch_origin = str(loaded.origin_of(("git", "branch")))
     workspace = WorkspacePlan(
         mode=mode,
         project=str(project),
+        project_uid=_owner_uid(project),
         root=str(root),
         upper=str(root / "upper"),
         work=str(root / "work"),
@@ -134,6 +142,7 @@ def plan_workspace_and_git(
     )
     head = repo.rev("HEAD^{commit}")
     git_view = {
+        "git_uid": _owner_uid(repo.common_dir),
         "release_worktree": str(target.release_worktree) if target.release_worktree else None,
         "agent_git": str(root / "agent-git"),
         "objects_source": str(repo.common_dir / "objects"),
@@ -176,6 +185,30 @@ def plan_workspace_and_git(
         post_push_hook=git.post_push_hook,
     )
     return workspace, git_plan
+
+
+def _check_owned(repo: Repo, owner: RepoOwner, *, worktree: bool) -> None:
+    """Root on a user's repository: git will run as them, so it must be able to write there."""
+    foreign = foreign_entries(repo.common_dir, owner.uid)
+    if foreign:
+        raise ConfigError(
+            f"{len(foreign)}{'+' if len(foreign) == 10 else ''} file(s) in {repo.common_dir} do "
+            f"not belong to {owner.name}, who owns the repository (first: {foreign[0]}; left by "
+            f"an earlier run as root?); Kapsis runs git as {owner.name} here, who could not "
+            f"update them; give them back with `sudo chown -R {owner.name}: {repo.common_dir}`"
+        )
+    if worktree and not Path(owner.home).is_dir():
+        raise ConfigError(
+            f"worktree mode: the worktree goes under the home of {owner.name}, who owns "
+            f"{repo.root}, and {owner.home} is not a directory; use --mode overlay"
+        )
+
+
+def _owner_uid(path: Path) -> int | None:
+    try:
+        return path.stat().st_uid
+    except OSError:
+        return None
 
 
 def _finished_worktrees() -> frozenset[Path]:

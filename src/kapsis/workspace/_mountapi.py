@@ -75,15 +75,12 @@ def user_namespace_fd(inside_uid: int, inside_gid: int, outside_uid: int, outsid
         os.waitpid(child, 0)
 
 
-def idmapped_bind(source: str, target: str, userns_fd: int) -> None:
-    """Bind ``source`` (recursively) at ``target`` with ownership seen through ``userns_fd``."""
+def idmapped_bind(source_fd: int, target: str, userns_fd: int) -> None:
+    """Bind the directory open as ``source_fd`` (recursively) at ``target`` with ownership seen
+    through ``userns_fd``. An fd, not a path: the caller checked what it opened."""
     open_tree, move_mount, mount_setattr = _SYSCALLS[platform.machine()]
-    tree = _check(
-        _libc.syscall(
-            open_tree, AT_FDCWD, source.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
-        ),
-        "open_tree",
-    )
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE | AT_EMPTY_PATH
+    tree = _check(_libc.syscall(open_tree, source_fd, b"", flags), "open_tree")
     try:
         attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
         _check(

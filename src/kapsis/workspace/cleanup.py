@@ -6,6 +6,7 @@ from pathlib import Path
 
 from kapsis.git.branches import checked_out_branches
 from kapsis.git.lock import repository_lock
+from kapsis.git.owner import RepoOwner
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.workspace.prepare import plan_repo
 from kapsis.workspace.worktree import remove_worktree
@@ -16,11 +17,13 @@ def remove_worktree_of(plan: SandboxPlan) -> None:
     if worktree is None:
         return
     repo = plan_repo(plan)
+    # Whose it was when planned, even if the repository has gone since.
+    owner = RepoOwner.for_uid(plan.workspace.git_uid)
     if repo is None:
-        remove_worktree(None, Path(worktree))
+        remove_worktree(None, Path(worktree), owner)
         return
     with repository_lock(repo.common_dir):
-        remove_worktree(repo, Path(worktree))
+        remove_worktree(repo, Path(worktree), owner)
 
 
 def branch_is_saved(plan: SandboxPlan) -> tuple[bool, str]:

@@ -23,14 +23,32 @@ from kapsis.workspace import _mountapi
 OVERLAY_SAFETY_OPTIONS = "redirect_dir=off,metacopy=off,index=off"
 
 
-def _idmapped(source: str, target: str, agent_uid: int, agent_gid: int) -> None:
-    owner = os.stat(source)
-    Path(target).mkdir(parents=True, exist_ok=True)
-    userns = _mountapi.user_namespace_fd(owner.st_uid, owner.st_gid, agent_uid, agent_gid)
+def _idmapped(
+    source: str, target: str, agent_uid: int, agent_gid: int, planned_uid: int | None
+) -> None:
+    """Bind ``source`` at ``target``, its owner seen as the agent's uid.
+
+    ``source`` is opened first, without following a symlink, and must still belong to the uid
+    it had when the run was planned: root does this mount, and a source in a user's home could
+    have been swapped meanwhile for a link to a directory of root's, which would then appear,
+    writable, as the agent's own.
+    """
+    fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        _mountapi.idmapped_bind(source, target, userns)
+        owner = os.fstat(fd)
+        if planned_uid is not None and owner.st_uid != planned_uid:
+            raise SandboxError(
+                f"{source} belongs to uid {owner.st_uid}, not to uid {planned_uid} as when the "
+                "run was planned; it was replaced meanwhile, so it is not mounted"
+            )
+        Path(target).mkdir(parents=True, exist_ok=True)
+        userns = _mountapi.user_namespace_fd(owner.st_uid, owner.st_gid, agent_uid, agent_gid)
+        try:
+            _mountapi.idmapped_bind(fd, target, userns)
+        finally:
+            os.close(userns)
     finally:
-        os.close(userns)
+        os.close(fd)
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
@@ -46,14 +64,16 @@ def mount_workspace(workspace: WorkspacePlan, agent_uid: int, agent_gid: int) ->
         if workspace.agent_git is not None:
             _chown_tree(Path(workspace.agent_git), agent_uid, agent_gid)
         if workspace.objects is not None and workspace.objects_source is not None:
-            _idmapped(workspace.objects_source, workspace.objects, agent_uid, agent_gid)
+            _idmapped(
+                workspace.objects_source, workspace.objects, agent_uid, agent_gid, workspace.git_uid
+            )
         if workspace.mode == "worktree":
             assert workspace.worktree is not None
-            _idmapped(workspace.worktree, workspace.merged, agent_uid, agent_gid)
+            _idmapped(workspace.worktree, workspace.merged, agent_uid, agent_gid, workspace.git_uid)
             return
         for directory in (workspace.upper, workspace.work, workspace.merged):
             Path(directory).mkdir(parents=True, exist_ok=True)
-        _idmapped(workspace.project, workspace.lower, agent_uid, agent_gid)
+        _idmapped(workspace.project, workspace.lower, agent_uid, agent_gid, workspace.project_uid)
         _chown_tree(Path(workspace.upper), agent_uid, agent_gid)
         os.chown(workspace.work, agent_uid, agent_gid)
         os.chmod(workspace.upper, 0o755)
@@ -66,6 +86,9 @@ def mount_workspace(workspace: WorkspacePlan, agent_uid: int, agent_gid: int) ->
             f"{OVERLAY_SAFETY_OPTIONS}"
         )
         _mountapi.mount("overlay", workspace.merged, "overlay", options)
+    except SandboxError:
+        unmount_workspace(workspace)
+        raise
     except OSError as error:
         unmount_workspace(workspace)
         raise SandboxError(

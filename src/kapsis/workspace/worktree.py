@@ -12,17 +12,33 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from kapsis.git.owner import RepoOwner
 from kapsis.git.runner import Repo, without_filters
 
 
 def add_worktree(repo: Repo, path: Path, branch: str) -> None:
     if repo.owner is None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    # else git, running as the repository's owner, makes the missing dirs theirs.
+    else:
+        # In the owner's ~/.kapsis, made by them, closed to others like the one of their own
+        # runs (see paths.make_private); git makes the dirs below it, theirs too.
+        home = path.parent.parent
+        repo.owner.run(["mkdir", "-p", "-m", "700", "--", str(home)])
+        repo.owner.run(["chmod", "go-rwx", "--", str(home)])
     repo.run("worktree", "add", "--quiet", str(path), branch, extra_config=without_filters(repo))
 
 
-def remove_worktree(repo: Repo | None, path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+def remove_worktree(repo: Repo | None, path: Path, owner: RepoOwner | None = None) -> None:
+    """Delete the worktree's files, then git's record of it.
+
+    A worktree of a user's repository lies in their home, which they may rearrange at any time
+    (a symlink put where a parent directory was would lead root's delete anywhere): it is
+    deleted by its owner (``owner``, else the repository's), who can only delete what is theirs.
+    """
+    owner = owner or (repo.owner if repo is not None else None)
+    if owner is None:
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        owner.run(["rm", "-rf", "--", str(path)])
     if repo is not None:
         repo.run("worktree", "prune", check=False)
