@@ -167,3 +167,27 @@ def test_files_of_roots_in_a_users_repository_are_found_before_a_run(reachable: 
     found = foreign_entries(repo.common_dir, account.pw_uid)
     assert set(found) == {left.parent, left, repo.common_dir / "objects" / "ab"}
     assert foreign_entries(repo.common_dir, account.pw_uid, limit=1) in ([], found[:1])
+
+
+def test_a_users_index_is_copied_for_the_agent_only_when_it_is_theirs(reachable: Path) -> None:
+    """The agent's view starts from a copy of the checkout's index: root must not copy a file of
+    root's that the user linked (or hard-linked) in its place."""
+    from kapsis.workspace.gitview import _copy_index
+
+    account = _nobody()
+    repo = _repo_owned_by(reachable / "project", account)
+    index = repo.git_dir / "index"
+    repo.run("read-tree", "HEAD")  # the user's own index
+    target = reachable / "agent-index"
+    assert _copy_index(repo, index, target)  # control: theirs, copied
+    assert target.read_bytes() == index.read_bytes()
+
+    secret = reachable / "roots-file"
+    secret.write_text("root's secret\n")
+    index.unlink()
+    index.symlink_to(secret)
+    assert not _copy_index(repo, index, reachable / "copy-1")
+    index.unlink()
+    os.link(secret, index)
+    assert not _copy_index(repo, index, reachable / "copy-2")
+    assert not (reachable / "copy-1").exists() and not (reachable / "copy-2").exists()

@@ -10,7 +10,9 @@ its sandbox dir, and the host only ever reads it as data (see :mod:`kapsis.git.a
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 from pathlib import Path
 
 from kapsis.git.runner import Repo
@@ -79,15 +81,33 @@ def build_agent_git(
     (agent_git / "description").write_text("The agent's view of the project (kapsis).\n")
     ref.write_text(f"{start}\n")
     (agent_git / "objects" / "info" / "alternates").write_text(f"{OBJECTS_TARGET}\n")
-    if _reusable_index(repo, checkout_index, start):
-        assert checkout_index is not None
-        shutil.copyfile(checkout_index, agent_git / "index")
-    else:
+    index = agent_git / "index"
+    if not (
+        _reusable_index(repo, checkout_index, start) and _copy_index(repo, checkout_index, index)
+    ):
         # The index is Kapsis's own file, in its (root-only) sandbox dir: nothing of the
         # repository is written.
-        repo.run(
-            "read-tree", start, env={"GIT_INDEX_FILE": str(agent_git / "index")}, as_owner=False
-        )
+        repo.run("read-tree", start, env={"GIT_INDEX_FILE": str(index)}, as_owner=False)
+
+
+def _copy_index(repo: Repo, source: Path | None, target: Path) -> bool:
+    """Copy a checkout's index into the agent's view; False (build one instead) when it is not
+    a plain file of the repository's owner: in a user's repository that root works on, the user
+    could have put a link to a file of root's in its place."""
+    if source is None:
+        return False
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        expected = repo.owner.uid if repo.owner is not None else info.st_uid
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != expected:
+            return False
+        with open(target, "wb") as copy:
+            shutil.copyfileobj(handle, copy)
+    return True
 
 
 def write_gitlink(path: Path) -> None:
