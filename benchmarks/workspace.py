@@ -2,7 +2,8 @@
 
     sudo python benchmarks/workspace.py [--runs 5] [--small-mb 10] [--large-mb 1000] [--changed 100]
 
-"Ready" is what the host does before the agent's container starts: create the agent's branch,
+"Ready" is what the host does before the agent's container starts: plan (which reads the user's
+uncommitted state and carries it as a commit), create the agent's branch,
 write its git view, check out the worktree (worktree mode) or the delta layer (overlay mode, when
 needed), and mount the workspace. Prints the median of several runs per repository and mode, and
 the ratio large / small (the target for overlay: <= 1.5). Each case is measured twice: on a clean
@@ -67,9 +68,11 @@ def ready_time(repo: Path, mode: str, run: int) -> float:
     from kapsis.workspace.prepare import abandon_workspace, prepare_workspace
 
     request = RunRequest(project=repo, task="true", agent_id=f"bench-{mode}-{run}", mode=mode)
+    # Planning reads the user's uncommitted state (filesystem.uncommitted) and, when there is
+    # some, makes the commit that carries it: part of getting ready.
+    started = time.perf_counter()
     plan = api.plan(request)
     uid = _uidslots.BASE + 1000
-    started = time.perf_counter()
     prepare_workspace(plan)
     mount_workspace(plan.workspace, uid, uid)
     elapsed = time.perf_counter() - started

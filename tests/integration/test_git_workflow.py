@@ -7,6 +7,7 @@ user's checkout (HEAD, index, working tree) is exactly as it was.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import subprocess
@@ -279,3 +280,72 @@ def test_the_agent_sees_one_branch_and_none_of_the_users_git_config(
     assert "credential.helper" not in result.stdout
     assert "gitdir: /kapsis/git" in lines
     assert any(line.endswith(" initial") for line in lines)  # history is readable
+
+
+# --- the user's uncommitted state at launch (filesystem.uncommitted) ------------------------
+
+USER_AT_WORK_TASK = (
+    "set -e; cat README.md; cat notes.txt 2>/dev/null || echo 'no notes.txt'; "
+    "echo 'the agent line' >> src/app.py"
+)
+
+
+def user_at_work(repo: Path) -> None:
+    (repo / "README.md").write_text("# sample\nthe user's unfinished line\n")
+    (repo / "notes.txt").write_text("the user's untracked notes\n")
+
+
+@pytest.mark.parametrize("mode", ["overlay", "worktree"])
+def test_include_carries_the_users_state_as_its_own_commit_before_the_agents(
+    kapsis: Kapsis, repo: Path, mode: str
+) -> None:
+    user_at_work(repo)
+    before = checkout_state(repo)
+
+    payload = run_json(kapsis, repo, USER_AT_WORK_TASK, "--mode", mode)
+
+    assert payload["returncode"] == 0, payload["stderr"]
+    branch = str(payload["branch"])
+    carried = str(payload["carried_commit"])
+    log = git(repo, "log", "--format=%H %s", "main.." + branch).splitlines()
+    assert len(log) == 2
+    assert log[1] == f"{carried} Uncommitted work of {getpass.getuser()} at launch"
+    # The user's state is its own commit; the agent's holds only the agent's line.
+    assert git(repo, "diff-tree", "-r", "--name-only", "--no-commit-id", carried).split() == [
+        "README.md",
+        "notes.txt",
+    ]
+    agent_diff = git(repo, "diff", carried, branch)
+    assert "+the agent line" in agent_diff
+    assert "unfinished" not in agent_diff and "notes" not in agent_diff
+    notes = payload["notes"]
+    assert isinstance(notes, list)
+    assert any("uncommitted changes at launch (2 path(s))" in note for note in notes)
+    assert checkout_state(repo) == before  # the user's checkout, index and files untouched
+
+
+def test_exclude_leaves_the_users_state_out_of_the_agents_view_and_branch(
+    kapsis: Kapsis, repo: Path, tmp_path: Path
+) -> None:
+    user_at_work(repo)
+    before = checkout_state(repo)
+    config = tmp_path / "exclude.yaml"
+    config.write_text("filesystem:\n  uncommitted: exclude\n")
+
+    result = kapsis.run(repo, USER_AT_WORK_TASK, "--config", str(config))
+
+    assert result.returncode == 0, result.stderr
+    assert "the user's unfinished line" not in result.stdout  # README.md as committed
+    assert "no notes.txt" in result.stdout  # the untracked file is hidden
+    branch = next(
+        line.split("new branch ", 1)[1].split()[0]
+        for line in result.stderr.splitlines()
+        if "new branch " in line
+    )
+    assert git(repo, "rev-parse", f"{branch}^") == git(repo, "rev-parse", "main")
+    diff = git(repo, "diff", "main", branch)
+    assert "+the agent line" in diff and "unfinished" not in diff and "notes" not in diff
+    assert checkout_state(repo) == before
+    # Control: with the default (include) the same task sees the user's files.
+    seen = kapsis.run(repo, USER_AT_WORK_TASK)
+    assert "the user's unfinished line" in seen.stdout and "no notes.txt" not in seen.stdout

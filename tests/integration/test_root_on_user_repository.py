@@ -51,6 +51,8 @@ def test_a_root_run_writes_into_a_users_repository_only_as_the_user(
         ["sh", "-c", f"git init -q --bare {remote} && git -C {project} remote add origin {remote}"]
     )
     assert made.returncode == 0, made.stderr
+    # The user has work in progress: it is carried as a commit of theirs, made as them too.
+    assert user.run(["sh", "-c", f"echo wip > {project}/wip.txt"]).returncode == 0
     task = "echo work > work.txt && mkdir -p deep/er && echo x > deep/er/file && git add -A"
 
     result = kapsis.run(project, task, "--network-mode", "none", "--mode", mode, "--push")
@@ -59,6 +61,8 @@ def test_a_root_run_writes_into_a_users_repository_only_as_the_user(
     branch = agent_branch(result.stderr)
     log = user.run(["git", "-C", str(project), "log", "-1", "--format=%cn <%ce>", branch])
     assert log.stdout.strip() == "Rootless User <user@example.test>"  # the owner's identity
+    subjects = user.run(["git", "-C", str(project), "log", "--format=%s", f"main..{branch}"])
+    assert subjects.stdout.splitlines()[1] == f"Uncommitted work of {user.name} at launch"
     assert user.not_owned(project, remote) == []
     if mode == "worktree":
         # Its worktree is under the owner's ~/.kapsis, theirs to open, not under root's.

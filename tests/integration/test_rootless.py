@@ -244,3 +244,32 @@ def test_a_fresh_user_builds_the_images_with_kapsis_setup_and_runs(base_image: s
         assert result.returncode == 0, result.stderr
         assert "first.txt" in branch_files(fresh, project, agent_branch(result.stderr))
         assert fresh.not_owned(project, fresh.home / ".kapsis") == []
+
+
+def test_rootless_include_carries_the_users_changes_and_exclude_says_what_to_do(
+    user: RootlessUser, project: Path
+) -> None:
+    changed = user.run(["sh", "-c", f"echo 'unfinished' >> {project}/base.txt"])
+    assert changed.returncode == 0, changed.stderr
+    task = "cat base.txt; echo agent > agent.txt"
+
+    result = run(user, project, task, "--network-mode", "none")
+
+    assert result.returncode == 0, result.stderr
+    assert "unfinished" in result.stdout  # the agent sees the user's files, as at launch
+    branch = agent_branch(result.stderr)
+    subjects = user.run(["git", "-C", str(project), "log", "--format=%s", f"main..{branch}"])
+    assert subjects.stdout.splitlines()[1] == f"Uncommitted work of {user.name} at launch"
+    assert user.not_owned(project, user.home / ".kapsis") == []
+
+    config = user.home / "exclude.yaml"
+    user.run(["sh", "-c", f"cat > {config}"], input="filesystem:\n  uncommitted: exclude\n")
+    refused = run(user, project, task, "--network-mode", "none", "--config", str(config))
+    assert refused.returncode == ExitCode.HOST_UNSUPPORTED
+    assert "--mode worktree" in refused.stderr
+    worktree = run(
+        user, project, task, "--network-mode", "none", "--config", str(config),
+        "--mode", "worktree",
+    )  # fmt: skip
+    assert worktree.returncode == 0, worktree.stderr
+    assert "unfinished" not in worktree.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import getpass
+import os
 import subprocess
 from pathlib import Path
 
@@ -217,3 +219,81 @@ def test_rootless_overlay_refuses_a_start_it_cannot_show(repo: Path, tmp_path: P
     )
     loaded = load_config(repo, None, worktree.flag_values())
     assert build_plan(worktree, loaded, find_profile("shell"), rootless, environ={}).git.resume
+
+
+# --- filesystem.uncommitted: the user's state at launch -------------------------------------
+
+
+def dirty(repo: Path) -> None:
+    """A user at work: a tracked file changed (one staged, one not), an untracked file, and an
+    ignored one."""
+    (repo / ".gitignore").write_text("build/\n")
+    git(repo, "add", ".gitignore")
+    git(repo, "commit", "-q", "-m", "ignore build")
+    (repo / "README.md").write_text("# r\nthe user's unfinished line\n")
+    (repo / "staged.txt").write_text("staged by the user\n")
+    git(repo, "add", "staged.txt")
+    (repo / "notes.txt").write_text("untracked notes\n")
+    (repo / "build").mkdir()
+    (repo / "build" / "out.bin").write_text("ignored output\n")
+
+
+def test_include_carries_the_users_uncommitted_state_as_a_commit_of_its_own(
+    repo: Path, tmp_path: Path
+) -> None:
+    dirty(repo)
+    head = git(repo, "rev-parse", "HEAD")
+    index_before = (repo / ".git" / "index").read_bytes()
+
+    plan = plan_for(repo, tmp_path)
+
+    carried = plan.git.carried_commit
+    assert carried is not None and plan.git.start_commit == carried
+    assert git(repo, "rev-parse", f"{carried}^") == head  # on top of the checkout's commit
+    changed = git(repo, "diff-tree", "-r", "--name-only", "--no-commit-id", head, carried)
+    assert changed.split() == ["README.md", "notes.txt", "staged.txt"]  # not the ignored file
+    assert git(repo, "show", f"{carried}:README.md").endswith("the user's unfinished line")
+    assert git(repo, "log", "-1", "--format=%an <%ae>|%s", carried) == (
+        "Ada Tester <ada@example.test>|Uncommitted work of root at launch"
+        if os.geteuid() == 0
+        else f"Ada Tester <ada@example.test>|Uncommitted work of {getpass.getuser()} at launch"
+    )
+    assert plan.git.carried_paths == 3
+    # The checkout shows exactly that commit: no delta layer; nothing of the user's changed.
+    assert plan.workspace.needs_delta is False
+    assert (repo / ".git" / "index").read_bytes() == index_before
+    assert git(repo, "status", "--porcelain").splitlines() == [
+        "M README.md",  # (the helper strips the leading blank: not staged)
+        "A  staged.txt",
+        "?? notes.txt",
+    ]
+    assert git(repo, "branch", "--list", "kapsis/*") == ""  # the branch comes at launch
+
+
+def test_exclude_starts_from_the_checked_out_commit_and_hides_the_users_state(
+    repo: Path, tmp_path: Path
+) -> None:
+    dirty(repo)
+    plan = plan_for(repo, tmp_path, config="filesystem: {uncommitted: exclude}\n")
+    assert plan.git.carried_commit is None
+    assert plan.git.start_commit == git(repo, "rev-parse", "HEAD")
+    assert plan.workspace.needs_delta is True and plan.workspace.hide_untracked is True
+
+
+def test_a_clean_checkout_carries_nothing_either_way(repo: Path, tmp_path: Path) -> None:
+    for setting in ("include", "exclude"):
+        plan = plan_for(repo, tmp_path, config=f"filesystem: {{uncommitted: {setting}}}\n")
+        assert plan.git.carried_commit is None
+        assert plan.git.start_commit == git(repo, "rev-parse", "HEAD")
+        assert plan.workspace.needs_delta is False
+
+
+def test_a_continued_branch_or_another_base_never_carries_the_checkout(
+    repo: Path, tmp_path: Path
+) -> None:
+    git(repo, "branch", "feature/x")
+    dirty(repo)
+    continued = plan_for(repo, tmp_path, branch="feature/x")
+    assert continued.git.carried_commit is None and continued.git.resume
+    other = plan_for(repo, tmp_path, base_branch="feature/x")
+    assert other.git.carried_commit is None

@@ -195,6 +195,7 @@ LOCAL_ONLY_CASES: dict[str, tuple[str, str]] = {
     "resources.pids": ("resources: {pids: 100}", "podPidsLimit"),
     "security.overrides.noexec_tmp": ("security: {overrides: {noexec_tmp: true}}", "noexec"),
     "filesystem.mode": ("filesystem: {mode: worktree}", "fresh clone"),
+    "filesystem.uncommitted": ("filesystem: {uncommitted: exclude}", "uncommitted changes never"),
     "filesystem.mounts": (
         "filesystem: {mounts: [{source: /etc, target: /data}]}",
         "host paths cannot be mounted",

@@ -263,6 +263,14 @@ def _announce(plan: SandboxPlan) -> None:
         where = f"continuing {git.branch}" if git.resume else f"new branch {git.branch}"
         start = (git.start_commit or "")[:12]
         _note(f"{where} from {git.base} ({start}), workspace: {plan.workspace.mode}")
+        if git.carried_commit:
+            _note(
+                f"your uncommitted changes ({git.carried_paths} path(s)) are carried as commit "
+                f"{git.carried_commit[:12]}, before the agent's work (filesystem.uncommitted: "
+                "include)"
+            )
+        elif plan.workspace.hide_untracked:
+            _note("your uncommitted changes are left out (filesystem.uncommitted: exclude)")
 
 
 @app.command()

@@ -330,6 +330,15 @@ class FilesystemSection(Section):
     mounts: list[ReadOnlyMount] = Field(
         default_factory=list, description="Extra host paths mounted read-only into the sandbox."
     )
+    uncommitted: Literal["include", "exclude"] = Field(
+        "include",
+        description="Your uncommitted changes and untracked (not ignored) files when an agent "
+        "starts a new branch from the checked-out commit. include (the default: the agent sees "
+        "the files as you do, which is what a task about them needs): they are carried onto the "
+        "branch as a commit of their own, named as yours, before the agent's work, so the "
+        "agent's commit holds only its own changes (with --push that commit is published too). "
+        "exclude: the agent starts from the checked-out commit alone.",
+    )
 
 
 class GitSection(Section):

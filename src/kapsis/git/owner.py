@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
+import stat
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -74,6 +76,23 @@ class RepoOwner:
             check=False,
             **self.subprocess_options(),
         )
+
+
+def copy_owned_file(source: Path, target: Path, uid: int | None) -> bool:
+    """Copy ``source`` to ``target`` if it is a regular file (of ``uid``, when given); False
+    otherwise. Opened without following a link and without blocking: in a user's repository
+    that root works on, the user could have put a link to a file of root's (or a fifo) there."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or (uid is not None and info.st_uid != uid):
+            return False
+        with open(target, "wb") as copy:
+            shutil.copyfileobj(handle, copy)
+    return True
 
 
 # Where root makes the scratch dirs it hands to an owner: root's own TMPDIR may be private

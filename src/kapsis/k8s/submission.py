@@ -93,6 +93,8 @@ LOCAL_ONLY: dict[KeyPath, str] = {
     ("agent", "workdir"): "the agent works in the clone at /workspace; " + _NOT_YET,
     ("filesystem", "mode"): "a cluster run's workspace is a fresh clone on an emptyDir, neither "
     "an overlay nor a worktree of this machine; remove it (and --mode) for --backend k8s",
+    ("filesystem", "uncommitted"): "a cluster run clones the pushed branch: your uncommitted "
+    "changes never reach it; remove filesystem.uncommitted for --backend k8s",
     ("filesystem", "mounts"): "host paths cannot be mounted into a cluster Pod; commit the files "
     "to the repository, or remove filesystem.mounts for --backend k8s",
     ("network", "podman_network"): "a Podman network means nothing on a cluster; remove it for "

@@ -59,6 +59,7 @@ class RunResult:
     pr_url: str | None = None
     excluded_paths: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    carried_commit: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -98,6 +99,7 @@ def initial_status(plan: SandboxPlan, backend: Backend) -> AgentStatus:
         workspace_mode=plan.workspace.mode,
         base=plan.git.base,
         start_commit=plan.git.start_commit,
+        carried_commit=plan.git.carried_commit,
         work_location=plan.workspace.worktree or plan.workspace.upper,
     )
 
@@ -146,6 +148,8 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
                 start_commit=plan.git.start_commit,
                 resume=plan.git.resume,
                 mode=plan.workspace.mode,
+                carried_commit=plan.git.carried_commit,
+                carried_paths=plan.git.carried_paths,
             )
         store.update(plan.agent_id, phase="starting", message="starting the sandbox")
         # Listening before the sandbox exists: its socket is mounted into the sandbox.
@@ -454,6 +458,7 @@ def _close(
         pr_url=work.pr_url,
         excluded_paths=work.excluded_paths,
         notes=work.notes,
+        carried_commit=plan.git.carried_commit,
     )
 
 

@@ -220,6 +220,12 @@ def build_plan(
     command = agent_command(config.agent.command or profile.command, task_text)
     summary = task_summary(task_text, spec_source)
     workspace, git = plan_workspace_and_git(loaded, project, agent_id, task_text)
+    if workspace.needs_delta and host.rootless and workspace.hide_untracked:
+        raise HostUnsupportedError(
+            "filesystem.uncommitted: exclude cannot hide your uncommitted changes in rootless "
+            "overlay mode (podman's overlay volume takes one lower layer: the checkout); use "
+            "include, --mode worktree, or commit or stash them first"
+        )
     if workspace.needs_delta and host.rootless:
         # Podman's rootless overlay volume takes one lower layer: the checkout.
         raise HostUnsupportedError(

@@ -92,6 +92,12 @@ def save_work(plan: SandboxPlan, *, agent_succeeded: bool) -> WorkOutcome:
             f"{plan.workspace.upper}"
         )
         return outcome
+    if plan.git.carried_commit:
+        outcome.notes.append(
+            f"your uncommitted changes at launch ({plan.git.carried_paths} path(s)) are commit "
+            f"{plan.git.carried_commit[:12]} on the branch, before the agent's work "
+            "(filesystem.uncommitted: include)"
+        )
     if not plan.git.auto_commit:
         outcome.notes.append("git.auto_commit is off; the agent's work was not committed")
         return outcome

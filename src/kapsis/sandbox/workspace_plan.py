@@ -8,6 +8,8 @@ work afterwards (commit identity, message, exclusions, push, post-push hook).
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
 from pathlib import Path
 
 from kapsis import paths
@@ -46,6 +48,8 @@ class WorkspacePlan(PlanModel):
     merged: str
     delta: str
     needs_delta: bool = False
+    # exclude: the user's untracked files are hidden from the agent (whiteouts in the delta).
+    hide_untracked: bool = False
     worktree: str | None = None
     release_worktree: str | None = None
     agent_git: str | None = None
@@ -77,6 +81,10 @@ class GitPlan(PlanModel):
     committer: str | None = None
     commit_exclude: tuple[str, ...] = ()
     post_push_hook: str | None = None
+    # filesystem.uncommitted: include carried the user's uncommitted state as this commit, the
+    # start commit's parent's child (the agent starts from it); these paths were in it.
+    carried_commit: str | None = None
+    carried_paths: int = 0
 
     @property
     def commits(self) -> bool:
@@ -141,6 +149,28 @@ def plan_workspace_and_git(
         releasable=_finished_worktrees(),
     )
     head = repo.rev("HEAD^{commit}")
+    committer = git.committer or _user_identity(repo)
+    if git.auto_commit and committer is None:
+        raise ConfigError(
+            f"the host commits the agent's work as you, but git has no identity for {project}; "
+            "set git.committer ('Name <email>') in agent-sandbox.yaml, or run "
+            "`git config --global user.name NAME` and `git config --global user.email EMAIL`"
+        )
+    carried: tuple[str, int] | None = None
+    hide_user_state = False
+    if head is not None and target.start_commit == head and not target.resume:
+        # A new branch from the checkout: what the user has not committed is carried or left.
+        from kapsis.git.snapshot import carry_commit, working_state
+
+        state = working_state(repo, head)
+        if not state.clean and config.filesystem.uncommitted == "include":
+            who = repo.owner.name if repo.owner is not None else _account_name()
+            identity = committer or f"{who} <{who}@localhost>"
+            commit = carry_commit(repo, head, state, identity, who)
+            carried = (commit, len(state.changed))
+            target = replace(target, start_commit=commit)
+            head = commit  # the checkout shows exactly this commit's tree: no delta
+        hide_user_state = not state.clean and config.filesystem.uncommitted == "exclude"
     git_view = {
         "git_uid": _owner_uid(repo.common_dir),
         "release_worktree": str(target.release_worktree) if target.release_worktree else None,
@@ -157,14 +187,11 @@ def plan_workspace_and_git(
     else:
         # The lower layer is the checkout; a start elsewhere needs its differences on top.
         workspace = workspace.model_copy(
-            update={**git_view, "needs_delta": target.start_commit != head}
-        )
-    committer = git.committer or _user_identity(repo)
-    if git.auto_commit and committer is None:
-        raise ConfigError(
-            f"the host commits the agent's work as you, but git has no identity for {project}; "
-            "set git.committer ('Name <email>') in agent-sandbox.yaml, or run "
-            "`git config --global user.name NAME` and `git config --global user.email EMAIL`"
+            update={
+                **git_view,
+                "needs_delta": target.start_commit != head or hide_user_state,
+                "hide_untracked": hide_user_state,
+            }
         )
     git_plan = GitPlan(
         repository=True,
@@ -183,6 +210,8 @@ def plan_workspace_and_git(
         committer=committer,
         commit_exclude=tuple(git.commit_exclude),
         post_push_hook=git.post_push_hook,
+        carried_commit=carried[0] if carried else None,
+        carried_paths=carried[1] if carried else 0,
     )
     return workspace, git_plan
 
@@ -202,6 +231,15 @@ def _check_owned(repo: Repo, owner: RepoOwner, *, worktree: bool) -> None:
             f"worktree mode: the worktree goes under the home of {owner.name}, who owns "
             f"{repo.root}, and {owner.home} is not a directory; use --mode overlay"
         )
+
+
+def _account_name() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.geteuid())
 
 
 def _owner_uid(path: Path) -> int | None:

@@ -68,6 +68,8 @@ class AgentStatus(BaseModel):
     workspace_mode: str = "overlay"
     base: str | None = None
     start_commit: str | None = None
+    # The user's uncommitted state at launch, carried onto the branch (filesystem.uncommitted).
+    carried_commit: str | None = None
     commit_sha: str | None = None
     agent_commits: int = 0
     excluded_paths: list[str] = []

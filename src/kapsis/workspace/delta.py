@@ -48,10 +48,22 @@ def _blobs(repo: Repo, object_ids: list[str]) -> dict[str, bytes]:
     return blobs
 
 
-def build_delta(repo: Repo, start: str, delta: Path) -> int:
-    """Write the delta layer for ``start`` into ``delta``; return how many paths it holds."""
+def _untracked_paths(repo: Repo) -> list[str]:
+    """Files and whole directories that git does not track and does not ignore."""
+    raw = repo.run("ls-files", "-z", "--others", "--exclude-standard", "--directory").stdout
+    return [os.fsdecode(p).rstrip("/") for p in raw.split(b"\0") if p]
+
+
+def build_delta(repo: Repo, start: str, delta: Path, *, hide_untracked: bool = False) -> int:
+    """Write the delta layer for ``start`` into ``delta``; return how many paths it holds.
+
+    ``hide_untracked``: the checkout's untracked (not ignored) files are whited out too, so the
+    agent sees ``start``'s tree and no more of the user's state (filesystem.uncommitted: exclude).
+    """
     delta.mkdir(parents=True, exist_ok=True)
     paths = _differing_paths(repo, start)
+    if hide_untracked:
+        paths += [p for p in _untracked_paths(repo) if p not in paths]
     if not paths:
         return 0
     listing = tree_listing(repo, start)

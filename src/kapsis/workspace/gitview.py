@@ -10,11 +10,9 @@ its sandbox dir, and the host only ever reads it as data (see :mod:`kapsis.git.a
 
 from __future__ import annotations
 
-import os
-import shutil
-import stat
 from pathlib import Path
 
+from kapsis.git.owner import copy_owned_file
 from kapsis.git.runner import Repo
 from kapsis.sandbox.workspace_plan import AGENT_GIT_TARGET, OBJECTS_TARGET
 
@@ -92,22 +90,10 @@ def build_agent_git(
 
 def _copy_index(repo: Repo, source: Path | None, target: Path) -> bool:
     """Copy a checkout's index into the agent's view; False (build one instead) when it is not
-    a plain file of the repository's owner: in a user's repository that root works on, the user
-    could have put a link to a file of root's in its place."""
+    a plain file of the repository's owner."""
     if source is None:
         return False
-    try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return False
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        expected = repo.owner.uid if repo.owner is not None else info.st_uid
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != expected:
-            return False
-        with open(target, "wb") as copy:
-            shutil.copyfileobj(handle, copy)
-    return True
+    return copy_owned_file(source, target, repo.owner.uid if repo.owner is not None else None)
 
 
 def write_gitlink(path: Path) -> None:

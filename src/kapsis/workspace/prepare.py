@@ -57,7 +57,12 @@ def prepare_workspace(plan: SandboxPlan) -> None:
             Path(workspace.work).mkdir(parents=True, exist_ok=True)
             write_gitlink(Path(workspace.upper) / ".git")
             if workspace.needs_delta:
-                build_delta(repo, git.start_commit, Path(workspace.delta))
+                build_delta(
+                    repo,
+                    git.start_commit,
+                    Path(workspace.delta),
+                    hide_untracked=workspace.hide_untracked,
+                )
     except GitCommandError as error:
         raise SandboxError(f"cannot prepare the agent's git workspace: {error}") from None
 

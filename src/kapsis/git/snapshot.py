@@ -1,0 +1,76 @@
+"""The user's uncommitted state at launch, as a tree and, when carried, a commit of its own.
+
+An agent on a new branch from the checked-out commit would otherwise start from whatever the
+checkout holds: tracked changes and untracked files the user has not committed. Kapsis reads
+that state once, at launch, into a tree (``git add -A`` into a scratch copy of the index: what
+``git status`` shows, ignored files left out, the user's index untouched). With
+``filesystem.uncommitted: include`` the tree becomes a commit on the agent's branch, named as the
+user's, before the agent's work, so the agent's own commit holds only the agent's changes; with
+``exclude`` the agent starts from the checked-out commit alone.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from kapsis.git.owner import SHARED_TMP, copy_owned_file
+from kapsis.git.runner import Repo, without_filters
+
+
+@dataclass(frozen=True)
+class WorkingState:
+    """The checkout's state at launch: its tree, and the paths that differ from ``head``."""
+
+    tree: str
+    changed: tuple[str, ...]
+
+    @property
+    def clean(self) -> bool:
+        return not self.changed
+
+
+def working_state(repo: Repo, head: str) -> WorkingState:
+    """What ``git add -A`` would commit on top of ``head`` now (the user's index untouched)."""
+    owner = repo.owner
+    with tempfile.TemporaryDirectory(
+        prefix="kapsis-index-", dir=SHARED_TMP if owner is not None else None
+    ) as scratch:
+        index = Path(scratch) / "index"
+        # A copy of the user's index keeps its stat data: only changed files are read again.
+        if not copy_owned_file(repo.git_dir / "index", index, owner.uid if owner else None):
+            repo.run("read-tree", head, env={"GIT_INDEX_FILE": str(index)})
+        if owner is not None:
+            os.chown(scratch, owner.uid, owner.gid)
+            if index.exists():
+                os.chown(index, owner.uid, owner.gid)
+        env = {"GIT_INDEX_FILE": str(index)}
+        # No filter driver runs on the user's files (as for the delta layer).
+        repo.run("add", "--all", "--", ".", env=env, extra_config=without_filters(repo))
+        tree = repo.run("write-tree", env=env).stdout.decode().strip()
+    listing = repo.run("diff-tree", "-r", "-z", "--no-renames", "--name-only", head, tree).stdout
+    changed = tuple(os.fsdecode(path) for path in listing.split(b"\0") if path)
+    return WorkingState(tree, changed)
+
+
+def carry_commit(repo: Repo, head: str, state: WorkingState, identity: str, name: str) -> str:
+    """A commit of ``state`` on ``head``, authored and committed as ``identity`` (the user)."""
+    from kapsis.git.commit import split_identity
+
+    person, email = split_identity(identity)
+    env = {
+        "GIT_AUTHOR_NAME": person,
+        "GIT_AUTHOR_EMAIL": email,
+        "GIT_COMMITTER_NAME": person,
+        "GIT_COMMITTER_EMAIL": email,
+    }
+    message = (
+        f"Uncommitted work of {name} at launch\n\n"
+        f"What the checkout held beyond {head[:12]} when the agent started ({len(state.changed)} "
+        "path(s)), carried here before the agent's work (filesystem.uncommitted: include). "
+        "Not the agent's.\n"
+    )
+    made = repo.run("commit-tree", state.tree, "-p", head, input=message.encode(), env=env)
+    return made.stdout.decode().strip()
