@@ -34,6 +34,13 @@ class WorkingState:
 
 def working_state(repo: Repo, head: str) -> WorkingState:
     """What ``git add -A`` would commit on top of ``head`` now (the user's index untouched)."""
+    # One quick look first: most launches find a clean checkout, and that costs one process.
+    status = repo.run(
+        "status", "--porcelain", "-z", "--untracked-files=normal", "--ignore-submodules=dirty",
+        extra_config=without_filters(repo),
+    )  # fmt: skip
+    if not status.stdout:
+        return WorkingState(tree="", changed=())
     owner = repo.owner
     with tempfile.TemporaryDirectory(
         prefix="kapsis-index-", dir=SHARED_TMP if owner is not None else None
