@@ -293,6 +293,7 @@ def test_every_failing_check_has_a_fix() -> None:
         checks.check_runtime_dir(None, 1000, "alice"),
         checks.check_storage(host_parsing.StorageDriver("vfs"), rootless=True),
         checks.check_storage(host_parsing.StorageDriver("vfs"), rootless=False),
+        checks.check_storage(None, rootless=True),
         checks.check_limits(True, 1, None),
         checks.check_nofile(False, 20000, False, None),
         checks.check_hybrid("crun", hybrid, ["hugetlb"]),

@@ -10,7 +10,6 @@ from quarantine and indexed into the project (``index-pack`` recomputes every ob
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import stat
@@ -70,14 +69,6 @@ def _copy_object_store(source: Path, destination: Path) -> None:
                 shutil.copyfile(item, target / item.name, follow_symlinks=False)
 
 
-def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    """Give the quarantine (regular files and dirs that Kapsis made) to ``uid``."""
-    os.chown(root, uid, gid)
-    for directory, subdirs, files in os.walk(root):
-        for name in (*subdirs, *files):
-            os.lchown(os.path.join(directory, name), uid, gid)
-
-
 class AgentObjects:
     """The agent's objects in quarantine: readable by host git, not yet in the repository.
 
@@ -101,7 +92,7 @@ class AgentObjects:
         _copy_object_store(self.agent_git / "objects", objects)
         owner = self.repo.owner
         if owner is not None:  # host git reads the quarantine as the repository's owner
-            _chown_tree(Path(self._scratch.name), owner.uid, owner.gid)
+            owner.give(Path(self._scratch.name))
         self.env = {"GIT_ALTERNATE_OBJECT_DIRECTORIES": str(objects)}
         return self
 

@@ -63,6 +63,10 @@ class RepoOwner:
         owned.update({"HOME": self.home, "USER": self.name, "LOGNAME": self.name})
         return owned
 
+    def give(self, root: Path) -> None:
+        """Hand ``root`` (a scratch dir root made for the owner's git) and all in it to them."""
+        chown_tree(root, self.uid, self.gid)
+
     def run(
         self, argv: Sequence[str], *, timeout: float = 120
     ) -> subprocess.CompletedProcess[bytes]:
@@ -76,6 +80,15 @@ class RepoOwner:
             check=False,
             **self.subprocess_options(),
         )
+
+
+def chown_tree(root: Path, uid: int, gid: int) -> None:
+    """Give ``root`` and everything below it to ``uid``/``gid``; links are changed, never
+    followed (the walk does not descend into them either)."""
+    os.lchown(root, uid, gid)
+    for directory, subdirs, files in os.walk(root):
+        for name in (*subdirs, *files):
+            os.lchown(os.path.join(directory, name), uid, gid)
 
 
 def copy_owned_file(source: Path, target: Path, uid: int | None) -> bool:

@@ -50,9 +50,7 @@ def working_state(repo: Repo, head: str) -> WorkingState:
         if not copy_owned_file(repo.git_dir / "index", index, owner.uid if owner else None):
             repo.run("read-tree", head, env={"GIT_INDEX_FILE": str(index)})
         if owner is not None:
-            os.chown(scratch, owner.uid, owner.gid)
-            if index.exists():
-                os.chown(index, owner.uid, owner.gid)
+            owner.give(Path(scratch))
         env = {"GIT_INDEX_FILE": str(index)}
         # No filter driver runs on the user's files (as for the delta layer).
         repo.run("add", "--all", "--", ".", env=env, extra_config=without_filters(repo))

@@ -275,7 +275,12 @@ def check_storage(driver: StorageDriver | None, *, rootless: bool) -> Check:
     for each container: runs are slow and images huge."""
     name = "storage driver"
     if driver is None:
-        return Check(name, False, "`podman info` failed: cannot tell the storage driver", None)
+        return Check(
+            name,
+            False,
+            "`podman info` failed: cannot tell the storage driver",
+            "run `podman info` to see why, fix that, then `kapsis setup --check` again",
+        )
     if driver.name == "overlay":
         how = f"via {driver.mount_program}" if driver.mount_program else "native"
         return Check(name, True, f"overlay ({how})")

@@ -10,7 +10,6 @@ the outcome says where and how to retry.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
 import tempfile
@@ -199,8 +198,7 @@ def _ssh_command(plan: SandboxPlan, repo: Repo) -> Iterator[str | None]:
     with tempfile.TemporaryDirectory(prefix="kapsis-ssh-", dir=SHARED_TMP) as scratch:
         known_hosts = Path(scratch) / "known_hosts"
         shutil.copyfile(plan.ssh.known_hosts, known_hosts)
-        for path in (Path(scratch), known_hosts):
-            os.chown(path, repo.owner.uid, repo.owner.gid)
+        repo.owner.give(Path(scratch))
         yield host_ssh_command(plan.ssh.model_copy(update={"known_hosts": str(known_hosts)}))
 
 

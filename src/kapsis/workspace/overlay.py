@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from kapsis.errors import SandboxError
+from kapsis.git.owner import chown_tree
 from kapsis.sandbox.workspace_plan import WorkspacePlan
 from kapsis.workspace import _mountapi
 
@@ -51,18 +52,11 @@ def _idmapped(
         os.close(fd)
 
 
-def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    os.lchown(root, uid, gid)
-    for directory, subdirs, files in os.walk(root):
-        for name in (*subdirs, *files):
-            os.lchown(os.path.join(directory, name), uid, gid)
-
-
 def mount_workspace(workspace: WorkspacePlan, agent_uid: int, agent_gid: int) -> None:
     """Mount the agent's view of the project at ``workspace.merged`` (host uids given)."""
     try:
         if workspace.agent_git is not None:
-            _chown_tree(Path(workspace.agent_git), agent_uid, agent_gid)
+            chown_tree(Path(workspace.agent_git), agent_uid, agent_gid)
         if workspace.objects is not None and workspace.objects_source is not None:
             _idmapped(
                 workspace.objects_source, workspace.objects, agent_uid, agent_gid, workspace.git_uid
@@ -74,12 +68,12 @@ def mount_workspace(workspace: WorkspacePlan, agent_uid: int, agent_gid: int) ->
         for directory in (workspace.upper, workspace.work, workspace.merged):
             Path(directory).mkdir(parents=True, exist_ok=True)
         _idmapped(workspace.project, workspace.lower, agent_uid, agent_gid, workspace.project_uid)
-        _chown_tree(Path(workspace.upper), agent_uid, agent_gid)
+        chown_tree(Path(workspace.upper), agent_uid, agent_gid)
         os.chown(workspace.work, agent_uid, agent_gid)
         os.chmod(workspace.upper, 0o755)
         lower = workspace.lower
         if workspace.needs_delta:
-            _chown_tree(Path(workspace.delta), agent_uid, agent_gid)
+            chown_tree(Path(workspace.delta), agent_uid, agent_gid)
             lower = f"{workspace.delta}:{workspace.lower}"
         options = (
             f"lowerdir={lower},upperdir={workspace.upper},workdir={workspace.work},"
