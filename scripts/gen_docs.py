@@ -79,6 +79,13 @@ NAMED_TYPES: tuple[tuple[Any, str, str, str], ...] = (
         f"starting with `{models.RESERVED_ENV_PREFIX}` are reserved",
     ),
     (
+        models.ProjectSubdir,
+        "project folder",
+        "project folders",
+        "a relative path inside the project, e.g. `node_modules` or `web/node_modules`; no "
+        "`..` and no `.git`",
+    ),
+    (
         models.HostPattern,
         "host pattern",
         "host patterns",

@@ -66,6 +66,19 @@ def worktrees_dir(owner_home: str | None = None) -> Path:
     return kapsis_home() / "worktrees"
 
 
+def bases_dir(owner_home: str | None = None) -> Path:
+    """Where the frozen base snapshots of projects are kept (see :mod:`kapsis.workspace.bases`);
+    like worktrees, under the home of the repository's owner when root works on theirs."""
+    if owner_home is not None:
+        return Path(owner_home) / ".kapsis" / "bases"
+    return kapsis_home() / "bases"
+
+
+def base_records_dir() -> Path:
+    """The runner's own records of the bases its runs made or used (size, age, where)."""
+    return kapsis_home() / "base-records"
+
+
 def locks_dir() -> Path:
     return kapsis_home() / "locks"
 

@@ -17,6 +17,7 @@ import pytest
 
 from kapsis.errors import ExitCode
 
+from .frozen import EDIT, FROZEN_TASK, edit_once_started
 from .internet import REMOTE_V4, Internet, probe_script
 from .rootless_user import RootlessUser, host_settings_for_rootless, rootless_user
 
@@ -246,7 +247,7 @@ def test_a_fresh_user_builds_the_images_with_kapsis_setup_and_runs(base_image: s
         assert fresh.not_owned(project, fresh.home / ".kapsis") == []
 
 
-def test_rootless_include_carries_the_users_changes_and_exclude_says_what_to_do(
+def test_rootless_include_carries_the_users_changes_and_exclude_leaves_them_out(
     user: RootlessUser, project: Path
 ) -> None:
     changed = user.run(["sh", "-c", f"echo 'unfinished' >> {project}/base.txt"])
@@ -264,12 +265,30 @@ def test_rootless_include_carries_the_users_changes_and_exclude_says_what_to_do(
 
     config = user.home / "exclude.yaml"
     user.run(["sh", "-c", f"cat > {config}"], input="filesystem:\n  uncommitted: exclude\n")
-    refused = run(user, project, task, "--network-mode", "none", "--config", str(config))
-    assert refused.returncode == ExitCode.HOST_UNSUPPORTED
-    assert "--mode worktree" in refused.stderr
-    worktree = run(
-        user, project, task, "--network-mode", "none", "--config", str(config),
-        "--mode", "worktree",
-    )  # fmt: skip
-    assert worktree.returncode == 0, worktree.stderr
-    assert "unfinished" not in worktree.stdout
+    for mode in ("overlay", "worktree"):
+        excluded = run(
+            user, project, task, "--network-mode", "none", "--config", str(config),
+            "--mode", mode,
+        )  # fmt: skip
+        assert excluded.returncode == 0, excluded.stderr
+        assert "unfinished" not in excluded.stdout, mode
+        files = branch_files(user, project, agent_branch(excluded.stderr))
+        assert "agent.txt" in files
+
+
+def test_rootless_overlay_is_frozen_at_launch(user: RootlessUser, project: Path) -> None:
+    """The user's edit made while the agent runs never reaches the agent or its branch."""
+
+    def edit() -> None:
+        user.run(["sh", "-c", f"printf '{EDIT}' >> {project}/base.txt"])
+
+    with edit_once_started(user.home / ".kapsis", edit) as edited:
+        result = run(user, project, FROZEN_TASK, "--network-mode", "none")
+    assert edited.is_set(), "the agent never said it started"
+    assert result.returncode == 0, result.stderr
+    branch = agent_branch(result.stderr)
+    show = "git", "-C", str(project), "show"
+    assert user.run([*show, f"{branch}:after.txt"]).stdout == "base\n"
+    assert user.run([*show, f"{branch}:base.txt"]).stdout == "base\nagent\n"
+    # The control: the edit is in the checkout, untouched by the run.
+    assert (project / "base.txt").read_text() == "base\n" + EDIT

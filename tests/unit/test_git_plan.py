@@ -203,8 +203,9 @@ def test_bad_git_settings_are_one_line_errors_with_file_and_line(
     assert expected in message
 
 
-def test_rootless_overlay_refuses_a_start_it_cannot_show(repo: Path, tmp_path: Path) -> None:
-    from kapsis.errors import HostUnsupportedError
+def test_rootless_overlay_shows_any_start_through_the_same_frozen_layers(
+    repo: Path, tmp_path: Path
+) -> None:
     from kapsis.host.facts import HostFacts
 
     git(repo, "branch", "feature/x")
@@ -212,13 +213,10 @@ def test_rootless_overlay_refuses_a_start_it_cannot_show(repo: Path, tmp_path: P
     rootless = HostFacts(rootless=True, cgroup_version=2, apparmor=False, dns_servers=DNS)
     request = RunRequest(project=repo, task="t", agent_id="ab12", branch="feature/x")
     loaded = load_config(repo, None, request.flag_values())
-    with pytest.raises(HostUnsupportedError, match="--mode worktree"):
-        build_plan(request, loaded, find_profile("shell"), rootless, environ={})
-    worktree = RunRequest(
-        project=repo, task="t", agent_id="ab12", branch="feature/x", mode="worktree"
-    )
-    loaded = load_config(repo, None, worktree.flag_values())
-    assert build_plan(worktree, loaded, find_profile("shell"), rootless, environ={}).git.resume
+    plan = build_plan(request, loaded, find_profile("shell"), rootless, environ={})
+    assert plan.git.resume and plan.workspace.base is not None
+    assert plan.workspace.base_commit == git(repo, "rev-parse", "HEAD")  # the checkout's commit
+    assert plan.workspace.needs_delta and plan.workspace.delta_paths == 0  # an empty commit
 
 
 # --- filesystem.uncommitted: the user's state at launch -------------------------------------
@@ -259,8 +257,10 @@ def test_include_carries_the_users_uncommitted_state_as_a_commit_of_its_own(
         else f"Ada Tester <ada@example.test>|Uncommitted work of {getpass.getuser()} at launch"
     )
     assert plan.git.carried_paths == 3
-    # The checkout shows exactly that commit: no delta layer; nothing of the user's changed.
-    assert plan.workspace.needs_delta is False
+    # The base is the checkout's commit (it serves the next launches too); the user's state is
+    # the delta above it. Nothing of the user's changed.
+    assert plan.workspace.base_commit == head and plan.workspace.base_exists is False
+    assert plan.workspace.needs_delta is True and plan.workspace.delta_paths == 3
     assert (repo / ".git" / "index").read_bytes() == index_before
     assert git(repo, "status", "--porcelain").splitlines() == [
         "M README.md",  # (the helper strips the leading blank: not staged)
@@ -277,7 +277,10 @@ def test_exclude_starts_from_the_checked_out_commit_and_hides_the_users_state(
     plan = plan_for(repo, tmp_path, config="filesystem: {uncommitted: exclude}\n")
     assert plan.git.carried_commit is None
     assert plan.git.start_commit == git(repo, "rev-parse", "HEAD")
-    assert plan.workspace.needs_delta is True and plan.workspace.hide_untracked is True
+    assert plan.git.left_out_paths == 3
+    # The view is the commit's tree, from the object store: nothing of the checkout's state.
+    assert plan.workspace.base_commit == plan.git.start_commit
+    assert plan.workspace.needs_delta is False
 
 
 def test_a_clean_checkout_carries_nothing_either_way(repo: Path, tmp_path: Path) -> None:

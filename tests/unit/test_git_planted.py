@@ -364,10 +364,11 @@ def test_add_worktree_runs_no_filter_driver_and_no_hook(planted: Setup) -> None:
         assert expected in fired
 
 
-# Regression (a bug found while writing these tests, since fixed): build_delta runs `git diff-index
-# <start>` against the checkout without blanking filter drivers, so racily-clean index entries are
+# Regression (a bug found while writing these tests, since fixed): build_delta ran `git diff-index
+# <start>` against the checkout without blanking filter drivers, so racily-clean index entries were
 # re-hashed through the filter the checkout's .gitattributes names (the user's filter.<name>.clean,
-# e.g. git-lfs) although runner.py promises that filter drivers never run
+# e.g. git-lfs) although runner.py promises that filter drivers never run. The delta is now read
+# from two commits alone; the checkout is not looked at.
 def test_build_delta_runs_no_filter_driver(planted: Setup) -> None:
     project = planted.project
     write_files(project, {".gitattributes": ATTRIBUTES})
@@ -375,7 +376,9 @@ def test_build_delta_runs_no_filter_driver(planted: Setup) -> None:
     # the index were written in the same second; git re-hashes such files to compare them
     os.utime(project / ".git" / "index", (1, 1))
 
-    build_delta(planted.repo, rev(project, EVIL_BRANCH), planted.tmp / "delta")
+    build_delta(
+        planted.repo, rev(project, "HEAD"), rev(project, EVIL_BRANCH), planted.tmp / "delta"
+    )
 
     assert planted.fired() == []
     # control: the same comparison with plain git runs the clean filter

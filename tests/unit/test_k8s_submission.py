@@ -196,6 +196,7 @@ LOCAL_ONLY_CASES: dict[str, tuple[str, str]] = {
     "security.overrides.noexec_tmp": ("security: {overrides: {noexec_tmp: true}}", "noexec"),
     "filesystem.mode": ("filesystem: {mode: worktree}", "fresh clone"),
     "filesystem.uncommitted": ("filesystem: {uncommitted: exclude}", "uncommitted changes never"),
+    "filesystem.share_ignored": ("filesystem: {share_ignored: [node_modules]}", "no directory"),
     "filesystem.mounts": (
         "filesystem: {mounts: [{source: /etc, target: /data}]}",
         "host paths cannot be mounted",

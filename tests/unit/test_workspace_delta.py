@@ -1,4 +1,7 @@
-"""The delta layer between the project's checkout and the start commit (kapsis.workspace.delta)."""
+"""The delta layer between a frozen base commit and the start commit (kapsis.workspace.delta).
+
+The base here is ``main``, the commit the checkout is on; the layer is read from git alone.
+"""
 
 from __future__ import annotations
 
@@ -57,6 +60,10 @@ def other(project: Path) -> str:
     return sha
 
 
+def main(project: Path) -> str:
+    return git(project, "rev-parse", "main")
+
+
 def listing(root: Path) -> list[str]:
     return sorted(
         str(path.relative_to(root))
@@ -70,7 +77,7 @@ def test_delta_holds_the_start_commits_version_of_what_differs(
 ) -> None:
     delta = tmp_path / "delta"
 
-    count = build_delta(repo, other, delta)
+    count = build_delta(repo, main(project), other, delta)
 
     assert count == 5
     assert listing(delta) == ["gone.txt", "link", "mod.txt", "src/pkg/new.py", "tool.sh"]
@@ -92,7 +99,7 @@ def test_building_the_delta_leaves_the_checkout_alone(
 ) -> None:
     index = (project / ".git" / "index").read_bytes()
 
-    build_delta(repo, other, tmp_path / "delta")
+    build_delta(repo, main(project), other, tmp_path / "delta")
 
     assert (project / ".git" / "index").read_bytes() == index
     assert git(project, "symbolic-ref", "--short", "HEAD") == "main"
@@ -105,23 +112,45 @@ def test_clean_checkout_at_the_start_commit_gives_an_empty_delta(
 ) -> None:
     delta = tmp_path / "delta"
 
-    assert build_delta(repo, git(project, "rev-parse", "HEAD"), delta) == 0
+    assert build_delta(repo, main(project), main(project), delta) == 0
     assert delta.is_dir()
     assert list(delta.iterdir()) == []
 
 
-def test_uncommitted_edits_of_the_checkout_are_covered_by_the_start_version(
-    repo: Repo, project: Path, tmp_path: Path
+def test_the_live_checkout_never_reaches_the_delta(
+    repo: Repo, project: Path, other: str, tmp_path: Path
 ) -> None:
-    (project / "keep.txt").write_text("the user's unsaved edit\n")
+    (project / "mod.txt").write_text("the user's unsaved edit\n")
+    (project / "keep.txt").write_text("another unsaved edit\n")
+    (project / "untracked.txt").write_text("not in git\n")
     (project / "src" / "a.py").unlink()
     delta = tmp_path / "delta"
 
-    count = build_delta(repo, git(project, "rev-parse", "HEAD"), delta)
+    count = build_delta(repo, main(project), other, delta)
 
-    assert count == 2
-    assert (delta / "keep.txt").read_text() == "unchanged\n"
-    assert (delta / "src" / "a.py").read_text() == "a = 1\n"
+    assert count == 5
+    assert listing(delta) == ["gone.txt", "link", "mod.txt", "src/pkg/new.py", "tool.sh"]
+    assert (delta / "mod.txt").read_text() == "other version\n"
+
+
+def test_one_content_at_several_paths_and_as_a_link_target(
+    repo: Repo, project: Path, tmp_path: Path
+) -> None:
+    git(project, "checkout", "-q", "-b", "same")
+    big = "x" * (3 << 20) + "\n"  # larger than one chunk of the stream
+    start = commit_files(
+        project,
+        {"a.txt": "keep.txt", "b/a.txt": "keep.txt", "l": Link("keep.txt"), "big": big},
+        "same content",
+    )
+    git(project, "checkout", "-q", "main")
+    delta = tmp_path / "delta"
+
+    assert build_delta(repo, main(project), start, delta) == 4
+    assert (delta / "a.txt").read_text() == (delta / "b" / "a.txt").read_text() == "keep.txt"
+    assert os.readlink(delta / "l") == "keep.txt"
+    assert (delta / "big").read_text() == big
+    assert not list(tmp_path.glob(".delta-blob*"))
 
 
 # Regression (a bug found while writing these tests, since fixed): when the checkout has a directory
@@ -135,7 +164,7 @@ def test_file_in_start_where_the_checkout_has_a_directory(
     git(project, "checkout", "-q", "main")
     delta = tmp_path / "delta"
 
-    build_delta(repo, start, delta)
+    build_delta(repo, main(project), start, delta)
 
     # the file hides the checkout's directory; nothing below it is needed
     assert (delta / "src").read_text() == "now a file\n"
@@ -149,7 +178,7 @@ def test_directory_in_start_where_the_checkout_has_a_file(
     git(project, "checkout", "-q", "main")
     delta = tmp_path / "delta"
 
-    count = build_delta(repo, start, delta)
+    count = build_delta(repo, main(project), start, delta)
 
     assert count == 2
     assert (delta / "keep.txt" / "inner").read_text() == "a dir now\n"
@@ -171,7 +200,7 @@ def test_whiteouts_are_never_written_through_a_start_commit_symlink(
     git(project, "checkout", "-q", "main")
     delta = tmp_path / "delta"
 
-    build_delta(repo, start, delta)
+    build_delta(repo, main(project), start, delta)
 
     assert os.readlink(delta / "l") == str(outside)
     assert list(outside.iterdir()) == []

@@ -146,13 +146,21 @@ def workspace_volume_args(plan: SandboxPlan) -> list[str]:
     """/workspace, plus the agent's git view: its git dir and the project's objects, read-only."""
     workspace = plan.workspace
     mapped = plan.userns.kind == "mapped"
-    if mapped or workspace.mode == "worktree":
-        # Rootful: the host mounted the view at ``merged``; rootless worktree: a plain bind.
-        source = workspace.merged if mapped else workspace.worktree
-        args = ["--volume", f"{source}:{workspace.target}"]
+    if mapped or workspace.mode == "worktree" or workspace.base is not None:
+        # Rootful: the host mounted the view at ``merged``; rootless: podman's namespace holds
+        # the overlay there (mount_rootless); rootless worktree: a plain bind.
+        source = workspace.worktree if workspace.mode == "worktree" and not mapped else None
+        args = ["--volume", f"{source or workspace.merged}:{workspace.target}"]
     else:
+        # Not a git repository: the project itself is the lower layer (there is no commit to
+        # freeze), with podman's own overlay volume.
         overlay = f"O,upperdir={workspace.upper},workdir={workspace.work}"
         args = ["--volume", f"{workspace.project}:{workspace.target}:{overlay}"]
+    for shared in workspace.shared:
+        # Rootful: bound by the host (idmapped, read-only, checked step by step); rootless:
+        # the user's own directory, which podman opens with the user's rights.
+        source = shared.bound if mapped else f"{workspace.project}/{shared.path}"
+        args += ["--volume", f"{source}:{workspace.target}/{shared.path}:ro"]
     if workspace.agent_git is not None:
         objects = workspace.objects if mapped else workspace.objects_source
         args += ["--volume", f"{workspace.agent_git}:{AGENT_GIT_TARGET}"]
@@ -385,6 +393,10 @@ class PodmanBackend(Backend):
             from kapsis.workspace import mount_workspace
 
             mount_workspace(plan.workspace, agent_host_id, agent_host_id)
+        elif plan.workspace.mode == "overlay" and plan.workspace.base is not None:
+            from kapsis.workspace.overlay import mount_rootless
+
+            mount_rootless(plan.workspace, PODMAN)
         if plan.secrets:
             owner = uid_base + plan.userns.agent_uid if isinstance(uid_base, int) else None
             prepare_inbox(root, plan.secrets, owner)
@@ -455,6 +467,10 @@ class PodmanBackend(Backend):
             unmount_workspace(plan.workspace)
             _uidslots.release(plan.agent_id)
         elif plan.workspace.mode == "overlay":
+            if plan.workspace.base is not None:
+                from kapsis.workspace.overlay import unmount_rootless
+
+                unmount_rootless(plan.workspace, PODMAN)
             _remove_overlay_scratch(Path(plan.workspace.work))
 
 

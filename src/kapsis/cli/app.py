@@ -269,8 +269,19 @@ def _announce(plan: SandboxPlan) -> None:
                 f"{git.carried_commit[:12]}, before the agent's work (filesystem.uncommitted: "
                 "include)"
             )
-        elif plan.workspace.hide_untracked:
-            _note("your uncommitted changes are left out (filesystem.uncommitted: exclude)")
+        elif git.left_out_paths:
+            _note(
+                f"your uncommitted changes ({git.left_out_paths} path(s)) are left out "
+                "(filesystem.uncommitted: exclude)"
+            )
+        if plan.workspace.base is not None and not plan.workspace.base_exists:
+            _note(
+                f"first launch on this project or after a large change: checking out a frozen "
+                f"base of {(plan.workspace.base_commit or '')[:12]} (as long as a checkout; "
+                "later launches reuse it)"
+            )
+        for shared in plan.workspace.shared:
+            _note(f"{shared.path}: shared read-only and live from your checkout (share_ignored)")
 
 
 @app.command()

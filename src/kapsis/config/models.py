@@ -319,6 +319,20 @@ CommitTemplate = Annotated[str, AfterValidator(_check_message_template)]
 Identity = Annotated[str, AfterValidator(_check_identity)]
 
 
+def _check_project_subdir(value: str) -> str:
+    parts = [part for part in value.strip().split("/") if part not in ("", ".")]
+    if value.strip().startswith("/") or not parts:
+        raise ValueError(f"{value!r} is not a path inside the project; write it like node_modules")
+    if any(part == ".." or part.lower() == ".git" for part in parts):
+        raise ValueError(f"{value!r} leaves the project or names .git; name a folder inside it")
+    if any(ord(char) < 32 for char in value):
+        raise ValueError(f"{value!r} holds a control character")
+    return "/".join(parts)
+
+
+ProjectSubdir = Annotated[str, AfterValidator(_check_project_subdir)]
+
+
 class FilesystemSection(Section):
     mode: WorkspaceMode = Field(
         "overlay",
@@ -338,6 +352,16 @@ class FilesystemSection(Section):
         "branch as a commit of their own, named as yours, before the agent's work, so the "
         "agent's commit holds only its own changes (with --push that commit is published too). "
         "exclude: the agent starts from the checked-out commit alone.",
+    )
+    share_ignored: list[ProjectSubdir] = Field(
+        default_factory=list,
+        description="Directories of the project that git ignores and the agent needs as they "
+        "are in your checkout (dependencies, build output: node_modules, .venv), mounted "
+        "read-only at the same place in the agent's view. The agent otherwise sees only the "
+        "project's files as committed at launch (plus your uncommitted work with uncommitted: "
+        "include), frozen. Trade-off: these directories are live, not frozen (what you change in "
+        "them during a run, the agent sees), and read-only (the agent cannot install into them). "
+        "A directory that does not exist is skipped; one holding tracked files is refused.",
     )
 
 

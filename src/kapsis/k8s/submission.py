@@ -95,6 +95,8 @@ LOCAL_ONLY: dict[KeyPath, str] = {
     "an overlay nor a worktree of this machine; remove it (and --mode) for --backend k8s",
     ("filesystem", "uncommitted"): "a cluster run clones the pushed branch: your uncommitted "
     "changes never reach it; remove filesystem.uncommitted for --backend k8s",
+    ("filesystem", "share_ignored"): "a cluster run clones the pushed branch: no directory of "
+    "your checkout reaches it; remove filesystem.share_ignored for --backend k8s",
     ("filesystem", "mounts"): "host paths cannot be mounted into a cluster Pod; commit the files "
     "to the repository, or remove filesystem.mounts for --backend k8s",
     ("network", "podman_network"): "a Podman network means nothing on a cluster; remove it for "

@@ -140,7 +140,22 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
             # Loaded only for a repository: the git machinery is not free to import.
             from kapsis.workspace.prepare import prepare_workspace
 
-            prepare_workspace(plan)
+            made = prepare_workspace(plan)
+            if made is not None:
+                # The first launch on a project (or after a large change) pays for a checkout.
+                audit.record(
+                    "base_made",
+                    commit=made.commit,
+                    files=made.files,
+                    bytes=made.bytes,
+                    seconds=made.seconds,
+                )
+                store.update(
+                    plan.agent_id,
+                    phase="preparing",
+                    message=f"made the project's frozen base: {made.files} files, "
+                    f"{made.bytes / 1e6:.1f} MB in {made.seconds:.1f} s",
+                )
         if plan.git.branch:
             audit.record(
                 "branch_ready",
@@ -150,6 +165,10 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
                 mode=plan.workspace.mode,
                 carried_commit=plan.git.carried_commit,
                 carried_paths=plan.git.carried_paths,
+                left_out_paths=plan.git.left_out_paths,
+                base_commit=plan.workspace.base_commit,
+                delta_paths=plan.workspace.delta_paths,
+                shared_live=[shared.path for shared in plan.workspace.shared],
             )
         store.update(plan.agent_id, phase="starting", message="starting the sandbox")
         # Listening before the sandbox exists: its socket is mounted into the sandbox.

@@ -220,19 +220,6 @@ def build_plan(
     command = agent_command(config.agent.command or profile.command, task_text)
     summary = task_summary(task_text, spec_source)
     workspace, git = plan_workspace_and_git(loaded, project, agent_id, task_text)
-    if workspace.needs_delta and host.rootless:
-        # Podman's rootless overlay volume takes one lower layer: the checkout.
-        if workspace.hide_untracked:
-            raise HostUnsupportedError(
-                "filesystem.uncommitted: exclude cannot hide your uncommitted changes in "
-                "rootless overlay mode (podman's overlay volume takes one lower layer: the "
-                "checkout); use include, --mode worktree, or commit or stash them first"
-            )
-        raise HostUnsupportedError(
-            f"the agent starts from {git.base} ({(git.start_commit or '')[:12]}), not from the "
-            f"checked-out commit, which rootless overlay mode cannot show; use --mode worktree, "
-            "or check that commit out first"
-        )
     sandbox_root = paths.sandbox_dir(agent_id)
     env = {
         **{k: v for k, v in profile.env.items() if k not in secret_names},

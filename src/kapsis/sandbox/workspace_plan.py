@@ -9,6 +9,7 @@ work afterwards (commit identity, message, exclusions, push, post-push hook).
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,10 +33,12 @@ class WorkspacePlan(PlanModel):
     """The project as the agent sees it: a copy-on-write view or a worktree, writes on the host.
 
     ``root`` is the sandbox's host dir. Overlay mode uses ``upper`` (the agent's writes),
-    ``work``, ``lower`` (an idmapped view of the project) and ``delta`` (the start commit's
-    differences from the checkout, when they differ); ``merged`` is what the sandbox mounts at
-    ``target`` in either mode. ``agent_git`` is the agent's own git directory, which sees the
-    project's objects read-only at ``/kapsis/objects`` and has one branch.
+    ``work``, ``lower`` (where the base is bound, idmapped) and ``delta`` (the start commit's
+    differences from the base, when they differ); ``merged`` is what the sandbox mounts at
+    ``target`` in either mode. In a git project the base is a frozen checkout of
+    ``base_commit`` at ``base`` (:mod:`kapsis.workspace.bases`); elsewhere it is the project
+    itself, live. ``agent_git`` is the agent's own git directory, which sees the project's
+    objects read-only at ``/kapsis/objects`` and has one branch.
     """
 
     mode: WorkspaceMode = "overlay"
@@ -48,8 +51,16 @@ class WorkspacePlan(PlanModel):
     merged: str
     delta: str
     needs_delta: bool = False
-    # exclude: the user's untracked files are hidden from the agent (whiteouts in the delta).
-    hide_untracked: bool = False
+    base: str | None = None
+    base_commit: str | None = None
+    base_key: str | None = None
+    # Who owns the base's files: the repository's owner, or the runner.
+    base_uid: int | None = None
+    # Whether the base existed when the run was planned (else this launch makes it).
+    base_exists: bool = False
+    delta_paths: int = 0
+    # filesystem.share_ignored, as found at planning: (path in the project, its owner's uid).
+    shared: tuple[SharedDir, ...] = ()
     worktree: str | None = None
     release_worktree: str | None = None
     agent_git: str | None = None
@@ -60,6 +71,15 @@ class WorkspacePlan(PlanModel):
     # and the object store); root checks them again before it mounts those for the agent.
     project_uid: int | None = None
     git_uid: int | None = None
+
+
+class SharedDir(PlanModel):
+    """An ignored directory of the checkout shown read-only, live, at the same place."""
+
+    path: str
+    uid: int
+    # Rootful: where the host binds it (idmapped, read-only) for podman to mount.
+    bound: str
 
 
 class GitPlan(PlanModel):
@@ -85,6 +105,8 @@ class GitPlan(PlanModel):
     # start commit's parent's child (the agent starts from it); these paths were in it.
     carried_commit: str | None = None
     carried_paths: int = 0
+    # filesystem.uncommitted: exclude left this many uncommitted paths out of the agent's view.
+    left_out_paths: int = 0
 
     @property
     def commits(self) -> bool:
@@ -157,7 +179,7 @@ def plan_workspace_and_git(
             "`git config --global user.name NAME` and `git config --global user.email EMAIL`"
         )
     carried: tuple[str, int] | None = None
-    hide_user_state = False
+    left_out = 0
     if head is not None and target.start_commit == head and not target.resume:
         # A new branch from the checkout: what the user has not committed is carried or left.
         from kapsis.git.snapshot import carry_commit, working_state
@@ -169,8 +191,8 @@ def plan_workspace_and_git(
             commit = carry_commit(repo, head, state, identity, who)
             carried = (commit, len(state.changed))
             target = replace(target, start_commit=commit)
-            head = commit  # the checkout shows exactly this commit's tree: no delta
-        hide_user_state = not state.clean and config.filesystem.uncommitted == "exclude"
+        elif not state.clean:
+            left_out = len(state.changed)
     git_view = {
         "git_uid": _owner_uid(repo.common_dir),
         "release_worktree": str(target.release_worktree) if target.release_worktree else None,
@@ -185,14 +207,26 @@ def plan_workspace_and_git(
             update={**git_view, "worktree": str(worktree), "gitlink": str(root / "gitlink")}
         )
     else:
-        # The lower layer is the checkout; a start elsewhere needs its differences on top.
+        from kapsis.workspace.bases import choose_base
+
+        # Frozen layers, never the live checkout: a shared base, the start commit's
+        # differences from it on top.
+        base = choose_base(repo, target.start_commit, head)
         workspace = workspace.model_copy(
             update={
                 **git_view,
-                "needs_delta": target.start_commit != head or hide_user_state,
-                "hide_untracked": hide_user_state,
+                "base": base.tree,
+                "base_commit": base.commit,
+                "base_key": base.key,
+                "base_uid": repo.owner.uid if repo.owner is not None else os.geteuid(),
+                "base_exists": base.exists,
+                "delta_paths": base.delta_paths,
+                "needs_delta": base.commit != target.start_commit,
             }
         )
+    shared = _shared_dirs(repo, loaded, project, root, target.start_commit)
+    if shared:
+        workspace = workspace.model_copy(update={"shared": shared})
     git_plan = GitPlan(
         repository=True,
         branch=target.branch,
@@ -212,8 +246,48 @@ def plan_workspace_and_git(
         post_push_hook=git.post_push_hook,
         carried_commit=carried[0] if carried else None,
         carried_paths=carried[1] if carried else 0,
+        left_out_paths=left_out,
     )
     return workspace, git_plan
+
+
+def _shared_dirs(
+    repo: Repo, loaded: LoadedConfig, project: Path, root: Path, start: str
+) -> tuple[SharedDir, ...]:
+    """filesystem.share_ignored as found now: existing directories, none holding tracked files."""
+    names = loaded.config.filesystem.share_ignored
+    if not names:
+        return ()
+    origin = loaded.origin_of(("filesystem", "share_ignored"))
+    tracked = repo.run(
+        "ls-tree", "-r", "-z", "--name-only", start, "--", *names,
+        env={"GIT_LITERAL_PATHSPECS": "1"},
+    ).stdout  # fmt: skip
+    if tracked:
+        first = os.fsdecode(tracked.split(b"\0")[0])
+        raise ConfigError(
+            f"{origin}: filesystem.share_ignored: {first} is tracked by git; list only ignored "
+            "directories (dependencies, build output): the agent gets tracked files from the "
+            "frozen snapshot"
+        )
+    shared = []
+    for position, name in enumerate(dict.fromkeys(names)):
+        try:
+            # Every step, not only the last: a symlinked parent would share what lies elsewhere.
+            steps = [(project / name).parents[i] for i in range(name.count("/"))]
+            info = (project / name).lstat()
+            linked = any(not stat.S_ISDIR(step.lstat().st_mode) for step in steps)
+        except OSError:
+            continue  # not made yet in this checkout (say, before npm install): nothing to share
+        if linked or not stat.S_ISDIR(info.st_mode):
+            raise ConfigError(
+                f"{origin}: filesystem.share_ignored: {project / name} is not a directory "
+                "(a symlink or a file); name a real directory of the project"
+            )
+        shared.append(
+            SharedDir(path=name, uid=info.st_uid, bound=str(root / "shared" / str(position)))
+        )
+    return tuple(shared)
 
 
 def _check_owned(repo: Repo, owner: RepoOwner, *, worktree: bool) -> None:

@@ -20,6 +20,7 @@ OPEN_TREE_CLOEXEC = 0o2000000
 AT_FDCWD = -100
 AT_RECURSIVE = 0x8000
 AT_EMPTY_PATH = 0x1000
+MOUNT_ATTR_RDONLY = 0x00000001
 MOUNT_ATTR_IDMAP = 0x00100000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 CLONE_NEWUSER = 0x10000000
@@ -75,14 +76,15 @@ def user_namespace_fd(inside_uid: int, inside_gid: int, outside_uid: int, outsid
         os.waitpid(child, 0)
 
 
-def idmapped_bind(source_fd: int, target: str, userns_fd: int) -> None:
+def idmapped_bind(source_fd: int, target: str, userns_fd: int, *, read_only: bool = False) -> None:
     """Bind the directory open as ``source_fd`` (recursively) at ``target`` with ownership seen
     through ``userns_fd``. An fd, not a path: the caller checked what it opened."""
     open_tree, move_mount, mount_setattr = _SYSCALLS[platform.machine()]
     flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE | AT_EMPTY_PATH
     tree = _check(_libc.syscall(open_tree, source_fd, b"", flags), "open_tree")
     try:
-        attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+        flags = MOUNT_ATTR_IDMAP | (MOUNT_ATTR_RDONLY if read_only else 0)
+        attr = _MountAttr(flags, 0, 0, userns_fd)
         _check(
             _libc.syscall(
                 mount_setattr,

@@ -1,100 +1,151 @@
-"""The delta layer: what the start commit has that the project's checkout does not.
+"""The delta layer: what the start commit has that the view's base does not.
 
-Overlay mode mounts the project's checkout as the lower layer, which is free whatever its size.
-When the agent starts from another commit (continuing its branch, or a ``--base-branch`` other
-than the checkout), the differences go into one more lower layer on top: the start commit's
-version of each file that differs, and a whiteout for each file the start commit lacks. Building
-it costs time in proportion to the difference, not to the repository.
+Overlay mode stacks the agent's view on a frozen base (:mod:`.bases`), the tree of one commit.
+When the agent starts from another commit (the user's uncommitted work carried as a commit, a
+newer checkout, its own branch continued, a ``--base-branch``), the differences go into one
+more read-only layer on top: the start commit's version of each path that differs, and a
+whiteout for each path the start commit lacks. Both commits are read from git's object store,
+never from the live checkout, so building it costs time in proportion to the difference and the
+result is fixed at launch.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from kapsis.git.changes import MODE_EXECUTABLE, MODE_GITLINK, MODE_SYMLINK
-from kapsis.git.commit import tree_listing
-from kapsis.git.runner import Repo, without_filters
+from kapsis.git.runner import Repo
+
+_ABSENT = "000000"
+_CHUNK = 1 << 20
+_MAX_LINK = 4096
 
 
-def _differing_paths(repo: Repo, start: str) -> list[str]:
-    # Comparing with the checkout may re-read files; no filter driver may run while it does.
-    raw = repo.run(
-        "diff-index",
-        "-z",
-        "--no-renames",
-        "--name-only",
-        start,
-        extra_config=without_filters(repo),
-    ).stdout
-    return [os.fsdecode(p) for p in raw.split(b"\0") if p]
+@dataclass(frozen=True)
+class _Difference:
+    path: str
+    mode: str  # the start commit's mode; _ABSENT when it lacks the path
+    object_id: str
 
 
-def _blobs(repo: Repo, object_ids: list[str]) -> dict[str, bytes]:
-    if not object_ids:
-        return {}
-    output = repo.run(
-        "cat-file", "--batch", input="".join(f"{oid}\n" for oid in object_ids).encode()
-    ).stdout
-    blobs: dict[str, bytes] = {}
-    position = 0
-    while position < len(output):
-        header_end = output.index(b"\n", position)
-        object_id, _kind, size = output[position:header_end].decode().split(" ")
-        start = header_end + 1
-        blobs[object_id] = output[start : start + int(size)]
-        position = start + int(size) + 1
-    return blobs
+def _differences(repo: Repo, base: str, start: str) -> list[_Difference]:
+    raw = repo.run("diff-tree", "-r", "-z", "--no-renames", base, start).stdout
+    fields = raw.split(b"\0")
+    found = []
+    # Records come as ":oldmode newmode oldid newid status" then the path, each NUL-ended.
+    for meta, path in zip(fields[0::2], fields[1::2], strict=False):
+        if not meta.startswith(b":"):
+            break
+        _old_mode, new_mode, _old_id, new_id, _status = meta[1:].decode().split(" ")
+        found.append(_Difference(os.fsdecode(path), new_mode, new_id))
+    return found
 
 
-def _untracked_paths(repo: Repo) -> list[str]:
-    """Files and whole directories that git does not track and does not ignore."""
-    raw = repo.run("ls-files", "-z", "--others", "--exclude-standard", "--directory").stdout
-    return [os.fsdecode(p).rstrip("/") for p in raw.split(b"\0") if p]
-
-
-def build_delta(repo: Repo, start: str, delta: Path, *, hide_untracked: bool = False) -> int:
-    """Write the delta layer for ``start`` into ``delta``; return how many paths it holds.
-
-    ``hide_untracked``: the checkout's untracked (not ignored) files are whited out too, so the
-    agent sees ``start``'s tree and no more of the user's state (filesystem.uncommitted: exclude).
-    """
+def build_delta(repo: Repo, base: str, start: str, delta: Path) -> int:
+    """Write the layer that turns ``base``'s tree into ``start``'s; return how many paths."""
     delta.mkdir(parents=True, exist_ok=True)
-    paths = _differing_paths(repo, start)
-    if hide_untracked:
-        paths += [p for p in _untracked_paths(repo) if p not in paths]
-    if not paths:
-        return 0
-    listing = tree_listing(repo, start)
-    present = [p for p in paths if p in listing]
-    contents = _blobs(
-        repo, sorted({listing[p].object_id for p in present if listing[p].mode != MODE_GITLINK})
-    )
-    for path in present:
-        entry = listing[path]
-        target = delta / path
+    differences = _differences(repo, base, start)
+    present = [d for d in differences if d.mode != _ABSENT]
+    written: set[str] = set()
+    files: dict[str, list[_Difference]] = {}
+    for difference in present:
+        target = delta / difference.path
         target.parent.mkdir(parents=True, exist_ok=True)
-        if entry.mode == MODE_GITLINK:
-            target.mkdir(exist_ok=True)
-        elif entry.mode == MODE_SYMLINK:
-            os.symlink(os.fsdecode(contents[entry.object_id]), target)
+        written.add(difference.path)
+        if difference.mode == MODE_GITLINK:
+            target.mkdir(exist_ok=True)  # a submodule: an empty directory, as in a checkout
         else:
-            target.write_bytes(contents[entry.object_id])
-            target.chmod(0o755 if entry.mode == MODE_EXECUTABLE else 0o644)
-    written = set(present)
-    kept_dirs = {str(parent) for p in present for parent in Path(p).parents}
-    for path in paths:
-        if path in listing:
-            continue
-        if path in kept_dirs or os.path.lexists(delta / path):
-            continue  # a directory of the start commit now stands where the checkout has a file
+            files.setdefault(difference.object_id, []).append(difference)
+    _write_blobs(repo, delta, files)
+    kept_dirs = {str(parent) for path in written for parent in Path(path).parents}
+    for difference in differences:
+        path = difference.path
+        if difference.mode != _ABSENT or path in kept_dirs or os.path.lexists(delta / path):
+            continue  # present, or a directory of the start commit now stands where it was
         if any(str(parent) in written for parent in Path(path).parents):
-            # A file or symlink of the start commit already hides the checkout's directory;
+            # A file or symlink of the start commit already hides the base's directory;
             # writing below it would follow that symlink out of the layer.
             continue
         target = delta / path
         target.parent.mkdir(parents=True, exist_ok=True)
-        # A whiteout: hides the checkout's file from the agent's view.
+        # A whiteout: hides the base's file from the agent's view.
         os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0))
-    return len(paths)
+    return len(differences)
+
+
+def _write_blobs(repo: Repo, delta: Path, files: dict[str, list[_Difference]]) -> None:
+    """Stream each blob from one ``cat-file --batch`` into its file(s): never whole in memory."""
+    if not files:
+        return
+    process = subprocess.Popen(
+        repo.command("cat-file", "--batch"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=repo.environment(),
+        cwd=repo.root,
+        **repo.subprocess_options(),
+    )
+    assert process.stdin is not None and process.stdout is not None
+    requests = "".join(f"{object_id}\n" for object_id in files).encode()
+
+    def feed(stream: BinaryIO) -> None:
+        try:
+            stream.write(requests)
+        except BrokenPipeError:
+            pass
+        finally:
+            stream.close()
+
+    # Fed from a thread: git answers while it reads, and both pipes have a limited buffer.
+    feeder = threading.Thread(target=feed, args=(process.stdin,), daemon=True)
+    feeder.start()
+    scratch = delta.parent / f".{delta.name}-blob"
+    try:
+        for _ in files:
+            header = process.stdout.readline().decode().split(" ")
+            if len(header) != 3 or header[0] not in files:
+                raise OSError(f"git cat-file answered {' '.join(header).strip()!r}")
+            _stream_to(process.stdout, int(header[2]), scratch)
+            process.stdout.read(1)  # the newline after each object
+            _place(scratch, delta, files[header[0]])
+    finally:
+        process.stdout.close()
+        process.wait()
+        feeder.join()
+        scratch.unlink(missing_ok=True)
+
+
+def _stream_to(stream: BinaryIO, size: int, target: Path) -> None:
+    with open(target, "wb") as out:
+        remaining = size
+        while remaining:
+            chunk = stream.read(min(_CHUNK, remaining))
+            if not chunk:
+                raise OSError("git cat-file ended early")
+            out.write(chunk)
+            remaining -= len(chunk)
+
+
+def _place(blob: Path, delta: Path, differences: list[_Difference]) -> None:
+    """Put one blob at each path that has it: symlinks first, then copies, the last moved."""
+    regular = [d for d in differences if d.mode != MODE_SYMLINK]
+    for difference in differences:
+        if difference.mode == MODE_SYMLINK:
+            with open(blob, "rb") as link:
+                # Longer than any path the kernel accepts: os.symlink refuses it, as git would.
+                os.symlink(os.fsdecode(link.read(_MAX_LINK + 1)), delta / difference.path)
+    for position, difference in enumerate(regular):
+        target = delta / difference.path
+        if position == len(regular) - 1:
+            os.replace(blob, target)
+        else:
+            shutil.copyfile(blob, target)
+        target.chmod(0o755 if difference.mode == MODE_EXECUTABLE else 0o644)

@@ -14,6 +14,7 @@ from kapsis.errors import SandboxError
 from kapsis.git.lock import repository_lock
 from kapsis.git.runner import ZERO_SHA, GitCommandError, Repo
 from kapsis.sandbox.plan import SandboxPlan
+from kapsis.workspace.bases import BaseChoice, BaseRecord, ensure_base, project_lock
 from kapsis.workspace.delta import build_delta
 from kapsis.workspace.gitview import build_agent_git, write_gitlink
 from kapsis.workspace.worktree import add_worktree, remove_worktree
@@ -26,12 +27,14 @@ def plan_repo(plan: SandboxPlan) -> Repo | None:
     return Repo(Path(plan.project), Path(git.git_dir), Path(git.common_dir))
 
 
-def prepare_workspace(plan: SandboxPlan) -> None:
+def prepare_workspace(plan: SandboxPlan) -> BaseRecord | None:
+    """Write the workspace's files and refs; the base it made, if this launch made one."""
     workspace, git = plan.workspace, plan.git
     Path(workspace.root).mkdir(parents=True, exist_ok=True)
     repo = plan_repo(plan)
     if repo is None:
-        return
+        return None
+    made: BaseRecord | None = None
     assert git.branch is not None and git.start_commit is not None
     assert workspace.agent_git is not None
     try:
@@ -43,6 +46,10 @@ def prepare_workspace(plan: SandboxPlan) -> None:
                 assert workspace.worktree is not None and workspace.gitlink is not None
                 add_worktree(repo, Path(workspace.worktree), git.branch)
                 write_gitlink(Path(workspace.gitlink))
+        if workspace.mode == "overlay":
+            Path(workspace.work).mkdir(parents=True, exist_ok=True)
+            write_gitlink(Path(workspace.upper) / ".git")
+            made = _prepare_layers(plan, repo)
         build_agent_git(
             repo,
             Path(workspace.agent_git),
@@ -52,19 +59,47 @@ def prepare_workspace(plan: SandboxPlan) -> None:
             agent_id=plan.agent_id,
             checkout_index=_checkout_index(plan, repo),
         )
-        if workspace.mode == "overlay":
-            # Rootless, podman mounts the overlay itself and needs its scratch dir to exist.
-            Path(workspace.work).mkdir(parents=True, exist_ok=True)
-            write_gitlink(Path(workspace.upper) / ".git")
-            if workspace.needs_delta:
-                build_delta(
-                    repo,
-                    git.start_commit,
-                    Path(workspace.delta),
-                    hide_untracked=workspace.hide_untracked,
-                )
+        _make_mount_points(plan, repo)
     except GitCommandError as error:
         raise SandboxError(f"cannot prepare the agent's git workspace: {error}") from None
+    return made
+
+
+def _prepare_layers(plan: SandboxPlan, repo: Repo) -> BaseRecord | None:
+    """The frozen base (made if missing) and the start commit's delta above it."""
+    workspace, git = plan.workspace, plan.git
+    if workspace.base is None or workspace.base_commit is None or workspace.base_key is None:
+        return None
+    assert git.start_commit is not None
+    choice = BaseChoice(
+        workspace.base_key,
+        workspace.base_commit,
+        workspace.base,
+        workspace.base_exists,
+        workspace.delta_paths,
+    )
+    # Held until the run is recorded as using the base (its plan, saved before this): cleanup
+    # takes the same lock before it decides a base is unused.
+    with project_lock(workspace.base_key):
+        made = ensure_base(repo, choice)
+    if workspace.needs_delta:
+        build_delta(repo, workspace.base_commit, git.start_commit, Path(workspace.delta))
+    return made
+
+
+def _make_mount_points(plan: SandboxPlan, repo: Repo) -> None:
+    """Where podman mounts the shared ignored directories: made in the agent's layer (overlay)
+    or, as the owner, in the worktree, so podman never creates them through an idmapped bind."""
+    workspace = plan.workspace
+    for shared in workspace.shared:
+        if workspace.mode == "overlay":
+            (Path(workspace.upper) / shared.path).mkdir(parents=True, exist_ok=True)
+        elif workspace.worktree is not None:
+            point = Path(workspace.worktree) / shared.path
+            if repo.owner is None:
+                point.mkdir(parents=True, exist_ok=True)
+            else:
+                repo.owner.run(["mkdir", "-p", "--", str(point)])
 
 
 def _checkout_index(plan: SandboxPlan, repo: Repo) -> Path | None:
@@ -73,8 +108,8 @@ def _checkout_index(plan: SandboxPlan, repo: Repo) -> Path | None:
     if workspace.mode == "worktree" and workspace.worktree is not None:
         own = Repo.discover(Path(workspace.worktree))
         return own.git_dir / "index" if own is not None else None
-    # Overlay: the project's checkout is the lower layer; with a delta on top it is not.
-    return None if workspace.needs_delta else repo.git_dir / "index"
+    # Overlay: the base's own index, if it matches the start commit (no delta on top).
+    return Path(f"{workspace.base}.index") if workspace.base is not None else None
 
 
 def _create_branch(repo: Repo, branch: str, start: str, *, resume: bool) -> None:

@@ -1,0 +1,271 @@
+"""Frozen bases: a project's files at one commit, checked out once and shared read-only.
+
+In overlay mode the agent's view is stacked from read-only layers Kapsis made at launch, never
+from the user's live checkout (which the user, a build or another agent may change at any
+moment; the kernel leaves the result undefined when a mounted overlay's lower layer changes):
+
+* a base: the tree of one commit, checked out once under ``~/.kapsis/bases`` and shared by
+  every agent on the project. It costs what a checkout costs, so it is made on a project's first
+  launch and again only after a large change;
+* above it, per launch, the delta (:mod:`.delta`): the start commit's files that differ from the
+  base and whiteouts for those it lacks, which costs in proportion to that difference.
+
+A base is reused while the difference stays within :data:`MAX_DELTA_PATHS` paths; beyond that a
+new base is made. The runner keeps a record of each base (its size and how long it took) under
+``~/.kapsis/base-records``; ``kapsis cleanup`` removes the bases no running agent uses.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kapsis import paths
+from kapsis.errors import SandboxError
+from kapsis.git.owner import RepoOwner
+from kapsis.git.runner import Repo, without_filters
+
+# Past this many differing paths a delta would cost more than it saves: a new base is made.
+MAX_DELTA_PATHS = 2000
+# How many of a project's newest bases are compared with the start commit.
+CANDIDATES = 3
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class BaseRecord:
+    """A base that exists: ``tree`` holds the files of ``commit`` of ``project``."""
+
+    project: str
+    key: str
+    commit: str
+    tree: str
+    files: int
+    bytes: int
+    seconds: float
+    made_at: float
+    owner_uid: int | None = None
+
+    @property
+    def index(self) -> str:
+        """The index ``checkout-index`` left, with the stat data of the base's files."""
+        return f"{self.tree}.index"
+
+
+@dataclass(frozen=True)
+class BaseChoice:
+    """The base a launch will stack its view on, and how far the start commit is from it."""
+
+    key: str
+    commit: str
+    tree: str
+    exists: bool
+    delta_paths: int
+
+    @property
+    def index(self) -> str:
+        return f"{self.tree}.index"
+
+
+def project_key(repo: Repo) -> str:
+    """A stable, readable name for the repository's bases: its folder name and a digest of its
+    git dir (two clones of one project are two projects)."""
+    digest = hashlib.sha256(os.fsencode(repo.common_dir.resolve())).hexdigest()[:12]
+    name = _SAFE_NAME.sub("-", repo.root.name)[:40] or "project"
+    return f"{name}-{digest}"
+
+
+def records(key: str | None = None) -> list[BaseRecord]:
+    """The runner's records of bases, newest first (of one project when ``key`` is given)."""
+    root = paths.base_records_dir()
+    found: list[BaseRecord] = []
+    for record_file in root.glob(f"{key or '*'}/*.json"):
+        try:
+            found.append(BaseRecord(**json.loads(record_file.read_text())))
+        except (OSError, ValueError, TypeError):
+            continue  # a torn or foreign file is not a record
+    return sorted(found, key=lambda record: record.made_at, reverse=True)
+
+
+def choose_base(repo: Repo, start: str, head: str | None) -> BaseChoice:
+    """The base for a view of ``start``: the existing one nearest to it if near enough, else a
+    new one at the checked-out commit ``head`` (when ``start`` is near that: it will serve the
+    next launches too) or at ``start`` itself."""
+    key = project_key(repo)
+    best: BaseChoice | None = None
+    for record in records(key)[:CANDIDATES]:
+        if not Path(record.tree).is_dir():
+            continue
+        distance = delta_size(repo, record.commit, start)
+        if distance <= MAX_DELTA_PATHS and (best is None or distance < best.delta_paths):
+            best = BaseChoice(key, record.commit, record.tree, True, distance)
+    if best is not None:
+        return best
+    commit = start
+    if head is not None and head != start:
+        distance = delta_size(repo, head, start)
+        if distance <= MAX_DELTA_PATHS:
+            commit = head
+    tree = base_tree_dir(repo, key) / commit
+    return BaseChoice(key, commit, str(tree), tree.is_dir(), delta_size(repo, commit, start))
+
+
+def base_tree_dir(repo: Repo, key: str) -> Path:
+    owner_home = repo.owner.home if repo.owner is not None else None
+    return paths.bases_dir(owner_home) / key
+
+
+def delta_size(repo: Repo, base: str, start: str) -> int:
+    if base == start:
+        return 0
+    listing = repo.run("diff-tree", "-r", "-z", "--no-renames", "--name-only", base, start).stdout
+    return listing.count(b"\0")
+
+
+@contextmanager
+def project_lock(key: str) -> Iterator[None]:
+    """Making, choosing to keep and removing a project's bases take turns."""
+    directory = paths.locks_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / f"base-{key}.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_base(repo: Repo, choice: BaseChoice) -> BaseRecord | None:
+    """Make the chosen base unless it exists; the new base's record, or None if it existed.
+
+    Called with :func:`project_lock` held, so parallel launches make one base, once.
+    """
+    tree = Path(choice.tree)
+    if tree.is_dir():
+        return None
+    began = time.monotonic()
+    _make_private_dirs(repo, tree.parent)
+    scratch = tree.parent / f".making-{choice.commit}-{secrets.token_hex(4)}"
+    _mkdir(repo, scratch / "tree")
+    try:
+        env = {"GIT_INDEX_FILE": str(scratch / "index")}
+        repo.run("read-tree", choice.commit, env=env)
+        # -u keeps the files' stat data in the index: an agent's `git status` on an unchanged
+        # view need not read them all again. No filter driver runs (as for every checkout of
+        # a commit an agent may have written).
+        repo.run(
+            "checkout-index", "--all", "--force", "-u",
+            env=env, work_tree=scratch / "tree", extra_config=without_filters(repo),
+        )  # fmt: skip
+        _move(repo, scratch / "index", Path(f"{tree}.index"))
+        _move(repo, scratch / "tree", tree)
+    finally:
+        remove_tree(scratch, repo.owner)
+    files, size = _tree_size(repo, choice.commit)
+    record = BaseRecord(
+        project=str(repo.root),
+        key=choice.key,
+        commit=choice.commit,
+        tree=str(tree),
+        files=files,
+        bytes=size,
+        seconds=round(time.monotonic() - began, 3),
+        made_at=time.time(),
+        owner_uid=repo.owner.uid if repo.owner is not None else None,
+    )
+    write_record(record)
+    return record
+
+
+def write_record(record: BaseRecord) -> None:
+    directory = paths.base_records_dir() / record.key
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{record.commit}.json"
+    partial = target.with_suffix(".partial")
+    partial.write_text(json.dumps(asdict(record)))
+    partial.replace(target)
+
+
+def remove_base(record: BaseRecord) -> None:
+    """Delete a base's files (as their owner, in a user's home) and then its record."""
+    owner = RepoOwner.for_uid(record.owner_uid)
+    remove_tree(Path(record.tree), owner)
+    remove_tree(Path(record.index), owner)
+    (paths.base_records_dir() / record.key / f"{record.commit}.json").unlink(missing_ok=True)
+
+
+def stale_scratch(key_dir: Path) -> list[Path]:
+    """Half-made bases of launches that died; only meaningful with the project's lock held."""
+    try:
+        return sorted(key_dir.glob(".making-*"))
+    except OSError:
+        return []
+
+
+def remove_tree(path: Path, owner: RepoOwner | None) -> None:
+    if owner is not None:
+        # In the owner's home, which they may rearrange meanwhile: deleted with their rights.
+        owner.run(["rm", "-rf", "--", str(path)])
+    elif path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _tree_size(repo: Repo, commit: str) -> tuple[int, int]:
+    listing = repo.run("ls-tree", "-r", "-l", "-z", commit).stdout
+    files = size = 0
+    for entry in listing.split(b"\0"):
+        if not entry:
+            continue
+        fields = entry.split(b"\t", 1)[0].split()
+        files += 1
+        if len(fields) == 4 and fields[3].isdigit():
+            size += int(fields[3])
+    return files, size
+
+
+def _make_private_dirs(repo: Repo, directory: Path) -> None:
+    """``directory`` and its parents, ``~/.kapsis`` closed to others (see paths.make_private)."""
+    if repo.owner is None:
+        paths.make_private(paths.kapsis_home())
+        directory.mkdir(parents=True, exist_ok=True)
+        return
+    home = directory.parent.parent
+    _owner_must(repo.owner, ["mkdir", "-p", "-m", "700", "--", str(home)])
+    _owner_must(repo.owner, ["chmod", "go-rwx", "--", str(home)])
+    _mkdir(repo, directory)
+
+
+def _mkdir(repo: Repo, directory: Path) -> None:
+    if repo.owner is None:
+        directory.mkdir(parents=True, exist_ok=True)
+    else:
+        _owner_must(repo.owner, ["mkdir", "-p", "--", str(directory)])
+
+
+def _move(repo: Repo, source: Path, target: Path) -> None:
+    if repo.owner is None:
+        os.rename(source, target)
+    else:
+        _owner_must(repo.owner, ["mv", "-T", "--", str(source), str(target)])
+
+
+def _owner_must(owner: RepoOwner, argv: list[str]) -> None:
+    """Work in the owner's home as them; a failure stops the launch and says why."""
+    result = owner.run(argv)
+    if result.returncode != 0:
+        raise SandboxError(
+            f"cannot make the project's base as {owner.name}: "
+            f"{result.stderr.decode(errors='replace').strip()}"
+        )
