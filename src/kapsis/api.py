@@ -237,6 +237,8 @@ def cleanup(
     if on_cluster:
         items += _cleanup_k8s(on_cluster, everything or agent_id is not None, dry_run)
     if dry_run:
+        if agent_id is None:
+            items += _cleanup_bases(store, {i.agent_id for i in items if not i.kept}, dry_run)
         return items
     backend = get_backend()
     cluster_ids = {r.agent_id for r in on_cluster}
@@ -256,6 +258,41 @@ def cleanup(
         shutil.rmtree(paths.sandbox_dir(item.agent_id), ignore_errors=True)
         paths.transcript_path(item.agent_id).unlink(missing_ok=True)
         store.delete(item.agent_id)
+    if agent_id is None:
+        items += _cleanup_bases(store, set(), dry_run)
+    return items
+
+
+def _cleanup_bases(store: StatusStore, leaving: set[str], dry_run: bool) -> list[CleanupItem]:
+    """The projects' frozen bases that no running agent uses go (disk said for each).
+
+    Decided with each project's base lock held: a launch holds it from choosing its base until
+    its plan is saved, so a base a starting agent is about to mount is never taken away.
+    """
+    from kapsis.workspace import bases
+
+    items: list[CleanupItem] = []
+    for key in sorted({record.key for record in bases.records()}):
+        with bases.project_lock(key):
+            in_use: dict[str, str] = {}
+            for record in store.all():
+                if record.finished or record.agent_id in leaving:
+                    continue
+                plan = launcher.load_plan(record.agent_id)
+                if plan is not None and plan.workspace.base is not None:
+                    in_use.setdefault(plan.workspace.base, record.agent_id)
+            for base in bases.records(key):
+                size = f"base {base.commit[:12]}"
+                phase = f"{base.bytes / 1e6:.1f} MB, {base.files} files"
+                user = in_use.get(base.tree)
+                if user is not None:
+                    items.append(CleanupItem(size, phase, (), kept=f"in use by agent {user}"))
+                    continue
+                items.append(CleanupItem(size, phase, (base.tree,)))
+                if not dry_run:
+                    bases.remove_base(base)
+            if not dry_run:
+                bases.remove_stale_scratch(key)
     return items
 
 

@@ -12,12 +12,13 @@ user's, before the agent's work, so the agent's own commit holds only the agent'
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from kapsis.git.owner import SHARED_TMP, copy_owned_file
-from kapsis.git.runner import Repo, without_filters
+from kapsis.git.runner import GitCommandError, Repo, without_filters
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,36 @@ def working_state(repo: Repo, head: str) -> WorkingState:
         if owner is not None:
             owner.give(Path(scratch))
         env = {"GIT_INDEX_FILE": str(index)}
-        # No filter driver runs on the user's files (as for the delta layer).
-        repo.run("add", "--all", "--", ".", env=env, extra_config=without_filters(repo))
+        _add_all(repo, env)
         tree = repo.run("write-tree", env=env).stdout.decode().strip()
     listing = repo.run("diff-tree", "-r", "-z", "--no-renames", "--name-only", head, tree).stdout
     changed = tuple(os.fsdecode(path) for path in listing.split(b"\0") if path)
     return WorkingState(tree, changed)
+
+
+# A file git listed and then found gone (an editor's or a build's temporary file, while the user
+# works): git stops; it is left out and git tries again, this many times at most.
+MAX_VANISHED = 50
+_VANISHED = re.compile(rb"unable to stat '(.+)': No such file or directory")
+
+
+def _add_all(repo: Repo, env: dict[str, str]) -> None:
+    """``git add --all`` into the scratch index, leaving out files that vanish meanwhile."""
+    vanished: list[str] = []
+    while True:
+        # No filter driver runs on the user's files (as for the delta layer).
+        result = repo.run(
+            "add", "--all", "--", ".", *(f":(exclude,literal){path}" for path in vanished),
+            env=env, extra_config=without_filters(repo), check=False,
+        )  # fmt: skip
+        if result.returncode == 0:
+            return
+        gone = _VANISHED.search(result.stderr)
+        if gone is None or len(vanished) >= MAX_VANISHED:
+            raise GitCommandError(
+                ("add", "--all"), result.returncode, result.stderr.decode(errors="replace")
+            )
+        vanished.append(os.fsdecode(gone.group(1)))
 
 
 def carry_commit(repo: Repo, head: str, state: WorkingState, identity: str, name: str) -> str:

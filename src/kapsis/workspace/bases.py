@@ -204,12 +204,13 @@ def remove_base(record: BaseRecord) -> None:
     (paths.base_records_dir() / record.key / f"{record.commit}.json").unlink(missing_ok=True)
 
 
-def stale_scratch(key_dir: Path) -> list[Path]:
-    """Half-made bases of launches that died; only meaningful with the project's lock held."""
-    try:
-        return sorted(key_dir.glob(".making-*"))
-    except OSError:
-        return []
+def remove_stale_scratch(key: str) -> None:
+    """Half-made bases of launches that died; call with the project's lock held (a launch
+    making one holds it)."""
+    places = {(Path(record.tree).parent, record.owner_uid) for record in records(key)}
+    for directory, owner_uid in places:
+        for scratch in directory.glob(".making-*"):
+            remove_tree(scratch, RepoOwner.for_uid(owner_uid))
 
 
 def remove_tree(path: Path, owner: RepoOwner | None) -> None:

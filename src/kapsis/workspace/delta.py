@@ -18,7 +18,7 @@ import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from kapsis.git.changes import MODE_EXECUTABLE, MODE_GITLINK, MODE_SYMLINK
 from kapsis.git.runner import Repo
@@ -96,7 +96,7 @@ def _write_blobs(repo: Repo, delta: Path, files: dict[str, list[_Difference]]) -
     assert process.stdin is not None and process.stdout is not None
     requests = "".join(f"{object_id}\n" for object_id in files).encode()
 
-    def feed(stream: BinaryIO) -> None:
+    def feed(stream: IO[bytes]) -> None:
         try:
             stream.write(requests)
         except BrokenPipeError:
@@ -123,7 +123,7 @@ def _write_blobs(repo: Repo, delta: Path, files: dict[str, list[_Difference]]) -
         scratch.unlink(missing_ok=True)
 
 
-def _stream_to(stream: BinaryIO, size: int, target: Path) -> None:
+def _stream_to(stream: IO[bytes], size: int, target: Path) -> None:
     with open(target, "wb") as out:
         remaining = size
         while remaining:

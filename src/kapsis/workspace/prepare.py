@@ -78,8 +78,9 @@ def _prepare_layers(plan: SandboxPlan, repo: Repo) -> BaseRecord | None:
         workspace.base_exists,
         workspace.delta_paths,
     )
-    # Held until the run is recorded as using the base (its plan, saved before this): cleanup
-    # takes the same lock before it decides a base is unused.
+    # The run's plan, which names the base, is saved before this; cleanup decides under the
+    # same lock, so it either removed the base before (and it is made again here) or sees the
+    # run using it.
     with project_lock(workspace.base_key):
         made = ensure_base(repo, choice)
     if workspace.needs_delta:
