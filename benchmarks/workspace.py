@@ -8,8 +8,10 @@ write its git view, check out the worktree (worktree mode) or the delta layer (o
 needed), and mount the workspace. Prints the median of several runs per repository and mode, and
 the ratio large / small (the target for overlay: <= 1.5). Each case is measured twice: on a clean
 checkout, and with ``--changed`` files of the checkout modified and not committed (a user at
-work). The first launch of each case (cold caches; for a design with a per-project base, the one
-that would make it) is printed on its own, not in the median. Needs root (mounts). Not a test.
+work). The first launch of each case is printed on its own, not in the median: in overlay mode on
+the clean checkout it is the project's first launch, which checks out the frozen base that later
+launches share (kapsis.workspace.bases); elsewhere it runs with cold caches. Then the disk the
+bases take. Needs root (mounts). Not a test.
 """
 
 from __future__ import annotations
@@ -120,6 +122,13 @@ def main() -> None:
                     f"{state:>11} {mode:>8} ratio {args.large_mb} MB / {args.small_mb} MB = "
                     f"{ratio:.2f}{target}"
                 )
+        from kapsis.workspace import bases
+
+        for record in bases.records():
+            print(
+                f"base of {Path(record.project).name} at {record.commit[:12]}: {record.files} "
+                f"files, {record.bytes / 1e6:.1f} MB, made in {record.seconds:.2f} s"
+            )
         clean = medians[("clean", "overlay", args.large_mb)]
         changed = medians[(f"{args.changed} changed", "overlay", args.large_mb)]
         print(f"overlay {args.large_mb} MB: {args.changed} changed / clean = {changed / clean:.2f}")

@@ -221,14 +221,21 @@ def test_share_ignored_refuses_tracked_and_symlinked_directories(
         ignore.write("vendor\n")
     (repo / "web").mkdir()
     (repo / "web" / "tracked.js").write_text("tracked\n")
-    git(repo, "add", "web", ".gitignore")
+    (repo / "build").symlink_to(outside)  # committed: a mount point below it would follow it
+    git(repo, "add", "web", "build", ".gitignore")
     git(repo, "commit", "-q", "-m", "web")
-    for entry, says in (("web", "is tracked by git"), ("vendor", "is not a directory")):
-        config = tmp_path / f"{entry}.yaml"
+    cases = (
+        ("web", "is tracked by git"),
+        ("build/out", "build is tracked by git"),
+        ("vendor", "is not a directory"),
+    )
+    for entry, says in cases:
+        config = tmp_path / f"{entry.replace('/', '-')}.yaml"
         config.write_text(f"filesystem:\n  share_ignored: [{entry}]\n")
         result = kapsis.run(repo, "cat vendor/private.txt", "--config", str(config))
         assert result.returncode == ExitCode.USAGE, result.stderr
         assert says in result.stderr
+    assert not (outside / "out").exists()
 
 
 def test_the_base_is_made_once_reused_and_reclaimed_by_cleanup(kapsis: Kapsis, repo: Path) -> None:

@@ -172,3 +172,52 @@ def test_two_clones_of_one_project_have_their_own_bases(tmp_path: Path, project:
     git(tmp_path, "clone", "-q", str(project), str(clone))
     assert bases.project_key(discover(project)) != bases.project_key(discover(clone))
     assert bases.project_key(discover(project)).startswith("project-")
+
+
+def test_a_removed_directory_and_a_directory_become_a_submodule_leave_nothing_behind(
+    repo: Repo, project: Path, tmp_path: Path
+) -> None:
+    """The delta whites out a removed directory whole, and what a directory held where the
+    start commit has a submodule (an empty directory in a checkout)."""
+    base = bases.choose_base(repo, head(project), head(project))
+    bases.ensure_base(repo, base)
+    commit_files(project, {"deep/a/b.txt": "b\n", "deep/c.txt": "c\n"}, "deep")
+    bases.ensure_base(repo, bases.choose_base(repo, head(project), head(project)))
+    first = head(project)
+    git(project, "rm", "-rq", "deep", "src")
+    gitlink = git(project, "rev-parse", "HEAD")
+    git(project, "update-index", "--add", "--cacheinfo", f"160000,{gitlink},src")
+    git(project, "commit", "-q", "-m", "submodule where src was; deep gone")
+    start = head(project)
+
+    delta = tmp_path / "delta"
+    build_delta(repo, first, start, delta)
+    view = merged(Path(bases.choose_base(repo, first, first).tree), delta, tmp_path / "view")
+
+    assert not (view / "deep").exists()
+    assert (view / "src").is_dir() and list((view / "src").iterdir()) == []
+    expected = {k: v for k, v in tree(project, start).items() if v[0] != "160000"}
+    assert view_of(view) == expected
+
+
+def test_the_base_holds_each_blob_as_stored_whatever_the_attributes_and_config_say(
+    repo: Repo, project: Path
+) -> None:
+    start = commit_files(
+        project,
+        {".gitattributes": "* text eol=crlf ident\n", "t.txt": "line $Id$\nnext\n"},
+        "attributes an agent could write",
+    )
+    git(project, "config", "core.autocrlf", "true")
+
+    choice = bases.choose_base(repo, start, start)
+    bases.ensure_base(repo, choice)
+
+    assert (Path(choice.tree) / "t.txt").read_bytes() == b"line $Id$\nnext\n"
+    assert view_of(Path(choice.tree)) == tree(project, start)
+    # control: git's own checkout of the same commit converts
+    git(project, "rm", "-q", "--cached", "t.txt")
+    git(project, "checkout", "--", ".")
+    (project / "t.txt").unlink()
+    git(project, "checkout", "HEAD", "--", "t.txt")
+    assert (project / "t.txt").read_bytes() != b"line $Id$\nnext\n"

@@ -12,9 +12,19 @@ from pathlib import Path
 import pytest
 
 from kapsis.git.runner import Repo
-from kapsis.workspace.delta import build_delta
+from kapsis.workspace.delta import MalformedTreeError, build_delta
 
-from .gitrepo import Exe, Link, commit_files, discover, git, init_repo, is_whiteout, isolate_home
+from .gitrepo import (
+    Exe,
+    Link,
+    commit_files,
+    discover,
+    git,
+    init_repo,
+    is_whiteout,
+    isolate_home,
+    run_git,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -180,7 +190,7 @@ def test_directory_in_start_where_the_checkout_has_a_file(
 
     count = build_delta(repo, main(project), start, delta)
 
-    assert count == 2
+    assert count == 1  # the file; the directory itself hides the base's file
     assert (delta / "keep.txt" / "inner").read_text() == "a dir now\n"
 
 
@@ -204,3 +214,44 @@ def test_whiteouts_are_never_written_through_a_start_commit_symlink(
 
     assert os.readlink(delta / "l") == str(outside)
     assert list(outside.iterdir()) == []
+
+
+def _crafted_commit(project: Path, entries: list[tuple[str, bytes]]) -> str:
+    """A commit whose root tree holds ``entries`` (mode + name, blob) as written, unchecked, the
+    way an agent can make one with ``hash-object --literally``."""
+    blob = git(project, "rev-parse", "HEAD:keep.txt")
+    raw = b"".join(mode_name + b"\0" + bytes.fromhex(blob) for mode_name, _ in entries)
+    tree_id = run_git(project, "hash-object", "-t", "tree", "--literally", "-w", "--stdin",
+                      input=raw).stdout.decode().strip()  # fmt: skip
+    return git(project, "commit-tree", tree_id, "-m", "crafted")
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [(b"100644 /tmp/kapsis-delta-escape", b"")],
+        [(b"100644 ../escape", b"")],
+        [(b"100644 .git", b"")],
+        [(b"100644 dup", b""), (b"100644 dup", b"")],
+        [(b"120000 same", b""), (b"100644 same", b"")],
+    ],
+    ids=["absolute", "dot-dot", "dot-git", "twice", "link-and-file"],
+)
+def test_a_crafted_tree_is_refused_and_nothing_is_written_outside(
+    repo: Repo, project: Path, tmp_path: Path, entries: list[tuple[bytes, bytes]]
+) -> None:
+    start = _crafted_commit(project, entries)
+    delta = tmp_path / "delta"
+
+    with pytest.raises(MalformedTreeError):
+        build_delta(repo, main(project), start, delta)
+    assert not Path("/tmp/kapsis-delta-escape").exists()
+    assert not (tmp_path / "escape").exists()
+
+
+def test_control_a_plain_tree_with_the_same_content_is_written(
+    repo: Repo, project: Path, tmp_path: Path
+) -> None:
+    start = _crafted_commit(project, [(b"100644 plain", b"")])
+    build_delta(repo, main(project), start, tmp_path / "delta")
+    assert (tmp_path / "delta" / "plain").read_text() == "unchanged\n"

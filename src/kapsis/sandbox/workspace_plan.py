@@ -259,10 +259,19 @@ def _shared_dirs(
     if not names:
         return ()
     origin = loaded.origin_of(("filesystem", "share_ignored"))
+    # Tracked below, or tracked itself or at any step of the way (a committed symlink
+    # `build -> /etc` would lead the mount point's creation out of the view).
+    prefixes = {str(step) for name in names for step in (Path(name), *Path(name).parents)} - {"."}
     tracked = repo.run(
         "ls-tree", "-r", "-z", "--name-only", start, "--", *names,
         env={"GIT_LITERAL_PATHSPECS": "1"},
-    ).stdout  # fmt: skip
+    ).stdout + b"".join(
+        entry.split(b"\t", 1)[1] + b"\0"
+        for entry in repo.run(
+            "ls-tree", "-z", start, "--", *sorted(prefixes), env={"GIT_LITERAL_PATHSPECS": "1"}
+        ).stdout.split(b"\0")
+        if entry and b" tree " not in entry.split(b"\t", 1)[0]
+    )  # fmt: skip
     if tracked:
         first = os.fsdecode(tracked.split(b"\0")[0])
         raise ConfigError(
@@ -276,13 +285,18 @@ def _shared_dirs(
             # Every step, not only the last: a symlinked parent would share what lies elsewhere.
             steps = [(project / name).parents[i] for i in range(name.count("/"))]
             info = (project / name).lstat()
-            linked = any(not stat.S_ISDIR(step.lstat().st_mode) for step in steps)
+            owner = project.stat().st_uid
+            linked = any(
+                not stat.S_ISDIR(info.st_mode) or info.st_uid != owner
+                for info in (step.lstat() for step in steps)
+            )
         except OSError:
             continue  # not made yet in this checkout (say, before npm install): nothing to share
-        if linked or not stat.S_ISDIR(info.st_mode):
+        if linked or not stat.S_ISDIR(info.st_mode) or info.st_uid != owner:
             raise ConfigError(
                 f"{origin}: filesystem.share_ignored: {project / name} is not a directory "
-                "(a symlink or a file); name a real directory of the project"
+                "(a symlink or a file) or not the project owner's; name a real directory of the "
+                "project"
             )
         shared.append(
             SharedDir(path=name, uid=info.st_uid, bound=str(root / "shared" / str(position)))

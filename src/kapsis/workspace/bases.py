@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from pathlib import Path
 from kapsis import paths
 from kapsis.errors import SandboxError
 from kapsis.git.owner import RepoOwner
-from kapsis.git.runner import Repo, without_filters
+from kapsis.git.runner import Repo
 
 # Past this many differing paths a delta would cost more than it saves: a new base is made.
 MAX_DELTA_PATHS = 2000
@@ -158,17 +159,21 @@ def ensure_base(repo: Repo, choice: BaseChoice) -> BaseRecord | None:
     scratch = tree.parent / f".making-{choice.commit}-{secrets.token_hex(4)}"
     _mkdir(repo, scratch / "tree")
     try:
+        raw = _raw_checkout_repo(repo, scratch)
         env = {"GIT_INDEX_FILE": str(scratch / "index")}
-        repo.run("read-tree", choice.commit, env=env)
+        raw.run("read-tree", choice.commit, env=env)
         # -u keeps the files' stat data in the index: an agent's `git status` on an unchanged
-        # view need not read them all again. No filter driver runs (as for every checkout of
-        # a commit an agent may have written).
-        repo.run(
+        # view need not read them all again.
+        raw.run(
             "checkout-index", "--all", "--force", "-u",
-            env=env, work_tree=scratch / "tree", extra_config=without_filters(repo),
+            env=env, extra_config=RAW_CHECKOUT_CONFIG,
         )  # fmt: skip
         _move(repo, scratch / "index", Path(f"{tree}.index"))
-        _move(repo, scratch / "tree", tree)
+        try:
+            _move(repo, scratch / "tree", tree)
+        except (OSError, SandboxError):
+            if not tree.is_dir():  # else another launch (root's or the user's) made it first
+                raise
     finally:
         remove_tree(scratch, repo.owner)
     files, size = _tree_size(repo, choice.commit)
@@ -185,6 +190,44 @@ def ensure_base(repo: Repo, choice: BaseChoice) -> BaseRecord | None:
     )
     write_record(record)
     return record
+
+
+# The base holds each blob as git stores it, like the delta above it and like the host's commit
+# of the agent's work: no end-of-line or encoding conversion, no $Id$, no filter driver, whatever
+# the commit's own .gitattributes (which an agent may have written) or the user's config say.
+RAW_ATTRIBUTES = "* -text -eol -ident -filter -working-tree-encoding\n"
+RAW_CHECKOUT_CONFIG = ("core.autocrlf=false", "core.symlinks=true", "core.eol=lf")
+
+
+def _raw_checkout_repo(repo: Repo, scratch: Path) -> Repo:
+    """A scratch git dir that borrows the project's objects and whose info/attributes (which
+    outrank the tree's) turn every conversion off; its work tree is ``scratch/tree``."""
+    git_dir = scratch / "git"
+    _run_must(repo, ["git", "init", "--bare", "--quiet", str(git_dir)])
+    _write_as(repo, git_dir / "info" / "attributes", RAW_ATTRIBUTES)
+    objects = repo.common_dir / "objects"
+    _write_as(repo, git_dir / "objects" / "info" / "alternates", f"{objects}\n")
+    return Repo(scratch / "tree", git_dir, git_dir)
+
+
+def _write_as(repo: Repo, path: Path, content: str) -> None:
+    if repo.owner is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+    else:
+        script = 'mkdir -p -- "$(dirname -- "$2")" && printf "%s" "$1" > "$2"'
+        _owner_must(repo.owner, ["sh", "-c", script, "sh", content, str(path)])
+
+
+def _run_must(repo: Repo, argv: list[str]) -> None:
+    if repo.owner is None:
+        result = subprocess.run(argv, capture_output=True, check=False)
+        if result.returncode != 0:
+            raise SandboxError(
+                f"cannot make the project's base: {result.stderr.decode(errors='replace')}"
+            )
+    else:
+        _owner_must(repo.owner, argv)
 
 
 def write_record(record: BaseRecord) -> None:

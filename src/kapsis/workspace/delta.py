@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from kapsis.errors import SandboxError
 from kapsis.git.changes import MODE_EXECUTABLE, MODE_GITLINK, MODE_SYMLINK
 from kapsis.git.runner import Repo
 
 _ABSENT = "000000"
+MODE_TREE = "040000"
 _CHUNK = 1 << 20
 _MAX_LINK = 4096
 
@@ -31,20 +33,56 @@ _MAX_LINK = 4096
 @dataclass(frozen=True)
 class _Difference:
     path: str
+    old_mode: str  # the base's mode; _ABSENT when it lacks the path
     mode: str  # the start commit's mode; _ABSENT when it lacks the path
     object_id: str
 
 
+class MalformedTreeError(SandboxError):
+    """A commit's tree that no checkout could hold (an agent can craft one on its branch)."""
+
+
+def _checked_path(raw: bytes, seen: dict[str, int]) -> str:
+    """A tree path as the delta may use it: relative, plain steps, once; else refused.
+
+    The start commit can be an agent's own (a continued branch), and git stores a tree written
+    with ``hash-object --literally`` whatever its names are: ``/etc/x``, ``a/../../x`` or one
+    name twice would lead the host's writes out of the layer.
+    """
+    path = os.fsdecode(raw)
+    steps = path.split("/")
+    # A path may come twice only as a type change: once gone (as a tree or a file), once new.
+    if (
+        path.startswith("/")
+        or seen.get(path, 0) >= 2
+        or any(step in ("", ".", "..") or step.lower() == ".git" for step in steps)
+    ):
+        raise MalformedTreeError(
+            f"the start commit's tree holds a path no checkout can hold ({path[:200]!r}); "
+            "it was not made by git (an agent's crafted commit?), so no view is built from it"
+        )
+    seen[path] = seen.get(path, 0) + 1
+    return path
+
+
 def _differences(repo: Repo, base: str, start: str) -> list[_Difference]:
-    raw = repo.run("diff-tree", "-r", "-z", "--no-renames", base, start).stdout
+    # -t: a directory the start commit lacks is one whiteout, not one per file it held.
+    raw = repo.run("diff-tree", "-r", "-t", "-z", "--no-renames", base, start).stdout
     fields = raw.split(b"\0")
     found = []
+    seen: dict[str, int] = {}
     # Records come as ":oldmode newmode oldid newid status" then the path, each NUL-ended.
     for meta, path in zip(fields[0::2], fields[1::2], strict=False):
         if not meta.startswith(b":"):
             break
-        _old_mode, new_mode, _old_id, new_id, _status = meta[1:].decode().split(" ")
-        found.append(_Difference(os.fsdecode(path), new_mode, new_id))
+        old_mode, new_mode, _old_id, new_id, _status = meta[1:].decode().split(" ")
+        found.append(_Difference(_checked_path(path, seen), old_mode, new_mode, new_id))
+    present = [d.path for d in found if d.mode != _ABSENT]
+    if len(present) != len(set(present)):
+        raise MalformedTreeError(
+            "the start commit's tree holds one name twice; it was not made by git, so no view "
+            "is built from it"
+        )
     return found
 
 
@@ -52,32 +90,55 @@ def build_delta(repo: Repo, base: str, start: str, delta: Path) -> int:
     """Write the layer that turns ``base``'s tree into ``start``'s; return how many paths."""
     delta.mkdir(parents=True, exist_ok=True)
     differences = _differences(repo, base, start)
-    present = [d for d in differences if d.mode != _ABSENT]
-    written: set[str] = set()
+    # What stands in the layer as something other than a directory: nothing may go below it
+    # (a symlink there would lead a write out of the layer).
+    leaves = {d.path for d in differences if d.mode not in (_ABSENT, MODE_TREE, MODE_GITLINK)}
+    present = [d for d in differences if d.mode not in (_ABSENT, MODE_TREE)]
+    # Directories the layer holds: parents of what it writes, and submodules.
+    made = {str(parent) for d in present for parent in Path(d.path).parents} | {
+        d.path for d in present if d.mode == MODE_GITLINK
+    }
+    # Directories of the base that the start commit lacks altogether: one whiteout each.
+    removed_dirs = (
+        {d.path for d in differences if d.mode == _ABSENT and d.old_mode == MODE_TREE}
+        - made
+        - leaves
+    )
     files: dict[str, list[_Difference]] = {}
     for difference in present:
+        parents = {str(parent) for parent in Path(difference.path).parents}
+        if parents & leaves:
+            raise MalformedTreeError(
+                f"the start commit's tree holds {difference.path[:200]!r} below a file or "
+                "symlink of the same tree; it was not made by git, so no view is built from it"
+            )
         target = delta / difference.path
         target.parent.mkdir(parents=True, exist_ok=True)
-        written.add(difference.path)
         if difference.mode == MODE_GITLINK:
-            target.mkdir(exist_ok=True)  # a submodule: an empty directory, as in a checkout
+            # A submodule: an empty directory, as in a checkout; what the base had below it
+            # is whited out below.
+            target.mkdir(exist_ok=True)
         else:
             files.setdefault(difference.object_id, []).append(difference)
     _write_blobs(repo, delta, files)
-    kept_dirs = {str(parent) for path in written for parent in Path(path).parents}
+    whiteouts = 0
     for difference in differences:
         path = difference.path
-        if difference.mode != _ABSENT or path in kept_dirs or os.path.lexists(delta / path):
-            continue  # present, or a directory of the start commit now stands where it was
-        if any(str(parent) in written for parent in Path(path).parents):
-            # A file or symlink of the start commit already hides the base's directory;
-            # writing below it would follow that symlink out of the layer.
+        if difference.mode != _ABSENT or path in made or path in leaves:
+            # Present: as a file or directory of the start commit where the base had the other.
+            continue
+        parents = {str(parent) for parent in Path(path).parents}
+        if parents & (leaves | removed_dirs):
+            # Hidden already: below a file or symlink of the start commit, or below a removed
+            # directory's whiteout.
             continue
         target = delta / path
         target.parent.mkdir(parents=True, exist_ok=True)
-        # A whiteout: hides the base's file from the agent's view.
+        # A whiteout: hides the base's file or directory from the agent's view.
         os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0))
-    return len(differences)
+        whiteouts += 1
+    written = sum(len(same) for same in files.values())
+    return written + whiteouts + sum(d.mode == MODE_GITLINK for d in differences)
 
 
 def _write_blobs(repo: Repo, delta: Path, files: dict[str, list[_Difference]]) -> None:

@@ -15,6 +15,7 @@ does not depend on the project's size.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 from pathlib import Path
@@ -82,12 +83,18 @@ def mount_workspace(workspace: WorkspacePlan, agent_uid: int, agent_gid: int) ->
             return
         for directory in (workspace.upper, workspace.work, workspace.merged):
             Path(directory).mkdir(parents=True, exist_ok=True)
+        # Read-only binds: a lower layer is never written, and removing a sandbox dir left
+        # behind with the bind still there must not reach the shared base through it.
         if workspace.base is not None:
-            _idmapped(workspace.base, workspace.lower, agent_uid, agent_gid, workspace.base_uid)
+            _idmapped(
+                workspace.base, workspace.lower, agent_uid, agent_gid, workspace.base_uid,
+                read_only=True,
+            )  # fmt: skip
         else:
             _idmapped(
-                workspace.project, workspace.lower, agent_uid, agent_gid, workspace.project_uid
-            )
+                workspace.project, workspace.lower, agent_uid, agent_gid, workspace.project_uid,
+                read_only=True,
+            )  # fmt: skip
         chown_tree(Path(workspace.upper), agent_uid, agent_gid)
         os.chown(workspace.work, agent_uid, agent_gid)
         os.chmod(workspace.upper, 0o755)
@@ -139,25 +146,37 @@ def _bind_shared(workspace: WorkspacePlan, agent_uid: int, agent_gid: int) -> No
     to a directory of root's, which would then be shown to the agent.
     """
     for shared in workspace.shared:
-        fd = _open_beneath(workspace.project, shared.path)
+        fd = _open_beneath(workspace.project, shared.path, workspace.project_uid)
         _idmapped(fd, shared.bound, agent_uid, agent_gid, shared.uid, read_only=True)
 
 
-def _open_beneath(root: str, relative: str) -> int:
+def _open_beneath(root: str, relative: str, owner_uid: int | None) -> int:
+    """``root``/``relative`` opened one step at a time, no step a symlink, each step (the
+    project included) still owned by ``owner_uid``: the project's owner cannot swap in a
+    directory of root's (left by `sudo make`, say) or lead the walk elsewhere."""
     flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(root, flags)
+    fd = -1
     try:
+        fd = os.open(root, flags)
+        _check_step_owner(fd, root, owner_uid)
         for step in relative.split("/"):
             following = os.open(step, flags, dir_fd=fd)
             os.close(fd)
             fd = following
+            _check_step_owner(fd, relative, owner_uid)
     except OSError as error:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         raise SandboxError(
-            f"filesystem.share_ignored: {relative} in {root} is no longer a directory there "
+            f"filesystem.share_ignored: {relative} in {root} is no longer the directory it was "
             f"({error.strerror}); it was changed after the run was planned, so it is not shared"
         ) from None
     return fd
+
+
+def _check_step_owner(fd: int, where: str, owner_uid: int | None) -> None:
+    if owner_uid is not None and os.fstat(fd).st_uid != owner_uid:
+        raise OSError(errno.EPERM, f"{where} is not owned by uid {owner_uid}")
 
 
 # Rootless: podman keeps one user and mount namespace for all the user's containers; the

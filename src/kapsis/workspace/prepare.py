@@ -62,6 +62,9 @@ def prepare_workspace(plan: SandboxPlan) -> BaseRecord | None:
         _make_mount_points(plan, repo)
     except GitCommandError as error:
         raise SandboxError(f"cannot prepare the agent's git workspace: {error}") from None
+    except OSError as error:
+        # Writing the layers from a commit an agent may have crafted: that launch fails, said.
+        raise SandboxError(f"cannot prepare the agent's workspace: {error}") from None
     return made
 
 
