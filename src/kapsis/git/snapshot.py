@@ -61,28 +61,26 @@ def working_state(repo: Repo, head: str) -> WorkingState:
 
 
 # A file git listed and then found gone (an editor's or a build's temporary file, while the user
-# works): git stops; it is left out and git tries again, this many times at most.
+# works) stops git; it tries again, at most this many times. Each try reads the checkout anew,
+# so a file that is gone stays out.
 MAX_VANISHED = 50
-_VANISHED = re.compile(rb"unable to stat '(.+)': No such file or directory")
+_VANISHED = re.compile(rb"unable to stat '.+': No such file or directory")
 
 
 def _add_all(repo: Repo, env: dict[str, str]) -> None:
-    """``git add --all`` into the scratch index, leaving out files that vanish meanwhile."""
-    vanished: list[str] = []
-    while True:
+    """``git add --all`` into the scratch index, trying again when a file vanishes meanwhile."""
+    for _ in range(MAX_VANISHED):
         # No filter driver runs on the user's files (as for the delta layer).
         result = repo.run(
-            "add", "--all", "--", ".", *(f":(exclude,literal){path}" for path in vanished),
-            env=env, extra_config=without_filters(repo), check=False,
-        )  # fmt: skip
+            "add", "--all", "--", ".", env=env, extra_config=without_filters(repo), check=False
+        )
         if result.returncode == 0:
             return
-        gone = _VANISHED.search(result.stderr)
-        if gone is None or len(vanished) >= MAX_VANISHED:
-            raise GitCommandError(
-                ("add", "--all"), result.returncode, result.stderr.decode(errors="replace")
-            )
-        vanished.append(os.fsdecode(gone.group(1)))
+        if _VANISHED.search(result.stderr) is None:
+            break
+    raise GitCommandError(
+        ("add", "--all"), result.returncode, result.stderr.decode(errors="replace")
+    )
 
 
 def carry_commit(repo: Repo, head: str, state: WorkingState, identity: str, name: str) -> str:
