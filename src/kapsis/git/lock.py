@@ -19,10 +19,17 @@ from kapsis import paths
 
 @contextmanager
 def repository_lock(common_dir: Path) -> Iterator[None]:
+    digest = hashlib.sha256(str(common_dir.resolve()).encode()).hexdigest()[:16]
+    with named_lock(f"repo-{digest}"):
+        yield
+
+
+@contextmanager
+def named_lock(name: str) -> Iterator[None]:
+    """An exclusive lock on ``~/.kapsis/locks/NAME.lock``, held for the ``with`` block."""
     directory = paths.locks_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(str(common_dir.resolve()).encode()).hexdigest()[:16]
-    with (directory / f"repo-{digest}.lock").open("a") as handle:
+    with (directory / f"{name}.lock").open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -17,7 +17,6 @@ new base is made. The runner keeps a record of each base (its size and how long 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from kapsis import paths
 from kapsis.errors import SandboxError
+from kapsis.git.lock import named_lock
 from kapsis.git.owner import RepoOwner
 from kapsis.git.runner import Repo
 
@@ -136,14 +136,8 @@ def delta_size(repo: Repo, base: str, start: str) -> int:
 @contextmanager
 def project_lock(key: str) -> Iterator[None]:
     """Making, choosing to keep and removing a project's bases take turns."""
-    directory = paths.locks_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    with (directory / f"base-{key}.lock").open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with named_lock(f"base-{key}"):
+        yield
 
 
 def ensure_base(repo: Repo, choice: BaseChoice) -> BaseRecord | None:
