@@ -266,8 +266,9 @@ def cleanup(
 def _cleanup_bases(store: StatusStore, leaving: set[str], dry_run: bool) -> list[CleanupItem]:
     """The projects' frozen bases that no running agent uses go (disk said for each).
 
-    Decided with each project's base lock held: a launch holds it from choosing its base until
-    its plan is saved, so a base a starting agent is about to mount is never taken away.
+    Decided with each project's base lock held: a launch saves its plan, which names its base,
+    before it takes that lock to make or keep the base, so cleanup either removes the base
+    first (and the launch makes it again) or sees the launch using it.
     """
     from kapsis.workspace import bases
 

@@ -74,6 +74,10 @@ class SandboxStartError(SandboxError):
     """The sandbox's container could not be started: the agent never ran."""
 
 
+class MalformedTreeError(SandboxError):
+    """A commit's tree that no checkout could hold (an agent can craft one on its branch)."""
+
+
 class HostUnsupportedError(SandboxError):
     """The host lacks something the run asked for (a tool, an LSM, a kernel feature)."""
 
@@ -116,6 +120,10 @@ class GitWorkflowError(KapsisError):
 
     exit_code = ExitCode.COMMIT_FAILED
     error_type = "commit_failed"
+
+
+class FileChangedError(GitWorkflowError):
+    """A file of the agent's work changed between listing and reading: nothing is committed."""
 
 
 class PushError(GitWorkflowError):

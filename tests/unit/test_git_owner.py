@@ -152,6 +152,63 @@ def test_a_swapped_mount_source_is_not_mounted(reachable: Path) -> None:
     assert not os.path.ismount(target)
 
 
+def test_a_shared_directory_is_opened_step_by_step_never_through_a_link_or_a_foreign_step(
+    reachable: Path,
+) -> None:
+    """filesystem.share_ignored as root binds it: every step of the way is still the project
+    owner's directory, the project included; a link or a directory of root's put in place of
+    one after planning is not shared."""
+    from kapsis.errors import SandboxError
+    from kapsis.workspace.overlay import _open_beneath
+
+    account = _nobody()
+    project = reachable / "project"
+    (project / "web" / "node_modules").mkdir(parents=True)
+    subprocess.run(["chown", "-R", f"{account.pw_uid}:{account.pw_gid}", str(project)], check=True)
+    os.close(_open_beneath(str(project), "web/node_modules", account.pw_uid))  # the control
+
+    roots = reachable / "roots"
+    (roots / "node_modules").mkdir(parents=True)
+    swapped = reachable / "swapped"
+    swapped.symlink_to(project)
+    (project / "web").rename(project / "web-was")
+    (project / "web").symlink_to(roots)
+    for root, relative in ((str(project), "web/node_modules"), (str(swapped), "web-was")):
+        with pytest.raises(SandboxError, match="no longer the directory"):
+            _open_beneath(root, relative, account.pw_uid)
+    (project / "web").unlink()
+    (roots / "node_modules").rename(project / "web")  # root's own directory, moved in place
+    with pytest.raises(SandboxError, match="no longer the directory"):
+        _open_beneath(str(project), "web", account.pw_uid)
+
+
+def test_a_read_only_bind_is_not_written_through(reachable: Path) -> None:
+    """The base (shared by every agent of a project) is bound read-only: not even its mapped
+    owner writes through the bind; the control is the same bind made writable."""
+    from kapsis.workspace import _mountapi
+    from kapsis.workspace.overlay import _idmapped
+
+    account = _nobody()
+    base = reachable / "base"
+    base.mkdir()
+    os.chown(base, account.pw_uid, account.pw_gid)
+    agent = 201000  # the agent's host uid, as which the base's owner appears through the bind
+    for read_only in (False, True):
+        target = reachable / f"lower-{read_only}"
+        _idmapped(str(base), str(target), agent, agent, account.pw_uid, read_only=read_only)
+        try:
+            written = subprocess.run(
+                ["touch", str(target / "planted")], user=agent, group=agent, capture_output=True
+            )
+        finally:
+            _mountapi.unmount(str(target))
+        assert (written.returncode == 0) is not read_only, written.stderr
+        assert (base / "planted").exists() is not read_only
+        if read_only:
+            assert b"Read-only file system" in written.stderr
+        (base / "planted").unlink(missing_ok=True)
+
+
 def test_files_of_roots_in_a_users_repository_are_found_before_a_run(reachable: Path) -> None:
     """An older Kapsis, run as root, left root-owned refs and object dirs in the user's .git;
     git as the user could not update them, so the run refuses up front and says how to fix."""

@@ -300,3 +300,18 @@ def test_a_continued_branch_or_another_base_never_carries_the_checkout(
     assert continued.git.carried_commit is None and continued.git.resume
     other = plan_for(repo, tmp_path, base_branch="feature/x")
     assert other.git.carried_commit is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another uid needs root")
+def test_share_ignored_takes_only_the_project_owners_directories(
+    repo: Path, tmp_path: Path
+) -> None:
+    (repo / ".gitignore").write_text("node_modules/\ncache/\n")
+    (repo / "node_modules").mkdir()
+    (repo / "cache").mkdir()
+    config = "filesystem: {share_ignored: [node_modules, cache, not_made_yet]}\n"
+    plan = plan_for(repo, tmp_path, config=config)  # the control: both are the owner's
+    assert [shared.path for shared in plan.workspace.shared] == ["node_modules", "cache"]
+    os.chown(repo / "cache", 65534, 65534)  # say, left by another account
+    with pytest.raises(ConfigError, match="not the project owner's"):
+        plan_for(repo, tmp_path, config=config)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from kapsis.git.changes import FileChangedError, WorkspaceChanges, from_upper, from_worktree
+from kapsis.errors import FileChangedError
+from kapsis.git.changes import WorkspaceChanges, from_upper, from_worktree
 from kapsis.git.commit import CommitOutcome, CommitRequest, commit_workspace, tree_listing
 from kapsis.git.push import push_branch
 from kapsis.git.runner import Repo

@@ -39,6 +39,10 @@ def repo(project: Path) -> Repo:
     return discover(project)
 
 
+def ensure(repo: Repo, choice: bases.BaseChoice) -> bases.BaseRecord | None:
+    return bases.ensure_base(repo, choice.key, choice.commit, Path(choice.tree))
+
+
 def head(project: Path) -> str:
     return git(project, "rev-parse", "HEAD")
 
@@ -97,21 +101,21 @@ def test_a_new_project_gets_a_base_of_the_checked_out_commit_from_git_alone(
     choice = bases.choose_base(repo, head(project), head(project))
     assert not choice.exists and choice.commit == head(project) and choice.delta_paths == 0
 
-    made = bases.ensure_base(repo, choice)
+    made = ensure(repo, choice)
 
     assert made is not None and made.files == 4 and made.bytes > 0
     base = Path(choice.tree)
     assert view_of(base) == tree(project, "HEAD")  # the commit, not the checkout
-    assert Path(choice.index).is_file()
+    assert bases.index_path(choice.tree).is_file()
     assert not list(base.parent.glob(".making-*"))
     assert [r.commit for r in bases.records(choice.key)] == [head(project)]
-    assert bases.ensure_base(repo, choice) is None  # made once
+    assert ensure(repo, choice) is None  # made once
 
 
 def test_a_near_start_reuses_the_base_and_base_plus_delta_is_the_start_tree(
     repo: Repo, project: Path, tmp_path: Path
 ) -> None:
-    bases.ensure_base(repo, bases.choose_base(repo, head(project), head(project)))
+    ensure(repo, bases.choose_base(repo, head(project), head(project)))
     start = commit_files(
         project,
         {"a.txt": "changed\n", "src": "a file now\n", "l": "no longer a link\n", "new/x": "x\n"},
@@ -133,38 +137,38 @@ def test_a_far_start_gets_a_new_base(
     repo: Repo, project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = bases.choose_base(repo, head(project), head(project))
-    bases.ensure_base(repo, first)
+    ensure(repo, first)
     monkeypatch.setattr(bases, "MAX_DELTA_PATHS", 2)
     start = commit_files(project, {"1": "1", "2": "2", "3": "3"}, "three more")
 
     choice = bases.choose_base(repo, start, start)
 
     assert not choice.exists and choice.commit == start and choice.tree != first.tree
-    bases.ensure_base(repo, choice)
+    ensure(repo, choice)
     assert [r.commit for r in bases.records(choice.key)] == [start, first.commit]
 
 
 def test_removing_a_base_takes_its_files_and_its_record(repo: Repo, project: Path) -> None:
     choice = bases.choose_base(repo, head(project), head(project))
-    made = bases.ensure_base(repo, choice)
+    made = ensure(repo, choice)
     assert made is not None
 
     bases.remove_base(made)
 
-    assert not Path(made.tree).exists() and not Path(made.index).exists()
+    assert not Path(made.tree).exists() and not made.index.exists()
     assert bases.records(choice.key) == []
     assert not bases.choose_base(repo, head(project), head(project)).exists
 
 
 def test_a_base_whose_files_are_gone_is_not_chosen(repo: Repo, project: Path) -> None:
     choice = bases.choose_base(repo, head(project), head(project))
-    bases.ensure_base(repo, choice)
+    ensure(repo, choice)
     bases.remove_tree(Path(choice.tree), None)  # say, the user deleted ~/.kapsis/bases
 
     again = bases.choose_base(repo, head(project), head(project))
 
     assert not again.exists
-    assert bases.ensure_base(repo, again) is not None
+    assert ensure(repo, again) is not None
 
 
 def test_two_clones_of_one_project_have_their_own_bases(tmp_path: Path, project: Path) -> None:
@@ -180,9 +184,9 @@ def test_a_removed_directory_and_a_directory_become_a_submodule_leave_nothing_be
     """The delta whites out a removed directory whole, and what a directory held where the
     start commit has a submodule (an empty directory in a checkout)."""
     base = bases.choose_base(repo, head(project), head(project))
-    bases.ensure_base(repo, base)
+    ensure(repo, base)
     commit_files(project, {"deep/a/b.txt": "b\n", "deep/c.txt": "c\n"}, "deep")
-    bases.ensure_base(repo, bases.choose_base(repo, head(project), head(project)))
+    ensure(repo, bases.choose_base(repo, head(project), head(project)))
     first = head(project)
     git(project, "rm", "-rq", "deep", "src")
     gitlink = git(project, "rev-parse", "HEAD")
@@ -211,7 +215,7 @@ def test_the_base_holds_each_blob_as_stored_whatever_the_attributes_and_config_s
     git(project, "config", "core.autocrlf", "true")
 
     choice = bases.choose_base(repo, start, start)
-    bases.ensure_base(repo, choice)
+    ensure(repo, choice)
 
     assert (Path(choice.tree) / "t.txt").read_bytes() == b"line $Id$\nnext\n"
     assert view_of(Path(choice.tree)) == tree(project, start)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from kapsis.errors import MalformedTreeError
 from kapsis.git.runner import Repo
-from kapsis.workspace.delta import MalformedTreeError, build_delta
+from kapsis.workspace.delta import build_delta
 
 from .gitrepo import (
     Exe,

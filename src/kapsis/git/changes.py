@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kapsis.errors import GitWorkflowError
+from kapsis.errors import FileChangedError
 
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 MODE_FILE = "100644"
@@ -61,10 +61,6 @@ class Written:
             ):
                 raise FileChangedError(f"{self.source} was replaced after it was listed")
             return handle.read()
-
-
-class FileChangedError(GitWorkflowError):
-    """A file of the agent's work changed between listing and reading: nothing is committed."""
 
 
 @dataclass

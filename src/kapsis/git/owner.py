@@ -81,6 +81,25 @@ class RepoOwner:
             **self.subprocess_options(),
         )
 
+    def make_private(self, directory: Path) -> None:
+        """:func:`kapsis.paths.make_private` for the owner's own ``~/.kapsis``, done as them."""
+        self.run(["mkdir", "-p", "-m", "700", "--", str(directory)])
+        self.run(["chmod", "go-rwx", "--", str(directory)])
+
+
+def remove_tree(path: Path, owner: RepoOwner | None) -> None:
+    """Delete ``path`` and all below it, never following a symlink.
+
+    In an owner's home, which they may rearrange meanwhile (a symlink put where a parent
+    directory was would lead root's delete anywhere), it is deleted with their rights.
+    """
+    if owner is not None:
+        owner.run(["rm", "-rf", "--", str(path)])
+    elif path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
 
 def chown_tree(root: Path, uid: int, gid: int) -> None:
     """Give ``root`` and everything below it to ``uid``/``gid``; links are changed, never

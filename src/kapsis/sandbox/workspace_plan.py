@@ -59,7 +59,7 @@ class WorkspacePlan(PlanModel):
     # Whether the base existed when the run was planned (else this launch makes it).
     base_exists: bool = False
     delta_paths: int = 0
-    # filesystem.share_ignored, as found at planning: (path in the project, its owner's uid).
+    # filesystem.share_ignored, as found at planning.
     shared: tuple[SharedDir, ...] = ()
     worktree: str | None = None
     release_worktree: str | None = None
@@ -74,10 +74,10 @@ class WorkspacePlan(PlanModel):
 
 
 class SharedDir(PlanModel):
-    """An ignored directory of the checkout shown read-only, live, at the same place."""
+    """An ignored directory of the checkout (the project owner's, as every step to it) shown
+    read-only, live, at the same place."""
 
     path: str
-    uid: int
     # Rootful: where the host binds it (idmapped, read-only) for podman to mount.
     bound: str
 
@@ -254,54 +254,56 @@ def plan_workspace_and_git(
 def _shared_dirs(
     repo: Repo, loaded: LoadedConfig, project: Path, root: Path, start: str
 ) -> tuple[SharedDir, ...]:
-    """filesystem.share_ignored as found now: existing directories, none holding tracked files."""
-    names = loaded.config.filesystem.share_ignored
+    """filesystem.share_ignored as found now: existing directories of the project's owner, none
+    tracked by git, in itself, below or on the way to it."""
+    names = list(dict.fromkeys(loaded.config.filesystem.share_ignored))
     if not names:
         return ()
     origin = loaded.origin_of(("filesystem", "share_ignored"))
-    # Tracked below, or tracked itself or at any step of the way (a committed symlink
-    # `build -> /etc` would lead the mount point's creation out of the view).
-    prefixes = {str(step) for name in names for step in (Path(name), *Path(name).parents)} - {"."}
-    tracked = repo.run(
-        "ls-tree", "-r", "-z", "--name-only", start, "--", *names,
-        env={"GIT_LITERAL_PATHSPECS": "1"},
-    ).stdout + b"".join(
-        entry.split(b"\t", 1)[1] + b"\0"
-        for entry in repo.run(
-            "ls-tree", "-z", start, "--", *sorted(prefixes), env={"GIT_LITERAL_PATHSPECS": "1"}
-        ).stdout.split(b"\0")
-        if entry and b" tree " not in entry.split(b"\t", 1)[0]
-    )  # fmt: skip
-    if tracked:
-        first = os.fsdecode(tracked.split(b"\0")[0])
+    tracked = _first_tracked(repo, start, names)
+    if tracked is not None:
         raise ConfigError(
-            f"{origin}: filesystem.share_ignored: {first} is tracked by git; list only ignored "
+            f"{origin}: filesystem.share_ignored: {tracked} is tracked by git; list only ignored "
             "directories (dependencies, build output): the agent gets tracked files from the "
             "frozen snapshot"
         )
+    owner = project.stat().st_uid
     shared = []
-    for position, name in enumerate(dict.fromkeys(names)):
+    for position, name in enumerate(names):
+        # Every step, not only the last: a symlinked parent would share what lies elsewhere.
+        steps = [project / "/".join(name.split("/")[: i + 1]) for i in range(name.count("/") + 1)]
         try:
-            # Every step, not only the last: a symlinked parent would share what lies elsewhere.
-            steps = [(project / name).parents[i] for i in range(name.count("/"))]
-            info = (project / name).lstat()
-            owner = project.stat().st_uid
-            linked = any(
-                not stat.S_ISDIR(info.st_mode) or info.st_uid != owner
-                for info in (step.lstat() for step in steps)
-            )
+            found = [step.lstat() for step in steps]
         except OSError:
             continue  # not made yet in this checkout (say, before npm install): nothing to share
-        if linked or not stat.S_ISDIR(info.st_mode) or info.st_uid != owner:
+        if any(not stat.S_ISDIR(info.st_mode) or info.st_uid != owner for info in found):
             raise ConfigError(
                 f"{origin}: filesystem.share_ignored: {project / name} is not a directory "
                 "(a symlink or a file) or not the project owner's; name a real directory of the "
                 "project"
             )
-        shared.append(
-            SharedDir(path=name, uid=info.st_uid, bound=str(root / "shared" / str(position)))
-        )
+        shared.append(SharedDir(path=name, bound=str(root / "shared" / str(position))))
     return tuple(shared)
+
+
+def _first_tracked(repo: Repo, start: str, names: list[str]) -> str | None:
+    """A path of ``start`` at or below one of ``names``, or a non-directory on the way to one
+    (a committed symlink ``build -> /etc`` would lead the mount point's creation out of the
+    view); None when there is none."""
+    literal = {"GIT_LITERAL_PATHSPECS": "1"}
+    below = repo.run("ls-tree", "-r", "-z", "--name-only", start, "--", *names, env=literal)
+    if below.stdout:
+        return os.fsdecode(below.stdout.split(b"\0")[0])
+    parents = sorted({str(parent) for name in names for parent in Path(name).parents} - {"."})
+    if not parents:
+        return None
+    # Not recursive: a parent is a tree (fine) or not; what is below it is not listed.
+    on_the_way = repo.run("ls-tree", "-z", start, "--", *parents, env=literal).stdout
+    for entry in on_the_way.split(b"\0"):
+        meta, _, path = entry.partition(b"\t")
+        if entry and meta.split(b" ")[1] != b"tree":
+            return os.fsdecode(path)
+    return None
 
 
 def _check_owned(repo: Repo, owner: RepoOwner, *, worktree: bool) -> None:

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from pathlib import Path
 from kapsis import paths
 from kapsis.errors import SandboxError
 from kapsis.git.lock import named_lock
-from kapsis.git.owner import RepoOwner
+from kapsis.git.owner import RepoOwner, remove_tree
 from kapsis.git.runner import Repo
 
 # Past this many differing paths a delta would cost more than it saves: a new base is made.
@@ -58,9 +57,8 @@ class BaseRecord:
     owner_uid: int | None = None
 
     @property
-    def index(self) -> str:
-        """The index ``checkout-index`` left, with the stat data of the base's files."""
-        return f"{self.tree}.index"
+    def index(self) -> Path:
+        return index_path(self.tree)
 
 
 @dataclass(frozen=True)
@@ -73,9 +71,10 @@ class BaseChoice:
     exists: bool
     delta_paths: int
 
-    @property
-    def index(self) -> str:
-        return f"{self.tree}.index"
+
+def index_path(tree: str) -> Path:
+    """The index ``checkout-index`` left beside a base, with the stat data of its files."""
+    return Path(f"{tree}.index")
 
 
 def project_key(repo: Repo) -> str:
@@ -112,13 +111,13 @@ def choose_base(repo: Repo, start: str, head: str | None) -> BaseChoice:
             best = BaseChoice(key, record.commit, record.tree, True, distance)
     if best is not None:
         return best
-    commit = start
+    commit, distance = start, 0
     if head is not None and head != start:
-        distance = delta_size(repo, head, start)
-        if distance <= MAX_DELTA_PATHS:
-            commit = head
+        to_head = delta_size(repo, head, start)
+        if to_head <= MAX_DELTA_PATHS:
+            commit, distance = head, to_head
     tree = base_tree_dir(repo, key) / commit
-    return BaseChoice(key, commit, str(tree), tree.is_dir(), delta_size(repo, commit, start))
+    return BaseChoice(key, commit, str(tree), tree.is_dir(), distance)
 
 
 def base_tree_dir(repo: Repo, key: str) -> Path:
@@ -140,41 +139,44 @@ def project_lock(key: str) -> Iterator[None]:
         yield
 
 
-def ensure_base(repo: Repo, choice: BaseChoice) -> BaseRecord | None:
-    """Make the chosen base unless it exists; the new base's record, or None if it existed.
+def ensure_base(repo: Repo, key: str, commit: str, tree: Path) -> BaseRecord | None:
+    """Make the base of ``commit`` at ``tree`` unless it exists; the new base's record, or None
+    if it existed.
 
     Called with :func:`project_lock` held, so parallel launches make one base, once.
     """
-    tree = Path(choice.tree)
     if tree.is_dir():
         return None
     began = time.monotonic()
-    _make_private_dirs(repo, tree.parent)
-    scratch = tree.parent / f".making-{choice.commit}-{secrets.token_hex(4)}"
-    _mkdir(repo, scratch / "tree")
+    if repo.owner is None:
+        paths.make_private(paths.kapsis_home())
+    else:
+        repo.owner.make_private(tree.parent.parent.parent)  # their ~/.kapsis
+    scratch = tree.parent / f".making-{commit}-{secrets.token_hex(4)}"
+    _as_owner(repo, ["mkdir", "-p", "--", str(scratch / "tree")])
     try:
         raw = _raw_checkout_repo(repo, scratch)
         env = {"GIT_INDEX_FILE": str(scratch / "index")}
-        raw.run("read-tree", choice.commit, env=env)
+        raw.run("read-tree", commit, env=env)
         # -u keeps the files' stat data in the index: an agent's `git status` on an unchanged
         # view need not read them all again.
         raw.run(
             "checkout-index", "--all", "--force", "-u",
             env=env, extra_config=RAW_CHECKOUT_CONFIG,
         )  # fmt: skip
-        _move(repo, scratch / "index", Path(f"{tree}.index"))
+        _as_owner(repo, ["mv", "-T", "--", str(scratch / "index"), str(index_path(str(tree)))])
         try:
-            _move(repo, scratch / "tree", tree)
-        except (OSError, SandboxError):
+            _as_owner(repo, ["mv", "-T", "--", str(scratch / "tree"), str(tree)])
+        except SandboxError:
             if not tree.is_dir():  # else another launch (root's or the user's) made it first
                 raise
     finally:
         remove_tree(scratch, repo.owner)
-    files, size = _tree_size(repo, choice.commit)
+    files, size = _tree_size(repo, commit)
     record = BaseRecord(
         project=str(repo.root),
-        key=choice.key,
-        commit=choice.commit,
+        key=key,
+        commit=commit,
         tree=str(tree),
         files=files,
         bytes=size,
@@ -197,31 +199,29 @@ def _raw_checkout_repo(repo: Repo, scratch: Path) -> Repo:
     """A scratch git dir that borrows the project's objects and whose info/attributes (which
     outrank the tree's) turn every conversion off; its work tree is ``scratch/tree``."""
     git_dir = scratch / "git"
-    _run_must(repo, ["git", "init", "--bare", "--quiet", str(git_dir)])
-    _write_as(repo, git_dir / "info" / "attributes", RAW_ATTRIBUTES)
+    _as_owner(repo, ["git", "init", "--bare", "--quiet", str(git_dir)])
     objects = repo.common_dir / "objects"
-    _write_as(repo, git_dir / "objects" / "info" / "alternates", f"{objects}\n")
+    for path, content in (
+        (git_dir / "info" / "attributes", RAW_ATTRIBUTES),
+        (git_dir / "objects" / "info" / "alternates", f"{objects}\n"),
+    ):
+        script = 'mkdir -p -- "$(dirname -- "$2")" && printf "%s" "$1" > "$2"'
+        _as_owner(repo, ["sh", "-c", script, "sh", content, str(path)])
     return Repo(scratch / "tree", git_dir, git_dir)
 
 
-def _write_as(repo: Repo, path: Path, content: str) -> None:
-    if repo.owner is None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content)
+def _as_owner(repo: Repo, argv: list[str]) -> None:
+    """``argv`` as the repository's owner (root on a user's repository: in their home, with
+    their rights), else as this process; a failure stops the launch and says why."""
+    if repo.owner is not None:
+        result = repo.owner.run(argv)
     else:
-        script = 'mkdir -p -- "$(dirname -- "$2")" && printf "%s" "$1" > "$2"'
-        _owner_must(repo.owner, ["sh", "-c", script, "sh", content, str(path)])
-
-
-def _run_must(repo: Repo, argv: list[str]) -> None:
-    if repo.owner is None:
-        result = subprocess.run(argv, capture_output=True, check=False)
-        if result.returncode != 0:
-            raise SandboxError(
-                f"cannot make the project's base: {result.stderr.decode(errors='replace')}"
-            )
-    else:
-        _owner_must(repo.owner, argv)
+        result = subprocess.run(argv, capture_output=True, cwd="/", check=False)
+    if result.returncode != 0:
+        raise SandboxError(
+            f"cannot make the project's base: {' '.join(argv[:2])} failed: "
+            f"{result.stderr.decode(errors='replace').strip()}"
+        )
 
 
 def write_record(record: BaseRecord) -> None:
@@ -237,7 +237,7 @@ def remove_base(record: BaseRecord) -> None:
     """Delete a base's files (as their owner, in a user's home) and then its record."""
     owner = RepoOwner.for_uid(record.owner_uid)
     remove_tree(Path(record.tree), owner)
-    remove_tree(Path(record.index), owner)
+    remove_tree(record.index, owner)
     (paths.base_records_dir() / record.key / f"{record.commit}.json").unlink(missing_ok=True)
 
 
@@ -248,16 +248,6 @@ def remove_stale_scratch(key: str) -> None:
     for directory, owner_uid in places:
         for scratch in directory.glob(".making-*"):
             remove_tree(scratch, RepoOwner.for_uid(owner_uid))
-
-
-def remove_tree(path: Path, owner: RepoOwner | None) -> None:
-    if owner is not None:
-        # In the owner's home, which they may rearrange meanwhile: deleted with their rights.
-        owner.run(["rm", "-rf", "--", str(path)])
-    elif path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _tree_size(repo: Repo, commit: str) -> tuple[int, int]:
@@ -271,39 +261,3 @@ def _tree_size(repo: Repo, commit: str) -> tuple[int, int]:
         if len(fields) == 4 and fields[3].isdigit():
             size += int(fields[3])
     return files, size
-
-
-def _make_private_dirs(repo: Repo, directory: Path) -> None:
-    """``directory`` and its parents, ``~/.kapsis`` closed to others (see paths.make_private)."""
-    if repo.owner is None:
-        paths.make_private(paths.kapsis_home())
-        directory.mkdir(parents=True, exist_ok=True)
-        return
-    home = directory.parent.parent
-    _owner_must(repo.owner, ["mkdir", "-p", "-m", "700", "--", str(home)])
-    _owner_must(repo.owner, ["chmod", "go-rwx", "--", str(home)])
-    _mkdir(repo, directory)
-
-
-def _mkdir(repo: Repo, directory: Path) -> None:
-    if repo.owner is None:
-        directory.mkdir(parents=True, exist_ok=True)
-    else:
-        _owner_must(repo.owner, ["mkdir", "-p", "--", str(directory)])
-
-
-def _move(repo: Repo, source: Path, target: Path) -> None:
-    if repo.owner is None:
-        os.rename(source, target)
-    else:
-        _owner_must(repo.owner, ["mv", "-T", "--", str(source), str(target)])
-
-
-def _owner_must(owner: RepoOwner, argv: list[str]) -> None:
-    """Work in the owner's home as them; a failure stops the launch and says why."""
-    result = owner.run(argv)
-    if result.returncode != 0:
-        raise SandboxError(
-            f"cannot make the project's base as {owner.name}: "
-            f"{result.stderr.decode(errors='replace').strip()}"
-        )

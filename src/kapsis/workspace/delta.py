@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from kapsis.errors import SandboxError
+from kapsis.errors import MalformedTreeError
 from kapsis.git.changes import MODE_EXECUTABLE, MODE_GITLINK, MODE_SYMLINK
 from kapsis.git.runner import Repo
 
@@ -38,30 +38,21 @@ class _Difference:
     object_id: str
 
 
-class MalformedTreeError(SandboxError):
-    """A commit's tree that no checkout could hold (an agent can craft one on its branch)."""
-
-
-def _checked_path(raw: bytes, seen: dict[str, int]) -> str:
-    """A tree path as the delta may use it: relative, plain steps, once; else refused.
+def _checked_path(raw: bytes) -> str:
+    """A tree path as the delta may use it: relative, plain steps; else refused.
 
     The start commit can be an agent's own (a continued branch), and git stores a tree written
-    with ``hash-object --literally`` whatever its names are: ``/etc/x``, ``a/../../x`` or one
-    name twice would lead the host's writes out of the layer.
+    with ``hash-object --literally`` whatever its names are: ``/etc/x`` or ``a/../../x`` would
+    lead the host's writes out of the layer (one name twice is refused by the caller).
     """
     path = os.fsdecode(raw)
-    steps = path.split("/")
-    # A path may come twice only as a type change: once gone (as a tree or a file), once new.
-    if (
-        path.startswith("/")
-        or seen.get(path, 0) >= 2
-        or any(step in ("", ".", "..") or step.lower() == ".git" for step in steps)
+    if path.startswith("/") or any(
+        step in ("", ".", "..") or step.lower() == ".git" for step in path.split("/")
     ):
         raise MalformedTreeError(
             f"the start commit's tree holds a path no checkout can hold ({path[:200]!r}); "
             "it was not made by git (an agent's crafted commit?), so no view is built from it"
         )
-    seen[path] = seen.get(path, 0) + 1
     return path
 
 
@@ -70,13 +61,13 @@ def _differences(repo: Repo, base: str, start: str) -> list[_Difference]:
     raw = repo.run("diff-tree", "-r", "-t", "-z", "--no-renames", base, start).stdout
     fields = raw.split(b"\0")
     found = []
-    seen: dict[str, int] = {}
     # Records come as ":oldmode newmode oldid newid status" then the path, each NUL-ended.
     for meta, path in zip(fields[0::2], fields[1::2], strict=False):
         if not meta.startswith(b":"):
             break
         old_mode, new_mode, _old_id, new_id, _status = meta[1:].decode().split(" ")
-        found.append(_Difference(_checked_path(path, seen), old_mode, new_mode, new_id))
+        found.append(_Difference(_checked_path(path), old_mode, new_mode, new_id))
+    # A path comes twice only as a type change (once gone, once new); present twice, never.
     present = [d.path for d in found if d.mode != _ABSENT]
     if len(present) != len(set(present)):
         raise MalformedTreeError(

@@ -31,24 +31,24 @@ OVERLAY_SAFETY_OPTIONS = "redirect_dir=off,metacopy=off,index=off"
 
 
 def _idmapped(
-    source: str | int,
+    source: str,
     target: str,
     agent_uid: int,
     agent_gid: int,
     planned_uid: int | None,
     *,
     read_only: bool = False,
+    opened: int | None = None,
 ) -> None:
     """Bind ``source`` at ``target``, its owner seen as the agent's uid.
 
-    ``source`` is opened first, without following a symlink, and must still belong to the uid
-    it had when the run was planned: root does this mount, and a source in a user's home could
-    have been swapped meanwhile for a link to a directory of root's, which would then appear,
-    writable, as the agent's own.
+    ``source`` is opened first, without following a symlink (or comes ``opened`` so by the
+    caller, and is closed here), and must still belong to the uid it had when the run was
+    planned: root does this mount, and a source in a user's home could have been swapped
+    meanwhile for a link to a directory of root's, which would then appear as the agent's own.
     """
-    if isinstance(source, int):
-        fd = source  # opened step by step by the caller; closed here
-    else:
+    fd = opened
+    if fd is None:
         fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         owner = os.fstat(fd)
@@ -146,8 +146,10 @@ def _bind_shared(workspace: WorkspacePlan, agent_uid: int, agent_gid: int) -> No
     to a directory of root's, which would then be shown to the agent.
     """
     for shared in workspace.shared:
-        fd = _open_beneath(workspace.project, shared.path, workspace.project_uid)
-        _idmapped(fd, shared.bound, agent_uid, agent_gid, shared.uid, read_only=True)
+        source = f"{workspace.project}/{shared.path}"
+        owner = workspace.project_uid
+        fd = _open_beneath(workspace.project, shared.path, owner)
+        _idmapped(source, shared.bound, agent_uid, agent_gid, owner, read_only=True, opened=fd)
 
 
 def _open_beneath(root: str, relative: str, owner_uid: int | None) -> int:

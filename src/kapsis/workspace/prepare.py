@@ -14,7 +14,7 @@ from kapsis.errors import SandboxError
 from kapsis.git.lock import repository_lock
 from kapsis.git.runner import ZERO_SHA, GitCommandError, Repo
 from kapsis.sandbox.plan import SandboxPlan
-from kapsis.workspace.bases import BaseChoice, BaseRecord, ensure_base, project_lock
+from kapsis.workspace.bases import BaseRecord, ensure_base, index_path, project_lock
 from kapsis.workspace.delta import build_delta
 from kapsis.workspace.gitview import build_agent_git, write_gitlink
 from kapsis.workspace.worktree import add_worktree, remove_worktree
@@ -74,18 +74,11 @@ def _prepare_layers(plan: SandboxPlan, repo: Repo) -> BaseRecord | None:
     if workspace.base is None or workspace.base_commit is None or workspace.base_key is None:
         return None
     assert git.start_commit is not None
-    choice = BaseChoice(
-        workspace.base_key,
-        workspace.base_commit,
-        workspace.base,
-        workspace.base_exists,
-        workspace.delta_paths,
-    )
     # The run's plan, which names the base, is saved before this; cleanup decides under the
     # same lock, so it either removed the base before (and it is made again here) or sees the
     # run using it.
     with project_lock(workspace.base_key):
-        made = ensure_base(repo, choice)
+        made = ensure_base(repo, workspace.base_key, workspace.base_commit, Path(workspace.base))
     if workspace.needs_delta:
         build_delta(repo, workspace.base_commit, git.start_commit, Path(workspace.delta))
     return made
@@ -112,8 +105,10 @@ def _checkout_index(plan: SandboxPlan, repo: Repo) -> Path | None:
     if workspace.mode == "worktree" and workspace.worktree is not None:
         own = Repo.discover(Path(workspace.worktree))
         return own.git_dir / "index" if own is not None else None
-    # Overlay: the base's own index, if it matches the start commit (no delta on top).
-    return Path(f"{workspace.base}.index") if workspace.base is not None else None
+    # Overlay: the base's own index, when the view is the base alone.
+    if workspace.base is None or workspace.needs_delta:
+        return None
+    return index_path(workspace.base)
 
 
 def _create_branch(repo: Repo, branch: str, start: str, *, resume: bool) -> None:

@@ -9,10 +9,9 @@ inspect an agent-written tree.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from kapsis.git.owner import RepoOwner
+from kapsis.git.owner import RepoOwner, remove_tree
 from kapsis.git.runner import Repo, without_filters
 
 
@@ -21,24 +20,17 @@ def add_worktree(repo: Repo, path: Path, branch: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     else:
         # In the owner's ~/.kapsis, made by them, closed to others like the one of their own
-        # runs (see paths.make_private); git makes the dirs below it, theirs too.
-        home = path.parent.parent
-        repo.owner.run(["mkdir", "-p", "-m", "700", "--", str(home)])
-        repo.owner.run(["chmod", "go-rwx", "--", str(home)])
+        # runs; git makes the dirs below it, theirs too.
+        repo.owner.make_private(path.parent.parent)
     repo.run("worktree", "add", "--quiet", str(path), branch, extra_config=without_filters(repo))
 
 
 def remove_worktree(repo: Repo | None, path: Path, owner: RepoOwner | None = None) -> None:
     """Delete the worktree's files, then git's record of it.
 
-    A worktree of a user's repository lies in their home, which they may rearrange at any time
-    (a symlink put where a parent directory was would lead root's delete anywhere): it is
-    deleted by its owner (``owner``, else the repository's), who can only delete what is theirs.
+    A worktree of a user's repository lies in their home: it is deleted by its owner
+    (``owner``, else the repository's), who can only delete what is theirs.
     """
-    owner = owner or (repo.owner if repo is not None else None)
-    if owner is None:
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        owner.run(["rm", "-rf", "--", str(path)])
+    remove_tree(path, owner or (repo.owner if repo is not None else None))
     if repo is not None:
         repo.run("worktree", "prune", check=False)
