@@ -140,23 +140,12 @@ class AgentObjects:
     def import_into_repository(self, start: str, tip: str) -> None:
         """Pack ``start..tip`` from quarantine and index it into the repository."""
         repo = self.repo
-        packer = subprocess.Popen(
-            repo.command("pack-objects", "--revs", "--stdout", "--quiet"),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=repo.environment(self.env),
-            cwd=repo.root,
-            **repo.subprocess_options(),
-        )
-        indexer = subprocess.Popen(
-            repo.command("index-pack", "--stdin", "--fix-thin"),
-            stdin=packer.stdout,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=repo.environment(),
-            cwd=repo.root,
-            **repo.subprocess_options(),
+        packer = repo.popen(
+            "pack-objects", "--revs", "--stdout", "--quiet",
+            env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )  # fmt: skip
+        indexer = repo.popen(
+            "index-pack", "--stdin", "--fix-thin", stdin=packer.stdout, stdout=subprocess.DEVNULL
         )
         assert packer.stdin is not None and packer.stdout is not None
         packer.stdout.close()  # the indexer owns the pipe now

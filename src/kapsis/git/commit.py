@@ -222,14 +222,8 @@ def _build_tree(
 ) -> str:
     """Start's tree with the changes applied, via fast-import into a scratch ref."""
     scratch = f"{SCRATCH_REF_PREFIX}{request.scratch_name}"
-    process = subprocess.Popen(
-        repo.command("fast-import", "--quiet", "--force"),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=repo.environment(),
-        cwd=repo.root,
-        **repo.subprocess_options(),
+    process = repo.popen(
+        "fast-import", "--quiet", "--force", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
     )
     assert process.stdin is not None
     stream = process.stdin

@@ -156,6 +156,26 @@ class Repo:
         command += [f"--git-dir={self.git_dir}", f"--work-tree={work_tree or self.root}"]
         return command + list(args)
 
+    def popen(
+        self,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        stdin: Any,
+        stdout: Any,
+        stderr: Any = subprocess.PIPE,
+    ) -> subprocess.Popen[bytes]:
+        """Start a hardened git command that streams (as the owner, like :meth:`run`); by
+        default its stderr is a pipe, for the caller to read once the streams are done."""
+        return subprocess.Popen(
+            self.command(*args),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            env=self.environment(env),
+            cwd=self.root,
+            **self.subprocess_options(),
+        )
+
     def environment(
         self, extra: Mapping[str, str] | None = None, *, as_owner: bool = True
     ) -> dict[str, str]:

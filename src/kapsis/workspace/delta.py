@@ -136,15 +136,10 @@ def _write_blobs(repo: Repo, delta: Path, files: dict[str, list[_Difference]]) -
     """Stream each blob from one ``cat-file --batch`` into its file(s): never whole in memory."""
     if not files:
         return
-    process = subprocess.Popen(
-        repo.command("cat-file", "--batch"),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=repo.environment(),
-        cwd=repo.root,
-        **repo.subprocess_options(),
-    )
+    process = repo.popen(
+        "cat-file", "--batch",
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     assert process.stdin is not None and process.stdout is not None
     requests = "".join(f"{object_id}\n" for object_id in files).encode()
 
