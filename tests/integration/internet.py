@@ -36,7 +36,9 @@ fixture of conftest.py built on it) creates:
     names of :data:`DEFAULT_NAMES` (an extendable table, see :meth:`Internet.set_names`) and
     NXDOMAIN for every other name. Each query is logged (:meth:`Internet.dns_queries`).
   - an HTTP server on port 80 (v4 and v6) answering every request with :data:`HTTP_BODY` and
-    logging method, path, Host header and client (:meth:`Internet.http_requests`);
+    the same server over TLS on port 443 (a self-signed certificate for every name of the table,
+    made with ``openssl`` at start), which also logs the TLS server name the client sent;
+    both logging method, path, Host header and client (:meth:`Internet.http_requests`);
   - plain TCP servers on ports 8080 and 22 that send one banner line (:func:`banner`) and close,
     to test per-port rules; a UDP echo server on port 9999 (v4 and v6). Both log each
     connection or datagram (:meth:`Internet.connections`).
@@ -134,6 +136,7 @@ REMOTE_V6 = "2001:db8:6b73::2"
 
 DNS_PORT = 53
 HTTP_PORT = 80
+HTTPS_PORT = 443
 BANNER_PORTS = (8080, 22)
 UDP_ECHO_PORT = 9999
 
@@ -171,11 +174,11 @@ def resolve(
     tcp: bool = False,
     timeout: float = 2.0,
 ) -> tuple[int, list[str]]:
-    """Ask ``server`` for the ``qtype`` ("A" or "AAAA") records of ``name``, without any resolver
-    library. Returns (rcode, addresses): rcode 0 is NOERROR, 3 NXDOMAIN, 5 REFUSED; addresses
-    are the A/AAAA answers as text. Raises ``OSError`` (``TimeoutError`` included) when the server
-    does not answer."""
-    qtypes = {"A": 1, "AAAA": 28}
+    """Ask ``server`` for the ``qtype`` ("A", "AAAA", "TXT", ...) records of ``name``, without
+    any resolver library. Returns (rcode, addresses): rcode 0 is NOERROR, 3 NXDOMAIN, 5
+    REFUSED; addresses are the A/AAAA answers as text. Raises ``OSError`` (``TimeoutError``
+    included) when the server does not answer."""
+    qtypes = {"A": 1, "AAAA": 28, "CNAME": 5, "MX": 15, "TXT": 16, "SVCB": 64, "HTTPS": 65}
     query_id = random.randrange(1 << 16)
     # Header: id, flags (RD), 1 question, 0 answers / authority / additional records.
     query = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0)
@@ -249,6 +252,61 @@ def http_get(
         return response.status, response.read().decode("utf-8", "replace")
     finally:
         conn.close()
+
+
+def https_get(
+    host: str,
+    path: str = "/",
+    *,
+    sni: str | None = None,
+    host_header: str | None = None,
+    port: int = 443,
+    timeout: float = 3.0,
+) -> tuple[int, str]:
+    """GET ``path`` over TLS from ``host:port`` with the TLS server name ``sni`` (None: no SNI at
+    all) and the Host header ``host_header`` (default: ``sni`` or ``host``). The test internet's
+    certificate is its own, so it is not verified. Returns (status, body)."""
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection((host, port), timeout=timeout)
+    with raw, context.wrap_socket(raw, server_hostname=sni) as sock:
+        request = f"GET {path} HTTP/1.1\r\nHost: {host_header or sni or host}\r\n"
+        sock.sendall((request + "Connection: close\r\n\r\n").encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode("utf-8", "replace")
+
+
+def reuse_resolver_flows(upstream: str, name: str, trigger: str) -> dict[str, Any]:
+    """The resolver-flow attack: make the gateway's resolver query the upstream (``trigger``,
+    an allowlisted name), then send a query for ``name`` straight to the upstream from every
+    UDP port this process can bind, one of which is the port the resolver's query came from.
+    Returns how many were sent and whether any reply came back."""
+    resolve(trigger, "127.0.0.1")
+    query_id = random.randrange(1 << 16)
+    query = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0)
+    for label in name.split("."):
+        query += bytes([len(label)]) + label.encode("ascii")
+    query += b"\x00" + struct.pack("!HH", 1, 1)
+    family = socket.AF_INET6 if ":" in upstream else socket.AF_INET
+    sent, replies = 0, 0
+    for port in range(1024, 65536):
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.bind(("", port))
+                sock.sendto(query, (upstream, 53))
+                sent += 1
+                sock.setblocking(False)
+                sock.recv(4096)
+                replies += 1
+            except OSError:
+                continue
+    return {"sent": sent, "replies": replies}
 
 
 def tcp_banner(host: str, port: int, *, timeout: float = 3.0) -> str:
@@ -344,6 +402,14 @@ def run_probes(checks: list[list[Any]]) -> list[dict[str, Any]]:
                 host_header = args[3] if len(args) > 3 else None
                 status, body = http_get(host, path, port=port, host_header=host_header)
                 results.append({"status": status, "body": body})
+            elif kind == "https":
+                host, path = args[0], args[1] if len(args) > 1 else "/"
+                sni = args[2] if len(args) > 2 else host
+                host_header = args[3] if len(args) > 3 else None
+                status, body = https_get(host, path, sni=sni, host_header=host_header)
+                results.append({"status": status, "body": body})
+            elif kind == "reuse_resolver_flows":
+                results.append(reuse_resolver_flows(args[0], args[1], args[2]))
             elif kind == "tcp":
                 results.append({"banner": tcp_banner(args[0], args[1])})
             elif kind == "udp":
@@ -371,7 +437,16 @@ def probe_script() -> str:
 
         podman run --rm IMAGE python3 -c "$(probe_script())" '[["http", "198.51.100.2"]]'
     """
-    helpers = (resolve, http_get, tcp_banner, udp_echo, ping, run_probes)
+    helpers = (
+        resolve,
+        http_get,
+        https_get,
+        reuse_resolver_flows,
+        tcp_banner,
+        udp_echo,
+        ping,
+        run_probes,
+    )
     parts = [inspect.getsource(helper) for helper in helpers]
     return "\n\n".join(
         [
@@ -404,6 +479,7 @@ class HttpRequest:
     client: str  # client address as the netns sees it (198.51.100.1 for masqueraded traffic)
     port: int  # the server port
     headers: dict[str, str]
+    sni: str | None = None  # the TLS server name (port 443 only; None: no SNI or plain HTTP)
 
 
 @dataclass(frozen=True)
@@ -472,6 +548,7 @@ class Internet:
                 client=entry["client"],
                 port=entry["port"],
                 headers=entry["headers"],
+                sni=entry.get("sni"),
             )
             for entry in map(json.loads, self._lines(self.http_log))
         ]
@@ -721,6 +798,17 @@ def _dnsmasq_command(dnsmasq: str, internet: Internet) -> list[str]:
     ]
 
 
+def _make_certificate(workdir: Path, names: Mapping[str, Sequence[str]]) -> None:
+    """A self-signed certificate for every name of the table (nobody verifies it: the tests
+    look at the server name a client sent, and the gateway never intercepts TLS)."""
+    alt_names = ",".join(f"DNS:{name}" for name in names)
+    _run(
+        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-subj", "/CN=kapsis test internet", "-addext", f"subjectAltName={alt_names}",
+        "-keyout", str(workdir / "key.pem"), "-out", str(workdir / "cert.pem"),
+    )  # fmt: skip
+
+
 def _wait_ready(check: Any, what: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -818,6 +906,8 @@ def start_internet(
             log.touch()
         serve = [sys.executable, str(Path(__file__).resolve()), "serve"]
         serve += ["--http-log", str(internet.http_log), "--conn-log", str(internet.conn_log)]
+        serve += ["--cert", str(workdir / "cert.pem"), "--key", str(workdir / "key.pem")]
+        _make_certificate(workdir, internet.names)
         servers = subprocess.Popen(
             ["ip", "netns", "exec", ns, *serve],
             stdin=subprocess.DEVNULL,
@@ -920,11 +1010,20 @@ def podman_network(
 # --- the servers (run inside the netns: python internet.py serve ...) -------------------------
 
 
-def _serve(http_log: Path, conn_log: Path) -> None:
+def _serve(http_log: Path, conn_log: Path, cert: Path, key: Path) -> None:
     """Bind every server socket, print "ready", serve until killed."""
     import http.server
     import socketserver
+    import ssl
     import threading
+
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+
+    def remember_sni(sock: Any, server_name: str | None, _context: Any) -> None:
+        sock.kapsis_sni = server_name
+
+    tls.sni_callback = remember_sni
 
     lock = threading.Lock()
 
@@ -950,6 +1049,7 @@ def _serve(http_log: Path, conn_log: Path) -> None:
                     "client": self.client_address[0],
                     "port": _port(self.server),
                     "headers": dict(self.headers.items()),
+                    "sni": getattr(self.connection, "kapsis_sni", None),
                 },
             )
             length = int(self.headers.get("Content-Length") or 0)
@@ -974,6 +1074,11 @@ def _serve(http_log: Path, conn_log: Path) -> None:
         def log_message(self, format: str, *args: Any) -> None:
             pass  # our own log is the JSON one
 
+    class TlsHandler(Handler):
+        def setup(self) -> None:
+            self.request = tls.wrap_socket(self.request, server_side=True)
+            super().setup()
+
     class BannerHandler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
             port = _port(self.server)
@@ -991,12 +1096,20 @@ def _serve(http_log: Path, conn_log: Path) -> None:
         return type(
             f"{base.__name__}{family.name}",
             (socketserver.ThreadingMixIn, base),
-            {"address_family": family, "allow_reuse_address": True, "daemon_threads": True},
+            {
+                "address_family": family,
+                "allow_reuse_address": True,
+                "daemon_threads": True,
+                "handle_error": lambda self, request, client: None,  # a refused handshake
+            },
         )
 
     servers: list[socketserver.BaseServer] = []
     for address, family in ((REMOTE_V4, socket.AF_INET), (REMOTE_V6, socket.AF_INET6)):
         servers.append(server_class(http.server.HTTPServer, family)((address, HTTP_PORT), Handler))
+        servers.append(
+            server_class(http.server.HTTPServer, family)((address, HTTPS_PORT), TlsHandler)
+        )
         for port in BANNER_PORTS:
             servers.append(
                 server_class(socketserver.TCPServer, family)((address, port), BannerHandler)
@@ -1015,4 +1128,7 @@ def _serve(http_log: Path, conn_log: Path) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"]:
         args = dict(zip(sys.argv[2::2], sys.argv[3::2], strict=True))
-        _serve(Path(args["--http-log"]), Path(args["--conn-log"]))
+        _serve(
+            Path(args["--http-log"]), Path(args["--conn-log"]), Path(args["--cert"]),
+            Path(args["--key"]),
+        )  # fmt: skip

@@ -21,41 +21,15 @@ from kapsis.errors import ExitCode
 
 from .internet import REMOTE_V4, REMOTE_V6, Internet, probe_script
 from .kapsis_runner import Kapsis
-
-pytestmark = pytest.mark.integration
-
-GATEWAY = "127.0.0.1"  # the gateway's resolver, as the agent sees it
+from .sandbox_probe import GATEWAY, config, failed, probe, probe_project
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    root = tmp_path / "project"
-    root.mkdir()
-    (root / "probe.py").write_text(probe_script())
-    return root
+    return probe_project(tmp_path)
 
 
-def config(tmp_path: Path, internet: Internet, network: str = "podman", extra: str = "") -> Path:
-    path = tmp_path / f"network-{network}.yaml"
-    path.write_text(
-        f"network:\n  dns_servers: [{internet.dns_server}]\n  podman_network: {network}\n" + extra
-    )
-    return path
-
-
-def probe(
-    kapsis: Kapsis, project: Path, checks: list[list[Any]], *flags: str
-) -> tuple[list[dict[str, Any]], subprocess.CompletedProcess[str]]:
-    """Run the checks inside a sandbox; one result per check (see internet.run_probes)."""
-    task = f"python3 /workspace/probe.py '{json.dumps(checks)}'"
-    result = kapsis.run(project, task, *flags)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1]), result
-
-
-def failed(outcome: dict[str, Any]) -> bool:
-    return "error" in outcome
-
+pytestmark = pytest.mark.integration
 
 # ---------------------------------------------------------------------------------------------
 # names
@@ -248,13 +222,18 @@ def test_ipv6_is_filtered_like_ipv4(
     assert all(failed(outcome) for outcome in filtered)
     opened = probe_v6(kapsis, project, direct, "--config", cfg, "--network-mode", "open")
     assert opened[0]["status"] == 200 and opened[1]["addresses"] == [REMOTE_V6]
-    # The allowlisted name reaches the same host over IPv6 once the gateway resolved it.
+    # The allowlisted name reaches the same host over IPv6 once the gateway resolved it, through
+    # the proxy: by its name only, not by its address.
     via_name = probe_v6(
-        kapsis, project, [["resolve", "allowed.test", GATEWAY, "AAAA"], ["http", REMOTE_V6]],
+        kapsis, project,
+        [["resolve", "allowed.test", GATEWAY, "AAAA"], ["http", REMOTE_V6, "/", 80, "allowed.test"],
+         ["http", REMOTE_V6, "/", 80, "other.test"], ["https", REMOTE_V6, "/", "allowed.test"],
+         ["https", REMOTE_V6, "/", "other.test"]],
         "--config", cfg, "--allow", "allowed.test",
     )  # fmt: skip
     assert via_name[0]["addresses"] == [REMOTE_V6]
-    assert via_name[1]["status"] == 200
+    assert via_name[1]["status"] == 200 and via_name[3]["status"] == 200
+    assert via_name[2]["status"] == 403 and failed(via_name[4])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +249,7 @@ def test_the_agent_cannot_change_the_rules_even_with_net_admin(
         "nft flush ruleset; echo flush=$?; ip route del default; echo route=$?; "
         f"pkill -9 dnsmasq; echo kill=$?; echo nameserver {REMOTE_V4} > /etc/resolv.conf; "
         'echo resolv=$?; python3 /workspace/probe.py \'[["resolve", "allowed.test", '
-        f'"{GATEWAY}", "A"], ["http", "{REMOTE_V4}", "/after"]]\''
+        f'"{GATEWAY}", "A"], ["http", "{REMOTE_V4}", "/after", 80, "allowed.test"]]\''
     )
     cfg = config(tmp_path, internet, extra="security:\n  overrides:\n    cap_add: [NET_ADMIN]\n")
     flags = ["--config", str(cfg), "--image", "localhost/kapsis-gateway:latest"]

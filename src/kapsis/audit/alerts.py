@@ -32,7 +32,7 @@ _MASS_DELETE = re.compile(
 )
 _GATEWAY = re.compile(
     r"\bnft\s|\biptables\b|\bip6?tables\b|\bip\s+(-\d\s+)?(route|link|addr)\s+(del|add|flush|set)"
-    r"|\b(pkill|killall)\s+(-\d+\s+)?dnsmasq|/etc/resolv\.conf"
+    r"|\b(pkill|killall)\s+(-\d+\s+)?(dnsmasq|dnsdist|haproxy)|/etc/resolv\.conf"
 )
 _PIPE_TO_SHELL = re.compile(r"\b(curl|wget)\b[^|]*\|\s*(sudo\s+)?(ba|z|da)?sh\b")
 # A shell's trace shows a pipeline as its commands one by one: a download, then a bare shell.
@@ -61,7 +61,7 @@ RULES: dict[str, tuple[Severity, str]] = {
     "gateway_tampering": (
         "high",
         "commands aimed at the network gateway: nft, iptables, ip route/link/addr changes, "
-        "killing dnsmasq, writing /etc/resolv.conf",
+        "killing dnsmasq, dnsdist or haproxy, writing /etc/resolv.conf",
     ),
     "pipe_to_shell": (
         "high",

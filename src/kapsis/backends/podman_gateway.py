@@ -17,13 +17,16 @@ from pathlib import Path
 
 from kapsis.backends import _uidslots
 from kapsis.errors import SandboxError
-from kapsis.network.gateway_config import BLOCKED_SETS, GATEWAY_CAPABILITIES
 from kapsis.network.gateway_files import (
-    CONFIG_TARGET,
-    LOG_TARGET,
     GatewayDirs,
     gateway_dirs,
     write_gateway_files,
+)
+from kapsis.network.gateway_layout import (
+    BLOCKED_SETS,
+    CONFIG_TARGET,
+    GATEWAY_CAPABILITIES,
+    LOG_TARGET,
 )
 from kapsis.network.observe import BlockedConnection, blocked_in_table
 from kapsis.sandbox.plan import SandboxPlan
@@ -49,14 +52,14 @@ def gateway_run_args(plan: SandboxPlan, *, uid_base: int | str) -> list[str]:
         args += ["--cap-add", capability]
     args += ["--security-opt", "no-new-privileges"]
     args += ["--read-only", "--read-only-tmpfs=false", "--tmpfs", "/run:rw,nosuid,nodev,noexec"]
-    args += ["--tmpfs", "/tmp:rw,nosuid,nodev,noexec", "--memory", "128m", "--pids-limit", "64"]
+    args += ["--tmpfs", "/tmp:rw,nosuid,nodev,noexec", "--memory", "256m", "--pids-limit", "128"]
     args += [
         "--volume",
         f"{dirs.config}:{CONFIG_TARGET}:ro",
         "--volume",
         f"{dirs.log}:{LOG_TARGET}",
     ]
-    args += [gateway.image, "/bin/sh", f"{CONFIG_TARGET}/entrypoint.sh"]
+    args += [gateway.image, "/bin/bash", f"{CONFIG_TARGET}/entrypoint.sh"]
     return args
 
 

@@ -241,6 +241,34 @@ class AllowlistSection(Section):
     )
 
 
+# Query types a config may add to the DNS front's built-in A, AAAA, CNAME, HTTPS and SVCB.
+ExtraQueryType = Literal[
+    "MX", "TXT", "SRV", "NS", "SOA", "PTR", "CAA", "NAPTR", "TLSA", "SSHFP", "DS", "DNSKEY"
+]
+
+
+class DnsSection(Section):
+    query_types: list[ExtraQueryType] = Field(
+        default_factory=list,
+        description="DNS query types the gateway forwards besides A, AAAA, CNAME, HTTPS and SVCB "
+        "(each one is a way for data to leave in a query, so list only what the agent needs).",
+    )
+    max_label_length: int = Field(
+        40,
+        ge=1,
+        le=63,
+        description="Longest label of a name the gateway forwards; longer labels (random "
+        "strings that carry data) are refused.",
+    )
+    max_queries_per_second: int = Field(
+        50,
+        ge=1,
+        le=10000,
+        description="DNS queries a second the gateway answers (bursts of four times as many); "
+        "the rest are refused.",
+    )
+
+
 class NetworkPolicySection(Section):
     """The network policy shared by both backends (the Kubernetes ``AgentRequest`` uses it too)."""
 
@@ -256,6 +284,9 @@ class NetworkPolicySection(Section):
         default_factory=list,
         description="Upstream resolvers of the gateway (default: the host's, from "
         "/etc/resolv.conf).",
+    )
+    dns: DnsSection = Field(
+        default_factory=DnsSection, description="What the gateway's DNS lets through."
     )
 
 

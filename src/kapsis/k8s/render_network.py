@@ -25,10 +25,10 @@ from kapsis.errors import ConfigError
 from kapsis.k8s.layout import FINISHER_UID
 from kapsis.k8s.resource import AgentRequestSpec
 from kapsis.k8s.settings import OperatorSettings
-from kapsis.network.gateway_config import dnsmasq_config, nft_ruleset
-from kapsis.network.gateway_files import DNS_LOG, LOG_TARGET, gateway_scripts, probe_address
+from kapsis.network.gateway_config import gateway_config_files, probe_address
+from kapsis.network.gateway_files import gateway_scripts
 from kapsis.network.policy import DNS_PORT, NetworkPolicy, PolicyBuilder
-from kapsis.sandbox.network_plan import add_allowlist
+from kapsis.sandbox.network_plan import add_allowlist, dns_limits
 
 Transport = Literal["https", "http", "ssh"]
 _TRANSPORTS: dict[str, Transport] = {"https": "https", "http": "http", "ssh": "ssh"}
@@ -81,7 +81,8 @@ def network_policy_of(
         profile,
         lambda key, index: f"spec.network.allowlist.{key}[{index}]",
     )
-    return builder.build(upstreams(spec, settings) if network.mode == "filtered" else ())
+    servers = upstreams(spec, settings) if network.mode == "filtered" else ()
+    return builder.build(servers, dns=dns_limits(network.dns))
 
 
 def upstreams(spec: AgentRequestSpec, settings: OperatorSettings) -> tuple[str, ...]:
@@ -108,20 +109,14 @@ def gateway_files(
         # Blocks everything (no allow rules, the resolver knows no name) but the push.
         policy = NetworkPolicy(mode="none", dns_servers=servers)
     try:
-        probe = probe_address(policy)
+        probe_address(policy)
     except ValueError:
         raise ConfigError(
             "spec.network.allowlist.addresses: an allowed network covers every address the "
             "gateway's self-test could check; list narrower networks"
         ) from None
     resolve_only = (remote.host,) if spec.workspace.git.push else ()
-    files = {
-        "rules.nft": nft_ruleset(policy, servers, owner_ports=finisher),
-        "dnsmasq.conf": dnsmasq_config(
-            policy, servers, f"{LOG_TARGET}/{DNS_LOG}", resolve_only=resolve_only
-        ),
-        "probe-address": probe + "\n",
-    }
+    files = gateway_config_files(policy, servers, owner_ports=finisher, resolve_only=resolve_only)
     return files | gateway_scripts()
 
 

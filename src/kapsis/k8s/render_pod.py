@@ -19,8 +19,12 @@ from kapsis.k8s import layout
 from kapsis.k8s.names import AGENT_CONTAINER, CLONE_CONTAINER, FINISHER_CONTAINER, GATEWAY_CONTAINER
 from kapsis.k8s.resource import AgentRequestSpec
 from kapsis.k8s.settings import OperatorSettings
-from kapsis.network.gateway_config import GATEWAY_CAPABILITIES
-from kapsis.network.gateway_files import CONFIG_TARGET, LOG_TARGET, VERDICT
+from kapsis.network.gateway_layout import (
+    CONFIG_TARGET,
+    GATEWAY_CAPABILITIES,
+    LOG_TARGET,
+    VERDICT,
+)
 from kapsis.sandbox.security import effective_settings
 
 # The clone step hands the workspace to the agent's uid and the trusted repo to the finisher's.
@@ -227,7 +231,7 @@ def gateway_container(settings: OperatorSettings) -> dict[str, Any]:
         "image": settings.gateway_image,
         "imagePullPolicy": "IfNotPresent",
         "restartPolicy": "Always",
-        "command": ["/bin/sh", f"{CONFIG_TARGET}/entrypoint.sh"],
+        "command": ["/bin/bash", f"{CONFIG_TARGET}/entrypoint.sh"],
         # The agent starts only after this passes: the rules are loaded and the self-test said
         # "ok". A gateway that fails it never lets the Pod reach the agent.
         "startupProbe": {

@@ -9,21 +9,19 @@ ever mounted into the agent's container.
 from __future__ import annotations
 
 import importlib.resources
-import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kapsis.network.gateway_config import dnsmasq_config, nft_ruleset
-from kapsis.network.policy import NetworkPolicy, parse_address
-
-CONFIG_TARGET = "/etc/kapsis-gateway"
-LOG_TARGET = "/var/log/kapsis"
-DNS_LOG = "dns.log"
-VERDICT = "selftest"
-# Candidates for the self-test's "an address not on the allowlist": documentation ranges,
-# never routed on the internet, so even a broken gateway sends nothing anywhere real.
-PROBE_CANDIDATES = ("192.0.2.1", "198.51.100.1", "203.0.113.254")
+from kapsis.network.gateway_config import gateway_config_files
+from kapsis.network.gateway_layout import (
+    DNS_LOG,
+    DNS_REFUSED_COUNTS,
+    DNS_REFUSED_LOG,
+    PROXY_LOG,
+    VERDICT,
+)
+from kapsis.network.policy import NetworkPolicy
 
 
 @dataclass(frozen=True)
@@ -34,6 +32,18 @@ class GatewayDirs:
     @property
     def dns_log(self) -> Path:
         return self.log / DNS_LOG
+
+    @property
+    def dns_refused_log(self) -> Path:
+        return self.log / DNS_REFUSED_LOG
+
+    @property
+    def dns_refused_counts(self) -> Path:
+        return self.log / DNS_REFUSED_COUNTS
+
+    @property
+    def proxy_log(self) -> Path:
+        return self.log / PROXY_LOG
 
     @property
     def verdict(self) -> Path:
@@ -47,16 +57,6 @@ class GatewayDirs:
 
 def gateway_dirs(sandbox_root: Path) -> GatewayDirs:
     return GatewayDirs(config=sandbox_root / "gateway", log=sandbox_root / "gateway-log")
-
-
-def probe_address(policy: NetworkPolicy) -> str:
-    """An address the policy does not allow, for the self-test to connect to."""
-    allowed = [parse_address(rule.pattern)[0] for rule in policy.addresses()]
-    for candidate in PROBE_CANDIDATES:
-        address = ipaddress.ip_address(candidate)
-        if not any(address in network for network in allowed):
-            return candidate
-    raise ValueError("every self-test probe address is allowlisted")
 
 
 def gateway_scripts() -> dict[str, str]:
@@ -78,12 +78,7 @@ def write_gateway_files(
     """Write the gateway's config; ``owner`` is the host uid of the gateway's root, if mapped."""
     dirs.config.mkdir(parents=True, exist_ok=True)
     dirs.log.mkdir(parents=True, exist_ok=True)
-    (dirs.config / "rules.nft").write_text(nft_ruleset(policy, upstreams))
-    (dirs.config / "dnsmasq.conf").write_text(
-        dnsmasq_config(policy, upstreams, f"{LOG_TARGET}/{DNS_LOG}")
-    )
-    (dirs.config / "probe-address").write_text(probe_address(policy) + "\n")
-    for name, text in gateway_scripts().items():
+    for name, text in (gateway_config_files(policy, upstreams) | gateway_scripts()).items():
         (dirs.config / name).write_text(text)
     for path in dirs.config.iterdir():
         path.chmod(0o644)

@@ -19,6 +19,9 @@ from kapsis.sandbox.plan_model import PlanModel
 
 DEFAULT_PORTS: tuple[int, ...] = (80, 443)
 DNS_PORT = 53
+# Hostname labels of real services stay well below this; random labels that carry data do not.
+DEFAULT_MAX_LABEL_LENGTH = 40
+DEFAULT_MAX_QUERIES_PER_SECOND = 50
 
 # Answers in these ranges are refused for names (DNS rebinding): only an explicit address entry
 # reaches them. The gateway's resolver and firewall both enforce it.
@@ -36,6 +39,8 @@ NON_PUBLIC_V4 = (
 NON_PUBLIC_V6 = ("::/127", "::ffff:0:0/96", "fc00::/7", "fe80::/10", "ff00::/8")
 
 RuleKind = Literal["name", "wildcard", "address"]
+# Query types every agent may ask (name to address, and the records that lead there).
+BASE_QUERY_TYPES = ("A", "AAAA", "CNAME", "HTTPS", "SVCB")
 
 
 class AllowRule(PlanModel):
@@ -47,10 +52,19 @@ class AllowRule(PlanModel):
     sources: tuple[str, ...]
 
 
+class DnsLimits(PlanModel):
+    """What the gateway's DNS front lets through (see :mod:`kapsis.network.resolver`)."""
+
+    query_types: tuple[str, ...] = ()  # beyond A, AAAA, CNAME, HTTPS and SVCB
+    max_label_length: int = DEFAULT_MAX_LABEL_LENGTH
+    max_queries_per_second: int = DEFAULT_MAX_QUERIES_PER_SECOND
+
+
 class NetworkPolicy(PlanModel):
     mode: Literal["none", "open", "filtered"]
     rules: tuple[AllowRule, ...] = ()
     dns_servers: tuple[str, ...] = ()
+    dns: DnsLimits = DnsLimits()
 
     def names(self) -> list[AllowRule]:
         return [rule for rule in self.rules if rule.kind != "address"]
@@ -65,11 +79,21 @@ class NetworkPolicy(PlanModel):
             return ["nothing: the network is OPEN (unfiltered)"]
         return [
             "every name not listed (the resolver answers NXDOMAIN)",
+            "a TCP connection to a listed name whose TLS server name or HTTP Host is not listed "
+            "for its port, or that carries no name (TLS without SNI, other protocols): the "
+            "gateway's proxy connects by name, never to the address the agent chose",
             "every address not resolved from a listed name or listed as an address",
             "every port not listed for its entry (default 80 and 443)",
             "names whose answers are loopback, private, link-local or cloud-metadata addresses",
+            f"DNS query types but {', '.join(self.allowed_query_types())}; labels longer than "
+            f"{self.dns.max_label_length} characters or not of hostname characters; more than "
+            f"{self.dns.max_queries_per_second} queries a second",
             "UDP (but DNS to the gateway), ICMP, and DNS to any other resolver",
         ]
+
+    def allowed_query_types(self) -> tuple[str, ...]:
+        extra = sorted(set(self.dns.query_types) - set(BASE_QUERY_TYPES))
+        return (*BASE_QUERY_TYPES, *extra)
 
 
 class Category(PlanModel):
@@ -139,11 +163,13 @@ class PolicyBuilder:
         if source not in sources:
             sources.append(source)
 
-    def build(self, dns_servers: Iterable[str] = ()) -> NetworkPolicy:
+    def build(self, dns_servers: Iterable[str] = (), dns: DnsLimits | None = None) -> NetworkPolicy:
         rules = tuple(
             AllowRule(
                 pattern=pattern, kind=kind, ports=tuple(sorted(ports)), sources=tuple(sources)
             )
             for pattern, (kind, ports, sources) in sorted(self._rules.items())
         )
-        return NetworkPolicy(mode=self.mode, rules=rules, dns_servers=tuple(dns_servers))
+        return NetworkPolicy(
+            mode=self.mode, rules=rules, dns_servers=tuple(dns_servers), dns=dns or DnsLimits()
+        )

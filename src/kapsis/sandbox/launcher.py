@@ -30,6 +30,7 @@ from kapsis.errors import (
     KapsisError,
     SandboxStartError,
 )
+from kapsis.sandbox.network_record import record_network
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.save_work import WorkOutcome, save_work
 from kapsis.secrets.redact import Redactor
@@ -315,7 +316,7 @@ def finish(
     store.update(plan.agent_id, **redactor.value(work.status_fields()))
     if plan.network.gateway is not None:
         try:
-            work.notes += _observe_network(plan, backend, store, audit, redactor)
+            work.notes += record_network(plan, backend, store, audit, redactor)
         except (OSError, ValueError, KeyError) as problem:
             # The record of what the gateway saw must not keep the sandbox from being removed.
             work.notes.append(f"could not read the gateway's records: {problem}")
@@ -328,66 +329,6 @@ def finish(
     code, agent_code = error.exit_code, exit_info.exit_code
     message = redactor.text(str(error))
     return _close(plan, store, audit, code, agent_code, error.error_type, message, work)
-
-
-def _observe_network(
-    plan: SandboxPlan, backend: Backend, store: StatusStore, audit: AuditLog, redactor: Redactor
-) -> list[str]:
-    """Record what the gateway allowed and refused; say so if it did not last the run."""
-    from kapsis.network.gateway_files import gateway_dirs, probe_address
-    from kapsis.network.observe import (
-        NetworkReport,
-        parse_dns_log,
-        without_selftest,
-        write_network_log,
-    )
-
-    blocked, gateway_ran = backend.blocked_connections(plan)
-    dns_log = gateway_dirs(Path(plan.workspace.root)).dns_log
-    try:
-        dns = parse_dns_log(dns_log.read_text(encoding="utf-8", errors="replace"))
-    except OSError:
-        dns = []
-    dns, blocked = without_selftest(dns, blocked, probe_address(plan.network.policy))
-    for event in dns:  # a name the agent looked up may spell a secret out
-        event.name = redactor.text(event.name)
-    report = NetworkReport(dns=dns, blocked=blocked, gateway_ran_to_the_end=gateway_ran)
-    log = write_network_log(plan.agent_id, report)
-    # Every decision of the gateway also goes into the audit chain, stamped as the gateway's.
-    for event in dns:
-        audit.record(
-            "dns_query",
-            source="gateway",
-            name=event.name,
-            qtype=event.qtype,
-            decision=event.decision,
-            answers=event.answers,
-        )
-    for entry in blocked:
-        audit.record(
-            "connection_blocked",
-            source="gateway",
-            address=entry.address,
-            protocol=entry.protocol,
-            port=entry.port,
-            attempts=entry.packets,
-        )
-    store.update(plan.agent_id, blocked_requests=report.blocked_requests)
-    audit.record(
-        "network_summary",
-        dns_queries=len(dns),
-        blocked_requests=report.blocked_requests,
-        gateway_ran_to_the_end=report.gateway_ran_to_the_end,
-        log=str(log),
-    )
-    notes = []
-    if report.blocked_requests:
-        notes.append(f"the gateway refused {report.blocked_requests} request(s); see {log}")
-    if not gateway_ran:
-        notes.append(
-            "the network gateway stopped during the run: from then on the agent had no network"
-        )
-    return notes
 
 
 def _success_message(work: WorkOutcome) -> str:

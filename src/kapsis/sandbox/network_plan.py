@@ -17,10 +17,16 @@ from pydantic import ValidationError
 from kapsis.agents import AgentProfile
 from kapsis.buildtools import allowlist_entries
 from kapsis.config.loader import LoadedConfig
-from kapsis.config.models import AllowlistSection, NetworkMode
+from kapsis.config.models import AllowlistSection, DnsSection, NetworkMode
 from kapsis.errors import ConfigError
-from kapsis.network.gateway_files import PROBE_CANDIDATES, probe_address
-from kapsis.network.policy import NetworkPolicy, PolicyBuilder, load_category, parse_address
+from kapsis.network.gateway_config import PROBE_CANDIDATES, probe_address
+from kapsis.network.policy import (
+    DnsLimits,
+    NetworkPolicy,
+    PolicyBuilder,
+    load_category,
+    parse_address,
+)
 from kapsis.sandbox.plan_model import PlanModel
 
 # Digits and dots (IPv4), hex and colons (IPv6), an optional /prefix: meant as an address.
@@ -99,6 +105,15 @@ def add_allowlist(
     builder.add_hosts(profile.network.hosts, f"agent profile {profile.name}")
 
 
+def dns_limits(section: DnsSection) -> DnsLimits:
+    """The config's ``network.dns`` as the plan's limits (both backends)."""
+    return DnsLimits(
+        query_types=tuple(section.query_types),
+        max_label_length=section.max_label_length,
+        max_queries_per_second=section.max_queries_per_second,
+    )
+
+
 def plan_network(
     loaded: LoadedConfig,
     profile: AgentProfile,
@@ -125,7 +140,9 @@ def plan_network(
         else:
             builder.add_host(value, "flag --allow")
     upstreams = list(network.dns_servers) or list(host_dns_servers)
-    policy = builder.build(upstreams if network.mode == "filtered" else ())
+    policy = builder.build(
+        upstreams if network.mode == "filtered" else (), dns=dns_limits(network.dns)
+    )
     if network.mode != "filtered":
         return NetworkPlan(mode=network.mode, policy=policy, podman_network=network.podman_network)
     if not upstreams:

@@ -1,0 +1,182 @@
+"""The gateway's name proxy: HAProxy's configuration, rendered from a :class:`NetworkPolicy`.
+
+The firewall redirects the agent's TCP connections to addresses resolved from allowlisted names
+(:mod:`kapsis.network.firewall`) to this proxy, one listening port per destination port. The
+proxy reads the name the connection carries before any byte goes further: the TLS server name of
+the ClientHello, or the ``Host`` of each HTTP/1 request. It checks that name against the names
+allowlisted for that port, resolves it itself (through the gateway's resolver, which refuses
+non-public answers) and connects to what it resolved, never to the address the agent chose. A
+connection with no name (TLS without SNI, any other protocol), a name not on the list, or a name
+the upstream cannot resolve is refused, and every decision is logged for the host. Certificates
+are never intercepted: TLS passes through untouched, so the sandbox needs no CA.
+
+Why HAProxy: it reads SNI and HTTP/1 in one TCP frontend (``req.ssl_sni``, ``switch-mode
+http``), resolves and sets the destination per connection or per request (``do-resolve``,
+``set-dst``), splices data in the kernel, and Debian ships it. nginx's stream module reads SNI
+but not ``Host``; Squid's peek-and-splice needs a certificate configured even when it never
+bumps.
+"""
+
+from __future__ import annotations
+
+from kapsis.network.gateway_layout import PROXY_PORT_BASE, PROXY_UID, RESOLVER_PORT
+from kapsis.network.policy import NetworkPolicy
+
+# Every name the proxy logs or matches is reduced to these characters first: the name comes from
+# the agent, and the log line is read by the host.
+_NAME_CLEAN = "lower,regsub([^a-z0-9._-],_,g),regsub([.]$,)"
+# How long a connection may take to send its first bytes (ClientHello or request line).
+INSPECT_DELAY = "10s"
+# Reasons of refusal, as logged (kapsis.network.observe reads them).
+VERDICTS = ("allowed", "no-name", "not-allowed", "unresolved", "connect-method")
+
+
+def proxy_ports(policy: NetworkPolicy) -> dict[int, int]:
+    """Each destination port that allowlisted names may reach -> the proxy's port for it."""
+    ports = sorted({port for rule in policy.names() for port in rule.ports})
+    return {port: PROXY_PORT_BASE + index for index, port in enumerate(ports)}
+
+
+def allowed_names(policy: NetworkPolicy, port: int) -> tuple[list[str], list[str]]:
+    """(exact names, ``.domain`` suffixes of wildcards) allowlisted on ``port``."""
+    rules = [rule for rule in policy.names() if port in rule.ports]
+    exact = sorted(rule.pattern for rule in rules if rule.kind == "name")
+    suffixes = sorted(rule.pattern.removeprefix("*") for rule in rules if rule.kind == "wildcard")
+    return exact, suffixes
+
+
+def name_list_files(policy: NetworkPolicy) -> dict[str, str]:
+    """The per-port lists of names the proxy matches against, by file name."""
+    files = {}
+    for port in proxy_ports(policy):
+        exact, suffixes = allowed_names(policy, port)
+        files[f"proxy-{port}.names"] = "".join(f"{name}\n" for name in exact)
+        files[f"proxy-{port}.domains"] = "".join(f"{suffix}\n" for suffix in suffixes)
+    return files
+
+
+def _frontend(port: int, listen: int, config_dir: str) -> list[str]:
+    names, domains = f"{config_dir}/proxy-{port}.names", f"{config_dir}/proxy-{port}.domains"
+    log_format = (
+        f"kapsis-proxy %fi {port} %[var(sess.proto)] %[var(sess.name)] %[var(sess.verdict)]"
+        " %ts %ST %U %B"
+    )
+    return [
+        f"frontend port{port}",
+        "  mode tcp",
+        f"  bind 127.0.0.1:{listen} name v4",
+        f"  bind [::1]:{listen} name v6 transparent",
+        f'  log-format "{log_format}"',
+        f"  tcp-request inspect-delay {INSPECT_DELAY}",
+        "  acl tls req.ssl_hello_type 1",
+        "  acl http req.proto_http",
+        "  acl v6 so_name v6",
+        f"  acl allowed var(sess.name) -m str -f {names}",
+        f"  acl allowed var(sess.name) -m end -f {domains}",
+        "  acl named var(sess.name) -m len 1:",
+        # TLS: the ClientHello's server name, checked, resolved, connected to.
+        "  tcp-request content set-var(sess.proto) str(tls) if tls",
+        f"  tcp-request content set-var(sess.name) req.ssl_sni,{_NAME_CLEAN} if tls",
+        "  tcp-request content set-var(sess.verdict) str(no-name) if tls !named",
+        "  tcp-request content reject if tls !named",
+        "  tcp-request content set-var(sess.verdict) str(not-allowed) if tls !allowed",
+        "  tcp-request content reject if tls !allowed",
+        "  tcp-request content do-resolve(sess.ip,gateway,ipv6) var(sess.name) if tls v6",
+        "  tcp-request content do-resolve(sess.ip,gateway,ipv4) var(sess.name) if tls !v6",
+        "  acl resolved var(sess.ip) -m found",
+        "  tcp-request content set-var(sess.verdict) str(unresolved) if tls !resolved",
+        "  tcp-request content reject if tls !resolved",
+        "  tcp-request content set-dst var(sess.ip) if tls",
+        f"  tcp-request content set-dst-port int({port}) if tls",
+        "  tcp-request content set-var(sess.verdict) str(allowed) if tls",
+        "  tcp-request content accept if tls",
+        # HTTP/1: every request's Host, checked, resolved, connected to.
+        "  tcp-request content set-var(sess.proto) str(http) if http",
+        "  tcp-request content switch-mode http if http",
+        # Anything else carries no name.
+        "  tcp-request content set-var(sess.verdict) str(no-name)",
+        "  tcp-request content reject",
+        # Each request of a connection is judged alone: nothing of the one before is kept.
+        "  http-request unset-var(sess.name)",
+        "  http-request unset-var(sess.verdict)",
+        f"  http-request set-var(sess.name) req.hdr(host),host_only,{_NAME_CLEAN}",
+        "  http-request set-var(sess.verdict) str(connect-method) if METH_CONNECT",
+        "  http-request deny deny_status 403 if METH_CONNECT",
+        "  http-request set-var(sess.verdict) str(no-name) if !named",
+        "  http-request return status 403 content-type text/plain string"
+        ' "kapsis gateway: the request names no host\\n" if !named',
+        "  http-request set-var(sess.verdict) str(not-allowed) if !allowed",
+        "  http-request return status 403 content-type text/plain lf-string"
+        ' "kapsis gateway: the host %[var(sess.name)] is not on the allowlist for port'
+        f' {port}\\n" if !allowed',
+        "  http-request do-resolve(txn.ip,gateway,ipv6) var(sess.name) if v6",
+        "  http-request do-resolve(txn.ip,gateway,ipv4) var(sess.name) if !v6",
+        "  http-request set-var(sess.verdict) str(unresolved) if !{ var(txn.ip) -m found }",
+        "  http-request return status 502 content-type text/plain lf-string"
+        ' "kapsis gateway: the upstream could not resolve %[var(sess.name)]\\n"'
+        " if !{ var(txn.ip) -m found }",
+        "  http-request set-dst var(txn.ip)",
+        f"  http-request set-dst-port int({port})",
+        "  http-request set-var(sess.verdict) str(allowed)",
+        "  use_backend http_out if { var(sess.proto) -m str http }",
+        "  default_backend tls_out",
+        "",
+    ]
+
+
+def proxy_config(policy: NetworkPolicy, config_dir: str) -> str | None:
+    """HAProxy's configuration, or None when no name is allowlisted (no proxy runs)."""
+    listen = proxy_ports(policy)
+    if not listen:
+        return None
+    lines = [
+        "global",
+        f"  uid {PROXY_UID}",
+        "  gid 65534",
+        "  log stdout format raw local0",
+        "  maxconn 4096",
+        "  nbthread 2",
+        "",
+        "defaults",
+        "  log global",
+        "  option splice-auto",
+        "  timeout connect 10s",
+        "  timeout client 1h",
+        "  timeout server 1h",
+        "  timeout tunnel 1h",
+        "  timeout http-request 30s",
+        "  timeout http-keep-alive 30s",
+        "",
+        # The proxy asks the resolver directly: same allowlist, same refusal of non-public
+        # answers, none of the front's limits (it only ever asks for allowlisted names).
+        "resolvers gateway",
+        f"  nameserver resolver 127.0.0.1:{RESOLVER_PORT}",
+        "  accepted_payload_size 1232",
+        "  resolve_retries 2",
+        "  timeout resolve 1s",
+        "  timeout retry 1s",
+        "  hold valid 10s",
+        "  hold nx 1s",
+        "  hold other 1s",
+        "  hold refused 1s",
+        "  hold timeout 1s",
+        "",
+    ]
+    for port, listen_port in listen.items():
+        lines += _frontend(port, listen_port, config_dir)
+    lines += [
+        # Reached only with a destination the frontend resolved (never the agent's own): the
+        # guards repeat that, so no path can ever connect to 0.0.0.0:0's "original destination".
+        "backend tls_out",
+        "  mode tcp",
+        "  tcp-request content reject unless { var(sess.ip) -m found }",
+        "  server upstream 0.0.0.0:0",
+        "",
+        "backend http_out",
+        "  mode http",
+        "  http-reuse never",
+        "  http-request deny unless { var(txn.ip) -m found }",
+        "  server upstream 0.0.0.0:0",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""After a filtered run: read what the gateway decided, record it, and say it in the notes.
+
+The gateway's logs (resolver, DNS front, proxy) and the firewall's counters are parsed by
+:mod:`kapsis.network.observe`; this module writes the agent's network log, puts every decision
+into the audit chain as the gateway's, updates ``blocked_requests`` and returns the notes of the
+end-of-run message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from kapsis.audit import AuditLog
+from kapsis.backends import Backend
+from kapsis.network.gateway_config import probe_address
+from kapsis.network.gateway_files import gateway_dirs
+from kapsis.network.gateway_layout import DNS_FRONT_SOURCE
+from kapsis.network.observe import (
+    NetworkReport,
+    parse_dns_log,
+    parse_dns_refusals,
+    parse_proxy_log,
+    proxy_without_selftest,
+    report_notes,
+    without_selftest,
+    write_network_log,
+)
+from kapsis.sandbox.plan import SandboxPlan
+from kapsis.secrets.redact import Redactor
+from kapsis.status import StatusStore
+
+
+def record_network(
+    plan: SandboxPlan, backend: Backend, store: StatusStore, audit: AuditLog, redactor: Redactor
+) -> list[str]:
+    """Record what the gateway allowed and refused; say so if it did not last the run."""
+    blocked, gateway_ran = backend.blocked_connections(plan)
+    dirs = gateway_dirs(Path(plan.workspace.root))
+    dns = parse_dns_log(_read_log(dirs.dns_log), clients=(DNS_FRONT_SOURCE,))
+    refusals, unrecorded = parse_dns_refusals(
+        _read_log(dirs.dns_refused_log), _read_log(dirs.dns_refused_counts)
+    )
+    dns, blocked = without_selftest(dns + refusals, blocked, probe_address(plan.network.policy))
+    proxy = [
+        replace(decision, name=redactor.text(decision.name))
+        for decision in proxy_without_selftest(parse_proxy_log(_read_log(dirs.proxy_log)))
+    ]
+    for event in dns:  # a name the agent looked up may spell a secret out
+        event.name = redactor.text(event.name)
+    report = NetworkReport(
+        dns=dns,
+        blocked=blocked,
+        gateway_ran_to_the_end=gateway_ran,
+        proxy=proxy,
+        dns_refused_unrecorded=unrecorded,
+    )
+    log = write_network_log(plan.agent_id, report)
+    # Every decision of the gateway also goes into the audit chain, stamped as the gateway's.
+    for event in dns:
+        audit.record(
+            "dns_query",
+            source="gateway",
+            name=event.name,
+            qtype=event.qtype,
+            decision=event.decision,
+            answers=event.answers,
+            **({"reason": event.reason} if event.reason else {}),
+        )
+    for decision in proxy:
+        audit.record(
+            "connection" if decision.allowed else "connection_blocked",
+            source="gateway",
+            name=decision.name,
+            address=decision.address,
+            protocol=decision.protocol or "tcp",
+            port=decision.port,
+            **({"reason": decision.reason} if decision.reason else {}),
+        )
+    for entry in blocked:
+        audit.record(
+            "connection_blocked",
+            source="gateway",
+            address=entry.address,
+            protocol=entry.protocol,
+            port=entry.port,
+            attempts=entry.packets,
+        )
+    store.update(plan.agent_id, blocked_requests=report.blocked_requests)
+    audit.record(
+        "network_summary",
+        dns_queries=len(dns),
+        blocked_requests=report.blocked_requests,
+        gateway_ran_to_the_end=report.gateway_ran_to_the_end,
+        log=str(log),
+    )
+    notes = []
+    if report.blocked_requests:
+        notes.append(f"the gateway refused {report.blocked_requests} request(s); see {log}")
+    notes += report_notes(report)
+    if not gateway_ran:
+        notes.append(
+            "the network gateway stopped during the run: from then on the agent had no network"
+        )
+    return notes
+
+
+# The gateway's logs are bounded by the gateway itself; this bounds what the host reads of each.
+MAX_GATEWAY_LOG_BYTES = 16 << 20
+
+
+def _read_log(path: Path) -> str:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(MAX_GATEWAY_LOG_BYTES).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
