@@ -282,11 +282,29 @@ def https_get(
     return int(head.split()[1]), body.decode("utf-8", "replace")
 
 
+def http_pipelined(
+    host: str, hosts: list[str], *, port: int = 80, timeout: float = 3.0
+) -> list[int]:
+    """Send one GET per Host in ``hosts`` on one connection, all at once (pipelined), and return
+    the status of every response that came back before the connection closed."""
+    requests = "".join(f"GET /{i} HTTP/1.1\r\nHost: {name}\r\n\r\n" for i, name in enumerate(hosts))
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(requests.encode())
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except TimeoutError:
+            pass
+    return [int(line.split()[1]) for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.")]
+
+
 def reuse_resolver_flows(upstream: str, name: str, trigger: str) -> dict[str, Any]:
     """The resolver-flow attack: make the gateway's resolver query the upstream (``trigger``,
     an allowlisted name), then send a query for ``name`` straight to the upstream from every
     UDP port this process can bind, one of which is the port the resolver's query came from.
-    Returns how many were sent and whether any reply came back."""
+    Returns how many ports were tried, how many sends the local firewall let out (a refused
+    packet fails the send at once), and how many replies came back."""
     resolve(trigger, "127.0.0.1")
     query_id = random.randrange(1 << 16)
     query = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0)
@@ -294,11 +312,12 @@ def reuse_resolver_flows(upstream: str, name: str, trigger: str) -> dict[str, An
         query += bytes([len(label)]) + label.encode("ascii")
     query += b"\x00" + struct.pack("!HH", 1, 1)
     family = socket.AF_INET6 if ":" in upstream else socket.AF_INET
-    sent, replies = 0, 0
+    tried, sent, replies = 0, 0, 0
     for port in range(1024, 65536):
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             try:
                 sock.bind(("", port))
+                tried += 1
                 sock.sendto(query, (upstream, 53))
                 sent += 1
                 sock.setblocking(False)
@@ -306,7 +325,7 @@ def reuse_resolver_flows(upstream: str, name: str, trigger: str) -> dict[str, An
                 replies += 1
             except OSError:
                 continue
-    return {"sent": sent, "replies": replies}
+    return {"tried": tried, "sent": sent, "replies": replies}
 
 
 def tcp_banner(host: str, port: int, *, timeout: float = 3.0) -> str:
@@ -408,6 +427,8 @@ def run_probes(checks: list[list[Any]]) -> list[dict[str, Any]]:
                 host_header = args[3] if len(args) > 3 else None
                 status, body = https_get(host, path, sni=sni, host_header=host_header)
                 results.append({"status": status, "body": body})
+            elif kind == "http_pipelined":
+                results.append({"statuses": http_pipelined(args[0], args[1])})
             elif kind == "reuse_resolver_flows":
                 results.append(reuse_resolver_flows(args[0], args[1], args[2]))
             elif kind == "tcp":
@@ -441,6 +462,7 @@ def probe_script() -> str:
         resolve,
         http_get,
         https_get,
+        http_pipelined,
         reuse_resolver_flows,
         tcp_banner,
         udp_echo,

@@ -20,7 +20,7 @@ import time
 RESOLVER = ("127.0.0.1", 53)
 INTERNAL_RESOLVER = ("127.0.0.1", 15053)  # kapsis.network.gateway_layout.RESOLVER_PORT
 NOT_LISTED = "kapsis-selftest.invalid"
-A, TXT = 1, 16
+A, NULL = 1, 10  # NULL: never allowed (a classic DNS tunnel type)
 NXDOMAIN, REFUSED = 3, 5
 REFUSED_ERRNOS = {
     errno.ECONNREFUSED,
@@ -110,9 +110,9 @@ def main() -> int:
     elif rcode != NXDOMAIN:
         failures.append(f"{NOT_LISTED} was not NXDOMAIN (response code {rcode})")
     else:
-        rcode = query(NOT_LISTED, TXT, 2.0)
+        rcode = query(NOT_LISTED, NULL, 2.0)
         if rcode != REFUSED:
-            failures.append(f"a TXT query was not refused (response code {rcode})")
+            failures.append(f"a NULL query was not refused (response code {rcode})")
     for outcome in (
         internal_resolver_closed(),
         *(proxy_refuses(int(port), started + 5) for port in sys.argv[2:]),
