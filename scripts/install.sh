@@ -14,7 +14,7 @@ IMAGE="localhost/kapsis-base:latest"
 GATEWAY_IMAGE="localhost/kapsis-gateway:latest"
 PACKAGES=(podman crun runc fuse-overlayfs slirp4netns uidmap netavark aardvark-dns catatonit
           debootstrap dnsmasq-base nftables iproute2 iptables git ca-certificates python3
-          libsecret-tools gnome-keyring dbus openssh-client)
+          libsecret-tools gnome-keyring dbus openssh-client haproxy dnsdist)
 DEMO=1
 
 for arg in "$@"; do
@@ -52,9 +52,20 @@ if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
     say "installing ${missing[*]}"
+    # haproxy and dnsdist are here only for their configuration checks (the gateway image has
+    # its own): their packages must not start a service on the host.
+    no_services=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
+        as_root chmod 755 /usr/sbin/policy-rc.d
+        no_services=1
+    fi
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         "${missing[@]}" >/dev/null
+    if [ -n "$no_services" ]; then
+        as_root rm -f /usr/sbin/policy-rc.d
+    fi
 else
     say "host packages already installed"
 fi

@@ -38,7 +38,8 @@ fixture of conftest.py built on it) creates:
   - an HTTP server on port 80 (v4 and v6) answering every request with :data:`HTTP_BODY` and
     the same server over TLS on port 443 (a self-signed certificate for every name of the table,
     made with ``openssl`` at start), which also logs the TLS server name the client sent;
-    both logging method, path, Host header and client (:meth:`Internet.http_requests`);
+    both logging method, path, Host header and client (:meth:`Internet.http_requests`), but
+    for ``GET /bulk/N``, which answers N zero bytes unlogged (for throughput benchmarks);
   - plain TCP servers on ports 8080 and 22 that send one banner line (:func:`banner`) and close,
     to test per-port rules; a UDP echo server on port 9999 (v4 and v6). Both log each
     connection or datagram (:meth:`Internet.connections`).
@@ -1061,7 +1062,20 @@ def _serve(http_log: Path, conn_log: Path, cert: Path, key: Path) -> None:
         protocol_version = "HTTP/1.0"
         server_version = "kapsis-test-internet"
 
+        def _bulk(self, size: int) -> None:
+            """``GET /bulk/N``: N zero bytes (benchmarks of throughput), not logged."""
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            block = bytes(1 << 20)
+            while size > 0:
+                self.wfile.write(block[: min(size, len(block))])
+                size -= len(block)
+
         def _answer(self, body: bool) -> None:
+            if self.path.startswith("/bulk/") and self.path[6:].isdigit():
+                return self._bulk(min(int(self.path[6:]), 1 << 32))
             record(
                 http_log,
                 {

@@ -1,6 +1,6 @@
 """The operator image: built without network from the base image, it runs the finishing step.
 
-The step runs as it does in a Pod: uid 991, no capabilities, read-only root, no network, the
+The step runs as it does in a Pod: uid 993, no capabilities, read-only root, no network, the
 workspace (owned by the agent's uid 1000) mounted read-only, and pushes to a bare repository in
 a mounted directory.
 """
@@ -44,7 +44,7 @@ def _git(*args: str, cwd: Path | None = None) -> str:
 @pytest.fixture(scope="module")
 def operator_image(base_image: str) -> str:
     if os.geteuid() != 0:
-        pytest.skip("needs root: the test hands files to the Pod's uids 1000 and 991")
+        pytest.skip("needs root: the test hands files to the Pod's uids 1000 and 993")
     build_operator_image(IMAGE, base=base_image, progress=lambda line: print(f"[operator] {line}"))
     yield IMAGE
     subprocess.run(["podman", "rmi", "-f", IMAGE], capture_output=True, check=False)

@@ -159,12 +159,13 @@ def test_rootless_filtered_mode_reaches_the_allowlist_and_nothing_else(
     allowed, other, direct = probe(
         user, probe_project, internet,
         [["resolve", "allowed.test", resolver, "A"], ["resolve", "other.test", resolver, "A"],
-         ["http", REMOTE_V4]],
+         ["http", REMOTE_V4, "/", 80, "allowed.test"]],
         "--allow", "allowed.test",
     )  # fmt: skip
     assert allowed == {"rcode": 0, "addresses": [REMOTE_V4]}
     assert "error" in other or other.get("addresses", []) == []
-    # allowed.test's address is now reachable by name; it was resolved above in the same run.
+    # allowed.test's address is now reachable by name (through the gateway's proxy); it was
+    # resolved above in the same run.
     assert direct.get("status") == 200
 
     refused = probe(user, probe_project, internet, [["http", REMOTE_V4]], "--allow", "other.test")

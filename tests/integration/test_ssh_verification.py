@@ -85,7 +85,9 @@ def test_sandbox_ssh_and_git_refuse_a_man_in_the_middle(
     config.write_text(f"network:\n  dns_servers: [{internet.dns_server}]\n")
     pinned = kapsis_ssh("ssh", "add-host", f"git.test:{SSH_PORT}", "--key", server.legit_key)
     assert pinned.returncode == 0, pinned.stderr
-    flags = ("--config", str(config), "--allow", f"git.test:{SSH_PORT}")
+    # SSH carries no name the gateway's proxy could check, so it takes an address rule; the
+    # name is listed only so that the sandbox can resolve it.
+    flags = ("--config", str(config), "--allow", "git.test", "--allow", f"{REMOTE_V4}:{SSH_PORT}")
 
     server.serve("legit")
     control = kapsis_ssh.run(project, SANDBOX_TASK, *flags)

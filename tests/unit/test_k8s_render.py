@@ -23,7 +23,9 @@ from kapsis.k8s.names import (
 from kapsis.k8s.render import RenderedRequest, command_argv, render_request
 from kapsis.k8s.resource import AgentRequestSpec
 from kapsis.k8s.settings import KUBERNETES_VERSION, OperatorSettings
-from kapsis.network.gateway_config import dnsmasq_config, nft_ruleset
+from kapsis.network.firewall import nft_ruleset
+from kapsis.network.gateway_config import gateway_config_files
+from kapsis.network.gateway_files import gateway_scripts
 from kapsis.network.policy import PolicyBuilder
 
 SETTINGS = OperatorSettings(dns_servers=("10.96.0.10",))
@@ -272,14 +274,17 @@ def test_gateway_files_are_the_podman_gateways() -> None:
     builder = PolicyBuilder("filtered")
     builder.add_host("pypi.org", "test")
     policy = builder.build(("10.96.0.10",))
+    # The very files a Podman gateway gets for the same policy, byte for byte.
+    assert files["data"] == gateway_config_files(policy, ["10.96.0.10"]) | gateway_scripts()
     assert files["data"]["rules.nft"] == nft_ruleset(policy, ["10.96.0.10"])
-    assert files["data"]["dnsmasq.conf"] == dnsmasq_config(
-        policy, ["10.96.0.10"], "/var/log/kapsis/dns.log"
-    )
-    assert set(files["data"]) == {
+    assert set(files["data"]) >= {
         "rules.nft",
         "dnsmasq.conf",
+        "dnsdist.conf",
+        "haproxy.cfg",
+        "proxy-443.names",
         "probe-address",
+        "proxy-ports",
         "entrypoint.sh",
         "selftest.py",
         "report.py",
@@ -292,7 +297,10 @@ def test_push_opens_the_remote_port_to_the_finisher_uid_only() -> None:
         c for c in _render(_spec()).config_maps if c["metadata"]["name"].endswith("gateway")
     )
     rules = files["data"]["rules.nft"]
-    assert f"meta skuid {FINISHER_UID} tcp dport 443 accept" in rules
+    assert f"meta skuid {FINISHER_UID} tcp dport 443 ct mark set 16 accept" in rules
+    # Its flows are its own: no other uid sends on them, and the proxy never takes them over.
+    assert f"ct mark 16 meta skuid != {FINISHER_UID} drop" in rules
+    assert f"meta skuid {{ 990, 991, 992, {FINISHER_UID} }} return" in rules
     assert "skuid 1000" not in rules
     dnsmasq = files["data"]["dnsmasq.conf"]
     # Resolvable for the finisher, but never filed into an allow set the agent could use.
@@ -306,6 +314,19 @@ def test_push_opens_the_remote_port_to_the_finisher_uid_only() -> None:
     )
     assert "nftset" not in none["data"]["dnsmasq.conf"]
     assert "pypi.org" not in none["data"]["dnsmasq.conf"]
+
+
+def test_the_pods_uids_are_none_of_the_gateways() -> None:
+    """The firewall knows the gateway's daemons by uid: on a cluster every container of the Pod
+    shares the network namespace, so the agent's and the finisher's uids must differ from them
+    (a finisher with the proxy's uid could reach every allowlisted name's address)."""
+    from kapsis.k8s.layout import AGENT_UID
+    from kapsis.network.gateway_layout import GATEWAY_UIDS
+
+    assert FINISHER_UID not in GATEWAY_UIDS and AGENT_UID not in GATEWAY_UIDS
+    builder = PolicyBuilder("filtered")
+    with pytest.raises(ValueError, match="one of the gateway's own"):
+        nft_ruleset(builder.build(("10.96.0.10",)), ["10.96.0.10"], {GATEWAY_UIDS[1]: (443,)})
 
 
 def test_refusals_name_the_key() -> None:

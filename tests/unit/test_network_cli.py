@@ -77,7 +77,20 @@ def test_policy_show_json_lists_entries_with_sources(runner, project, config):
     assert shown["mode"] == "filtered"
     assert shown["dns_servers"] == ["198.51.100.53", "2001:db8::53"]
     assert shown["podman_network"] == "podman"
-    assert len(shown["blocked"]) == 5
+    assert len(shown["blocked"]) == 7
+    # The proxy's rules: per destination port, the names a connection may carry.
+    proxy = {rule["port"]: rule for rule in shown["proxy"]}
+    assert set(proxy) == {22, 80, 443, 8080}
+    assert proxy[22] == {"port": 22, "names": ["github.com"], "wildcards": []}
+    assert proxy[8080]["names"] == ["pypi.org"]
+    assert {"pypi.org", "github.com", "example.org", "api.anthropic.com"} <= set(
+        proxy[443]["names"]
+    )
+    assert shown["dns"] == {
+        "query_types": ["A", "AAAA", "CNAME", "HTTPS", "SVCB"],
+        "max_label_length": 40,
+        "max_queries_per_second": 50,
+    }
     allowed = {rule["pattern"]: rule for rule in shown["allowed"]}
     assert allowed["pypi.org"] == {
         "pattern": "pypi.org",
@@ -135,8 +148,15 @@ def test_policy_show_table_of_filtered(runner, project, config):
     assert "8443" in rows["2001:db8::7/128"]
     assert "flag --allow" in rows["example.org"]
     assert "resolver upstreams: 198.51.100.53, 2001:db8::53" in lines
+    assert "Proxy: TLS server name or HTTP Host, per port" in result.stdout
+    proxy_rows = [line for line in lines if line.startswith("│ 22 ")]
+    assert proxy_rows and "github.com" in proxy_rows[0]
+    assert (
+        "DNS: query types A, AAAA, CNAME, HTTPS, SVCB; labels up to 40 characters; 50 queries a "
+        "second"
+    ) in lines
     blocked = lines[lines.index("blocked:") + 1 :]
-    assert len(blocked) == 5
+    assert len(blocked) == 7
     assert blocked[0] == "  - every name not listed (the resolver answers NXDOMAIN)"
 
 
@@ -270,7 +290,11 @@ def test_dry_run_in_filtered_mode_shows_the_gateway_and_the_agent_joining_it(
         f"{root}/gateway-log:/var/log/kapsis",
     ]
     assert _values(gateway, "--dns") == ["127.0.0.1"]
-    assert gateway[-3:] == [DEFAULT_GATEWAY_IMAGE, "/bin/sh", "/etc/kapsis-gateway/entrypoint.sh"]
+    assert gateway[-3:] == [
+        DEFAULT_GATEWAY_IMAGE,
+        "/bin/bash",
+        "/etc/kapsis-gateway/entrypoint.sh",
+    ]
     assert agent[:2] == ["podman", "run"]
     assert _values(agent, "--network") == ["container:kapsis-net1-gateway"]
     assert "NET_ADMIN" not in agent

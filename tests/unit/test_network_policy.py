@@ -222,9 +222,13 @@ def test_blocked_summary_of_open_says_open():
 def test_blocked_summary_of_filtered_names_every_kind_of_refusal():
     summary = PolicyBuilder("filtered").build().blocked_summary()
 
-    assert len(summary) == 5
+    assert len(summary) == 7
     text = "\n".join(summary)
-    for expected in ("NXDOMAIN", "80 and 443", "loopback, private", "UDP", "ICMP", "resolver"):
+    for expected in (
+        "NXDOMAIN", "80 and 443", "loopback, private", "UDP", "ICMP", "resolver",
+        "TLS server name or HTTP Host", "without SNI", "query types but A, AAAA, CNAME, HTTPS, SVCB",
+        "longer than 40 characters", "more than 50 queries a second",
+    ):  # fmt: skip
         assert expected in text
 
 
@@ -260,12 +264,15 @@ def test_each_category_loads_with_a_description_and_valid_unique_hosts(name):
     assert tuple(section.hosts) == category.hosts
 
 
-def test_git_hosts_allow_ssh_on_the_big_three():
+def test_git_hosts_are_https_only_on_the_big_three():
+    """Names are reached through the gateway's proxy, which needs a TLS server name or an HTTP
+    Host: SSH to a name could never pass it, so the category does not pretend to allow it (and
+    the agent holds no git credentials: the host pushes)."""
     hosts = load_category("git-hosts").hosts
 
     for name in ("github.com", "gitlab.com", "bitbucket.org"):
         assert name in hosts
-        assert f"{name}:22" in hosts
+        assert f"{name}:22" not in hosts
 
 
 def test_an_unknown_category_is_a_config_error_listing_the_known_ones():

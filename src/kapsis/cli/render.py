@@ -166,8 +166,27 @@ def policy_as_json(network: NetworkPlan) -> dict[str, Any]:
         else [],
         "dns_servers": list(policy.dns_servers),
         "podman_network": network.podman_network,
+        "proxy": _proxy_rules(network) if network.mode == "filtered" else [],
+        "dns": {
+            "query_types": list(policy.allowed_query_types()),
+            "max_label_length": policy.dns.max_label_length,
+            "max_queries_per_second": policy.dns.max_queries_per_second,
+        }
+        if network.mode == "filtered"
+        else None,
         "blocked": policy.blocked_summary(),
     }
+
+
+def _proxy_rules(network: NetworkPlan) -> list[dict[str, Any]]:
+    """What the gateway's proxy lets through, per destination port."""
+    from kapsis.network.proxy import allowed_names, proxy_ports
+
+    rules = []
+    for port in proxy_ports(network.policy):
+        names, suffixes = allowed_names(network.policy, port)
+        rules.append({"port": port, "names": names, "wildcards": [f"*{s}" for s in suffixes]})
+    return rules
 
 
 def print_policy(network: NetworkPlan) -> None:
@@ -190,7 +209,20 @@ def print_policy(network: NetworkPlan) -> None:
             console.print(table)
         else:
             console.print("allowed: nothing (no hosts, categories or addresses listed)")
+        proxy = _proxy_rules(network)
+        if proxy:
+            table = Table(title="Proxy: TLS server name or HTTP Host, per port", expand=False)
+            for column in ("PORT", "NAMES"):
+                table.add_column(column)
+            for rule in proxy:
+                table.add_row(str(rule["port"]), ", ".join(rule["names"] + rule["wildcards"]))
+            console.print(table)
         console.print(f"resolver upstreams: {', '.join(policy.dns_servers)}")
+        console.print(
+            f"DNS: query types {', '.join(policy.allowed_query_types())}; labels up to "
+            f"{policy.dns.max_label_length} characters; {policy.dns.max_queries_per_second} "
+            "queries a second"
+        )
     console.print("blocked:")
     for line in policy.blocked_summary():
         console.print(f"  - {line}")

@@ -17,7 +17,9 @@ from kapsis.config import base as config_base
 # its own because the gateway lets exactly that uid reach the git remote's port; the agent can
 # never take it (no capabilities, no privilege escalation, runAsNonRoot).
 AGENT_UID: Final = 1000
-FINISHER_UID: Final = 991
+# Not one of the gateway's own uids (990-992, kapsis.network.gateway_layout): the firewall tells
+# every one of them apart.
+FINISHER_UID: Final = 993
 
 WORKSPACE: Final = "/workspace"
 # The finisher's own clone: the trusted repository it commits into and pushes from (what the

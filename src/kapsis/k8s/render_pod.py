@@ -239,9 +239,11 @@ def gateway_container(settings: OperatorSettings) -> dict[str, Any]:
             "periodSeconds": 1,
             "failureThreshold": 60,
         },
+        # The proxy carries every connection of the agent to a name: a tight CPU limit would
+        # throttle the agent's downloads.
         "resources": {
-            "limits": {"memory": "128Mi", "cpu": "250m"},
-            "requests": {"memory": "32Mi", "cpu": "25m"},
+            "limits": {"memory": "256Mi", "cpu": "1"},
+            "requests": {"memory": "64Mi", "cpu": "50m"},
         },
         "securityContext": _step_context(0, GATEWAY_CAPABILITIES),
         "volumeMounts": [

@@ -69,6 +69,7 @@ MAPPED_KEYS: frozenset[KeyPath] = frozenset(
         ("network", "mode"),
         ("network", "allowlist"),
         ("network", "dns_servers"),
+        ("network", "dns"),
         ("git", "branch"),
         ("git", "base_branch"),
         ("git", "auto_push"),

@@ -136,6 +136,8 @@ def nft_ruleset(
     agent can never take: no capabilities, no privilege escalation); Podman pushes from the host.
     """
     owners = sorted((uid, ports) for uid, ports in (owner_ports or {}).items() if ports)
+    if clash := sorted({uid for uid, _ in owners} & set(GATEWAY_UIDS)):
+        raise ValueError(f"uid {clash[0]} is one of the gateway's own; give the owner another")
     trusted = (*GATEWAY_UIDS, *(uid for uid, _ in owners))
     upstream4 = [a for a in upstreams if ipaddress.ip_address(a).version == 4]
     upstream6 = [a for a in upstreams if ipaddress.ip_address(a).version == 6]

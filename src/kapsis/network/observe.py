@@ -32,6 +32,7 @@ DNS_REASONS = {
     "blocked": "not on the allowlist",
     "rebind": "its answer is in a non-public range (rebinding)",
     "rate": "over the query rate",
+    "form": "not a plain query (one question of class IN, no records)",
     "type": "query type not allowed",
     "name": "a label too long or not of hostname characters",
     "edns": "an EDNS option other than a cookie",

@@ -1,9 +1,10 @@
 """The gateway's DNS: the DNS front (dnsdist) the agent asks, and the resolver (dnsmasq) behind it.
 
 The **front** listens where the sandbox's resolv.conf points (127.0.0.1:53) and narrows what a
-query may carry before anything is forwarded: only the query types an agent needs (A, AAAA,
-CNAME, HTTPS, SVCB, plus any configured), names of hostname characters with labels no longer
-than the limit, no EDNS option but a cookie, and a capped query rate. What it refuses is answered
+query may carry before anything is forwarded: a plain query (one question of class IN, no
+records but the EDNS one), only the query types an agent needs (A, AAAA, CNAME, HTTPS, SVCB,
+plus any configured), names of hostname characters with labels no longer than the limit, no
+EDNS option but a cookie, and a capped query rate. What it refuses is answered
 REFUSED and written to a log the host reads (one line per refusal up to a limit, then counts).
 
 The **resolver** answers NXDOMAIN for every name not listed, forwards listed names to the
@@ -119,12 +120,12 @@ setRingBuffersSize(100)
 newServer({{address="127.0.0.1:{RESOLVER_PORT}", source="{DNS_FRONT_SOURCE}", name="resolver",
   checkInterval=86400, maxCheckFailures=1000000, useClientSubnet=false}}):setUp()
 
--- Both files are the front's own, made now.
+-- Both files are made by the entrypoint, writable by the front.
 local refused = assert(io.open("{refused_log}", "a"))
 refused:setvbuf("line")
 local counted = assert(io.open("{counts_file}", "w"))
-local REASONS = {{"rate", "type", "name", "edns"}}
-local recorded, counts, dirty = 0, {{rate=0, type=0, name=0, edns=0}}, false
+local REASONS = {{"rate", "form", "type", "name", "edns"}}
+local recorded, counts, dirty = 0, {{rate=0, form=0, type=0, name=0, edns=0}}, false
 local function refuse(reason)
   return function(dq)
     counts[reason] = counts[reason] + 1
@@ -154,6 +155,13 @@ local function foreign_edns_option(dq)
 end
 
 addAction(NotRule(MaxQPSRule({rate}, {burst})), LuaAction(refuse("rate")))
+-- One question of class IN in a standard query, nothing in the answer or authority sections,
+-- nothing added but the EDNS record: no other part of a query travels on.
+addAction(OrRule({{NotRule(OpcodeRule(DNSOpcode.Query)), NotRule(QClassRule(DNSClass.IN)),
+  NotRule(RecordsCountRule(DNSSection.Question, 1, 1)),
+  NotRule(RecordsCountRule(DNSSection.Answer, 0, 0)),
+  NotRule(RecordsCountRule(DNSSection.Authority, 0, 0)),
+  NotRule(RecordsCountRule(DNSSection.Additional, 0, 1))}}), LuaAction(refuse("form")))
 addAction(NotRule(OrRule({{{types}}})), LuaAction(refuse("type")))
 addAction(NotRule(RegexRule("{name_pattern(limits.max_label_length)}")), LuaAction(refuse("name")))
 addAction(LuaRule(foreign_edns_option), LuaAction(refuse("edns")))

@@ -25,9 +25,13 @@ dnsmasq --keep-in-foreground --conf-file="$CONFIG/dnsmasq.conf" &
 daemons+=($!)
 # The DNS front starts as its own uid (the firewall knows its sockets by it, and dnsdist opens
 # its resolver's sockets before it would drop root), keeping only the right to bind port 53.
-# It writes its own files here (the gateway cannot give it one: no CAP_CHOWN); only gateway
+# Its files are made here, owned by the gateway's root (the user's own uid when rootless) and
+# writable by the front; the gateway cannot give them away (no CAP_CHOWN). Only gateway
 # processes ever see this directory.
-chmod 1733 "$LOGS"
+for file in dns-refused.tsv dns-refused.counts; do
+    install -m 622 /dev/null "$LOGS/$file"
+done
+chmod 711 "$LOGS"
 setpriv --reuid=kapsis-dnsfront --regid=nogroup --clear-groups \
         --inh-caps=-all,+net_bind_service --ambient-caps=-all,+net_bind_service \
     dnsdist --supervised --disable-syslog -C "$CONFIG/dnsdist.conf" > "$LOGS/dnsdist.out" 2>&1 &
