@@ -300,6 +300,20 @@ def http_pipelined(
     return [int(line.split()[1]) for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.")]
 
 
+def http_raw(host: str, request: str, *, port: int = 80, timeout: float = 3.0) -> list[int]:
+    """Send ``request`` (raw HTTP/1 text, CRLF line ends) as it is and return the status of every
+    response that came back before the connection closed."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(request.encode())
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return [int(line.split()[1]) for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.")]
+
+
 def reuse_resolver_flows(upstream: str, name: str, trigger: str) -> dict[str, Any]:
     """The resolver-flow attack: make the gateway's resolver query the upstream (``trigger``,
     an allowlisted name), then send a query for ``name`` straight to the upstream from every
@@ -430,6 +444,8 @@ def run_probes(checks: list[list[Any]]) -> list[dict[str, Any]]:
                 results.append({"status": status, "body": body})
             elif kind == "http_pipelined":
                 results.append({"statuses": http_pipelined(args[0], args[1])})
+            elif kind == "http_raw":
+                results.append({"statuses": http_raw(args[0], args[1])})
             elif kind == "reuse_resolver_flows":
                 results.append(reuse_resolver_flows(args[0], args[1], args[2]))
             elif kind == "tcp":
@@ -464,6 +480,7 @@ def probe_script() -> str:
         http_get,
         https_get,
         http_pipelined,
+        http_raw,
         reuse_resolver_flows,
         tcp_banner,
         udp_echo,

@@ -129,6 +129,37 @@ def test_http_to_an_allowlisted_address_with_another_host_is_refused(
     assert opened[0]["status"] == 200
 
 
+def test_http_requests_that_name_another_host_elsewhere_are_refused(
+    kapsis: Kapsis, project: Path, internet: Internet, tmp_path: Path
+) -> None:
+    """The listed Host, but another host in the request line, a second Host header, or a request
+    smuggled in the body of the first: none reaches the other site on the shared address."""
+    crlf = "\r\n"
+    attacks = {
+        "absolute": f"GET http://other.test/absolute HTTP/1.1{crlf}Host: allowed.test{crlf}"
+        f"Connection: close{crlf}{crlf}",
+        "two-hosts": f"GET /two-hosts HTTP/1.1{crlf}Host: allowed.test{crlf}Host: other.test{crlf}"
+        f"Connection: close{crlf}{crlf}",
+        "smuggled": f"POST /smuggle HTTP/1.1{crlf}Host: allowed.test{crlf}Content-Length: 44{crlf}"
+        f"Transfer-Encoding: chunked{crlf}{crlf}0{crlf}{crlf}GET /smuggled HTTP/1.1{crlf}"
+        f"Host: other.test{crlf}{crlf}",
+        "control": f"GET /control HTTP/1.1{crlf}Host: allowed.test{crlf}Connection: close{crlf}"
+        f"{crlf}",
+    }
+    checks = [["resolve", "allowed.test", GATEWAY, "A"]]
+    checks += [["http_raw", REMOTE_V4, request] for request in attacks.values()]
+    internet.reset_logs()
+    results, _ = probe(
+        kapsis, project, checks, "--config", str(config(tmp_path, internet)),
+        "--allow", "allowed.test",
+    )  # fmt: skip
+    seen = [(request.host, request.path) for request in internet.http_requests()]
+    assert ("allowed.test", "/control") in seen, (results, seen)  # control
+    assert results[-1]["statuses"] == [200]
+    assert not any("other.test" in f"{host} {path}" for host, path in seen), seen
+    assert not any(path in ("/two-hosts", "/smuggled") for _, path in seen), seen
+
+
 def test_another_protocol_to_an_allowlisted_name_is_refused(
     kapsis: Kapsis, project: Path, internet: Internet, tmp_path: Path
 ) -> None:

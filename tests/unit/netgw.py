@@ -201,6 +201,10 @@ class NetNs:
     def ip(self, *args: str) -> None:
         subprocess.run(["ip", "-n", self.name, *args], check=True, capture_output=True)
 
+    def run(self, args: Sequence[str]) -> str:
+        """``args`` run inside the namespace as root; their output."""
+        return subprocess.run(self.command(args), check=True, capture_output=True, text=True).stdout
+
     def command(self, args: Sequence[str], uid: int | None = None) -> list[str]:
         """``args`` run inside the namespace, as ``uid`` (group nogroup) when given."""
         prefix = ["ip", "netns", "exec", self.name]

@@ -13,7 +13,6 @@ import contextlib
 import errno
 import json
 import re
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -230,6 +229,13 @@ def test_an_owner_without_ports_is_no_owner():
     )
 
 
+@pytest.mark.parametrize("uid", GATEWAY_UIDS)
+def test_an_owner_may_not_take_a_gateway_uid(uid):
+    """An owner with the proxy's uid would share its mark and its rules: refused outright."""
+    with pytest.raises(ValueError, match=f"uid {uid} is one of the gateway's own"):
+        nft_ruleset(REPRESENTATIVE, UPSTREAMS, owner_ports={uid: (443,)})
+
+
 def _to_proxy(ruleset: str) -> list[str]:
     return chain(ruleset, "to_proxy")
 
@@ -336,7 +342,8 @@ def test_invariant_names_reach_the_network_only_through_the_proxy(rendered):
     if not listen:
         assert proxy == [] and not any("ct status dnat" in line for line in output)
         return
-    ports = "{ " + ", ".join(map(str, listen)) + " }" if len(listen) > 1 else str(*listen)
+    ports = ", ".join(map(str, listen))
+    ports = f"{{ {ports} }}" if len(listen) > 1 else ports
     assert proxy == [
         f"meta skuid {PROXY_UID} ip daddr != @nonpublic_v4 tcp dport {ports} ct mark set 2 accept",
         f"meta skuid {PROXY_UID} ip6 daddr != @nonpublic_v6 tcp dport {ports} ct mark set 2 accept",
@@ -588,8 +595,7 @@ class Pair:
         self._local = gw.serve(LOCAL_SERVER, str(PROXY_443), str(RESOLVER_PORT))
 
     def nft(self, *args: str) -> str:
-        command = self.gw.command([str(NFT), *args])
-        return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        return self.gw.run([str(NFT), *args])
 
     def udp(self, uid: int, address: str, port: int, data: str, source: int = 0) -> Any:
         result = self.gw.python(UDP_SEND, address, str(port), str(source), data, uid=uid)
@@ -612,16 +618,15 @@ class Pair:
         )
 
     @staticmethod
-    def _data(seen: list[dict[str, Any]], **match: Any) -> list[str]:
+    def _seen(seen: list[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
         time.sleep(0.2)  # the servers' output is read by threads
-        return [item["data"] for item in seen if all(item.get(k) == v for k, v in match.items())]
+        return [item for item in seen if all(item.get(k) == v for k, v in match.items())]
 
     def upstream_got(self, **match: Any) -> list[str]:
-        return self._data(self._upstream, **match)
+        return [item["data"] for item in self._seen(self._upstream, **match)]
 
-    def local_got(self, **match: Any) -> list[Any]:
-        time.sleep(0.2)
-        return [item for item in self._local if all(item.get(k) == v for k, v in match.items())]
+    def local_got(self, **match: Any) -> list[dict[str, Any]]:
+        return self._seen(self._local, **match)
 
 
 @pytest.fixture
@@ -636,10 +641,10 @@ def make_pair(tmp_path: Path) -> Iterator[Callable[[str], Pair]]:
         yield make
 
 
-def _without(ruleset: str, line: str) -> str:
-    """The ruleset less one of its rules (a control: what the rule is there for)."""
-    assert f"    {line}\n" in ruleset
-    return ruleset.replace(f"    {line}\n", "", 1)
+def _changed(ruleset: str, rule: str, into: str = "") -> str:
+    """The ruleset with one of its rules changed or gone (a control: what it is there for)."""
+    assert f"    {rule}\n" in ruleset
+    return ruleset.replace(f"    {rule}\n", f"    {into}\n" if into else "", 1)
 
 
 RESOLVER_OWNS_ITS_FLOWS = f"ct mark {MARK_RESOLVER} meta skuid != {RESOLVER_UID} drop"
@@ -652,7 +657,7 @@ def test_in_a_kernel_the_agent_cannot_send_on_the_resolvers_upstream_flow(make_p
     control without that rule shows the packet would otherwise reach the upstream."""
     ruleset = nft_ruleset(BEHAVIOUR_POLICY, (UPSTREAM,))
     if rendered_as != "rendered":
-        ruleset = _without(ruleset, RESOLVER_OWNS_ITS_FLOWS)
+        ruleset = _changed(ruleset, RESOLVER_OWNS_ITS_FLOWS)
     pair = make_pair(ruleset)
 
     first = pair.udp(RESOLVER_UID, UPSTREAM, 53, "resolver-1")
@@ -688,6 +693,9 @@ def test_in_a_kernel_the_agents_tcp_to_a_resolved_name_goes_to_the_proxy(make_pa
     agent = pair.tcp(AGENT_UID, UPSTREAM, 443, "agent")
     other_port = pair.tcp(AGENT_UID, UPSTREAM, 8080, "other-port")
     proxy = pair.tcp(PROXY_UID, UPSTREAM, 443, "proxy")
+    # Had the resolver filed a non-public answer, it would still lead nowhere.
+    pair.resolved(PRIVATE_UPSTREAM)
+    private = pair.tcp(AGENT_UID, PRIVATE_UPSTREAM, 443, "private")
 
     assert before["error"] is not None and before["reply"] is None
     assert agent == {"error": None, "reply": "proxy:agent"}
@@ -696,8 +704,13 @@ def test_in_a_kernel_the_agents_tcp_to_a_resolved_name_goes_to_the_proxy(make_pa
     ]
     assert other_port["error"] is not None  # 8080 is no port of the name's
     assert proxy == {"error": None, "reply": "up:proxy"}  # the proxy itself goes out directly
+    assert private["error"] is not None and private["reply"] is None
     assert pair.upstream_got(proto="tcp") == ["proxy"]
-    assert {(b.address, b.port) for b in pair.blocked()} == {(UPSTREAM, 443), (UPSTREAM, 8080)}
+    assert {(b.address, b.port) for b in pair.blocked()} == {
+        (UPSTREAM, 443),
+        (UPSTREAM, 8080),
+        (PRIVATE_UPSTREAM, 443),
+    }
 
 
 PROXY_PUBLIC_ONLY = (
@@ -710,9 +723,8 @@ PROXY_PUBLIC_ONLY = (
 def test_in_a_kernel_the_proxy_never_reaches_a_non_public_address(make_pair, rendered_as):
     ruleset = nft_ruleset(BEHAVIOUR_POLICY, (UPSTREAM,))
     if rendered_as != "rendered":
-        ruleset = ruleset.replace(
-            PROXY_PUBLIC_ONLY, PROXY_PUBLIC_ONLY.replace(" ip daddr != @nonpublic_v4", "")
-        )
+        unguarded = PROXY_PUBLIC_ONLY.replace(" ip daddr != @nonpublic_v4", "")
+        ruleset = _changed(ruleset, PROXY_PUBLIC_ONLY, unguarded)
     pair = make_pair(ruleset)
 
     proxy = pair.tcp(PROXY_UID, PRIVATE_UPSTREAM, 443, "proxy")

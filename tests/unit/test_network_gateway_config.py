@@ -1,690 +1,155 @@
-"""The gateway's rendered nftables ruleset and dnsmasq config: structure, real syntax, semantics.
+"""All of a gateway's configuration together: the files, and how firewall, resolver and proxy
+agree on which name reaches which port.
 
-Syntax is checked by the real tools (``nft -c``, ``dnsmasq --test``) when the host has them.
-The resolver's behaviour is checked by running the rendered dnsmasq config (minus its root-only
-lines) on 127.0.0.1 against another dnsmasq playing the upstream resolver; nothing here sends a
-packet anywhere but 127.0.0.1. As root, one more check runs dnsmasq with its ``nftset`` lines in
-a throwaway network namespace to see which firewall set each answer lands in.
+Each part has its own tests (test_network_firewall.py, test_network_resolver.py,
+test_network_proxy.py); these check the parts against each other. As root, the rendered
+resolver fills the rendered firewall's sets for real in a throwaway network namespace.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
-import os
-import random
-import shutil
-import socket
-import struct
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
+import re
+from typing import Any
 
 import pytest
 
-from kapsis.network.gateway_config import (
+from kapsis.network.firewall import nft_ruleset
+from kapsis.network.gateway_config import PROBE_CANDIDATES, gateway_config_files, probe_address
+from kapsis.network.gateway_layout import (
     BLOCKED_SETS,
-    RESOLVER_UID,
-    RESOLVER_USER,
-    dnsmasq_config,
-    name_sets,
-    nft_ruleset,
+    CONFIG_TARGET,
+    DNS_FRONT_UID,
+    DNS_LOG,
+    DNS_REFUSED_COUNTS,
+    DNS_REFUSED_LOG,
+    LOG_TARGET,
+    RESOLVER_PORT,
+    TABLE,
 )
-from kapsis.network.observe import parse_blocked_set, parse_dns_log
-from kapsis.network.policy import NON_PUBLIC_V4, NON_PUBLIC_V6, NetworkPolicy, PolicyBuilder
+from kapsis.network.observe import parse_blocked_set
+from kapsis.network.policy import NetworkPolicy
+from kapsis.network.proxy import allowed_names, name_list_files, proxy_config
+from kapsis.network.resolver import dns_front_config, dnsmasq_config
 
-NFT = shutil.which("nft") or ("/usr/sbin/nft" if Path("/usr/sbin/nft").exists() else None)
-DNSMASQ = shutil.which("dnsmasq") or (
-    "/usr/sbin/dnsmasq" if Path("/usr/sbin/dnsmasq").exists() else None
+from .netgw import (
+    AAAA,
+    DNS_SOURCE,
+    DNSMASQ,
+    NFT,
+    NOERROR,
+    REPRESENTATIVE,
+    REPRESENTATIVE_HOSTS,
+    UPSTREAMS,
+    chain,
+    make_policy,
+    netns,
 )
-UPSTREAMS = ("192.0.2.53", "2001:db8::53")
-ND = "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert }"
-
-
-def _policy(
-    hosts: tuple[str, ...] = (),
-    addresses: tuple[str, ...] = (),
-    upstreams: tuple[str, ...] = UPSTREAMS,
-) -> NetworkPolicy:
-    builder = PolicyBuilder("filtered")
-    builder.add_hosts(hosts, "test")
-    for address in addresses:
-        builder.add_address(address, "test")
-    return builder.build(upstreams)
-
-
-REPRESENTATIVE_HOSTS = (
-    "github.com",
-    "github.com:22",
-    "*.github.com",
-    "pypi.org",
-    "registry.example:8443",
-)
-REPRESENTATIVE = _policy(
-    hosts=REPRESENTATIVE_HOSTS,
-    addresses=("10.0.0.0/8", "[2001:db8::1]:8443", "192.0.2.10:5432"),
-)
-
-
-def _chain(ruleset: str, name: str) -> list[str]:
-    lines = ruleset.splitlines()
-    start = lines.index(f"  chain {name} {{")
-    end = lines.index("  }", start)
-    return [line.strip() for line in lines[start + 1 : end]]
-
 
 # ---------------------------------------------------------------------------------------------
-# nftables: structure
+# the files
 
 
-def test_sets_of_the_representative_policy():
-    ruleset = nft_ruleset(REPRESENTATIVE, UPSTREAMS)
+def test_the_files_of_a_policy_with_names():
+    files = gateway_config_files(REPRESENTATIVE, UPSTREAMS)
 
-    sets = [line.strip() for line in ruleset.splitlines() if line.startswith("  set ")]
-    assert sets == [
-        "set upstream_v4 { type ipv4_addr; elements = { 192.0.2.53 }; }",
-        "set upstream_v6 { type ipv6_addr; elements = { 2001:db8::53 }; }",
-        "set nonpublic_v4 { type ipv4_addr; flags interval; elements = { "
-        + ", ".join(NON_PUBLIC_V4)
-        + " }; }",
-        "set nonpublic_v6 { type ipv6_addr; flags interval; elements = { "
-        + ", ".join(NON_PUBLIC_V6)
-        + " }; }",
-        "set blocked4 { type ipv4_addr . inet_proto . inet_service; flags dynamic, timeout;"
-        " timeout 1d; size 65535; counter; }",
-        "set blocked6 { type ipv6_addr . inet_proto . inet_service; flags dynamic, timeout;"
-        " timeout 1d; size 65535; counter; }",
-        # One pair per port group of names: (22, 80, 443), (80, 443), (8443,).
-        "set names0_v4 { type ipv4_addr; }",
-        "set names0_v6 { type ipv6_addr; }",
-        "set names1_v4 { type ipv4_addr; }",
-        "set names1_v6 { type ipv6_addr; }",
-        "set names2_v4 { type ipv4_addr; }",
-        "set names2_v6 { type ipv6_addr; }",
-        # One pair per port group of addresses: (80, 443), (5432,), (8443,).
-        "set addresses0_v4 { type ipv4_addr; flags interval; elements = { 10.0.0.0/8 }; }",
-        "set addresses0_v6 { type ipv6_addr; flags interval; }",
-        "set addresses1_v4 { type ipv4_addr; flags interval; elements = { 192.0.2.10/32 }; }",
-        "set addresses1_v6 { type ipv6_addr; flags interval; }",
-        "set addresses2_v4 { type ipv4_addr; flags interval; }",
-        "set addresses2_v6 { type ipv6_addr; flags interval; elements = { 2001:db8::1/128 }; }",
-    ]
-    assert BLOCKED_SETS == ("blocked4", "blocked6")
-
-
-def test_name_sets_follow_the_port_groups():
-    # dnsmasq files answers by domain: github.com and *.github.com share one set (and ports).
-    assert name_sets(REPRESENTATIVE) == {
-        "github.com": ("names0_v4", "names0_v6"),
-        "pypi.org": ("names1_v4", "names1_v6"),
-        "registry.example": ("names2_v4", "names2_v6"),
+    assert files == {
+        "rules.nft": nft_ruleset(REPRESENTATIVE, UPSTREAMS),
+        "dnsmasq.conf": dnsmasq_config(REPRESENTATIVE, UPSTREAMS, f"{LOG_TARGET}/{DNS_LOG}"),
+        "dnsdist.conf": dns_front_config(
+            REPRESENTATIVE,
+            f"{LOG_TARGET}/{DNS_REFUSED_LOG}",
+            f"{LOG_TARGET}/{DNS_REFUSED_COUNTS}",
+        ),
+        "probe-address": "192.0.2.1\n",
+        "proxy-ports": "15100\n15101\n15102\n15103\n",
+        "haproxy.cfg": proxy_config(REPRESENTATIVE, CONFIG_TARGET),
+        **name_list_files(REPRESENTATIVE),
     }
+    assert (LOG_TARGET, CONFIG_TARGET) == ("/var/log/kapsis", "/etc/kapsis-gateway")
 
 
-def test_output_chain_of_the_representative_policy():
-    output = _chain(nft_ruleset(REPRESENTATIVE, UPSTREAMS), "output")
+def test_without_names_there_is_no_proxy():
+    policy = make_policy(addresses=("192.0.2.0/24",))
 
-    assert output == [
-        "type filter hook output priority filter; policy drop;",
-        'oif "lo" accept',
-        "ct state established,related accept",
-        f"{ND} ip6 hoplimit 255 accept",
-        f"meta skuid {RESOLVER_UID} ip daddr @upstream_v4 meta l4proto {{ tcp, udp }}"
-        " th dport 53 accept",
-        f"meta skuid {RESOLVER_UID} ip6 daddr @upstream_v6 meta l4proto {{ tcp, udp }}"
-        " th dport 53 accept",
-        "ip daddr @names0_v4 ip daddr != @nonpublic_v4 tcp dport { 22, 80, 443 } accept",
-        "ip6 daddr @names0_v6 ip6 daddr != @nonpublic_v6 tcp dport { 22, 80, 443 } accept",
-        "ip daddr @names1_v4 ip daddr != @nonpublic_v4 tcp dport { 80, 443 } accept",
-        "ip6 daddr @names1_v6 ip6 daddr != @nonpublic_v6 tcp dport { 80, 443 } accept",
-        "ip daddr @names2_v4 ip daddr != @nonpublic_v4 tcp dport 8443 accept",
-        "ip6 daddr @names2_v6 ip6 daddr != @nonpublic_v6 tcp dport 8443 accept",
-        "ip daddr @addresses0_v4 tcp dport { 80, 443 } accept",
-        "ip6 daddr @addresses0_v6 tcp dport { 80, 443 } accept",
-        "ip daddr @addresses1_v4 tcp dport 5432 accept",
-        "ip6 daddr @addresses1_v6 tcp dport 5432 accept",
-        "ip daddr @addresses2_v4 tcp dport 8443 accept",
-        "ip6 daddr @addresses2_v6 tcp dport 8443 accept",
-        "meta l4proto { tcp, udp } meta nfproto ipv4"
-        " update @blocked4 { ip daddr . meta l4proto . th dport }",
-        "meta l4proto { tcp, udp } meta nfproto ipv6"
-        " update @blocked6 { ip6 daddr . meta l4proto . th dport }",
-        "meta l4proto { tcp, udp } reject with icmpx type admin-prohibited",
-        "counter",
+    files = gateway_config_files(policy, UPSTREAMS)
+
+    assert sorted(files) == [
+        "dnsdist.conf",
+        "dnsmasq.conf",
+        "probe-address",
+        "proxy-ports",
+        "rules.nft",
     ]
+    assert files["proxy-ports"] == ""
+    assert files["probe-address"] == "198.51.100.1\n"  # 192.0.2.1 is allowlisted
 
 
-def test_input_and_forward_chains_drop_by_default():
-    ruleset = nft_ruleset(REPRESENTATIVE, UPSTREAMS)
-
-    assert _chain(ruleset, "input") == [
-        "type filter hook input priority filter; policy drop;",
-        'iif "lo" accept',
-        "ct state established,related accept",
-        f"{ND} ip6 hoplimit 255 accept",
-    ]
-    assert _chain(ruleset, "forward") == ["type filter hook forward priority filter; policy drop;"]
-
-
-@pytest.mark.parametrize(
-    "policy",
-    [
-        _policy(),
+def test_owner_ports_and_resolve_only_names_reach_their_renderers():
+    files = gateway_config_files(
         REPRESENTATIVE,
-        _policy(hosts=("a.example",), upstreams=("2001:db8::53",)),
-        _policy(addresses=("0.0.0.0/0", "::/0")),
-    ],
-    ids=["empty", "representative", "v6-upstream", "everything-by-address"],
-)
-def test_invariants_of_every_ruleset(policy):
-    ruleset = nft_ruleset(policy, policy.dns_servers)
-    output = _chain(ruleset, "output")
-
-    assert ruleset.startswith("table inet kapsis {\n")
-    assert ruleset.endswith("}\n")
-    # ICMPv6 is only ever neighbour discovery, and only on-link (hop limit 255).
-    icmp = [line for line in ruleset.splitlines() if "icmp" in line and "icmpx" not in line]
-    assert icmp and all(ND in line and "ip6 hoplimit 255 accept" in line for line in icmp)
-    # Only the resolver's uid may send DNS out, and only to the upstreams.
-    assert [line for line in output if "dport 53" in line] == [
-        line for line in output if line.startswith(f"meta skuid {RESOLVER_UID} ")
-    ]
-    assert all("@upstream_v" in line for line in output if "skuid" in line)
-    # Addresses learnt from names never open a non-public address.
-    named = [line for line in output if "@names" in line]
-    assert all("daddr != @nonpublic_v" in line for line in named)
-    # All accepts are TCP only (but the fixed ones at the top), before the refusal at the end.
-    accepts = [i for i, line in enumerate(output) if line.endswith(" accept")]
-    assert all("tcp dport" in output[i] for i in accepts[5:])
-    update4 = output.index(
-        "meta l4proto { tcp, udp } meta nfproto ipv4"
-        " update @blocked4 { ip daddr . meta l4proto . th dport }"
+        UPSTREAMS,
+        owner_ports={993: (443,)},
+        resolve_only=("git.corp.example",),
     )
-    assert max(accepts) < update4
-    assert output[-2:] == [
-        "meta l4proto { tcp, udp } reject with icmpx type admin-prohibited",
-        "counter",
-    ]
-    assert "policy drop;" in output[0]
 
-
-def test_an_empty_allowlist_has_no_name_or_address_sets():
-    ruleset = nft_ruleset(_policy(), UPSTREAMS)
-
-    assert "@names" not in ruleset
-    assert "@addresses" not in ruleset
-    assert "set names" not in ruleset
-    assert "set addresses" not in ruleset
-    assert "tcp dport" not in ruleset
-
-
-def test_upstream_sets_split_by_family_and_may_be_empty():
-    ruleset = nft_ruleset(_policy(), ("2001:db8::53", "2001:db8::54"))
-
-    assert "  set upstream_v4 { type ipv4_addr; }" in ruleset.splitlines()
-    assert (
-        "  set upstream_v6 { type ipv6_addr; elements = { 2001:db8::53, 2001:db8::54 }; }"
-        in ruleset.splitlines()
+    assert files["rules.nft"] == nft_ruleset(REPRESENTATIVE, UPSTREAMS, {993: (443,)})
+    assert files["dnsmasq.conf"] == dnsmasq_config(
+        REPRESENTATIVE, UPSTREAMS, f"{LOG_TARGET}/{DNS_LOG}", resolve_only=("git.corp.example",)
     )
 
 
-def test_many_port_groups_get_one_set_pair_and_one_rule_pair_each():
-    hosts = tuple(f"h{port}.example:{port}" for port in range(8000, 8030))
-    policy = _policy(hosts=hosts)
+def test_the_proxys_files_agree_with_each_other_and_with_the_firewall():
+    files = gateway_config_files(REPRESENTATIVE, UPSTREAMS)
+    listen = [int(port) for port in files["proxy-ports"].split()]
 
-    ruleset = nft_ruleset(policy, UPSTREAMS)
-
-    output = _chain(ruleset, "output")
-    assert sum(1 for line in ruleset.splitlines() if line.startswith("  set names")) == 60
-    for index, port in enumerate(range(8000, 8030)):
-        assert (
-            f"ip daddr @names{index}_v4 ip daddr != @nonpublic_v4 tcp dport {port} accept"
-        ) in output
-    assert set(name_sets(policy).values()) == {(f"names{i}_v4", f"names{i}_v6") for i in range(30)}
+    # Every list the proxy reads is among the files (mounted at CONFIG_TARGET).
+    read = re.findall(rf" -f {CONFIG_TARGET}/(\S+)$", files["haproxy.cfg"], re.MULTILINE)
+    assert read and set(read) <= set(files)
+    # The self-test checks the ports the proxy binds, which are those the firewall redirects to.
+    bound = re.findall(r"bind 127\.0\.0\.1:(\d+) ", files["haproxy.cfg"])
+    assert [int(port) for port in bound] == listen
+    redirected = re.findall(r"redirect to :(\d+)$", files["rules.nft"], re.MULTILINE)
+    assert {int(port) for port in redirected} == set(listen)
+    dnat = [line for line in chain(files["rules.nft"], "output") if "ct status dnat" in line]
+    assert all("{ " + ", ".join(map(str, listen)) + " }" in line for line in dnat)
 
 
 # ---------------------------------------------------------------------------------------------
-# nftables: real syntax check
+# the self-test's probe address
 
 
-def _nft_check(ruleset: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    if NFT is None:
-        pytest.skip("nft is not installed")
-    path = tmp_path / "rules.nft"
-    path.write_text(ruleset)
-    result = subprocess.run(
-        [NFT, "-c", "-f", str(path)], capture_output=True, text=True, check=False, timeout=10
-    )
-    if result.returncode != 0 and (
-        "Operation not permitted" in result.stderr or "Permission denied" in result.stderr
-    ):
-        pytest.skip(f"nft -c needs privileges here: {result.stderr.strip()}")
-    return result
+def _policy_with_addresses(*addresses: str) -> NetworkPolicy:
+    return make_policy(hosts=("192-0-2-1.example",), addresses=addresses)  # names do not count
 
 
-SYNTAX_POLICIES = {
-    "empty": _policy(),
-    "representative": REPRESENTATIVE,
-    "ipv6-addresses": _policy(
-        addresses=("2001:db8::/32", "[2001:db8:1::5]:22", "[fd00::/8]:443", "::1")
-    ),
-    "wildcard-and-exact": _policy(hosts=("example.org", "*.example.org", "*.example.org:8080")),
-    "many-port-groups": _policy(
-        hosts=tuple(f"h{p}.example:{p}" for p in range(1, 40)),
-        addresses=tuple(f"198.51.100.{p}:{p}" for p in range(1, 40)),
-    ),
-    "v6-upstreams-only": _policy(hosts=("a.example",), upstreams=("2001:db8::53",)),
-    "no-upstreams": _policy(hosts=("a.example",), upstreams=()),
-    "categories": _policy(
-        hosts=(
-            "github.com",
-            "github.com:22",
-            "api.github.com",
-            "pypi.org",
-            "api.anthropic.com",
-        )
-    ),
-}
-
-
-def test_nft_check_catches_a_broken_ruleset(tmp_path):
-    """Control: the syntax check below really checks."""
-    broken = nft_ruleset(REPRESENTATIVE, UPSTREAMS).replace("@names0_v4", "@no_such_set", 1)
-
-    result = _nft_check(broken, tmp_path)
-
-    assert result.returncode != 0
-
-
-@pytest.mark.parametrize("name", sorted(SYNTAX_POLICIES))
-def test_nft_accepts_the_ruleset(tmp_path, name):
-    policy = SYNTAX_POLICIES[name]
-
-    result = _nft_check(nft_ruleset(policy, policy.dns_servers), tmp_path)
-
-    assert result.returncode == 0, result.stderr
-
-
-# Regression: overlapping entries with the same ports once made nft reject the ruleset.
-def test_nft_accepts_overlapping_address_entries(tmp_path):
-    policy = _policy(addresses=("10.0.0.0/8", "10.1.2.3", "2001:db8::/32", "2001:db8::1"))
-
-    result = _nft_check(nft_ruleset(policy, policy.dns_servers), tmp_path)
-
-    assert result.returncode == 0, result.stderr
-
-
-# ---------------------------------------------------------------------------------------------
-# dnsmasq: structure
-
-
-def test_dnsmasq_config_of_the_representative_policy():
-    config = dnsmasq_config(REPRESENTATIVE, UPSTREAMS, "/var/log/kapsis/dns.log").splitlines()
-
-    assert config[:10] == [
-        "no-resolv",
-        "no-hosts",
-        "no-poll",
-        "pid-file=",
-        "bind-interfaces",
-        "listen-address=127.0.0.1",
-        "port=53",
-        f"user={RESOLVER_USER}",
-        "group=nogroup",
-        "cache-size=1000",
-    ]
-    assert [line for line in config if line.startswith("bogus-nxdomain=")] == [
-        f"bogus-nxdomain={network}" for network in (*NON_PUBLIC_V4, *NON_PUBLIC_V6)
-    ]
-    assert "log-facility=/var/log/kapsis/dns.log" in config
-    assert "log-queries=extra" in config
-    per_name = config[config.index("address=/#/") + 1 :]
-    assert per_name == [
-        "server=/*.github.com/192.0.2.53",
-        "server=/*.github.com/2001:db8::53",
-        "server=/github.com/192.0.2.53",
-        "server=/github.com/2001:db8::53",
-        # no address=/*.github.com/: the wildcard lists them
-        "server=/pypi.org/192.0.2.53",
-        "server=/pypi.org/2001:db8::53",
-        "address=/*.pypi.org/",
-        "server=/registry.example/192.0.2.53",
-        "server=/registry.example/2001:db8::53",
-        "address=/*.registry.example/",
-        "nftset=/github.com/4#inet#kapsis#names0_v4,6#inet#kapsis#names0_v6",
-        "nftset=/pypi.org/4#inet#kapsis#names1_v4,6#inet#kapsis#names1_v6",
-        "nftset=/registry.example/4#inet#kapsis#names2_v4,6#inet#kapsis#names2_v6",
-    ]
-
-
-def test_nftset_lines_never_use_the_wildcard_syntax():
-    """dnsmasq takes '*.' literally in nftset= (unlike server=/address=): it would never match."""
-    policy = _policy(hosts=("*.wild.example", "*.both.example", "both.example:22"))
-
-    config = dnsmasq_config(policy, UPSTREAMS, "/x").splitlines()
-
-    nftsets = [line for line in config if line.startswith("nftset=")]
-    assert [line.split("/")[1] for line in nftsets] == ["both.example", "wild.example"]
-    assert "server=/*.wild.example/192.0.2.53" in config
-    assert "address=/*.both.example/" not in config
-
-
-def test_dnsmasq_never_forwards_without_a_listed_domain():
-    config = dnsmasq_config(REPRESENTATIVE, UPSTREAMS, "/x").splitlines()
-
-    servers = [line for line in config if line.startswith("server=")]
-    assert servers and all(line.startswith("server=/") and "//" not in line for line in servers)
-    assert "no-resolv" in config  # /etc/resolv.conf would be an upstream for everything
-    assert not any(line.startswith(("resolv-file", "stop-dns-rebind")) for line in config)
-    assert config.count("address=/#/") == 1
-
-
-def test_addresses_do_not_reach_the_resolver():
-    config = dnsmasq_config(_policy(addresses=("203.0.113.0/24",)), UPSTREAMS, "/x")
-
-    assert "203.0.113" not in config
-    assert "server=/" not in config
-    assert "nftset=" not in config
-
-
-# ---------------------------------------------------------------------------------------------
-# dnsmasq: real syntax check
-
-
-def _dnsmasq_test(config: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    if DNSMASQ is None:
-        pytest.skip("dnsmasq is not installed")
-    path = tmp_path / "dnsmasq.conf"
-    path.write_text(config)
-    return subprocess.run(
-        [DNSMASQ, "--test", f"--conf-file={path}"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=10,
-    )
-
-
-def test_dnsmasq_test_catches_a_broken_config(tmp_path):
-    """Control: --test checks option values (but not whether user kapsis-dns exists)."""
-    config = dnsmasq_config(REPRESENTATIVE, UPSTREAMS, "/x")
-
-    broken = _dnsmasq_test(config.replace("bogus-nxdomain=10.0.0.0/8", "bogus-nxdomain=10/99"),
-                           tmp_path)  # fmt: skip
-
-    assert broken.returncode != 0
-
-
-@pytest.mark.parametrize("name", sorted(SYNTAX_POLICIES))
-def test_dnsmasq_accepts_the_config(tmp_path, name):
-    policy = SYNTAX_POLICIES[name]
-
-    result = _dnsmasq_test(
-        dnsmasq_config(policy, policy.dns_servers, "/var/log/kapsis/dns.log"), tmp_path
-    )
-
-    assert result.returncode == 0, result.stderr
-    assert "syntax check OK" in result.stderr + result.stdout
-
-
-# ---------------------------------------------------------------------------------------------
-# dnsmasq: real semantics (both resolvers on 127.0.0.1, unprivileged)
-
-NOERROR, NXDOMAIN = 0, 3
-
-
-def dns_query(port: int, name: str, qtype: int = 1, timeout: float = 1.0) -> tuple[int, list[str]]:
-    """(response code, A/AAAA answers) of one UDP query to 127.0.0.1:``port``."""
-    ident = random.randrange(65536)
-    labels = b"".join(bytes([len(part)]) + part.encode() for part in name.split("."))
-    packet = struct.pack(">HHHHHH", ident, 0x0100, 1, 0, 0, 0) + labels + b"\0"
-    packet += struct.pack(">HH", qtype, 1)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(timeout)
-        sock.sendto(packet, ("127.0.0.1", port))
-        while True:
-            reply = sock.recv(4096)
-            if len(reply) >= 12 and struct.unpack(">H", reply[:2])[0] == ident:
-                break
-
-    def skip_name(offset: int) -> int:
-        while reply[offset] != 0:
-            if reply[offset] & 0xC0 == 0xC0:  # a compression pointer ends the name
-                return offset + 2
-            offset += 1 + reply[offset]
-        return offset + 1
-
-    questions, answers = struct.unpack(">HH", reply[4:8])
-    offset = 12
-    for _ in range(questions):
-        offset = skip_name(offset) + 4
-    found = []
-    for _ in range(answers):
-        offset = skip_name(offset)
-        rtype, _class, _ttl, length = struct.unpack(">HHIH", reply[offset : offset + 10])
-        data = reply[offset + 10 : offset + 10 + length]
-        offset += 10 + length
-        if rtype in (1, 28):
-            family = socket.AF_INET if rtype == 1 else socket.AF_INET6
-            found.append(socket.inet_ntop(family, data))
-    return reply[3] & 0x0F, found
-
-
-def _free_port() -> int:
-    """A port free on 127.0.0.1 for both UDP and TCP (dnsmasq binds both)."""
-    for _ in range(50):
-        with (
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
-            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
-        ):
-            udp.bind(("127.0.0.1", 0))
-            port = udp.getsockname()[1]
-            try:
-                tcp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port on 127.0.0.1")
-
-
-def _wait_answering(process: subprocess.Popen[bytes], port: int, probe: str, log: Path) -> None:
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            said = log.read_text() if log.exists() else ""
-            if "failed to change" in said and "Operation not permitted" in said:
-                # uid 0 without CAP_SETUID/CAP_SETGID: dnsmasq cannot drop to nobody.
-                pytest.skip(f"dnsmasq cannot start here: {said.strip().splitlines()[-2]}")
-            raise RuntimeError(f"dnsmasq exited: {said[-500:]!r}")
-        try:
-            dns_query(port, probe, timeout=0.1)
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"dnsmasq on port {port} did not answer")
-
-
-# What the upstream resolver knows (dnsmasq --address matches the domain and its subdomains).
-UPSTREAM_RECORDS = (
-    "/allowed.test/203.0.113.5",
-    "/allowed.test/2001:db8::5",
-    "/sub.allowed.test/203.0.113.6",
-    "/wild.test/203.0.113.7",
-    "/unlisted.test/203.0.113.8",
-    "/rebind.test/10.0.0.1",
-    "/rebind6.test/fd00::1",
-    "/metadata.test/169.254.169.254",
-    "/loopback.test/127.0.0.1",
-    "/missing.test/",  # NXDOMAIN upstream
-)
-LISTED = (
-    "allowed.test",
-    "sub.allowed.test",
-    "*.wild.test",
-    "api.wild.test",
-    "rebind.test",
-    "rebind6.test",
-    "metadata.test",
-    "loopback.test",
-    "nodata.test",
-    "missing.test",
-)
-QUERIES = (
-    ("allowed.test", 1),
-    ("allowed.test", 28),
-    ("sub.allowed.test", 1),
-    ("x.allowed.test", 1),
-    ("x.sub.allowed.test", 1),
-    ("unlisted.test", 1),
-    ("a.wild.test", 1),
-    ("deep.b.wild.test", 1),
-    ("wild.test", 1),
-    ("api.wild.test", 1),
-    ("x.api.wild.test", 1),
-    ("rebind.test", 1),
-    ("rebind6.test", 28),
-    ("metadata.test", 1),
-    ("loopback.test", 1),
-    ("nodata.test", 28),
-    ("missing.test", 1),
-    ("ALLOWED.test", 1),
-)
-
-
-def _runnable_gateway_config(policy: NetworkPolicy, port: int, log: Path) -> str:
-    """The rendered config without its root-only lines, on ``port`` instead of 53."""
-    lines = dnsmasq_config(policy, policy.dns_servers, str(log)).splitlines()
-    assert "port=53" in lines
-    kept = [line for line in lines if not line.startswith(("user=", "group=", "nftset="))]
-    return "\n".join(f"port={port}" if line == "port=53" else line for line in kept) + "\n"
-
-
-Answers = dict[tuple[str, int], tuple[int, list[str]]]
-
-
-@pytest.fixture(scope="module")
-def resolved(tmp_path_factory) -> Iterator[tuple[Answers, str]]:
-    """Answers of the rendered resolver to QUERIES, and its query log."""
-    if DNSMASQ is None:
-        pytest.skip("dnsmasq is not installed")
-    folder = tmp_path_factory.mktemp("dnsmasq")
-    upstream_port, gateway_port = _free_port(), _free_port()
-    policy = _policy(hosts=LISTED, upstreams=(f"127.0.0.1#{upstream_port}",))
-    config = folder / "gateway.conf"
-    log = folder / "dns.log"
-    config.write_text(_runnable_gateway_config(policy, gateway_port, log))
-    common = ["--keep-in-foreground", "--pid-file="]
-    upstream_args = [DNSMASQ, *common, "--conf-file=/dev/null", "--no-resolv", "--no-hosts"]
-    upstream_args += ["--bind-interfaces", "--listen-address=127.0.0.1", f"--port={upstream_port}"]
-    upstream_args += [f"--log-facility={folder / 'upstream.log'}"]
-    upstream_args += [f"--address={record}" for record in UPSTREAM_RECORDS]
-    # An A only, and authoritative for the name: AAAA is NODATA.
-    upstream_args += ["--host-record=nodata.test,203.0.113.9", "--local=/nodata.test/"]
-    processes: list[subprocess.Popen[bytes]] = []
-    try:
-        # Start-up errors before the log is open go to stderr: into the log file as well.
-        with (folder / "upstream.log").open("ab") as errors:
-            processes.append(subprocess.Popen(upstream_args, stderr=errors))
-        with log.open("ab") as errors:
-            gateway_args = [DNSMASQ, *common, f"--conf-file={config}"]
-            processes.append(subprocess.Popen(gateway_args, stderr=errors))
-        _wait_answering(processes[0], upstream_port, "allowed.test", folder / "upstream.log")
-        _wait_answering(processes[1], gateway_port, "kapsis-selftest.invalid", log)
-        answers = {query: dns_query(gateway_port, *query) for query in QUERIES}
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-    # log-async: the log is complete once the resolver has exited.
-    yield answers, log.read_text()
-
-
-def test_a_listed_name_is_answered(resolved):
-    answers, _ = resolved
-
-    assert answers[("allowed.test", 1)] == (NOERROR, ["203.0.113.5"])
-    assert answers[("allowed.test", 28)] == (NOERROR, ["2001:db8::5"])
-    assert answers[("ALLOWED.test", 1)] == (NOERROR, ["203.0.113.5"])
-    assert answers[("sub.allowed.test", 1)] == (NOERROR, ["203.0.113.6"])
-
-
-def test_an_unlisted_name_is_nxdomain_even_if_upstream_knows_it(resolved):
-    answers, _ = resolved
-
-    assert answers[("unlisted.test", 1)] == (NXDOMAIN, [])
-
-
-def test_a_subdomain_of_an_exact_name_is_nxdomain(resolved):
-    answers, _ = resolved
-
-    assert answers[("x.allowed.test", 1)] == (NXDOMAIN, [])
-    assert answers[("x.sub.allowed.test", 1)] == (NXDOMAIN, [])
-
-
-def test_a_wildcard_allows_subdomains_at_any_depth_but_not_the_domain(resolved):
-    answers, _ = resolved
-
-    assert answers[("a.wild.test", 1)] == (NOERROR, ["203.0.113.7"])
-    assert answers[("deep.b.wild.test", 1)] == (NOERROR, ["203.0.113.7"])
-    assert answers[("api.wild.test", 1)] == (NOERROR, ["203.0.113.7"])
-    assert answers[("wild.test", 1)] == (NXDOMAIN, [])
-
-
-def test_an_exact_name_does_not_narrow_a_wildcard_above_it(resolved):
-    answers, _ = resolved
-
-    assert answers[("x.api.wild.test", 1)] == (NOERROR, ["203.0.113.7"])
+def test_probe_address_is_the_first_candidate_when_nothing_is_allowed():
+    assert probe_address(_policy_with_addresses()) == PROBE_CANDIDATES[0] == "192.0.2.1"
 
 
 @pytest.mark.parametrize(
-    "query",
-    [("rebind.test", 1), ("rebind6.test", 28), ("metadata.test", 1), ("loopback.test", 1)],
+    ("addresses", "expected"),
+    [
+        (("192.0.2.1",), "198.51.100.1"),
+        (("192.0.2.1:443",), "198.51.100.1"),  # allowed on any port: not a probe
+        (("192.0.2.0/24", "198.51.100.0/24"), "203.0.113.254"),
+        (("192.0.0.0/8", "2001:db8::/32"), "198.51.100.1"),
+        (("198.51.100.1",), "192.0.2.1"),
+    ],
 )
-def test_non_public_answers_of_listed_names_become_nxdomain(resolved, query):
-    answers, _ = resolved
-
-    assert answers[query] == (NXDOMAIN, [])
+def test_probe_address_avoids_allowed_addresses(addresses, expected):
+    assert probe_address(_policy_with_addresses(*addresses)) == expected
 
 
-def test_upstream_answers_pass_through(resolved):
-    answers, _ = resolved
-
-    assert answers[("nodata.test", 28)] == (NOERROR, [])  # NODATA: the name has only an A
-    assert answers[("missing.test", 1)] == (NXDOMAIN, [])
-
-
-def test_the_real_query_log_parses_into_decisions(resolved):
-    _, log = resolved
-
-    events = parse_dns_log(log)
-
-    # The readiness probe, then QUERIES in order.
-    assert [(e.name, e.qtype) for e in events] == [
-        ("kapsis-selftest.invalid", "A"),
-        *[(name, "A" if qtype == 1 else "AAAA") for name, qtype in QUERIES],
-    ]
-    decisions = {(e.name, e.qtype): (e.decision, e.answers) for e in events}
-    assert decisions[("allowed.test", "A")] == ("allowed", ["203.0.113.5"])
-    assert decisions[("allowed.test", "AAAA")] == ("allowed", ["2001:db8::5"])
-    assert decisions[("unlisted.test", "A")] == ("blocked", [])
-    assert decisions[("x.allowed.test", "A")] == ("blocked", [])
-    assert decisions[("wild.test", "A")] == ("blocked", [])
-    assert decisions[("a.wild.test", "A")] == ("allowed", ["203.0.113.7"])
-    assert decisions[("rebind.test", "A")] == ("rebind", [])
-    assert decisions[("rebind6.test", "AAAA")] == ("rebind", [])
-    assert decisions[("metadata.test", "A")] == ("rebind", [])
-    assert decisions[("nodata.test", "AAAA")] == ("allowed", [])
+def test_probe_address_raises_when_every_candidate_is_allowed():
+    with pytest.raises(ValueError, match="every self-test probe address is allowlisted"):
+        probe_address(_policy_with_addresses("0.0.0.0/0"))
 
 
 # ---------------------------------------------------------------------------------------------
-# which ports an answer opens: dnsmasq's nftset choice (modelled; checked for real below)
+# which ports a name reaches: dnsmasq files its answers in a set (modelled here, checked for
+# real below), the firewall sends the set's addresses to the proxy on some ports, and the proxy
+# lets the connection through if the name it carries is listed for the port
 
 
 def _nftset_for(config: str, name: str) -> str | None:
@@ -700,13 +165,19 @@ def _nftset_for(config: str, name: str) -> str | None:
     return best
 
 
-def _ports_of_set(ruleset: str, name_set: str) -> set[int]:
-    """The TCP ports the output chain accepts for addresses in ``name_set``."""
-    for line in _chain(ruleset, "output"):
-        if line.startswith(f"ip daddr @{name_set} ") and line.endswith(" accept"):
-            ports = line.split(" tcp dport ")[1].removesuffix(" accept").strip("{ }")
-            return {int(port) for port in ports.split(",")}
-    raise AssertionError(f"no accept rule for {name_set}")
+def _redirected_ports(ruleset: str, name_set: str) -> set[int]:
+    """The TCP ports on which the agent's connections to ``name_set`` go to the proxy."""
+    ports = set()
+    for line in chain(ruleset, "to_proxy"):
+        if line.startswith(f"ip daddr @{name_set} ") and " redirect to :" in line:
+            ports.add(int(re.search(r" tcp dport (\d+) ", line)[1]))  # type: ignore[index]
+    return ports
+
+
+def _proxy_allows(policy: NetworkPolicy, name: str, port: int) -> bool:
+    """HAProxy's two ACLs: ``-m str`` against the exact names, ``-m end`` against the suffixes."""
+    exact, suffixes = allowed_names(policy, port)
+    return name in exact or any(name.endswith(suffix) for suffix in suffixes)
 
 
 def _policy_ports(policy: NetworkPolicy, name: str) -> set[int]:
@@ -720,6 +191,16 @@ def _policy_ports(policy: NetworkPolicy, name: str) -> set[int]:
     return ports
 
 
+def _reachable_ports(policy: NetworkPolicy, name: str) -> set[int]:
+    """The ports on which a connection carrying ``name`` gets through the gateway."""
+    config = dnsmasq_config(policy, UPSTREAMS, "/x")
+    name_set = _nftset_for(config, name)
+    if name_set is None:
+        return set()
+    ruleset = nft_ruleset(policy, UPSTREAMS)
+    return {p for p in _redirected_ports(ruleset, name_set) if _proxy_allows(policy, name, p)}
+
+
 @pytest.mark.parametrize(
     ("hosts", "names"),
     [
@@ -727,73 +208,57 @@ def _policy_ports(policy: NetworkPolicy, name: str) -> set[int]:
         (("*.wild.example:8080",), ["a.wild.example", "b.a.wild.example"]),
         (("both.example:22", "*.both.example"), ["both.example", "sub.both.example"]),
         (("a.example:8443", "b.a.example"), ["a.example", "b.a.example"]),
+        (
+            ("*.wild.example:8080", "api.wild.example:9090"),
+            ["api.wild.example", "x.api.wild.example"],
+        ),
         (REPRESENTATIVE_HOSTS, ["github.com", "api.github.com", "pypi.org", "registry.example"]),
     ],
 )
-def test_every_allowed_name_opens_at_least_its_ports(hosts, names):
-    policy = _policy(hosts=hosts)
-    config = dnsmasq_config(policy, UPSTREAMS, "/x")
-    ruleset = nft_ruleset(policy, UPSTREAMS)
+def test_every_allowed_name_reaches_exactly_its_ports(hosts, names):
+    policy = make_policy(hosts=hosts)
 
     for name in names:
-        name_set = _nftset_for(config, name)
-        assert name_set is not None, name
-        assert _ports_of_set(ruleset, name_set) >= _policy_ports(policy, name), name
+        assert _reachable_ports(policy, name) == _policy_ports(policy, name), name
 
 
-def test_an_exact_name_and_its_wildcard_share_their_ports():
-    """The price of filing answers by domain: both.example also opens 80/443, its subdomains 22."""
-    policy = _policy(hosts=("both.example:22", "*.both.example"))
+def test_an_exact_name_and_its_wildcard_no_longer_lend_each_other_ports():
+    """The firewall files both.example and its subdomains in one set (redirected on 22, 80 and
+    443), but the proxy holds each name to its own ports."""
+    policy = make_policy(hosts=("both.example:22", "*.both.example"))
     config = dnsmasq_config(policy, UPSTREAMS, "/x")
     ruleset = nft_ruleset(policy, UPSTREAMS)
 
     for name in ("both.example", "sub.both.example"):
-        assert _ports_of_set(ruleset, _nftset_for(config, name) or "") == {22, 80, 443}
+        assert _redirected_ports(ruleset, _nftset_for(config, name) or "") == {22, 80, 443}
+    assert _reachable_ports(policy, "both.example") == {22}
+    assert _reachable_ports(policy, "sub.both.example") == {80, 443}
 
 
-@pytest.mark.parametrize("name", ["api.wild.example", "x.api.wild.example"])
-def test_an_exact_name_below_a_wildcard_keeps_the_wildcards_ports(name):
-    policy = _policy(hosts=("*.wild.example:8080", "api.wild.example:9090"))
-    config = dnsmasq_config(policy, UPSTREAMS, "/x")
-    ruleset = nft_ruleset(policy, UPSTREAMS)
+@pytest.mark.parametrize("name", ["unlisted.example", "wild.example", "x.exact.example"])
+def test_an_unlisted_name_reaches_no_port(name):
+    policy = make_policy(hosts=("exact.example", "*.wild.example"))
 
-    name_set = _nftset_for(config, name)
-
-    assert name_set is not None
-    assert _ports_of_set(ruleset, name_set) >= _policy_ports(policy, name)
+    assert _reachable_ports(policy, name) == set()
 
 
 # ---------------------------------------------------------------------------------------------
 # dnsmasq + nftables for real, as root, in a throwaway network namespace
 
-NETNS_HELPER = f"""
-import json, random, socket, struct, subprocess, sys, time
-{inspect.getsource(dns_query)}
-job = json.loads(sys.argv[1])
-subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-subprocess.run([job["nft"], "-f", job["rules"]], check=True)
-processes = [subprocess.Popen(job["upstream"]), subprocess.Popen(job["gateway"])]
-try:
-    deadline = time.monotonic() + 3
-    while True:
-        try:
-            dns_query(53, "kapsis-selftest.invalid", timeout=0.1)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-    answers = {{name: dns_query(53, name) for name in job["queries"]}}
-    answers.update({{f"{{name}}/AAAA": dns_query(53, name, 28) for name in job["queries6"]}})
-    for element in job["elements"]:
-        subprocess.run([job["nft"], "add", "element", "inet", "kapsis", *element], check=True)
-    table = subprocess.run([job["nft"], "-j", "list", "table", "inet", "kapsis"],
-                           capture_output=True, text=True, check=True).stdout
-finally:
-    for process in processes:
-        process.terminate()
-        process.wait()
-print(json.dumps({{"answers": answers, "table": json.loads(table)}}))
+QUERY_AS_FRONT = f"""
+{DNS_SOURCE}
+import json, sys, time
+port = int(sys.argv[2])
+deadline = time.monotonic() + 5
+while True:  # the resolver is starting
+    try:
+        dns_query(port, "kapsis-selftest.invalid", timeout=0.2)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
+print(json.dumps([dns_query(port, name, qtype) for name, qtype in json.loads(sys.argv[1])]))
 """
 
 NETNS_HOSTS = (
@@ -814,72 +279,65 @@ NETNS_RECORDS = {
     "sub.both.test": "203.0.113.14",
 }
 NETNS_RECORDS6 = {"exact.test": "2001:db8::10", "x.wild.test": "2001:db8::12"}
-NETNS_POLICY = _policy(hosts=NETNS_HOSTS, upstreams=("127.0.0.1#5300",))
+NETNS_POLICY = make_policy(hosts=NETNS_HOSTS, upstreams=("127.0.0.1#5300",))
 
 
 @pytest.fixture(scope="module")
-def in_netns(tmp_path_factory) -> dict:
-    """Answers, filled name sets and the table listing after real queries in a network namespace."""
-    tools = {name: shutil.which(name) for name in ("unshare", "ip")}
-    if os.geteuid() != 0 or NFT is None or DNSMASQ is None or None in tools.values():
-        pytest.skip("needs root, unshare, ip, nft and dnsmasq")
+def in_netns(tmp_path_factory) -> dict[str, Any]:
+    """Answers, filled name sets and the table listing after real queries in a namespace."""
     folder = tmp_path_factory.mktemp("netns")
     policy = NETNS_POLICY
     (folder / "rules.nft").write_text(nft_ruleset(policy, ("127.0.0.1",)))
     config = dnsmasq_config(policy, policy.dns_servers, str(folder / "dns.log")).splitlines()
     config = [line for line in config if not line.startswith(("user=", "group="))]
-    (folder / "gateway.conf").write_text("\n".join(config) + "\n")
-    common = [DNSMASQ, "--keep-in-foreground", "--pid-file=", "--bind-interfaces"]
-    job = {
-        "nft": NFT,
-        "rules": str(folder / "rules.nft"),
-        "gateway": [*common[:3], f"--conf-file={folder / 'gateway.conf'}"],
-        "upstream": [
-            *common,
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--listen-address=127.0.0.1",
-            "--port=5300",
-            f"--log-facility={folder / 'upstream.log'}",
-            *[f"--address=/{name}/{address}" for name, address in NETNS_RECORDS.items()],
-            *[f"--address=/{name}/{address}" for name, address in NETNS_RECORDS6.items()],
-        ],
-        "queries": list(NETNS_RECORDS),
-        "queries6": list(NETNS_RECORDS6),
-        "elements": [
-            ["blocked4", "{ 192.0.2.1 . tcp . 9 }"],
-            ["blocked6", "{ 2001:db8::99 . udp . 53 }"],
-        ],
-    }
-    (folder / "helper.py").write_text(NETNS_HELPER)
-    result = subprocess.run(
-        [tools["unshare"], "-n", sys.executable, str(folder / "helper.py"), json.dumps(job)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=20,
-    )
-    if result.returncode != 0 and "unshare failed" in result.stderr:
-        pytest.skip(f"no network namespace: {result.stderr.strip()}")
-    assert result.returncode == 0, result.stderr
-    outcome = json.loads(result.stdout)
+    (folder / "resolver.conf").write_text("\n".join(config) + "\n")
+    common = [str(DNSMASQ), "--keep-in-foreground", "--pid-file="]
+    with netns(NFT, DNSMASQ) as namespace:
+        namespace.run([str(NFT), "-f", str(folder / "rules.nft")])
+        namespace.start(
+            [
+                *common,
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                "--port=5300",
+                f"--log-facility={folder / 'upstream.log'}",
+                *[f"--address=/{name}/{address}" for name, address in NETNS_RECORDS.items()],
+                *[f"--address=/{name}/{address}" for name, address in NETNS_RECORDS6.items()],
+            ]
+        )
+        namespace.start([*common, f"--conf-file={folder / 'resolver.conf'}"])
+        queries = [(name, 1) for name in NETNS_RECORDS]
+        queries += [(name, AAAA) for name in NETNS_RECORDS6]
+        # As the DNS front: the firewall lets no other uid reach the resolver's port.
+        result = namespace.python(
+            QUERY_AS_FRONT, json.dumps(queries), str(RESOLVER_PORT), uid=DNS_FRONT_UID
+        )
+        assert result.returncode == 0, result.stderr
+        answers = dict(zip(queries, json.loads(result.stdout), strict=True))
+        namespace.run([str(NFT), "add", "element", "inet", TABLE, "blocked4",
+                       "{ 192.0.2.1 . tcp . 9 }"])  # fmt: skip
+        namespace.run([str(NFT), "add", "element", "inet", TABLE, "blocked6",
+                       "{ 2001:db8::99 . udp . 53 }"])  # fmt: skip
+        table = json.loads(namespace.run([str(NFT), "-j", "list", "table", "inet", TABLE]))
     elements: dict[str, set[str]] = {}
-    for item in outcome["table"]["nftables"]:
+    for item in table["nftables"]:
         found = item.get("set")
         if found and found["name"].startswith("names"):
             elements[found["name"]] = {str(e) for e in found.get("elem", [])}
-    return {"answers": outcome["answers"], "sets": elements, "table": outcome["table"]}
+    return {"answers": answers, "sets": elements, "table": table}
 
 
-def _sets_holding(in_netns: dict, address: str) -> list[str]:
+def _sets_holding(in_netns: dict[str, Any], address: str) -> list[str]:
     return sorted(name for name, members in in_netns["sets"].items() if address in members)
 
 
 def test_in_netns_the_ruleset_loads_and_listed_names_resolve(in_netns):
     assert in_netns["answers"] == {
-        **{name: [NOERROR, [address]] for name, address in NETNS_RECORDS.items()},
-        **{f"{name}/AAAA": [NOERROR, [address]] for name, address in NETNS_RECORDS6.items()},
+        **{(name, 1): [NOERROR, [address]] for name, address in NETNS_RECORDS.items()},
+        **{(name, AAAA): [NOERROR, [address]] for name, address in NETNS_RECORDS6.items()},
     }
 
 
@@ -901,22 +359,12 @@ def test_in_netns_dnsmasq_fills_the_sets_the_model_predicts(in_netns):
         assert _sets_holding(in_netns, address) == ([expected] if expected else []), name
 
 
-@pytest.mark.parametrize(
-    "name", ["exact.test", "api.exact.test", "x.wild.test", "both.test", "sub.both.test"]
-)
-def test_in_netns_an_answer_opens_the_ports_its_rules_allow(in_netns, name):
+@pytest.mark.parametrize("name", list(NETNS_RECORDS))
+def test_in_netns_an_answer_is_redirected_to_the_proxy_on_its_ports(in_netns, name):
     ruleset = nft_ruleset(NETNS_POLICY, ("127.0.0.1",))
     (filled,) = _sets_holding(in_netns, NETNS_RECORDS[name])
 
-    assert _ports_of_set(ruleset, filled) >= _policy_ports(NETNS_POLICY, name)
-
-
-@pytest.mark.parametrize("name", ["api.wild.test", "x.api.wild.test"])
-def test_in_netns_an_exact_name_below_a_wildcard_keeps_the_wildcards_ports(in_netns, name):
-    ruleset = nft_ruleset(NETNS_POLICY, ("127.0.0.1",))
-    (filled,) = _sets_holding(in_netns, NETNS_RECORDS[name])
-
-    assert _ports_of_set(ruleset, filled) >= _policy_ports(NETNS_POLICY, name)
+    assert _redirected_ports(ruleset, filled) >= _policy_ports(NETNS_POLICY, name)
 
 
 def test_in_netns_the_live_blocked_sets_parse(in_netns):

@@ -1,4 +1,5 @@
-"""What the gateway saw: the resolver's query log, the firewall's blocked sets, the network log."""
+"""What the gateway saw: the resolver's query log, the DNS front's refusals, the proxy's log,
+the firewall's blocked sets; the report, its notes and the network log."""
 
 from __future__ import annotations
 
@@ -9,54 +10,69 @@ from pathlib import Path
 import pytest
 
 from kapsis.backends import podman_gateway
-from kapsis.network.gateway_files import PROBE_CANDIDATES, probe_address
+from kapsis.network import gateway_layout
 from kapsis.network.observe import (
+    DNS_REASONS,
+    MAX_LINE,
+    PROXY_REASONS,
+    SELFTEST_INTERNAL,
     SELFTEST_NAME,
     SELFTEST_PORT,
     BlockedConnection,
     DnsEvent,
     NetworkReport,
+    ProxyDecision,
     blocked_in_table,
     network_log_path,
     parse_blocked_set,
     parse_dns_log,
+    parse_dns_refusals,
+    parse_proxy_log,
+    proxy_without_selftest,
+    report_notes,
     without_selftest,
     write_network_log,
 )
-from kapsis.network.policy import PolicyBuilder
 
-# dnsmasq 2.90 with log-queries=extra, as the gateway writes it (serial, client, event).
+FRONT = gateway_layout.DNS_FRONT_SOURCE  # the DNS front's address for the resolver: 127.0.0.2
+
+# dnsmasq 2.90 with log-queries=extra, as the gateway writes it (serial, client, event). The
+# agent's queries come through the DNS front (127.0.0.2); the proxy asks from 127.0.0.1.
 PREFIX = "Nov 26 18:55:10 dnsmasq[7]:"
 LOG = f"""\
 {PREFIX} started, version 2.90 cachesize 1000
 {PREFIX} using nameserver 192.0.2.53#53 for domain github.com
 {PREFIX} using only locally-known addresses for .pypi.org
-{PREFIX} 1 127.0.0.1/41000 query[A] kapsis-selftest.invalid from 127.0.0.1
-{PREFIX} 1 127.0.0.1/41000 config kapsis-selftest.invalid is NXDOMAIN
-{PREFIX} 2 127.0.0.1/41001 query[A] github.com from 127.0.0.1
-{PREFIX} 3 127.0.0.1/41002 query[AAAA] github.com from 127.0.0.1
-{PREFIX} 2 127.0.0.1/41001 forwarded github.com to 192.0.2.53
-{PREFIX} 3 127.0.0.1/41002 forwarded github.com to 192.0.2.53
-{PREFIX} 2 127.0.0.1/41001 nftset add 4 inet kapsis names0_v4 140.82.121.3 github.com
-{PREFIX} 2 127.0.0.1/41001 reply github.com is 140.82.121.3
-{PREFIX} 3 127.0.0.1/41002 reply github.com is NODATA-IPv6
-{PREFIX} 4 127.0.0.1/41003 query[A] evil.example from 127.0.0.1
-{PREFIX} 4 127.0.0.1/41003 config evil.example is NXDOMAIN
-{PREFIX} 5 127.0.0.1/41004 query[A] rebind.example.org from 127.0.0.1
-{PREFIX} 5 127.0.0.1/41004 forwarded rebind.example.org to 192.0.2.53
-{PREFIX} 5 127.0.0.1/41004 config rebind.example.org is NXDOMAIN
-{PREFIX} 6 127.0.0.1/41005 query[A] github.com from 127.0.0.1
-{PREFIX} 6 127.0.0.1/41005 cached github.com is 140.82.121.3
-{PREFIX} 7 127.0.0.1/41006 query[A] www.pypi.org from 127.0.0.1
-{PREFIX} 7 127.0.0.1/41006 config www.pypi.org is NXDOMAIN
-{PREFIX} 8 127.0.0.1/41007 query[A] files.pythonhosted.org from 127.0.0.1
-{PREFIX} 8 127.0.0.1/41007 forwarded files.pythonhosted.org to 192.0.2.53
-{PREFIX} 8 127.0.0.1/41007 reply files.pythonhosted.org is <CNAME>
-{PREFIX} 8 127.0.0.1/41007 reply dualstack.python.map.fastly.net is 151.101.0.223
-{PREFIX} 8 127.0.0.1/41007 reply dualstack.python.map.fastly.net is 151.101.64.223
-{PREFIX} 9 127.0.0.1/41008 query[A] gone.pypi.org from 127.0.0.1
-{PREFIX} 9 127.0.0.1/41008 forwarded gone.pypi.org to 192.0.2.53
-{PREFIX} 9 127.0.0.1/41008 reply gone.pypi.org is NXDOMAIN
+{PREFIX} 1 127.0.0.2/41000 query[A] kapsis-selftest.invalid from 127.0.0.2
+{PREFIX} 1 127.0.0.2/41000 config kapsis-selftest.invalid is NXDOMAIN
+{PREFIX} 2 127.0.0.2/41001 query[A] github.com from 127.0.0.2
+{PREFIX} 3 127.0.0.2/41002 query[AAAA] github.com from 127.0.0.2
+{PREFIX} 2 127.0.0.2/41001 forwarded github.com to 192.0.2.53
+{PREFIX} 3 127.0.0.2/41002 forwarded github.com to 192.0.2.53
+{PREFIX} 2 127.0.0.2/41001 nftset add 4 inet kapsis names0_v4 140.82.121.3 github.com
+{PREFIX} 2 127.0.0.2/41001 reply github.com is 140.82.121.3
+{PREFIX} 3 127.0.0.2/41002 reply github.com is NODATA-IPv6
+{PREFIX} 4 127.0.0.2/41003 query[A] evil.example from 127.0.0.2
+{PREFIX} 4 127.0.0.2/41003 config evil.example is NXDOMAIN
+{PREFIX} 5 127.0.0.2/41004 query[A] rebind.example.org from 127.0.0.2
+{PREFIX} 5 127.0.0.2/41004 forwarded rebind.example.org to 192.0.2.53
+{PREFIX} 5 127.0.0.2/41004 config rebind.example.org is NXDOMAIN
+{PREFIX} 6 127.0.0.1/51000 query[A] github.com from 127.0.0.1
+{PREFIX} 6 127.0.0.1/51000 cached github.com is 140.82.121.3
+{PREFIX} 7 127.0.0.2/41005 query[A] github.com from 127.0.0.2
+{PREFIX} 7 127.0.0.2/41005 cached github.com is 140.82.121.3
+{PREFIX} 8 127.0.0.2/41006 query[A] www.pypi.org from 127.0.0.2
+{PREFIX} 8 127.0.0.2/41006 config www.pypi.org is NXDOMAIN
+{PREFIX} 9 127.0.0.2/41007 query[A] files.pythonhosted.org from 127.0.0.2
+{PREFIX} 9 127.0.0.2/41007 forwarded files.pythonhosted.org to 192.0.2.53
+{PREFIX} 9 127.0.0.2/41007 reply files.pythonhosted.org is <CNAME>
+{PREFIX} 9 127.0.0.2/41007 reply dualstack.python.map.fastly.net is 151.101.0.223
+{PREFIX} 9 127.0.0.2/41007 reply dualstack.python.map.fastly.net is 151.101.64.223
+{PREFIX} 10 127.0.0.2/41008 query[A] gone.pypi.org from 127.0.0.2
+{PREFIX} 10 127.0.0.2/41008 forwarded gone.pypi.org to 192.0.2.53
+{PREFIX} 10 127.0.0.2/41008 reply gone.pypi.org is NXDOMAIN
+{PREFIX} 11 127.0.0.1/51001 query[A] proxy-only.example from 127.0.0.1
+{PREFIX} 11 127.0.0.1/51001 config proxy-only.example is NXDOMAIN
 """
 
 
@@ -73,20 +89,55 @@ def test_parse_dns_log_gives_one_decision_per_query_in_arrival_order():
         ("github.com", "AAAA", "allowed", []),  # NODATA is not an answer, nor a refusal
         ("evil.example", "A", "blocked", []),
         ("rebind.example.org", "A", "rebind", []),  # forwarded, then refused: bogus-nxdomain
-        ("github.com", "A", "allowed", ["140.82.121.3"]),  # from the cache
+        ("github.com", "A", "allowed", ["140.82.121.3"]),  # the proxy's, from the cache
+        ("github.com", "A", "allowed", ["140.82.121.3"]),
         ("www.pypi.org", "A", "blocked", []),
         ("files.pythonhosted.org", "A", "allowed", ["151.101.0.223", "151.101.64.223"]),
-        ("gone.pypi.org", "A", "blocked", []),  # the upstream's NXDOMAIN
+        ("gone.pypi.org", "A", "unresolved", []),  # the upstream's NXDOMAIN: not our refusal
+        ("proxy-only.example", "A", "blocked", []),
     ]
     assert all(e.type == "dns" for e in events)
 
 
+def test_parse_dns_log_keeps_only_the_queries_of_the_clients_given():
+    """The host keeps the agent's queries (through the front), not the proxy's own lookups."""
+    events = parse_dns_log(LOG, clients=(FRONT,))
+
+    assert [(e.name, e.decision) for e in events] == [
+        (SELFTEST_NAME, "blocked"),
+        ("github.com", "allowed"),
+        ("github.com", "allowed"),
+        ("evil.example", "blocked"),
+        ("rebind.example.org", "rebind"),
+        ("github.com", "allowed"),
+        ("www.pypi.org", "blocked"),
+        ("files.pythonhosted.org", "allowed"),
+        ("gone.pypi.org", "unresolved"),
+    ]
+    assert parse_dns_log(LOG, clients=("127.0.0.1",)) == [
+        DnsEvent("github.com", "A", answers=["140.82.121.3"]),
+        DnsEvent("proxy-only.example", "A", "blocked", reason=DNS_REASONS["blocked"]),
+    ]
+    assert parse_dns_log(LOG, clients=()) == []
+
+
+def test_a_decision_carries_its_reason():
+    reasons = {(e.name, e.decision): e.reason for e in parse_dns_log(LOG, clients=(FRONT,))}
+
+    assert reasons[("evil.example", "blocked")] == "not on the allowlist"
+    assert reasons[("rebind.example.org", "rebind")] == (
+        "its answer is in a non-public range (rebinding)"
+    )
+    assert reasons[("gone.pypi.org", "unresolved")] == ""
+    assert reasons[("github.com", "allowed")] == ""
+
+
 def test_nftset_lines_add_no_answers():
     log = (
-        f"{PREFIX} 2 127.0.0.1/1 query[A] a.example from 127.0.0.1\n"
-        f"{PREFIX} 2 127.0.0.1/1 forwarded a.example to 192.0.2.53\n"
-        f"{PREFIX} 2 127.0.0.1/1 nftset add 4 inet kapsis names0_v4 203.0.113.5 a.example\n"
-        f"{PREFIX} 2 127.0.0.1/1 reply a.example is 203.0.113.5\n"
+        f"{PREFIX} 2 127.0.0.2/1 query[A] a.example from 127.0.0.2\n"
+        f"{PREFIX} 2 127.0.0.2/1 forwarded a.example to 192.0.2.53\n"
+        f"{PREFIX} 2 127.0.0.2/1 nftset add 4 inet kapsis names0_v4 203.0.113.5 a.example\n"
+        f"{PREFIX} 2 127.0.0.2/1 reply a.example is 203.0.113.5\n"
     )
 
     assert _by_serial(parse_dns_log(log)) == [("a.example", "A", "allowed", ["203.0.113.5"])]
@@ -94,14 +145,14 @@ def test_nftset_lines_add_no_answers():
 
 def test_interleaved_serials_are_kept_apart():
     log = (
-        f"{PREFIX} 10 127.0.0.1/1 query[A] a.example from 127.0.0.1\n"
-        f"{PREFIX} 11 127.0.0.1/2 query[A] b.example from 127.0.0.1\n"
-        f"{PREFIX} 12 127.0.0.1/3 query[A] c.example from 127.0.0.1\n"
-        f"{PREFIX} 11 127.0.0.1/2 config b.example is NXDOMAIN\n"
-        f"{PREFIX} 12 127.0.0.1/3 forwarded c.example to 192.0.2.53\n"
-        f"{PREFIX} 10 127.0.0.1/1 forwarded a.example to 192.0.2.53\n"
-        f"{PREFIX} 10 127.0.0.1/1 reply a.example is 203.0.113.1\n"
-        f"{PREFIX} 12 127.0.0.1/3 config c.example is NXDOMAIN\n"
+        f"{PREFIX} 10 127.0.0.2/1 query[A] a.example from 127.0.0.2\n"
+        f"{PREFIX} 11 127.0.0.2/2 query[A] b.example from 127.0.0.2\n"
+        f"{PREFIX} 12 127.0.0.2/3 query[A] c.example from 127.0.0.2\n"
+        f"{PREFIX} 11 127.0.0.2/2 config b.example is NXDOMAIN\n"
+        f"{PREFIX} 12 127.0.0.2/3 forwarded c.example to 192.0.2.53\n"
+        f"{PREFIX} 10 127.0.0.2/1 forwarded a.example to 192.0.2.53\n"
+        f"{PREFIX} 10 127.0.0.2/1 reply a.example is 203.0.113.1\n"
+        f"{PREFIX} 12 127.0.0.2/3 config c.example is NXDOMAIN\n"
     )
 
     assert _by_serial(parse_dns_log(log)) == [
@@ -113,8 +164,8 @@ def test_interleaved_serials_are_kept_apart():
 
 def test_lines_of_unknown_serials_and_other_programs_are_ignored():
     log = (
-        f"{PREFIX} 99 127.0.0.1/1 reply orphan.example is 203.0.113.1\n"
-        "Nov 26 18:55:10 other[3]: 1 127.0.0.1/1 query[A] x.example from 127.0.0.1\n"
+        f"{PREFIX} 99 127.0.0.2/1 reply orphan.example is 203.0.113.1\n"
+        "Nov 26 18:55:10 other[3]: 1 127.0.0.2/1 query[A] x.example from 127.0.0.2\n"
         "garbage\n"
         "\n"
     )
@@ -123,11 +174,38 @@ def test_lines_of_unknown_serials_and_other_programs_are_ignored():
     assert parse_dns_log("") == []
 
 
+def test_the_other_clients_follow_up_lines_are_ignored_too():
+    log = (
+        f"{PREFIX} 1 127.0.0.1/1 query[A] a.example from 127.0.0.1\n"
+        f"{PREFIX} 2 127.0.0.2/2 query[A] b.example from 127.0.0.2\n"
+        f"{PREFIX} 1 127.0.0.1/1 config a.example is NXDOMAIN\n"
+        f"{PREFIX} 2 127.0.0.2/2 reply b.example is 203.0.113.2\n"
+    )
+
+    assert _by_serial(parse_dns_log(log, clients=(FRONT,))) == [
+        ("b.example", "A", "allowed", ["203.0.113.2"])
+    ]
+
+
+def test_an_overlong_line_is_cut_and_skipped():
+    """The agent chooses the names: a line longer than any honest one is cut before parsing,
+    and what is left of it no longer parses (its neighbours do)."""
+    long_name = "a" * MAX_LINE + ".example"
+    log = (
+        f"{PREFIX} 1 127.0.0.2/1 query[A] {long_name} from 127.0.0.2\n"
+        f"{PREFIX} 1 127.0.0.2/1 config {long_name} is NXDOMAIN\n"
+        f"{PREFIX} 2 127.0.0.2/2 query[A] b.example from 127.0.0.2\n"
+        f"{PREFIX} 2 127.0.0.2/2 config b.example is NXDOMAIN\n"
+    )
+
+    assert _by_serial(parse_dns_log(log)) == [("b.example", "A", "blocked", [])]
+
+
 def test_a_serial_less_rebind_warning_marks_every_query_of_that_name():
     log = (
-        f"{PREFIX} 1 127.0.0.1/1 query[A] evil.example from 127.0.0.1\n"
-        f"{PREFIX} 2 127.0.0.1/1 query[A] fine.example from 127.0.0.1\n"
-        f"{PREFIX} 1 127.0.0.1/1 forwarded evil.example to 192.0.2.53\n"
+        f"{PREFIX} 1 127.0.0.2/1 query[A] evil.example from 127.0.0.2\n"
+        f"{PREFIX} 2 127.0.0.2/1 query[A] fine.example from 127.0.0.2\n"
+        f"{PREFIX} 1 127.0.0.2/1 forwarded evil.example to 192.0.2.53\n"
         f"{PREFIX} possible DNS-rebind attack detected: evil.example\n"
     )
 
@@ -138,9 +216,9 @@ def test_a_serial_less_rebind_warning_marks_every_query_of_that_name():
 
 def test_a_reply_nxdomain_after_answers_does_not_block():
     log = (
-        f"{PREFIX} 1 127.0.0.1/1 query[A] a.example from 127.0.0.1\n"
-        f"{PREFIX} 1 127.0.0.1/1 reply a.example is 203.0.113.1\n"
-        f"{PREFIX} 1 127.0.0.1/1 reply b.example is NXDOMAIN\n"
+        f"{PREFIX} 1 127.0.0.2/1 query[A] a.example from 127.0.0.2\n"
+        f"{PREFIX} 1 127.0.0.2/1 reply a.example is 203.0.113.1\n"
+        f"{PREFIX} 1 127.0.0.2/1 reply b.example is NXDOMAIN\n"
     )
 
     assert _by_serial(parse_dns_log(log)) == [("a.example", "A", "allowed", ["203.0.113.1"])]
@@ -149,10 +227,10 @@ def test_a_reply_nxdomain_after_answers_does_not_block():
 def test_a_refused_query_of_an_unnamed_type_is_recorded():
     # dnsmasq names the types it knows (query[HTTPS], query[TSIG]) and numbers the rest.
     log = (
-        f"{PREFIX} 14 127.0.0.1/59156 query[HTTPS] other.test from 127.0.0.1\n"
-        f"{PREFIX} 14 127.0.0.1/59156 config other.test is NXDOMAIN\n"
-        f"{PREFIX} 15 127.0.0.1/48722 query[type=999] other.test from 127.0.0.1\n"
-        f"{PREFIX} 15 127.0.0.1/48722 config other.test is NXDOMAIN\n"
+        f"{PREFIX} 14 127.0.0.2/59156 query[HTTPS] other.test from 127.0.0.2\n"
+        f"{PREFIX} 14 127.0.0.2/59156 config other.test is NXDOMAIN\n"
+        f"{PREFIX} 15 127.0.0.2/48722 query[type=999] other.test from 127.0.0.2\n"
+        f"{PREFIX} 15 127.0.0.2/48722 config other.test is NXDOMAIN\n"
     )
 
     assert [(e.name, e.qtype, e.decision) for e in parse_dns_log(log)] == [
@@ -161,17 +239,144 @@ def test_a_refused_query_of_an_unnamed_type_is_recorded():
     ]
 
 
-@pytest.mark.parametrize("failure", ["REFUSED", "SERVFAIL"])
-def test_an_upstream_failure_is_not_an_answer(failure):
+@pytest.mark.parametrize("failure", ["REFUSED", "SERVFAIL", "NXDOMAIN"])
+def test_an_upstream_failure_is_unresolved_not_blocked(failure):
     log = (
-        f"{PREFIX} 17 127.0.0.1/58620 query[AAAA] nodata.test from 127.0.0.1\n"
-        f"{PREFIX} 17 127.0.0.1/58620 forwarded nodata.test to 192.0.2.53\n"
-        f"{PREFIX} 17 127.0.0.1/58620 reply error is {failure}\n"
+        f"{PREFIX} 17 127.0.0.2/58620 query[AAAA] nodata.test from 127.0.0.2\n"
+        f"{PREFIX} 17 127.0.0.2/58620 forwarded nodata.test to 192.0.2.53\n"
+        f"{PREFIX} 17 127.0.0.2/58620 reply error is {failure}\n"
     )
 
     (event,) = parse_dns_log(log)
 
-    assert (event.decision, event.answers) == ("allowed", [])
+    assert (event.decision, event.answers, event.reason) == ("unresolved", [], "")
+
+
+# ---------------------------------------------------------------------------------------------
+# the DNS front's refusals
+
+# As the front writes them (resolver.dns_front_config): reason, query type, name as dnsdist
+# spells it; then the counts it rewrites every second.
+REFUSALS = (
+    "type\t10\tallowed.test.\n"
+    "type\t16\tallowed.test.\n"
+    "name\t1\t" + "a" * 41 + ".allowed.test.\n"
+    "name\t1\tevil\\010name.test.\n"
+    "edns\t28\tgithub.com.\n"
+    "rate\t1\tgithub.com.\n"
+    "form\t65\tgithub.com.\n"
+)
+COUNTS = "rate\t4\nform\t1\ntype\t2\nname\t2\nedns\t1\n"
+
+
+def test_parse_dns_refusals_reads_each_line():
+    events, unrecorded = parse_dns_refusals(REFUSALS, COUNTS)
+
+    assert [(e.name, e.qtype, e.decision, e.reason) for e in events] == [
+        ("allowed.test.", "TYPE10", "refused", "query type not allowed"),
+        ("allowed.test.", "TXT", "refused", "query type not allowed"),
+        ("a" * 41 + ".allowed.test.", "A", "refused", DNS_REASONS["name"]),
+        ("evil\\010name.test.", "A", "refused", DNS_REASONS["name"]),
+        ("github.com.", "AAAA", "refused", "an EDNS option other than a cookie"),
+        ("github.com.", "A", "refused", "over the query rate"),
+        ("github.com.", "HTTPS", "refused", DNS_REASONS["form"]),
+    ]
+    assert unrecorded == 10 - 7  # three more rate refusals were only counted
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "type\tTXT\tallowed.test.",  # a type by name
+        "type\t1",  # no name
+        "type\t1\t",  # an empty one
+        "type\t1\ta.test.\textra",  # a field too many
+        "Type\t1\ta.test.",  # not a reason
+        "type\t123456\ta.test.",  # not a query type
+        "type 1 a.test.",
+        "",
+        "garbage",
+    ],
+)
+def test_a_malformed_refusal_line_is_skipped(line):
+    events, _ = parse_dns_refusals(f"{line}\ntype\t1\tkept.test.\n")
+
+    assert [e.name for e in events] == ["kept.test."]
+
+
+def test_the_counts_beyond_the_recorded_lines():
+    one = "rate\t1\ta.test.\n"
+
+    assert parse_dns_refusals(one * 2, "rate\t1002\n")[1] == 1000
+    assert parse_dns_refusals(one * 2, "rate\t2\n")[1] == 0
+    assert parse_dns_refusals(one * 2, "rate\t1\n")[1] == 0  # never below nothing
+    assert parse_dns_refusals(one * 2, "")[1] == 0  # not written yet
+    # Lines that are not counts of a known reason add nothing.
+    assert parse_dns_refusals("", "rate\t5\nbogus\t100\nname\tmany\nedns 7\n")[1] == 5
+    # A count too large for honest use is bounded.
+    assert parse_dns_refusals("", "rate\t" + "9" * 40 + "\n")[1] == 1 << 40
+
+
+# ---------------------------------------------------------------------------------------------
+# the proxy's log
+
+# As HAProxy 2.6 writes them with the gateway's log-format (kapsis.network.proxy).
+PROXY_LOG = """\
+kapsis-proxy 203.0.113.5 443 tls allowed.test allowed -- -1 524 0
+kapsis-proxy 198.51.100.2 443 tls other.test not-allowed PR -1 517 0
+kapsis-proxy 127.0.0.1 443 tls - no-name PR -1 517 0
+kapsis-proxy ::1 443 - - no-name PR -1 19 0
+kapsis-proxy 2001:db8::5 80 http other.test not-allowed LR 403 48 151
+kapsis-proxy 198.51.100.2 80 http allowed.test connect-method PR 403 68 192
+kapsis-proxy 198.51.100.2 80 http missing.test unresolved LR 502 49 156
+kapsis-proxy - 443 tls kapsis-selftest.invalid not-allowed PR -1 517 0
+"""
+
+
+def test_parse_proxy_log_reads_every_decision():
+    assert parse_proxy_log(PROXY_LOG) == [
+        ProxyDecision("allowed.test", 443, "tls", "203.0.113.5", True),
+        ProxyDecision("other.test", 443, "tls", "198.51.100.2", False,
+                      "name not on the allowlist for the port"),
+        ProxyDecision("", 443, "tls", "", False, "no TLS server name or HTTP Host"),
+        ProxyDecision("", 443, "", "", False, PROXY_REASONS["no-name"]),
+        ProxyDecision("other.test", 80, "http", "2001:db8::5", False, PROXY_REASONS["not-allowed"]),
+        ProxyDecision("allowed.test", 80, "http", "198.51.100.2", False, "HTTP CONNECT"),
+        ProxyDecision("missing.test", 80, "http", "198.51.100.2", False,
+                      "the upstream could not resolve the name"),
+        ProxyDecision(SELFTEST_NAME, 443, "tls", "", False, PROXY_REASONS["not-allowed"]),
+    ]  # fmt: skip
+    assert all(decision.type == "proxy" for decision in parse_proxy_log(PROXY_LOG))
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "[NOTICE]   (7) : haproxy version is 2.6.12-1+deb12u4",
+        "kapsis-proxy 198.51.100.2 443 tls a.test allowed -- -1 524",  # cut short
+        "kapsis-proxy 198.51.100.2 443 tls a.test b.test allowed -- -1 524 0",  # a field more
+        "kapsis-proxy 198.51.100.2 443 tls a.test allowed -- -1 524 0 kapsis-proxy",
+        " kapsis-proxy 198.51.100.2 443 tls a.test allowed -- -1 524 0",
+        "xkapsis-proxy 198.51.100.2 443 tls a.test allowed -- -1 524 0",
+        "kapsis-proxy 198.51.100.2 443 ssh a.test allowed -- -1 524 0",  # no such protocol
+        "kapsis-proxy 198.51.100.2 443 tls a.test ALLOWED -- -1 524 0",
+        "kapsis-proxy 198.51.100.2 4430000 tls a.test allowed -- -1 524 0",
+        "kapsis-proxy 198.51.100.2 443 tls " + "a" * MAX_LINE + " allowed -- -1 524 0",  # cut
+    ],
+)
+def test_a_malformed_or_injected_proxy_line_is_skipped(line):
+    log = f"{line}\nkapsis-proxy 198.51.100.2 443 tls kept.test not-allowed PR -1 517 0\n"
+
+    assert [decision.name for decision in parse_proxy_log(log)] == ["kept.test"]
+
+
+def test_proxy_without_selftest_drops_the_self_tests_connections_only():
+    decisions = parse_proxy_log(PROXY_LOG)
+
+    kept = proxy_without_selftest(decisions)
+
+    assert kept == [decision for decision in decisions if decision.name != SELFTEST_NAME]
+    assert len(kept) == len(decisions) - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,25 +661,54 @@ def test_without_selftest_keeps_the_order_and_does_not_change_its_input():
     assert blocked == original
 
 
-def test_blocked_requests_counts_refused_names_and_packets():
+def test_without_selftest_drops_its_refused_queries_and_one_query_to_the_internal_resolver():
+    dns = [
+        DnsEvent(f"{SELFTEST_NAME}.", "TYPE10", "refused", reason=DNS_REASONS["type"]),
+        DnsEvent("evil.example.", "TYPE10", "refused", reason=DNS_REASONS["type"]),
+    ]
+    internal = BlockedConnection(*SELFTEST_INTERNAL, packets=3)  # the self-test, then the agent
+
+    agent_dns, agent_blocked = without_selftest(dns, [internal], PROBE)
+
+    assert [e.name for e in agent_dns] == ["evil.example."]
+    assert agent_blocked == [BlockedConnection(*SELFTEST_INTERNAL, packets=2)]
+    assert SELFTEST_INTERNAL == ("127.0.0.1", "udp", gateway_layout.RESOLVER_PORT)
+    assert without_selftest([], [BlockedConnection(*SELFTEST_INTERNAL, 1)], PROBE) == ([], [])
+
+
+def test_blocked_requests_counts_every_refusal_and_nothing_else():
     report = NetworkReport(
-        dns=[_dns("a.example"), _dns("b.example", "rebind"), _dns("ok.example", "allowed")],
+        dns=[
+            _dns("a.example"),
+            _dns("b.example", "rebind"),
+            _dns("c.example.", "refused"),
+            _dns("ok.example", "allowed"),
+            _dns("gone.example", "unresolved"),  # the upstream's doing, not a refusal
+        ],
         blocked=[
             BlockedConnection("192.0.2.7", "tcp", 443, 3),
             BlockedConnection("2001:db8::1", "udp", 53, 2),
         ],
+        proxy=[
+            ProxyDecision("other.test", 443, "tls", "198.51.100.2", False, "x"),
+            ProxyDecision("", 80, "http", "", False, "y"),
+            ProxyDecision("allowed.test", 443, "tls", "203.0.113.5", True),
+        ],
+        dns_refused_unrecorded=7,
     )
 
-    assert report.blocked_requests == 2 + 3 + 2
+    assert report.blocked_requests == 3 + 7 + 3 + 2 + 2
     assert report.gateway_ran_to_the_end is True
     assert NetworkReport(dns=[_dns("x", "allowed")], blocked=[]).blocked_requests == 0
+    assert NetworkReport([_dns("x", "unresolved")], []).blocked_requests == 0
 
 
 def test_write_network_log_writes_json_lines_without_internal_fields(kapsis_home):
     event = DnsEvent(name="github.com", qtype="A", answers=["140.82.121.3"], forwarded=True)
     report = NetworkReport(
-        dns=[event, _dns("evil.example")],
+        dns=[event, DnsEvent("evil.example", "A", "blocked", reason="not on the allowlist")],
         blocked=[BlockedConnection("192.0.2.7", "tcp", 443, 3)],
+        proxy=[ProxyDecision("other.test", 443, "tls", "", False, "no-name reason")],
     )
 
     path = write_network_log("net1", report)
@@ -483,9 +717,11 @@ def test_write_network_log_writes_json_lines_without_internal_fields(kapsis_home
     lines = path.read_text().splitlines()
     assert [json.loads(line) for line in lines] == [
         {"type": "dns", "name": "github.com", "qtype": "A", "decision": "allowed",
-         "answers": ["140.82.121.3"]},
+         "answers": ["140.82.121.3"], "reason": ""},
         {"type": "dns", "name": "evil.example", "qtype": "A", "decision": "blocked",
-         "answers": []},
+         "answers": [], "reason": "not on the allowlist"},
+        {"type": "proxy", "name": "other.test", "port": 443, "protocol": "tls", "address": "",
+         "allowed": False, "reason": "no-name reason"},
         {"type": "blocked_connection", "address": "192.0.2.7", "protocol": "tcp", "port": 443,
          "packets": 3},
     ]  # fmt: skip
@@ -501,63 +737,96 @@ def test_write_network_log_replaces_an_older_log(kapsis_home):
 
 
 # ---------------------------------------------------------------------------------------------
-# the self-test's probe address
+# the end-of-run notes
 
 
-def _policy_with_addresses(*addresses: str):
-    builder = PolicyBuilder("filtered")
-    for address in addresses:
-        builder.add_address(address, "test")
-    builder.add_host("192-0-2-1.example", "test")  # names do not count
-    return builder.build(["192.0.2.53"])
+def test_report_notes_say_what_was_refused_and_why():
+    report = NetworkReport(
+        dns=[
+            DnsEvent("evil.example", "A", "blocked", reason=DNS_REASONS["blocked"]),
+            DnsEvent("x.example.", "TXT", "refused", reason=DNS_REASONS["type"]),
+            DnsEvent("gone.example", "A", "unresolved"),
+            DnsEvent("ok.example", "A", "allowed"),
+        ],
+        blocked=[BlockedConnection("192.0.2.7", "tcp", 443, 3)],
+        proxy=[
+            ProxyDecision("other.test", 443, "tls", "198.51.100.2", False, "not listed"),
+            ProxyDecision("", 443, "", "198.51.100.3", False, "no name"),
+            ProxyDecision("", 80, "http", "", False, "no name"),
+            ProxyDecision("allowed.test", 443, "tls", "203.0.113.5", True),
+        ],
+        dns_refused_unrecorded=2,
+    )
+
+    assert report_notes(report) == [
+        "the gateway refused the names evil.example A (not on the allowlist),"
+        " x.example TXT (query type not allowed) (and 2 more queries, counted only)",
+        "the upstream could not resolve gone.example",
+        "the gateway refused the connections other.test:443 (not listed),"
+        " 198.51.100.3:443 (no name), a connection:80 (no name), 192.0.2.7:443/tcp",
+    ]
 
 
-def test_probe_address_is_the_first_candidate_when_nothing_is_allowed():
-    assert probe_address(_policy_with_addresses()) == PROBE_CANDIDATES[0] == "192.0.2.1"
+def test_report_notes_of_a_clean_run_say_nothing():
+    report = NetworkReport(
+        dns=[DnsEvent("ok.example", "A", "allowed")],
+        blocked=[],
+        proxy=[ProxyDecision("allowed.test", 443, "tls", "203.0.113.5", True)],
+    )
+
+    assert report_notes(report) == []
 
 
-@pytest.mark.parametrize(
-    ("addresses", "expected"),
-    [
-        (("192.0.2.1",), "198.51.100.1"),
-        (("192.0.2.1:443",), "198.51.100.1"),  # allowed on any port: not a probe
-        (("192.0.2.0/24", "198.51.100.0/24"), "203.0.113.254"),
-        (("192.0.0.0/8", "2001:db8::/32"), "198.51.100.1"),
-        (("198.51.100.1",), "192.0.2.1"),
-    ],
-)
-def test_probe_address_avoids_allowed_addresses(addresses, expected):
-    assert probe_address(_policy_with_addresses(*addresses)) == expected
+def test_report_notes_name_five_and_count_the_rest_once_each():
+    names = [f"n{i}.example" for i in range(8)]
+    report = NetworkReport(
+        dns=[DnsEvent(name, "A", "blocked", reason="r") for name in [*names, names[0]]],
+        blocked=[],
+    )
+
+    (note,) = report_notes(report)
+
+    assert note == (
+        "the gateway refused the names n0.example A (r), n1.example A (r), n2.example A (r),"
+        " n3.example A (r), n4.example A (r) and 3 more"
+    )
 
 
-def test_probe_address_raises_when_every_candidate_is_allowed():
-    with pytest.raises(ValueError, match="every self-test probe address is allowlisted"):
-        probe_address(_policy_with_addresses("0.0.0.0/0"))
+# ---------------------------------------------------------------------------------------------
+# the gateway's own report (Kubernetes) and the host's record
 
 
 def test_the_gateways_own_report_counts_what_the_host_counts(tmp_path):
     """gateway/report.py (the Kubernetes gateway's termination message) runs on a bare Python
-    with only the shipped scripts - no Kapsis installed - and gives the host's count."""
+    with only the shipped scripts - no Kapsis installed - reads the gateway's logs and gives
+    the host's count."""
     import ast
 
-    from kapsis.network.gateway_config import BLOCKED_SETS, TABLE
     from kapsis.network.gateway_files import gateway_scripts
 
     scripts = gateway_scripts()
+    names = ("TABLE", "BLOCKED_SETS", "DNS_FRONT_SOURCE")
     constants = {
         node.targets[0].id: ast.literal_eval(node.value)
         for node in ast.parse(scripts["report.py"]).body
         if isinstance(node, ast.Assign)
         and isinstance(node.targets[0], ast.Name)
-        and node.targets[0].id in ("TABLE", "BLOCKED_SETS")
+        and node.targets[0].id in names
     }
-    assert constants == {"TABLE": TABLE, "BLOCKED_SETS": BLOCKED_SETS}
+    assert constants == {name: getattr(gateway_layout, name) for name in names}
+    for log_name in ("DNS_LOG", "DNS_REFUSED_LOG", "DNS_REFUSED_COUNTS", "PROXY_LOG"):
+        assert f'logs / "{getattr(gateway_layout, log_name)}"' in scripts["report.py"]
     config = tmp_path / "etc"
     config.mkdir()
     for name, text in scripts.items():
         (config / name).write_text(text)
     (config / "probe-address").write_text("192.0.2.1\n")
-    (tmp_path / "dns.log").write_text(LOG)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "dns.log").write_text(LOG)
+    (logs / "dns-refused.tsv").write_text(REFUSALS)
+    (logs / "dns-refused.counts").write_text(COUNTS)
+    (logs / "proxy.log").write_text(PROXY_LOG)
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     (fake_bin / "nft").write_text(
@@ -565,40 +834,65 @@ def test_the_gateways_own_report_counts_what_the_host_counts(tmp_path):
     )
     (fake_bin / "nft").chmod(0o755)
     result = subprocess.run(
-        ["/usr/bin/python3", "-S", "-I", str(config / "report.py"), str(tmp_path / "dns.log")],
+        ["/usr/bin/python3", "-S", "-I", str(config / "report.py"), str(logs)],
         capture_output=True,
         text=True,
         check=True,
         env={"PATH": f"{fake_bin}:/usr/bin:/bin"},
     )
+
+    refusals, unrecorded = parse_dns_refusals(REFUSALS, COUNTS)
     dns, blocked = without_selftest(
-        parse_dns_log(LOG), blocked_in_table(REAL_TABLE_LISTING, BLOCKED_SETS), "192.0.2.1"
+        parse_dns_log(LOG, clients=(FRONT,)) + refusals,
+        blocked_in_table(REAL_TABLE_LISTING, gateway_layout.BLOCKED_SETS),
+        "192.0.2.1",
     )
-    expected = NetworkReport(dns, blocked).blocked_requests
-    assert blocked and expected > len(blocked)  # both refused names and refused packets count
-    assert json.loads(result.stdout) == {"blockedRequests": expected}
+    proxy = proxy_without_selftest(parse_proxy_log(PROXY_LOG))
+    expected = NetworkReport(dns, blocked, proxy=proxy, dns_refused_unrecorded=unrecorded)
+    assert json.loads(result.stdout) == {"blockedRequests": expected.blocked_requests}
+    # Every source counts, and the proxy's own lookups do not (proxy-only.example).
+    parts = {
+        "resolver": sum(1 for e in dns if e.decision in ("blocked", "rebind")),
+        "front": len(refusals),
+        "unrecorded": unrecorded,
+        "firewall": sum(entry.packets for entry in blocked),
+        "proxy": sum(1 for decision in proxy if not decision.allowed),
+    }
+    assert all(parts.values()), parts
+    assert expected.blocked_requests == sum(parts.values())
+    assert "proxy-only.example" not in {e.name for e in dns}
 
 
 def test_a_secret_spelled_in_a_looked_up_name_is_redacted_in_the_audit_and_network_log(
     make_plan, kapsis_home
 ):
-    """Exfiltration by DNS: the agent resolves `<secret>.evil.example`; the gateway's records of
-    it reach the audit trail and the network log only redacted (control: another name is kept)."""
+    """Exfiltration by DNS: the agent resolves `<secret>.evil.example` (or sends it as a TLS
+    server name); the gateway's records of it reach the audit trail and the network log only
+    redacted (control: another name is kept)."""
     from kapsis.audit import AuditLog
     from kapsis.network.gateway_files import gateway_dirs
-    from kapsis.sandbox.launcher import _observe_network, initial_status
+    from kapsis.sandbox.launcher import initial_status
+    from kapsis.sandbox.network_record import record_network
     from kapsis.secrets.redact import Redactor
     from kapsis.status.store import StatusStore
 
     secret = "sk-live-0123456789abcdef"
     plan = make_plan()
-    log = gateway_dirs(Path(plan.workspace.root)).dns_log
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(
-        f"{PREFIX} 1 127.0.0.1/41000 query[A] {secret}.evil.example from 127.0.0.1\n"
-        f"{PREFIX} 1 127.0.0.1/41000 config {secret}.evil.example is NXDOMAIN\n"
-        f"{PREFIX} 2 127.0.0.1/41001 query[A] plain.evil.example from 127.0.0.1\n"
-        f"{PREFIX} 2 127.0.0.1/41001 config plain.evil.example is NXDOMAIN\n"
+    dirs = gateway_dirs(Path(plan.workspace.root))
+    dirs.log.mkdir(parents=True, exist_ok=True)
+    dirs.dns_log.write_text(
+        f"{PREFIX} 1 127.0.0.2/41000 query[A] {secret}.evil.example from 127.0.0.2\n"
+        f"{PREFIX} 1 127.0.0.2/41000 config {secret}.evil.example is NXDOMAIN\n"
+        f"{PREFIX} 2 127.0.0.2/41001 query[A] plain.evil.example from 127.0.0.2\n"
+        f"{PREFIX} 2 127.0.0.2/41001 config plain.evil.example is NXDOMAIN\n"
+        f"{PREFIX} 3 127.0.0.1/41002 query[A] proxy-lookup.example from 127.0.0.1\n"
+        f"{PREFIX} 3 127.0.0.1/41002 config proxy-lookup.example is NXDOMAIN\n"
+    )
+    dirs.dns_refused_log.write_text(f"type\t16\t{secret}.txt.example.\n")
+    dirs.dns_refused_counts.write_text("type\t1\n")
+    dirs.proxy_log.write_text(
+        f"kapsis-proxy 198.51.100.2 443 tls {secret}.sni.example not-allowed PR -1 517 0\n"
+        "kapsis-proxy 198.51.100.2 443 tls plain.sni.example not-allowed PR -1 517 0\n"
     )
 
     class Gateway:
@@ -611,11 +905,16 @@ def test_a_secret_spelled_in_a_looked_up_name_is_redacted_in_the_audit_and_netwo
     store.write(initial_status(plan, Gateway()))
     audit = AuditLog(plan.agent_id, redactor=Redactor([secret]))
     audit.record("session_start")
-    _observe_network(plan, Gateway(), store, audit, Redactor([secret]))
+    notes = record_network(plan, Gateway(), store, audit, Redactor([secret]))
 
     audit_text = audit.path.read_text()
     network_text = network_log_path(plan.agent_id).read_text()
-    for text in (audit_text, network_text):
+    for text in (audit_text, network_text, "\n".join(notes)):
         assert secret not in text
         assert "[REDACTED].evil.example" in text
+        assert "[REDACTED].txt.example" in text
+        assert "[REDACTED].sni.example" in text
         assert "plain.evil.example" in text
+        assert "plain.sni.example" in text
+        assert "proxy-lookup.example" not in text  # the proxy's own lookups are not the agent's
+    assert store.read(plan.agent_id).blocked_requests == 5

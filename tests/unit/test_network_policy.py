@@ -226,7 +226,8 @@ def test_blocked_summary_of_filtered_names_every_kind_of_refusal():
     text = "\n".join(summary)
     for expected in (
         "NXDOMAIN", "80 and 443", "loopback, private", "UDP", "ICMP", "resolver",
-        "TLS server name or HTTP Host", "without SNI", "query types but A, AAAA, CNAME, HTTPS, SVCB",
+        "TLS server name or HTTP Host", "without SNI",
+        "query types but A, AAAA, CNAME, HTTPS, SVCB",
         "longer than 40 characters", "more than 50 queries a second",
     ):  # fmt: skip
         assert expected in text

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -40,7 +41,6 @@ from kapsis.network.resolver import (
 
 from .netgw import (
     AAAA,
-    DNS_SOURCE,
     DNSDIST,
     DNSMASQ,
     MX,
@@ -52,6 +52,7 @@ from .netgw import (
     TXT,
     UPSTREAMS,
     A,
+    dns_packet,
     dns_query,
     free_port,
     make_policy,
@@ -481,7 +482,23 @@ DEFAULT_TYPES += "QTypeRule(DNSQType.HTTPS), QTypeRule(DNSQType.SVCB)}"
 
 
 def _actions(config: str) -> list[str]:
-    return [line for line in config.splitlines() if line.startswith("addAction(")]
+    """Each addAction(...) of the configuration, on one line."""
+    actions: list[str] = []
+    for line in config.splitlines():
+        if line.startswith("addAction("):
+            actions.append(line)
+        elif actions and line.startswith("  ") and not actions[-1].endswith("))"):
+            actions[-1] += " " + line.strip()
+    return actions
+
+
+FORM = (
+    "addAction(OrRule({NotRule(OpcodeRule(DNSOpcode.Query)), NotRule(QClassRule(DNSClass.IN)),"
+    " NotRule(RecordsCountRule(DNSSection.Question, 1, 1)),"
+    " NotRule(RecordsCountRule(DNSSection.Answer, 0, 0)),"
+    " NotRule(RecordsCountRule(DNSSection.Authority, 0, 0)),"
+    ' NotRule(RecordsCountRule(DNSSection.Additional, 0, 1))}), LuaAction(refuse("form")))'
+)
 
 
 def test_the_front_of_the_default_limits():
@@ -499,12 +516,19 @@ def test_the_front_of_the_default_limits():
     assert f"if code ~= {EDNS_COOKIE} then return true end" in config
     assert _actions(config) == [
         'addAction(NotRule(MaxQPSRule(50, 200)), LuaAction(refuse("rate")))',
+        FORM,  # one question of class IN, no records but the EDNS one
         f'addAction(NotRule(OrRule({DEFAULT_TYPES})), LuaAction(refuse("type")))',
         f'addAction(NotRule(RegexRule("{name_pattern(40)}")), LuaAction(refuse("name")))',
         'addAction(LuaRule(foreign_edns_option), LuaAction(refuse("edns")))',
     ]
-    # Every reason the front writes is one the host explains.
-    assert set(re.findall(r'refuse\("(\w+)"\)', config)) <= set(DNS_REASONS)
+    # Every reason the front refuses for is counted (a Lua error at the first refusal if not),
+    # and is one the host explains.
+    reasons = set(re.findall(r'refuse\("(\w+)"\)', config))
+    counted = re.search(r"local REASONS = \{(.*)\}", config)
+    assert counted and set(re.findall(r'"(\w+)"', counted[1])) == reasons
+    started = re.search(r"local recorded, counts, dirty = 0, \{(.*)\}, false", config)
+    assert started and set(re.findall(r"(\w+)=0", started[1])) == reasons
+    assert reasons <= set(DNS_REASONS)
 
 
 def test_the_front_follows_the_configured_limits():
@@ -513,7 +537,7 @@ def test_the_front_follows_the_configured_limits():
     )
     config = dns_front_config(make_policy(dns=limits), "/r", "/c")
 
-    rate, types, names, _ = _actions(config)
+    rate, _, types, names, _ = _actions(config)
     assert rate == 'addAction(NotRule(MaxQPSRule(7, 28)), LuaAction(refuse("rate")))'
     assert re.findall(r"DNSQType\.(\w+)", types) == [*BASE_QUERY_TYPES, "MX", "TXT"]
     assert name_pattern(63) in names
@@ -570,40 +594,59 @@ def test_dnsdist_accepts_the_config(tmp_path, limits):
 # ---------------------------------------------------------------------------------------------
 # the DNS front for real, as root, in front of the rendered resolver, in a network namespace
 
-# Runs inside the namespace: the queries of argv[1] (JSON), each answered or not, in order.
-QUERY_SCRIPT = f"""
-{DNS_SOURCE}
-import json, sys
+# Runs inside the namespace: sends each packet of argv[1] (hex) to the front, in order, and
+# prints the response code of each reply (or the error when none came).
+QUERY_SCRIPT = """
+import json, socket, sys
 out = []
-for labels, qtype, options in json.loads(sys.argv[1]):
-    name = [bytes.fromhex(label) for label in labels]
-    opts = None if options is None else [(code, bytes.fromhex(data)) for code, data in options]
-    try:
-        out.append(dns_query(53, name, qtype, timeout=2.0, options=opts)[0])
-    except OSError as error:
-        out.append(str(error))
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    sock.settimeout(2.0)
+    for packet in map(bytes.fromhex, json.loads(sys.argv[1])):
+        sock.sendto(packet, ("127.0.0.1", 53))
+        try:
+            while True:
+                reply = sock.recv(4096)
+                if reply[:2] == packet[:2]:
+                    out.append(reply[3] & 15)
+                    break
+        except OSError as error:
+            out.append(str(error))
 print(json.dumps(out))
 """
 COOKIE = (EDNS_COOKIE, b"\x01" * 8)
 FOREIGN_OPTION = (65001, b"data")
 
 
-def _ask(namespace: Any, queries: list[tuple[Any, int, Any]]) -> list[Any]:
-    wire = [
-        (
-            [label.hex() for label in (name if isinstance(name, list) else _labels(name))],
-            qtype,
-            None if options is None else [(code, data.hex()) for code, data in options],
-        )
-        for name, qtype, options in queries
-    ]
-    result = namespace.python(QUERY_SCRIPT, json.dumps(wire))
+def query(
+    name: str | list[bytes],
+    qtype: int = A,
+    options: list[tuple[int, bytes]] | None = None,
+    *,
+    qclass: int = 1,
+    opcode: int = 0,
+    extra_question: bool = False,
+    answer: bool = False,
+) -> bytes:
+    """A query as the agent could send it, well-formed or not."""
+    _, packet = dns_packet(name, qtype, options)
+    header, body = bytearray(packet[:12]), bytearray(packet[12:])
+    question_end = body.index(0) + 5  # the name, its type, its class
+    body[question_end - 2 : question_end] = struct.pack(">H", qclass)
+    struct.pack_into(">H", header, 2, 0x0100 | opcode << 11)
+    if extra_question:
+        body[question_end:question_end] = bytes(body[:question_end])
+        struct.pack_into(">H", header, 4, 2)
+    if answer:  # an A record for the name, by a compression pointer to the question
+        record = struct.pack(">HHHIH", 0xC00C, A, 1, 60, 4) + bytes([192, 0, 2, 1])
+        body[question_end:question_end] = record
+        struct.pack_into(">H", header, 6, 1)
+    return bytes(header + body)
+
+
+def _ask(namespace: Any, packets: list[bytes]) -> list[Any]:
+    result = namespace.python(QUERY_SCRIPT, json.dumps([packet.hex() for packet in packets]))
     assert result.returncode == 0, result.stderr
     return list(json.loads(result.stdout))
-
-
-def _labels(name: str) -> list[bytes]:
-    return [label.encode() for label in name.split(".")]
 
 
 class Front:
@@ -638,13 +681,20 @@ class Front:
             ]
         )
         self.resolver = namespace.start([*common, f"--conf-file={folder / 'dnsmasq.conf'}"])
-        self.front = namespace.start(
-            [str(DNSDIST), "--supervised", "--disable-syslog", "-C", str(folder / "dnsdist.conf")],
-            stdout=(folder / "dnsdist.out").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
+        with (folder / "dnsdist.out").open("wb") as out:
+            self.front = namespace.start(
+                [
+                    str(DNSDIST),
+                    "--supervised",
+                    "--disable-syslog",
+                    "-C",
+                    str(folder / "dnsdist.conf"),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 10
-        while _ask(namespace, [("allowed.test", A, None)]) != [NOERROR]:
+        while _ask(namespace, [query("allowed.test")]) != [NOERROR]:
             assert time.monotonic() < deadline, (folder / "dnsdist.out").read_text()
             time.sleep(0.1)
 
@@ -663,23 +713,30 @@ def _front(tmp_path: Path, policy: NetworkPolicy) -> Iterator[Front]:
         yield Front(namespace, policy, tmp_path)
 
 
-FRONT_POLICY = make_policy(hosts=("allowed.test",), upstreams=("127.0.0.1#5300",))
-FRONT_QUERIES: list[tuple[Any, int, Any]] = [
-    ("allowed.test", A, None),
-    ("unlisted.test", A, None),
-    ("allowed.test", NULL, None),
-    ("allowed.test", TXT, None),
-    ("allowed.test", 65, None),  # HTTPS
-    ("allowed.test", 64, None),  # SVCB
-    ("allowed.test", 5, None),  # CNAME
-    ("allowed.test", AAAA, None),
-    ("a" * 40 + ".allowed.test", A, None),
-    ("a" * 41 + ".allowed.test", A, None),
-    ([b"a.b", b"allowed", b"test"], A, None),
-    ([b"evil\nname\tx", b"test"], A, None),
-    ("allowed.test", A, [COOKIE]),
-    ("allowed.test", A, [FOREIGN_OPTION]),
-    ("allowed.test", A, [COOKIE, FOREIGN_OPTION]),
+FRONT_POLICY = make_policy(
+    hosts=("allowed.test",), upstreams=("127.0.0.1#5300",), dns=DnsLimits(query_types=("MX",))
+)
+FRONT_QUERIES = [
+    query("allowed.test"),
+    query("unlisted.test"),
+    query("allowed.test", NULL),
+    query("allowed.test", TXT),
+    query("allowed.test", MX),  # configured
+    query("allowed.test", 65),  # HTTPS
+    query("allowed.test", 64),  # SVCB
+    query("allowed.test", 5),  # CNAME
+    query("allowed.test", AAAA),
+    query("a" * 40 + ".allowed.test"),
+    query("a" * 41 + ".allowed.test"),
+    query([b"a.b", b"allowed", b"test"]),
+    query([b"evil\nname\tx", b"test"]),
+    query("allowed.test", A, [COOKIE]),
+    query("allowed.test", A, [FOREIGN_OPTION]),
+    query("allowed.test", A, [COOKIE, FOREIGN_OPTION]),
+    query("allowed.test", qclass=3),  # CHAOS
+    query("allowed.test", opcode=2),  # STATUS
+    query("allowed.test", extra_question=True),
+    query("allowed.test", answer=True),
 ]
 
 
@@ -698,6 +755,7 @@ def test_in_a_namespace_the_front_refuses_what_it_must_and_forwards_the_rest(fro
         NXDOMAIN,  # unlisted: forwarded, the resolver says no
         REFUSED,  # NULL
         REFUSED,  # TXT, not configured
+        NOERROR,  # MX, configured
         NOERROR,
         NOERROR,
         NOERROR,
@@ -709,6 +767,10 @@ def test_in_a_namespace_the_front_refuses_what_it_must_and_forwards_the_rest(fro
         NOERROR,  # an EDNS cookie is fine
         REFUSED,  # another EDNS option is not
         REFUSED,  # nor beside a cookie
+        REFUSED,  # class CHAOS
+        REFUSED,  # not a standard query
+        REFUSED,  # two questions
+        REFUSED,  # a record in the answer section
     ]
 
 
@@ -723,6 +785,7 @@ def test_in_a_namespace_each_refusal_is_one_line_the_host_reads(front_run):
         ("A", "refused", DNS_REASONS["name"]),
         ("A", "refused", DNS_REASONS["edns"]),
         ("A", "refused", DNS_REASONS["edns"]),
+        *[("A", "refused", DNS_REASONS["form"])] * 4,
     ]
     names = [e.name for e in events]
     assert names[:3] == ["allowed.test.", "allowed.test.", "a" * 41 + ".allowed.test."]
@@ -731,7 +794,13 @@ def test_in_a_namespace_each_refusal_is_one_line_the_host_reads(front_run):
     assert not re.search(r"\s", names[4])  # the agent's newline and tab are escaped
     assert len(front_run["refused"].splitlines()) == len(events)
     assert unrecorded == 0
-    assert front_run["counts"].splitlines() == ["rate\t0", "type\t2", "name\t3", "edns\t2"]
+    assert front_run["counts"].splitlines() == [
+        "rate\t0",
+        "form\t4",
+        "type\t2",
+        "name\t3",
+        "edns\t2",
+    ]
 
 
 def test_in_a_namespace_the_resolver_sees_the_front_as_its_client(front_run):
@@ -741,13 +810,18 @@ def test_in_a_namespace_the_resolver_sees_the_front_as_its_client(front_run):
 
     seen = [(e.name, e.qtype) for e in events]
     passed = [
-        (name, qtype)
-        for (name, qtype, _), answer in zip(FRONT_QUERIES, front_run["answers"], strict=True)
-        if answer != REFUSED
+        ("allowed.test", "A"),
+        ("unlisted.test", "A"),
+        ("allowed.test", "MX"),
+        ("allowed.test", "HTTPS"),
+        ("allowed.test", "SVCB"),
+        ("allowed.test", "CNAME"),
+        ("allowed.test", "AAAA"),
+        ("a" * 40 + ".allowed.test", "A"),
+        ("allowed.test", "A"),  # with a cookie
     ]
-    qtypes = {A: "A", AAAA: "AAAA", 5: "CNAME", 64: "SVCB", 65: "HTTPS"}
     # The readiness probes first (listed A queries), then the queries that passed, in order.
-    assert seen[-len(passed) :] == [(name, qtypes[qtype]) for name, qtype in passed]
+    assert seen[-len(passed) :] == passed
     assert set(seen[: -len(passed)]) == {("allowed.test", "A")}
     decisions = {(e.name, e.qtype): e.decision for e in events}
     assert decisions[("unlisted.test", "A")] == "blocked"
@@ -757,21 +831,19 @@ def test_in_a_namespace_the_resolver_sees_the_front_as_its_client(front_run):
     assert len(parse_dns_log(front_run["log"])) == len(events)  # nobody else asked
 
 
-def test_in_a_namespace_configured_types_pass_and_refusals_beyond_the_record_are_counted(
-    tmp_path,
-):
+def test_in_a_namespace_refusals_beyond_the_record_are_counted(tmp_path):
     """With a rate of 1 a second, a flood is refused; the front writes 1000 lines of it and
     counts the rest, and the host adds the two up to what the client saw refused."""
-    limits = DnsLimits(query_types=("MX", "TXT"), max_queries_per_second=1)
-    policy = make_policy(hosts=("allowed.test",), upstreams=("127.0.0.1#5300",), dns=limits)
+    policy = make_policy(
+        hosts=("allowed.test",),
+        upstreams=("127.0.0.1#5300",),
+        dns=DnsLimits(max_queries_per_second=1),
+    )
     flood = 1010
     with _front(tmp_path, policy) as front:
-        time.sleep(1.1)  # the readiness probes spent the burst: let the bucket refill a little
-        types = _ask(front.namespace, [("allowed.test", MX, None), ("allowed.test", TXT, None)])
-        answers = _ask(front.namespace, [("allowed.test", A, None)] * flood)
+        answers = _ask(front.namespace, [query("allowed.test") for _ in range(flood)])
         refused, counts, _ = front.stop()
 
-    assert types == [NOERROR, NOERROR]
     refusals = answers.count(REFUSED)
     assert refusals > REFUSALS_RECORDED and answers.count(NOERROR) == flood - refusals
     events, unrecorded = parse_dns_refusals(refused, counts)

@@ -1,23 +1,31 @@
 """The gateway's self-test script (standard-library Python run inside the gateway).
 
-Its resolver is pointed at a UDP socket on 127.0.0.1 that the test controls; its connection
-check is pointed at local ports that are closed or listening. Nothing leaves 127.0.0.0/8.
+Its DNS front and the resolver behind it are pointed at UDP sockets on 127.0.0.1 that the test
+controls, its proxy check at local TCP servers that behave as a proxy would (or would not), its
+connection check at local ports that are closed or listening. Nothing leaves 127.0.0.0/8.
 """
 
 from __future__ import annotations
 
 import errno
 import importlib.util
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from kapsis.network.gateway_layout import RESOLVER_PORT
+from kapsis.network.observe import SELFTEST_INTERNAL, SELFTEST_NAME, SELFTEST_PORT
 
 SCRIPT = Path(str(resources.files("kapsis.network") / "gateway" / "selftest.py"))
 
@@ -35,37 +43,58 @@ Responder = Callable[[bytes], list[bytes]]
 
 
 @pytest.fixture
-def fake_resolver(selftest: ModuleType) -> Iterator[Callable[[Responder], list[bytes]]]:
-    """Point the self-test's resolver at a local UDP socket answering with ``responder``."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(0.05)
-    received: list[bytes] = []
+def udp_server() -> Iterator[Callable[[Responder], tuple[tuple[str, int], list[bytes]]]]:
+    """Local UDP servers answering with a responder: (address, packets received)."""
     stop = threading.Event()
-    holder: dict[str, Responder] = {}
+    threads: list[threading.Thread] = []
+    sockets: list[socket.socket] = []
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                packet, peer = sock.recvfrom(4096)
-            except (TimeoutError, OSError):
-                continue
-            received.append(packet)
-            for reply in holder["responder"](packet):
-                sock.sendto(reply, peer)
+    def start(responder: Responder) -> tuple[tuple[str, int], list[bytes]]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(0.05)
+        received: list[bytes] = []
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    packet, peer = sock.recvfrom(4096)
+                except (TimeoutError, OSError):
+                    continue
+                received.append(packet)
+                for reply in responder(packet):
+                    sock.sendto(reply, peer)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        threads.append(thread)
+        sockets.append(sock)
+        return sock.getsockname(), received
+
+    yield start
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=1)
+    for sock in sockets:
+        sock.close()
+
+
+@pytest.fixture
+def fake_front(selftest, udp_server, monkeypatch):
+    """Point the self-test's DNS front (query's default server) at a local server."""
 
     def install(responder: Responder) -> list[bytes]:
-        holder["responder"] = responder
-        selftest.RESOLVER = sock.getsockname()
-        thread.start()
+        address, received = udp_server(responder)
+        monkeypatch.setattr(selftest.query, "__defaults__", (address,))
         return received
 
-    thread = threading.Thread(target=serve, daemon=True)
-    yield install
-    stop.set()
-    if thread.is_alive():
-        thread.join(timeout=1)
-    sock.close()
+    return install
+
+
+def _closed_udp_port() -> tuple[str, int]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()
 
 
 def _reply(query: bytes, rcode: int, ident: int | None = None) -> bytes:
@@ -74,6 +103,21 @@ def _reply(query: bytes, rcode: int, ident: int | None = None) -> bytes:
     flags = 0x8180 | rcode
     header = struct.pack(">HHHHHH", query_id if ident is None else ident, flags, 1, 0, 0, 0)
     return header + query[12:]
+
+
+def _qtype(query: bytes) -> int:
+    return int(struct.unpack(">H", query[-4:-2])[0])
+
+
+def _front(selftest, nxdomain: bool = True, null_refused: bool = True) -> Responder:
+    """A DNS front: an unlisted A query is NXDOMAIN, a NULL query REFUSED (or not)."""
+
+    def respond(query: bytes) -> list[bytes]:
+        if _qtype(query) == selftest.NULL:
+            return [_reply(query, selftest.REFUSED if null_refused else 0)]
+        return [_reply(query, selftest.NXDOMAIN if nxdomain else 0)]
+
+    return respond
 
 
 def _question_name(query: bytes) -> str:
@@ -85,64 +129,76 @@ def _question_name(query: bytes) -> str:
     return ".".join(labels)
 
 
-def test_query_sends_an_a_query_for_the_name_and_returns_nxdomain(selftest, fake_resolver):
-    received = fake_resolver(lambda q: [_reply(q, selftest.NXDOMAIN)])
+@pytest.mark.parametrize(("qtype", "wire"), [(1, b"\0\1\0\1"), (10, b"\0\x0a\0\1")])
+def test_query_sends_a_query_of_the_type_for_the_name(selftest, fake_front, qtype, wire):
+    received = fake_front(lambda q: [_reply(q, selftest.NXDOMAIN)])
 
-    assert selftest.query("kapsis-selftest.invalid", 1.0) == 3
+    assert selftest.query("kapsis-selftest.invalid", qtype, 1.0) == 3
 
     (packet,) = received
     _ident, flags, qdcount, ancount, nscount, arcount = struct.unpack(">HHHHHH", packet[:12])
     assert (flags, qdcount, ancount, nscount, arcount) == (0x0100, 1, 0, 0, 0)  # RD, 1 question
     assert _question_name(packet) == "kapsis-selftest.invalid"
-    assert packet[-4:] == b"\0\1\0\1"  # type A, class IN
+    assert packet[-4:] == wire  # the type, class IN
 
 
-def test_query_returns_noerror(selftest, fake_resolver):
-    fake_resolver(lambda q: [_reply(q, 0)])
+def test_query_asks_the_dns_front_unless_told_otherwise(selftest):
+    assert selftest.RESOLVER == ("127.0.0.1", 53)
+    assert selftest.query.__defaults__ == (selftest.RESOLVER,)
 
-    assert selftest.query("listed.example", 1.0) == 0
+
+def test_query_asks_the_server_it_is_given(selftest, fake_front, udp_server):
+    front = fake_front(lambda q: [_reply(q, 0)])
+    other, received = udp_server(lambda q: [_reply(q, selftest.REFUSED)])
+
+    assert selftest.query("a.example", selftest.A, 1.0, other) == selftest.REFUSED
+    assert len(received) == 1 and front == []
 
 
-def test_query_ignores_replies_with_another_id(selftest, fake_resolver):
+def test_query_returns_noerror(selftest, fake_front):
+    fake_front(lambda q: [_reply(q, 0)])
+
+    assert selftest.query("listed.example", selftest.A, 1.0) == 0
+
+
+def test_query_ignores_replies_with_another_id(selftest, fake_front):
     def spoof_first(query: bytes) -> list[bytes]:
         (ident,) = struct.unpack(">H", query[:2])
         return [_reply(query, 0, ident=(ident + 1) % 65536), b"\0", _reply(query, 3)]
 
-    fake_resolver(spoof_first)
+    fake_front(spoof_first)
 
-    assert selftest.query("kapsis-selftest.invalid", 1.0) == 3
+    assert selftest.query("kapsis-selftest.invalid", selftest.A, 1.0) == 3
 
 
-def test_query_times_out_when_nothing_answers(selftest, fake_resolver):
-    fake_resolver(lambda q: [])
+def test_query_times_out_when_nothing_answers(selftest, fake_front):
+    fake_front(lambda q: [])
 
     with pytest.raises(OSError):
-        selftest.query("kapsis-selftest.invalid", 0.1)
+        selftest.query("kapsis-selftest.invalid", selftest.A, 0.1)
 
 
-def test_resolver_answers_asks_again_while_the_resolver_is_starting(
-    selftest, fake_resolver, monkeypatch
-):
-    fake_resolver(lambda q: [_reply(q, 3)])
-    attempts: list[float] = []
+def test_resolver_answers_asks_again_while_the_front_is_starting(selftest, fake_front, monkeypatch):
+    fake_front(lambda q: [_reply(q, 3)])
+    attempts: list[tuple[str, int, float]] = []
     real_query = selftest.query
 
-    def starting_up(name: str, timeout: float) -> int:
-        attempts.append(timeout)
+    def starting_up(name: str, qtype: int, timeout: float) -> int:
+        attempts.append((name, qtype, timeout))
         if len(attempts) < 3:
             raise ConnectionRefusedError(errno.ECONNREFUSED, "not listening yet")
-        return real_query(name, timeout)
+        return int(real_query(name, qtype, timeout))
 
     monkeypatch.setattr(selftest, "query", starting_up)
 
     assert selftest.resolver_answers(selftest.time.monotonic() + 2) == 3
-    assert attempts == [0.5, 0.5, 0.5]
+    assert attempts == [("kapsis-selftest.invalid", selftest.A, 0.5)] * 3
 
 
 def test_resolver_answers_gives_up_at_the_deadline(selftest, monkeypatch):
     attempts = []
 
-    def never(name: str, timeout: float) -> int:
+    def never(name: str, qtype: int, timeout: float) -> int:
         attempts.append(name)
         raise ConnectionRefusedError(errno.ECONNREFUSED, "not listening")
 
@@ -155,10 +211,178 @@ def test_resolver_answers_gives_up_at_the_deadline(selftest, monkeypatch):
     assert set(attempts) == {"kapsis-selftest.invalid"}
 
 
-def test_resolver_answers_gives_the_response_code(selftest, fake_resolver):
-    fake_resolver(lambda q: [_reply(q, 3)])
+def test_resolver_answers_gives_the_response_code(selftest, fake_front):
+    fake_front(lambda q: [_reply(q, 3)])
 
     assert selftest.resolver_answers(selftest.time.monotonic() + 2) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# the resolver behind the front
+
+
+def test_the_internal_resolver_is_the_gateways(selftest):
+    assert selftest.INTERNAL_RESOLVER == ("127.0.0.1", RESOLVER_PORT)
+    assert SELFTEST_INTERNAL == ("127.0.0.1", "udp", RESOLVER_PORT)  # discounted by the host
+    assert selftest.NOT_LISTED == SELFTEST_NAME
+
+
+def test_a_closed_internal_resolver_passes(selftest, monkeypatch):
+    monkeypatch.setattr(selftest, "INTERNAL_RESOLVER", _closed_udp_port())
+
+    assert selftest.internal_resolver_closed() is None
+
+
+def test_an_internal_resolver_that_drops_the_query_passes(selftest, udp_server, monkeypatch):
+    address, received = udp_server(lambda q: [])
+    monkeypatch.setattr(selftest, "INTERNAL_RESOLVER", address)
+
+    assert selftest.internal_resolver_closed() is None
+    assert [_question_name(packet) for packet in received] == ["kapsis-selftest.invalid"]
+
+
+def test_an_internal_resolver_that_answers_fails(selftest, udp_server, monkeypatch):
+    address, _ = udp_server(lambda q: [_reply(q, selftest.NXDOMAIN)])
+    monkeypatch.setattr(selftest, "INTERNAL_RESOLVER", address)
+
+    assert selftest.internal_resolver_closed() == (
+        "the resolver behind the DNS front answered another uid (response code 3)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the proxy
+
+
+@pytest.fixture
+def tcp_server() -> Iterator[Callable[..., tuple[int, list[bytes]]]]:
+    """Local TCP servers: ``handle(conn)`` per connection, optionally listening late."""
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def start(
+        handle: Callable[[socket.socket], None], delay: float = 0.0
+    ) -> tuple[int, list[bytes]]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        received: list[bytes] = []
+
+        def serve() -> None:
+            if stop.wait(delay):
+                return
+            with socket.create_server(("127.0.0.1", port)) as server:
+                server.settimeout(0.05)
+                while not stop.is_set():
+                    try:
+                        conn, _ = server.accept()
+                    except TimeoutError:
+                        continue
+                    with conn:
+                        conn.settimeout(5)
+                        received.append(conn.recv(65536))
+                        handle(conn)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        threads.append(thread)
+        return port, received
+
+    yield start
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=5)
+
+
+def _close(conn: socket.socket) -> None:
+    """The proxy's refusal: the ClientHello read, the connection closed unanswered."""
+
+
+def _reset(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _hold(conn: socket.socket) -> None:
+    time.sleep(3)
+
+
+def test_a_proxy_that_closes_on_an_unlisted_name_passes(selftest, tcp_server):
+    port, received = tcp_server(_close)
+
+    assert selftest.proxy_refuses(port, time.monotonic() + 2) is None
+    (hello,) = received
+    assert hello[:1] == b"\x16"  # a TLS handshake record: the ClientHello
+    assert b"kapsis-selftest.invalid" in hello  # with the unlisted name as its server name
+
+
+def test_a_proxy_that_resets_passes(selftest, tcp_server):
+    port, _ = tcp_server(_reset)
+
+    assert selftest.proxy_refuses(port, time.monotonic() + 2) is None
+
+
+def test_a_proxy_that_starts_late_is_waited_for(selftest, tcp_server):
+    port, received = tcp_server(_close, delay=0.3)
+
+    assert selftest.proxy_refuses(port, time.monotonic() + 3) is None
+    assert len(received) == 1
+
+
+def test_a_proxy_that_never_listens_fails_at_the_deadline(selftest):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.monotonic()
+
+    outcome = selftest.proxy_refuses(port, start + 0.3)
+
+    assert outcome is not None
+    assert outcome.startswith(f"the proxy does not listen on port {port} (")
+    assert 0.3 <= time.monotonic() - start < 2
+
+
+def test_a_proxy_that_holds_the_connection_open_fails(selftest, tcp_server):
+    port, _ = tcp_server(_hold)
+
+    outcome = selftest.proxy_refuses(port, time.monotonic() + 2)
+
+    assert outcome is not None
+    assert outcome.startswith(f"the proxy on port {port} did not refuse a name not on the list (")
+
+
+def test_a_proxy_that_completes_the_handshake_fails(selftest, tmp_path):
+    """The name is not on the list, yet a TLS server answered: the proxy let it through."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-subj", "/CN=upstream.test", "-days", "1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with context.wrap_socket(conn, server_side=True):
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        outcome = selftest.proxy_refuses(port, time.monotonic() + 2)
+    finally:
+        thread.join(timeout=5)
+        server.close()
+
+    assert outcome == (
+        f"the proxy on port {port} let a TLS connection to kapsis-selftest.invalid through"
+    )
 
 
 # On Linux all of 127.0.0.0/8 is local: an address nothing else here will be listening on.
@@ -235,7 +459,7 @@ def test_every_kind_of_refusal_counts(selftest, monkeypatch, code):
     monkeypatch.setattr(selftest, "socket", fake)
 
     assert selftest.connection_refused("2001:db8::1") is None
-    assert fake.connected == [(socket.AF_INET6, ("2001:db8::1", 9))]
+    assert fake.connected == [(socket.AF_INET6, ("2001:db8::1", SELFTEST_PORT))]  # discounted
 
 
 def test_a_timeout_is_not_a_refusal(selftest, monkeypatch):
@@ -247,44 +471,96 @@ def test_a_timeout_is_not_a_refusal(selftest, monkeypatch):
     assert outcome == "a connection to 192.0.2.1 was not refused (timed out)"
 
 
-def test_main_passes_with_nxdomain_and_a_refused_connection(
-    selftest, fake_resolver, monkeypatch, capsys
-):
-    fake_resolver(lambda q: [_reply(q, 3)])
+@pytest.fixture
+def gateway(selftest, fake_front, tcp_server, monkeypatch):
+    """A gateway that passes every check; a test then breaks one part."""
+    received = fake_front(_front(selftest))
+    monkeypatch.setattr(selftest, "INTERNAL_RESOLVER", _closed_udp_port())
+    port, _ = tcp_server(_close)
+    monkeypatch.setattr(sys, "argv", ["selftest.py", UNUSED_LOOPBACK, str(port)])
+    return received
+
+
+def test_main_passes_when_every_check_does(selftest, gateway, capsys):
+    assert selftest.main() == 0
+    assert capsys.readouterr().out == ""
+    # An unlisted name, then a query of a type never allowed.
+    assert [(_question_name(q), _qtype(q)) for q in gateway] == [
+        ("kapsis-selftest.invalid", selftest.A),
+        ("kapsis-selftest.invalid", selftest.NULL),
+    ]
+
+
+def test_main_fails_when_an_unlisted_name_resolves(selftest, gateway, fake_front, capsys):
+    received = fake_front(_front(selftest, nxdomain=False))
+
+    assert selftest.main() == 1
+    assert capsys.readouterr().out == (
+        "kapsis-selftest.invalid was not NXDOMAIN (response code 0)\n"
+    )
+    assert [_qtype(q) for q in received] == [selftest.A]
+
+
+def test_main_fails_when_a_null_query_is_answered(selftest, gateway, fake_front, capsys):
+    fake_front(_front(selftest, null_refused=False))
+
+    assert selftest.main() == 1
+    assert capsys.readouterr().out == "a NULL query was not refused (response code 0)\n"
+
+
+def test_main_fails_when_the_front_never_answers(selftest, gateway, monkeypatch, capsys):
+    monkeypatch.setattr(selftest, "resolver_answers", lambda deadline: None)
+
+    assert selftest.main() == 1
+    assert capsys.readouterr().out == "the gateway's DNS front did not answer within 5 s\n"
+
+
+def test_main_checks_every_proxy_port_it_is_given(selftest, gateway, monkeypatch, capsys):
+    checked: list[int] = []
+
+    def refuses(port: int, deadline: float) -> str | None:
+        checked.append(port)
+        return None if port == 15100 else f"port {port} let it through"
+
+    monkeypatch.setattr(selftest, "proxy_refuses", refuses)
+    monkeypatch.setattr(sys, "argv", ["selftest.py", UNUSED_LOOPBACK, "15100", "15101", "15102"])
+
+    assert selftest.main() == 1
+    assert checked == [15100, 15101, 15102]
+    assert capsys.readouterr().out.splitlines() == [
+        "port 15101 let it through",
+        "port 15102 let it through",
+    ]
+
+
+def test_main_without_names_checks_no_proxy(selftest, gateway, monkeypatch, capsys):
+    def no_proxy(port: int, deadline: float) -> str | None:
+        raise AssertionError("no proxy runs without names")
+
+    monkeypatch.setattr(selftest, "proxy_refuses", no_proxy)
     monkeypatch.setattr(sys, "argv", ["selftest.py", UNUSED_LOOPBACK])
 
     assert selftest.main() == 0
     assert capsys.readouterr().out == ""
 
 
-def test_main_fails_when_an_unlisted_name_resolves(selftest, fake_resolver, monkeypatch, capsys):
-    fake_resolver(lambda q: [_reply(q, 0)])
-    monkeypatch.setattr(sys, "argv", ["selftest.py", UNUSED_LOOPBACK])
-
-    assert selftest.main() == 1
-    assert capsys.readouterr().out == (
-        "kapsis-selftest.invalid was not NXDOMAIN (response code 0)\n"
-    )
-
-
-def test_main_reports_every_failed_check(selftest, fake_resolver, monkeypatch, capsys):
-    fake_resolver(lambda q: [_reply(q, 0)])
+def test_main_reports_every_failed_check_in_order(
+    selftest, gateway, fake_front, udp_server, monkeypatch, capsys
+):
+    fake_front(_front(selftest, nxdomain=False))
+    internal, _ = udp_server(lambda q: [_reply(q, 3)])
+    monkeypatch.setattr(selftest, "INTERNAL_RESOLVER", internal)
+    monkeypatch.setattr(selftest, "proxy_refuses", lambda port, deadline: f"proxy {port} open")
     monkeypatch.setattr(selftest, "connection_refused", lambda address: f"{address} answered")
-    monkeypatch.setattr(sys, "argv", ["selftest.py", "192.0.2.1"])
+    monkeypatch.setattr(sys, "argv", ["selftest.py", "192.0.2.1", "15100"])
 
     assert selftest.main() == 1
     assert capsys.readouterr().out.splitlines() == [
         "kapsis-selftest.invalid was not NXDOMAIN (response code 0)",
+        "the resolver behind the DNS front answered another uid (response code 3)",
+        "proxy 15100 open",
         "192.0.2.1 answered",
     ]
-
-
-def test_main_fails_when_the_resolver_never_answers(selftest, monkeypatch, capsys):
-    monkeypatch.setattr(selftest, "resolver_answers", lambda deadline: None)
-    monkeypatch.setattr(sys, "argv", ["selftest.py", UNUSED_LOOPBACK])
-
-    assert selftest.main() == 1
-    assert capsys.readouterr().out == "the gateway's resolver did not answer within 5 s\n"
 
 
 def test_the_script_uses_the_standard_library_only():

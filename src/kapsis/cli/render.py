@@ -214,8 +214,9 @@ def print_policy(network: NetworkPlan) -> None:
             table = Table(title="Proxy: TLS server name or HTTP Host, per port", expand=False)
             for column in ("PORT", "NAMES"):
                 table.add_column(column)
-            for rule in proxy:
-                table.add_row(str(rule["port"]), ", ".join(rule["names"] + rule["wildcards"]))
+            for port_rule in proxy:
+                names = port_rule["names"] + port_rule["wildcards"]
+                table.add_row(str(port_rule["port"]), ", ".join(names))
             console.print(table)
         console.print(f"resolver upstreams: {', '.join(policy.dns_servers)}")
         console.print(

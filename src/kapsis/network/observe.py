@@ -80,7 +80,7 @@ class ProxyDecision:
     name: str  # the TLS server name or HTTP Host ("" when it carried none)
     port: int
     protocol: str  # "tls", "http", or "" when neither
-    address: str  # the address the agent connected to ("" when the proxy cannot tell)
+    address: str  # the address the agent chose ("" when the proxy cannot tell: IPv6, direct)
     allowed: bool
     reason: str = ""
     type: str = "proxy"
@@ -316,11 +316,14 @@ def report_notes(report: NetworkReport) -> list[str]:
     ]
     if refused or report.dns_refused_unrecorded:
         more = report.dns_refused_unrecorded
-        notes.append(
-            "the gateway refused the names "
-            + _listed(refused)
-            + (f" (and {more} more queries, counted only)" if more else "")
-        )
+        counted = f"{more} more queries, counted only" if more else ""
+        if refused:
+            notes.append(
+                f"the gateway refused the names {_listed(refused)}"
+                + (f" (and {counted})" if counted else "")
+            )
+        else:
+            notes.append(f"the gateway refused {counted}")
     unresolved = [event.name.rstrip(".") for event in report.dns if event.decision == "unresolved"]
     if unresolved:
         notes.append(f"the upstream could not resolve {_listed(unresolved)}")

@@ -58,7 +58,8 @@ def name_list_files(policy: NetworkPolicy) -> dict[str, str]:
 def _frontend(port: int, listen: int, config_dir: str) -> list[str]:
     names, domains = f"{config_dir}/proxy-{port}.names", f"{config_dir}/proxy-{port}.domains"
     log_format = (
-        f"kapsis-proxy %fi {port} %[var(sess.proto)] %[var(sess.name)] %[var(sess.verdict)]"
+        f"kapsis-proxy %[var(sess.dst)] {port} %[var(sess.proto)] %[var(sess.name)]"
+        " %[var(sess.verdict)]"
         " %ts %ST %U %B"
     )
     return [
@@ -68,6 +69,9 @@ def _frontend(port: int, listen: int, config_dir: str) -> list[str]:
         f"  bind [::1]:{listen} name v6 transparent",
         f'  log-format "{log_format}"',
         f"  tcp-request inspect-delay {INSPECT_DELAY}",
+        # The address the agent chose (for IPv4; an IPv6 redirect does not keep it), logged
+        # before set-dst replaces it with the resolved one.
+        "  tcp-request content set-var(sess.dst) dst",
         "  acl tls req.ssl_hello_type 1",
         "  acl http req.proto_http",
         "  acl v6 so_name v6",
