@@ -416,7 +416,8 @@ def run_probes(checks: list[list[Any]]) -> list[dict[str, Any]]:
 
     ``["resolve", name, server, qtype]`` (+ ``"tcp"``) -> ``{"rcode": int, "addresses": [...]}``;
     ``["http", host, path, port, host_header_or_None]`` -> ``{"status": int, "body": str}``;
-    ``["tcp", host, port]`` -> ``{"banner": str}``;
+    ``["tcp", host, port]`` -> ``{"banner": str}``; ``["bind_udp", address, port]`` ->
+    ``{"bound": True}`` (with SO_REUSEADDR, as a port is shared);
     ``["udp", host, port, text]`` -> ``{"reply": str}``; ``["ping", host]`` -> ``{"reply": bool}``.
     A failure gives ``{"error": ExceptionClassName, "detail": str}`` (e.g. "TimeoutError",
     "ConnectionRefusedError", "OSError" for an unreachable network).
@@ -444,6 +445,11 @@ def run_probes(checks: list[list[Any]]) -> list[dict[str, Any]]:
                 results.append({"status": status, "body": body})
             elif kind == "http_pipelined":
                 results.append({"statuses": http_pipelined(args[0], args[1])})
+            elif kind == "bind_udp":
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind((args[0], args[1]))
+                results.append({"bound": True})
             elif kind == "http_raw":
                 results.append({"statuses": http_raw(args[0], args[1])})
             elif kind == "reuse_resolver_flows":

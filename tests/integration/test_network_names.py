@@ -67,6 +67,22 @@ def test_in_open_mode_the_upstream_sees_the_agents_query(
     assert "leak.other.test" in [query.name for query in internet.dns_queries()]
 
 
+def test_the_agent_cannot_take_the_resolvers_port(
+    kapsis: Kapsis, project: Path, internet: Internet, tmp_path: Path
+) -> None:
+    """Sharing the resolver's UDP port (SO_REUSEADDR) would hand the agent the proxy's and the
+    DNS front's lookups to answer; the port is privileged, so the bind fails."""
+    checks = [["bind_udp", "127.0.0.1", 54], ["bind_udp", "127.0.0.1", 53]]
+    checks += [["bind_udp", "127.0.0.1", 15053]]  # control: an unprivileged port can be bound
+    results, _ = probe(
+        kapsis, project, checks, "--config", str(config(tmp_path, internet)),
+        "--allow", "allowed.test",
+    )  # fmt: skip
+    assert results[0].get("error") == "PermissionError", results
+    assert results[1].get("error") == "PermissionError", results
+    assert results[2] == {"bound": True}
+
+
 # ---------------------------------------------------------------------------------------------
 # names at the connection
 
@@ -88,6 +104,9 @@ def test_tls_to_an_allowlisted_address_with_another_name_or_none_is_refused(
     )  # fmt: skip
     assert results[1]["status"] == 200  # control: the listed name
     assert failed(results[2]) and failed(results[4])
+    # The limit of a proxy that never decrypts: the Host inside TLS is not seen, so a request
+    # under the listed TLS name reaches that name's server whatever Host it names (README).
+    assert results[3]["status"] == 200
     served = [(r.path, r.sni) for r in internet.http_requests()]
     assert ("/listed", "allowed.test") in served
     assert not any(path in ("/other", "/none") for path, _ in served)
@@ -158,6 +177,37 @@ def test_http_requests_that_name_another_host_elsewhere_are_refused(
     assert results[-1]["statuses"] == [200]
     assert not any("other.test" in f"{host} {path}" for host, path in seen), seen
     assert not any(path in ("/two-hosts", "/smuggled") for _, path in seen), seen
+
+
+def test_http_hosts_in_disguise_and_upgrades_are_refused(
+    kapsis: Kapsis, project: Path, internet: Internet, tmp_path: Path
+) -> None:
+    """A Host the proxy would read one way and the server another (a comma list), a cleartext
+    HTTP/2 upgrade (after it, nothing is read any more) and a header that frameworks take for
+    the host: none names the other site to the server."""
+    crlf = "\r\n"
+    attacks = [
+        f"GET /comma HTTP/1.1{crlf}Host: other.test,allowed.test{crlf}Connection: close"
+        f"{crlf}{crlf}",
+        f"GET /h2c HTTP/1.1{crlf}Host: allowed.test{crlf}Connection: Upgrade, HTTP2-Settings{crlf}"
+        f"Upgrade: h2c{crlf}HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA{crlf}{crlf}",
+        f"GET /forwarded HTTP/1.1{crlf}Host: allowed.test{crlf}X-Forwarded-Host: other.test{crlf}"
+        f"Forwarded: host=other.test{crlf}Connection: close{crlf}{crlf}",
+    ]
+    checks = [["resolve", "allowed.test", GATEWAY, "A"]]
+    checks += [["http_raw", REMOTE_V4, request] for request in attacks]
+    internet.reset_logs()
+    results, _ = probe(
+        kapsis, project, checks, "--config", str(config(tmp_path, internet)),
+        "--allow", "allowed.test",
+    )  # fmt: skip
+    requests = {request.path: request for request in internet.http_requests()}
+    assert results[1]["statuses"] == [403] and "/comma" not in requests
+    assert results[2]["statuses"] == [403] and "/h2c" not in requests
+    # Control: the listed Host passes, without the headers that would name another host.
+    assert results[3]["statuses"] == [200]
+    headers = {key.lower() for key in requests["/forwarded"].headers}
+    assert not headers & {"x-forwarded-host", "forwarded"}
 
 
 def test_another_protocol_to_an_allowlisted_name_is_refused(

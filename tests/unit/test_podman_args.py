@@ -168,25 +168,59 @@ def test_rootful_agent_maps_a_private_uid_range(run_args):
 
 def test_rootless_agent_keeps_the_user_id(run_args):
     """Container uid 1000 is the invoking user (podman's namespace id 0), so the agent's files
-    land owned by the user; every other container id is one of the user's subordinate ids."""
+    land owned by the user; every other container id is one of the user's subordinate ids, but
+    for the three whose images would be the gateway's uids (990-992), which stay unmapped."""
     _plan, argv = run_args(host=ROOTLESS)
 
     # podman 4.3 refuses --userns on a container that joins a pod: the maps spell keep-id.
     assert "--userns" not in argv
-    maps = ["0:1:1000", "1000:0:1", "1001:1001:64535"]
+    maps = ["0:1:989", "992:993:8", "1000:0:1", "1001:1001:64535"]
     assert _values(argv, "--uidmap") == maps
     assert _values(argv, "--gidmap") == maps
     assert _values(argv, "--user") == ["1000:1000"]
 
 
-def test_keep_id_maps_cover_the_namespace_once():
-    """Every container id below the size maps to exactly one namespace id, none twice."""
-    for agent, size in [(1000, 65536), (1, 4096), (500, 1001)]:
-        spans = [tuple(map(int, m.split(":"))) for m in keep_id_args(agent, size)[1::4]]
+def _spans(args: list[str]) -> list[tuple[int, ...]]:
+    uid = [tuple(map(int, m.split(":"))) for m in args[1::4]]
+    gid = [tuple(map(int, m.split(":"))) for m in args[3::4]]
+    assert uid == gid
+    return uid
+
+
+def test_keep_id_maps_cover_the_namespace_once_but_for_reserved_ids():
+    """Every container id maps to at most one namespace id and none twice; every namespace id is
+    the image of one container id, but the reserved ones (the gateway's uids): with no container
+    id mapped onto them, no process of the agent is ever taken for the gateway's resolver or
+    proxy by the firewall, whatever uid it takes."""
+    for agent, size, reserved in [
+        (1000, 65536, (990, 991, 992)),
+        (1000, 65536, ()),
+        (1, 4096, (990, 991, 992)),
+        (500, 1001, (990, 991, 992)),
+        (1000, 65536, (1000, 1)),
+    ]:
+        spans = _spans(keep_id_args(agent, size, reserved))
         inside = sorted(i for start, _, n in spans for i in range(start, start + n))
         outside = sorted(o for _, start, n in spans for o in range(start, start + n))
-        assert inside == list(range(size))
-        assert outside == list(range(size))
+        assert outside == [o for o in range(size) if o not in reserved]
+        assert len(inside) == len(set(inside)) and set(inside) <= set(range(size))
+        image = {
+            i: o
+            for start, ostart, n in spans
+            for i, o in zip(range(start, start + n), range(ostart, ostart + n))
+        }
+        assert image.get(agent) == (None if 0 in reserved else 0)
+        assert not set(image.values()) & set(reserved)
+
+
+def test_keep_id_leaves_the_gateways_uids_out_by_default():
+    from kapsis.network.gateway_layout import GATEWAY_UIDS
+
+    spans = _spans(keep_id_args(1000, 65536))
+    images = {o for _, start, n in spans for o in range(start, start + n)}
+    assert not images & set(GATEWAY_UIDS)
+    # The agent is still the user, and container root a subordinate id.
+    assert (1000, 0, 1) in spans and spans[0][:2] == (0, 1)
 
 
 def test_rootful_agent_runs_as_uid_1000(run_args):

@@ -12,7 +12,7 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +34,7 @@ from kapsis.backends.transcript import (
     read_transcript,
 )
 from kapsis.errors import HostUnsupportedError, ImageError, SandboxError, SandboxStartError
+from kapsis.network.gateway_layout import GATEWAY_UIDS
 from kapsis.sandbox.host_files import write_host_files
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.security import apparmor_profile_text, seccomp_profile
@@ -123,15 +124,32 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool, uid_base: int | str) -> l
     return args
 
 
-def keep_id_args(agent: int, size: int) -> list[str]:
+def keep_id_args(agent: int, size: int, reserved: Iterable[int] = GATEWAY_UIDS) -> list[str]:
     """Rootless: container uid (and gid) ``agent`` is the invoking user, every other container
-    id one of the user's subordinate ids.
+    id one of the user's subordinate ids, but for the ids of podman's namespace in ``reserved``.
 
     What ``--userns keep-id:uid=AGENT`` means, spelled as maps, because podman 4.3 refuses any
     ``--userns`` on a container that joins a pod. The ids on the right are those of podman's own
     user namespace, where 0 is the user and 1..N the user's subordinate ids (/etc/subuid).
+    ``reserved`` are the uids of the gateway's daemons: a rootless gateway has no map of its
+    own, so they are these very ids, and the firewall knows its daemons by them. No container id
+    of the agent maps onto one (those few container ids stay unmapped), so no process of the
+    agent can ever be taken for the resolver or the proxy, even with CAP_SETUID.
     """
-    maps = [f"0:1:{agent}", f"{agent}:0:1", f"{agent + 1}:{agent + 1}:{size - agent - 1}"]
+    spans = [(0, 1, agent), (agent, 0, 1), (agent + 1, agent + 1, size - agent - 1)]
+    for taken in sorted(set(reserved)):
+        cut = []
+        for inside, outside, length in spans:
+            if outside <= taken < outside + length:
+                before = taken - outside
+                cut += [
+                    (inside, outside, before),
+                    (inside + before + 1, taken + 1, length - before - 1),
+                ]
+            else:
+                cut.append((inside, outside, length))
+        spans = [span for span in cut if span[2] > 0]
+    maps = [f"{inside}:{outside}:{length}" for inside, outside, length in spans]
     return [arg for m in maps for arg in ("--uidmap", m, "--gidmap", m)]
 
 

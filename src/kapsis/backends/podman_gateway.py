@@ -27,6 +27,7 @@ from kapsis.network.gateway_layout import (
     CONFIG_TARGET,
     GATEWAY_CAPABILITIES,
     LOG_TARGET,
+    UNPRIVILEGED_PORT_START,
 )
 from kapsis.network.observe import BlockedConnection, blocked_in_table
 from kapsis.sandbox.plan import SandboxPlan
@@ -47,6 +48,9 @@ def gateway_run_args(plan: SandboxPlan, *, uid_base: int | str) -> list[str]:
         first = f"{uid_base}" if isinstance(uid_base, str) else uid_base + _uidslots.GATEWAY_OFFSET
         size = _uidslots.CONTAINER_RANGE
         args += ["--uidmap", f"0:{first}:{size}", "--gidmap", f"0:{first}:{size}"]
+    # Ports below 1024 stay privileged in the namespace the gateway owns (the agent joins it):
+    # the resolver listens on one that the agent must never bind.
+    args += ["--sysctl", f"net.ipv4.ip_unprivileged_port_start={UNPRIVILEGED_PORT_START}"]
     args += ["--cap-drop", "ALL"]
     for capability in GATEWAY_CAPABILITIES:
         args += ["--cap-add", capability]

@@ -42,6 +42,7 @@ from kapsis.k8s.render_pod import (
 )
 from kapsis.k8s.resource import GROUP, KIND, VERSION, AgentRequestSpec
 from kapsis.k8s.settings import OperatorSettings
+from kapsis.network.gateway_layout import UNPRIVILEGED_PORT_START
 from kapsis.sandbox.plan import (
     MAX_ARG_LENGTH,
     agent_command as local_agent_command,
@@ -322,6 +323,12 @@ def render_request(
         "volumes": volumes(spec, task_map, task_key, gateway_map),
     }
     if gateway_map is not None:
+        # Ports below 1024 stay privileged in the Pod's network namespace whatever the runtime's
+        # default (containerd 2 lowers it to 0): the gateway's resolver listens on one, and the
+        # agent must never bind it (a safe sysctl, allowed by default).
+        pod_spec["securityContext"]["sysctls"] = [
+            {"name": "net.ipv4.ip_unprivileged_port_start", "value": str(UNPRIVILEGED_PORT_START)}
+        ]
         # Every name the Pod looks up goes to the gateway's allowlisting resolver.
         pod_spec["dnsPolicy"] = "None"
         pod_spec["dnsConfig"] = {

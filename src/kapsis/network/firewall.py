@@ -198,10 +198,10 @@ def nft_ruleset(
         "  }",
         "  chain output {",
         "    type filter hook output priority filter; policy drop;",
-        # The resolver behind the DNS front answers the front and the proxy only: the agent's
-        # queries all pass the front's checks.
+        # The resolver behind the DNS front answers the front only: every query, the agent's
+        # and the proxy's, passes the front's checks.
         f'    oif "lo" meta l4proto {{ tcp, udp }} th dport {RESOLVER_PORT}'
-        f" meta skuid != {_set_of((DNS_FRONT_UID, PROXY_UID))} jump refuse",
+        f" meta skuid != {DNS_FRONT_UID} jump refuse",
         '    oif "lo" accept',
         # The agent's connections redirected to the proxy: the output device was chosen before
         # the redirect, so they do not show as loopback.

@@ -23,8 +23,12 @@ DNS_FRONT_USER = "kapsis-dnsfront"
 DNS_FRONT_UID = 992
 GATEWAY_UIDS = (RESOLVER_UID, PROXY_UID, DNS_FRONT_UID)
 
-# The resolver listens on loopback behind the DNS front; only the front and the proxy may ask it.
-RESOLVER_PORT = 15053
+# The resolver listens on loopback behind the DNS front, which alone may ask it. A port below
+# 1024: binding it takes CAP_NET_BIND_SERVICE, which the agent never has. (Any uid may share an
+# unprivileged UDP port with a socket that set SO_REUSEADDR, as dnsmasq's do, and take its
+# queries and answer them.) The gateway pins net.ipv4.ip_unprivileged_port_start at 1024.
+RESOLVER_PORT = 54
+UNPRIVILEGED_PORT_START = 1024
 # The DNS front's address for the resolver: its queries are told apart from the proxy's in the
 # resolver's log by this source address (all of 127.0.0.0/8 is local).
 DNS_FRONT_SOURCE = "127.0.0.2"

@@ -42,6 +42,8 @@ PROXY_REASONS = {
     "not-allowed": "name not on the allowlist for the port",
     "unresolved": "the upstream could not resolve the name",
     "connect-method": "HTTP CONNECT",
+    "bad-name": "a malformed name (one plain host name, labels within the DNS limit)",
+    "upgrade": "a protocol upgrade other than WebSocket",
 }
 # No line of these logs is longer in honest use; a longer one is cut before it is parsed.
 MAX_LINE = 2048
@@ -170,7 +172,7 @@ def parse_dns_refusals(text: str, counts_text: str = "") -> tuple[list[DnsEvent]
     counted = 0
     for line in _lines(counts_text):
         reason, _, count = line.partition("\t")
-        if reason in DNS_REASONS and count.isdigit():
+        if reason in DNS_REASONS and count.isdecimal() and count.isascii():
             counted += min(int(count), 1 << 40)
     return events, max(counted - len(events), 0)
 
@@ -224,7 +226,7 @@ SELFTEST_NAME = "kapsis-selftest.invalid"
 SELFTEST_PORT = 9
 
 
-SELFTEST_INTERNAL = ("127.0.0.1", "udp", 15053)  # its query to the resolver behind the front
+SELFTEST_INTERNAL = ("127.0.0.1", "udp", 54)  # its query to the resolver behind the front
 
 
 def without_selftest(

@@ -30,13 +30,29 @@ NON_PUBLIC_V4 = (
     "10.0.0.0/8",
     "100.64.0.0/10",
     "127.0.0.0/8",
+    "168.63.129.16/32",  # Azure's host endpoint (WireServer)
     "169.254.0.0/16",
     "172.16.0.0/12",
+    "192.0.0.0/24",
     "192.168.0.0/16",
+    "198.18.0.0/15",
     "224.0.0.0/4",
     "240.0.0.0/4",
 )
-NON_PUBLIC_V6 = ("::/127", "::ffff:0:0/96", "fc00::/7", "fe80::/10", "ff00::/8")
+# IPv6 ranges that reach IPv4 (NAT64, 6to4, Teredo: a private IPv4 address inside) count too.
+NON_PUBLIC_V6 = (
+    "::/96",
+    "::ffff:0:0/96",
+    "64:ff9b::/96",
+    "64:ff9b:1::/48",
+    "100::/64",
+    "2001::/32",
+    "2002::/16",
+    "fc00::/7",
+    "fe80::/10",
+    "fec0::/10",
+    "ff00::/8",
+)
 
 RuleKind = Literal["name", "wildcard", "address"]
 # Query types every agent may ask (name to address, and the records that lead there).

@@ -19,16 +19,33 @@ bumps.
 
 from __future__ import annotations
 
-from kapsis.network.gateway_layout import PROXY_PORT_BASE, PROXY_UID, RESOLVER_PORT
+from kapsis.network.gateway_layout import PROXY_PORT_BASE, PROXY_UID
 from kapsis.network.policy import NetworkPolicy
 
-# Every name the proxy logs or matches is reduced to these characters first: the name comes from
-# the agent, and the log line is read by the host.
-_NAME_CLEAN = "lower,regsub([^a-z0-9._-],_,g),regsub([.]$,)"
+# Headers some servers and frameworks take as the request's host instead of Host: removed, so the
+# checked Host is the only host a request names.
+HOST_OVERRIDES = (
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-server",
+    "x-host",
+    "x-original-host",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-host-override",
+)
 # How long a connection may take to send its first bytes (ClientHello or request line).
 INSPECT_DELAY = "10s"
 # Reasons of refusal, as logged (kapsis.network.observe reads them).
-VERDICTS = ("allowed", "no-name", "not-allowed", "unresolved", "connect-method")
+VERDICTS = (
+    "allowed",
+    "no-name",
+    "bad-name",
+    "not-allowed",
+    "unresolved",
+    "connect-method",
+    "upgrade",
+)
 
 
 def proxy_ports(policy: NetworkPolicy) -> dict[int, int]:
@@ -55,13 +72,13 @@ def name_list_files(policy: NetworkPolicy) -> dict[str, str]:
     return files
 
 
-def _frontend(port: int, listen: int, config_dir: str) -> list[str]:
+def _frontend(port: int, listen: int, config_dir: str, max_label: int) -> list[str]:
     names, domains = f"{config_dir}/proxy-{port}.names", f"{config_dir}/proxy-{port}.domains"
     log_format = (
-        f"kapsis-proxy %[var(sess.dst)] {port} %[var(sess.proto)] %[var(sess.name)]"
-        " %[var(sess.verdict)]"
-        " %ts %ST %U %B"
+        f"kapsis-proxy %[var(sess.dst)] {port} %[var(sess.proto)] %[var(txn.name)]"
+        " %[var(txn.verdict)] %ts %ST %U %B"
     )
+    label = f"[a-z0-9_-]{{1,{max_label}}}"
     return [
         f"frontend port{port}",
         "  mode tcp",
@@ -75,53 +92,72 @@ def _frontend(port: int, listen: int, config_dir: str) -> list[str]:
         "  acl tls req.ssl_hello_type 1",
         "  acl http req.proto_http",
         "  acl v6 so_name v6",
-        f"  acl allowed var(sess.name) -m str -f {names}",
-        f"  acl allowed var(sess.name) -m end -f {domains}",
-        "  acl named var(sess.name) -m len 1:",
+        # Names are judged per stream (txn): a connection's requests never share a verdict.
+        "  acl named var(txn.name) -m found",
+        # Hostname characters, labels no longer than the DNS front allows: a name is refused as
+        # it came, never cleaned into another one.
+        f"  acl well_formed var(txn.name) -m reg ^({label}[.])*{label}$",
+        f"  acl allowed var(txn.name) -m str -f {names}",
+        f"  acl allowed var(txn.name) -m end -f {domains}",
+        "  acl resolved var(txn.ip) -m found",
         # TLS: the ClientHello's server name, checked, resolved, connected to.
         "  tcp-request content set-var(sess.proto) str(tls) if tls",
-        f"  tcp-request content set-var(sess.name) req.ssl_sni,{_NAME_CLEAN} if tls",
-        "  tcp-request content set-var(sess.verdict) str(no-name) if tls !named",
+        "  tcp-request content set-var(txn.name) req.ssl_sni,lower if tls",
+        "  tcp-request content set-var(txn.verdict) str(no-name) if tls !named",
         "  tcp-request content reject if tls !named",
-        "  tcp-request content set-var(sess.verdict) str(not-allowed) if tls !allowed",
+        "  tcp-request content set-var(txn.verdict) str(bad-name) if tls !well_formed",
+        "  tcp-request content reject if tls !well_formed",
+        "  tcp-request content set-var(txn.verdict) str(not-allowed) if tls !allowed",
         "  tcp-request content reject if tls !allowed",
-        "  tcp-request content do-resolve(sess.ip,gateway,ipv6) var(sess.name) if tls v6",
-        "  tcp-request content do-resolve(sess.ip,gateway,ipv4) var(sess.name) if tls !v6",
-        "  acl resolved var(sess.ip) -m found",
-        "  tcp-request content set-var(sess.verdict) str(unresolved) if tls !resolved",
+        "  tcp-request content do-resolve(txn.ip,gateway,ipv6) var(txn.name) if tls v6",
+        "  tcp-request content do-resolve(txn.ip,gateway,ipv4) var(txn.name) if tls !v6",
+        "  tcp-request content set-var(txn.verdict) str(unresolved) if tls !resolved",
         "  tcp-request content reject if tls !resolved",
-        "  tcp-request content set-dst var(sess.ip) if tls",
+        "  tcp-request content set-dst var(txn.ip) if tls",
         f"  tcp-request content set-dst-port int({port}) if tls",
-        "  tcp-request content set-var(sess.verdict) str(allowed) if tls",
+        "  tcp-request content set-var(txn.verdict) str(allowed) if tls",
         "  tcp-request content accept if tls",
-        # HTTP/1: every request's Host, checked, resolved, connected to.
+        # HTTP/1 only (HTTP/2 in clear text is refused): every request's Host, checked,
+        # resolved, connected to.
         "  tcp-request content set-var(sess.proto) str(http) if http",
-        "  tcp-request content switch-mode http if http",
+        "  tcp-request content switch-mode http proto h1 if http",
         # Anything else carries no name.
-        "  tcp-request content set-var(sess.verdict) str(no-name)",
+        "  tcp-request content set-var(txn.verdict) str(no-name)",
         "  tcp-request content reject",
-        # Each request of a connection is judged alone: nothing of the one before is kept.
-        "  http-request unset-var(sess.name)",
-        "  http-request unset-var(sess.verdict)",
-        f"  http-request set-var(sess.name) req.hdr(host),host_only,{_NAME_CLEAN}",
-        "  http-request set-var(sess.verdict) str(connect-method) if METH_CONNECT",
+        "  http-request set-var(txn.verdict) str(connect-method) if METH_CONNECT",
         "  http-request deny deny_status 403 if METH_CONNECT",
-        "  http-request set-var(sess.verdict) str(no-name) if !named",
+        # Exactly one Host header, exactly host[:port]; a comma, a second header or any other
+        # character would let the server read another name than the one checked here.
+        "  acl one_host req.fhdr_cnt(host) eq 1",
+        "  acl host_form req.fhdr(host) -m reg -i ^[a-z0-9._-]+(:[0-9]{1,5})?$",
+        "  http-request set-var(txn.name) req.fhdr(host),lower,regsub(:[0-9]+$,) if one_host",
+        "  http-request set-var(txn.verdict) str(no-name) if !named",
         "  http-request return status 403 content-type text/plain string"
-        ' "kapsis gateway: the request names no host\\n" if !named',
-        "  http-request set-var(sess.verdict) str(not-allowed) if !allowed",
+        ' "kapsis gateway: the request names no host (one Host header)\\n" if !named',
+        "  http-request set-var(txn.verdict) str(bad-name) if !host_form || !well_formed",
+        "  http-request return status 403 content-type text/plain string"
+        ' "kapsis gateway: the Host header is not a plain host name\\n"'
+        " if !host_form || !well_formed",
+        "  http-request set-var(txn.verdict) str(not-allowed) if !allowed",
         "  http-request return status 403 content-type text/plain lf-string"
-        ' "kapsis gateway: the host %[var(sess.name)] is not on the allowlist for port'
+        ' "kapsis gateway: the host %[var(txn.name)] is not on the allowlist for port'
         f' {port}\\n" if !allowed',
-        "  http-request do-resolve(txn.ip,gateway,ipv6) var(sess.name) if v6",
-        "  http-request do-resolve(txn.ip,gateway,ipv4) var(sess.name) if !v6",
-        "  http-request set-var(sess.verdict) str(unresolved) if !{ var(txn.ip) -m found }",
+        # An upgrade hands the connection over unread: WebSocket only, to the checked host.
+        "  acl upgrade req.hdr(upgrade) -m found",
+        "  acl websocket req.hdr(upgrade) -i websocket",
+        "  http-request set-var(txn.verdict) str(upgrade) if upgrade !websocket",
+        "  http-request return status 403 content-type text/plain string"
+        ' "kapsis gateway: no protocol upgrade but WebSocket\\n" if upgrade !websocket',
+        # Headers that servers and their frameworks take as the host in place of Host.
+        *(f"  http-request del-header {header}" for header in HOST_OVERRIDES),
+        "  http-request do-resolve(txn.ip,gateway,ipv6) var(txn.name) if v6",
+        "  http-request do-resolve(txn.ip,gateway,ipv4) var(txn.name) if !v6",
+        "  http-request set-var(txn.verdict) str(unresolved) if !resolved",
         "  http-request return status 502 content-type text/plain lf-string"
-        ' "kapsis gateway: the upstream could not resolve %[var(sess.name)]\\n"'
-        " if !{ var(txn.ip) -m found }",
+        ' "kapsis gateway: the upstream could not resolve %[var(txn.name)]\\n" if !resolved',
         "  http-request set-dst var(txn.ip)",
         f"  http-request set-dst-port int({port})",
-        "  http-request set-var(sess.verdict) str(allowed)",
+        "  http-request set-var(txn.verdict) str(allowed)",
         "  use_backend http_out if { var(sess.proto) -m str http }",
         "  default_backend tls_out",
         "",
@@ -140,6 +176,8 @@ def proxy_config(policy: NetworkPolicy, config_dir: str) -> str | None:
         "  log stdout format raw local0",
         "  maxconn 4096",
         "  nbthread 1",
+        # No socket sharing: nothing else may bind the proxy's ports.
+        "  noreuseport",
         "  tune.pipesize 524288",
         "  tune.bufsize 65536",
         "",
@@ -154,10 +192,10 @@ def proxy_config(policy: NetworkPolicy, config_dir: str) -> str | None:
         "  timeout http-request 30s",
         "  timeout http-keep-alive 30s",
         "",
-        # The proxy asks the resolver directly: same allowlist, same refusal of non-public
-        # answers, none of the front's limits (it only ever asks for allowlisted names).
+        # The proxy asks through the DNS front, like the agent: a name the agent sends it is
+        # held to the same query rate (label lengths are checked above, too).
         "resolvers gateway",
-        f"  nameserver resolver 127.0.0.1:{RESOLVER_PORT}",
+        "  nameserver front 127.0.0.1:53",
         "  accepted_payload_size 1232",
         "  resolve_retries 2",
         "  timeout resolve 1s",
@@ -170,13 +208,13 @@ def proxy_config(policy: NetworkPolicy, config_dir: str) -> str | None:
         "",
     ]
     for port, listen_port in listen.items():
-        lines += _frontend(port, listen_port, config_dir)
+        lines += _frontend(port, listen_port, config_dir, policy.dns.max_label_length)
     lines += [
         # Reached only with a destination the frontend resolved (never the agent's own): the
         # guards repeat that, so no path can ever connect to 0.0.0.0:0's "original destination".
         "backend tls_out",
         "  mode tcp",
-        "  tcp-request content reject unless { var(sess.ip) -m found }",
+        "  tcp-request content reject unless { var(txn.ip) -m found }",
         "  server upstream 0.0.0.0:0",
         "",
         "backend http_out",

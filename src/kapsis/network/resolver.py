@@ -10,8 +10,8 @@ REFUSED and written to a log the host reads (one line per refusal up to a limit,
 The **resolver** answers NXDOMAIN for every name not listed, forwards listed names to the
 upstream servers, refuses answers in private, loopback and link-local ranges (rebinding), and
 files the answers into the firewall's sets, which decide what the proxy is handed. It runs as the
-one uid the firewall lets reach the upstream servers, on a loopback port only the front and the
-proxy may reach.
+one uid the firewall lets reach the upstream servers, on a privileged loopback port only the
+front may reach (the proxy asks through the front too).
 """
 
 from __future__ import annotations
@@ -156,12 +156,16 @@ end
 
 addAction(NotRule(MaxQPSRule({rate}, {burst})), LuaAction(refuse("rate")))
 -- One question of class IN in a standard query, nothing in the answer or authority sections,
--- nothing added but the EDNS record: no other part of a query travels on.
+-- nothing added but the EDNS record, nothing after the records: no other part of a query
+-- travels on.
 addAction(OrRule({{NotRule(OpcodeRule(DNSOpcode.Query)), NotRule(QClassRule(DNSClass.IN)),
   NotRule(RecordsCountRule(DNSSection.Question, 1, 1)),
   NotRule(RecordsCountRule(DNSSection.Answer, 0, 0)),
   NotRule(RecordsCountRule(DNSSection.Authority, 0, 0)),
-  NotRule(RecordsCountRule(DNSSection.Additional, 0, 1))}}), LuaAction(refuse("form")))
+  NotRule(RecordsCountRule(DNSSection.Additional, 0, 1)),
+  AndRule({{RecordsCountRule(DNSSection.Additional, 1, 1),
+    NotRule(RecordsTypeCountRule(DNSSection.Additional, DNSQType.OPT, 1, 1))}}),
+  TrailingDataRule()}}), LuaAction(refuse("form")))
 addAction(NotRule(OrRule({{{types}}})), LuaAction(refuse("type")))
 addAction(NotRule(RegexRule("{name_pattern(limits.max_label_length)}")), LuaAction(refuse("name")))
 addAction(LuaRule(foreign_edns_option), LuaAction(refuse("edns")))

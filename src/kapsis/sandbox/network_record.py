@@ -8,6 +8,8 @@ end-of-run message.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,14 +39,16 @@ def record_network(
     """Record what the gateway allowed and refused; say so if it did not last the run."""
     blocked, gateway_ran = backend.blocked_connections(plan)
     dirs = gateway_dirs(Path(plan.workspace.root))
-    dns = parse_dns_log(_read_log(dirs.dns_log), clients=(DNS_FRONT_SOURCE,))
+    cut: list[str] = []  # the logs read only in part
+    read = _LogReader(cut)
+    dns = parse_dns_log(read(dirs.dns_log), clients=(DNS_FRONT_SOURCE,))
     refusals, unrecorded = parse_dns_refusals(
-        _read_log(dirs.dns_refused_log), _read_log(dirs.dns_refused_counts)
+        read(dirs.dns_refused_log), read(dirs.dns_refused_counts)
     )
     dns, blocked = without_selftest(dns + refusals, blocked, probe_address(plan.network.policy))
     proxy = [
         replace(decision, name=redactor.text(decision.name))
-        for decision in proxy_without_selftest(parse_proxy_log(_read_log(dirs.proxy_log)))
+        for decision in proxy_without_selftest(parse_proxy_log(read(dirs.proxy_log)))
     ]
     for event in dns:  # a name the agent looked up may spell a secret out
         event.name = redactor.text(event.name)
@@ -98,6 +102,12 @@ def record_network(
     if report.blocked_requests:
         notes.append(f"the gateway refused {report.blocked_requests} request(s); see {log}")
     notes += report_notes(report)
+    if cut:
+        audit.record("network_log_cut", source="gateway", logs=cut, limit=MAX_GATEWAY_LOG_BYTES)
+        notes.append(
+            f"the gateway's {', '.join(cut)} went past {MAX_GATEWAY_LOG_BYTES >> 20} MiB: only "
+            "the decisions before that point are recorded"
+        )
     if not gateway_ran:
         notes.append(
             "the network gateway stopped during the run: from then on the agent had no network"
@@ -109,9 +119,23 @@ def record_network(
 MAX_GATEWAY_LOG_BYTES = 16 << 20
 
 
-def _read_log(path: Path) -> str:
-    try:
-        with path.open("rb") as handle:
-            return handle.read(MAX_GATEWAY_LOG_BYTES).decode("utf-8", errors="replace")
-    except OSError:
-        return ""
+class _LogReader:
+    """Reads a gateway log as text: a regular file only (never through a symlink, never blocking
+    on a pipe), at most :data:`MAX_GATEWAY_LOG_BYTES`; the names of the logs cut go to ``cut``."""
+
+    def __init__(self, cut: list[str]) -> None:
+        self.cut = cut
+
+    def __call__(self, path: Path) -> str:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return ""
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return ""
+            data = handle.read(MAX_GATEWAY_LOG_BYTES + 1)
+        if len(data) > MAX_GATEWAY_LOG_BYTES:
+            self.cut.append(path.name)
+            data = data[: data.rfind(b"\n", 0, MAX_GATEWAY_LOG_BYTES) + 1]
+        return data.decode("utf-8", errors="replace")

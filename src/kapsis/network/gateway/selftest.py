@@ -3,7 +3,7 @@
 Run as an unprivileged user (none of the gateway's daemons' uids) with
 ``python3 selftest.py PROBE_ADDRESS [PROXY_PORT ...]``. Checks that the DNS front answers, that
 a name not on the allowlist is NXDOMAIN and a query type not allowed is REFUSED, that the
-resolver behind the front does not answer this user, that the proxy listens on each of its ports
+resolver behind the front does not answer this user and that this user cannot bind its port, that the proxy listens on each of its ports
 and refuses a TLS connection to a name not on the list, and that a direct TCP connection to an
 address not on the allowlist is refused by the firewall. Prints one line per failed check and
 exits 1 if any failed. Standard library only: it runs in the image.
@@ -18,7 +18,7 @@ import sys
 import time
 
 RESOLVER = ("127.0.0.1", 53)
-INTERNAL_RESOLVER = ("127.0.0.1", 15053)  # kapsis.network.gateway_layout.RESOLVER_PORT
+INTERNAL_RESOLVER = ("127.0.0.1", 54)  # kapsis.network.gateway_layout.RESOLVER_PORT
 NOT_LISTED = "kapsis-selftest.invalid"
 A, NULL = 1, 10  # NULL: never allowed (a classic DNS tunnel type)
 NXDOMAIN, REFUSED = 3, 5
@@ -62,6 +62,17 @@ def internal_resolver_closed() -> str | None:
     except OSError:
         return None
     return f"the resolver behind the DNS front answered another uid (response code {rcode})"
+
+
+def resolver_port_taken() -> str | None:
+    """None when this uid cannot bind the resolver's port, even sharing it (SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(INTERNAL_RESOLVER)
+        except OSError:
+            return None
+    return "another uid could bind the resolver's port (and answer for it)"
 
 
 def proxy_refuses(port: int, deadline: float) -> str | None:
@@ -115,6 +126,7 @@ def main() -> int:
             failures.append(f"a NULL query was not refused (response code {rcode})")
     for outcome in (
         internal_resolver_closed(),
+        resolver_port_taken(),
         *(proxy_refuses(int(port), started + 5) for port in sys.argv[2:]),
         connection_refused(sys.argv[1]),
     ):
