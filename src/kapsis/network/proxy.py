@@ -79,7 +79,7 @@ def _frontend(port: int, listen: int, config_dir: str, max_label: int) -> list[s
         " %[var(txn.verdict)] %ts %ST %U %B"
     )
     label = f"[a-z0-9_-]{{1,{max_label}}}"
-    return [
+    lines = [
         f"frontend port{port}",
         "  mode tcp",
         f"  bind 127.0.0.1:{listen} name v4",
@@ -97,6 +97,7 @@ def _frontend(port: int, listen: int, config_dir: str, max_label: int) -> list[s
         # Hostname characters, labels no longer than the DNS front allows: a name is refused as
         # it came, never cleaned into another one.
         f"  acl well_formed var(txn.name) -m reg ^({label}[.])*{label}$",
+        "  acl too_long var(txn.name) -m len 254:",
         f"  acl allowed var(txn.name) -m str -f {names}",
         f"  acl allowed var(txn.name) -m end -f {domains}",
         "  acl resolved var(txn.ip) -m found",
@@ -105,8 +106,9 @@ def _frontend(port: int, listen: int, config_dir: str, max_label: int) -> list[s
         "  tcp-request content set-var(txn.name) req.ssl_sni,lower if tls",
         "  tcp-request content set-var(txn.verdict) str(no-name) if tls !named",
         "  tcp-request content reject if tls !named",
-        "  tcp-request content set-var(txn.verdict) str(bad-name) if tls !well_formed",
-        "  tcp-request content reject if tls !well_formed",
+        "  tcp-request content set-var(txn.verdict) str(bad-name)"
+        " if tls !well_formed || tls too_long",
+        "  tcp-request content reject if tls !well_formed || tls too_long",
         "  tcp-request content set-var(txn.verdict) str(not-allowed) if tls !allowed",
         "  tcp-request content reject if tls !allowed",
         "  tcp-request content do-resolve(txn.ip,gateway,ipv6) var(txn.name) if tls v6",
@@ -134,10 +136,11 @@ def _frontend(port: int, listen: int, config_dir: str, max_label: int) -> list[s
         "  http-request set-var(txn.verdict) str(no-name) if !named",
         "  http-request return status 403 content-type text/plain string"
         ' "kapsis gateway: the request names no host (one Host header)\\n" if !named',
-        "  http-request set-var(txn.verdict) str(bad-name) if !host_form || !well_formed",
+        "  http-request set-var(txn.verdict) str(bad-name)"
+        " if !host_form || !well_formed || too_long",
         "  http-request return status 403 content-type text/plain string"
         ' "kapsis gateway: the Host header is not a plain host name\\n"'
-        " if !host_form || !well_formed",
+        " if !host_form || !well_formed || too_long",
         "  http-request set-var(txn.verdict) str(not-allowed) if !allowed",
         "  http-request return status 403 content-type text/plain lf-string"
         ' "kapsis gateway: the host %[var(txn.name)] is not on the allowlist for port'
@@ -161,6 +164,14 @@ def _frontend(port: int, listen: int, config_dir: str, max_label: int) -> list[s
         "  use_backend http_out if { var(sess.proto) -m str http }",
         "  default_backend tls_out",
         "",
+    ]
+    # A refused request ends its connection: one refusal, one log line, however many requests
+    # the agent pipelines behind it.
+    return [
+        line.replace(" if ", " hdr Connection close if ", 1)
+        if line.startswith(("  http-request return ", "  http-request deny deny_status"))
+        else line
+        for line in lines
     ]
 
 

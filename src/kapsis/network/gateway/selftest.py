@@ -3,8 +3,9 @@
 Run as an unprivileged user (none of the gateway's daemons' uids) with
 ``python3 selftest.py PROBE_ADDRESS [PROXY_PORT ...]``. Checks that the DNS front answers, that
 a name not on the allowlist is NXDOMAIN and a query type not allowed is REFUSED, that the
-resolver behind the front does not answer this user and that this user cannot bind its port, that the proxy listens on each of its ports
-and refuses a TLS connection to a name not on the list, and that a direct TCP connection to an
+resolver behind the front does not answer this user and that this user cannot bind its port,
+that the proxy listens on each of its ports and refuses a TLS connection to a name not on the
+list, and that a direct TCP connection to an
 address not on the allowlist is refused by the firewall. Prints one line per failed check and
 exits 1 if any failed. Standard library only: it runs in the image.
 """
