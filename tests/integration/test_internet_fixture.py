@@ -162,11 +162,15 @@ def test_http_banners_udp_and_ping_from_the_host(internet: Internet, host: str) 
     assert inet.udp_echo(host, b"echo me") == b"echo me"
     assert inet.ping(host)
     with pytest.raises(ConnectionRefusedError):  # nothing else listens
-        inet.tcp_banner(host, 443)
+        inet.tcp_banner(host, 444)
+    assert inet.https_get(host, "/tls", sni="allowed.test") == (200, inet.HTTP_BODY)
+    assert inet.https_get(host, "/no-sni", sni=None) == (200, inet.HTTP_BODY)
     client = internet.host_v6 if ":" in host else internet.host_v4
-    [request] = internet.http_requests()
+    request, tls, no_sni = internet.http_requests()
     assert (request.method, request.path, request.host) == ("GET", "/path?q=1", "allowed.test")
-    assert (request.client, request.port) == (client, 80)
+    assert (request.client, request.port, request.sni) == (client, 80, None)
+    assert (tls.path, tls.port, tls.sni, tls.host) == ("/tls", 443, "allowed.test", "allowed.test")
+    assert (no_sni.path, no_sni.sni) == ("/no-sni", None)
     assert internet.connections() == [
         inet.Connection("tcp", 8080, client),
         inet.Connection("tcp", 22, client),
