@@ -24,7 +24,9 @@ from typing import IO, Any
 
 import pytest
 
+from kapsis.network.gateway_layout import RESOLVER_PORT
 from kapsis.network.policy import DnsLimits, NetworkPolicy, PolicyBuilder
+from kapsis.network.resolver import dns_front_config, dnsmasq_config
 
 UPSTREAMS = ("192.0.2.53", "2001:db8::53")
 NOERROR, NXDOMAIN, REFUSED = 0, 3, 5
@@ -277,3 +279,102 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 5) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# the gateway's DNS for real: the rendered front and resolver in a namespace
+
+# The port of the dnsmasq that plays the upstream resolver in a namespace.
+UPSTREAM_DNS_PORT = 5300
+
+
+def runnable_resolver_config(policy: NetworkPolicy, port: int, log: Path) -> str:
+    """The rendered config without its root-only lines, on ``port`` instead of its own."""
+    lines = dnsmasq_config(policy, policy.dns_servers, str(log)).splitlines()
+    assert f"port={RESOLVER_PORT}" in lines
+    kept = [line for line in lines if not line.startswith(("user=", "group=", "nftset="))]
+    return "\n".join(f"port={port}" if line.startswith("port=") else line for line in kept) + "\n"
+
+
+# Inside the namespace: asks the front for argv[1] until it is NOERROR (the chain is up).
+_FRONT_READY = f"""
+{DNS_SOURCE}
+import sys, time
+deadline = time.monotonic() + 10
+while True:
+    try:
+        if dns_query(53, sys.argv[1], timeout=0.2)[0] == 0:
+            break
+    except OSError:
+        pass
+    if time.monotonic() > deadline:
+        raise SystemExit("the DNS front did not answer " + sys.argv[1])
+    time.sleep(0.05)
+"""
+
+
+class DnsChain:
+    """The gateway's DNS as rendered for ``policy``, running in ``namespace`` as root: the front
+    (dnsdist) on 127.0.0.1:53, the resolver (dnsmasq, without its root-only lines) on its own
+    port behind it, and a dnsmasq playing the upstream on UPSTREAM_DNS_PORT, answering as
+    ``upstream_options`` (dnsmasq options) say. ``policy``'s upstream must be that one;
+    ``edit_front``: a change to the front's configuration (a control)."""
+
+    def __init__(
+        self,
+        namespace: NetNs,
+        policy: NetworkPolicy,
+        folder: Path,
+        upstream_options: Sequence[str],
+        ready_name: str,
+        edit_front: Callable[[str], str] | None = None,
+    ) -> None:
+        assert policy.dns_servers == (f"127.0.0.1#{UPSTREAM_DNS_PORT}",)
+        self.namespace, self.folder = namespace, folder
+        self.refused, self.counts, self.log = (
+            folder / "dns-refused.tsv",
+            folder / "dns-refused.counts",
+            folder / "dns.log",
+        )
+        front = dns_front_config(policy, str(self.refused), str(self.counts))
+        (folder / "dnsdist.conf").write_text(front if edit_front is None else edit_front(front))
+        (folder / "dnsmasq.conf").write_text(
+            runnable_resolver_config(policy, RESOLVER_PORT, self.log)
+        )
+        common = [str(DNSMASQ), "--keep-in-foreground", "--pid-file="]
+        namespace.start(
+            [
+                *common,
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                f"--port={UPSTREAM_DNS_PORT}",
+                f"--log-facility={folder / 'upstream.log'}",
+                *upstream_options,
+            ]
+        )
+        self.resolver = namespace.start([*common, f"--conf-file={folder / 'dnsmasq.conf'}"])
+        with (folder / "dnsdist.out").open("wb") as out:
+            self.front = namespace.start(
+                [
+                    str(DNSDIST),
+                    "--supervised",
+                    "--disable-syslog",
+                    "-C",
+                    str(folder / "dnsdist.conf"),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        ready = namespace.python(_FRONT_READY, ready_name)
+        assert ready.returncode == 0, ready.stderr + (folder / "dnsdist.out").read_text()
+
+    def stop(self) -> tuple[str, str, str]:
+        """(refusals, counts, resolver's log), once the front has written its counts."""
+        time.sleep(1.3)  # the front rewrites its counts every second
+        for process in (self.front, self.resolver):
+            process.terminate()
+            process.wait(timeout=5)
+        return self.refused.read_text(), self.counts.read_text(), self.log.read_text()

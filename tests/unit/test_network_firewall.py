@@ -34,6 +34,7 @@ from kapsis.network.gateway_layout import (
     RESOLVER_PORT,
     RESOLVER_UID,
     TABLE,
+    UNPRIVILEGED_PORT_START,
 )
 from kapsis.network.observe import BlockedConnection, parse_blocked_set
 from kapsis.network.policy import NON_PUBLIC_V4, NON_PUBLIC_V6, NetworkPolicy
@@ -58,7 +59,11 @@ def test_the_layout_the_rules_are_written_for():
     # The image's users (Containerfile.gateway) and the self-test's hard-coded port.
     assert (RESOLVER_UID, PROXY_UID, DNS_FRONT_UID) == (990, 991, 992)
     assert GATEWAY_UIDS == (990, 991, 992)
-    assert RESOLVER_PORT == 15053
+    assert RESOLVER_PORT == 54
+    # A privileged port where the gateway pins the line: no uid without CAP_NET_BIND_SERVICE
+    # may bind it, not even next to the resolver's own sockets (SO_REUSEADDR).
+    assert UNPRIVILEGED_PORT_START == 1024
+    assert RESOLVER_PORT < UNPRIVILEGED_PORT_START
     assert len({MARK_RESOLVER, MARK_PROXY, MARK_AGENT}) == 3
     assert max(MARK_RESOLVER, MARK_PROXY, MARK_AGENT) < MARK_OWNER_BASE
 
@@ -75,10 +80,11 @@ def test_sets_of_the_representative_policy():
         "set upstream_v4 { type ipv4_addr; elements = { 192.0.2.53 }; }",
         "set upstream_v6 { type ipv6_addr; elements = { 2001:db8::53 }; }",
         "set nonpublic_v4 { type ipv4_addr; flags interval; elements = { "
-        + ", ".join(NON_PUBLIC_V4)
+        + ", ".join(sorted(NON_PUBLIC_V4))
         + " }; }",
+        # nft's elements in the renderer's order (sorted as text), every range once.
         "set nonpublic_v6 { type ipv6_addr; flags interval; elements = { "
-        + ", ".join(NON_PUBLIC_V6)
+        + ", ".join(sorted(NON_PUBLIC_V6))
         + " }; }",
         "set blocked4 { type ipv4_addr . inet_proto . inet_service; flags dynamic, timeout;"
         " timeout 1d; size 65535; counter; }",
@@ -156,7 +162,7 @@ def test_output_chain_of_the_representative_policy():
 
     assert output == [
         "type filter hook output priority filter; policy drop;",
-        'oif "lo" meta l4proto { tcp, udp } th dport 15053 meta skuid != { 991, 992 } jump refuse',
+        'oif "lo" meta l4proto { tcp, udp } th dport 54 meta skuid != 992 jump refuse',
         'oif "lo" accept',
         "ip daddr 127.0.0.1 tcp dport { 15100, 15101, 15102, 15103 } ct status dnat accept",
         "ip6 daddr ::1 tcp dport { 15100, 15101, 15102, 15103 } ct status dnat accept",
@@ -358,9 +364,10 @@ def test_invariant_the_resolver_behind_the_front_is_closed_to_other_uids(rendere
     _, ruleset, _ = rendered
     output = chain(ruleset, "output")
 
+    # The DNS front's uid alone: the proxy asks through the front like the agent.
     guard = (
         f'oif "lo" meta l4proto {{ tcp, udp }} th dport {RESOLVER_PORT}'
-        f" meta skuid != {{ {PROXY_UID}, {DNS_FRONT_UID} }} jump refuse"
+        f" meta skuid != {DNS_FRONT_UID} jump refuse"
     )
     assert output[1] == guard
     assert output[2] == 'oif "lo" accept'
@@ -736,25 +743,40 @@ def test_in_a_kernel_the_proxy_never_reaches_a_non_public_address(make_pair, ren
         assert proxy == {"error": None, "reply": "up:proxy"}
 
 
-def test_in_a_kernel_only_the_front_and_the_proxy_reach_the_resolvers_port(make_pair):
-    pair = make_pair(nft_ruleset(BEHAVIOUR_POLICY, (UPSTREAM,)))
+RESOLVER_GUARD = (
+    f'oif "lo" meta l4proto {{ tcp, udp }} th dport {RESOLVER_PORT}'
+    f" meta skuid != {DNS_FRONT_UID} jump refuse"
+)
+NOBODY = 65534
 
-    replies = {
-        uid: pair.udp(uid, "127.0.0.1", RESOLVER_PORT, f"uid-{uid}")["reply"]
-        for uid in (AGENT_UID, 0, RESOLVER_UID, PROXY_UID, DNS_FRONT_UID)
-    }
 
-    assert replies == {
-        AGENT_UID: None,
-        0: None,
-        RESOLVER_UID: None,
-        PROXY_UID: f"resolver:uid-{PROXY_UID}",
-        DNS_FRONT_UID: f"resolver:uid-{DNS_FRONT_UID}",
-    }
-    assert pair.local_got(to="resolver") == [
-        {"proto": "udp", "to": "resolver", "data": f"uid-{uid}"}
-        for uid in (PROXY_UID, DNS_FRONT_UID)
-    ]
+@pytest.mark.parametrize("rendered_as", ["rendered", "without-the-loopback-guard"])
+def test_in_a_kernel_only_the_front_reaches_the_resolvers_port(make_pair, rendered_as):
+    """The proxy's uid no more than the agent's or root's: the proxy asks through the front.
+    The control without the guard shows the resolver's port is otherwise open to every uid."""
+    ruleset = nft_ruleset(BEHAVIOUR_POLICY, (UPSTREAM,))
+    if rendered_as != "rendered":
+        ruleset = _changed(ruleset, RESOLVER_GUARD)
+    pair = make_pair(ruleset)
+    uids = (AGENT_UID, NOBODY, 0, RESOLVER_UID, PROXY_UID, DNS_FRONT_UID)
+
+    replies = {uid: pair.udp(uid, "127.0.0.1", RESOLVER_PORT, f"uid-{uid}") for uid in uids}
+
+    if rendered_as == "rendered":
+        assert {uid: reply["reply"] for uid, reply in replies.items()} == {
+            **dict.fromkeys(uids, None),
+            DNS_FRONT_UID: f"resolver:uid-{DNS_FRONT_UID}",
+        }
+        # Refused outright (rejected, not left to time out) and counted like any refusal.
+        assert {replies[uid]["error"] for uid in uids if uid != DNS_FRONT_UID} == {errno.EPERM}
+        assert pair.local_got(to="resolver") == [
+            {"proto": "udp", "to": "resolver", "data": f"uid-{DNS_FRONT_UID}"}
+        ]
+        assert pair.blocked() == [BlockedConnection("127.0.0.1", "udp", RESOLVER_PORT, 5)]
+    else:
+        assert {uid: reply["reply"] for uid, reply in replies.items()} == {
+            uid: f"resolver:uid-{uid}" for uid in uids
+        }
 
 
 def test_in_a_kernel_an_extra_owner_goes_out_directly_on_its_ports_only(make_pair):

@@ -26,6 +26,7 @@ from kapsis.network.gateway_layout import (
     LOG_TARGET,
     RESOLVER_PORT,
     TABLE,
+    UNPRIVILEGED_PORT_START,
 )
 from kapsis.network.observe import parse_blocked_set
 from kapsis.network.policy import NetworkPolicy
@@ -382,3 +383,44 @@ def test_in_netns_the_live_blocked_sets_parse(in_netns):
         ("192.0.2.1", "tcp", 9),
         ("2001:db8::99", "udp", 53),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# the namespace's privileged ports, on both backends
+
+
+def test_both_backends_keep_the_resolvers_port_privileged_in_the_gateways_namespace(make_plan):
+    """The resolver's port is below ip_unprivileged_port_start only if the namespace says so:
+    podman's gateway (whose namespace the agent joins) and the Kubernetes Pod pin it at 1024
+    (containerd 2 would lower it to 0, and any uid could share the port)."""
+    from kapsis.backends.podman_gateway import gateway_run_args
+    from kapsis.k8s.render import render_request
+    from kapsis.k8s.resource import AgentRequestSpec
+    from kapsis.k8s.settings import OperatorSettings
+
+    setting = f"net.ipv4.ip_unprivileged_port_start={UNPRIVILEGED_PORT_START}"
+    assert RESOLVER_PORT < UNPRIVILEGED_PORT_START == 1024
+
+    args = gateway_run_args(make_plan(), uid_base=100000)
+    assert [args[i + 1] for i, arg in enumerate(args) if arg == "--sysctl"] == [setting]
+    assert args.index("--sysctl") < args.index("--cap-drop")  # a run option, before the image
+
+    def pod(mode: str) -> dict[str, Any]:
+        spec = AgentRequestSpec.model_validate(
+            {
+                "agent": {"profile": "shell"},
+                "task": {"inline": "add a README"},
+                "workspace": {
+                    "git": {"url": "https://git.example.com/t/r.git", "credentialsSecret": "c"}
+                },
+                "network": {"mode": mode, "allowlist": {"hosts": ["pypi.org"]}},
+            }
+        )
+        settings = OperatorSettings(dns_servers=("10.96.0.10",))
+        return render_request("r", "team", "0000-1111", spec, settings).pod["spec"]
+
+    for mode in ("filtered", "none"):  # every Pod with a gateway
+        assert pod(mode)["securityContext"]["sysctls"] == [
+            {"name": "net.ipv4.ip_unprivileged_port_start", "value": "1024"}
+        ]
+    assert "sysctls" not in pod("open")["securityContext"]

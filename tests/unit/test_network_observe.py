@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -317,6 +318,27 @@ def test_the_counts_beyond_the_recorded_lines():
     assert parse_dns_refusals("", "rate\t" + "9" * 40 + "\n")[1] == 1 << 40
 
 
+@pytest.mark.parametrize(
+    "count",
+    [
+        "\u00b2",  # superscript two: a digit to str.isdigit, yet int() refuses it
+        "\u0661\u0662\u0663",  # Arabic-Indic 123: int() reads it
+        "\uff15",  # fullwidth 5
+        "1\u00b2",
+        "-1",
+        "+1",
+        " 1",
+        "1_000",
+        "0x10",
+        "",
+    ],
+)
+def test_a_count_of_anything_but_ascii_digits_adds_nothing(count):
+    """The counts file is the front's, in the namespace the agent shares: only ASCII decimal
+    counts are read, and nothing in it can make the host fail."""
+    assert parse_dns_refusals("", f"rate\t{count}\nname\t3\n") == ([], 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # the proxy's log
 
@@ -327,8 +349,12 @@ kapsis-proxy 198.51.100.2 443 tls other.test not-allowed PR -1 517 0
 kapsis-proxy 127.0.0.1 443 tls - no-name PR -1 517 0
 kapsis-proxy ::1 443 - - no-name PR -1 19 0
 kapsis-proxy 2001:db8::5 80 http other.test not-allowed LR 403 48 151
-kapsis-proxy 198.51.100.2 80 http allowed.test connect-method PR 403 68 192
+kapsis-proxy 198.51.100.2 80 http - connect-method PR 403 68 192
 kapsis-proxy 198.51.100.2 80 http missing.test unresolved LR 502 49 156
+kapsis-proxy 198.51.100.2 8443 tls x.wild.test. bad-name PR -1 517 0
+kapsis-proxy 198.51.100.2 80 http other.test,allowed.test bad-name LR 403 65 151
+kapsis-proxy 198.51.100.2 80 http allowed.test upgrade LR 403 133 144
+kapsis-proxy 198.51.100.2 80 http - - PR 400 33 206
 kapsis-proxy - 443 tls kapsis-selftest.invalid not-allowed PR -1 517 0
 """
 
@@ -341,9 +367,17 @@ def test_parse_proxy_log_reads_every_decision():
         ProxyDecision("", 443, "tls", "", False, "no TLS server name or HTTP Host"),
         ProxyDecision("", 443, "", "", False, PROXY_REASONS["no-name"]),
         ProxyDecision("other.test", 80, "http", "2001:db8::5", False, PROXY_REASONS["not-allowed"]),
-        ProxyDecision("allowed.test", 80, "http", "198.51.100.2", False, "HTTP CONNECT"),
+        ProxyDecision("", 80, "http", "198.51.100.2", False, "HTTP CONNECT"),
         ProxyDecision("missing.test", 80, "http", "198.51.100.2", False,
                       "the upstream could not resolve the name"),
+        ProxyDecision("x.wild.test.", 8443, "tls", "198.51.100.2", False,
+                      "a malformed name (one plain host name, labels within the DNS limit)"),
+        ProxyDecision("other.test,allowed.test", 80, "http", "198.51.100.2", False,
+                      PROXY_REASONS["bad-name"]),
+        ProxyDecision("allowed.test", 80, "http", "198.51.100.2", False,
+                      "a protocol upgrade other than WebSocket"),
+        # Refused by HAProxy's own HTTP parser, before any rule: no verdict, still a refusal.
+        ProxyDecision("", 80, "http", "198.51.100.2", False, ""),
         ProxyDecision(SELFTEST_NAME, 443, "tls", "", False, PROXY_REASONS["not-allowed"]),
     ]  # fmt: skip
     assert all(decision.type == "proxy" for decision in parse_proxy_log(PROXY_LOG))
@@ -918,3 +952,164 @@ def test_a_secret_spelled_in_a_looked_up_name_is_redacted_in_the_audit_and_netwo
         assert "plain.sni.example" in text
         assert "proxy-lookup.example" not in text  # the proxy's own lookups are not the agent's
     assert store.read(plan.agent_id).blocked_requests == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# the host reading the gateway's logs: regular files only, bounded, cut at a line
+
+
+class _Gateway:
+    name = "podman"
+
+    def blocked_connections(self, plan):
+        return [], True
+
+
+def _proxy_line(name: str, tail: str = "0") -> str:
+    return f"kapsis-proxy 198.51.100.2 443 tls {name} not-allowed PR -1 517 {tail}\n"
+
+
+def _record(plan) -> tuple[list[str], list[dict], int]:
+    """record_network for ``plan``: (notes, audit records, blocked_requests)."""
+    from kapsis.audit import AuditLog
+    from kapsis.sandbox.launcher import initial_status
+    from kapsis.sandbox.network_record import record_network
+    from kapsis.secrets.redact import Redactor
+    from kapsis.status.store import StatusStore
+
+    store = StatusStore()
+    store.write(initial_status(plan, _Gateway()))
+    audit = AuditLog(plan.agent_id)
+    audit.record("session_start")
+    notes = record_network(plan, _Gateway(), store, audit, Redactor([]))
+    records = [json.loads(line) for line in audit.path.read_text().splitlines()]
+    return notes, records, store.read(plan.agent_id).blocked_requests
+
+
+def _logs(plan):
+    from kapsis.network.gateway_files import gateway_dirs
+
+    dirs = gateway_dirs(Path(plan.workspace.root))
+    dirs.log.mkdir(parents=True, exist_ok=True)
+    return dirs
+
+
+def _proxy_names(records: list[dict]) -> list[str]:
+    return [r["detail"]["name"] for r in records if r["event_type"] == "connection_blocked"]
+
+
+def test_a_gateway_log_past_the_limit_is_cut_at_its_last_whole_line_and_said(
+    make_plan, kapsis_home, monkeypatch
+):
+    from kapsis.sandbox import network_record
+
+    plan = make_plan()
+    dirs = _logs(plan)
+    kept = _proxy_line("one.test") + _proxy_line("two.test")
+    # Cut anywhere but at a line, the third line would still parse: "... 517 12".
+    third = _proxy_line("three.test", tail="123456")
+    limit = len(kept) + len(third) - 5
+    dirs.proxy_log.write_text(kept + third + _proxy_line("four.test"))
+    dirs.dns_log.write_text("")  # within the limit: not said
+    monkeypatch.setattr(network_record, "MAX_GATEWAY_LOG_BYTES", limit)
+
+    notes, records, blocked = _record(plan)
+
+    assert _proxy_names(records) == ["one.test", "two.test"]
+    assert blocked == 2
+    (cut,) = [r for r in records if r["event_type"] == "network_log_cut"]
+    assert cut["source"] == "gateway"
+    assert cut["detail"] == {"logs": ["proxy.log"], "limit": limit}
+    assert notes[-1].startswith("the gateway's proxy.log went past ")
+    assert notes[-1].endswith(" MiB: only the decisions before that point are recorded")
+
+
+def test_a_gateway_log_of_exactly_the_limit_is_read_whole(make_plan, kapsis_home, monkeypatch):
+    from kapsis.sandbox import network_record
+
+    plan = make_plan()
+    text = _proxy_line("one.test") + _proxy_line("two.test")
+    _logs(plan).proxy_log.write_text(text)
+    monkeypatch.setattr(network_record, "MAX_GATEWAY_LOG_BYTES", len(text))
+
+    notes, records, _ = _record(plan)
+
+    assert _proxy_names(records) == ["one.test", "two.test"]
+    assert not [r for r in records if r["event_type"] == "network_log_cut"]
+    assert not [note for note in notes if "went past" in note]
+
+
+def test_the_limit_is_16_mib_and_the_note_says_so(make_plan, kapsis_home):
+    from kapsis.sandbox.network_record import MAX_GATEWAY_LOG_BYTES
+
+    plan = make_plan()
+    dirs = _logs(plan)
+    padding = "x" * MAX_GATEWAY_LOG_BYTES + "\n"  # one line the parser skips
+    dirs.proxy_log.write_text(_proxy_line("early.test") + padding + _proxy_line("late.test"))
+    dirs.dns_refused_log.write_text("type\t16\tlate.example.\n" * 3)  # under the limit
+
+    notes, records, blocked = _record(plan)
+
+    assert MAX_GATEWAY_LOG_BYTES == 16 << 20
+    assert _proxy_names(records) == ["early.test"]
+    assert blocked == 1 + 3
+    assert notes[-1] == (
+        "the gateway's proxy.log went past 16 MiB: only the decisions before that point are"
+        " recorded"
+    )
+    (cut,) = [r for r in records if r["event_type"] == "network_log_cut"]
+    assert cut["detail"] == {"logs": ["proxy.log"], "limit": 16 << 20}
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "symlink",
+        "fifo",
+        "directory",
+    ],
+)
+def test_a_gateway_log_that_is_no_regular_file_is_not_read(make_plan, kapsis_home, tmp_path, kind):
+    """The log folder is written from inside the gateway: a log that is a symlink is not
+    followed (it could name any file of the host user's), a FIFO not waited on (it would hang
+    the host), a directory not read. The other logs still are."""
+    import os
+    import threading
+
+    plan = make_plan()
+    dirs = _logs(plan)
+    elsewhere = tmp_path / "elsewhere.log"
+    elsewhere.write_text(_proxy_line("elsewhere.test"))
+    if kind == "symlink":
+        dirs.proxy_log.symlink_to(elsewhere)
+    elif kind == "fifo":
+        os.mkfifo(dirs.proxy_log)
+    else:
+        dirs.proxy_log.mkdir()
+    dirs.dns_refused_log.write_text("type\t16\tread.example.\n")
+    outcome: list[Any] = []
+
+    def read() -> None:
+        try:
+            outcome.append(_record(plan))
+        except Exception as error:  # raised again below, in the test
+            outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # blocked on the FIFO: a writer lets it go before the test fails
+        os.close(os.open(dirs.proxy_log, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=5)
+        pytest.fail(f"reading the gateway's logs waited on a {kind}")
+
+    (result,) = outcome
+    if isinstance(result, Exception):
+        raise result
+    _, records, blocked = result
+    assert _proxy_names(records) == []
+    assert [r["detail"]["name"] for r in records if r["event_type"] == "dns_query"] == [
+        "read.example."
+    ]
+    assert blocked == 1
+    assert not [r for r in records if r["event_type"] == "network_log_cut"]

@@ -297,6 +297,37 @@ def test_non_public_ranges_are_valid_networks():
         assert not any(ipaddress.ip_address(address) in n for n in covered), address
 
 
+@pytest.mark.parametrize(
+    "address",
+    [
+        "168.63.129.16",  # Azure's host endpoint (WireServer)
+        "192.0.0.8",  # IETF protocol assignments
+        "198.18.0.1",  # benchmarking
+        "198.19.255.254",
+        "::10.0.0.1",  # IPv4-compatible
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+        "64:ff9b:1::a00:1",  # local-use NAT64 of 10.0.0.1
+        "100::1",  # discard-only
+        "2001::a00:1",  # Teredo
+        "2002:a00:1::1",  # 6to4 of 10.0.0.1
+        "fec0::1",  # site-local
+    ],
+)
+def test_non_public_ranges_cover_the_ways_back_into_ipv4_and_cloud_endpoints(address):
+    covered = [ipaddress.ip_network(n) for n in (*NON_PUBLIC_V4, *NON_PUBLIC_V6)]
+
+    assert any(ipaddress.ip_address(address) in network for network in covered)
+
+
+@pytest.mark.parametrize(
+    "address", ["168.63.129.15", "168.63.129.17", "198.17.255.255", "198.20.0.1", "2001:db8::1"]
+)
+def test_non_public_ranges_stop_at_their_edges(address):
+    covered = [ipaddress.ip_network(n) for n in (*NON_PUBLIC_V4, *NON_PUBLIC_V6)]
+
+    assert not any(ipaddress.ip_address(address) in network for network in covered)
+
+
 # ---------------------------------------------------------------------------------------------
 # plan_network
 

@@ -15,7 +15,7 @@ import re
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, get_args
 
@@ -52,11 +52,13 @@ from .netgw import (
     TXT,
     UPSTREAMS,
     A,
+    DnsChain,
     dns_packet,
     dns_query,
     free_port,
     make_policy,
     netns,
+    runnable_resolver_config,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -73,12 +75,12 @@ def test_dnsmasq_config_of_the_representative_policy():
         "pid-file=",
         "bind-interfaces",
         "listen-address=127.0.0.1",
-        "port=15053",  # behind the DNS front, on a loopback port only the front and proxy reach
+        "port=54",  # behind the DNS front, on a privileged loopback port only the front reaches
         f"user={RESOLVER_USER}",
         "group=nogroup",
         "cache-size=1000",
     ]
-    assert RESOLVER_PORT == 15053
+    assert RESOLVER_PORT == 54
     assert [line for line in config if line.startswith("bogus-nxdomain=")] == [
         f"bogus-nxdomain={network}" for network in (*NON_PUBLIC_V4, *NON_PUBLIC_V6)
     ]
@@ -275,14 +277,6 @@ QUERIES = (
 )
 
 
-def runnable_resolver_config(policy: NetworkPolicy, port: int, log: Path) -> str:
-    """The rendered config without its root-only lines, on ``port`` instead of its own."""
-    lines = dnsmasq_config(policy, policy.dns_servers, str(log)).splitlines()
-    assert f"port={RESOLVER_PORT}" in lines
-    kept = [line for line in lines if not line.startswith(("user=", "group=", "nftset="))]
-    return "\n".join(f"port={port}" if line.startswith("port=") else line for line in kept) + "\n"
-
-
 Answers = dict[tuple[str, int], tuple[int, list[str]]]
 
 
@@ -408,7 +402,8 @@ def test_the_real_query_log_parses_into_decisions(resolved):
 
 
 def test_the_real_query_log_names_its_clients(resolved):
-    """These queries came from 127.0.0.1 (as the proxy's do): the DNS front's filter drops them."""
+    """These queries came from 127.0.0.1, not from the DNS front's own address: the host's
+    filter drops them."""
     _, log = resolved
 
     assert parse_dns_log(log, clients=("127.0.0.1",)) == parse_dns_log(log)
@@ -497,7 +492,10 @@ FORM = (
     " NotRule(RecordsCountRule(DNSSection.Question, 1, 1)),"
     " NotRule(RecordsCountRule(DNSSection.Answer, 0, 0)),"
     " NotRule(RecordsCountRule(DNSSection.Authority, 0, 0)),"
-    ' NotRule(RecordsCountRule(DNSSection.Additional, 0, 1))}), LuaAction(refuse("form")))'
+    " NotRule(RecordsCountRule(DNSSection.Additional, 0, 1)),"
+    " AndRule({RecordsCountRule(DNSSection.Additional, 1, 1),"
+    " NotRule(RecordsTypeCountRule(DNSSection.Additional, DNSQType.OPT, 1, 1))}),"
+    ' TrailingDataRule()}), LuaAction(refuse("form")))'
 )
 
 
@@ -516,7 +514,7 @@ def test_the_front_of_the_default_limits():
     assert f"if code ~= {EDNS_COOKIE} then return true end" in config
     assert _actions(config) == [
         'addAction(NotRule(MaxQPSRule(50, 200)), LuaAction(refuse("rate")))',
-        FORM,  # one question of class IN, no records but the EDNS one
+        FORM,  # one question of class IN, no records but the EDNS one, nothing after them
         f'addAction(NotRule(OrRule({DEFAULT_TYPES})), LuaAction(refuse("type")))',
         f'addAction(NotRule(RegexRule("{name_pattern(40)}")), LuaAction(refuse("name")))',
         'addAction(LuaRule(foreign_edns_option), LuaAction(refuse("edns")))',
@@ -614,6 +612,7 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
 print(json.dumps(out))
 """
 COOKIE = (EDNS_COOKIE, b"\x01" * 8)
+ALLOWED_A = struct.pack(">HHHIH", 0xC00C, A, 1, 60, 4) + bytes([192, 0, 2, 1])
 FOREIGN_OPTION = (65001, b"data")
 
 
@@ -626,6 +625,8 @@ def query(
     opcode: int = 0,
     extra_question: bool = False,
     answer: bool = False,
+    additional: bool = False,
+    trailing: bytes = b"",
 ) -> bytes:
     """A query as the agent could send it, well-formed or not."""
     _, packet = dns_packet(name, qtype, options)
@@ -637,10 +638,13 @@ def query(
         body[question_end:question_end] = bytes(body[:question_end])
         struct.pack_into(">H", header, 4, 2)
     if answer:  # an A record for the name, by a compression pointer to the question
-        record = struct.pack(">HHHIH", 0xC00C, A, 1, 60, 4) + bytes([192, 0, 2, 1])
-        body[question_end:question_end] = record
+        body[question_end:question_end] = ALLOWED_A
         struct.pack_into(">H", header, 6, 1)
-    return bytes(header + body)
+    if additional:  # the same record as the one additional record, where EDNS's OPT goes
+        assert options is None
+        body += ALLOWED_A
+        struct.pack_into(">H", header, 10, 1)
+    return bytes(header + body + trailing)
 
 
 def _ask(namespace: Any, packets: list[bytes]) -> list[Any]:
@@ -649,68 +653,28 @@ def _ask(namespace: Any, packets: list[bytes]) -> list[Any]:
     return list(json.loads(result.stdout))
 
 
-class Front:
-    """The rendered front and resolver, and an upstream, running in ``namespace``."""
+class Front(DnsChain):
+    """The rendered front and resolver, and an upstream that knows allowed.test, running in
+    ``namespace``."""
 
-    def __init__(self, namespace: Any, policy: NetworkPolicy, folder: Path) -> None:
-        self.namespace, self.folder = namespace, folder
-        self.refused, self.counts, self.log = (
-            folder / "dns-refused.tsv",
-            folder / "dns-refused.counts",
-            folder / "dns.log",
-        )
-        (folder / "dnsdist.conf").write_text(
-            dns_front_config(policy, str(self.refused), str(self.counts))
-        )
-        (folder / "dnsmasq.conf").write_text(
-            runnable_resolver_config(policy, RESOLVER_PORT, self.log)
-        )
-        common = [str(DNSMASQ), "--keep-in-foreground", "--pid-file="]
-        namespace.start(
-            [
-                *common,
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--port=5300",
-                f"--log-facility={folder / 'upstream.log'}",
-                "--address=/allowed.test/203.0.113.5",
-                "--local=/allowed.test/",  # authoritative: other types are NODATA
-            ]
-        )
-        self.resolver = namespace.start([*common, f"--conf-file={folder / 'dnsmasq.conf'}"])
-        with (folder / "dnsdist.out").open("wb") as out:
-            self.front = namespace.start(
-                [
-                    str(DNSDIST),
-                    "--supervised",
-                    "--disable-syslog",
-                    "-C",
-                    str(folder / "dnsdist.conf"),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 10
-        while _ask(namespace, [query("allowed.test")]) != [NOERROR]:
-            assert time.monotonic() < deadline, (folder / "dnsdist.out").read_text()
-            time.sleep(0.1)
-
-    def stop(self) -> tuple[str, str, str]:
-        """(refusals, counts, resolver's log), once the front has written its counts."""
-        time.sleep(1.3)  # the front rewrites its counts every second
-        for process in (self.front, self.resolver):
-            process.terminate()
-            process.wait(timeout=5)
-        return self.refused.read_text(), self.counts.read_text(), self.log.read_text()
+    def __init__(
+        self,
+        namespace: Any,
+        policy: NetworkPolicy,
+        folder: Path,
+        edit: Callable[[str], str] | None = None,
+    ) -> None:
+        # --local: authoritative for the name, other types are NODATA
+        upstream = ["--address=/allowed.test/203.0.113.5", "--local=/allowed.test/"]
+        super().__init__(namespace, policy, folder, upstream, "allowed.test", edit)
 
 
 @contextlib.contextmanager
-def _front(tmp_path: Path, policy: NetworkPolicy) -> Iterator[Front]:
+def _front(
+    tmp_path: Path, policy: NetworkPolicy, edit: Callable[[str], str] | None = None
+) -> Iterator[Front]:
     with netns(DNSDIST, DNSMASQ) as namespace:
-        yield Front(namespace, policy, tmp_path)
+        yield Front(namespace, policy, tmp_path, edit)
 
 
 FRONT_POLICY = make_policy(
@@ -737,6 +701,10 @@ FRONT_QUERIES = [
     query("allowed.test", opcode=2),  # STATUS
     query("allowed.test", extra_question=True),
     query("allowed.test", answer=True),
+    query("allowed.test", additional=True),  # an additional record that is not EDNS's
+    query("allowed.test", trailing=b"\x00" * 11),  # bytes after the question (an OPT's size)
+    query("allowed.test", A, [COOKIE], trailing=b"tunnel"),  # and after the EDNS record
+    query("allowed.test", A, []),  # one plain OPT record, no option: fine
 ]
 
 
@@ -771,7 +739,36 @@ def test_in_a_namespace_the_front_refuses_what_it_must_and_forwards_the_rest(fro
         REFUSED,  # not a standard query
         REFUSED,  # two questions
         REFUSED,  # a record in the answer section
+        REFUSED,  # an additional record that is not OPT
+        REFUSED,  # trailing bytes after the question
+        REFUSED,  # trailing bytes after the OPT record
+        NOERROR,  # one plain OPT record
     ]
+
+
+FORM_ADDITIONS = (
+    ",\n  AndRule({RecordsCountRule(DNSSection.Additional, 1, 1),\n"
+    "    NotRule(RecordsTypeCountRule(DNSSection.Additional, DNSQType.OPT, 1, 1))}),\n"
+    "  TrailingDataRule()}"
+)
+
+
+def test_in_a_namespace_the_form_rule_is_what_refuses_odd_additional_records_and_trailing_data(
+    tmp_path,
+):
+    """Control: without the OPT and trailing-data parts of the "form" rule, the same queries
+    pass the front (and the resolver answers them)."""
+
+    def without_them(config: str) -> str:
+        assert FORM_ADDITIONS in config
+        return config.replace(FORM_ADDITIONS, "}")
+
+    with _front(tmp_path, FRONT_POLICY, without_them) as front:
+        answers = _ask(front.namespace, FRONT_QUERIES[-4:-1])
+        refused, _, _ = front.stop()
+
+    assert answers == [NOERROR] * 3
+    assert refused == ""
 
 
 def test_in_a_namespace_each_refusal_is_one_line_the_host_reads(front_run):
@@ -785,7 +782,7 @@ def test_in_a_namespace_each_refusal_is_one_line_the_host_reads(front_run):
         ("A", "refused", DNS_REASONS["name"]),
         ("A", "refused", DNS_REASONS["edns"]),
         ("A", "refused", DNS_REASONS["edns"]),
-        *[("A", "refused", DNS_REASONS["form"])] * 4,
+        *[("A", "refused", DNS_REASONS["form"])] * 7,
     ]
     names = [e.name for e in events]
     assert names[:3] == ["allowed.test.", "allowed.test.", "a" * 41 + ".allowed.test."]
@@ -796,7 +793,7 @@ def test_in_a_namespace_each_refusal_is_one_line_the_host_reads(front_run):
     assert unrecorded == 0
     assert front_run["counts"].splitlines() == [
         "rate\t0",
-        "form\t4",
+        "form\t7",
         "type\t2",
         "name\t3",
         "edns\t2",
@@ -805,7 +802,7 @@ def test_in_a_namespace_each_refusal_is_one_line_the_host_reads(front_run):
 
 def test_in_a_namespace_the_resolver_sees_the_front_as_its_client(front_run):
     """Only what passed the front reaches the resolver, from the front's own address: the host
-    keeps exactly those queries (the proxy's come from another)."""
+    keeps exactly those queries (the proxy's lookups pass the front too)."""
     events = parse_dns_log(front_run["log"], clients=(DNS_FRONT_SOURCE,))
 
     seen = [(e.name, e.qtype) for e in events]
@@ -819,6 +816,7 @@ def test_in_a_namespace_the_resolver_sees_the_front_as_its_client(front_run):
         ("allowed.test", "AAAA"),
         ("a" * 40 + ".allowed.test", "A"),
         ("allowed.test", "A"),  # with a cookie
+        ("allowed.test", "A"),  # with a plain OPT record
     ]
     # The readiness probes first (listed A queries), then the queries that passed, in order.
     assert seen[-len(passed) :] == passed

@@ -2,13 +2,16 @@
 
 Its DNS front and the resolver behind it are pointed at UDP sockets on 127.0.0.1 that the test
 controls, its proxy check at local TCP servers that behave as a proxy would (or would not), its
-connection check at local ports that are closed or listening. Nothing leaves 127.0.0.0/8.
+connection check at local ports that are closed or listening. Nothing leaves 127.0.0.0/8. As
+root, the check of the resolver's port runs as an unprivileged uid in a throwaway network
+namespace next to a real dnsmasq, with the port the gateway uses and the one it used before.
 """
 
 from __future__ import annotations
 
 import errno
 import importlib.util
+import json
 import shutil
 import socket
 import ssl
@@ -24,8 +27,10 @@ from types import ModuleType
 
 import pytest
 
-from kapsis.network.gateway_layout import RESOLVER_PORT
+from kapsis.network.gateway_layout import RESOLVER_PORT, UNPRIVILEGED_PORT_START
 from kapsis.network.observe import SELFTEST_INTERNAL, SELFTEST_NAME, SELFTEST_PORT
+
+from .netgw import DNS_SOURCE, DNSMASQ, netns
 
 SCRIPT = Path(str(resources.files("kapsis.network") / "gateway" / "selftest.py"))
 
@@ -43,14 +48,17 @@ Responder = Callable[[bytes], list[bytes]]
 
 
 @pytest.fixture
-def udp_server() -> Iterator[Callable[[Responder], tuple[tuple[str, int], list[bytes]]]]:
-    """Local UDP servers answering with a responder: (address, packets received)."""
+def udp_server() -> Iterator[Callable[..., tuple[tuple[str, int], list[bytes]]]]:
+    """Local UDP servers answering with a responder: (address, packets received); ``reuse``:
+    with SO_REUSEADDR."""
     stop = threading.Event()
     threads: list[threading.Thread] = []
     sockets: list[socket.socket] = []
 
-    def start(responder: Responder) -> tuple[tuple[str, int], list[bytes]]:
+    def start(responder: Responder, reuse: bool = False) -> tuple[tuple[str, int], list[bytes]]:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        if reuse:  # SO_REUSEADDR, as dnsmasq's sockets
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         sock.settimeout(0.05)
         received: list[bytes] = []
@@ -92,9 +100,32 @@ def fake_front(selftest, udp_server, monkeypatch):
 
 
 def _closed_udp_port() -> tuple[str, int]:
+    """A port nothing listens on: free to bind, too."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()
+
+
+@pytest.fixture
+def held_udp_port() -> Iterator[Callable[..., tuple[str, int]]]:
+    """Ports on 127.0.0.1 held by a UDP socket of this process, with SO_REUSEADDR (as dnsmasq's
+    sockets) or without. ``answers=False``: the socket is connected elsewhere, so a query to the
+    port finds no socket and is refused at once (as a resolver the firewall rejects)."""
+    sockets: list[socket.socket] = []
+
+    def hold(*, reuse: bool, answers: bool = False) -> tuple[str, int]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sockets.append(sock)
+        if reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        if not answers:
+            sock.connect(_closed_udp_port())
+        return sock.getsockname()
+
+    yield hold
+    for sock in sockets:
+        sock.close()
 
 
 def _reply(query: bytes, rcode: int, ident: int | None = None) -> bytes:
@@ -222,7 +253,7 @@ def test_resolver_answers_gives_the_response_code(selftest, fake_front):
 
 
 def test_the_internal_resolver_is_the_gateways(selftest):
-    assert selftest.INTERNAL_RESOLVER == ("127.0.0.1", RESOLVER_PORT)
+    assert selftest.INTERNAL_RESOLVER == ("127.0.0.1", RESOLVER_PORT) == ("127.0.0.1", 54)
     assert SELFTEST_INTERNAL == ("127.0.0.1", "udp", RESOLVER_PORT)  # discounted by the host
     assert selftest.NOT_LISTED == SELFTEST_NAME
 
@@ -248,6 +279,138 @@ def test_an_internal_resolver_that_answers_fails(selftest, udp_server, monkeypat
     assert selftest.internal_resolver_closed() == (
         "the resolver behind the DNS front answered another uid (response code 3)"
     )
+
+
+PORT_TAKEN = "another uid could bind the resolver's port (and answer for it)"
+
+
+def test_a_resolver_port_this_uid_cannot_bind_passes(selftest, held_udp_port, monkeypatch):
+    # Held without SO_REUSEADDR: the bind is refused (EADDRINUSE), as EACCES is in the gateway.
+    monkeypatch.setattr(selftest, "INTERNAL_RESOLVER", held_udp_port(reuse=False))
+
+    assert selftest.resolver_port_taken() is None
+
+
+def test_a_resolver_port_shared_with_so_reuseaddr_fails(selftest, held_udp_port, monkeypatch):
+    """The attack: the resolver's sockets set SO_REUSEADDR, so any uid that may bind the port at
+    all may bind it beside them (and take its queries); the check shares the port the same way."""
+    monkeypatch.setattr(selftest, "INTERNAL_RESOLVER", held_udp_port(reuse=True))
+
+    assert selftest.resolver_port_taken() == PORT_TAKEN
+
+
+def test_a_free_resolver_port_fails_and_is_left_free(selftest, monkeypatch):
+    address = _closed_udp_port()
+    monkeypatch.setattr(selftest, "INTERNAL_RESOLVER", address)
+
+    assert selftest.resolver_port_taken() == PORT_TAKEN
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)  # the check's socket is closed again
+
+
+def test_a_refused_bind_passes_whatever_the_error(selftest, monkeypatch):
+    """EACCES, what the kernel says to an unprivileged uid below ip_unprivileged_port_start."""
+    attempts: list[tuple[str, int]] = []
+
+    class Refusing(socket.socket):
+        def bind(self, address: object) -> None:
+            attempts.append(address)  # type: ignore[arg-type]
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(selftest.socket, "socket", Refusing)
+
+    assert selftest.resolver_port_taken() is None
+    assert attempts == [("127.0.0.1", RESOLVER_PORT)]
+
+
+# As an unprivileged uid without capabilities, in the namespace: the self-test's own check and
+# a bind of its own (SO_REUSEADDR, as the check) on each port of argv[2:]; when the bind works,
+# whether a query sent to the port then reaches this socket instead of the resolver's.
+ATTACKER = f"""
+{DNS_SOURCE}
+import importlib.util, json, os, socket, sys
+spec = importlib.util.spec_from_file_location("selftest", sys.argv[1])
+selftest = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(selftest)
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+out = {{"uid": os.getuid(), "caps": [int(status[key], 16) for key in ("CapPrm", "CapEff",
+        "CapAmb")], "ports": {{}}}}
+for port in map(int, sys.argv[2:]):
+    selftest.INTERNAL_RESOLVER = ("127.0.0.1", port)
+    seen = out["ports"][port] = {{"check": selftest.resolver_port_taken()}}
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as error:
+        seen["bind"] = error.errno
+        continue
+    seen["bind"] = "bound"
+    sock.settimeout(2)
+    _, packet = dns_packet("x.test")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.sendto(packet, ("127.0.0.1", port))
+        try:
+            seen["took_query"] = sock.recv(512) == packet
+        except OSError:
+            seen["took_query"] = False
+print(json.dumps(out))
+"""
+
+# Inside the namespace: waits until dnsmasq answers on each port of argv[1:].
+ANSWERING = f"""
+{DNS_SOURCE}
+import sys, time
+for port in map(int, sys.argv[1:]):
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            dns_query(port, "x.test", timeout=0.2)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+"""
+OLD_RESOLVER_PORT = 15053  # the unprivileged port the resolver listened on before
+
+
+@pytest.mark.parametrize("port_start", [UNPRIVILEGED_PORT_START, 0], ids=["pinned", "lowered"])
+def test_in_a_namespace_no_other_uid_can_bind_the_resolvers_port_beside_dnsmasq(port_start):
+    """The hijack the privileged port closes: dnsmasq (started as root, as in the gateway) holds
+    the port with SO_REUSEADDR; an unprivileged uid without capabilities binds the same port the
+    same way and the next query is its to answer. With the gateway's sysctl it cannot on port
+    54, and the self-test says so; on the old port 15053 it can (and takes the query), and so it
+    can on 54 where the runtime lowered ip_unprivileged_port_start (containerd 2: 0)."""
+    sysctl = shutil.which("sysctl") or shutil.which("/usr/sbin/sysctl")
+    if sysctl is None:
+        pytest.skip("sysctl is not installed")
+    setting = "net.ipv4.ip_unprivileged_port_start"
+    with netns(DNSMASQ) as namespace:
+        namespace.run([sysctl, "-w", f"{setting}={port_start}"])
+        assert namespace.run([sysctl, "-n", setting]).strip() == str(port_start)
+        for port in (RESOLVER_PORT, OLD_RESOLVER_PORT):
+            namespace.start(
+                [str(DNSMASQ), "--keep-in-foreground", "--pid-file=", "--conf-file=/dev/null",
+                 "--no-resolv", "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.1",
+                 f"--port={port}", "--address=/x.test/203.0.113.1", "--log-facility=-"],
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        ready = namespace.python(ANSWERING, str(RESOLVER_PORT), str(OLD_RESOLVER_PORT))
+        assert ready.returncode == 0, ready.stderr
+
+        result = namespace.python(
+            ATTACKER, str(SCRIPT), str(RESOLVER_PORT), str(OLD_RESOLVER_PORT), uid=1000
+        )
+
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["uid"] == 1000 and seen["caps"] == [0, 0, 0]
+    taken = {"check": PORT_TAKEN, "bind": "bound", "took_query": True}
+    assert seen["ports"][str(OLD_RESOLVER_PORT)] == taken  # the attack, on an unprivileged port
+    if port_start == UNPRIVILEGED_PORT_START:
+        assert seen["ports"][str(RESOLVER_PORT)] == {"check": None, "bind": errno.EACCES}
+    else:
+        assert seen["ports"][str(RESOLVER_PORT)] == taken
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,10 +635,11 @@ def test_a_timeout_is_not_a_refusal(selftest, monkeypatch):
 
 
 @pytest.fixture
-def gateway(selftest, fake_front, tcp_server, monkeypatch):
-    """A gateway that passes every check; a test then breaks one part."""
+def gateway(selftest, fake_front, tcp_server, held_udp_port, monkeypatch):
+    """A gateway that passes every check; a test then breaks one part. The resolver behind the
+    front: a port that refuses this uid's query and that this uid cannot bind."""
     received = fake_front(_front(selftest))
-    monkeypatch.setattr(selftest, "INTERNAL_RESOLVER", _closed_udp_port())
+    monkeypatch.setattr(selftest, "INTERNAL_RESOLVER", held_udp_port(reuse=False))
     port, _ = tcp_server(_close)
     monkeypatch.setattr(sys, "argv", ["selftest.py", UNUSED_LOOPBACK, str(port)])
     return received
@@ -506,6 +670,13 @@ def test_main_fails_when_a_null_query_is_answered(selftest, gateway, fake_front,
 
     assert selftest.main() == 1
     assert capsys.readouterr().out == "a NULL query was not refused (response code 0)\n"
+
+
+def test_main_fails_when_the_resolvers_port_can_be_bound(selftest, gateway, monkeypatch, capsys):
+    monkeypatch.setattr(selftest, "INTERNAL_RESOLVER", _closed_udp_port())  # closed, but free
+
+    assert selftest.main() == 1
+    assert capsys.readouterr().out == f"{PORT_TAKEN}\n"
 
 
 def test_main_fails_when_the_front_never_answers(selftest, gateway, monkeypatch, capsys):
@@ -548,7 +719,7 @@ def test_main_reports_every_failed_check_in_order(
     selftest, gateway, fake_front, udp_server, monkeypatch, capsys
 ):
     fake_front(_front(selftest, nxdomain=False))
-    internal, _ = udp_server(lambda q: [_reply(q, 3)])
+    internal, _ = udp_server(lambda q: [_reply(q, 3)], reuse=True)  # answers, and shares
     monkeypatch.setattr(selftest, "INTERNAL_RESOLVER", internal)
     monkeypatch.setattr(selftest, "proxy_refuses", lambda port, deadline: f"proxy {port} open")
     monkeypatch.setattr(selftest, "connection_refused", lambda address: f"{address} answered")
@@ -558,6 +729,7 @@ def test_main_reports_every_failed_check_in_order(
     assert capsys.readouterr().out.splitlines() == [
         "kapsis-selftest.invalid was not NXDOMAIN (response code 0)",
         "the resolver behind the DNS front answered another uid (response code 3)",
+        PORT_TAKEN,
         "proxy 15100 open",
         "192.0.2.1 answered",
     ]

@@ -207,7 +207,7 @@ def test_keep_id_maps_cover_the_namespace_once_but_for_reserved_ids():
         image = {
             i: o
             for start, ostart, n in spans
-            for i, o in zip(range(start, start + n), range(ostart, ostart + n))
+            for i, o in zip(range(start, start + n), range(ostart, ostart + n), strict=True)
         }
         assert image.get(agent) == (None if 0 in reserved else 0)
         assert not set(image.values()) & set(reserved)

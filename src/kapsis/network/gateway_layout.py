@@ -29,8 +29,9 @@ GATEWAY_UIDS = (RESOLVER_UID, PROXY_UID, DNS_FRONT_UID)
 # queries and answer them.) The gateway pins net.ipv4.ip_unprivileged_port_start at 1024.
 RESOLVER_PORT = 54
 UNPRIVILEGED_PORT_START = 1024
-# The DNS front's address for the resolver: its queries are told apart from the proxy's in the
-# resolver's log by this source address (all of 127.0.0.0/8 is local).
+# The DNS front's address toward the resolver: the resolver's log holds the queries that came
+# through the front (the agent's, and the proxy's lookups of the names the agent's connections
+# carried) under this source address, apart from anything else (all of 127.0.0.0/8 is local).
 DNS_FRONT_SOURCE = "127.0.0.2"
 # The proxy listens on PROXY_PORT_BASE + i for the i-th port that allowlisted names may reach.
 PROXY_PORT_BASE = 15100

@@ -111,7 +111,7 @@ def _lines(text: str) -> list[str]:
 
 def parse_dns_log(text: str, clients: tuple[str, ...] | None = None) -> list[DnsEvent]:
     """DNS decisions, one per query, in the order the queries arrived; only of queries from
-    ``clients`` when given (the proxy's own lookups come from another address)."""
+    ``clients`` when given (the gateway's: the DNS front's address)."""
     events: dict[str, DnsEvent] = {}
     for line in _lines(text):
         match = _LINE_RE.search(line)

@@ -22,6 +22,10 @@ from __future__ import annotations
 from kapsis.network.gateway_layout import PROXY_PORT_BASE, PROXY_UID
 from kapsis.network.policy import NetworkPolicy
 
+# The name as logged: the agent's bytes reduced to hostname characters (one log line is one
+# decision, whatever the name held); a name too long to be one is logged as none.
+_LOGGED = "var(txn.name),regsub([^a-z0-9._-],_,g)"
+
 # Headers some servers and frameworks take as the request's host instead of Host: removed, so the
 # checked Host is the only host a request names.
 HOST_OVERRIDES = (
@@ -75,7 +79,7 @@ def name_list_files(policy: NetworkPolicy) -> dict[str, str]:
 def _frontend(port: int, listen: int, config_dir: str, max_label: int) -> list[str]:
     names, domains = f"{config_dir}/proxy-{port}.names", f"{config_dir}/proxy-{port}.domains"
     log_format = (
-        f"kapsis-proxy %[var(sess.dst)] {port} %[var(sess.proto)] %[var(txn.name)]"
+        f"kapsis-proxy %[var(sess.dst)] {port} %[var(sess.proto)] %[var(txn.logged)]"
         " %[var(txn.verdict)] %ts %ST %U %B"
     )
     label = f"[a-z0-9_-]{{1,{max_label}}}"
@@ -97,6 +101,7 @@ def _frontend(port: int, listen: int, config_dir: str, max_label: int) -> list[s
         # Hostname characters, labels no longer than the DNS front allows: a name is refused as
         # it came, never cleaned into another one.
         f"  acl well_formed var(txn.name) -m reg ^({label}[.])*{label}$",
+        "  acl odd var(txn.name) -m reg [^a-z0-9._-]",  # a newline before $ passes the one above
         "  acl too_long var(txn.name) -m len 254:",
         f"  acl allowed var(txn.name) -m str -f {names}",
         f"  acl allowed var(txn.name) -m end -f {domains}",
@@ -104,11 +109,12 @@ def _frontend(port: int, listen: int, config_dir: str, max_label: int) -> list[s
         # TLS: the ClientHello's server name, checked, resolved, connected to.
         "  tcp-request content set-var(sess.proto) str(tls) if tls",
         "  tcp-request content set-var(txn.name) req.ssl_sni,lower if tls",
+        f"  tcp-request content set-var(txn.logged) {_LOGGED} if tls named !too_long",
         "  tcp-request content set-var(txn.verdict) str(no-name) if tls !named",
         "  tcp-request content reject if tls !named",
         "  tcp-request content set-var(txn.verdict) str(bad-name)"
-        " if tls !well_formed || tls too_long",
-        "  tcp-request content reject if tls !well_formed || tls too_long",
+        " if tls !well_formed || tls odd || tls too_long",
+        "  tcp-request content reject if tls !well_formed || tls odd || tls too_long",
         "  tcp-request content set-var(txn.verdict) str(not-allowed) if tls !allowed",
         "  tcp-request content reject if tls !allowed",
         "  tcp-request content do-resolve(txn.ip,gateway,ipv6) var(txn.name) if tls v6",
@@ -126,31 +132,36 @@ def _frontend(port: int, listen: int, config_dir: str, max_label: int) -> list[s
         # Anything else carries no name.
         "  tcp-request content set-var(txn.verdict) str(no-name)",
         "  tcp-request content reject",
-        "  http-request set-var(txn.verdict) str(connect-method) if METH_CONNECT",
-        "  http-request deny deny_status 403 if METH_CONNECT",
         # Exactly one Host header, exactly host[:port]; a comma, a second header or any other
         # character would let the server read another name than the one checked here.
         "  acl one_host req.fhdr_cnt(host) eq 1",
         "  acl host_form req.fhdr(host) -m reg -i ^[a-z0-9._-]+(:[0-9]{1,5})?$",
         "  http-request set-var(txn.name) req.fhdr(host),lower,regsub(:[0-9]+$,) if one_host",
+        f"  http-request set-var(txn.logged) {_LOGGED} if named !too_long",
+        "  http-request set-var(txn.verdict) str(connect-method) if METH_CONNECT",
+        "  http-request deny deny_status 403 if METH_CONNECT",
         "  http-request set-var(txn.verdict) str(no-name) if !named",
         "  http-request return status 403 content-type text/plain string"
         ' "kapsis gateway: the request names no host (one Host header)\\n" if !named',
         "  http-request set-var(txn.verdict) str(bad-name)"
-        " if !host_form || !well_formed || too_long",
+        " if !host_form || !well_formed || odd || too_long",
         "  http-request return status 403 content-type text/plain string"
         ' "kapsis gateway: the Host header is not a plain host name\\n"'
-        " if !host_form || !well_formed || too_long",
+        " if !host_form || !well_formed || odd || too_long",
         "  http-request set-var(txn.verdict) str(not-allowed) if !allowed",
         "  http-request return status 403 content-type text/plain lf-string"
         ' "kapsis gateway: the host %[var(txn.name)] is not on the allowlist for port'
         f' {port}\\n" if !allowed',
         # An upgrade hands the connection over unread: WebSocket only, to the checked host.
-        "  acl upgrade req.hdr(upgrade) -m found",
-        "  acl websocket req.hdr(upgrade) -i websocket",
-        "  http-request set-var(txn.verdict) str(upgrade) if upgrade !websocket",
+        # (whole header values: req.hdr would split "h2c, websocket" at the comma).
+        "  acl upgrade req.fhdr_cnt(upgrade) gt 0",
+        "  acl websocket req.fhdr_cnt(upgrade) eq 1",
+        "  acl websocket_only req.fhdr(upgrade) -m str -i websocket",
+        "  http-request set-var(txn.verdict) str(upgrade)"
+        " if upgrade !websocket || upgrade !websocket_only",
         "  http-request return status 403 content-type text/plain string"
-        ' "kapsis gateway: no protocol upgrade but WebSocket\\n" if upgrade !websocket',
+        ' "kapsis gateway: no protocol upgrade but WebSocket\\n"'
+        " if upgrade !websocket || upgrade !websocket_only",
         # Headers that servers and their frameworks take as the host in place of Host.
         *(f"  http-request del-header {header}" for header in HOST_OVERRIDES),
         "  http-request do-resolve(txn.ip,gateway,ipv6) var(txn.name) if v6",

@@ -131,9 +131,10 @@ class _LogReader:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return ""
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return ""
         with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return ""
             data = handle.read(MAX_GATEWAY_LOG_BYTES + 1)
         if len(data) > MAX_GATEWAY_LOG_BYTES:
             self.cut.append(path.name)
