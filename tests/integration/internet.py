@@ -289,15 +289,7 @@ def http_pipelined(
     """Send one GET per Host in ``hosts`` on one connection, all at once (pipelined), and return
     the status of every response that came back before the connection closed."""
     requests = "".join(f"GET /{i} HTTP/1.1\r\nHost: {name}\r\n\r\n" for i, name in enumerate(hosts))
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(requests.encode())
-        data = b""
-        try:
-            while chunk := sock.recv(65536):
-                data += chunk
-        except TimeoutError:
-            pass
-    return [int(line.split()[1]) for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.")]
+    return http_raw(host, requests, port=port, timeout=timeout)
 
 
 def http_raw(host: str, request: str, *, port: int = 80, timeout: float = 3.0) -> list[int]:

@@ -313,6 +313,25 @@ while True:
 """
 
 
+DNSMASQ_COMMON = [str(DNSMASQ), "--keep-in-foreground", "--pid-file="]
+
+
+def upstream_dnsmasq(port: int, log: Path, options: Sequence[str]) -> list[str]:
+    """A dnsmasq playing the upstream resolver on 127.0.0.1:``port``: only what ``options``
+    (``--address=/NAME/ADDRESS`` ...) say, NXDOMAIN for the rest, every query logged."""
+    return [
+        *DNSMASQ_COMMON,
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address=127.0.0.1",
+        f"--port={port}",
+        f"--log-facility={log}",
+        *options,
+    ]
+
+
 class DnsChain:
     """The gateway's DNS as rendered for ``policy``, running in ``namespace`` as root: the front
     (dnsdist) on 127.0.0.1:53, the resolver (dnsmasq, without its root-only lines) on its own
@@ -341,21 +360,10 @@ class DnsChain:
         (folder / "dnsmasq.conf").write_text(
             runnable_resolver_config(policy, RESOLVER_PORT, self.log)
         )
-        common = [str(DNSMASQ), "--keep-in-foreground", "--pid-file="]
         namespace.start(
-            [
-                *common,
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                f"--port={UPSTREAM_DNS_PORT}",
-                f"--log-facility={folder / 'upstream.log'}",
-                *upstream_options,
-            ]
+            upstream_dnsmasq(UPSTREAM_DNS_PORT, folder / "upstream.log", upstream_options)
         )
-        self.resolver = namespace.start([*common, f"--conf-file={folder / 'dnsmasq.conf'}"])
+        self.resolver = namespace.start([*DNSMASQ_COMMON, f"--conf-file={folder / 'dnsmasq.conf'}"])
         with (folder / "dnsdist.out").open("wb") as out:
             self.front = namespace.start(
                 [

@@ -37,6 +37,7 @@ from .netgw import (
     AAAA,
     DNS_SOURCE,
     DNSMASQ,
+    DNSMASQ_COMMON,
     NFT,
     NOERROR,
     REPRESENTATIVE,
@@ -45,6 +46,7 @@ from .netgw import (
     chain,
     make_policy,
     netns,
+    upstream_dnsmasq,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -292,24 +294,17 @@ def in_netns(tmp_path_factory) -> dict[str, Any]:
     config = dnsmasq_config(policy, policy.dns_servers, str(folder / "dns.log")).splitlines()
     config = [line for line in config if not line.startswith(("user=", "group="))]
     (folder / "resolver.conf").write_text("\n".join(config) + "\n")
-    common = [str(DNSMASQ), "--keep-in-foreground", "--pid-file="]
+    records = [*NETNS_RECORDS.items(), *NETNS_RECORDS6.items()]
     with netns(NFT, DNSMASQ) as namespace:
         namespace.run([str(NFT), "-f", str(folder / "rules.nft")])
         namespace.start(
-            [
-                *common,
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--port=5300",
-                f"--log-facility={folder / 'upstream.log'}",
-                *[f"--address=/{name}/{address}" for name, address in NETNS_RECORDS.items()],
-                *[f"--address=/{name}/{address}" for name, address in NETNS_RECORDS6.items()],
-            ]
+            upstream_dnsmasq(
+                5300,
+                folder / "upstream.log",
+                [f"--address=/{name}/{address}" for name, address in records],
+            )
         )
-        namespace.start([*common, f"--conf-file={folder / 'resolver.conf'}"])
+        namespace.start([*DNSMASQ_COMMON, f"--conf-file={folder / 'resolver.conf'}"])
         queries = [(name, 1) for name in NETNS_RECORDS]
         queries += [(name, AAAA) for name in NETNS_RECORDS6]
         # As the DNS front: the firewall lets no other uid reach the resolver's port.
