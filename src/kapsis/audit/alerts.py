@@ -5,6 +5,11 @@ already redacted) and raises an alert with a severity. Alerts go to
 ``~/.kapsis/audit/AGENT_ID.alerts.jsonl``, into the audit chain itself (event ``alert``, source
 ``host``) and into the status. :data:`RULES` names each rule, its severity and what fires it
 (the README's table lists the same).
+
+The commands come from the agent, so no rule may backtrack catastrophically: ``rm`` is judged on
+the command's words in one pass (over at most :data:`MAX_COMMAND`), and the patterns have no
+nested or adjacent ambiguous repetition; the few that may rescan a word read at most
+:data:`MAX_PATTERN_INPUT`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from typing import Any, Literal
 
 Severity = Literal["medium", "high"]
 CREDENTIAL_WINDOW_SECONDS = 120.0
+# What of a command the rules read (a longer one is judged on its start): the word rules all of
+# it, the patterns (some of which may rescan a word, at worst in quadratic time) its first part.
+MAX_COMMAND = 64 * 1024
+MAX_PATTERN_INPUT = 8 * 1024
 
 _SENSITIVE = re.compile(
     r"(~|\$HOME|/home/\w+|/root)?/?\.ssh\b|\.aws\b|(^|[\s/'\"])\.env\b|\bid_(rsa|ed25519|ecdsa)"
@@ -26,13 +35,26 @@ _SENSITIVE = re.compile(
 )
 _NETWORK_TOOL = re.compile(r"\b(curl|wget|nc|ncat|ssh|scp|rsync|http)\b")
 _URL_HOST = re.compile(r"\b(?:https?|ftp)://([^/\s:'\"]+)|@([A-Za-z0-9.-]+\.[A-Za-z]{2,}):")
-_MASS_DELETE = re.compile(
-    r"\brm\s+(-[a-zA-Z]*[rR][a-zA-Z]*\s+)+(-[a-zA-Z]+\s+)*(/|~|\*|/workspace/?|\.|\$HOME)(\s|$)"
-    r"|\bgit\s+clean\s+-[a-zA-Z]*x|\bfind\b.*\s-delete\b"
-)
+# Where a simple command ends: the rules look at each one on its own.
+_COMMAND_SEPARATORS = re.compile(r"[;&|\n()`]|\$\(")
+# Words that run the command after them (with their own options) and can be looked through.
+_WRAPPERS = frozenset({"sudo", "doas", "env", "command", "builtin", "exec", "nohup", "nice",
+                       "time", "xargs", "timeout", "stdbuf", "ionice"})  # fmt: skip
+# rm -r of these is the whole of something: the root, a home, the workspace, the directory.
+_WHOLE_TREES = frozenset({
+    "/", "/*", "~", "~/", "~/*", "*", ".*", ".", "./", "./*", "..", "../", "../*",
+    "$HOME", "$HOME/", "$HOME/*", "${HOME}", "${HOME}/", "${HOME}/*",
+    "/workspace", "/workspace/", "/workspace/*", "/home", "/home/", "/root", "/root/",
+})  # fmt: skip
+_HOME_DIR = re.compile(r"/home/[^/\s]+/?")
+_GIT_CLEAN_X = re.compile(r"\bgit\s+clean\s+-[a-zA-Z]*x")
+_FIND_DELETE = re.compile(r"\bfind\s[^;&|]*\s-delete\b")
 _GATEWAY = re.compile(
     r"\bnft\s|\biptables\b|\bip6?tables\b|\bip\s+(-\d\s+)?(route|link|addr)\s+(del|add|flush|set)"
-    r"|\b(pkill|killall)\s+(-\d+\s+)?(dnsmasq|dnsdist|haproxy)|/etc/resolv\.conf"
+    r"|\b(pkill|killall)\s+(-\d+\s+)?(dnsmasq|dnsdist|haproxy)"
+    # Writing resolv.conf (reading it is harmless): a redirection, tee, or an in-place edit.
+    r"|>\s*/etc/resolv\.conf|\btee\s[^;&|]*/etc/resolv\.conf|\bsed\s[^;&|]*-i[^;&|]*/etc/resolv\.conf"
+    r"|\b(cp|mv|ln|install)\s[^;&|]*\s/etc/resolv\.conf\s*($|[;&|])"
 )
 _PIPE_TO_SHELL = re.compile(r"\b(curl|wget)\b[^|]*\|\s*(sudo\s+)?(ba|z|da)?sh\b")
 # A shell's trace shows a pipeline as its commands one by one: a download, then a bare shell.
@@ -56,7 +78,8 @@ RULES: dict[str, tuple[Severity, str]] = {
     ),
     "mass_deletion": (
         "high",
-        "rm -r of /, ~, * or the whole workspace; git clean -x; find ... -delete",
+        "rm -r of /, a home (~, $HOME, /home/NAME, /root), *, . or .. or the whole workspace "
+        "(also behind sudo, env, timeout ...); git clean -x; find ... -delete",
     ),
     "gateway_tampering": (
         "high",
@@ -81,6 +104,36 @@ class Alert:
     seq: int
     message: str
     evidence: str
+
+
+def _unquoted(word: str) -> str:
+    return word.replace("'", "").replace('"', "")
+
+
+def _deletes_a_whole_tree(command: str) -> bool:
+    """Whether a simple command of ``command`` is ``rm -r`` of a whole tree (see _WHOLE_TREES),
+    looked through sudo, env and the like. Linear: one pass over the words."""
+    for simple in _COMMAND_SEPARATORS.split(command):
+        words = [_unquoted(word) for word in simple.split()]
+        while words and (words[0] in _WRAPPERS or "=" in words[0] or words[0].startswith("-")):
+            words.pop(0)  # a wrapper, its options, VAR=value
+            while words and (words[0].startswith("-") or words[0].isdigit()):
+                words.pop(0)
+        if not words or words[0].rsplit("/", 1)[-1] != "rm":
+            continue
+        recursive, targets, options_end = False, [], False
+        for word in words[1:]:
+            if not options_end and word == "--":
+                options_end = True
+            elif not options_end and word.startswith("--"):
+                recursive = recursive or word == "--recursive"
+            elif not options_end and word.startswith("-") and len(word) > 1:
+                recursive = recursive or "r" in word or "R" in word
+            else:
+                targets.append(word)
+        if recursive and any(t in _WHOLE_TREES or _HOME_DIR.fullmatch(t) for t in targets):
+            return True
+    return False
 
 
 def _command_of(record: dict[str, Any]) -> str | None:
@@ -122,6 +175,8 @@ class AlertEngine:
         command = _command_of(record)
         if command is None:
             return []
+        whole_tree = _deletes_a_whole_tree(command[:MAX_COMMAND])
+        command = command[:MAX_PATTERN_INPUT]
         now = time.monotonic() if now is None else now
         seq = int(record.get("seq", 0))
         evidence = command[:300]
@@ -143,7 +198,7 @@ class AlertEngine:
                 "high",
                 f"a network request to {foreign[0]} right after a credential access",
             )
-        if _MASS_DELETE.search(command):
+        if whole_tree or _GIT_CLEAN_X.search(command) or _FIND_DELETE.search(command):
             raise_("mass_deletion", "high", "a command that deletes a whole tree")
         if _GATEWAY.search(command):
             raise_("gateway_tampering", "high", "a command aimed at the network gateway")
