@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from kapsis.agents import find_profile
 from kapsis.backends import Backend, get_backend
 from kapsis.config.loader import LoadedConfig, load_config
 from kapsis.errors import ConfigError
+from kapsis.git.owner import remove_tree
 from kapsis.host.facts import probe_host
 from kapsis.sandbox import launcher
 from kapsis.sandbox.launcher import RunResult
@@ -255,7 +255,7 @@ def cleanup(
             workspace_cleanup.remove_worktree_of(sandbox_plan)
             if any(entry.startswith("branch ") for entry in item.removes):
                 workspace_cleanup.delete_branch(sandbox_plan, force=force)
-        shutil.rmtree(paths.sandbox_dir(item.agent_id), ignore_errors=True)
+        remove_tree(paths.sandbox_dir(item.agent_id), None)
         paths.transcript_path(item.agent_id).unlink(missing_ok=True)
         store.delete(item.agent_id)
     if agent_id is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,27 +98,56 @@ def _is_opaque(path: Path) -> bool:
 def from_upper(upper: Path) -> WorkspaceChanges:
     """The changes recorded in an overlay upper dir."""
     changes = WorkspaceChanges()
-    _walk_upper(upper, "", changes)
+    _walk_upper(upper, changes)
     return changes
 
 
-def _entries(
-    directory: Path, prefix: str, changes: WorkspaceChanges
-) -> Iterator[tuple[str, os.DirEntry[str], os.stat_result]]:
+Entry = tuple[str, os.DirEntry[str], os.stat_result]
+
+
+def _entries(directory: Path, prefix: str, changes: WorkspaceChanges) -> Iterator[Entry]:
     """The entries of ``directory`` in name order, with their workspace path and lstat.
 
     The top-level ``.git`` (the agent's git view) is skipped; a ``.git`` further down is
-    listed as unsupported and not descended into.
+    listed as unsupported and not descended into. The directory is read whole and closed at
+    once (a deep walk holds no directory open); one that cannot be read (too long a path, gone)
+    is listed as unsupported.
     """
-    with os.scandir(directory) as entries:
-        for entry in sorted(entries, key=lambda e: e.name):
-            if not prefix and entry.name == ".git":
-                continue
-            relative = _join(prefix, entry.name)
-            if entry.name.lower() == ".git":
-                changes.unsupported.append(relative)
-                continue
+    try:
+        with os.scandir(directory) as scanned:
+            entries = sorted(scanned, key=lambda e: e.name)
+    except OSError:
+        changes.unsupported.append(prefix or ".")
+        return
+    for entry in entries:
+        if not prefix and entry.name == ".git":
+            continue
+        relative = _join(prefix, entry.name)
+        if entry.name.lower() == ".git":
+            changes.unsupported.append(relative)
+            continue
+        try:
             yield relative, entry, entry.stat(follow_symlinks=False)
+        except OSError:
+            changes.unsupported.append(relative)
+
+
+def _walk(root: Path, changes: WorkspaceChanges) -> Iterator[tuple[Entry, Callable[[], None]]]:
+    """Every entry under ``root`` depth first in name order, as a recursive walk would give
+    them, but with a stack of its own: the agent chooses the depth. Each entry comes with a
+    ``descend`` to call for a directory whose entries should follow."""
+    stack = [_entries(root, "", changes)]
+    while stack:
+        found = next(stack[-1], None)
+        if found is None:
+            stack.pop()
+            continue
+        relative, entry, _ = found
+
+        def descend(path: str = entry.path, prefix: str = relative) -> None:
+            stack.append(_entries(Path(path), prefix, changes))
+
+        yield found, descend
 
 
 def _written(entry: os.DirEntry[str], st: os.stat_result) -> Written | None:
@@ -130,14 +159,14 @@ def _written(entry: os.DirEntry[str], st: os.stat_result) -> Written | None:
     return None
 
 
-def _walk_upper(directory: Path, prefix: str, changes: WorkspaceChanges) -> None:
-    for relative, entry, st in _entries(directory, prefix, changes):
+def _walk_upper(directory: Path, changes: WorkspaceChanges) -> None:
+    for (relative, entry, st), descend in _walk(directory, changes):
         if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
             changes.deleted.append(relative)
         elif stat.S_ISDIR(st.st_mode):
             if _is_opaque(Path(entry.path)):
                 changes.cleared.append(relative)
-            _walk_upper(Path(entry.path), relative, changes)
+            descend()
         elif (written := _written(entry, st)) is not None:
             changes.written[relative] = written
         else:
@@ -159,7 +188,7 @@ def from_worktree(worktree: Path, start_tree: dict[str, TreeEntry]) -> Workspace
     """The differences between a worktree's files and the start commit's tree."""
     changes = WorkspaceChanges()
     present: set[str] = set()
-    _walk_worktree(worktree, "", start_tree, changes, present)
+    _walk_worktree(worktree, start_tree, changes, present)
     for path, entry in start_tree.items():
         if path in present:
             continue
@@ -171,18 +200,17 @@ def from_worktree(worktree: Path, start_tree: dict[str, TreeEntry]) -> Workspace
 
 def _walk_worktree(
     directory: Path,
-    prefix: str,
     start_tree: dict[str, TreeEntry],
     changes: WorkspaceChanges,
     present: set[str],
 ) -> None:
-    for relative, entry, st in _entries(directory, prefix, changes):
+    for (relative, entry, st), descend in _walk(directory, changes):
         before = start_tree.get(relative)
         if stat.S_ISDIR(st.st_mode):
             if before is not None and before.mode == MODE_GITLINK:
                 present.add(relative)  # a checked-out submodule: its own repository
             else:
-                _walk_worktree(Path(entry.path), relative, start_tree, changes, present)
+                descend()
             continue
         written = _written(entry, st)
         if written is None:

@@ -91,14 +91,15 @@ def remove_tree(path: Path, owner: RepoOwner | None) -> None:
     """Delete ``path`` and all below it, never following a symlink.
 
     In an owner's home, which they may rearrange meanwhile (a symlink put where a parent
-    directory was would lead root's delete anywhere), it is deleted with their rights.
+    directory was would lead root's delete anywhere), it is deleted with their rights. The tree
+    may be the agent's, of any depth: ``rm`` walks it without recursion (Python's own rmtree
+    recurses, and ends in RecursionError, which no ``ignore_errors`` catches).
     """
+    command = ["rm", "-rf", "--one-file-system", "--", str(path)]
     if owner is not None:
-        owner.run(["rm", "-rf", "--", str(path)])
-    elif path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+        owner.run(command)
     else:
-        path.unlink(missing_ok=True)
+        subprocess.run(command, capture_output=True, check=False)
 
 
 def chown_tree(root: Path, uid: int, gid: int) -> None:

@@ -158,8 +158,8 @@ def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
         )
     if result.unsupported:
         outcome.notes.append(
-            "not committed (not a file or symlink, or a nested .git): "
-            + ", ".join(result.unsupported)
+            "not committed (not a file or symlink, a nested .git, or too deep to read): "
+            + _some_paths(result.unsupported)
         )
     if result.commit_sha is None:
         outcome.notes.append("the agent changed nothing; no commit")
@@ -252,3 +252,10 @@ def _push(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome, *, agent_succeede
         if code != 0:
             last = (output.strip().splitlines() or ["no output"])[-1]
             outcome.notes.append(f"git.post_push_hook exited {code}: {last}")
+
+
+def _some_paths(paths: list[str], count: int = 10, width: int = 200) -> str:
+    """A few of ``paths`` for a note: the agent chooses how many there are and how long."""
+    shown = [path if len(path) <= width else path[: width - 3] + "..." for path in paths[:count]]
+    more = f" and {len(paths) - count} more" if len(paths) > count else ""
+    return ", ".join(shown) + more

@@ -1,0 +1,62 @@
+"""A hostile agent's tree: thousands of levels deep, and many entries Kapsis cannot commit.
+
+The run still ends as it should: its work saved (what can be), a bounded note on the rest, the
+status final, the audit sealed, and no pod left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .kapsis_runner import Kapsis
+from .test_git_workflow import git
+
+pytestmark = pytest.mark.integration
+
+DEEP = (
+    'python3 -c "import os\n'
+    "os.makedirs('/workspace/out', exist_ok=True)\n"
+    "open('/workspace/out/result.txt', 'w').write('done\\\\n')\n"
+    "fd = os.open('/workspace', os.O_RDONLY)\n"
+    "for _ in range(3000):\n"
+    "    os.mkdir('d', dir_fd=fd); fd = os.open('d', os.O_RDONLY, dir_fd=fd)\n"
+    "for i in range(300):\n"
+    "    os.mkfifo('/workspace/out/pipe%d-' % i + 'x' * 200)\n"
+    '"'
+)
+
+
+def test_a_deep_tree_and_many_odd_files_end_in_a_saved_run(kapsis: Kapsis, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    git(project, "init", "-q", "-b", "main")
+    git(project, "config", "user.name", "Ada")
+    git(project, "config", "user.email", "ada@example.test")
+    (project / "README.md").write_text("# p\n")
+    git(project, "add", ".")
+    git(project, "commit", "-q", "-m", "initial")
+
+    result = kapsis.run(project, DEEP, "--network-mode", "none", "--json", "--agent-id", "deep1")
+
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome["exit_code"] == 0 and outcome["commit_sha"]
+    assert kapsis.status("deep1")["phase"] == "complete"
+    files = git(project, "ls-tree", "-r", "--name-only", outcome["commit_sha"]).splitlines()
+    assert "out/result.txt" in files  # control: the agent's real work is committed
+    note = next(n for n in outcome["notes"] if n.startswith("not committed"))
+    assert len(note) < 4000 and "more" in note  # 300 fifos and the deep tail, in a few lines
+    verified = kapsis("audit", "verify", "deep1")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    pods = subprocess.run(
+        ["podman", "pod", "exists", "kapsis-deep1"], capture_output=True, check=False
+    )
+    assert pods.returncode != 0
+    # Cleanup removes the deep tree too (Python's rmtree would recurse past its limit).
+    cleaned = kapsis("cleanup", "--agent", "deep1", "--force")
+    assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+    assert not (kapsis.home / "sandboxes" / "deep1").exists()
