@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,14 @@ from .kapsis_runner import Kapsis
 from .test_git_workflow import git
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def remove_deep_trees(tmp_path: Path) -> Iterator[None]:
+    """pytest's own clean-up of its temporary directories recurses: whatever the test left
+    (a failed run keeps its sandbox) goes with rm first."""
+    yield
+    subprocess.run(["rm", "-rf", "--", str(tmp_path)], check=False)
 
 DEEP = (
     'python3 -c "import os\n'

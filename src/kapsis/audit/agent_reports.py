@@ -35,6 +35,11 @@ SOCKET_TARGET = "/run/kapsis/audit.sock"
 REPORTER_TARGET = "/run/kapsis/report-shell.py"
 MAX_LINE = 16 * 1024
 MAX_RECORDS = 100_000
+# A report nested deeper than this is not taken apart (every later step would have to recurse
+# on it): it is kept as text.
+MAX_DEPTH = 32
+# Dropped reports recorded one by one (with the reason); past this, counted only.
+MAX_DROPS_RECORDED = 100
 # Hook events about one tool call; their payloads name the tool and its input.
 TOOL_HOOKS = frozenset({"PreToolUse", "PostToolUse", "PostToolUseFailure"})
 
@@ -46,14 +51,52 @@ def install_shell_reporter(path: Path) -> None:
     path.chmod(0o644)
 
 
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _nesting(text: str) -> int:
+    """How deep ``text``'s brackets go, strings skipped; linear, no parser involved."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _parsed(text: str) -> dict[str, Any] | None:
+    """A reported JSON object, or None: not one, numbers JSON does not have (NaN, Infinity),
+    or nested past MAX_DEPTH (checked before parsing)."""
+    if _nesting(text) > MAX_DEPTH:
+        return None
+    try:
+        reported = json.loads(text, parse_constant=_not_json)
+    except (ValueError, RecursionError):
+        return None
+    return reported if isinstance(reported, dict) else None
+
+
 def report_detail(line: bytes, redactor: Redactor) -> tuple[str, dict[str, Any]]:
     """(event_type, detail) of one reported line."""
     text = line.decode("utf-8", errors="replace").rstrip("\r\n")
     if text.startswith("{"):
-        try:
-            reported = json.loads(text)
-        except ValueError:
-            reported = None
+        reported = _parsed(text)
+        if reported is None:
+            # Kept as the text it is: a report, not a command (it starts like an object).
+            return "agent_report", {"text": redactor.text(text), "unparsed": True}
         if isinstance(reported, dict):
             hook = reported.get("hook_event_name")
             if hook in TOOL_HOOKS and isinstance(reported.get("tool_name"), str):
@@ -94,6 +137,7 @@ class AgentReportServer:
         self._wake_read, self._wake_write = os.pipe()
         self._thread: threading.Thread | None = None
         self.records = 0
+        self.dropped = 0
 
     @staticmethod
     def _bind(path: Path) -> socket.socket:
@@ -126,6 +170,9 @@ class AgentReportServer:
             os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        if self.dropped > MAX_DROPS_RECORDED:
+            with contextlib.suppress(Exception):
+                self.log.record("agent_report_dropped", reason="total", dropped=self.dropped)
         if self.on_stop is not None:
             self.on_stop()
 
@@ -177,8 +224,25 @@ class AgentReportServer:
         selector.close()
 
     def _record(self, line: bytes) -> None:
-        if not line.strip() or self.records >= MAX_RECORDS:
+        """Record one line; a line that cannot be recorded is dropped and said, and the
+        recording goes on (one bad report never ends it)."""
+        if not line.strip():
             return
+        if self.records >= MAX_RECORDS:
+            self._drop(f"more than {MAX_RECORDS} reports")
+            return
+        try:
+            self._record_line(line)
+        except Exception as error:  # the agent chose the bytes: whatever they do, go on
+            self._drop(f"{type(error).__name__} while recording a report")
+
+    def _drop(self, reason: str) -> None:
+        self.dropped += 1
+        if self.dropped <= MAX_DROPS_RECORDED:
+            with contextlib.suppress(Exception):
+                self.log.record("agent_report_dropped", reason=reason, dropped=self.dropped)
+
+    def _record_line(self, line: bytes) -> None:
         event_type, detail = report_detail(line, self.redactor)
         self.records += 1
         record = self.log.record(event_type, source="agent", **detail)
