@@ -66,8 +66,8 @@ def _elements(values: Iterable[str]) -> str:
     return f" elements = {{ {', '.join(items)} }};" if items else ""
 
 
-def _set_of(values: Iterable[int | str]) -> str:
-    items = sorted(set(values), key=lambda value: (str(type(value)), value))
+def _set_of(values: Iterable[int]) -> str:
+    items = sorted(set(values))
     return str(items[0]) if len(items) == 1 else "{ " + ", ".join(map(str, items)) + " }"
 
 

@@ -8,7 +8,6 @@ the firewall (:mod:`kapsis.network.firewall`), the DNS front and the resolver
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping
 
 from kapsis.network.firewall import nft_ruleset
@@ -19,23 +18,11 @@ from kapsis.network.gateway_layout import (
     DNS_REFUSED_LOG,
     LOG_TARGET,
 )
-from kapsis.network.policy import NetworkPolicy, parse_address
+from kapsis.network.policy import PROBE_CANDIDATES, NetworkPolicy, probe_address
 from kapsis.network.proxy import name_list_files, proxy_config, proxy_ports
 from kapsis.network.resolver import dns_front_config, dnsmasq_config
 
-# Candidates for the self-test's "an address not on the allowlist": documentation ranges,
-# never routed on the internet, so even a broken gateway sends nothing anywhere real.
-PROBE_CANDIDATES = ("192.0.2.1", "198.51.100.1", "203.0.113.254")
-
-
-def probe_address(policy: NetworkPolicy) -> str:
-    """An address the policy does not allow, for the self-test to connect to."""
-    allowed = [parse_address(rule.pattern)[0] for rule in policy.addresses()]
-    for candidate in PROBE_CANDIDATES:
-        address = ipaddress.ip_address(candidate)
-        if not any(address in network for network in allowed):
-            return candidate
-    raise ValueError("every self-test probe address is allowlisted")
+__all__ = ["PROBE_CANDIDATES", "gateway_config_files", "probe_address"]
 
 
 def gateway_config_files(

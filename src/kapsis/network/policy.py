@@ -153,6 +153,21 @@ def parse_address(entry: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Net
     return ipaddress.ip_network(host, strict=False), port
 
 
+# Candidates for the gateway self-test's "an address not on the allowlist": documentation ranges,
+# never routed on the internet, so even a broken gateway sends nothing anywhere real.
+PROBE_CANDIDATES = ("192.0.2.1", "198.51.100.1", "203.0.113.254")
+
+
+def probe_address(policy: NetworkPolicy) -> str:
+    """An address the policy does not allow, for the self-test to connect to."""
+    allowed = [parse_address(rule.pattern)[0] for rule in policy.addresses()]
+    for candidate in PROBE_CANDIDATES:
+        address = ipaddress.ip_address(candidate)
+        if not any(address in network for network in allowed):
+            return candidate
+    raise ValueError("every self-test probe address is allowlisted")
+
+
 class PolicyBuilder:
     """Collects entries from their sources and merges the ports of repeated patterns."""
 

@@ -30,7 +30,6 @@ from kapsis.errors import (
     KapsisError,
     SandboxStartError,
 )
-from kapsis.sandbox.network_record import record_network
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.save_work import WorkOutcome, save_work
 from kapsis.secrets.redact import Redactor
@@ -316,6 +315,9 @@ def finish(
     store.update(plan.agent_id, **redactor.value(work.status_fields()))
     if plan.network.gateway is not None:
         try:
+            # Only filtered runs read the gateway's logs: its parsers load here, not at start-up.
+            from kapsis.sandbox.network_record import record_network
+
             work.notes += record_network(plan, backend, store, audit, redactor)
         except (OSError, ValueError, KeyError) as problem:
             # The record of what the gateway saw must not keep the sandbox from being removed.

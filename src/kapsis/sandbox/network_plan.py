@@ -19,13 +19,14 @@ from kapsis.buildtools import allowlist_entries
 from kapsis.config.loader import LoadedConfig
 from kapsis.config.models import AllowlistSection, DnsSection, NetworkMode
 from kapsis.errors import ConfigError
-from kapsis.network.gateway_config import PROBE_CANDIDATES, probe_address
 from kapsis.network.policy import (
+    PROBE_CANDIDATES,
     DnsLimits,
     NetworkPolicy,
     PolicyBuilder,
     load_category,
     parse_address,
+    probe_address,
 )
 from kapsis.sandbox.plan_model import PlanModel
 
