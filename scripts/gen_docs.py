@@ -176,7 +176,8 @@ PRIMITIVE_NAMES: dict[Any, str] = {
 EXIT_CODE_NOTES: dict[str, str] = {
     "SUCCESS": "Success: the agent ran and exited 0 (or the command did what was asked).",
     "INTERRUPTED": "Interrupted (Ctrl-C) while `kapsis run` waited in the foreground; the "
-    "sandbox is stopped and removed.",
+    "sandbox is stopped and removed. Also the status of a run whose supervising host process "
+    "died (`error_type` `interrupted`, see [Status](#status)).",
 }
 
 REGION_RE = r"(<!-- BEGIN GENERATED: {name} -->\n)(.*?)(<!-- END GENERATED: {name} -->)"

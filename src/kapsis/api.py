@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from kapsis.config.loader import LoadedConfig, load_config
 from kapsis.errors import ConfigError
 from kapsis.git.owner import remove_tree
 from kapsis.host.facts import probe_host
-from kapsis.sandbox import launcher
+from kapsis.sandbox import interrupted, launcher
 from kapsis.sandbox.launcher import RunResult
 from kapsis.sandbox.network_plan import NetworkPlan, plan_network
 from kapsis.sandbox.plan import RunRequest, SandboxPlan, build_plan
@@ -149,6 +150,7 @@ def status(agent_id: str | None = None) -> list[AgentStatus]:
         if record is None:
             raise ConfigError(f"AGENT_ID {agent_id}: no such agent; `kapsis status` lists them")
         records = [record]
+    records = interrupted.settle(records, store)
     if any(r.backend == "k8s" and not r.finished for r in records):
         from kapsis.backends import kubernetes
 
@@ -188,6 +190,7 @@ class CleanupItem:
     phase: str
     removes: tuple[str, ...]
     kept: str | None = None  # why this agent was left alone
+    problems: tuple[str, ...] = ()  # what could not be removed, and why
 
 
 def cleanup(
@@ -242,25 +245,60 @@ def cleanup(
         return items
     backend = get_backend()
     cluster_ids = {r.agent_id for r in on_cluster}
+    done: list[CleanupItem] = []
     for item in items:
         if item.kept or item.agent_id in cluster_ids:
+            done.append(item)
             continue
-        current = store.read(item.agent_id)
-        if current is not None and not current.finished:
-            stop(item.agent_id)
-            _wait_finished(store, item.agent_id)
-        sandbox_plan = launcher.load_plan(item.agent_id)
-        if sandbox_plan is not None:
-            backend.remove(sandbox_plan)
-            workspace_cleanup.remove_worktree_of(sandbox_plan)
-            if any(entry.startswith("branch ") for entry in item.removes):
-                workspace_cleanup.delete_branch(sandbox_plan, force=force)
-        remove_tree(paths.sandbox_dir(item.agent_id), None)
-        paths.transcript_path(item.agent_id).unlink(missing_ok=True)
-        store.delete(item.agent_id)
+        problems = _remove_agent(store, backend, item, force=force)
+        done.append(dataclasses.replace(item, problems=tuple(problems)))
     if agent_id is None:
-        items += _cleanup_bases(store, set(), dry_run)
-    return items
+        done += _cleanup_bases(store, set(), dry_run)
+    return done
+
+
+def _remove_agent(
+    store: StatusStore, backend: Backend, item: CleanupItem, *, force: bool
+) -> list[str]:
+    """Remove what is left of one agent, each part on its own: a part that cannot go (its
+    project, worktree or remote deleted, a busy mount) is said and the rest still goes. The
+    status record goes last, and only when nothing is left, so a later cleanup finds the rest."""
+    from kapsis.workspace import cleanup as workspace_cleanup
+
+    problems: list[str] = []
+
+    def attempt(what: str, action: Callable[[], object]) -> None:
+        try:
+            action()
+        except Exception as problem:  # said, and the other parts still go
+            problems.append(f"{what}: {type(problem).__name__}: {problem}")
+
+    current = store.read(item.agent_id)
+    if current is not None and not current.finished:
+        attempt("stopping the agent", lambda: stop(item.agent_id))
+        _wait_finished(store, item.agent_id)
+    sandbox_plan: SandboxPlan | None = None
+    try:
+        sandbox_plan = launcher.load_plan(item.agent_id)
+    except ValueError as problem:
+        problems.append(f"its plan is unreadable ({problem}); its pod and worktree stay")
+    if sandbox_plan is not None:
+        plan = sandbox_plan
+        attempt(f"pod {plan.pod_name}", lambda: backend.remove(plan))
+        attempt("worktree", lambda: workspace_cleanup.remove_worktree_of(plan))
+        if plan.workspace.worktree and Path(plan.workspace.worktree).exists():
+            problems.append(f"worktree {plan.workspace.worktree} is still there")
+        if any(entry.startswith("branch ") for entry in item.removes):
+            attempt("branch", lambda: workspace_cleanup.delete_branch(plan, force=force))
+    sandbox = paths.sandbox_dir(item.agent_id)
+    attempt(str(sandbox), lambda: remove_tree(sandbox, None))
+    transcript = paths.transcript_path(item.agent_id)
+    attempt(str(transcript), lambda: transcript.unlink(missing_ok=True))
+    if sandbox.exists():
+        problems.append(f"{sandbox} is still there (a mount inside it may be busy)")
+    if not problems:
+        store.delete(item.agent_id)
+    return problems
 
 
 def _cleanup_bases(store: StatusStore, leaving: set[str], dry_run: bool) -> list[CleanupItem]:

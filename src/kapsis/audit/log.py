@@ -32,6 +32,7 @@ SEAL = "seal"
 CONTINUATION = "continuation"
 SESSION_START = "session_start"
 SESSION_END = "session_end"
+LOG_CUT = "log_cut"
 DEFAULT_SEAL_EVERY = 1000
 DEFAULT_SEAL_SECONDS = 60.0
 DEFAULT_ROTATE_BYTES = 64 * 1024**2
@@ -71,6 +72,19 @@ def _last_record(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def _torn_tail(descriptor: int, size: int) -> int:
+    """How many bytes after the file's last newline (0 when it ends with one)."""
+    end = size
+    while end > 0:
+        start = max(0, end - _TAIL_CHUNK)
+        chunk = os.pread(descriptor, end - start, start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            return size - (start + newline + 1)
+        end = start
+    return size
+
+
 class AuditLog:
     """Appends records to one agent's audit chain. ``record()`` is the only way in."""
 
@@ -100,6 +114,7 @@ class AuditLog:
         self._known_size = -1
         self._since_seal = 0
         self._last_seal = time.monotonic()
+        self._torn_bytes = 0
         self._handle: Any = None
         # The agent-report thread and the launcher write through one instance.
         self._thread_lock = threading.RLock()
@@ -171,6 +186,13 @@ class AuditLog:
         size = os.fstat(handle.fileno()).st_size
         if size == self._known_size and self._head is not None:
             return
+        torn = _torn_tail(handle.fileno(), size)
+        if torn:
+            # A writer died mid-record (killed, out of memory, disk full): its partial line is
+            # no record. It is cut off, and the next record says so, so the chain goes on.
+            size -= torn
+            os.ftruncate(handle.fileno(), size)
+            self._torn_bytes += torn
         last = _last_record(self.path)
         if last is None:
             # A new chain, or the continuation of a rotated one.
@@ -189,6 +211,10 @@ class AuditLog:
         self, handle: Any, event_type: str, source: str, detail: dict[str, Any]
     ) -> dict[str, Any]:
         self._refresh(handle)
+        if self._torn_bytes and event_type != LOG_CUT:
+            dropped, self._torn_bytes = self._torn_bytes, 0
+            reason = "a writer ended in the middle of a record; its partial line was removed"
+            self._append(handle, LOG_CUT, "host", {"dropped_bytes": dropped, "reason": reason})
         assert self._head is not None
         seq, prev_hash, session_id = self._head
         if event_type == SESSION_START or not session_id:
@@ -254,7 +280,7 @@ class _Locked:
         try:
             handle = self.log._handle
             if handle is None or handle.closed or not self.log.path.exists():
-                descriptor = os.open(self.log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                descriptor = os.open(self.log.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
                 handle = self.log._handle = os.fdopen(descriptor, "ab")
             fcntl.flock(handle, fcntl.LOCK_EX)
         except BaseException:

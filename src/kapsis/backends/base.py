@@ -82,6 +82,10 @@ class Backend(ABC):
     @abstractmethod
     def stop(self, agent_id: str, grace_seconds: int = 5) -> None: ...
 
+    def stop_unsupervised(self, agent_id: str) -> None:
+        """Stop a sandbox whose supervising host process died (nothing reads its output)."""
+        self.stop(agent_id, grace_seconds=0)
+
     @abstractmethod
     def logs(self, agent_id: str, *, follow: bool) -> Iterator[str]:
         """The agent's transcript, line by line."""

@@ -30,6 +30,7 @@ from kapsis.backends.podman_gateway import blocked_connections, gateway_run_args
 from kapsis.backends.transcript import (
     LOG_FIFO,
     TranscriptPump,
+    drain_fifo,
     follow_transcript,
     read_transcript,
 )
@@ -447,6 +448,14 @@ class PodmanBackend(Backend):
             what="podman pod stop",
             check=False,
         )
+
+    def stop_unsupervised(self, agent_id: str) -> None:
+        # conmon's log is a FIFO whose reader died with the supervisor: conmon then blocks
+        # opening it again, holding the container's lock, and every podman command on the pod
+        # hangs. A drain takes the reader's place until the pod has stopped. What it drains is
+        # dropped: the secret values that redact it died with the supervisor.
+        with drain_fifo(paths.sandbox_dir(agent_id) / LOG_FIFO):
+            self.stop(agent_id, grace_seconds=0)
 
     def logs(self, agent_id: str, *, follow: bool) -> Iterator[str]:
         transcript = paths.transcript_path(agent_id)

@@ -11,7 +11,10 @@ redacted text.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
+import stat
 import sys
 import threading
 import time
@@ -170,3 +173,40 @@ def _follow_raw_lines(
                 yield from rest.splitlines(keepends=True)
                 return
             time.sleep(poll_seconds)
+
+
+@contextlib.contextmanager
+def drain_fifo(fifo: Path) -> Iterator[None]:
+    """Read and drop whatever is written to ``fifo`` while the block runs (nothing when it is
+    not a FIFO). Opening the read end without blocking needs no writer."""
+    try:
+        descriptor = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        yield
+        return
+    if not stat.S_ISFIFO(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        yield
+        return
+    done = threading.Event()
+
+    def drain() -> None:
+        while not done.is_set():
+            ready, _, _ = select.select([descriptor], [], [], 0.1)
+            if ready:
+                try:
+                    if not os.read(descriptor, 65536):
+                        time.sleep(0.05)  # no writer at the moment: readable at end of file
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=drain, name="fifo-drain", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        os.close(descriptor)

@@ -370,9 +370,16 @@ def cleanup(
         if item.kept:
             print(f"kept {item.agent_id} ({item.phase}): {item.kept}")
             continue
+        if item.problems:
+            print(f"could not remove all of {item.agent_id} ({item.phase}):", file=sys.stderr)
+            for problem in item.problems:
+                print(f"  {problem}", file=sys.stderr)
+            continue
         print(f"{verb} {item.agent_id} ({item.phase}): {', '.join(item.removes)}")
     if not items:
         print("nothing to clean up")
+    if any(item.problems for item in items):
+        raise typer.Exit(int(ExitCode.SANDBOX_FAILED))
 
 
 @app.command()

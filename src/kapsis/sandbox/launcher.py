@@ -26,14 +26,15 @@ from kapsis.errors import (
     AgentKilledError,
     AgentTimeoutError,
     ExitCode,
+    GitWorkflowError,
     ImageError,
     KapsisError,
     SandboxStartError,
 )
 from kapsis.sandbox.plan import SandboxPlan
-from kapsis.sandbox.save_work import WorkOutcome, save_work
+from kapsis.sandbox.save_work import WorkOutcome, save_work, work_location
 from kapsis.secrets.redact import Redactor
-from kapsis.status import AgentStatus, StatusStore
+from kapsis.status import AgentStatus, StatusStore, liveness
 from kapsis.status.activity import ActivityRecorder
 from kapsis.status.store import utc_now
 
@@ -101,6 +102,7 @@ def initial_status(plan: SandboxPlan, backend: Backend) -> AgentStatus:
         start_commit=plan.git.start_commit,
         carried_commit=plan.git.carried_commit,
         work_location=plan.workspace.worktree or plan.workspace.upper,
+        supervisor=liveness.identify(os.getpid()),
     )
 
 
@@ -189,7 +191,10 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
         _record_delivery(plan, audit, delivery)
         # The supervisor takes over the listening socket, the transcript pipe and the values it
         # must redact, and carries on from here.
-        _spawn_supervisor(plan.agent_id, reports, sandbox.handover(), values)
+        supervisor = _spawn_supervisor(plan.agent_id, reports, sandbox.handover(), values)
+        # Named before this process returns: a reader must never see a run whose named
+        # supervisor has exited while the real one lives.
+        store.update(plan.agent_id, supervisor=liveness.identify(supervisor))
         if reports is not None:
             reports.listener.close()
         for fd in sandbox.handover():
@@ -310,7 +315,16 @@ def finish(
     audit.record("sandbox_exited", exit_code=exit_info.exit_code, oom_killed=exit_info.oom_killed)
     current = store.read(plan.agent_id)
     error = classify(plan, exit_info, stop_requested=bool(current and current.stop_requested))
-    work = save_work(plan, agent_succeeded=error is None)
+    # Each stage below runs whatever became of the one before: the run always ends with its
+    # final status, the audit's session_end and seal, and the sandbox removed.
+    try:
+        work = save_work(plan, agent_succeeded=error is None)
+    except Exception as problem:  # a bug or a hostile tree: said, never lost
+        work = WorkOutcome(branch=plan.git.branch, work_location=work_location(plan))
+        work.error = GitWorkflowError(
+            f"saving the agent's work failed ({type(problem).__name__}: {problem}); "
+            f"it is kept in {work.work_location}"
+        )
     _audit_work(audit, work)
     store.update(plan.agent_id, **redactor.value(work.status_fields()))
     if plan.network.gateway is not None:
@@ -319,10 +333,16 @@ def finish(
             from kapsis.sandbox.network_record import record_network
 
             work.notes += record_network(plan, backend, store, audit, redactor)
-        except (OSError, ValueError, KeyError) as problem:
+        except Exception as problem:
             # The record of what the gateway saw must not keep the sandbox from being removed.
             work.notes.append(f"could not read the gateway's records: {problem}")
-    backend.remove(plan)
+    try:
+        backend.remove(plan)
+    except Exception as problem:
+        work.notes.append(
+            f"could not remove the sandbox ({problem}); `kapsis cleanup --agent "
+            f"{plan.agent_id}` tries again"
+        )
     work.notes = [redactor.text(note) for note in work.notes]
     if error is None and work.error is not None:
         error = work.error
@@ -429,9 +449,9 @@ def _spawn_supervisor(
     reports: AgentReportServer | None,
     sandbox_fds: tuple[int, ...],
     values: dict[str, str],
-) -> None:
-    """Start the detached supervisor; what it takes over comes through its stdin (a pipe, so
-    the secret values it needs for redaction are never written anywhere)."""
+) -> int:
+    """Start the detached supervisor and return its pid; what it takes over comes through its
+    stdin (a pipe, so the secret values it needs for redaction are never written anywhere)."""
     log = paths.sandbox_dir(agent_id) / "supervisor.log"
     audit_fd = reports.listener.fileno() if reports is not None else None
     handover = {
@@ -452,3 +472,4 @@ def _spawn_supervisor(
     assert supervisor.stdin is not None
     supervisor.stdin.write(json.dumps(handover).encode())
     supervisor.stdin.close()
+    return supervisor.pid

@@ -74,7 +74,7 @@ def commit_message(plan: SandboxPlan) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def _work_location(plan: SandboxPlan) -> str:
+def work_location(plan: SandboxPlan) -> str:
     workspace = plan.workspace
     return (
         workspace.worktree
@@ -84,7 +84,7 @@ def _work_location(plan: SandboxPlan) -> str:
 
 
 def save_work(plan: SandboxPlan, *, agent_succeeded: bool) -> WorkOutcome:
-    outcome = WorkOutcome(branch=plan.git.branch, work_location=_work_location(plan))
+    outcome = WorkOutcome(branch=plan.git.branch, work_location=work_location(plan))
     if not plan.git.repository:
         outcome.notes.append(
             f"{plan.project} is not a git repository; the agent's changes are in "

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from kapsis import paths
 from kapsis.status.activity import AgentActivity
+from kapsis.status.liveness import Supervisor
 
 Phase = Literal[
     "initializing", "preparing", "starting", "running", "post_processing", "complete", "failed"
@@ -44,6 +46,16 @@ def utc_now() -> str:
 def parse_utc(stamp: str) -> float:
     """Epoch seconds of a timestamp written by :func:`utc_now`."""
     return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+FAULT_STOP_VARIABLE = "KAPSIS_TEST_STOP_AT_PHASE"
+
+
+def _fault_stop(phase: str) -> None:
+    """Fault injection for the tests: the process stops itself (SIGSTOP) once it has written
+    the phase named in KAPSIS_TEST_STOP_AT_PHASE, so a test can kill -9 it there."""
+    if os.environ.get(FAULT_STOP_VARIABLE) == phase:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 class AgentStatus(BaseModel):
@@ -85,6 +97,8 @@ class AgentStatus(BaseModel):
     # Backend "k8s": where the AgentRequest (named after the agent id) lives.
     namespace: str | None = None
     kube_context: str | None = None
+    # The host process that carries the run to its end (see kapsis.status.liveness).
+    supervisor: Supervisor | None = None
 
     @property
     def finished(self) -> bool:
@@ -106,7 +120,7 @@ class StatusStore:
         try:
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
                 handle.write(status.model_dump_json(indent=2))
-            os.chmod(temporary, 0o644)
+            os.chmod(temporary, 0o600)
             os.replace(temporary, self.path(status.agent_id))
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
@@ -114,13 +128,29 @@ class StatusStore:
 
     def update(self, agent_id: str, **changes: Any) -> AgentStatus:
         with self._locked():
+            return self._update(agent_id, changes)
+
+    def update_if(
+        self, agent_id: str, condition: Callable[[AgentStatus], bool], **changes: Any
+    ) -> AgentStatus | None:
+        """Apply ``changes`` only if the record, read under the lock, meets ``condition``;
+        returns the new record, or None when nothing changed."""
+        with self._locked():
             current = self.read(agent_id)
-            if current is None:
-                raise KeyError(agent_id)
-            if "phase" in changes and "progress" not in changes:
-                changes["progress"] = PHASE_PROGRESS.get(changes["phase"], current.progress)
-            updated = current.model_copy(update={**changes, "updated_at": utc_now()})
-            self.write(updated)
+            if current is None or not condition(current):
+                return None
+            return self._update(agent_id, changes)
+
+    def _update(self, agent_id: str, changes: dict[str, Any]) -> AgentStatus:
+        current = self.read(agent_id)
+        if current is None:
+            raise KeyError(agent_id)
+        if "phase" in changes and "progress" not in changes:
+            changes["progress"] = PHASE_PROGRESS.get(changes["phase"], current.progress)
+        updated = current.model_copy(update={**changes, "updated_at": utc_now()})
+        self.write(updated)
+        if "phase" in changes:
+            _fault_stop(updated.phase)
         return updated
 
     @contextlib.contextmanager

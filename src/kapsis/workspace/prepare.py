@@ -24,6 +24,8 @@ def plan_repo(plan: SandboxPlan) -> Repo | None:
     git = plan.git
     if not git.repository or git.git_dir is None or git.common_dir is None:
         return None
+    if not Path(git.common_dir).is_dir():
+        return None  # the project (or its repository) was deleted since
     return Repo(Path(plan.project), Path(git.git_dir), Path(git.common_dir))
 
 
