@@ -250,3 +250,22 @@ def test_init_script_is_shipped_and_valid_sh():
     assert shell is not None
     assert subprocess.run([shell, "-n", str(script)], check=False).returncode == 0
     assert 'exec "$@"' in script.read_text()
+
+
+def test_the_transcript_stops_growing_at_its_cap_and_says_how_much_was_cut(tmp_path):
+    fifo = tmp_path / "log.fifo"
+    transcript = tmp_path / "transcript.log"
+    pump = TranscriptPump.open(fifo, transcript, Redactor(()), echo=False)
+    pump.max_bytes = 4096
+    pump.start()
+    line = "x" * 100
+    with open(fifo, "w") as conmon:
+        for index in range(1000):  # about 130 KB: far past the cap, and conmon is never blocked
+            conmon.write(f"T{index} stdout F {line}\n")
+    pump.finish()
+
+    text = transcript.read_text()
+    assert len(text.encode()) < 4096 + 200
+    assert pump.dropped_bytes > 100_000
+    assert text.splitlines()[-1].endswith(f"{pump.dropped_bytes} more were dropped]")
+    assert "the transcript was cut at 4096 bytes" in text

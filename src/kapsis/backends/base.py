@@ -26,6 +26,8 @@ class ExitInfo:
     exit_code: int
     oom_killed: bool = False
     timed_out: bool = False
+    # What the transcript's size cap left out (bytes), if anything.
+    transcript_dropped: int = 0
 
 
 @dataclass(frozen=True)

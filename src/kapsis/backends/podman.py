@@ -256,7 +256,10 @@ class PodmanSandbox(RunningSandbox):
             limit = self.plan.resources.timeout_seconds
             elapsed = time.time() - self._started
             timed_out = not oom and limit is not None and elapsed >= limit
-        return ExitInfo(exit_code=code, oom_killed=oom, timed_out=timed_out)
+        dropped = self._pump.dropped_bytes if self._pump is not None else 0
+        return ExitInfo(
+            exit_code=code, oom_killed=oom, timed_out=timed_out, transcript_dropped=dropped
+        )
 
     def _wait_for_exit(self) -> tuple[int, str]:
         """The agent's exit code, and podman's own last error line (for exit code 125)."""

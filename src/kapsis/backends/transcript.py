@@ -23,8 +23,13 @@ from pathlib import Path
 from typing import TextIO
 
 from kapsis.secrets.redact import Redactor
+from kapsis.terminal import shown
 
 LOG_FIFO = "transcript.fifo"  # in the sandbox dir
+# Past this the transcript file stops growing (what follows is read and dropped, so conmon never
+# blocks) and ends with a line that says how much was cut.
+MAX_TRANSCRIPT_BYTES = 64 * 1024**2
+CUT_MARK = "[kapsis: the transcript was cut at"
 # A line longer than this is written out in parts (redacted part by part).
 MAX_PENDING = 1024 * 1024
 
@@ -49,6 +54,8 @@ class TranscriptPump:
         self._transcript = transcript
         self._redactor = redactor
         self._echo = echo
+        self.max_bytes = MAX_TRANSCRIPT_BYTES
+        self.dropped_bytes = 0
         self._thread = threading.Thread(target=self._run, name="kapsis-transcript", daemon=True)
 
     @classmethod
@@ -107,14 +114,23 @@ class TranscriptPump:
                 self._emit(out, stamp, stream, "F" if tag == "F" else "P", text)
             for stream, text in pending.items():  # the last line had no newline
                 self._emit(out, stamps[stream], stream, "F", text)
+            if self.dropped_bytes:
+                note = f"{CUT_MARK} {self.max_bytes} bytes; {self.dropped_bytes} more were dropped]"
+                out.write(f"{stamps.get('stdout', '-')} stderr F {note}\n")
 
     def _emit(self, out: TextIO, stamp: str, stream: str, tag: str, text: str) -> None:
-        shown = self._redactor.text(text)
-        out.write(f"{stamp} {stream} {tag} {shown}\n")
-        out.flush()
+        redacted = self._redactor.text(text)
+        record = f"{stamp} {stream} {tag} {redacted}\n"
+        size = len(record.encode("utf-8", "replace"))
+        if self.dropped_bytes or out.tell() + size > self.max_bytes:
+            self.dropped_bytes += size
+        else:
+            out.write(record)
+            out.flush()
         if self._echo:
             terminal = sys.stderr if stream == "stderr" else sys.stdout
-            terminal.write(shown + ("\n" if tag == "F" else ""))
+            # The agent's control sequences are shown, never obeyed by the user's terminal.
+            terminal.write(shown(redacted) + ("\n" if tag == "F" else ""))
             terminal.flush()
 
 
@@ -136,10 +152,15 @@ def parse_records(lines: Iterator[str]) -> Iterator[str]:
 
 
 def read_transcript(path: Path) -> Iterator[str]:
+    """The transcript's lines, read as they are yielded (never the whole file at once)."""
     if not path.exists():
         return iter(())
+    return _stream_records(path)
+
+
+def _stream_records(path: Path) -> Iterator[str]:
     with path.open(encoding="utf-8", errors="replace") as handle:
-        return iter(list(parse_records(iter(handle))))
+        yield from parse_records(iter(handle))
 
 
 def follow_transcript(

@@ -24,6 +24,7 @@ from kapsis.cli.common import (
     ConfigOption,
     JsonFlag,
     NetworkModeOption,
+    RawFlag,
     fail as _fail,
     note as _note,
 )
@@ -32,6 +33,7 @@ from kapsis.cli.operator_commands import operator_app
 from kapsis.cli.server_commands import server_app
 from kapsis.cli.ssh_commands import ssh_app
 from kapsis.errors import ExitCode, KapsisError
+from kapsis.terminal import shown
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -314,13 +316,15 @@ def logs(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing until the agent ends.")
     ] = False,
+    raw: RawFlag = False,
 ) -> None:
-    """Print an agent's transcript (its stdout and stderr)."""
+    """Print an agent's transcript (its stdout and stderr); control characters are escaped
+    visibly unless --raw."""
     from kapsis import api
 
     try:
         for line in api.logs(agent_id, follow=follow):
-            print(line, flush=follow)
+            print(line if raw else shown(line), flush=follow)
     except KapsisError as error:
         _fail(error)
 
@@ -368,14 +372,14 @@ def cleanup(
     verb = "would remove" if dry_run else "removed"
     for item in items:
         if item.kept:
-            print(f"kept {item.agent_id} ({item.phase}): {item.kept}")
+            print(shown(f"kept {item.agent_id} ({item.phase}): {item.kept}"))
             continue
         if item.problems:
             print(f"could not remove all of {item.agent_id} ({item.phase}):", file=sys.stderr)
             for problem in item.problems:
-                print(f"  {problem}", file=sys.stderr)
+                print(f"  {shown(problem)}", file=sys.stderr)
             continue
-        print(f"{verb} {item.agent_id} ({item.phase}): {', '.join(item.removes)}")
+        print(shown(f"{verb} {item.agent_id} ({item.phase}): {', '.join(item.removes)}"))
     if not items:
         print("nothing to clean up")
     if any(item.problems for item in items):

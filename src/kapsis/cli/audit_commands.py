@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from kapsis.cli.common import JsonFlag, fail as _fail
+from kapsis.cli.common import JsonFlag, RawFlag, fail as _fail
 from kapsis.errors import AuditDamagedError, KapsisError
 
 audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
@@ -52,8 +52,10 @@ def audit_show(
     agent_id: Annotated[str, typer.Argument(help="The agent.")],
     event_type: Annotated[str | None, typer.Option("--type", help="Only this event type.")] = None,
     json_output: JsonFlag = False,
+    raw: RawFlag = False,
 ) -> None:
-    """The agent's audit trail as a readable timeline."""
+    """The agent's audit trail as a readable timeline (control characters escaped visibly;
+    --raw: one tab-separated line per record, as recorded)."""
     from kapsis import api
     from kapsis.cli import render
 
@@ -63,6 +65,9 @@ def audit_show(
         _fail(error)
     if json_output:
         print(json.dumps(events, indent=2))
+        return
+    if raw:
+        render.print_audit_raw(events)
         return
     render.print_audit(events)
 

@@ -9,16 +9,17 @@ from typing import Annotated, NoReturn
 import typer
 
 from kapsis.errors import KapsisError
+from kapsis.terminal import shown
 
 
 def fail(error: KapsisError) -> NoReturn:
     """One line on stderr, then the error's documented exit code."""
-    print(f"kapsis: error: {error}", file=sys.stderr)
+    print(f"kapsis: error: {shown(str(error))}", file=sys.stderr)
     raise typer.Exit(int(error.exit_code))
 
 
 def note(text: str) -> None:
-    print(f"kapsis: {text}", file=sys.stderr, flush=True)
+    print(f"kapsis: {shown(text)}", file=sys.stderr, flush=True)
 
 
 # Options that several commands share, declared once.
@@ -26,6 +27,10 @@ ConfigOption = Annotated[
     Path | None, typer.Option("--config", help="Config file; beats other files, not flags.")
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="JSON for scripts.")]
+RawFlag = Annotated[
+    bool,
+    typer.Option("--raw", help="The agent's bytes as they are (control sequences unescaped)."),
+]
 AgentOption = Annotated[str | None, typer.Option(help="Agent profile (default: shell).")]
 AllowOption = Annotated[
     list[str] | None,

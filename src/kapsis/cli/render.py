@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from kapsis.terminal import shown
 
 if TYPE_CHECKING:
     from kapsis.agents import AgentProfile
@@ -20,14 +23,19 @@ if TYPE_CHECKING:
 PHASE_STYLES = {"complete": "green", "failed": "red", "running": "cyan"}
 
 
-def _push_cell(record: AgentStatus) -> str:
+def cell(value: object, style: str = "") -> Text:
+    """A table cell of text that may come from the sandbox: shown as it is, never read as rich
+    markup (``[link=...]``, ``[/]``) and with its control characters escaped."""
+    return Text(shown(str(value)), style=style)
+
+
+def _push_cell(record: AgentStatus) -> Text:
     if record.pr_url:
-        return record.pr_url
+        return cell(record.pr_url)
     styles = {"pushed": "green", "diverged": "red", "failed": "red"}
     if record.push_status == "not_requested":
-        return ""
-    style = styles.get(record.push_status)
-    return f"[{style}]{record.push_status}[/]" if style else record.push_status
+        return Text("")
+    return cell(record.push_status, styles.get(record.push_status, ""))
 
 
 def status_table(records: Sequence[AgentStatus]) -> Table:
@@ -51,18 +59,18 @@ def status_table(records: Sequence[AgentStatus]) -> Table:
         style = PHASE_STYLES.get(record.phase, "")
         phase = f"{record.phase} {record.progress}%"
         table.add_row(
-            record.agent_id,
-            record.agent,
-            f"[{style}]{phase}[/]" if style else phase,
+            cell(record.agent_id),
+            cell(record.agent),
+            cell(phase, style),
             "" if record.exit_code is None else str(record.exit_code),
-            record.branch or "",
-            (record.commit_sha or "")[:12],
+            cell(record.branch or ""),
+            cell((record.commit_sha or "")[:12]),
             _push_cell(record),
-            record.network_mode if record.network_mode != "open" else "[bold yellow]OPEN[/]",
+            cell(record.network_mode) if record.network_mode != "open" else "[bold yellow]OPEN[/]",
             "enforced" if record.limits_enforced else "[bold red]NOT ENFORCED[/]",
             f"[bold red]{len(record.alerts)}[/]" if record.alerts else "",
-            _activity_cell(record),
-            record.message,
+            cell(_activity_cell(record)),
+            cell(record.message),
         )
     return table
 
@@ -229,6 +237,15 @@ def print_policy(network: NetworkPlan) -> None:
         console.print(f"  - {line}")
 
 
+def print_audit_raw(events: Sequence[dict[str, Any]]) -> None:
+    """One tab-separated line per record, its detail as ``key=value`` pairs, every character as
+    recorded (for scripts; ``--json`` gives the structure)."""
+    for event in events:
+        detail = ", ".join(f"{key}={value}" for key, value in (event.get("detail") or {}).items())
+        fields = (event.get("seq"), event.get("ts"), event.get("source"), event.get("event_type"))
+        print("\t".join(str(field) for field in fields) + "\t" + detail)
+
+
 def print_audit(events: Sequence[dict[str, Any]]) -> None:
     table = Table(title="Audit trail", expand=False)
     for column in ("SEQ", "TIME", "SOURCE", "EVENT", "DETAIL"):
@@ -239,13 +256,13 @@ def print_audit(events: Sequence[dict[str, Any]]) -> None:
             text = f"signed head seq {detail.get('head_seq')} (key {detail.get('key_id')})"
         else:
             text = ", ".join(f"{key}={value}" for key, value in detail.items())
-        source = event.get("source", "")
+        source = str(event.get("source", ""))
         table.add_row(
-            str(event.get("seq")),
-            str(event.get("ts", ""))[11:23],
-            f"[yellow]{source}[/]" if source == "agent" else source,
-            str(event.get("event_type")),
-            text,
+            cell(event.get("seq")),
+            cell(str(event.get("ts", ""))[11:23]),
+            cell(source, "yellow" if source == "agent" else ""),
+            cell(event.get("event_type")),
+            cell(text),
         )
     Console().print(table)
 
@@ -261,10 +278,10 @@ def print_alerts(alerts: Sequence[dict[str, Any]]) -> None:
     for alert in alerts:
         severity = alert.get("severity", "")
         table.add_row(
-            str(alert.get("seq")),
-            f"[bold red]{severity}[/]" if severity == "high" else f"[yellow]{severity}[/]",
-            str(alert.get("rule")),
-            str(alert.get("message")),
-            str(alert.get("evidence")),
+            cell(alert.get("seq")),
+            cell(severity, "bold red" if severity == "high" else "yellow"),
+            cell(alert.get("rule")),
+            cell(alert.get("message")),
+            cell(alert.get("evidence")),
         )
     console.print(table)

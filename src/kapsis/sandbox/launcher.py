@@ -326,6 +326,12 @@ def finish(
             f"it is kept in {work.work_location}"
         )
     _audit_work(audit, work)
+    if exit_info.transcript_dropped:
+        work.notes.append(
+            f"the transcript was cut at its size cap; {exit_info.transcript_dropped} bytes of "
+            "the agent's output after it were dropped"
+        )
+        audit.record("transcript_cut", dropped_bytes=exit_info.transcript_dropped)
     store.update(plan.agent_id, **redactor.value(work.status_fields()))
     if plan.network.gateway is not None:
         try:
