@@ -27,6 +27,26 @@ def make_private(directory: Path) -> None:
         directory.chmod(0o700)
 
 
+def private_dir(directory: Path) -> Path:
+    """``directory``, made (with any missing parents) 0700 if it did not exist."""
+    missing = []
+    current = directory
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
+    return directory
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, a file only its owner may read (0600, even if it existed)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
 def config_dir() -> Path:
     explicit = os.environ.get("KAPSIS_CONFIG_DIR")
     if explicit:

@@ -26,6 +26,7 @@ def remove_deep_trees(tmp_path: Path) -> Iterator[None]:
     yield
     subprocess.run(["rm", "-rf", "--", str(tmp_path)], check=False)
 
+
 DEEP = (
     'python3 -c "import os\n'
     "os.makedirs('/workspace/out', exist_ok=True)\n"
@@ -69,3 +70,47 @@ def test_a_deep_tree_and_many_odd_files_end_in_a_saved_run(kapsis: Kapsis, tmp_p
     cleaned = kapsis("cleanup", "--agent", "deep1", "--force")
     assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
     assert not (kapsis.home / "sandboxes" / "deep1").exists()
+
+
+SPECIAL = (
+    "cp /bin/true /workspace/setuid-tool && chmod 6755 /workspace/setuid-tool && "
+    "cp /bin/true /workspace/plain-tool && chmod 0755 /workspace/plain-tool && "
+    "truncate -s 1T /workspace/sparse.bin && echo done > /workspace/result.txt && "
+    "grep ' /workspace ' /proc/mounts > /workspace/mounts.txt"
+)
+
+
+@pytest.mark.parametrize("mode", ["worktree", "overlay"])
+def test_setuid_bits_never_reach_the_host_and_a_sparse_terabyte_is_left_out(
+    kapsis: Kapsis, tmp_path: Path, mode: str
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    git(project, "init", "-q", "-b", "main")
+    git(project, "config", "user.name", "Ada")
+    git(project, "config", "user.email", "ada@example.test")
+    (project / "README.md").write_text("# p\n")
+    git(project, "add", ".")
+    git(project, "commit", "-q", "-m", "initial")
+    agent_id = f"special-{mode}"
+
+    result = kapsis.run(
+        project, SPECIAL, "--network-mode", "none", "--mode", mode, "--json",
+        "--agent-id", agent_id,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    record = kapsis.status(agent_id)
+    mounts = git(project, "show", f"{outcome['commit_sha']}:mounts.txt")
+    assert "nosuid" in mounts and "nodev" in mounts  # inert inside the sandbox too
+    listing = git(project, "ls-tree", outcome["commit_sha"])
+    assert "100755 blob" in next(line for line in listing.splitlines() if "setuid-tool" in line)
+    assert "sparse.bin" not in listing and "result.txt" in listing
+    note = next(n for n in outcome["notes"] if "git.max_file_size" in n)
+    assert "sparse.bin" in note
+    work = Path(record["work_location"])
+    setuid_mode = (work / "setuid-tool").stat().st_mode
+    assert setuid_mode & 0o6000 == 0 and setuid_mode & 0o111  # the bits gone, exec kept
+    assert (work / "plain-tool").stat().st_mode & 0o777 == 0o755  # control: untouched
+    assert kapsis("audit", "verify", agent_id).returncode == 0

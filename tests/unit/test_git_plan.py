@@ -94,7 +94,7 @@ def test_worktree_mode_plans_a_worktree_and_a_gitlink(
     assert plan.workspace.mode == "worktree"
     assert plan.workspace.worktree == str(kapsis_home / "worktrees" / "repo-ab12")
     volumes = workspace_volume_args(plan)
-    assert f"{plan.workspace.merged}:/workspace" in volumes
+    assert f"{plan.workspace.merged}:/workspace:nosuid,nodev" in volumes
     assert f"{plan.workspace.gitlink}:/workspace/.git:ro" in volumes
     assert f"{plan.workspace.agent_git}:/kapsis/git" in volumes
     assert f"{plan.workspace.objects}:/kapsis/objects:ro" in volumes

@@ -233,7 +233,7 @@ def test_rootful_workspace_is_the_merged_overlay(run_args, kapsis_home):
     plan, argv = run_args(host=ROOTFUL)
 
     merged = kapsis_home / "sandboxes" / plan.agent_id / "merged"
-    assert f"{merged}:/workspace" in _values(argv, "--volume")
+    assert f"{merged}:/workspace:nosuid,nodev" in _values(argv, "--volume")
     assert not [v for v in _values(argv, "--volume") if v.startswith(f"{plan.project}:")]
 
 

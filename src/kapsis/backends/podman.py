@@ -169,7 +169,8 @@ def workspace_volume_args(plan: SandboxPlan) -> list[str]:
         # Rootful: the host mounted the view at ``merged``; rootless: podman's namespace holds
         # the overlay there (mount_rootless); rootless worktree: a plain bind.
         source = workspace.worktree if workspace.mode == "worktree" and not mapped else None
-        args = ["--volume", f"{source or workspace.merged}:{workspace.target}"]
+        # nosuid, nodev: a set-uid file or a device node the agent makes is inert.
+        args = ["--volume", f"{source or workspace.merged}:{workspace.target}:nosuid,nodev"]
     else:
         # Not a git repository: the project itself is the lower layer (there is no commit to
         # freeze), with podman's own overlay volume.
@@ -352,9 +353,8 @@ class PodmanBackend(Backend):
             )
 
     def launch(self, plan: SandboxPlan, *, attach: bool, redactor: Redactor) -> RunningSandbox:
-        root = Path(plan.workspace.root)
-        root.mkdir(parents=True, exist_ok=True)
-        paths.logs_dir().mkdir(parents=True, exist_ok=True)
+        root = paths.private_dir(Path(plan.workspace.root))
+        paths.private_dir(paths.logs_dir())
         # The pod needs nothing prepared here, so podman (~35 ms of its own start-up) creates it
         # while the host side is set up; a failure of either is reported after both are done,
         # and the caller's remove() then takes the pod away.

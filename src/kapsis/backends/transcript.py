@@ -88,12 +88,16 @@ class TranscriptPump:
         self.read_fd = self.keep_fd = -1
 
     def _run(self) -> None:
-        self._transcript.parent.mkdir(parents=True, exist_ok=True)
+        self._transcript.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The agent's output may hold what it read: the user's alone (0600).
+        descriptor = os.open(
+            self._transcript, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+        )
         pending: dict[str, str] = {}
         stamps: dict[str, str] = {}
         with (
             os.fdopen(self.read_fd, "r", encoding="utf-8", errors="replace") as pipe,
-            self._transcript.open("a", encoding="utf-8") as out,
+            os.fdopen(descriptor, "a", encoding="utf-8") as out,
         ):
             for raw in pipe:
                 parts = raw.rstrip("\n").split(" ", 3)

@@ -71,6 +71,12 @@ def _check_memory(value: str) -> str:
     return value.strip().lower()
 
 
+def _check_size(value: str) -> str:
+    if memory_to_bytes(value) <= 0:
+        raise ValueError("a size must be more than 0")
+    return value.strip().lower()
+
+
 def _check_duration(value: str | int) -> str | int:
     if duration_to_seconds(value) <= 0:
         raise ValueError("a duration must be positive")
@@ -143,6 +149,7 @@ def _check_absolute(value: str) -> str:
 
 
 MemorySize = Annotated[str, AfterValidator(_check_memory)]
+ByteSize = Annotated[str, AfterValidator(_check_size)]
 Duration = Annotated[str | int, AfterValidator(_check_duration)]
 HostPattern = Annotated[str, AfterValidator(_check_host)]
 AddressPattern = Annotated[str, AfterValidator(_check_address)]
@@ -433,6 +440,11 @@ class GitSection(Section):
         default_factory=lambda: list(DEFAULT_COMMIT_EXCLUDE),
         description="Glob patterns (matched against the path and the file name) that are never "
         "committed; the run lists what it skipped.",
+    )
+    max_file_size: ByteSize = Field(
+        "100m",
+        description="Files larger than this are left out of the commit, with a note, as "
+        "commit_exclude does (100m is GitHub's own limit); the host never reads them.",
     )
     post_push_hook: str | None = Field(
         None,

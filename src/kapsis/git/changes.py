@@ -28,6 +28,7 @@ MODE_FILE = "100644"
 MODE_EXECUTABLE = "100755"
 MODE_SYMLINK = "120000"
 MODE_GITLINK = "160000"
+READ_PIECE = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,22 @@ class Written:
     source: Path | None = None
     link: bytes | None = None
     identity: tuple[int, int] | None = None
+    size: int = 0  # a file's apparent size when it was listed (a sparse file's too)
 
     def content(self) -> bytes:
+        """The whole content (a link's target, or a small file's bytes)."""
+        chunks: list[bytes] = []
+        self.stream(lambda size: None, chunks.append)
+        return b"".join(chunks)
+
+    def stream(self, announce: Callable[[int], object], write: Callable[[bytes], object]) -> None:
+        """Give the content in pieces of at most 1 MiB: first ``announce(size)``, then exactly
+        that many bytes to ``write``. A file that is no longer what was listed, or that
+        changes size while it is read, raises FileChangedError."""
         if self.link is not None:
-            return self.link
+            announce(len(self.link))
+            write(self.link)
+            return
         assert self.source is not None
         # O_NOFOLLOW: not a symlink put in its place; O_NONBLOCK: not a fifo (it would hang).
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -60,7 +73,16 @@ class Written:
                 self.identity is not None and (st.st_dev, st.st_ino) != self.identity
             ):
                 raise FileChangedError(f"{self.source} was replaced after it was listed")
-            return handle.read()
+            announce(st.st_size)
+            left = st.st_size
+            while left > 0:
+                piece = handle.read(min(left, READ_PIECE))
+                if not piece:
+                    break
+                write(piece)
+                left -= len(piece)
+            if left or handle.read(1):
+                raise FileChangedError(f"{self.source} changed size while it was read")
 
 
 @dataclass
@@ -153,7 +175,12 @@ def _walk(root: Path, changes: WorkspaceChanges) -> Iterator[tuple[Entry, Callab
 def _written(entry: os.DirEntry[str], st: os.stat_result) -> Written | None:
     """A regular file or a symlink (read as a link, never followed); None for anything else."""
     if stat.S_ISREG(st.st_mode):
-        return Written(_file_mode(st), source=Path(entry.path), identity=(st.st_dev, st.st_ino))
+        return Written(
+            _file_mode(st),
+            source=Path(entry.path),
+            identity=(st.st_dev, st.st_ino),
+            size=st.st_size,
+        )
     if stat.S_ISLNK(st.st_mode):
         return Written(MODE_SYMLINK, link=os.fsencode(os.readlink(entry.path)))
     return None
@@ -178,10 +205,18 @@ def blob_id(content: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(content) + content, usedforsecurity=False).hexdigest()
 
 
+def blob_id_of(written: Written) -> str:
+    """:func:`blob_id` of a file or link, read in pieces (never whole in memory)."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    written.stream(lambda size: digest.update(b"blob %d\0" % size), digest.update)
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class TreeEntry:
     mode: str
     object_id: str
+    size: int = -1  # a blob's size in bytes (-1: not a blob)
 
 
 def from_worktree(worktree: Path, start_tree: dict[str, TreeEntry]) -> WorkspaceChanges:
@@ -217,10 +252,12 @@ def _walk_worktree(
             changes.unsupported.append(relative)
             continue
         present.add(relative)
+        # Only a file of the same size can be unchanged, and only such a file is read here.
         unchanged = (
             before is not None
             and before.mode == written.mode
-            and before.object_id == blob_id(written.content())
+            and before.size == (written.size if written.link is None else len(written.link))
+            and before.object_id == blob_id_of(written)
         )
         if not unchanged:
             changes.written[relative] = written

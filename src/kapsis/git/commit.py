@@ -37,6 +37,7 @@ class CommitRequest:
     scratch_name: str
     agent_git: Path | None = None
     ignore_view: Path | None = None
+    max_file_size: int | None = None  # larger files are left out (git.max_file_size)
 
 
 def split_identity(identity: str) -> tuple[str, str]:
@@ -54,6 +55,8 @@ class CommitOutcome:
     excluded: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
+    # Left out as larger than git.max_file_size: (path, size in bytes).
+    too_large: list[tuple[str, int]] = field(default_factory=list)
 
 
 def is_excluded(path: str, patterns: Iterable[str]) -> bool:
@@ -64,14 +67,14 @@ def is_excluded(path: str, patterns: Iterable[str]) -> bool:
 def tree_listing(
     repo: Repo, commit: str, env: dict[str, str] | None = None
 ) -> dict[str, TreeEntry]:
-    raw = repo.run("ls-tree", "-r", "-z", "--full-tree", commit, env=env).stdout
+    raw = repo.run("ls-tree", "-r", "-z", "-l", "--full-tree", commit, env=env).stdout
     listing: dict[str, TreeEntry] = {}
     for record in raw.split(b"\0"):
         if not record:
             continue
         meta, _, path = record.partition(b"\t")
-        mode, _kind, object_id = meta.decode().split(" ")
-        listing[os.fsdecode(path)] = TreeEntry(mode, object_id)
+        mode, _kind, object_id, size = meta.decode().split()
+        listing[os.fsdecode(path)] = TreeEntry(mode, object_id, int(size) if size.isdigit() else -1)
     return listing
 
 
@@ -122,8 +125,15 @@ def commit_workspace(request: CommitRequest, changes: WorkspaceChanges) -> Commi
                     tip = agent_tip
 
         written = dict(changes.written)
-        for path in list(written):
+        too_large: list[tuple[str, int]] = []
+        for path, item in list(written.items()):
             if is_excluded(path, request.exclude):
+                outcome_excluded.add(path)
+                del written[path]
+            elif request.max_file_size is not None and item.size > request.max_file_size:
+                # Judged on the size listed, never read: a sparse file of a terabyte costs the
+                # agent nothing and must cost the host nothing either.
+                too_large.append((path, item.size))
                 outcome_excluded.add(path)
                 del written[path]
         ignored = _ignored(repo, [p for p in written if p not in tracked], request.ignore_view)
@@ -139,6 +149,7 @@ def commit_workspace(request: CommitRequest, changes: WorkspaceChanges) -> Commi
             excluded=sorted(outcome_excluded),
             ignored=sorted(ignored),
             unsupported=sorted(changes.unsupported),
+            too_large=sorted(too_large),
         )
         if tree == repo.tree_of(tip):
             new_tip = tip
@@ -233,9 +244,10 @@ def _build_tree(
         for path in [*changes.deleted, *changes.cleared]:
             stream.write(b"D " + quote_path(path) + b"\n")
         for path, item in written.items():
-            content = item.content()
             stream.write(f"M {item.mode} inline ".encode() + quote_path(path) + b"\n")
-            stream.write(b"data %d\n" % len(content) + content + b"\n")
+            # Streamed: a file is never held in memory whole.
+            item.stream(lambda size: stream.write(b"data %d\n" % size), stream.write)
+            stream.write(b"\n")
         stream.write(b"\n")
         stream.close()
     except BrokenPipeError:

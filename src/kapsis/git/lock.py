@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,9 +28,9 @@ def repository_lock(common_dir: Path) -> Iterator[None]:
 @contextmanager
 def named_lock(name: str) -> Iterator[None]:
     """An exclusive lock on ``~/.kapsis/locks/NAME.lock``, held for the ``with`` block."""
-    directory = paths.locks_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    with (directory / f"{name}.lock").open("a") as handle:
+    directory = paths.private_dir(paths.locks_dir())
+    descriptor = os.open(directory / f"{name}.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with os.fdopen(descriptor, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

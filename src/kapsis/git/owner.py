@@ -87,6 +87,19 @@ class RepoOwner:
         self.run(["chmod", "go-rwx", "--", str(directory)])
 
 
+def clear_special_bits(root: Path, owner: RepoOwner | None) -> None:
+    """Take set-uid and set-gid bits off every file under ``root`` (links are never followed,
+    other filesystems never entered). An agent's file that keeps them in a worktree of the
+    user's would run as the user for anyone on the machine. ``find`` walks a tree of any depth
+    without recursion; in an owner's home it runs as them."""
+    command = ["find", str(root), "-xdev", "-type", "f", "-perm", "/6000"]
+    command += ["-exec", "chmod", "ug-s", "--", "{}", "+"]
+    if owner is not None:
+        owner.run(command, timeout=600)
+    else:
+        subprocess.run(command, capture_output=True, check=False, timeout=600)
+
+
 def remove_tree(path: Path, owner: RepoOwner | None) -> None:
     """Delete ``path`` and all below it, never following a symlink.
 

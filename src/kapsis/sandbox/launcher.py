@@ -68,9 +68,8 @@ class RunResult:
 
 
 def save_plan(plan: SandboxPlan) -> Path:
-    path = Path(plan.workspace.root) / PLAN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(plan.model_dump_json(indent=2), encoding="utf-8")
+    path = paths.private_dir(Path(plan.workspace.root)) / PLAN_FILE
+    paths.write_private(path, plan.model_dump_json(indent=2))
     return path
 
 
@@ -276,8 +275,7 @@ def open_agent_reports(
         return None
     from kapsis.network.policy import load_category
 
-    root = Path(plan.workspace.root)
-    root.mkdir(parents=True, exist_ok=True)
+    root = paths.private_dir(Path(plan.workspace.root))
 
     def registries() -> frozenset[str]:
         return frozenset(load_category("package-registries").hosts)
@@ -466,7 +464,8 @@ def _spawn_supervisor(
         "secrets": list(values.values()),
     }
     passed = (*sandbox_fds, *([audit_fd] if audit_fd is not None else []))
-    with log.open("ab") as output:
+    descriptor = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    with os.fdopen(descriptor, "ab") as output:
         supervisor = subprocess.Popen(
             [sys.executable, "-m", "kapsis.sandbox.supervise", agent_id],
             stdin=subprocess.PIPE,

@@ -85,6 +85,7 @@ def work_location(plan: SandboxPlan) -> str:
 
 def save_work(plan: SandboxPlan, *, agent_succeeded: bool) -> WorkOutcome:
     outcome = WorkOutcome(branch=plan.git.branch, work_location=work_location(plan))
+    _clear_special_bits(plan)
     if not plan.git.repository:
         outcome.notes.append(
             f"{plan.project} is not a git repository; the agent's changes are in "
@@ -115,6 +116,18 @@ def save_work(plan: SandboxPlan, *, agent_succeeded: bool) -> WorkOutcome:
     return outcome
 
 
+def _clear_special_bits(plan: SandboxPlan) -> None:
+    """No set-uid or set-gid file of the agent's stays on the host (git keeps neither bit)."""
+    from kapsis.git.owner import RepoOwner, clear_special_bits
+
+    workspace = plan.workspace
+    if workspace.mode == "worktree" and workspace.worktree:
+        owner = RepoOwner.for_uid(workspace.git_uid)
+        clear_special_bits(Path(workspace.worktree), owner)
+    elif Path(workspace.upper).is_dir():
+        clear_special_bits(Path(workspace.upper), None)
+
+
 def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
     from kapsis.git.changes import from_upper, from_worktree
     from kapsis.git.commit import CommitRequest, commit_workspace, split_identity, tree_listing
@@ -139,6 +152,7 @@ def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
             committer_name=name,
             committer_email=email,
             exclude=git.commit_exclude,
+            max_file_size=git.max_file_size,
             scratch_name=plan.agent_id,
             agent_git=Path(workspace.agent_git) if workspace.agent_git else None,
             ignore_view=view,
@@ -149,8 +163,16 @@ def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
     outcome.created_commit = result.created_commit
     outcome.agent_commits = result.agent_commits
     outcome.excluded_paths = result.excluded
-    if result.excluded:
-        outcome.notes.append("not committed (git.commit_exclude): " + ", ".join(result.excluded))
+    large = {path for path, _ in result.too_large}
+    patterned = [path for path in result.excluded if path not in large]
+    if patterned:
+        outcome.notes.append("not committed (git.commit_exclude): " + _some_paths(patterned))
+    if result.too_large:
+        limit = f"{git.max_file_size / 1024**2:g} MiB"
+        sized = [f"{path} ({size / 1024**2:.1f} MiB)" for path, size in result.too_large]
+        outcome.notes.append(
+            f"not committed (over git.max_file_size, {limit}): " + _some_paths(sized)
+        )
     if result.squashed_agent_commits:
         outcome.notes.append(
             f"the agent's {result.agent_commits} commit(s) touched excluded paths and were "

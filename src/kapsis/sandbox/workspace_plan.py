@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kapsis import paths
 from kapsis.config.loader import LoadedConfig
-from kapsis.config.models import WorkspaceMode, duration_to_seconds
+from kapsis.config.models import WorkspaceMode, duration_to_seconds, memory_to_bytes
 from kapsis.errors import ConfigError
 from kapsis.git.branches import auto_branch_name, check_branch_name, resolve_target
 from kapsis.git.owner import RepoOwner, foreign_entries
@@ -100,6 +100,7 @@ class GitPlan(PlanModel):
     co_authors: tuple[str, ...] = ()
     committer: str | None = None
     commit_exclude: tuple[str, ...] = ()
+    max_file_size: int = 100 * 1024**2
     post_push_hook: str | None = None
     # filesystem.uncommitted: include carried the user's uncommitted state as this commit, the
     # start commit's parent's child (the agent starts from it); these paths were in it.
@@ -243,6 +244,7 @@ def plan_workspace_and_git(
         co_authors=tuple(git.co_authors),
         committer=committer,
         commit_exclude=tuple(git.commit_exclude),
+        max_file_size=memory_to_bytes(git.max_file_size),
         post_push_hook=git.post_push_hook,
         carried_commit=carried[0] if carried else None,
         carried_paths=carried[1] if carried else 0,

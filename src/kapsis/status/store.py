@@ -115,7 +115,7 @@ class StatusStore:
         return self.directory / f"{agent_id}.json"
 
     def write(self, status: AgentStatus) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        paths.private_dir(self.directory)
         descriptor, temporary = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
         try:
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
@@ -155,7 +155,7 @@ class StatusStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        paths.private_dir(self.directory)
         descriptor = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX)

@@ -21,6 +21,10 @@ AT_FDCWD = -100
 AT_RECURSIVE = 0x8000
 AT_EMPTY_PATH = 0x1000
 MOUNT_ATTR_RDONLY = 0x00000001
+MOUNT_ATTR_NOSUID = 0x00000002
+MOUNT_ATTR_NODEV = 0x00000004
+MS_NOSUID = 2
+MS_NODEV = 4
 MOUNT_ATTR_IDMAP = 0x00100000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 CLONE_NEWUSER = 0x10000000
@@ -83,7 +87,10 @@ def idmapped_bind(source_fd: int, target: str, userns_fd: int, *, read_only: boo
     flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE | AT_EMPTY_PATH
     tree = _check(_libc.syscall(open_tree, source_fd, b"", flags), "open_tree")
     try:
-        flags = MOUNT_ATTR_IDMAP | (MOUNT_ATTR_RDONLY if read_only else 0)
+        # nosuid, nodev: a container's bind of this mount keeps both (in a user namespace
+        # they are locked), so a set-uid file or a device node the agent makes is inert.
+        flags = MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+        flags |= MOUNT_ATTR_RDONLY if read_only else 0
         attr = _MountAttr(flags, 0, 0, userns_fd)
         _check(
             _libc.syscall(
@@ -107,8 +114,15 @@ def idmapped_bind(source_fd: int, target: str, userns_fd: int, *, read_only: boo
 
 
 def mount(source: str, target: str, fstype: str, options: str) -> None:
+    """mount(2), always nosuid and nodev (see :func:`idmapped_bind`)."""
     _check(
-        _libc.mount(source.encode(), target.encode(), fstype.encode(), 0, options.encode()),
+        _libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode(),
+            MS_NOSUID | MS_NODEV,
+            options.encode(),
+        ),
         f"mount {fstype}",
     )
 

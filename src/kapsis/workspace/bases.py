@@ -225,11 +225,10 @@ def _as_owner(repo: Repo, argv: list[str]) -> None:
 
 
 def write_record(record: BaseRecord) -> None:
-    directory = paths.base_records_dir() / record.key
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = paths.private_dir(paths.base_records_dir() / record.key)
     target = directory / f"{record.commit}.json"
     partial = target.with_suffix(".partial")
-    partial.write_text(json.dumps(asdict(record)))
+    paths.write_private(partial, json.dumps(asdict(record)))
     partial.replace(target)
 
 

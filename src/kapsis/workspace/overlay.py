@@ -193,7 +193,18 @@ def mount_rootless(workspace: WorkspacePlan, podman: str) -> None:
     Path(workspace.upper).mkdir(parents=True, exist_ok=True)
     options = overlay_options(workspace, workspace.base, ROOTLESS_OPTIONS)
     result = subprocess.run(
-        [podman, "unshare", "mount", "-t", "overlay", "overlay", "-o", options, workspace.merged],
+        # nosuid, nodev: the container's bind of it keeps them (see _mountapi.idmapped_bind).
+        [
+            podman,
+            "unshare",
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            f"nosuid,nodev,{options}",
+            workspace.merged,
+        ],
         capture_output=True,
         text=True,
         check=False,
