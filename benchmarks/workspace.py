@@ -11,7 +11,10 @@ checkout, and with ``--changed`` files of the checkout modified and not committe
 work). The first launch of each case is printed on its own, not in the median: in overlay mode on
 the clean checkout it is the project's first launch, which checks out the frozen base that later
 launches share (kapsis.workspace.bases); elsewhere it runs with cold caches. Then the disk the
-bases take. Needs root (mounts). Not a test.
+bases take, and the cost of the disk quota (resources.disk: the workspace on an ext4 filesystem
+of its own, made and mounted at launch): ready time with the default 10g quota and with
+``disk: null``, per mode, and the time to release the disk at the end. Needs root (mounts). Not a
+test.
 """
 
 from __future__ import annotations
@@ -62,14 +65,25 @@ def restore(repo: Path) -> None:
     subprocess.run(["git", "-C", str(repo), "checkout", "-q", "--", "."], check=True)
 
 
-def ready_time(repo: Path, mode: str, run: int) -> float:
+def ready_time(
+    repo: Path,
+    mode: str,
+    run: int,
+    no_quota: Path | None = None,
+    released: list[float] | None = None,
+) -> float:
+    """Seconds to get the workspace ready; ``no_quota``: a config file with ``disk: null``;
+    ``released`` gets the seconds the quota's disk took to go."""
     from kapsis import api
     from kapsis.backends import _uidslots
     from kapsis.sandbox.plan import RunRequest
     from kapsis.workspace import mount_workspace, unmount_workspace
+    from kapsis.workspace.disk import release_disk
     from kapsis.workspace.prepare import abandon_workspace, prepare_workspace
 
-    request = RunRequest(project=repo, task="true", agent_id=f"bench-{mode}-{run}", mode=mode)
+    request = RunRequest(
+        project=repo, task="true", agent_id=f"bench-{mode}-{run}", mode=mode, config_file=no_quota
+    )
     # Planning reads the user's uncommitted state (filesystem.uncommitted) and, when there is
     # some, makes the commit that carries it: part of getting ready.
     started = time.perf_counter()
@@ -79,9 +93,32 @@ def ready_time(repo: Path, mode: str, run: int) -> float:
     mount_workspace(plan.workspace, uid, uid)
     elapsed = time.perf_counter() - started
     unmount_workspace(plan.workspace)
+    if released is not None:
+        started = time.perf_counter()
+        release_disk(plan.workspace)
+        released.append(time.perf_counter() - started)
     abandon_workspace(plan)
     subprocess.run(["rm", "-rf", plan.workspace.root], check=True)
     return elapsed
+
+
+def quota_cost(repo: Path, runs: int, scratch: Path) -> None:
+    """Ready time with the default quota against none, on the same repository, per mode."""
+    no_quota = scratch / "no-quota.yaml"
+    no_quota.write_text("resources:\n  disk: null\n")
+    for mode in ("overlay", "worktree"):
+        ready_time(repo, mode, -2)  # warm
+        released: list[float] = []
+        with_quota, without = [], []
+        for run in range(runs):
+            with_quota.append(ready_time(repo, mode, 100 + run, released=released))
+            without.append(ready_time(repo, mode, 200 + run, no_quota))
+        quota, plain = statistics.median(with_quota), statistics.median(without)
+        print(
+            f"disk quota {mode:>8}: ready {quota * 1000:7.1f} ms with 10g, {plain * 1000:7.1f} ms "
+            f"without (ratio {quota / plain:.2f}, +{(quota - plain) * 1000:.1f} ms); releasing "
+            f"the disk {statistics.median(released) * 1000:.1f} ms (medians of {runs})"
+        )
 
 
 def main() -> None:
@@ -132,6 +169,7 @@ def main() -> None:
         clean = medians[("clean", "overlay", args.large_mb)]
         changed = medians[(f"{args.changed} changed", "overlay", args.large_mb)]
         print(f"overlay {args.large_mb} MB: {args.changed} changed / clean = {changed / clean:.2f}")
+        quota_cost(repos[args.small_mb], args.runs, Path(scratch))
 
 
 if __name__ == "__main__":

@@ -66,6 +66,13 @@ NAMED_TYPES: tuple[tuple[Any, str, str, str], ...] = (
         "`512m`, `2g`; at least `6m`",
     ),
     (
+        models.ByteSize,
+        "byte size",
+        "byte sizes",
+        "a whole number with an optional unit `b`, `k`, `m` or `g` (powers of 1024), e.g. "
+        "`100m`, `10g`; more than 0",
+    ),
+    (
         models.Duration,
         "duration",
         "durations",

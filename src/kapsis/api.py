@@ -264,6 +264,7 @@ def _remove_agent(
     project, worktree or remote deleted, a busy mount) is said and the rest still goes. The
     status record goes last, and only when nothing is left, so a later cleanup finds the rest."""
     from kapsis.workspace import cleanup as workspace_cleanup
+    from kapsis.workspace.disk import release_disk
 
     problems: list[str] = []
 
@@ -285,6 +286,7 @@ def _remove_agent(
     if sandbox_plan is not None:
         plan = sandbox_plan
         attempt(f"pod {plan.pod_name}", lambda: backend.remove(plan))
+        attempt("workspace disk", lambda: release_disk(plan.workspace))
         attempt("worktree", lambda: workspace_cleanup.remove_worktree_of(plan))
         if plan.workspace.worktree and Path(plan.workspace.worktree).exists():
             problems.append(f"worktree {plan.workspace.worktree} is still there")

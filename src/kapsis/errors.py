@@ -64,6 +64,13 @@ class SandboxError(KapsisError):
     error_type = "sandbox"
 
 
+class GatewayStoppedError(SandboxError):
+    """The network gateway stopped while the agent ran: its network was cut off (never opened).
+    What the agent did is committed; the run fails."""
+
+    error_type = "gateway"
+
+
 class ImageError(SandboxError):
     """The image is missing, or lacks a program the agent profile needs."""
 

@@ -23,7 +23,11 @@ EDIT = "edited during the run\n"
 
 
 def _started(kapsis_home: Path) -> bool:
-    patterns = (f"sandboxes/*/upper/{STARTED}", f"worktrees/*/{STARTED}")
+    patterns = (
+        f"sandboxes/*/upper/{STARTED}",
+        f"sandboxes/*/layer/upper/{STARTED}",  # on the disk of its own (resources.disk)
+        f"worktrees/*/{STARTED}",
+    )
     return any(any(kapsis_home.glob(pattern)) for pattern in patterns)
 
 

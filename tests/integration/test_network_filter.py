@@ -315,8 +315,9 @@ def test_a_gateway_that_cannot_load_its_rules_means_no_run(
     assert result.returncode == ExitCode.SANDBOX_FAILED
     outcome = json.loads(result.stdout)
     assert "network gateway failed its self-test" in outcome["message"]
-    upper = kapsis.home / "sandboxes" / outcome["agent_id"] / "upper"
-    assert not (upper / "agent-ran").exists()
+    # The agent never ran: nothing of its reached the audit trail.
+    events = json.loads(kapsis("audit", "show", outcome["agent_id"], "--json").stdout)
+    assert "sandbox_started" not in [event["event_type"] for event in events]
 
 
 def test_a_gateway_that_dies_leaves_the_agent_without_network(
@@ -339,5 +340,9 @@ def test_a_gateway_that_dies_leaves_the_agent_without_network(
                 if line.startswith("[")]  # fmt: skip
     assert any("banner" in o for o in outcomes), "the address was reachable before"
     assert failed(outcomes[-1]), "and unreachable once the gateway was gone"
-    assert record["phase"] == "complete"
-    assert any("network gateway stopped" in note for note in record["notes"])
+    assert record["phase"] == "failed" and record["error_type"] == "gateway"
+    assert record["exit_code"] == 3 and "network gateway stopped" in record["message"]
+    assert record["commit_sha"]  # what the agent did is saved
+    assert kapsis("audit", "verify", "die1").returncode == 0
+    gone = subprocess.run(["podman", "pod", "exists", "kapsis-die1"], check=False)
+    assert gone.returncode != 0

@@ -154,7 +154,7 @@ def test_host_project_is_unchanged_after_the_agent_writes(kapsis: Kapsis, projec
     assert "changed" in result.stdout, "the agent saw its own write"
     after = {p.relative_to(project): p.read_bytes() for p in project.rglob("*") if p.is_file()}
     assert after == before
-    upper = kapsis.home / "sandboxes" / "writer" / "upper"
+    upper = Path(kapsis.status("writer")["work_location"])
     assert (upper / "new.txt").read_text() == "new\n"
     assert (upper / "README.md").read_text().endswith("changed\n")
     assert (upper / "src" / "app.py").exists(), "the deletion is recorded as a whiteout"

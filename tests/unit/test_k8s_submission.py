@@ -193,6 +193,7 @@ def test_task_and_spec_are_checked_as_locally(project: Path, tmp_path: Path) -> 
 LOCAL_ONLY_CASES: dict[str, tuple[str, str]] = {
     "agent.workdir": ("agent: {workdir: /src}", "remove it for --backend k8s"),
     "resources.pids": ("resources: {pids: 100}", "podPidsLimit"),
+    "resources.disk": ("resources: {disk: 2g}", "ephemeral-storage"),
     "security.overrides.noexec_tmp": ("security: {overrides: {noexec_tmp: true}}", "noexec"),
     "filesystem.mode": ("filesystem: {mode: worktree}", "fresh clone"),
     "filesystem.uncommitted": ("filesystem: {uncommitted: exclude}", "uncommitted changes never"),

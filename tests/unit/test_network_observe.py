@@ -939,7 +939,7 @@ def test_a_secret_spelled_in_a_looked_up_name_is_redacted_in_the_audit_and_netwo
     store.write(initial_status(plan, Gateway()))
     audit = AuditLog(plan.agent_id, redactor=Redactor([secret]))
     audit.record("session_start")
-    notes = record_network(plan, Gateway(), store, audit, Redactor([secret]))
+    notes, _ = record_network(plan, Gateway(), store, audit, Redactor([secret]))
 
     audit_text = audit.path.read_text()
     network_text = network_log_path(plan.agent_id).read_text()
@@ -981,7 +981,7 @@ def _record(plan) -> tuple[list[str], list[dict], int]:
     store.write(initial_status(plan, _Gateway()))
     audit = AuditLog(plan.agent_id)
     audit.record("session_start")
-    notes = record_network(plan, _Gateway(), store, audit, Redactor([]))
+    notes, _ = record_network(plan, _Gateway(), store, audit, Redactor([]))
     records = [json.loads(line) for line in audit.path.read_text().splitlines()]
     return notes, records, store.read(plan.agent_id).blocked_requests
 

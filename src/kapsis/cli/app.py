@@ -80,6 +80,10 @@ def run(
     memory: Annotated[str | None, typer.Option(help="Memory limit, e.g. 2g.")] = None,
     cpus: Annotated[float | None, typer.Option(help="CPU limit in cores.")] = None,
     timeout: Annotated[str | None, typer.Option(help="Time limit, e.g. 30m.")] = None,
+    disk: Annotated[
+        str | None,
+        typer.Option(help="What the agent may write to its workspace and each tmpfs, e.g. 2g."),
+    ] = None,
     image: Annotated[str | None, typer.Option(help="Container image.")] = None,
     branch: Annotated[
         str | None,
@@ -137,6 +141,7 @@ def run(
         memory=memory,
         cpus=cpus,
         timeout=timeout,
+        disk=disk,
         image=image,
         branch=branch,
         base_branch=base_branch,
@@ -251,8 +256,13 @@ def _announce(plan: SandboxPlan) -> None:
     _note(
         f"agent {plan.agent_id} ({plan.agent}) on {plan.project}: profile {plan.security.profile}, "
         f"network {plan.network.mode}, memory {limits.memory}, cpus {limits.cpus:g}, "
-        f"pids {limits.pids_limit or 'podman default'}"
+        f"pids {limits.pids_limit or 'podman default'}, disk {limits.disk or 'unlimited'}"
     )
+    if limits.disk and not limits.disk_enforced:
+        _note(
+            f"WARNING: the workspace's disk limit is NOT enforced ({limits.disk_not_enforced}); "
+            "the tmpfs mounts are limited"
+        )
     if not limits.limits_enforced:
         _note(
             "WARNING: resource limits are NOT enforced on this host "

@@ -205,6 +205,12 @@ class ResourcesSection(Section):
     timeout: Duration | None = Field(
         None, description="Wall-clock limit for the agent (seconds, or 30s / 45m / 2h)."
     )
+    disk: ByteSize | None = Field(
+        "10g",
+        description="What the agent can write to its workspace (its overlay layer or its "
+        "worktree, on a filesystem of that size of its own) and to each tmpfs (/tmp, its home); "
+        "past it, writes fail with ENOSPC inside the sandbox. null: no limit.",
+    )
 
 
 class SecurityOverrides(Section):

@@ -26,6 +26,7 @@ from kapsis.errors import (
     AgentKilledError,
     AgentTimeoutError,
     ExitCode,
+    GatewayStoppedError,
     GitWorkflowError,
     ImageError,
     KapsisError,
@@ -93,6 +94,8 @@ def initial_status(plan: SandboxPlan, backend: Backend) -> AgentStatus:
         started_at=now,
         updated_at=now,
         limits_enforced=plan.resources.limits_enforced,
+        disk=plan.resources.disk,
+        disk_enforced=plan.resources.disk_enforced,
         network_mode=plan.network.mode,
         security_profile=plan.security.profile,
         task=plan.task_summary,
@@ -122,6 +125,8 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
         cpus=plan.resources.cpus,
         pids_limit=plan.resources.pids_limit,
         limits_enforced=plan.resources.limits_enforced,
+        disk=plan.resources.disk,
+        disk_enforced=plan.resources.disk_enforced,
         # Secrets by name only: their values never reach the audit trail.
         secrets_passed=[secret.name for secret in plan.secrets],
     )
@@ -331,17 +336,21 @@ def finish(
         )
         audit.record("transcript_cut", dropped_bytes=exit_info.transcript_dropped)
     store.update(plan.agent_id, **redactor.value(work.status_fields()))
+    gateway_stopped = False
     if plan.network.gateway is not None:
         try:
             # Only filtered runs read the gateway's logs: its parsers load here, not at start-up.
             from kapsis.sandbox.network_record import record_network
 
-            work.notes += record_network(plan, backend, store, audit, redactor)
+            notes, gateway_ran = record_network(plan, backend, store, audit, redactor)
+            work.notes += notes
+            gateway_stopped = not gateway_ran
         except Exception as problem:
             # The record of what the gateway saw must not keep the sandbox from being removed.
             work.notes.append(f"could not read the gateway's records: {problem}")
     try:
         backend.remove(plan)
+        _release_saved_layer(plan, work)
     except Exception as problem:
         work.notes.append(
             f"could not remove the sandbox ({problem}); `kapsis cleanup --agent "
@@ -350,11 +359,29 @@ def finish(
     work.notes = [redactor.text(note) for note in work.notes]
     if error is None and work.error is not None:
         error = work.error
+    if error is None and gateway_stopped:
+        error = GatewayStoppedError(
+            "the network gateway stopped during the run: from then on the agent had no network "
+            "(cut off, never opened); what it did is saved, but the run fails because it may "
+            "have gone wrong for that"
+        )
     if error is None:
         return _close(plan, store, audit, ExitCode.SUCCESS, 0, None, _success_message(work), work)
     code, agent_code = error.exit_code, exit_info.exit_code
     message = redactor.text(str(error))
     return _close(plan, store, audit, code, agent_code, error.error_type, message, work)
+
+
+def _release_saved_layer(plan: SandboxPlan, work: WorkOutcome) -> None:
+    """An overlay layer whose work is committed is not needed any more: its disk goes now. A
+    worktree (the user's checkout of the branch) and unsaved work stay until cleanup."""
+    workspace = plan.workspace
+    if workspace.disk_image is None or workspace.mode != "overlay" or not plan.git.commits:
+        return
+    if work.error is None:
+        from kapsis.workspace.disk import release_disk
+
+        release_disk(workspace)
 
 
 def _success_message(work: WorkOutcome) -> str:

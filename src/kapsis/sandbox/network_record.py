@@ -35,8 +35,9 @@ from kapsis.status import StatusStore
 
 def record_network(
     plan: SandboxPlan, backend: Backend, store: StatusStore, audit: AuditLog, redactor: Redactor
-) -> list[str]:
-    """Record what the gateway allowed and refused; say so if it did not last the run."""
+) -> tuple[list[str], bool]:
+    """Record what the gateway allowed and refused; the notes for the run, and whether the
+    gateway lasted the run."""
     blocked, gateway_ran = backend.blocked_connections(plan)
     dirs = gateway_dirs(Path(plan.workspace.root))
     cut: list[str] = []  # the logs read only in part
@@ -108,11 +109,7 @@ def record_network(
             f"the gateway's {', '.join(cut)} went past {MAX_GATEWAY_LOG_BYTES >> 20} MiB: only "
             "the decisions before that point are recorded"
         )
-    if not gateway_ran:
-        notes.append(
-            "the network gateway stopped during the run: from then on the agent had no network"
-        )
-    return notes
+    return notes, gateway_ran
 
 
 # The gateway's logs are bounded by the gateway itself; this bounds what the host reads of each.

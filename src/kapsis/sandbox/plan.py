@@ -44,6 +44,7 @@ from kapsis.sandbox.workspace_plan import (
     GitPlan,
     WorkspacePlan,
     plan_workspace_and_git,
+    with_disk_quota,
 )
 from kapsis.ssh.trust import CLIENT_CONFIG_TARGET, KNOWN_HOSTS_TARGET, SshPlan, plan_ssh
 
@@ -98,6 +99,12 @@ class ResourcePlan(PlanModel):
     pids_limit: int | None
     timeout_seconds: int | None
     limits_enforced: bool
+    # resources.disk: the size of the workspace's own filesystem and of each tmpfs.
+    disk: str | None = None
+    disk_bytes: int | None = None
+    # Whether the workspace's size is enforced (a filesystem of its own); else why not.
+    disk_enforced: bool = False
+    disk_not_enforced: str | None = None
 
 
 class SandboxPlan(PlanModel):
@@ -147,6 +154,7 @@ class RunRequest:
     memory: str | None = None
     cpus: float | None = None
     timeout: str | None = None
+    disk: str | None = None
     image: str | None = None
     branch: str | None = None
     base_branch: str | None = None
@@ -168,6 +176,7 @@ class RunRequest:
             "resources.memory": ("--memory", self.memory),
             "resources.cpus": ("--cpus", self.cpus),
             "resources.timeout": ("--timeout", self.timeout),
+            "resources.disk": ("--disk", self.disk),
             "image.name": ("--image", self.image),
             "git.branch": ("--branch", self.branch),
             "git.base_branch": ("--base-branch", self.base_branch),
@@ -243,13 +252,15 @@ def build_plan(
     ssh = plan_ssh(loaded, sandbox_root)
     tools = plan_build_tools(loaded, sandbox_root)
     mounts += _host_file_mounts(ssh, tools)
-    tmpfs = _tmpfs(settings["noexec_tmp"]) + _owned_dirs(tools)
+    disk_bytes = memory_to_bytes(config.resources.disk) if config.resources.disk else None
+    workspace, disk_gap = with_disk_quota(workspace, disk_bytes, rootless=host.rootless)
+    tmpfs = _sized(_tmpfs(settings["noexec_tmp"]) + _owned_dirs(tools), disk_bytes)
     if secrets_planned:
         mounts += [
             Mount(source=str(sandbox_root / INBOX), target=INBOX_TARGET),
             Mount(source=str(sandbox_root / INIT_SCRIPT), target=INIT_TARGET),
         ]
-        options = ("rw", "nosuid", "nodev", "noexec", "mode=0700", "U")
+        options = ("rw", "nosuid", "nodev", "noexec", "mode=0700", "U", "size=1m")
         tmpfs += (Tmpfs(target=SECRETS_TMPFS, options=options),)
     for name, value in (tools.env if tools else {}).items():
         env.setdefault(name, value)  # an explicit environment.set of the same name wins
@@ -296,6 +307,10 @@ def build_plan(
             pids_limit=pids,
             timeout_seconds=duration_to_seconds(resources.timeout) if resources.timeout else None,
             limits_enforced=host.limits_enforced,
+            disk=resources.disk,
+            disk_bytes=disk_bytes,
+            disk_enforced=workspace.disk_bytes is not None,
+            disk_not_enforced=disk_gap,
         ),
         network=plan_network(loaded, profile, agent_id, request.allow, host.dns_servers),
         git=git,
@@ -367,6 +382,13 @@ def _read_only_mount(source: str, target: str) -> Mount:
             f"filesystem.mounts: {source} does not exist on the host; fix the path or remove it"
         )
     return Mount(source=str(host_path.resolve()), target=target, read_only=True)
+
+
+def _sized(mounts: tuple[Tmpfs, ...], disk_bytes: int | None) -> tuple[Tmpfs, ...]:
+    """Each tmpfs holds at most resources.disk (the kernel refuses writes past it: ENOSPC)."""
+    if disk_bytes is None:
+        return mounts
+    return tuple(Tmpfs(target=m.target, options=(*m.options, f"size={disk_bytes}")) for m in mounts)
 
 
 def _tmpfs(noexec_tmp: bool) -> tuple[Tmpfs, ...]:

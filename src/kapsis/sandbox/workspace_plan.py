@@ -71,6 +71,12 @@ class WorkspacePlan(PlanModel):
     # and the object store); root checks them again before it mounts those for the agent.
     project_uid: int | None = None
     git_uid: int | None = None
+    # resources.disk, where enforced: the workspace's writable part (the overlay's upper and
+    # work dirs, or the worktree) is a filesystem of this size of its own, made in the file
+    # ``disk_image`` and mounted at ``disk_mount`` (kapsis.workspace.disk).
+    disk_bytes: int | None = None
+    disk_image: str | None = None
+    disk_mount: str | None = None
 
 
 class SharedDir(PlanModel):
@@ -112,6 +118,32 @@ class GitPlan(PlanModel):
     @property
     def commits(self) -> bool:
         return self.repository and self.auto_commit
+
+
+DISK_IMAGE = "disk.img"
+DISK_LAYER = "layer"
+
+
+def with_disk_quota(
+    workspace: WorkspacePlan, disk_bytes: int | None, *, rootless: bool
+) -> tuple[WorkspacePlan, str | None]:
+    """The workspace with its writable part on a filesystem of ``disk_bytes`` of its own, where
+    this host can make one; else the workspace as it was and the reason why not."""
+    if disk_bytes is None:
+        return workspace, "resources.disk is null"
+    if rootless:
+        return workspace, "rootless podman cannot mount a filesystem of the sandbox's own"
+    root = Path(workspace.root)
+    disk = {"disk_bytes": disk_bytes, "disk_image": str(root / DISK_IMAGE)}
+    if workspace.mode == "worktree":
+        if workspace.git_uid not in (None, os.geteuid()):
+            # Root does not mount in another user's home (they could swap the path for a link).
+            return workspace, "the worktree lies in the repository owner's home"
+        return workspace.model_copy(update={**disk, "disk_mount": workspace.worktree}), None
+    layer = root / DISK_LAYER
+    update = {**disk, "disk_mount": str(layer)}
+    update |= {"upper": str(layer / "upper"), "work": str(layer / "work")}
+    return workspace.model_copy(update=update), None
 
 
 def plan_workspace_and_git(

@@ -73,6 +73,9 @@ class AgentStatus(BaseModel):
     agent_exit_code: int | None = None
     error_type: str | None = None
     limits_enforced: bool
+    # resources.disk, and whether the workspace's share of it is enforced (a disk of its own).
+    disk: str | None = None
+    disk_enforced: bool = False
     network_mode: str
     security_profile: str
     task: str = ""

@@ -24,6 +24,7 @@ from kapsis.errors import SandboxError
 from kapsis.git.owner import chown_tree
 from kapsis.sandbox.workspace_plan import WorkspacePlan
 from kapsis.workspace import _mountapi
+from kapsis.workspace.disk import make_disk
 
 # Spelled out so that a kernel default can never make the upper dir hold only metadata or
 # redirects: the host reads the upper dir as the complete record of the agent's changes.
@@ -70,6 +71,7 @@ def _idmapped(
 def mount_workspace(workspace: WorkspacePlan, agent_uid: int, agent_gid: int) -> None:
     """Mount the agent's view of the project at ``workspace.merged`` (host uids given)."""
     try:
+        make_disk(workspace)  # a project that is not a repository has not made it yet
         if workspace.agent_git is not None:
             chown_tree(Path(workspace.agent_git), agent_uid, agent_gid)
         if workspace.objects is not None and workspace.objects_source is not None:

@@ -16,6 +16,7 @@ from kapsis.git.runner import ZERO_SHA, GitCommandError, Repo
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.workspace.bases import BaseRecord, ensure_base, index_path, project_lock
 from kapsis.workspace.delta import build_delta
+from kapsis.workspace.disk import make_disk, release_disk
 from kapsis.workspace.gitview import build_agent_git, write_gitlink
 from kapsis.workspace.worktree import add_worktree, remove_worktree
 
@@ -39,6 +40,8 @@ def prepare_workspace(plan: SandboxPlan) -> BaseRecord | None:
     made: BaseRecord | None = None
     assert git.branch is not None and git.start_commit is not None
     assert workspace.agent_git is not None
+    # Before anything is written where the agent will write: that is on its own disk.
+    make_disk(workspace)
     try:
         with repository_lock(repo.common_dir):
             if workspace.release_worktree is not None:
@@ -131,6 +134,7 @@ def _create_branch(repo: Repo, branch: str, start: str, *, resume: bool) -> None
 
 def abandon_workspace(plan: SandboxPlan) -> None:
     """Undo :func:`prepare_workspace` after a sandbox that never started: the agent did nothing."""
+    release_disk(plan.workspace)
     repo = plan_repo(plan)
     git, workspace = plan.git, plan.workspace
     if repo is None or git.branch is None or git.start_commit is None:

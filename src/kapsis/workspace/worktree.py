@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kapsis.git.owner import RepoOwner, remove_tree
 from kapsis.git.runner import Repo, without_filters
+from kapsis.workspace.disk import unmount_disk
 
 
 def add_worktree(repo: Repo, path: Path, branch: str) -> None:
@@ -31,6 +32,7 @@ def remove_worktree(repo: Repo | None, path: Path, owner: RepoOwner | None = Non
     A worktree of a user's repository lies in their home: it is deleted by its owner
     (``owner``, else the repository's), who can only delete what is theirs.
     """
+    unmount_disk(path)  # a worktree on a disk of its own (resources.disk)
     remove_tree(path, owner or (repo.owner if repo is not None else None))
     if repo is not None:
         repo.run("worktree", "prune", check=False)

@@ -1,0 +1,105 @@
+"""resources.disk: the agent's workspace and tmpfs mounts are bounded by the kernel. Past the
+limit the agent gets ENOSPC inside its sandbox; the host keeps writing its audit trail, commits
+what the agent made and removes the disk with the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .kapsis_runner import Kapsis
+from .test_git_workflow import git
+
+pytestmark = pytest.mark.integration
+
+# Each write is told apart in the transcript; then the agent frees room and writes its result.
+FILL = (
+    "dd if=/dev/zero of=/workspace/fill bs=1M count=120 2>&1; "
+    "echo workspace-rc=$?; ls -l /workspace/fill | awk '{print \"workspace-bytes=\" $5}'; "
+    "dd if=/dev/zero of=/tmp/fill bs=1M count=120 2>&1; "
+    "ls -l /tmp/fill | awk '{print \"tmp-bytes=\" $5}'; "
+    "rm -f /workspace/fill /tmp/fill; echo done > /workspace/result.txt"
+)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    root.mkdir()
+    git(root, "init", "-q", "-b", "main")
+    git(root, "config", "user.name", "Ada")
+    git(root, "config", "user.email", "ada@example.test")
+    (root / "README.md").write_text("# p\n")
+    git(root, "add", ".")
+    git(root, "commit", "-q", "-m", "initial")
+    return root
+
+
+def _bytes(logs: str, key: str) -> int:
+    line = next(line for line in logs.splitlines() if line.startswith(f"{key}="))
+    return int(line.split("=", 1)[1])
+
+
+def _loop_mounts(kapsis: Kapsis) -> list[str]:
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    return [m for m in mounts if str(kapsis.home) in m and m.startswith("/dev/loop")]
+
+
+@pytest.mark.parametrize("mode", ["overlay", "worktree"])
+def test_a_full_quota_is_enospc_inside_and_the_host_goes_on(
+    kapsis: Kapsis, project: Path, mode: str
+) -> None:
+    agent_id = f"quota-{mode}"
+    result = kapsis.run(
+        project, FILL, "--network-mode", "none", "--disk", "48m", "--mode", mode, "--json",
+        "--agent-id", agent_id,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    logs = kapsis("logs", agent_id).stdout
+    assert logs.count("No space left on device") == 2, logs  # the workspace and /tmp
+    assert _bytes(logs, "workspace-bytes") < 48 * 1024**2
+    assert _bytes(logs, "tmp-bytes") <= 48 * 1024**2
+    record = kapsis.status(agent_id)
+    assert record["phase"] == "complete" and record["disk"] == "48m" and record["disk_enforced"]
+    assert "result.txt" in git(project, "ls-tree", "--name-only", outcome["commit_sha"])
+    verified = kapsis("audit", "verify", agent_id)
+    assert verified.returncode == 0, verified.stdout
+    if mode == "overlay":
+        assert _loop_mounts(kapsis) == []  # committed: its disk went with the run
+    else:
+        assert len(_loop_mounts(kapsis)) == 1  # the worktree stays, on its disk, until cleanup
+        assert (Path(record["work_location"]) / "result.txt").read_text() == "done\n"
+    cleaned = kapsis("cleanup", "--agent", agent_id, "--force")
+    assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+    assert _loop_mounts(kapsis) == []
+    assert not (kapsis.home / "sandboxes" / agent_id).exists()
+
+
+def test_control_with_room_the_same_writes_succeed(kapsis: Kapsis, project: Path) -> None:
+    result = kapsis.run(
+        project, FILL, "--network-mode", "none", "--disk", "1g", "--json", "--agent-id", "roomy"
+    )
+
+    assert result.returncode == 0, result.stderr
+    logs = kapsis("logs", "roomy").stdout
+    assert "No space left on device" not in logs
+    assert _bytes(logs, "workspace-bytes") == _bytes(logs, "tmp-bytes") == 120 * 1024**2
+
+
+def test_the_disk_file_takes_only_what_the_agent_wrote(kapsis: Kapsis, project: Path) -> None:
+    """A 10g quota is a sparse file: the host's disk pays for the agent's writes only."""
+    result = kapsis.run(
+        project, "head -c 1000000 /dev/urandom > /workspace/r.bin; sleep 2", "--network-mode",
+        "none", "--disk", "10g", "--mode", "worktree", "--detach", "--agent-id", "sparse",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = kapsis.wait_finished("sparse")
+    image = kapsis.home / "sandboxes" / "sparse" / "disk.img"
+    assert image.stat().st_size == 10 * 1024**3
+    assert image.stat().st_blocks * 512 < 64 * 1024**2
+    assert record["phase"] == "complete"
+    assert kapsis("cleanup", "--agent", "sparse").returncode == 0
