@@ -140,8 +140,23 @@ def user(base_image: str) -> Iterator[RootlessUser]:
 
 
 @pytest.fixture
-def kapsis(tmp_path: Path, base_image: str) -> Kapsis:
-    """The real ``kapsis`` command, in this test's own KAPSIS_HOME and config dir."""
-    return Kapsis(
-        home=tmp_path / "kapsis-home", config_dir=tmp_path / "kapsis-config", image=base_image
-    )
+def kapsis(tmp_path: Path, base_image: str) -> Iterator[Kapsis]:
+    """The real ``kapsis`` command, in this test's own KAPSIS_HOME and config dir.
+
+    Afterwards the workspace disks its runs kept (resources.disk: a worktree's, or work that
+    was not committed stay mounted until `kapsis cleanup`) are unmounted, so that no loop
+    device outlives the test."""
+    home = tmp_path / "kapsis-home"
+    yield Kapsis(home=home, config_dir=tmp_path / "kapsis-config", image=base_image)
+    for mount_point in _mounts_under(home):
+        subprocess.run(["umount", "--lazy", mount_point], capture_output=True, check=False)
+
+
+def _mounts_under(root: Path) -> list[str]:
+    """Mount points at or below ``root``, deepest first."""
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].encode().decode("unicode_escape")
+        if point == str(root) or point.startswith(f"{root}/"):
+            points.append(point)
+    return sorted(points, key=len, reverse=True)

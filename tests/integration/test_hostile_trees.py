@@ -93,10 +93,14 @@ def test_setuid_bits_never_reach_the_host_and_a_sparse_terabyte_is_left_out(
     git(project, "add", ".")
     git(project, "commit", "-q", "-m", "initial")
     agent_id = f"special-{mode}"
+    # No disk quota: an overlay layer then stays on the host's own filesystem after the run
+    # (with one, its disk goes with the run once the work is committed).
+    unbounded = tmp_path / "no-quota.yaml"
+    unbounded.write_text("resources:\n  disk: null\n")
 
     result = kapsis.run(
         project, SPECIAL, "--network-mode", "none", "--mode", mode, "--json",
-        "--agent-id", agent_id,
+        "--agent-id", agent_id, "--config", str(unbounded),
     )  # fmt: skip
 
     assert result.returncode == 0, result.stderr

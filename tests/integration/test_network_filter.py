@@ -342,7 +342,6 @@ def test_a_gateway_that_dies_leaves_the_agent_without_network(
     assert failed(outcomes[-1]), "and unreachable once the gateway was gone"
     assert record["phase"] == "failed" and record["error_type"] == "gateway"
     assert record["exit_code"] == 3 and "network gateway stopped" in record["message"]
-    assert record["commit_sha"]  # what the agent did is saved
     assert kapsis("audit", "verify", "die1").returncode == 0
     gone = subprocess.run(["podman", "pod", "exists", "kapsis-die1"], check=False)
     assert gone.returncode != 0

@@ -101,6 +101,9 @@ def test_memory_limit_oom_kills_a_hog_and_the_run_says_so(kapsis: Kapsis, projec
     assert record["error_type"] == "oom"
     assert record["phase"] == "failed"
     assert "out of memory" in killed.stderr
+    # The end of the run is whole: the audit chain sealed, the sandbox gone.
+    assert kapsis("audit", "verify", "hog").returncode == 0
+    assert subprocess.run(["podman", "pod", "exists", "kapsis-hog"]).returncode != 0
     control = kapsis.run(project, hog, "--memory", "1g")
     assert control.returncode == 0, control.stderr
     assert control.stdout.strip() == str(300 * 1024 * 1024)

@@ -191,7 +191,7 @@ def test_unknown_key_names_file_line_path_and_allowed_keys(tmp_path):
     message = _assert_one_line_usage_error(error)
 
     assert message.startswith(f"{config}:4: resources.memroy: unknown key 'memroy'; allowed here: ")
-    assert message.endswith("cpus, disk, memory, pids, timeout")
+    assert message.endswith("cpus, disk, idle_action, idle_timeout, memory, pids, timeout")
 
 
 def test_unknown_top_level_section_lists_the_sections(tmp_path):

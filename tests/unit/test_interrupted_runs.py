@@ -3,9 +3,11 @@ an audit chain whose writer died mid-record goes on; cleanup survives a deleted 
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -294,3 +296,61 @@ def test_cleanup_says_what_it_could_not_remove_and_goes_on(
     assert any("device or resource busy" in p for p in items["stuck1"].problems)
     assert StatusStore().read("stuck1") is not None  # kept, so a later cleanup retries
     assert items["fine1"].problems == () and StatusStore().read("fine1") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# a full disk at the end of a run
+
+
+def test_a_full_disk_under_the_status_still_takes_the_final_record(
+    kapsis_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = StatusStore()
+    store.write(_record("full1", None))
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_space)
+    store.update("full1", phase="failed", message="the end")
+
+    record = store.read("full1")
+    assert record is not None and record.phase == "failed" and record.message == "the end"
+
+
+def test_a_full_disk_under_the_status_of_a_new_record_is_said(
+    kapsis_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Control: with nothing to write over, the error is not hidden."""
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_space)
+    with pytest.raises(OSError, match="No space"):
+        StatusStore().write(_record("new1", None))
+
+
+def test_an_audit_trail_that_cannot_be_written_does_not_stop_the_run_from_ending(
+    make_plan, kapsis_home: Path, backend: _Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kapsis.audit import log as audit_log
+    from kapsis.backends import ExitInfo
+    from kapsis.sandbox.launcher import finish, initial_status
+    from kapsis.secrets.redact import Redactor
+
+    plan = make_plan(agent_id="fin1", network_mode="none")
+    save_plan(plan)
+    StatusStore().write(initial_status(plan, backend).model_copy(update={"phase": "running"}))
+
+    def no_space(self: object, *args: object, **kwargs: object) -> dict:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(audit_log.AuditLog, "_record", no_space)
+
+    result = finish(plan, backend, ExitInfo(exit_code=0), Redactor(()))  # type: ignore[arg-type]
+
+    record = StatusStore().read("fin1")
+    assert record is not None and record.phase == "complete" and result.exit_code == 0
+    assert any("audit record(s) could not be written" in note for note in record.notes)
+    assert backend.removed == ["fin1"]  # and the sandbox still went

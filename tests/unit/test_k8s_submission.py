@@ -194,6 +194,8 @@ LOCAL_ONLY_CASES: dict[str, tuple[str, str]] = {
     "agent.workdir": ("agent: {workdir: /src}", "remove it for --backend k8s"),
     "resources.pids": ("resources: {pids: 100}", "podPidsLimit"),
     "resources.disk": ("resources: {disk: 2g}", "ephemeral-storage"),
+    "resources.idle_timeout": ("resources: {idle_timeout: 5m}", "does not support it"),
+    "resources.idle_action": ("resources: {idle_action: stop}", "does not support it"),
     "security.overrides.noexec_tmp": ("security: {overrides: {noexec_tmp: true}}", "noexec"),
     "filesystem.mode": ("filesystem: {mode: worktree}", "fresh clone"),
     "filesystem.uncommitted": ("filesystem: {uncommitted: exclude}", "uncommitted changes never"),

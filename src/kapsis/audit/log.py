@@ -99,8 +99,12 @@ class AuditLog:
         rotate_bytes: int = DEFAULT_ROTATE_BYTES,
         keys_directory: Path | None = None,
         redactor: Redactor | None = None,
+        keep_going: bool = False,
     ) -> None:
         self.agent_id = agent_id
+        self.keep_going = keep_going
+        self.failures = 0
+        self.failure: OSError | None = None
         # The run's secret values, hidden in every record's detail whoever its writer is.
         self.redactor = redactor
         # None: the host's key (~/.kapsis/keys); the Kubernetes operator keeps its own.
@@ -122,7 +126,22 @@ class AuditLog:
     # -- public ----------------------------------------------------------------------------
 
     def record(self, event_type: str, source: str = "host", **detail: Any) -> dict[str, Any]:
-        """Append one record and return it; ``session_start`` opens a new session."""
+        """Append one record and return it; ``session_start`` opens a new session.
+
+        With ``keep_going``, a record that cannot be written (a full disk) is counted in
+        ``failures`` (the first error kept in ``failure``) instead of raised: the end of a run
+        must still reach its final status. A partial line it left is cut off, and said, by the
+        next write that succeeds."""
+        try:
+            return self._record(event_type, source, detail)
+        except OSError as error:
+            if not self.keep_going:
+                raise
+            self.failures += 1
+            self.failure = self.failure or error
+            return {}
+
+    def _record(self, event_type: str, source: str, detail: dict[str, Any]) -> dict[str, Any]:
         if not self.enabled:
             return {}
         if self.redactor:

@@ -205,6 +205,14 @@ class ResourcesSection(Section):
     timeout: Duration | None = Field(
         None, description="Wall-clock limit for the agent (seconds, or 30s / 45m / 2h)."
     )
+    idle_timeout: Duration | None = Field(
+        None,
+        description="A running agent with no output and no report for this long is flagged "
+        "stalled in its status (and stopped, with idle_action: stop). Default: off.",
+    )
+    idle_action: Literal["flag", "stop"] = Field(
+        "flag", description="What a stalled agent gets: flag (status only) or stop."
+    )
     disk: ByteSize | None = Field(
         "10g",
         description="What the agent can write to its workspace (its overlay layer or its "

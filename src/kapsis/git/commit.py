@@ -40,6 +40,10 @@ class CommitRequest:
     max_file_size: int | None = None  # larger files are left out (git.max_file_size)
 
 
+# Below this much free space, a failed fast-import is put down to a full disk.
+LOW_SPACE_BYTES = 16 * 1024 * 1024
+
+
 def split_identity(identity: str) -> tuple[str, str]:
     """``"Name <email>"`` (git.committer's form) as (name, email)."""
     name, _, email = identity.partition(" <")
@@ -224,6 +228,23 @@ def _ignored(repo: Repo, paths: list[str], view: Path | None) -> list[str]:
     return [os.fsdecode(p.removeprefix(b"./")) for p in result.stdout.split(b"\0") if p]
 
 
+def _fast_import_failure(repo: Repo, stderr: str) -> str:
+    """One line that says why fast-import failed; a full disk by name."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    fatal = [line for line in lines if line.startswith("fatal:")]
+    reason = (fatal or lines or ["no message"])[-1][:300]
+    try:
+        disk = os.statvfs(repo.common_dir)
+    except OSError:
+        return f"git fast-import failed: {reason}"
+    if disk.f_bavail * disk.f_frsize < LOW_SPACE_BYTES:
+        return (
+            f"no space left on the repository's disk ({repo.common_dir}); free some, and "
+            f"commit the work kept in the sandbox (git fast-import: {reason})"
+        )
+    return f"git fast-import failed: {reason}"
+
+
 def _build_tree(
     repo: Repo,
     request: CommitRequest,
@@ -258,9 +279,7 @@ def _build_tree(
         raise
     error = process.stderr.read() if process.stderr else b""
     if process.wait() != 0:
-        raise GitWorkflowError(
-            f"git fast-import failed: {error.decode(errors='replace').strip()[-300:]}"
-        )
+        raise GitWorkflowError(_fast_import_failure(repo, error.decode(errors="replace")))
     try:
         return repo.tree_of(scratch)
     finally:

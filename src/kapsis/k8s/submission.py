@@ -87,6 +87,8 @@ _NOT_YET = "the Kubernetes backend does not support it; remove it for --backend 
 # Keys that cannot mean anything on a cluster (or that the AgentRequest cannot carry): a value
 # other than the default is refused with this fix. ``{name}`` is the first entry's name.
 LOCAL_ONLY: dict[KeyPath, str] = {
+    ("resources", "idle_timeout"): _NOT_YET,
+    ("resources", "idle_action"): _NOT_YET,
     ("resources", "disk"): "a cluster run's workspace is an emptyDir, whose size the cluster "
     "limits (its ephemeral-storage); remove resources.disk (and --disk) for --backend k8s",
     ("resources", "pids"): "Kubernetes limits processes per Pod only, in the kubelet's "

@@ -32,6 +32,7 @@ from kapsis.errors import (
     KapsisError,
     SandboxStartError,
 )
+from kapsis.sandbox.idle import STALLED, IdleWatcher, stalled_message
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.save_work import WorkOutcome, save_work, work_location
 from kapsis.secrets.redact import Redactor
@@ -206,6 +207,7 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
         return RunResult(plan.agent_id, ExitCode.SUCCESS, None, None, "started", detached=True)
     if reports is not None:
         reports.start()
+    idle = IdleWatcher.start_for(plan, audit, lambda: backend.stop(plan.agent_id, grace_seconds=2))
     try:
         exit_info = sandbox.wait()
     except KeyboardInterrupt:
@@ -221,6 +223,8 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
         message = redactor.text(str(error))
         return _close(plan, store, audit, error.exit_code, None, error.error_type, message)
     finally:
+        if idle is not None:
+            idle.finish()
         if reports is not None:
             reports.stop()
         if delivery is not None:
@@ -313,11 +317,17 @@ def finish(
 
     ``redactor`` hides the run's secret values in the messages and notes that are kept."""
     store = StatusStore()
-    audit = AuditLog(plan.agent_id, enabled=plan.audit_enabled, redactor=redactor)
+    # A full disk must not keep the run from its final status: what cannot be recorded is said.
+    audit = AuditLog(plan.agent_id, enabled=plan.audit_enabled, redactor=redactor, keep_going=True)
     store.update(plan.agent_id, phase="post_processing", message="saving the agent's work")
     audit.record("sandbox_exited", exit_code=exit_info.exit_code, oom_killed=exit_info.oom_killed)
     current = store.read(plan.agent_id)
-    error = classify(plan, exit_info, stop_requested=bool(current and current.stop_requested))
+    error = classify(
+        plan,
+        exit_info,
+        stop_requested=bool(current and current.stop_requested),
+        stalled=bool(current and current.stalled),
+    )
     # Each stage below runs whatever became of the one before: the run always ends with its
     # final status, the audit's session_end and seal, and the sandbox removed.
     try:
@@ -412,8 +422,13 @@ def _audit_work(audit: AuditLog, work: WorkOutcome) -> None:
         audit.record("git_error", error_type=work.error.error_type, message=str(work.error))
 
 
-def classify(plan: SandboxPlan, exit_info: ExitInfo, *, stop_requested: bool) -> KapsisError | None:
+def classify(
+    plan: SandboxPlan, exit_info: ExitInfo, *, stop_requested: bool, stalled: bool = False
+) -> KapsisError | None:
     """Map the agent's exit to None (success) or the error that explains it."""
+    if stop_requested and stalled and plan.resources.idle_timeout_seconds is not None:
+        message = stalled_message(plan.resources.idle_timeout_seconds)
+        return AgentKilledError(f"the agent was stopped: {message}", STALLED)
     if stop_requested:
         return AgentKilledError("the agent was stopped by `kapsis stop`", "stopped")
     if exit_info.oom_killed:
@@ -445,17 +460,23 @@ def _close(
     work: WorkOutcome | None = None,
 ) -> RunResult:
     phase = "complete" if exit_code == ExitCode.SUCCESS else "failed"
+    audit.record(
+        "session_end", phase=phase, exit_code=int(exit_code), error_type=error_type, message=message
+    )
+    notes = work.notes if work is not None else []
+    if audit.failures:
+        notes.append(
+            f"{audit.failures} audit record(s) could not be written ({audit.failure}); the "
+            "audit trail is incomplete"
+        )
     store.update(
         plan.agent_id,
         phase=phase,
         message=message,
-        notes=work.notes if work is not None else [],
+        notes=notes,
         exit_code=int(exit_code),
         agent_exit_code=agent_exit_code,
         error_type=error_type,
-    )
-    audit.record(
-        "session_end", phase=phase, exit_code=int(exit_code), error_type=error_type, message=message
     )
     if work is None:
         return RunResult(plan.agent_id, int(exit_code), agent_exit_code, error_type, message)

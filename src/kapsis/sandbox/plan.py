@@ -99,6 +99,8 @@ class ResourcePlan(PlanModel):
     pids_limit: int | None
     timeout_seconds: int | None
     limits_enforced: bool
+    idle_timeout_seconds: int | None = None
+    idle_action: str = "flag"
     # resources.disk: the size of the workspace's own filesystem and of each tmpfs.
     disk: str | None = None
     disk_bytes: int | None = None
@@ -307,6 +309,10 @@ def build_plan(
             pids_limit=pids,
             timeout_seconds=duration_to_seconds(resources.timeout) if resources.timeout else None,
             limits_enforced=host.limits_enforced,
+            idle_timeout_seconds=(
+                duration_to_seconds(resources.idle_timeout) if resources.idle_timeout else None
+            ),
+            idle_action=resources.idle_action,
             disk=resources.disk,
             disk_bytes=disk_bytes,
             disk_enforced=workspace.disk_bytes is not None,

@@ -13,6 +13,7 @@ import sys
 
 from kapsis.audit import AuditLog
 from kapsis.backends import get_backend
+from kapsis.sandbox.idle import IdleWatcher
 from kapsis.sandbox.launcher import finish, load_plan, open_agent_reports
 from kapsis.secrets.redact import Redactor
 from kapsis.status import StatusStore
@@ -30,21 +31,23 @@ def main(agent_id: str) -> int:
     backend = get_backend(record.backend if record else "podman")
     started_at = parse_utc(record.started_at) if record else None
     reports = None
+    audit = AuditLog(agent_id, enabled=plan.audit_enabled, redactor=redactor)
     audit_fd = handover.get("audit_fd")
     if audit_fd is not None:
         # The launcher bound the sandbox's audit socket and handed it over.
         listener = socket.socket(fileno=int(audit_fd))
-        reports = open_agent_reports(
-            plan, AuditLog(agent_id, redactor=redactor), redactor, listener
-        )
+        reports = open_agent_reports(plan, audit, redactor, listener)
         if reports is not None:
             reports.start()
     sandbox = backend.attach_to(
         plan, started_at, handover=tuple(handover.get("sandbox_fds", ())), redactor=redactor
     )
+    idle = IdleWatcher.start_for(plan, audit, lambda: backend.stop(agent_id, grace_seconds=2))
     try:
         exit_info = sandbox.wait()
     finally:
+        if idle is not None:
+            idle.finish()
         if reports is not None:
             reports.stop()
     return finish(plan, backend, exit_info, redactor).exit_code

@@ -10,6 +10,7 @@ each other's changes. ``agent_reported`` alone holds what the agent said about i
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import signal
@@ -80,6 +81,8 @@ class AgentStatus(BaseModel):
     security_profile: str
     task: str = ""
     stop_requested: bool = False
+    # No output and no report for resources.idle_timeout (kapsis.sandbox.idle).
+    stalled: bool = False
     workspace_mode: str = "overlay"
     base: str | None = None
     start_commit: str | None = None
@@ -119,15 +122,40 @@ class StatusStore:
 
     def write(self, status: AgentStatus) -> None:
         paths.private_dir(self.directory)
-        descriptor, temporary = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
+        text = status.model_dump_json(indent=2)
+        try:
+            descriptor, temporary = tempfile.mkstemp(
+                dir=self.directory, prefix=".tmp-", suffix=".json"
+            )
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            self._rewrite_in_place(status.agent_id, text, error)
+            return
         try:
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                handle.write(status.model_dump_json(indent=2))
+                handle.write(text)
             os.chmod(temporary, 0o600)
             os.replace(temporary, self.path(status.agent_id))
+        except OSError as error:
+            Path(temporary).unlink(missing_ok=True)
+            if error.errno != errno.ENOSPC:
+                raise
+            self._rewrite_in_place(status.agent_id, text, error)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+
+    def _rewrite_in_place(self, agent_id: str, text: str, full: OSError) -> None:
+        """A full disk: the record is rewritten over its own blocks (a final status must land;
+        a reader may see it half-written for that moment, and then reads it as missing)."""
+        target = self.path(agent_id)
+        if not target.exists():
+            raise full
+        descriptor = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.truncate(0)
+            handle.write(text)
 
     def update(self, agent_id: str, **changes: Any) -> AgentStatus:
         with self._locked():
