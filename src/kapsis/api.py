@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -224,7 +225,10 @@ def cleanup(
     for record in records:
         if not record.finished and not (everything or agent_id):
             continue
-        sandbox_plan = launcher.load_plan(record.agent_id)
+        try:
+            sandbox_plan = launcher.load_plan(record.agent_id)
+        except (ValueError, OSError):
+            sandbox_plan = None  # unreadable: what can be removed without it still goes
         if not force and record.error_type in UNSAVED_ERROR_TYPES and record.commit_sha is None:
             reason = (
                 f"its work was not committed ({record.error_type}) and is only in "
@@ -236,7 +240,15 @@ def cleanup(
         if branches and sandbox_plan is not None:
             removes += workspace_cleanup.deletable_branch(sandbox_plan, force=force)
         items.append(CleanupItem(record.agent_id, record.phase, removes))
-    items += [CleanupItem(orphan, "unknown", _removable(orphan, False, None)) for orphan in orphans]
+    for orphan in orphans:
+        if not force and _may_hold_work(paths.sandbox_dir(orphan)):
+            reason = (
+                f"it has no status record, and its sandbox {paths.sandbox_dir(orphan)} may hold "
+                "work no commit has; --force removes it"
+            )
+            items.append(CleanupItem(orphan, "unknown", (), kept=reason))
+        else:
+            items.append(CleanupItem(orphan, "unknown", _removable(orphan, False, None)))
     if on_cluster:
         items += _cleanup_k8s(on_cluster, everything or agent_id is not None, dry_run)
     if dry_run:
@@ -359,6 +371,19 @@ def _wait_finished(store: StatusStore, agent_id: str, timeout: float = 15.0) -> 
         if current is None or current.finished:
             return
         time.sleep(0.2)
+
+
+def _may_hold_work(sandbox: Path) -> bool:
+    """Whether a sandbox dir has an agent's writes in it (an upper dir with entries, or a disk)."""
+    from kapsis.sandbox.workspace_plan import DISK_IMAGE, DISK_LAYER
+
+    if (sandbox / DISK_IMAGE).exists() or (sandbox / DISK_LAYER).exists():
+        return True
+    try:
+        with os.scandir(sandbox / "upper") as entries:
+            return any(entry.name != ".git" for entry in entries)
+    except OSError:
+        return False
 
 
 def _removable(agent_id: str, has_status: bool, plan: SandboxPlan | None) -> tuple[str, ...]:

@@ -11,22 +11,29 @@ read other than it is. :func:`shown` replaces each such character with a visible
 from __future__ import annotations
 
 import re
+import unicodedata
 
-# C0 controls but tab, DEL, C1 controls; the bidirectional controls; line and paragraph
-# separators (a terminal may break the line there).
-_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
-_UNSAFE_KEEPING_NEWLINES = re.compile(
-    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]"
-)
+# Candidates: anything but printable ASCII and tab. Which of them are escaped is decided by
+# their Unicode category, so ordinary text in any script passes, in one linear pass.
+_CANDIDATE = re.compile("[^\x20-\x7e\t]")
+_CANDIDATE_KEEPING_NEWLINES = re.compile("[^\x20-\x7e\t\n]")
+# Controls (C0, DEL, C1), format characters (direction overrides, zero-width and tag
+# characters, which hide or reorder text), lone surrogates, line and paragraph separators.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
 def _escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    char = match.group()
+    if unicodedata.category(char) not in _UNSAFE_CATEGORIES:
+        return char
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def shown(text: str, *, keep_newlines: bool = False) -> str:
-    """``text`` with every control character escaped visibly (tabs kept; newlines too when
-    ``keep_newlines``)."""
-    pattern = _UNSAFE_KEEPING_NEWLINES if keep_newlines else _UNSAFE
+    """``text`` with every control or format character escaped visibly (tabs kept; newlines
+    too when ``keep_newlines``)."""
+    pattern = _CANDIDATE_KEEPING_NEWLINES if keep_newlines else _CANDIDATE
     return pattern.sub(_escape, text)

@@ -10,7 +10,9 @@ import pytest
 
 from kapsis.audit import AuditLog, rotated_files, verify
 from kapsis.audit.agent_reports import (
+    KEPT_TEXT,
     MAX_DEPTH,
+    MAX_DETAIL,
     MAX_LINE,
     AgentReportServer,
     Redactor,
@@ -106,7 +108,10 @@ def test_a_malformed_report_is_kept_as_text_and_never_parsed_into_trouble(line: 
 
     assert event_type == "agent_report"
     assert detail["unparsed"] is True
-    assert detail["text"] == line.decode()
+    if "cut_from" in detail:  # a long one: its start, within the bound
+        assert line.decode().startswith(detail["text"]) and len(detail["text"]) == KEPT_TEXT
+    else:
+        assert detail["text"] == line.decode()
 
 
 def test_a_report_nested_within_the_limit_is_still_parsed() -> None:
@@ -165,3 +170,57 @@ def test_a_real_malformed_report_on_the_socket_does_not_stop_the_ones_after(
     assert [r["event_type"] for r in reported] == ["agent_report", "agent_report", "agent_command"]
     assert reported[2]["detail"]["command"] == "echo still-recorded"
     assert verify(rotated_files(tmp_path / "r3.jsonl"), signing_key().public_key()).ok
+
+
+def test_a_lone_surrogate_is_kept_as_text_and_the_run_goes_on(
+    kapsis_home: Path, tmp_path: Path
+) -> None:
+    """\\udc80 parses to a character no UTF-8 writer takes: the status write of the agent's
+    activity failed on it, and the trail could no longer be read back."""
+    line = b'{"hook_event_name": "PreToolUse", "tool_name": "x\\udc80"}'
+    event_type, detail = report_detail(line, Redactor([]))
+    assert event_type == "agent_report" and detail["unparsed"] is True
+    assert detail["text"] == line.decode()
+    # Control: a proper surrogate pair (an emoji, escaped) is parsed.
+    pair = b'{"hook_event_name": "PreToolUse", "tool_name": "\\ud83d\\ude00"}'
+    assert report_detail(pair, Redactor([]))[0] == "tool_use"
+
+
+def test_a_report_of_bad_bytes_takes_a_bounded_place_in_the_trail() -> None:
+    line = b'{"hook_event_name": "PreToolUse", "tool_name": "' + b"\xff" * 16000 + b'"}'
+    _event_type, detail = report_detail(line, Redactor([]))
+    assert len(json.dumps(detail)) <= MAX_DETAIL
+    command = report_detail(b"echo " + b"\xff" * 16000, Redactor([]))[1]
+    assert len(json.dumps(command)) <= MAX_DETAIL and command["cut_from"] > KEPT_TEXT
+
+
+def test_the_reports_share_of_the_trail_is_capped_and_said(
+    kapsis_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kapsis.audit import agent_reports
+
+    monkeypatch.setattr(agent_reports, "MAX_REPORT_BYTES", 4096)
+    log = AuditLog("cap1", directory=tmp_path)
+    log.record("session_start")
+    server = AgentReportServer(log, tmp_path / "audit.sock", Redactor([]))
+    for index in range(100):
+        server._record(b"echo " + b"x" * 200 + str(index).encode())
+    assert 0 < server.records < 100 and server.dropped == 100 - server.records
+    events = [json.loads(line) for line in log.path.read_text().splitlines()]
+    dropped = [e for e in events if e["event_type"] == "agent_report_dropped"]
+    assert dropped and "MiB of the audit trail" in dropped[0]["detail"]["reason"]
+    server.stop()
+
+
+def test_a_failing_last_status_write_does_not_stop_the_server_from_ending(
+    kapsis_home: Path, tmp_path: Path
+) -> None:
+    log = AuditLog("stop1", directory=tmp_path)
+    log.record("session_start")
+
+    def broken() -> None:
+        raise ValueError("cannot serialize")
+
+    server = AgentReportServer(log, tmp_path / "audit.sock", Redactor([]), on_stop=broken)
+    server.start()
+    server.stop()  # raised before: launch()'s finally then never reached finish()

@@ -35,6 +35,14 @@ SOCKET_TARGET = "/run/kapsis/audit.sock"
 REPORTER_TARGET = "/run/kapsis/report-shell.py"
 MAX_LINE = 16 * 1024
 MAX_RECORDS = 100_000
+# A report's detail as JSON: past this it is kept as the start of its text (bad bytes become
+# U+FFFD, six characters once escaped: a 16 KiB line could otherwise take ~100 KB).
+MAX_DETAIL = 16 * 1024
+KEPT_TEXT = 2048
+# What the agent's reports may take of the audit trail in one run (the host's disk is not the
+# agent's): past it, reports are dropped and counted.
+MAX_REPORT_BYTES = 128 * 1024 * 1024
+MAX_TOOL_NAME = 200
 # A report nested deeper than this is not taken apart (every later step would have to recurse
 # on it): it is kept as text.
 MAX_DEPTH = 32
@@ -86,7 +94,23 @@ def _parsed(text: str) -> dict[str, Any] | None:
         reported = json.loads(text, parse_constant=_not_json)
     except (ValueError, RecursionError):
         return None
-    return reported if isinstance(reported, dict) else None
+    if not isinstance(reported, dict):
+        return None
+    try:
+        # A lone surrogate (an escape such as \udc80) is no text: it could be neither
+        # written to the status nor read back from the audit trail as UTF-8.
+        json.dumps(reported, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError, RecursionError):
+        return None
+    return reported
+
+
+def _bounded(event_type: str, detail: dict[str, Any], text: str) -> tuple[str, dict[str, Any]]:
+    """``detail``, or the start of the report's text when its JSON would be too large."""
+    size = len(json.dumps(detail))
+    if size <= MAX_DETAIL:
+        return event_type, detail
+    return "agent_report", {"text": text[:KEPT_TEXT], "unparsed": True, "cut_from": size}
 
 
 def report_detail(line: bytes, redactor: Redactor) -> tuple[str, dict[str, Any]]:
@@ -96,19 +120,24 @@ def report_detail(line: bytes, redactor: Redactor) -> tuple[str, dict[str, Any]]
         reported = _parsed(text)
         if reported is None:
             # Kept as the text it is: a report, not a command (it starts like an object).
-            return "agent_report", {"text": redactor.text(text), "unparsed": True}
-        if isinstance(reported, dict):
-            hook = reported.get("hook_event_name")
-            if hook in TOOL_HOOKS and isinstance(reported.get("tool_name"), str):
-                # hook and tool repeated outside the payload, for `kapsis audit show`.
-                return "tool_use", {
-                    "hook": hook,
-                    "tool": redactor.text(reported["tool_name"]),
-                    "reported": redactor.value(reported),
-                }
-            return "agent_report", {"reported": redactor.value(reported)}
+            detail: dict[str, Any] = {"text": redactor.text(text), "unparsed": True}
+            return _bounded("agent_report", detail, redactor.text(text))
+        hook = reported.get("hook_event_name")
+        if hook in TOOL_HOOKS and isinstance(reported.get("tool_name"), str):
+            # hook and tool repeated outside the payload, for `kapsis audit show`.
+            detail = {
+                "hook": hook,
+                "tool": redactor.text(reported["tool_name"][:MAX_TOOL_NAME]),
+                "reported": redactor.value(reported),
+            }
+            return _bounded("tool_use", detail, redactor.text(text))
+        return _bounded("agent_report", {"reported": redactor.value(reported)}, redactor.text(text))
     depth = len(text) - len(text.lstrip("+"))
-    return "agent_command", {"command": redactor.text(text[depth:].lstrip()), "depth": depth}
+    command = redactor.text(text[depth:].lstrip())
+    detail = {"command": command, "depth": depth}
+    if len(json.dumps(detail)) > MAX_DETAIL:
+        detail = {"command": command[:KEPT_TEXT], "depth": depth, "cut_from": len(command)}
+    return "agent_command", detail
 
 
 class AgentReportServer:
@@ -137,6 +166,7 @@ class AgentReportServer:
         self._wake_read, self._wake_write = os.pipe()
         self._thread: threading.Thread | None = None
         self.records = 0
+        self.recorded_bytes = 0
         self.dropped = 0
 
     @staticmethod
@@ -174,7 +204,10 @@ class AgentReportServer:
             with contextlib.suppress(Exception):
                 self.log.record("agent_report_dropped", reason="total", dropped=self.dropped)
         if self.on_stop is not None:
-            self.on_stop()
+            # The last status write of what the agent reported; whatever it meets, the run
+            # must go on to its end.
+            with contextlib.suppress(Exception):
+                self.on_stop()
 
     def _serve(self) -> None:
         selector = selectors.DefaultSelector()
@@ -231,6 +264,9 @@ class AgentReportServer:
         if self.records >= MAX_RECORDS:
             self._drop(f"more than {MAX_RECORDS} reports")
             return
+        if self.recorded_bytes >= MAX_REPORT_BYTES:
+            self._drop(f"the agent's reports took {MAX_REPORT_BYTES >> 20} MiB of the audit trail")
+            return
         try:
             self._record_line(line)
         except Exception as error:  # the agent chose the bytes: whatever they do, go on
@@ -245,6 +281,7 @@ class AgentReportServer:
     def _record_line(self, line: bytes) -> None:
         event_type, detail = report_detail(line, self.redactor)
         self.records += 1
+        self.recorded_bytes += len(json.dumps(detail)) + 256  # the record's own fields
         record = self.log.record(event_type, source="agent", **detail)
         if record and self.on_record is not None:
             # A status that cannot be written must not stop the recording of the audit trail.

@@ -11,6 +11,7 @@ it and its last hash, so the chain spans files.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -55,21 +56,44 @@ def rotated_files(path: Path) -> list[Path]:
 
 
 def _last_record(path: Path) -> dict[str, Any] | None:
+    """The file's last complete record, read backwards a chunk at a time (a record may be
+    longer than one chunk)."""
     try:
         with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - _TAIL_CHUNK))
-            lines = handle.read().rstrip(b"\n").split(b"\n")
+            end = handle.seek(0, os.SEEK_END)
+            tail = b""
+            while end > 0:
+                start = max(0, end - _TAIL_CHUNK)
+                handle.seek(start)
+                tail = handle.read(end - start) + tail
+                end = start
+                lines = tail.rstrip(b"\n").split(b"\n")
+                # The first line may be cut by the chunk's start: only trusted at the file's.
+                for line in reversed(lines if end == 0 else lines[1:]):
+                    try:
+                        record: dict[str, Any] = json.loads(line)
+                        return record
+                    except ValueError:
+                        continue
+                tail = lines[0] if end else b""
     except OSError:
         return None
-    for line in reversed(lines):
-        try:
-            record: dict[str, Any] = json.loads(line)
-            return record
-        except ValueError:
-            continue
     return None
+
+
+def _write_whole(descriptor: int, data: bytes) -> None:
+    """Append ``data`` unbuffered, all of it or none: a write that fails part-way (a full disk)
+    is cut back, so no partial line stays behind and nothing is written later out of order."""
+    before = os.fstat(descriptor).st_size
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.write(descriptor, view)
+            view = view[written:]
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(descriptor, before)
+        raise
 
 
 def _torn_tail(descriptor: int, size: int) -> int:
@@ -254,8 +278,7 @@ class AuditLog:
         # the top-level "prev_hash", whose member is the last one of that name in the body.
         cut = body.rindex(b',"prev_hash":"')
         line = body[:cut] + b',"hash":"' + record["hash"].encode() + b'"' + body[cut:] + b"\n"
-        handle.write(line)
-        handle.flush()
+        _write_whole(handle.fileno(), line)
         self._head = (seq + 1, record["hash"], session_id)
         self._known_size = os.fstat(handle.fileno()).st_size
         self._since_seal += 1
@@ -300,7 +323,8 @@ class _Locked:
             handle = self.log._handle
             if handle is None or handle.closed or not self.log.path.exists():
                 descriptor = os.open(self.log.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-                handle = self.log._handle = os.fdopen(descriptor, "ab")
+                # Unbuffered: a record is on disk when its write returns (see _write_whole).
+                handle = self.log._handle = os.fdopen(descriptor, "ab", buffering=0)
             fcntl.flock(handle, fcntl.LOCK_EX)
         except BaseException:
             self.log._thread_lock.release()

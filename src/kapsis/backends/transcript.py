@@ -56,6 +56,7 @@ class TranscriptPump:
         self._echo = echo
         self.max_bytes = MAX_TRANSCRIPT_BYTES
         self.dropped_bytes = 0
+        self._touched = 0.0
         self._thread = threading.Thread(target=self._run, name="kapsis-transcript", daemon=True)
 
     @classmethod
@@ -128,14 +129,26 @@ class TranscriptPump:
         size = len(record.encode("utf-8", "replace"))
         if self.dropped_bytes or out.tell() + size > self.max_bytes:
             self.dropped_bytes += size
+            # The file no longer grows, but its time still says the agent is talking (the idle
+            # watcher reads it): touched at most once a second.
+            now = time.monotonic()
+            if now - self._touched >= 1.0:
+                self._touched = now
+                with contextlib.suppress(OSError):
+                    os.utime(self._transcript)
         else:
             out.write(record)
             out.flush()
         if self._echo:
             terminal = sys.stderr if stream == "stderr" else sys.stdout
-            # The agent's control sequences are shown, never obeyed by the user's terminal.
-            terminal.write(shown(redacted) + ("\n" if tag == "F" else ""))
-            terminal.flush()
+            try:
+                # The agent's control sequences are shown, never obeyed by the user's terminal.
+                terminal.write(shown(redacted) + ("\n" if tag == "F" else ""))
+                terminal.flush()
+            except (OSError, ValueError):
+                # A closed terminal (`kapsis run | head`) ends the echo, never the pump: the
+                # FIFO must be read to the end, or conmon and the agent block.
+                self._echo = False
 
 
 def parse_records(lines: Iterator[str]) -> Iterator[str]:
@@ -215,10 +228,12 @@ def drain_fifo(fifo: Path) -> Iterator[None]:
         return
     done = threading.Event()
 
+    poller = select.poll()  # select() cannot take a descriptor past 1023
+    poller.register(descriptor, select.POLLIN)
+
     def drain() -> None:
         while not done.is_set():
-            ready, _, _ = select.select([descriptor], [], [], 0.1)
-            if ready:
+            if poller.poll(100):
                 try:
                     if not os.read(descriptor, 65536):
                         time.sleep(0.05)  # no writer at the moment: readable at end of file

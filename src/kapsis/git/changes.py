@@ -45,6 +45,7 @@ class Written:
     link: bytes | None = None
     identity: tuple[int, int] | None = None
     size: int = 0  # a file's apparent size when it was listed (a sparse file's too)
+    allocated: int = 0  # what it takes on disk (st_blocks): far less than its size if sparse
 
     def content(self) -> bytes:
         """The whole content (a link's target, or a small file's bytes)."""
@@ -73,6 +74,9 @@ class Written:
                 self.identity is not None and (st.st_dev, st.st_ino) != self.identity
             ):
                 raise FileChangedError(f"{self.source} was replaced after it was listed")
+            if self.identity is not None and st.st_size != self.size:
+                # Judged (git.max_file_size) on the size listed: it must still be that size.
+                raise FileChangedError(f"{self.source} changed size after it was listed")
             announce(st.st_size)
             left = st.st_size
             while left > 0:
@@ -124,77 +128,116 @@ def from_upper(upper: Path) -> WorkspaceChanges:
     return changes
 
 
-Entry = tuple[str, os.DirEntry[str], os.stat_result]
+# (workspace path, host path, lstat when listed)
+Entry = tuple[str, str, os.stat_result]
+Identity = tuple[int, int]
 
 
-def _entries(directory: Path, prefix: str, changes: WorkspaceChanges) -> Iterator[Entry]:
+def _entries(
+    directory: str, prefix: str, changes: WorkspaceChanges, expected: Identity | None
+) -> Iterator[Entry]:
     """The entries of ``directory`` in name order, with their workspace path and lstat.
 
-    The top-level ``.git`` (the agent's git view) is skipped; a ``.git`` further down is
-    listed as unsupported and not descended into. The directory is read whole and closed at
-    once (a deep walk holds no directory open); one that cannot be read (too long a path, gone)
-    is listed as unsupported.
+    The directory is opened without following a link, and must be the one that was listed
+    (``expected``, its device and inode): whoever can still write above it (the user, in a
+    worktree of theirs that root commits) could have put a link to anywhere in its place or
+    in place of a directory above it, and root would list that. The top-level ``.git`` (the
+    agent's git view) is skipped; a ``.git`` further down is listed as unsupported and not
+    descended into. The directory is read whole and closed at once (a deep walk holds no
+    directory open); one that cannot be read (too long a path, gone, replaced) is listed as
+    unsupported.
     """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        with os.scandir(directory) as scanned:
-            entries = sorted(scanned, key=lambda e: e.name)
+        descriptor = os.open(directory, flags)
     except OSError:
         changes.unsupported.append(prefix or ".")
         return
-    for entry in entries:
-        if not prefix and entry.name == ".git":
+    try:
+        opened = os.fstat(descriptor)
+        if expected is not None and (opened.st_dev, opened.st_ino) != expected:
+            changes.unsupported.append(prefix or ".")
+            return
+        # Listed through the descriptor: the names and their lstat are of this directory.
+        with os.scandir(descriptor) as scanned:
+            entries = sorted(
+                ((entry.name, entry.stat(follow_symlinks=False)) for entry in scanned),
+                key=lambda item: item[0],
+            )
+    except OSError:
+        changes.unsupported.append(prefix or ".")
+        return
+    finally:
+        os.close(descriptor)
+    for name, st in entries:
+        if not prefix and name == ".git":
             continue
-        relative = _join(prefix, entry.name)
-        if entry.name.lower() == ".git":
+        relative = _join(prefix, name)
+        if name.lower() == ".git":
             changes.unsupported.append(relative)
             continue
-        try:
-            yield relative, entry, entry.stat(follow_symlinks=False)
-        except OSError:
-            changes.unsupported.append(relative)
+        yield relative, os.path.join(directory, name), st
 
 
-def _walk(root: Path, changes: WorkspaceChanges) -> Iterator[tuple[Entry, Callable[[], None]]]:
+def _walk(
+    root: Path, changes: WorkspaceChanges, root_owner: int | None = None
+) -> Iterator[tuple[Entry, Callable[[], None]]]:
     """Every entry under ``root`` depth first in name order, as a recursive walk would give
     them, but with a stack of its own: the agent chooses the depth. Each entry comes with a
-    ``descend`` to call for a directory whose entries should follow."""
-    stack = [_entries(root, "", changes)]
+    ``descend`` to call for a directory whose entries should follow. ``root_owner``: the uid
+    ``root`` must belong to (nothing is listed otherwise)."""
+    try:
+        top = os.lstat(root)
+    except OSError:
+        changes.unsupported.append(".")
+        return
+    if not stat.S_ISDIR(top.st_mode) or (root_owner is not None and top.st_uid != root_owner):
+        changes.unsupported.append(".")
+        return
+    stack = [_entries(str(root), "", changes, (top.st_dev, top.st_ino))]
     while stack:
         found = next(stack[-1], None)
         if found is None:
             stack.pop()
             continue
-        relative, entry, _ = found
+        relative, path, st = found
 
-        def descend(path: str = entry.path, prefix: str = relative) -> None:
-            stack.append(_entries(Path(path), prefix, changes))
+        def descend(
+            path: str = path, prefix: str = relative, identity: Identity = (st.st_dev, st.st_ino)
+        ) -> None:
+            stack.append(_entries(path, prefix, changes, identity))
 
         yield found, descend
 
 
-def _written(entry: os.DirEntry[str], st: os.stat_result) -> Written | None:
+def _written(path: str, st: os.stat_result) -> Written | None:
     """A regular file or a symlink (read as a link, never followed); None for anything else."""
     if stat.S_ISREG(st.st_mode):
         return Written(
             _file_mode(st),
-            source=Path(entry.path),
+            source=Path(path),
             identity=(st.st_dev, st.st_ino),
             size=st.st_size,
+            allocated=st.st_blocks * 512,
         )
     if stat.S_ISLNK(st.st_mode):
-        return Written(MODE_SYMLINK, link=os.fsencode(os.readlink(entry.path)))
+        try:
+            target = os.readlink(path)
+        except OSError:
+            return None
+        return Written(MODE_SYMLINK, link=os.fsencode(target))
     return None
 
 
 def _walk_upper(directory: Path, changes: WorkspaceChanges) -> None:
-    for (relative, entry, st), descend in _walk(directory, changes):
+    for (relative, path, st), descend in _walk(directory, changes):
         if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
             changes.deleted.append(relative)
         elif stat.S_ISDIR(st.st_mode):
-            if _is_opaque(Path(entry.path)):
+            if _is_opaque(Path(path)):
                 changes.cleared.append(relative)
             descend()
-        elif (written := _written(entry, st)) is not None:
+        elif (written := _written(path, st)) is not None:
             changes.written[relative] = written
         else:
             changes.unsupported.append(relative)
@@ -219,18 +262,35 @@ class TreeEntry:
     size: int = -1  # a blob's size in bytes (-1: not a blob)
 
 
-def from_worktree(worktree: Path, start_tree: dict[str, TreeEntry]) -> WorkspaceChanges:
-    """The differences between a worktree's files and the start commit's tree."""
+def from_worktree(
+    worktree: Path, start_tree: dict[str, TreeEntry], owner: int | None = None
+) -> WorkspaceChanges:
+    """The differences between a worktree's files and the start commit's tree. ``owner``: the
+    uid the worktree must belong to (root committing a user's worktree)."""
     changes = WorkspaceChanges()
     present: set[str] = set()
-    _walk_worktree(worktree, start_tree, changes, present)
+    _walk_worktree(worktree, start_tree, changes, present, owner)
+    if "." in changes.unsupported:
+        raise FileChangedError(
+            f"{worktree} is not the worktree that was planned (gone, replaced or not its "
+            "owner's): nothing is committed"
+        )
+    unread = set(changes.unsupported)
     for path, entry in start_tree.items():
-        if path in present:
-            continue
+        if path in present or _under(path, unread):
+            continue  # what could not be read is not taken for deleted
         if entry.mode == MODE_GITLINK and (worktree / path).is_dir():
             continue  # a submodule that is not checked out is an empty directory
         changes.deleted.append(path)
     return changes
+
+
+def _under(path: str, directories: set[str]) -> bool:
+    """Whether ``path`` is one of ``directories`` or lies below one."""
+    if not directories:
+        return False
+    parts = path.split("/")
+    return any("/".join(parts[:depth]) in directories for depth in range(1, len(parts) + 1))
 
 
 def _walk_worktree(
@@ -238,8 +298,9 @@ def _walk_worktree(
     start_tree: dict[str, TreeEntry],
     changes: WorkspaceChanges,
     present: set[str],
+    owner: int | None,
 ) -> None:
-    for (relative, entry, st), descend in _walk(directory, changes):
+    for (relative, path, st), descend in _walk(directory, changes, owner):
         before = start_tree.get(relative)
         if stat.S_ISDIR(st.st_mode):
             if before is not None and before.mode == MODE_GITLINK:
@@ -247,7 +308,7 @@ def _walk_worktree(
             else:
                 descend()
             continue
-        written = _written(entry, st)
+        written = _written(path, st)
         if written is None:
             changes.unsupported.append(relative)
             continue

@@ -42,6 +42,11 @@ class CommitRequest:
 
 # Below this much free space, a failed fast-import is put down to a full disk.
 LOW_SPACE_BYTES = 16 * 1024 * 1024
+# What one commit reads of the agent's files at most: the agent makes files for nothing
+# (sparse ones take no disk), the host reads every byte of them.
+MAX_COMMIT_BYTES = 2 * 1024**3
+# A file larger than this that takes less than 1/8 of its size on disk is mostly holes.
+SPARSE_FROM = 1024 * 1024
 
 
 def split_identity(identity: str) -> tuple[str, str]:
@@ -61,6 +66,9 @@ class CommitOutcome:
     unsupported: list[str] = field(default_factory=list)
     # Left out as larger than git.max_file_size: (path, size in bytes).
     too_large: list[tuple[str, int]] = field(default_factory=list)
+    # Left out as mostly holes, or past MAX_COMMIT_BYTES in all: (path, size in bytes).
+    sparse: list[tuple[str, int]] = field(default_factory=list)
+    over_total: list[tuple[str, int]] = field(default_factory=list)
 
 
 def is_excluded(path: str, patterns: Iterable[str]) -> bool:
@@ -130,16 +138,25 @@ def commit_workspace(request: CommitRequest, changes: WorkspaceChanges) -> Commi
 
         written = dict(changes.written)
         too_large: list[tuple[str, int]] = []
-        for path, item in list(written.items()):
+        sparse: list[tuple[str, int]] = []
+        over_total: list[tuple[str, int]] = []
+        total = 0
+        for path, item in sorted(written.items()):
+            # Judged on the size listed, never read: a sparse file of a terabyte costs the
+            # agent nothing and must cost the host nothing either.
             if is_excluded(path, request.exclude):
-                outcome_excluded.add(path)
-                del written[path]
+                pass  # git.commit_exclude: listed as excluded only
             elif request.max_file_size is not None and item.size > request.max_file_size:
-                # Judged on the size listed, never read: a sparse file of a terabyte costs the
-                # agent nothing and must cost the host nothing either.
                 too_large.append((path, item.size))
-                outcome_excluded.add(path)
-                del written[path]
+            elif item.size > SPARSE_FROM and item.allocated < item.size // 8:
+                sparse.append((path, item.size))
+            elif total + item.size > MAX_COMMIT_BYTES:
+                over_total.append((path, item.size))
+            else:
+                total += item.size
+                continue
+            outcome_excluded.add(path)
+            del written[path]
         ignored = _ignored(repo, [p for p in written if p not in tracked], request.ignore_view)
         for path in ignored:
             del written[path]
@@ -153,7 +170,9 @@ def commit_workspace(request: CommitRequest, changes: WorkspaceChanges) -> Commi
             excluded=sorted(outcome_excluded),
             ignored=sorted(ignored),
             unsupported=sorted(changes.unsupported),
-            too_large=sorted(too_large),
+            too_large=too_large,
+            sparse=sparse,
+            over_total=over_total,
         )
         if tree == repo.tree_of(tip):
             new_tip = tip

@@ -11,10 +11,13 @@ seal. Only one reader makes the change: it is decided under the status store's l
 
 from __future__ import annotations
 
+import contextlib
+
 from kapsis.audit import AuditLog
 from kapsis.backends import get_backend
 from kapsis.errors import ExitCode
 from kapsis.sandbox.launcher import load_plan
+from kapsis.sandbox.save_work import clear_agent_special_bits
 from kapsis.status import AgentStatus, StatusStore
 from kapsis.status.liveness import is_alive
 
@@ -64,13 +67,18 @@ def _settle(store: StatusStore, record: AgentStatus) -> AgentStatus:
     if settled is None:
         return store.read(record.agent_id) or record
     # Stopped, not removed: the pod's state (and the mounted workspace) are left for
-    # `kapsis cleanup`, which removes everything of a run.
-    get_backend(record.backend).stop_unsupervised(record.agent_id)
+    # `kapsis cleanup`, which removes everything of a run. Each step on its own: a reader of
+    # status must get its answer whatever one of them meets.
+    with contextlib.suppress(Exception):
+        get_backend(record.backend).stop_unsupervised(record.agent_id)
     try:
         plan = load_plan(record.agent_id)
-    except ValueError:
+    except (ValueError, OSError):
         plan = None
-    audit = AuditLog(record.agent_id, enabled=plan is None or plan.audit_enabled)
+    if plan is not None:
+        with contextlib.suppress(Exception):
+            clear_agent_special_bits(plan)
+    audit = AuditLog(record.agent_id, enabled=plan is None or plan.audit_enabled, keep_going=True)
     audit.record(
         "session_end",
         phase="failed",

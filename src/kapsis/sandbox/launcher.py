@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -196,10 +197,15 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
         _record_delivery(plan, audit, delivery)
         # The supervisor takes over the listening socket, the transcript pipe and the values it
         # must redact, and carries on from here.
-        supervisor = _spawn_supervisor(plan.agent_id, reports, sandbox.handover(), values)
-        # Named before this process returns: a reader must never see a run whose named
-        # supervisor has exited while the real one lives.
-        store.update(plan.agent_id, supervisor=liveness.identify(supervisor))
+        _spawn_supervisor(
+            plan.agent_id,
+            reports,
+            sandbox.handover(),
+            values,
+            # Named before anything is handed over or this process returns: a reader must
+            # never see a run whose named supervisor has exited while the real one lives.
+            on_started=lambda pid: store.update(plan.agent_id, supervisor=liveness.identify(pid)),
+        )
         if reports is not None:
             reports.listener.close()
         for fd in sandbox.handover():
@@ -383,12 +389,13 @@ def finish(
 
 
 def _release_saved_layer(plan: SandboxPlan, work: WorkOutcome) -> None:
-    """An overlay layer whose work is committed is not needed any more: its disk goes now. A
-    worktree (the user's checkout of the branch) and unsaved work stay until cleanup."""
+    """An overlay layer whose work is all committed is not needed any more: its disk goes now.
+    A worktree (the user's checkout of the branch), unsaved work and a layer that holds files
+    no commit has (excluded, ignored, too large) stay until cleanup."""
     workspace = plan.workspace
     if workspace.disk_image is None or workspace.mode != "overlay" or not plan.git.commits:
         return
-    if work.error is None:
+    if work.error is None and not work.left_out:
         from kapsis.workspace.disk import release_disk
 
         release_disk(workspace)
@@ -501,9 +508,11 @@ def _spawn_supervisor(
     reports: AgentReportServer | None,
     sandbox_fds: tuple[int, ...],
     values: dict[str, str],
-) -> int:
-    """Start the detached supervisor and return its pid; what it takes over comes through its
-    stdin (a pipe, so the secret values it needs for redaction are never written anywhere)."""
+    on_started: Callable[[int], object],
+) -> None:
+    """Start the detached supervisor (``on_started`` gets its pid first); what it takes over
+    comes through its stdin (a pipe, so the secret values it needs for redaction are never
+    written anywhere)."""
     log = paths.sandbox_dir(agent_id) / "supervisor.log"
     audit_fd = reports.listener.fileno() if reports is not None else None
     handover = {
@@ -522,7 +531,7 @@ def _spawn_supervisor(
             start_new_session=True,
             pass_fds=passed,
         )
+    on_started(supervisor.pid)
     assert supervisor.stdin is not None
     supervisor.stdin.write(json.dumps(handover).encode())
     supervisor.stdin.close()
-    return supervisor.pid

@@ -42,6 +42,9 @@ class WorkOutcome:
     push_command: str | None = None
     pr_url: str | None = None
     work_location: str | None = None
+    # Paths of the agent's work that no commit holds (excluded, too large, ignored, not files):
+    # while there are any, its workspace is kept until cleanup.
+    left_out: int = 0
     notes: list[str] = field(default_factory=list)
     error: KapsisError | None = None
 
@@ -85,7 +88,7 @@ def work_location(plan: SandboxPlan) -> str:
 
 def save_work(plan: SandboxPlan, *, agent_succeeded: bool) -> WorkOutcome:
     outcome = WorkOutcome(branch=plan.git.branch, work_location=work_location(plan))
-    _clear_special_bits(plan)
+    clear_agent_special_bits(plan)
     if not plan.git.repository:
         outcome.notes.append(
             f"{plan.project} is not a git repository; the agent's changes are in "
@@ -116,7 +119,7 @@ def save_work(plan: SandboxPlan, *, agent_succeeded: bool) -> WorkOutcome:
     return outcome
 
 
-def _clear_special_bits(plan: SandboxPlan) -> None:
+def clear_agent_special_bits(plan: SandboxPlan) -> None:
     """No set-uid or set-gid file of the agent's stays on the host (git keeps neither bit)."""
     from kapsis.git.owner import RepoOwner, clear_special_bits
 
@@ -130,13 +133,23 @@ def _clear_special_bits(plan: SandboxPlan) -> None:
 
 def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
     from kapsis.git.changes import from_upper, from_worktree
-    from kapsis.git.commit import CommitRequest, commit_workspace, split_identity, tree_listing
+    from kapsis.git.commit import (
+        MAX_COMMIT_BYTES,
+        CommitRequest,
+        commit_workspace,
+        split_identity,
+        tree_listing,
+    )
 
     git, workspace = plan.git, plan.workspace
     assert git.branch and git.start_commit and git.committer
     if workspace.mode == "worktree":
         assert workspace.worktree is not None
-        changes = from_worktree(Path(workspace.worktree), tree_listing(repo, git.start_commit))
+        changes = from_worktree(
+            Path(workspace.worktree),
+            tree_listing(repo, git.start_commit),
+            owner=workspace.git_uid,
+        )
         view = Path(workspace.worktree)
     else:
         changes = from_upper(Path(workspace.upper))
@@ -163,7 +176,8 @@ def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
     outcome.created_commit = result.created_commit
     outcome.agent_commits = result.agent_commits
     outcome.excluded_paths = result.excluded
-    large = {path for path, _ in result.too_large}
+    outcome.left_out = len(result.excluded) + len(result.ignored) + len(result.unsupported)
+    large = {path for path, _ in (*result.too_large, *result.sparse, *result.over_total)}
     patterned = [path for path in result.excluded if path not in large]
     if patterned:
         outcome.notes.append("not committed (git.commit_exclude): " + _some_paths(patterned))
@@ -172,6 +186,15 @@ def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
         sized = [f"{path} ({size / 1024**2:.1f} MiB)" for path, size in result.too_large]
         outcome.notes.append(
             f"not committed (over git.max_file_size, {limit}): " + _some_paths(sized)
+        )
+    if result.sparse:
+        sized = [f"{path} ({size / 1024**2:.1f} MiB)" for path, size in result.sparse]
+        outcome.notes.append("not committed (sparse: mostly holes): " + _some_paths(sized))
+    if result.over_total:
+        sized = [f"{path} ({size / 1024**2:.1f} MiB)" for path, size in result.over_total]
+        outcome.notes.append(
+            f"not committed (the commit would pass {MAX_COMMIT_BYTES >> 30} GiB): "
+            + _some_paths(sized)
         )
     if result.squashed_agent_commits:
         outcome.notes.append(

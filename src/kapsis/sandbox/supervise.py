@@ -21,7 +21,13 @@ from kapsis.status.store import parse_utc
 
 
 def main(agent_id: str) -> int:
-    handover = json.loads(sys.stdin.read() or "{}")
+    given = sys.stdin.read()
+    if not given:
+        # The launcher died before it handed over: no transcript pipe, no values to redact.
+        # This process ends; the run reads as interrupted at the next status read.
+        print(f"agent {agent_id}: nothing was handed over", file=sys.stderr)
+        return 2
+    handover = json.loads(given)
     plan = load_plan(agent_id)
     if plan is None:
         print(f"no plan for agent {agent_id}", file=sys.stderr)

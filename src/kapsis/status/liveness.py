@@ -9,6 +9,7 @@ process has that pid and start time in this boot.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -21,6 +22,30 @@ class Supervisor(BaseModel):
     pid: int
     start_ticks: int
     boot_id: str
+    # The pid namespace the pid belongs to: a reader in another one cannot judge it.
+    pid_ns: str = ""
+
+
+def pid_namespace(pid: int | str = "self") -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return ""
+
+
+def _proc_hides_others() -> bool:
+    """Whether /proc hides other users' processes from this one (hidepid)."""
+    if os.geteuid() == 0:
+        return False
+    try:
+        mounts = (_PROC / "self" / "mounts").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return True
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[1] == "/proc" and "hidepid" in fields[3]:
+            return not any(option in fields[3] for option in ("hidepid=0", "hidepid=off"))
+    return False
 
 
 def boot_id() -> str:
@@ -52,7 +77,12 @@ def identify(pid: int) -> Supervisor:
     """The identity of process ``pid``; one that has already exited gets a start time no
     process has (-1), so it reads as gone."""
     ticks = start_ticks(pid)
-    return Supervisor(pid=pid, start_ticks=-1 if ticks is None else ticks, boot_id=boot_id())
+    return Supervisor(
+        pid=pid,
+        start_ticks=-1 if ticks is None else ticks,
+        boot_id=boot_id(),
+        pid_ns=pid_namespace(),
+    )
 
 
 def is_alive(supervisor: Supervisor) -> bool:
@@ -65,4 +95,9 @@ def is_alive(supervisor: Supervisor) -> bool:
         return False  # the machine rebooted since
     if not _PROC.joinpath("self").exists():
         return True
-    return start_ticks(supervisor.pid) == supervisor.start_ticks
+    if supervisor.pid_ns and supervisor.pid_ns != pid_namespace():
+        return True  # its pid means another process here (a container's reader, say)
+    if start_ticks(supervisor.pid) == supervisor.start_ticks:
+        return True
+    # Gone, or hidden from this reader (hidepid): only the first is a judgement.
+    return _proc_hides_others() and not _PROC.joinpath(str(supervisor.pid)).exists()

@@ -147,15 +147,22 @@ class StatusStore:
             raise
 
     def _rewrite_in_place(self, agent_id: str, text: str, full: OSError) -> None:
-        """A full disk: the record is rewritten over its own blocks (a final status must land;
-        a reader may see it half-written for that moment, and then reads it as missing)."""
+        """A full disk: the record is rewritten over its own blocks, compact (a final status
+        must land). Only when it fits in what the file already has, so the write takes no new
+        block and cannot fail half-way; the file is cut to its length only after it."""
         target = self.path(agent_id)
-        if not target.exists():
-            raise full
-        descriptor = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.truncate(0)
-            handle.write(text)
+        compact = AgentStatus.model_validate_json(text).model_dump_json().encode("utf-8")
+        try:
+            descriptor = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            raise full from None
+        try:
+            if len(compact) > os.fstat(descriptor).st_size:
+                raise full
+            os.pwrite(descriptor, compact, 0)
+            os.ftruncate(descriptor, len(compact))
+        finally:
+            os.close(descriptor)
 
     def update(self, agent_id: str, **changes: Any) -> AgentStatus:
         with self._locked():

@@ -226,10 +226,7 @@ def _as_owner(repo: Repo, argv: list[str]) -> None:
 
 def write_record(record: BaseRecord) -> None:
     directory = paths.private_dir(paths.base_records_dir() / record.key)
-    target = directory / f"{record.commit}.json"
-    partial = target.with_suffix(".partial")
-    paths.write_private(partial, json.dumps(asdict(record)))
-    partial.replace(target)
+    paths.write_private(directory / f"{record.commit}.json", json.dumps(asdict(record)))
 
 
 def remove_base(record: BaseRecord) -> None:
