@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from .kapsis_runner import Kapsis
-from .test_git_workflow import git
+from .repos import git, one_commit_repository
 
 pytestmark = pytest.mark.integration
 
@@ -26,15 +26,7 @@ FILL = (
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    root = tmp_path / "project"
-    root.mkdir()
-    git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.name", "Ada")
-    git(root, "config", "user.email", "ada@example.test")
-    (root / "README.md").write_text("# p\n")
-    git(root, "add", ".")
-    git(root, "commit", "-q", "-m", "initial")
-    return root
+    return one_commit_repository(tmp_path / "project")
 
 
 def _bytes(logs: str, key: str) -> int:

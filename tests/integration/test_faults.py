@@ -13,20 +13,9 @@ from pathlib import Path
 import pytest
 
 from .kapsis_runner import Kapsis
-from .test_git_workflow import git
+from .repos import git, one_commit_repository
 
 pytestmark = pytest.mark.integration
-
-
-def _repository(root: Path) -> Path:
-    root.mkdir(exist_ok=True)
-    git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.name", "Ada")
-    git(root, "config", "user.email", "ada@example.test")
-    (root / "README.md").write_text("# p\n")
-    git(root, "add", ".")
-    git(root, "commit", "-q", "-m", "initial")
-    return root
 
 
 def _no_pod(agent_id: str) -> bool:
@@ -54,7 +43,7 @@ BIG_WORK = "head -c 64000000 /dev/urandom > /workspace/big.bin && echo small > /
 def test_the_repositorys_disk_full_while_saving_loses_nothing(
     kapsis: Kapsis, small_disk: Path, tmp_path: Path
 ) -> None:
-    project = _repository(small_disk / "project")
+    project = one_commit_repository(small_disk / "project")
     start = git(project, "rev-parse", "HEAD")
     config = tmp_path / "big.yaml"
     config.write_text("git:\n  max_file_size: 1g\nresources:\n  disk: 1g\n")
@@ -83,7 +72,7 @@ def test_the_repositorys_disk_full_while_saving_loses_nothing(
 
 
 def test_control_with_room_the_same_work_is_committed(kapsis: Kapsis, tmp_path: Path) -> None:
-    project = _repository(tmp_path / "project")
+    project = one_commit_repository(tmp_path / "project")
     config = tmp_path / "big.yaml"
     config.write_text("git:\n  max_file_size: 1g\nresources:\n  disk: 1g\n")
 
@@ -98,7 +87,7 @@ def test_control_with_room_the_same_work_is_committed(kapsis: Kapsis, tmp_path: 
 
 
 def test_an_agent_that_goes_quiet_is_stopped_as_stalled(kapsis: Kapsis, tmp_path: Path) -> None:
-    project = _repository(tmp_path / "project")
+    project = one_commit_repository(tmp_path / "project")
     config = tmp_path / "idle.yaml"
     config.write_text("resources:\n  idle_timeout: 2s\n  idle_action: stop\n")
 
@@ -123,7 +112,7 @@ def test_an_agent_that_goes_quiet_is_stopped_as_stalled(kapsis: Kapsis, tmp_path
 def test_control_an_agent_that_keeps_talking_is_never_stalled(
     kapsis: Kapsis, tmp_path: Path
 ) -> None:
-    project = _repository(tmp_path / "project")
+    project = one_commit_repository(tmp_path / "project")
     config = tmp_path / "idle.yaml"
     config.write_text("resources:\n  idle_timeout: 2s\n  idle_action: stop\n")
 
@@ -140,7 +129,7 @@ def test_control_an_agent_that_keeps_talking_is_never_stalled(
 def test_a_quiet_agent_is_only_flagged_by_default_and_the_flag_clears(
     kapsis: Kapsis, tmp_path: Path
 ) -> None:
-    project = _repository(tmp_path / "project")
+    project = one_commit_repository(tmp_path / "project")
     config = tmp_path / "idle.yaml"
     config.write_text("resources:\n  idle_timeout: 1s\n")
     started = kapsis.run(

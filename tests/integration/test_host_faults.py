@@ -23,7 +23,7 @@ import pytest
 from kapsis.status.store import FAULT_STOP_VARIABLE
 
 from .kapsis_runner import Kapsis
-from .test_git_workflow import git
+from .repos import git, one_commit_repository
 
 pytestmark = pytest.mark.integration
 
@@ -32,15 +32,7 @@ TASK = "echo work > /workspace/out.txt; sleep 3"
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    root = tmp_path / "project"
-    root.mkdir()
-    git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.name", "Ada")
-    git(root, "config", "user.email", "ada@example.test")
-    (root / "README.md").write_text("# p\n")
-    git(root, "add", ".")
-    git(root, "commit", "-q", "-m", "initial")
-    return root
+    return one_commit_repository(tmp_path / "project")
 
 
 def _record(kapsis: Kapsis, agent_id: str) -> dict[str, Any] | None:

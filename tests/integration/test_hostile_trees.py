@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from .kapsis_runner import Kapsis
-from .test_git_workflow import git
+from .repos import git, one_commit_repository
 
 pytestmark = pytest.mark.integration
 
@@ -41,14 +41,7 @@ DEEP = (
 
 
 def test_a_deep_tree_and_many_odd_files_end_in_a_saved_run(kapsis: Kapsis, tmp_path: Path) -> None:
-    project = tmp_path / "project"
-    project.mkdir()
-    git(project, "init", "-q", "-b", "main")
-    git(project, "config", "user.name", "Ada")
-    git(project, "config", "user.email", "ada@example.test")
-    (project / "README.md").write_text("# p\n")
-    git(project, "add", ".")
-    git(project, "commit", "-q", "-m", "initial")
+    project = one_commit_repository(tmp_path / "project")
 
     result = kapsis.run(project, DEEP, "--network-mode", "none", "--json", "--agent-id", "deep1")
 
@@ -84,14 +77,7 @@ SPECIAL = (
 def test_setuid_bits_never_reach_the_host_and_a_sparse_terabyte_is_left_out(
     kapsis: Kapsis, tmp_path: Path, mode: str
 ) -> None:
-    project = tmp_path / "project"
-    project.mkdir()
-    git(project, "init", "-q", "-b", "main")
-    git(project, "config", "user.name", "Ada")
-    git(project, "config", "user.email", "ada@example.test")
-    (project / "README.md").write_text("# p\n")
-    git(project, "add", ".")
-    git(project, "commit", "-q", "-m", "initial")
+    project = one_commit_repository(tmp_path / "project")
     agent_id = f"special-{mode}"
     # No disk quota: an overlay layer then stays on the host's own filesystem after the run
     # (with one, its disk goes with the run once the work is committed).

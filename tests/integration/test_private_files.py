@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from .kapsis_runner import Kapsis
-from .test_git_workflow import git
+from .repos import one_commit_repository
 
 pytestmark = pytest.mark.integration
 
@@ -38,14 +38,7 @@ def _as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
 
 def test_a_runs_records_are_private_to_the_user(open_place: Path, base_image: str) -> None:
     kapsis = Kapsis(home=open_place / "home", config_dir=open_place / "config", image=base_image)
-    project = open_place / "project"
-    project.mkdir(mode=0o755)
-    git(project, "init", "-q", "-b", "main")
-    git(project, "config", "user.name", "Ada")
-    git(project, "config", "user.email", "ada@example.test")
-    (project / "README.md").write_text("# p\n")
-    git(project, "add", ".")
-    git(project, "commit", "-q", "-m", "initial")
+    project = one_commit_repository(open_place / "project")
 
     result = kapsis.run(
         project, "echo secret-output; sleep 30", "--network-mode", "none", "--detach",

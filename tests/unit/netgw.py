@@ -386,3 +386,18 @@ class DnsChain:
             process.terminate()
             process.wait(timeout=5)
         return self.refused.read_text(), self.counts.read_text(), self.log.read_text()
+
+
+# A script for a namespace: one TCP connection that sends DATA; prints {error, reply}.
+TCP_SEND = """
+import json, socket, sys
+address, port, data = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+out = {"error": None, "reply": None}
+try:
+    with socket.create_connection((address, port), timeout=2) as sock:
+        sock.sendall(data.encode())
+        out["reply"] = sock.recv(512).decode()
+except OSError as error:
+    out["error"] = error.errno or str(error)
+print(json.dumps(out))
+"""

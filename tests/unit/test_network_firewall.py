@@ -43,6 +43,7 @@ from kapsis.network.proxy import proxy_ports
 from .netgw import (
     NFT,
     REPRESENTATIVE,
+    TCP_SEND,
     UPSTREAMS,
     NetNs,
     chain,
@@ -567,19 +568,6 @@ try:
     sock.sendto(data.encode(), (address, port))
     sock.settimeout(1)
     out["reply"] = sock.recv(512).decode()
-except OSError as error:
-    out["error"] = error.errno or str(error)
-print(json.dumps(out))
-"""
-
-TCP_SEND = """
-import json, socket, sys
-address, port, data = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-out = {"error": None, "reply": None}
-try:
-    with socket.create_connection((address, port), timeout=2) as sock:
-        sock.sendall(data.encode())
-        out["reply"] = sock.recv(512).decode()
 except OSError as error:
     out["error"] = error.errno or str(error)
 print(json.dumps(out))

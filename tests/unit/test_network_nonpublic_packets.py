@@ -31,7 +31,7 @@ from kapsis.network.observe import parse_blocked_set
 from kapsis.network.policy import NON_PUBLIC_V4, NON_PUBLIC_V6
 from kapsis.network.proxy import proxy_ports
 
-from .netgw import NFT, NetNs, make_policy, netns
+from .netgw import NFT, TCP_SEND, NetNs, make_policy, netns
 
 POLICY = make_policy(hosts=("allowed.test",))
 PORT = 443
@@ -89,19 +89,6 @@ for address in sys.argv[2:]:
     threading.Thread(target=serve, args=(sock, address), daemon=True).start()
 print(json.dumps({"ready": True}), flush=True)
 threading.Event().wait()
-"""
-
-TCP_SEND = """
-import json, socket, sys
-address, port, data = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-out = {"error": None, "reply": None}
-try:
-    with socket.create_connection((address, port), timeout=2) as sock:
-        sock.sendall(data.encode())
-        out["reply"] = sock.recv(512).decode()
-except OSError as error:
-    out["error"] = error.errno or str(error)
-print(json.dumps(out))
 """
 
 

@@ -81,23 +81,33 @@ class IdleWatcher:
     def _watch(self) -> None:
         interval = max(0.2, min(5.0, self.limit / 4))
         while not self._done.wait(interval):
-            quiet = time.time() - self.last_activity()
-            if quiet >= self.limit and not self.stalled:
-                self._flag()
-            elif quiet < self.limit and self.stalled and not self.stops:
-                self.stalled = False
-                self.store.update(self.agent_id, stalled=False)
-                self._record("agent_active", quiet_seconds=round(quiet, 1))
+            try:
+                self._check()
+            except Exception:  # a full disk, a status it cannot write: try again next time
+                continue
+
+    def _check(self) -> None:
+        quiet = time.time() - self.last_activity()
+        if quiet >= self.limit and not self.stalled:
+            self._flag()
+        elif quiet < self.limit and self.stalled and not self.stops:
+            self.store.update(self.agent_id, stalled=False)
+            self.stalled = False
+            self._record("agent_active", quiet_seconds=round(quiet, 1))
 
     def _flag(self) -> None:
-        self.stalled = True
         message = stalled_message(self.limit)
         changes: dict[str, object] = {"stalled": True, "message": f"{STALLED}: {message}"}
         if self.stops:
             changes["stop_requested"] = True
-        self.store.update(self.agent_id, **changes)
+        try:
+            self.store.update(self.agent_id, **changes)
+        finally:
+            # Stopped even when the status cannot be written (the watcher tries the record
+            # again next time); flagged here only once the status says so.
+            if self.stops:
+                self._stop()
+        self.stalled = True
         self._record(
             "agent_stalled", idle_timeout=self.limit, action="stop" if self.stops else "flag"
         )
-        if self.stops:
-            self._stop()
