@@ -241,6 +241,8 @@ def test_cleanup_of_a_run_whose_project_was_deleted_removes_the_rest(
     make_plan, project: Path, kapsis_home: Path, backend: _Backend
 ) -> None:
     subprocess.run(["git", "init", "-q", str(project)], check=True)
+    for key, value in (("user.name", "A"), ("user.email", "a@b.test")):
+        subprocess.run(["git", "-C", str(project), "config", key, value], check=True)
     subprocess.run(
         [
             "git",
