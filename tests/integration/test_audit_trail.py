@@ -137,3 +137,21 @@ def test_alert_rules_fire_on_a_scripted_agent_and_not_on_a_benign_one(
     assert benign.returncode == 0, benign.stderr
     assert json.loads(kapsis("audit", "alerts", "al2", "--json").stdout) == []
     assert kapsis.status("al2")["alerts"] == []
+
+
+def test_a_glob_that_deletes_the_workspace_is_judged_as_typed(
+    kapsis: Kapsis, project: Path
+) -> None:
+    """bash traces `rm -rf *` as the files it expanded to; the reporter sends what was typed
+    too, so the alert fires on the real shell's trace."""
+    result = kapsis.run(
+        project, "mkdir -p build && touch build/x && rm -rf ./build && rm -rf *",
+        "--agent-id", "glob1", "--network-mode", "none",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    commands = [r["detail"] for r in records(kapsis, "glob1") if r["event_type"] == "agent_command"]
+    assert any(c.get("typed") == "'rm -rf *'" and "*" not in c["command"] for c in commands)
+    alerts = json.loads(kapsis("audit", "alerts", "glob1", "--json").stdout)
+    # Once, for `rm -rf *`; never for `rm -rf ./build` (the control in the same session).
+    assert [a["rule"] for a in alerts] == ["mass_deletion"]
+    assert "rm -rf *" in alerts[0]["evidence"]

@@ -133,10 +133,19 @@ def report_detail(line: bytes, redactor: Redactor) -> tuple[str, dict[str, Any]]
             return _bounded("tool_use", detail, redactor.text(text))
         return _bounded("agent_report", {"reported": redactor.value(reported)}, redactor.text(text))
     depth = len(text) - len(text.lstrip("+"))
-    command = redactor.text(text[depth:].lstrip())
+    traced = text[depth:].lstrip(" ")
+    # The shell reporter's trace: the command as typed (quoted), a tab, the command as run.
+    typed, tab, expanded = traced.partition("\t")
+    if not tab:
+        typed, expanded = "", traced
+    command = redactor.text(expanded.strip())
     detail = {"command": command, "depth": depth}
+    if typed:
+        detail["typed"] = redactor.text(typed)
     if len(json.dumps(detail)) > MAX_DETAIL:
         detail = {"command": command[:KEPT_TEXT], "depth": depth, "cut_from": len(command)}
+        if typed:
+            detail["typed"] = redactor.text(typed)[:KEPT_TEXT]
     return "agent_command", detail
 
 

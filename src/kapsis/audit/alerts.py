@@ -139,7 +139,10 @@ def _deletes_a_whole_tree(command: str) -> bool:
 def _command_of(record: dict[str, Any]) -> str | None:
     detail = record.get("detail") or {}
     if record.get("event_type") == "agent_command":
-        return str(detail.get("command", ""))
+        # As typed and as run: `rm -rf *` is `rm -rf a b` once the shell has expanded it.
+        typed = str(detail.get("typed", ""))
+        command = str(detail.get("command", ""))
+        return f"{typed}\n{command}" if typed else command
     if record.get("event_type") in ("agent_report", "tool_use"):
         reported = detail.get("reported") or {}
         tool_input = reported.get("tool_input") if isinstance(reported, dict) else None
@@ -202,12 +205,15 @@ class AlertEngine:
             raise_("mass_deletion", "high", "a command that deletes a whole tree")
         if _GATEWAY.search(command):
             raise_("gateway_tampering", "high", "a command aimed at the network gateway")
-        # The two sides of a pipeline start together, so their trace lines come in either order.
+        # The two sides of a pipeline start together, so their trace lines come in either order;
+        # each side is judged as run (the typed form comes first in ``command``).
+        ran = str((record.get("detail") or {}).get("command", ""))[:MAX_PATTERN_INPUT]
+        ran = ran if record.get("event_type") == "agent_command" else command
         kind = (
             "download"
-            if _DOWNLOAD.match(command) and foreign
+            if _DOWNLOAD.match(ran) and foreign
             else "shell"
-            if _BARE_SHELL.match(command)
+            if _BARE_SHELL.match(ran)
             else None
         )
         piped = _PIPE_TO_SHELL.search(command) and (foreign or not _URL_HOST.search(command))
