@@ -356,3 +356,40 @@ def test_an_audit_trail_that_cannot_be_written_does_not_stop_the_run_from_ending
     assert record is not None and record.phase == "complete" and result.exit_code == 0
     assert any("audit record(s) could not be written" in note for note in record.notes)
     assert backend.removed == ["fin1"]  # and the sandbox still went
+
+
+# ---------------------------------------------------------------------------------------------
+# a podman that never answers
+
+
+@pytest.fixture
+def hung_podman(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kapsis.backends import podman
+
+    script = tmp_path / "podman"
+    script.write_text("#!/bin/sh\nexec sleep 60\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(podman, "PODMAN", str(script))
+    monkeypatch.setattr(podman, "TEARDOWN_TIMEOUT", 0.5)
+
+
+def test_a_stop_that_hangs_is_given_up_and_said(hung_podman: None) -> None:
+    from kapsis.backends.podman import PodmanBackend
+    from kapsis.errors import SandboxError
+
+    started = time.monotonic()
+    with pytest.raises(SandboxError, match="did not finish"):
+        PodmanBackend().stop("hung1", grace_seconds=0)
+    assert time.monotonic() - started < 10
+
+
+def test_a_status_read_is_answered_even_when_podman_hangs(
+    kapsis_home: Path, hung_podman: None
+) -> None:
+    StatusStore().write(_record("hung2", _dead_process()))
+
+    started = time.monotonic()
+    (record,) = api.status("hung2")
+
+    assert record.phase == "failed" and record.error_type == "interrupted"
+    assert time.monotonic() - started < 10

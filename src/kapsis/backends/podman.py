@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 
 PODMAN = "podman"
 PODMAN_ERROR = 125  # podman's own failure, before the agent ran
+# How long a podman command that stops or removes a pod may take: a pod whose conmon is stuck
+# must not hang `kapsis status` or `cleanup` for ever (it is said, and tried again later).
+TEARDOWN_TIMEOUT = 90.0
 CONMON_OOM_MARKER = "oom"
 UID_BASE_PLACEHOLDER = "<host uid range allocated at launch>"
 
@@ -192,9 +195,14 @@ def workspace_volume_args(plan: SandboxPlan) -> list[str]:
 
 
 def _run(
-    args: list[str], *, what: str, check: bool = True, cwd: str | None = None
+    args: list[str],
+    *,
+    what: str,
+    check: bool = True,
+    cwd: str | None = None,
+    timeout: float | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    return _wait(_start(args, cwd=cwd), what=what, check=check)
+    return _wait(_start(args, cwd=cwd), what=what, check=check, timeout=timeout)
 
 
 def _start(args: list[str], *, cwd: str | None = None) -> subprocess.Popen[str]:
@@ -210,9 +218,14 @@ def _start(args: list[str], *, cwd: str | None = None) -> subprocess.Popen[str]:
 
 
 def _wait(
-    process: subprocess.Popen[str], *, what: str, check: bool = True
+    process: subprocess.Popen[str], *, what: str, check: bool = True, timeout: float | None = None
 ) -> subprocess.CompletedProcess[str]:
-    stdout, stderr = process.communicate()
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise SandboxError(f"{what} did not finish within {timeout:g} s") from None
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if check:
         _check(result, what=what)
@@ -450,6 +463,7 @@ class PodmanBackend(Backend):
             [PODMAN, "pod", "stop", "--time", str(grace_seconds), f"kapsis-{agent_id}"],
             what="podman pod stop",
             check=False,
+            timeout=grace_seconds + TEARDOWN_TIMEOUT,
         )
 
     def stop_unsupervised(self, agent_id: str) -> None:
@@ -487,6 +501,7 @@ class PodmanBackend(Backend):
                 [PODMAN, "pod", "rm", "--force", "--time", "0", "--ignore", plan.pod_name],
                 what="podman pod rm",
                 check=False,
+                timeout=TEARDOWN_TIMEOUT,
             )
             if result.returncode == 0:
                 break
