@@ -34,7 +34,7 @@ class FakePodman:
             self.fake, self.args, self.what = fake, args, what
             self.returncode = 125 if what == fake.failing else 0
 
-        def communicate(self) -> tuple[str, str]:
+        def communicate(self, timeout: float | None = None) -> tuple[str, str]:
             self.fake.events.append(f"wait {self.what}")
             return "", "Error: something went wrong\n" if self.returncode else ""
 
