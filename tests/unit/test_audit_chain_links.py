@@ -98,6 +98,8 @@ def test_a_middle_record_rewritten_with_its_own_hash_recomputed_is_caught(
     damage = first_damage(path)
     assert damage is not None, "a rewritten middle record verified"
     assert (damage.kind, damage.seq) == ("inserted", forged["seq"] + 1)
+    # The report names the rewritten record as a cause, not only the one after it.
+    assert f"seq {forged['seq']} was rewritten" in damage.detail
 
 
 @pytest.mark.parametrize("options", CHAINS)

@@ -189,8 +189,16 @@ def _verify_record_by_record(data: bytes, key: Ed25519PublicKey, *, finished: bo
             result.damage.append(Damage(kind, expected_seq, f"seq {expected_seq} {what}"))
             break
         if entry.prev_hash != expected_prev:
+            # The numbers run on, so the chain alone cannot tell which side changed: seq-1
+            # rewritten with its own hash recomputed, or a record removed, added or swapped
+            # here with the numbers redone. The break is named where it shows; both are said.
             result.damage.append(
-                Damage("inserted", seq, "the record does not link to the one before it")
+                Damage(
+                    "inserted",
+                    seq,
+                    f"seq {seq} does not link to seq {seq - 1} as it stands: seq {seq - 1} was "
+                    f"rewritten, or records were removed, added or swapped here",
+                )
             )
             break
         event = entry.event_type
