@@ -47,6 +47,7 @@ from ruamel.yaml import YAML  # noqa: E402
 from kapsis import errors  # noqa: E402
 from kapsis.config import kubernetes_section, models  # noqa: E402
 from kapsis.config.models import KapsisConfig  # noqa: E402
+from kapsis.config.trust import marker  # noqa: E402
 from kapsis.k8s.crd import crd_yaml  # noqa: E402
 from kapsis.network.policy import category_names  # noqa: E402
 from kapsis.sandbox.security import DENIED_SYSCALLS, PROFILES  # noqa: E402
@@ -91,6 +92,13 @@ NAMED_TYPES: tuple[tuple[Any, str, str, str], ...] = (
         "project folders",
         "a relative path inside the project, e.g. `node_modules` or `web/node_modules`; no "
         "`..` and no `.git`",
+    ),
+    (
+        models.HidePattern,
+        "hide pattern",
+        "hide patterns",
+        "a line of a `.gitignore`, matched by git from the project's top: `*.pem`, `.aws/` (a "
+        "folder), `/secrets` (at the top only), `!keep.pem` (an exception)",
     ),
     (
         models.HostPattern,
@@ -206,6 +214,7 @@ class Leaf:
     type_text: str
     default_text: str
     description: str
+    trust_text: str
 
 
 @dataclass(frozen=True)
@@ -327,6 +336,24 @@ def default_text(info: FieldInfo) -> str:
     return f"`{scalar_yaml(value) if not isinstance(value, list | dict) else json.dumps(value)}`"
 
 
+# What each trust marker (kapsis.config.base) means for a project's own, untrusted file.
+TRUST_TEXTS = {
+    "free": "any value",
+    "trust": "needs trust",
+    "at_most": "no higher",
+    "subset": "no additions",
+    "superset": "no removals",
+}
+
+
+def trust_text(rule: Any) -> str:
+    if isinstance(rule, dict):
+        order = " > ".join(f"`{scalar_yaml(value)}`" for value in rule["order"])
+        return f"no wider ({order}, widest first)"
+    # A key of a list's items: the list's own marker decides.
+    return TRUST_TEXTS[rule] if rule is not None else "as the list"
+
+
 def section_doc(model: type[BaseModel], path: str, description: str) -> SectionDoc:
     """Document ``model`` (found at key ``path``) and, recursively, its nested sections."""
     leaves: list[Leaf] = []
@@ -344,6 +371,7 @@ def section_doc(model: type[BaseModel], path: str, description: str) -> SectionD
                 + constraint_text(info.metadata),
                 default_text=default_text(info),
                 description=info.description or "",
+                trust_text=trust_text(marker(info)),
             )
         )
         item_model = _list_item_model(info.annotation)
@@ -531,10 +559,16 @@ def _render_section(section: SectionDoc, level: int) -> list[str]:
         out += [section.description, ""]
     if section.leaves:
         rows = [
-            [f"`{leaf.path}`", leaf.type_text, leaf.default_text, leaf.description]
+            [
+                f"`{leaf.path}`",
+                leaf.type_text,
+                leaf.default_text,
+                leaf.trust_text,
+                leaf.description,
+            ]
             for leaf in section.leaves
         ]
-        out += [table(["key", "type", "default", "description"], rows)]
+        out += [table(["key", "type", "default", "untrusted file may set", "description"], rows)]
     for child in section.children:
         out += _render_section(child, min(level + 1, 4))
     return out
@@ -558,6 +592,22 @@ def reference_markdown() -> str:
         "",
         'Unknown keys are errors. `null` means "not set": the agent profile or the security '
         "profile decides.",
+        "",
+        "## Trust",
+        "",
+        "A project's own `agent-sandbox.yaml` and `.kapsis/config.yaml` (and `./agent-sandbox.yaml`"
+        " in the current folder) are files an agent can edit, so they are untrusted until you "
+        "review them and run `kapsis trust PROJECT`, which records their content hashes in "
+        "`~/.config/kapsis/trusted.json`; a trusted file that changes by one byte is untrusted "
+        "again. Flags, `--config FILE` and your own `~/.config/kapsis/config.yaml` are trusted. "
+        "The column *untrusted file may set* says what a value from an untrusted file may do, "
+        "compared with what the trusted sources alone give (your default): *any value*; *no "
+        "higher* (a limit at most yours; none means no limit); *no additions* (only items your "
+        "default already holds: for `network.allowlist.hosts` also the agent profile's hosts and "
+        "those of your categories); *no removals*; *no wider* (an order of values); *needs "
+        "trust* (any value but yours). A run whose untrusted file goes further stops before "
+        "anything is created, exit 2, naming the file, line and key (`kapsis config show` marks "
+        "each value trusted or not; `kapsis trust --list` / `--revoke` manage the records).",
         "",
         "## Value types",
         "",

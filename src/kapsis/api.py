@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kapsis import paths
-from kapsis.agents import find_profile
+from kapsis.agents.profiles import AgentProfile
 from kapsis.backends import Backend, get_backend
-from kapsis.config.loader import LoadedConfig, load_config
+from kapsis.config import trust_store
+from kapsis.config.loader import LoadedConfig
+from kapsis.config.trust_store import TrustedFile
 from kapsis.errors import ConfigError
 from kapsis.git.owner import remove_tree
 from kapsis.host.facts import probe_host
@@ -27,6 +29,7 @@ from kapsis.sandbox import interrupted, launcher
 from kapsis.sandbox.launcher import RunResult
 from kapsis.sandbox.network_plan import NetworkPlan, plan_network
 from kapsis.sandbox.plan import RunRequest, SandboxPlan, build_plan
+from kapsis.sandbox.run_config import TrustReport, load_trusted_config, trust_project
 from kapsis.sandbox.workspace_plan import UNSAVED_ERROR_TYPES
 from kapsis.status import AgentStatus, StatusStore
 
@@ -36,15 +39,17 @@ if TYPE_CHECKING:
     from kapsis.k8s.submission import Submission
 
 
-def load_run_config(request: RunRequest) -> LoadedConfig:
-    return load_config(request.project.expanduser(), request.config_file, request.flag_values())
+def load_run_config(request: RunRequest) -> tuple[LoadedConfig, AgentProfile]:
+    """The request's config and agent profile; refused (exit 2) where it needs trust."""
+    return load_trusted_config(
+        request.project.expanduser(), request.config_file, request.flag_values()
+    )
 
 
 def plan(request: RunRequest) -> SandboxPlan:
     """Compute the sandbox plan for a request without running anything."""
     check_backend(request)
-    loaded = load_run_config(request)
-    profile = find_profile(loaded.config.agent.name)
+    loaded, profile = load_run_config(request)
     return build_plan(request, loaded, profile, probe_host())
 
 
@@ -65,8 +70,7 @@ def network_policy(
         allow=allow,
         config_file=config_file,
     )
-    loaded = load_run_config(request)
-    profile = find_profile(loaded.config.agent.name)
+    loaded, profile = load_run_config(request)
     return plan_network(loaded, profile, "policy", allow, probe_host().dns_servers)
 
 
@@ -454,3 +458,18 @@ def audit_alerts(agent_id: str) -> list[dict[str, Any]]:
 
     files, _ = audit_files(agent_id)
     return read_alerts(alerts_path(files[-1]))
+
+
+def trust(project: Path) -> list[TrustReport]:
+    """Trust the project's own config files as they are now (``kapsis trust PROJECT``)."""
+    return trust_project(project.expanduser())
+
+
+def trusted_files() -> list[TrustedFile]:
+    """Every project config file the user trusted, with its recorded content hash."""
+    return sorted(trust_store.trusted_files().values(), key=lambda record: record.path)
+
+
+def revoke_trust(target: Path) -> list[TrustedFile]:
+    """Forget the trust of a file, or of every file under a project folder."""
+    return trust_store.revoke([trust_store.place_of(target.expanduser())])

@@ -53,6 +53,13 @@ class ConfigError(KapsisError):
     error_type = "config"
 
 
+class UntrustedConfigError(ConfigError):
+    """A project's own config file (which the agent can edit) sets a key that needs trust; the
+    message names the file, line and key, and how to trust it (`kapsis trust PROJECT`)."""
+
+    error_type = "untrusted_config"
+
+
 class AgentNotFoundError(ConfigError):
     """No agent profile has the requested name."""
 

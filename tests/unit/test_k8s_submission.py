@@ -200,6 +200,7 @@ LOCAL_ONLY_CASES: dict[str, tuple[str, str]] = {
     "filesystem.mode": ("filesystem: {mode: worktree}", "fresh clone"),
     "filesystem.uncommitted": ("filesystem: {uncommitted: exclude}", "uncommitted changes never"),
     "filesystem.share_ignored": ("filesystem: {share_ignored: [node_modules]}", "no directory"),
+    "filesystem.hide": ("filesystem: {hide: [secret.txt]}", "hides no tracked file"),
     "filesystem.mounts": (
         "filesystem: {mounts: [{source: /etc, target: /data}]}",
         "host paths cannot be mounted",

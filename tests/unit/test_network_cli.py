@@ -197,6 +197,10 @@ def test_policy_show_defaults_to_the_current_directory(runner, config_dir):
     Path("agent-sandbox.yaml").write_text(
         "network:\n  dns_servers: [198.51.100.53]\n  allowlist:\n    hosts: [here.example]\n"
     )
+    # The file is the project's own: it widens the allowlist only once trusted.
+    refused = runner.invoke(app, ["policy", "show", "--json"], env=WIDE)
+    assert refused.exit_code == 2, refused.output
+    assert runner.invoke(app, ["trust"], env=WIDE).exit_code == 0
 
     result = runner.invoke(app, ["policy", "show", "--json"], env=WIDE)
 

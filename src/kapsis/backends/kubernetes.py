@@ -14,14 +14,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from kapsis.agents import find_profile
-from kapsis.config.loader import load_config
 from kapsis.errors import AgentKilledError, ConfigError, ExitCode, KapsisError
 from kapsis.k8s import names, status_view
 from kapsis.k8s.resource import FINAL_PHASES, AgentRequestStatus
 from kapsis.k8s.submission import Submission, build_submission, read_git_facts
 from kapsis.sandbox.launcher import RunResult
 from kapsis.sandbox.plan import RunRequest, new_agent_id
+from kapsis.sandbox.run_config import load_trusted_config
 from kapsis.status import AgentStatus, StatusStore
 
 if TYPE_CHECKING:
@@ -36,8 +35,7 @@ def submission_for(request: RunRequest) -> Submission:
     project = request.project.expanduser()
     if not project.is_dir():
         raise ConfigError(f"PROJECT {request.project}: no such directory; pass a project folder")
-    loaded = load_config(project, request.config_file, request.flag_values())
-    profile = find_profile(loaded.config.agent.name)
+    loaded, profile = load_trusted_config(project, request.config_file, request.flag_values())
     git = loaded.config.git
     facts = read_git_facts(project.resolve(), git.remote, str(loaded.origin_of(("git", "remote"))))
     return build_submission(request, loaded, profile, facts, request.agent_id or new_agent_id())

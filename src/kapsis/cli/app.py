@@ -32,6 +32,7 @@ from kapsis.cli.inspect_commands import agents_app, config_app, policy_app
 from kapsis.cli.operator_commands import operator_app
 from kapsis.cli.server_commands import server_app
 from kapsis.cli.ssh_commands import ssh_app
+from kapsis.cli.trust_commands import trust_command
 from kapsis.errors import ExitCode, KapsisError
 from kapsis.terminal import shown
 
@@ -56,6 +57,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(ssh_app, name="ssh")
 app.add_typer(operator_app, name="operator")
 app.add_typer(server_app, name="server")
+app.command("trust")(trust_command)
 
 
 ProjectArg = Annotated[Path, typer.Argument(help="The project folder the agent works on.")]

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from kapsis.config.trust import trust_problems
 from kapsis.terminal import shown
 
 if TYPE_CHECKING:
@@ -106,10 +107,23 @@ def watch_status(fetch: Callable[[], Sequence[AgentStatus]], interval: float = 1
 
 def config_with_origins(loaded: LoadedConfig) -> dict[str, Any]:
     values = loaded.config.model_dump(mode="json")
-    origins = {
-        ".".join(map(str, path)): str(loaded.origin_of(path)) for path, _ in _leaves(values, ())
+    leaves = [path for path, _ in _leaves(values, ())]
+    origins = {".".join(map(str, path)): str(loaded.origin_of(path)) for path in leaves}
+    trusted = {
+        ".".join(map(str, path)): loaded.is_trusted(loaded.origin_of(path)) for path in leaves
     }
-    return {"config": values, "origins": origins, "files": [str(p) for p in loaded.files]}
+    sources = [
+        {"path": str(source.path), "standing": source.standing, "sha256": source.sha256}
+        for source in loaded.sources
+    ]
+    return {
+        "config": values,
+        "origins": origins,
+        "trusted": trusted,
+        "files": [str(p) for p in loaded.files],
+        "sources": sources,
+        "needs_trust": [str(problem) for problem in trust_problems(loaded)],
+    }
 
 
 def _leaves(value: Any, prefix: tuple[str | int, ...]) -> list[tuple[tuple[str | int, ...], Any]]:
@@ -123,10 +137,16 @@ def print_config(loaded: LoadedConfig) -> None:
     table.add_column("KEY")
     table.add_column("VALUE")
     table.add_column("FROM")
+    table.add_column("TRUSTED")
     values = loaded.config.model_dump(mode="json")
     for path, value in _leaves(values, ()):
-        table.add_row(".".join(map(str, path)), str(value), str(loaded.origin_of(path)))
+        origin = loaded.origin_of(path)
+        # Config files are the agent's to edit: their text is shown as text, never as markup.
+        trusted = Text("yes") if loaded.is_trusted(origin) else Text("no", style="yellow")
+        table.add_row(cell(".".join(map(str, path))), cell(value), cell(origin), trusted)
     Console().print(table)
+    for problem in trust_problems(loaded):
+        print(shown(f"needs trust: {problem}"))
 
 
 def print_profiles(profiles: Sequence[AgentProfile], images: Mapping[str, ImageInfo]) -> None:

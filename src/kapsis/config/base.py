@@ -7,7 +7,7 @@ Kept apart from :mod:`kapsis.config.models` so that a section defined in a modul
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
@@ -28,6 +28,27 @@ def _check_env_name(value: str) -> str:
 
 
 EnvName = Annotated[str, AfterValidator(_check_env_name)]
+
+
+# The trust marker of a config field (see kapsis.config.trust): what a value from a project's own
+# file, which the agent can edit, may do without the user's `kapsis trust`. It is part of each
+# field's JSON Schema, so the schema and the generated reference show it.
+TRUST_KEY = "x-kapsis-trust"
+# Any value is fine: the key only narrows or describes the run.
+FREE: dict[str, Any] = {TRUST_KEY: "free"}
+# Any value other than the trusted one needs trust (it runs, reaches or hands over something).
+NEEDS_TRUST: dict[str, Any] = {TRUST_KEY: "trust"}
+# A number, size or duration no higher than the trusted one is fine (none means no limit).
+AT_MOST: dict[str, Any] = {TRUST_KEY: "at_most"}
+# Items (or key: value pairs) the trusted value already holds are fine; adding needs trust.
+SUBSET: dict[str, Any] = {TRUST_KEY: "subset"}
+# Holding every item of the trusted value is fine; removing one needs trust.
+SUPERSET: dict[str, Any] = {TRUST_KEY: "superset"}
+
+
+def widest_first(*values: Any) -> dict[str, Any]:
+    """Values ordered from the widest to the narrowest: no wider than the trusted one is fine."""
+    return {TRUST_KEY: {"order": list(values)}}
 
 
 class Section(BaseModel):

@@ -12,7 +12,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field
 
-from kapsis.config.base import EnvName, Section
+from kapsis.config.base import FREE, NEEDS_TRUST, SUBSET, EnvName, Section
 
 # RFC 1123: a label (namespaces) and a subdomain (Secret names), as the API server checks them.
 _LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -56,21 +56,25 @@ class KubernetesSection(Section):
         None,
         description="Namespace of the AgentRequest (also: --namespace). Default: the kubeconfig "
         "context's namespace, else `default`.",
+        json_schema_extra=FREE,
     )
     context: str | None = Field(
         None,
         description="kubeconfig context to use. Default: the current context ($KUBECONFIG or "
         "~/.kube/config), or the in-cluster service account when there is no kubeconfig.",
+        json_schema_extra=NEEDS_TRUST,
     )
     credentials_secret: ObjectName | None = Field(
         None,
         description="Secret holding the git credentials the cluster clones and pushes with "
         "(key `token` for https, `ssh-privatekey` and `known_hosts` for ssh); only the clone "
         "and finishing steps mount it, never the agent.",
+        json_schema_extra=NEEDS_TRUST,
     )
     secrets: dict[EnvName, KubernetesSecretRef] = Field(
         default_factory=dict,
         description="Agent environment variables taken from Secret keys, e.g. "
         "`ANTHROPIC_API_KEY: {name: llm-keys, key: anthropic}`: the cluster's counterpart of "
         "environment.passthrough and environment.keychain.",
+        json_schema_extra=SUBSET,
     )

@@ -6,10 +6,15 @@ then the defaults in :mod:`kapsis.config.models`. Mappings merge key by key; any
 (lists included) is replaced whole by the higher source.
 
 A validation error is reported as one line: ``FILE:LINE: key.path: problem (what is allowed)``.
+
+The project's own files (and ``./agent-sandbox.yaml``) are untrusted sources unless the user
+trusted them as they are (:mod:`kapsis.config.trust_store`); the loaded config keeps what the
+trusted sources alone give, for :mod:`kapsis.config.trust` to compare with.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +23,15 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from kapsis import paths
+from kapsis.config import trust_store
 from kapsis.config.models import KapsisConfig
 from kapsis.errors import ConfigError
 
 KeyPath = tuple[str | int, ...]
 ModelT = TypeVar("ModelT", bound=BaseModel)
 CONFIG_FILE_NAME = "agent-sandbox.yaml"
+# A project's own config files, relative to it: untrusted until `kapsis trust`.
+PROJECT_CONFIG_FILES = (CONFIG_FILE_NAME, ".kapsis/config.yaml")
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,18 @@ class ConfigLayer:
     data: dict[str, Any]
     origins: dict[KeyPath, Origin] = field(default_factory=dict)
     label: Origin = DEFAULT_ORIGIN
+    sha256: str | None = field(default=None, compare=False)  # of the bytes parsed
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """A config file that applies, and whether its values are trusted."""
+
+    path: Path
+    sha256: str
+    trusted: bool
+    # Why: "--config", "user config", "trusted" (recorded by `kapsis trust`) or "untrusted".
+    standing: str
 
 
 @dataclass(frozen=True)
@@ -63,6 +83,20 @@ class LoadedConfig:
     origins: Mapping[KeyPath, Origin]
     files: tuple[Path, ...]
     sections: frozenset[KeyPath] = frozenset()
+    sources: tuple[ConfigSource, ...] = ()
+    # What the trusted sources alone give (flags, --config, the user's config, defaults): what
+    # an untrusted file's values are compared with. None: every source is trusted.
+    trusted_only: KapsisConfig | None = None
+
+    @property
+    def trusted_config(self) -> KapsisConfig:
+        return self.trusted_only if self.trusted_only is not None else self.config
+
+    def is_trusted(self, origin: Origin) -> bool:
+        """Whether a value of this origin came from a trusted source."""
+        return origin.kind != "file" or all(
+            source.trusted for source in self.sources if source.path == origin.file
+        )
 
     def origin_of(self, path: KeyPath) -> Origin:
         """Where the value at ``path`` came from: its own key, or a list/value that holds it.
@@ -82,21 +116,37 @@ class LoadedConfig:
 
 def candidate_files(project: Path | None, explicit: Path | None) -> list[Path]:
     """The config files that apply, highest precedence first, each listed once."""
+    return [path for path, _ in _candidates(project, explicit)]
+
+
+def project_config_files(project: Path) -> list[Path]:
+    """The config files of ``project`` (and of the current folder) that need trust."""
+    return [path for path, standing in _candidates(project, None) if standing == "untrusted"]
+
+
+def _candidates(project: Path | None, explicit: Path | None) -> list[tuple[Path, str]]:
+    """Each file with its standing by role: ``--config`` and the user's config are the user's
+    own; the project's files and ./agent-sandbox.yaml are what an agent may have written."""
     if explicit is not None and not explicit.is_file():
         raise ConfigError(f"--config {explicit}: no such file; pass the path of a YAML file")
-    candidates = [explicit, Path.cwd() / CONFIG_FILE_NAME]
+    candidates: list[tuple[Path | None, str]] = [
+        (explicit, "--config"),
+        (Path.cwd() / CONFIG_FILE_NAME, "untrusted"),
+    ]
     if project is not None:
-        candidates += [project / CONFIG_FILE_NAME, project / ".kapsis" / "config.yaml"]
-    candidates.append(paths.user_config_file())
+        candidates += [
+            *((project / name, "untrusted") for name in PROJECT_CONFIG_FILES),
+        ]
+    candidates.append((paths.user_config_file(), "user config"))
     seen: set[Path] = set()
-    found: list[Path] = []
-    for candidate in candidates:
+    found: list[tuple[Path, str]] = []
+    for candidate, standing in candidates:
         if candidate is None or not candidate.is_file():
             continue
         resolved = candidate.resolve()
         if resolved not in seen:
             seen.add(resolved)
-            found.append(candidate)
+            found.append((candidate, standing))
     return found
 
 
@@ -107,7 +157,9 @@ def read_yaml_layer(path: Path) -> ConfigLayer:
 
     yaml = YAML(typ="rt")
     try:
-        text = path.read_text(encoding="utf-8")
+        # Read once: the hash that decides trust is of exactly the bytes that are parsed.
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
         document = yaml.load(text)
     except MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
@@ -116,15 +168,16 @@ def read_yaml_layer(path: Path) -> ConfigLayer:
         raise ConfigError(f"{path}:{line}: invalid YAML: {problem}; fix the syntax") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot read config file: {error}") from None
+    digest = hashlib.sha256(raw).hexdigest()
     if document is None:
-        return ConfigLayer({}, {}, Origin("file", path))
+        return ConfigLayer({}, {}, Origin("file", path), digest)
     if not isinstance(document, Mapping):
         raise ConfigError(
             f"{path}:1: the config file must be a mapping of sections, e.g. 'resources:'"
         )
     origins: dict[KeyPath, Origin] = {}
     data = _plain(document, (), path, origins)
-    return ConfigLayer(data, origins, Origin("file", path))
+    return ConfigLayer(data, origins, Origin("file", path), digest)
 
 
 def _plain(node: Any, prefix: KeyPath, path: Path, origins: dict[KeyPath, Origin]) -> Any:
@@ -300,11 +353,39 @@ def load_config(
     config_file: Path | None = None,
     flags: Mapping[str, tuple[str, Any]] | None = None,
 ) -> LoadedConfig:
-    """Load the effective configuration for a run on ``project``."""
-    files = candidate_files(project, config_file)
-    layers = [flag_layer(flags or {})] + [read_yaml_layer(path) for path in files]
-    data, origins = merge_layers(layers)
-    return LoadedConfig(validate(data, origins), origins, tuple(files), _mapping_paths(data, ()))
+    """Load the effective configuration for a run on ``project``.
+
+    Nothing is refused for trust here (``kapsis config show`` shows untrusted values); a run
+    checks with :func:`kapsis.config.trust.require_trusted`.
+    """
+    found = _candidates(project, config_file)
+    flags_layer = flag_layer(flags or {})
+    file_layers = [read_yaml_layer(path) for path, _ in found]
+    sources = tuple(
+        _source(path, standing, layer.sha256 or "")
+        for (path, standing), layer in zip(found, file_layers, strict=True)
+    )
+    data, origins = merge_layers([flags_layer, *file_layers])
+    config = validate(data, origins)
+    trusted_only = None
+    if not all(source.trusted for source in sources):
+        kept = [layer for layer, source in zip(file_layers, sources, strict=True) if source.trusted]
+        trusted_data, trusted_origins = merge_layers([flags_layer, *kept])
+        trusted_only = validate(trusted_data, trusted_origins)
+    return LoadedConfig(
+        config,
+        origins,
+        tuple(path for path, _ in found),
+        _mapping_paths(data, ()),
+        sources,
+        trusted_only,
+    )
+
+
+def _source(path: Path, standing: str, sha256: str) -> ConfigSource:
+    if standing == "untrusted" and trust_store.is_trusted(path, sha256):
+        standing = "trusted"
+    return ConfigSource(path, sha256, standing != "untrusted", standing)
 
 
 def _mapping_paths(value: Any, prefix: KeyPath) -> frozenset[KeyPath]:

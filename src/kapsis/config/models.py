@@ -17,10 +17,16 @@ from pydantic import AfterValidator, Field, model_validator
 # Re-exported: the base and the variable-name type are shared with the section modules.
 from kapsis.config.base import (
     AGENT_HOME,
+    AT_MOST,
+    FREE,
+    NEEDS_TRUST,
     RESERVED_ENV_PREFIX as RESERVED_ENV_PREFIX,
     SECRETS_TMPFS,
+    SUBSET,
+    SUPERSET,
     EnvName as EnvName,
     Section as Section,
+    widest_first,
 )
 from kapsis.config.kubernetes_section import KubernetesSection
 from kapsis.config.tool_sections import (
@@ -179,65 +185,99 @@ class AgentSection(Section):
         "shell",
         description="Agent profile to run: a built-in (shell, claude, codex, aider, gemini) or a "
         "user profile from ~/.config/kapsis/agents/NAME.yaml.",
+        json_schema_extra=FREE,
     )
     command: str | list[str] | None = Field(
         None,
         description="Replaces the profile's command. A string runs with `sh -c`; a list is the "
         "argv, where `{task}` stands for the task text. The task is also in $KAPSIS_TASK.",
+        json_schema_extra=FREE,
     )
     workdir: SandboxPath | None = Field(
         None,
         description="Working directory inside the sandbox (default: the profile's, /workspace).",
+        json_schema_extra=FREE,
     )
 
 
 class ResourcesSection(Section):
     memory: MemorySize = Field(
-        "4g", description="Memory limit (e.g. 512m, 2g); OOM-killed past it."
+        "4g",
+        description="Memory limit (e.g. 512m, 2g); OOM-killed past it.",
+        json_schema_extra=AT_MOST,
     )
-    cpus: float = Field(2.0, gt=0, le=1024, description="CPU limit in cores (e.g. 0.5, 2).")
+    cpus: float = Field(
+        2.0,
+        gt=0,
+        le=1024,
+        description="CPU limit in cores (e.g. 0.5, 2).",
+        json_schema_extra=AT_MOST,
+    )
     pids: int | None = Field(
         None,
         ge=16,
         le=1_000_000,
         description="Process limit. Default: the security profile's (standard 1024, strict 256).",
+        json_schema_extra=AT_MOST,
     )
     timeout: Duration | None = Field(
-        None, description="Wall-clock limit for the agent (seconds, or 30s / 45m / 2h)."
+        None,
+        description="Wall-clock limit for the agent (seconds, or 30s / 45m / 2h).",
+        json_schema_extra=AT_MOST,
     )
     idle_timeout: Duration | None = Field(
         None,
         description="A running agent with no output and no report for this long is flagged "
         "stalled in its status (and stopped, with idle_action: stop). Default: off.",
+        json_schema_extra=FREE,
     )
     idle_action: Literal["flag", "stop"] = Field(
-        "flag", description="What a stalled agent gets: flag (status only) or stop."
+        "flag",
+        description="What a stalled agent gets: flag (status only) or stop.",
+        json_schema_extra=FREE,
     )
     disk: ByteSize | None = Field(
         "10g",
         description="What the agent can write to its workspace (its overlay layer or its "
         "worktree, on a filesystem of that size of its own) and to each tmpfs (/tmp, its home); "
         "past it, writes fail with ENOSPC inside the sandbox. null: no limit.",
+        json_schema_extra=AT_MOST,
     )
 
 
 class SecurityOverrides(Section):
     read_only_root: bool | None = Field(
-        None, description="Mount the image's root filesystem read-only."
+        None,
+        description="Mount the image's root filesystem read-only.",
+        json_schema_extra=widest_first(False, None, True),
     )
     no_new_privileges: bool | None = Field(
-        None, description="Forbid privilege gain via setuid/file caps."
+        None,
+        description="Forbid privilege gain via setuid/file caps.",
+        json_schema_extra=widest_first(False, None, True),
     )
-    seccomp: bool | None = Field(None, description="Apply the Kapsis seccomp filter.")
-    noexec_tmp: bool | None = Field(None, description="Mount /tmp as a noexec tmpfs.")
+    seccomp: bool | None = Field(
+        None,
+        description="Apply the Kapsis seccomp filter.",
+        json_schema_extra=widest_first(False, None, True),
+    )
+    noexec_tmp: bool | None = Field(
+        None,
+        description="Mount /tmp as a noexec tmpfs.",
+        json_schema_extra=widest_first(False, None, True),
+    )
     cap_add: list[Capability] = Field(
-        default_factory=list, description="Capabilities to give back after all are dropped."
+        default_factory=list,
+        description="Capabilities to give back after all are dropped.",
+        json_schema_extra=SUBSET,
     )
 
 
 class SecuritySection(Section):
     profile: SecurityProfileName = Field(
-        "standard", description="Hardening profile; see the security-profile table in the README."
+        "standard",
+        description="Hardening profile; see the security-profile table in the README.",
+        json_schema_extra=widest_first("minimal", "standard", "strict", "paranoid"),
     )
     overrides: SecurityOverrides = Field(
         default_factory=SecurityOverrides, description="Per-setting changes on top of the profile."
@@ -249,16 +289,19 @@ class AllowlistSection(Section):
         default_factory=list,
         description="Host names the agent may reach in filtered mode: name (exactly that name), "
         "*.domain (its subdomains), optionally with :port (default ports 80 and 443).",
+        json_schema_extra=SUBSET,
     )
     categories: list[CategoryName] = Field(
         default_factory=list,
         description="Host lists shipped with Kapsis, by name: git-hosts, package-registries, "
         "ai-apis (see `kapsis policy show`).",
+        json_schema_extra=SUBSET,
     )
     addresses: list[AddressPattern] = Field(
         default_factory=list,
         description="IP addresses or networks the agent may reach directly, optionally with "
         ":port ([IPv6]:port). The only way to reach private, loopback or link-local addresses.",
+        json_schema_extra=SUBSET,
     )
 
 
@@ -273,6 +316,7 @@ class DnsSection(Section):
         default_factory=list,
         description="DNS query types the gateway forwards besides A, AAAA, CNAME, HTTPS and SVCB "
         "(each one is a way for data to leave in a query, so list only what the agent needs).",
+        json_schema_extra=SUBSET,
     )
     max_label_length: int = Field(
         40,
@@ -280,6 +324,7 @@ class DnsSection(Section):
         le=63,
         description="Longest label of a name the gateway forwards; longer labels (random "
         "strings that carry data) are refused.",
+        json_schema_extra=AT_MOST,
     )
     max_queries_per_second: int = Field(
         50,
@@ -287,6 +332,7 @@ class DnsSection(Section):
         le=10000,
         description="DNS queries a second the gateway answers (bursts of four times as many); "
         "the rest are refused.",
+        json_schema_extra=AT_MOST,
     )
 
 
@@ -297,6 +343,7 @@ class NetworkPolicySection(Section):
         "filtered",
         description="filtered: only the allowlist, enforced by a gateway the agent cannot touch. "
         "none: loopback only. open: unfiltered (marked loudly in the output and status).",
+        json_schema_extra=widest_first("open", "filtered", "none"),
     )
     allowlist: AllowlistSection = Field(
         default_factory=AllowlistSection, description="What filtered mode lets through."
@@ -305,6 +352,7 @@ class NetworkPolicySection(Section):
         default_factory=list,
         description="Upstream resolvers of the gateway (default: the host's, from "
         "/etc/resolv.conf).",
+        json_schema_extra=NEEDS_TRUST,
     )
     dns: DnsSection = Field(
         default_factory=DnsSection, description="What the gateway's DNS lets through."
@@ -316,6 +364,7 @@ class NetworkSection(NetworkPolicySection):
         "podman",
         description="The Podman network a filtered sandbox's gateway (or an open sandbox) is "
         "attached to; a dual-stack network gives the sandbox IPv6, filtered like IPv4.",
+        json_schema_extra=NEEDS_TRUST,
     )
 
 
@@ -384,6 +433,40 @@ def _check_project_subdir(value: str) -> str:
 
 ProjectSubdir = Annotated[str, AfterValidator(_check_project_subdir)]
 
+# Files that hold secrets in many projects, absent from every agent's view unless the user's
+# own config (or a trusted project file) says otherwise.
+DEFAULT_HIDE = (
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    ".npmrc",
+    ".pypirc",
+    ".netrc",
+    ".git-credentials",
+    ".aws/",
+    ".docker/config.json",
+    "*.tfstate",
+    "*.tfstate.backup",
+)
+
+
+def _check_hide_pattern(value: str) -> str:
+    if not value.strip() or value.lstrip().startswith("#"):
+        raise ValueError(f"{value!r} is not a pattern (empty, or a comment)")
+    if any(ord(char) < 32 or ord(char) == 127 for char in value) or len(value) > 1024:
+        raise ValueError(f"{value[:80]!r} holds a control character or is over 1024 characters")
+    return value
+
+
+HidePattern = Annotated[str, AfterValidator(_check_hide_pattern)]
+
 
 class FilesystemSection(Section):
     mode: WorkspaceMode = Field(
@@ -392,9 +475,12 @@ class FilesystemSection(Section):
         "a per-agent upper dir on the host (set-up time does not depend on the project's size). "
         "worktree: a git worktree under ~/.kapsis/worktrees that you can watch live in an IDE. "
         "The agent never modifies the host project in either mode.",
+        json_schema_extra=FREE,
     )
     mounts: list[ReadOnlyMount] = Field(
-        default_factory=list, description="Extra host paths mounted read-only into the sandbox."
+        default_factory=list,
+        description="Extra host paths mounted read-only into the sandbox.",
+        json_schema_extra=SUBSET,
     )
     uncommitted: Literal["include", "exclude"] = Field(
         "include",
@@ -404,6 +490,7 @@ class FilesystemSection(Section):
         "branch as a commit of their own, named as yours, before the agent's work, so the "
         "agent's commit holds only its own changes (with --push that commit is published too). "
         "exclude: the agent starts from the checked-out commit alone.",
+        json_schema_extra=FREE,
     )
     share_ignored: list[ProjectSubdir] = Field(
         default_factory=list,
@@ -413,7 +500,19 @@ class FilesystemSection(Section):
         "project's files as committed at launch (plus your uncommitted work with uncommitted: "
         "include), frozen. Trade-off: these directories are live, not frozen (what you change in "
         "them during a run, the agent sees), and read-only (the agent cannot install into them). "
-        "A directory that does not exist is skipped; one holding tracked files is refused.",
+        "A directory that does not exist is skipped; one holding tracked files is refused, and "
+        "so is one that filesystem.hide hides.",
+        json_schema_extra=SUBSET,
+    )
+    hide: list[HidePattern] = Field(
+        default_factory=lambda: list(DEFAULT_HIDE),
+        description="Paths absent from the agent's view in both modes, as .gitignore patterns "
+        "(`*.pem` anywhere, `.aws/` a folder and all in it, `/secrets` from the top, "
+        "`!keep.pem` an exception): the agent cannot read them, their absence is never "
+        "committed as a deletion, and what the agent writes there is not committed. The default "
+        "hides common secret files; a project's own file may add patterns, and may remove one "
+        "only once trusted. Files in share_ignored folders are not hidden.",
+        json_schema_extra=SUPERSET,
     )
 
 
@@ -422,49 +521,65 @@ class GitSection(Section):
         None,
         description="The agent's branch. Default: kapsis/<task-slug>-<agent-id>. An existing "
         "branch is continued from its tip.",
+        json_schema_extra=FREE,
     )
     base_branch: str | None = Field(
-        None, description="Where a new branch starts (default: the project's checked-out commit)."
+        None,
+        description="Where a new branch starts (default: the project's checked-out commit).",
+        json_schema_extra=FREE,
     )
     auto_commit: bool = Field(
         True,
         description="After the run, the host commits the agent's work to its branch (a project "
         "that is not a git repository keeps the work in the sandbox dir instead).",
+        json_schema_extra=FREE,
     )
     auto_push: bool = Field(
-        False, description="Push the branch after a successful run (also: --push)."
+        False,
+        description="Push the branch after a successful run (also: --push).",
+        json_schema_extra=widest_first(True, False),
     )
-    remote: str = Field("origin", description="The remote to push to.")
-    push_timeout: Duration = Field("120s", description="Time limit for each fetch and push.")
+    remote: str = Field(
+        "origin", description="The remote to push to.", json_schema_extra=NEEDS_TRUST
+    )
+    push_timeout: Duration = Field(
+        "120s", description="Time limit for each fetch and push.", json_schema_extra=FREE
+    )
     commit_message: CommitTemplate = Field(
         DEFAULT_COMMIT_MESSAGE,
         description="Template of the host's commit message; fields: {task}, {agent}, "
         "{agent_id}, {branch}, {base}, {project}.",
+        json_schema_extra=FREE,
     )
     co_authors: list[Identity] = Field(
         default_factory=list,
         description="'Name <email>' entries added as Co-authored-by trailers.",
+        json_schema_extra=FREE,
     )
     committer: Identity | None = Field(
         None,
         description="'Name <email>' of the host's commits. Default: the user's git identity "
         "(user.name / user.email as git sees them in the project).",
+        json_schema_extra=FREE,
     )
     commit_exclude: list[str] = Field(
         default_factory=lambda: list(DEFAULT_COMMIT_EXCLUDE),
         description="Glob patterns (matched against the path and the file name) that are never "
         "committed; the run lists what it skipped.",
+        json_schema_extra=SUPERSET,
     )
     max_file_size: ByteSize = Field(
         "100m",
         description="Files larger than this are left out of the commit, with a note, as "
         "commit_exclude does (100m is GitHub's own limit); the host never reads them.",
+        json_schema_extra=AT_MOST,
     )
     post_push_hook: str | None = Field(
         None,
         description="Shell command run on the host after a successful push, with KAPSIS_BRANCH, "
         "KAPSIS_COMMIT, KAPSIS_REMOTE, KAPSIS_REMOTE_URL, KAPSIS_BASE_BRANCH in its environment; "
         "a URL it prints becomes the status's pr_url.",
+        json_schema_extra=NEEDS_TRUST,
     )
 
 
@@ -524,16 +639,19 @@ class EnvironmentSection(Section):
         default_factory=dict,
         description="Variables set in the agent's environment (plain values, shown in the plan: "
         "not for secrets).",
+        json_schema_extra=FREE,
     )
     passthrough: list[EnvName] = Field(
         default_factory=list,
         description="Host variables handed to the agent by name, as secrets: the value is read "
         "when the run starts, never written to disk, and redacted from transcripts and the audit.",
+        json_schema_extra=SUBSET,
     )
     keychain: dict[EnvName, KeychainSecret] = Field(
         default_factory=dict,
         description="Secrets read from the host keychain (the `keyring` library, else "
         "`secret-tool`) when the run starts. Wins over passthrough and set for the same name.",
+        json_schema_extra=SUBSET,
     )
 
 
@@ -542,12 +660,15 @@ class ImageSection(Section):
         DEFAULT_IMAGE,
         description="Container image the agent runs in. Unless set (here or with --image), the "
         "agent profile's image is used, and this default only for a profile without one.",
+        json_schema_extra=FREE,
     )
 
 
 class AuditSection(Section):
     enabled: bool = Field(
-        True, description="Record lifecycle events in ~/.kapsis/audit/AGENT_ID.jsonl (host-side)."
+        True,
+        description="Record lifecycle events in ~/.kapsis/audit/AGENT_ID.jsonl (host-side).",
+        json_schema_extra=widest_first(False, True),
     )
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
-from kapsis.config.base import Section
+from kapsis.config.base import FREE, SUBSET, Section, widest_first
 
 GitProvider = Literal["github.com", "gitlab.com", "bitbucket.org"]
 GIT_PROVIDERS: tuple[GitProvider, ...] = ("github.com", "gitlab.com", "bitbucket.org")
@@ -53,17 +53,20 @@ class SshSection(Section):
         "/etc/ssh/ssh_config and /etc/ssh/ssh_known_hosts) and the host's own fetch and push "
         "trust only the keys of `kapsis ssh list`; an unknown or changed key fails the "
         "connection. false: ssh in the sandbox and the host's push use their defaults.",
+        json_schema_extra=widest_first(False, True),
     )
     providers: list[GitProvider] = Field(
         default_factory=lambda: list(GIT_PROVIDERS),
         description="Public git hosts whose published keys are trusted (pinned in Kapsis, "
         "updated by `kapsis ssh refresh`).",
+        json_schema_extra=SUBSET,
     )
     known_hosts: list[KnownHostsLine] = Field(
         default_factory=list,
         description="More trusted keys, as known_hosts lines: 'HOST[,HOST...] TYPE BASE64' "
         "with HOST a name, an address, or [HOST]:PORT. Hosts added with `kapsis ssh add-host` "
         "are trusted as well.",
+        json_schema_extra=SUBSET,
     )
 
 
@@ -73,12 +76,14 @@ class MavenSection(Section):
         description="Every remote Maven repository (with block_snapshots: Central, the only one "
         "left) is fetched through this URL: a mirror in the settings.xml mounted read-only at "
         "~/.m2/settings.xml.",
+        json_schema_extra=FREE,
     )
     block_snapshots: bool = Field(
         False,
         description="Releases from Maven Central (or the mirror) only: snapshots are disabled "
         "and every other repository a project or dependency declares is blocked (Maven 3.8.1+ "
         "fails the build naming it).",
+        json_schema_extra=FREE,
     )
 
 
@@ -86,6 +91,7 @@ class NpmSection(Section):
     registry: MirrorUrl | None = Field(
         None,
         description="The npm registry (~/.npmrc, read-only, and NPM_CONFIG_REGISTRY).",
+        json_schema_extra=FREE,
     )
 
 
@@ -93,11 +99,13 @@ class PipSection(Section):
     index_url: MirrorUrl | None = Field(
         None,
         description="The package index of pip (/etc/pip.conf, read-only, and PIP_INDEX_URL).",
+        json_schema_extra=FREE,
     )
     trusted_host: bool = Field(
         False,
         description="Also mark the index's host as trusted (trusted-host, PIP_TRUSTED_HOST): "
         "needed for a plain-http index; for https it turns off certificate checks.",
+        json_schema_extra=FREE,
     )
 
 

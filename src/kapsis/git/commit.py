@@ -19,6 +19,7 @@ from pathlib import Path
 from kapsis.errors import GitWorkflowError
 from kapsis.git.agent_commits import AgentObjects, read_branch_tip
 from kapsis.git.changes import TreeEntry, WorkspaceChanges, Written
+from kapsis.git.hidden import hide_rules
 from kapsis.git.lock import repository_lock
 from kapsis.git.runner import Repo
 
@@ -38,6 +39,9 @@ class CommitRequest:
     agent_git: Path | None = None
     ignore_view: Path | None = None
     max_file_size: int | None = None  # larger files are left out (git.max_file_size)
+    # filesystem.hide: the start commit's files it hides are kept as they are (the agent never
+    # saw them, so their absence is no deletion); what the agent wrote there is left out.
+    hide: tuple[str, ...] = ()
 
 
 # Below this much free space, a failed fast-import is put down to a full disk.
@@ -69,6 +73,8 @@ class CommitOutcome:
     # Left out as mostly holes, or past MAX_COMMIT_BYTES in all: (path, size in bytes).
     sparse: list[tuple[str, int]] = field(default_factory=list)
     over_total: list[tuple[str, int]] = field(default_factory=list)
+    # What the agent wrote where filesystem.hide hides: left out.
+    hidden: list[str] = field(default_factory=list)
 
 
 def is_excluded(path: str, patterns: Iterable[str]) -> bool:
@@ -108,12 +114,14 @@ def commit_workspace(request: CommitRequest, changes: WorkspaceChanges) -> Commi
     """Commit what the agent left in its workspace (and keep its own commits)."""
     repo = request.repo
     start = request.start_commit
-    with repository_lock(repo.common_dir):
+    with repository_lock(repo.common_dir), hide_rules(request.hide) as hiding:
         tip = start
         agent_commits = 0
         squash = False
         outcome_excluded: set[str] = set()
-        tracked = set(tree_listing(repo, start))
+        start_listing = tree_listing(repo, start)
+        tracked = set(start_listing)
+        kept_hidden = {path: start_listing[path] for path in hiding.tracked(repo, start)}
         agent_tip = (
             read_branch_tip(request.agent_git, request.branch) if request.agent_git else None
         )
@@ -122,11 +130,9 @@ def commit_workspace(request: CommitRequest, changes: WorkspaceChanges) -> Commi
                 agent_commits = agent_objects.verify(start, agent_tip)
                 # What the agent committed counts as tracked even when its commits are squashed.
                 tracked |= set(tree_listing(repo, agent_tip, env=agent_objects.env))
-                leaked = {
-                    path
-                    for path in agent_objects.touched_paths(start, agent_tip)
-                    if is_excluded(path, request.exclude)
-                }
+                touched = agent_objects.touched_paths(start, agent_tip)
+                leaked = {path for path in touched if is_excluded(path, request.exclude)}
+                leaked |= hiding.matching(touched)
                 if leaked:
                     # Keeping those commits would put excluded files in the branch's history;
                     # they are not imported at all.
@@ -137,6 +143,9 @@ def commit_workspace(request: CommitRequest, changes: WorkspaceChanges) -> Commi
                     tip = agent_tip
 
         written = dict(changes.written)
+        hidden_written = sorted(hiding.matching(written))
+        for path in hidden_written:
+            del written[path]
         too_large: list[tuple[str, int]] = []
         sparse: list[tuple[str, int]] = []
         over_total: list[tuple[str, int]] = []
@@ -161,7 +170,7 @@ def commit_workspace(request: CommitRequest, changes: WorkspaceChanges) -> Commi
         for path in ignored:
             del written[path]
 
-        tree = _build_tree(repo, request, start, changes, written)
+        tree = _build_tree(repo, request, start, changes, written, kept_hidden)
         outcome = CommitOutcome(
             commit_sha=None,
             created_commit=False,
@@ -173,6 +182,7 @@ def commit_workspace(request: CommitRequest, changes: WorkspaceChanges) -> Commi
             too_large=too_large,
             sparse=sparse,
             over_total=over_total,
+            hidden=hidden_written,
         )
         if tree == repo.tree_of(tip):
             new_tip = tip
@@ -270,8 +280,10 @@ def _build_tree(
     start: str,
     changes: WorkspaceChanges,
     written: dict[str, Written],
+    kept: dict[str, TreeEntry],
 ) -> str:
-    """Start's tree with the changes applied, via fast-import into a scratch ref."""
+    """Start's tree with the changes applied, via fast-import into a scratch ref; the ``kept``
+    entries of start's (the hidden files) as they were, whatever the changes did above them."""
     scratch = f"{SCRATCH_REF_PREFIX}{request.scratch_name}"
     process = repo.popen(
         "fast-import", "--quiet", "--force", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
@@ -288,6 +300,8 @@ def _build_tree(
             # Streamed: a file is never held in memory whole.
             item.stream(lambda size: stream.write(b"data %d\n" % size), stream.write)
             stream.write(b"\n")
+        for path, entry in kept.items():
+            stream.write(f"M {entry.mode} {entry.object_id} ".encode() + quote_path(path) + b"\n")
         stream.write(b"\n")
         stream.close()
     except BrokenPipeError:

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from kapsis.config.base import TRUST_KEY
 from kapsis.errors import ConfigError
 from kapsis.k8s.resource import (
     GROUP,
@@ -52,7 +53,7 @@ _PLAIN_KEYS = frozenset(
         "format",
     }
 )
-_DROPPED_KEYS = frozenset({"title", "$defs"})
+_DROPPED_KEYS = frozenset({"title", "$defs", TRUST_KEY})
 
 
 def structural_schema(model: type[BaseModel]) -> dict[str, Any]:

@@ -102,6 +102,10 @@ LOCAL_ONLY: dict[KeyPath, str] = {
     "changes never reach it; remove filesystem.uncommitted for --backend k8s",
     ("filesystem", "share_ignored"): "a cluster run clones the pushed branch: no directory of "
     "your checkout reaches it; remove filesystem.share_ignored for --backend k8s",
+    # Only committed files reach a cluster run (no file of the checkout that git ignores), and
+    # the clone is not filtered yet: a value other than the default is refused.
+    ("filesystem", "hide"): "a cluster run clones the pushed branch, and hides no tracked file "
+    "of it yet; remove filesystem.hide for --backend k8s",
     ("filesystem", "mounts"): "host paths cannot be mounted into a cluster Pod; commit the files "
     "to the repository, or remove filesystem.mounts for --backend k8s",
     ("network", "podman_network"): "a Podman network means nothing on a cluster; remove it for "

@@ -10,6 +10,7 @@ the outcome says where and how to retry.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -169,6 +170,7 @@ def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
             scratch_name=plan.agent_id,
             agent_git=Path(workspace.agent_git) if workspace.agent_git else None,
             ignore_view=view,
+            hide=workspace.hide,
         ),
         changes,
     )
@@ -196,6 +198,8 @@ def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
             f"not committed (the commit would pass {MAX_COMMIT_BYTES >> 30} GiB): "
             + _some_paths(sized)
         )
+    if result.hidden:
+        outcome.notes.append("not committed (filesystem.hide): " + _some_paths(result.hidden))
     if result.squashed_agent_commits:
         outcome.notes.append(
             f"the agent's {result.agent_commits} commit(s) touched excluded paths and were "
@@ -208,17 +212,45 @@ def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
         )
     if result.commit_sha is None:
         outcome.notes.append("the agent changed nothing; no commit")
+    else:
+        for changed in _changed_config_files(repo, git.start_commit, result.commit_sha):
+            # Never trusted by being committed: the next run from this branch refuses what
+            # needs trust in it until the user has read it.
+            outcome.notes.append(f"the agent changed {changed}: review it before trusting it")
     if workspace.mode == "worktree" and result.commit_sha and workspace.worktree:
-        _sync_worktree_index(Path(workspace.worktree), result.commit_sha)
+        _sync_worktree_index(Path(workspace.worktree), result.commit_sha, workspace.hide)
 
 
-def _sync_worktree_index(worktree: Path, commit: str) -> None:
-    """Point the worktree's index at the new commit, so it shows clean in the user's IDE."""
+def _changed_config_files(repo: Repo, start: str, commit: str) -> list[str]:
+    """The project config files (agent-sandbox.yaml, .kapsis/config.yaml) the commit changed."""
+    from kapsis.config.loader import PROJECT_CONFIG_FILES
+
+    listing = repo.run(
+        "diff-tree", "-r", "-z", "--name-only", "--no-renames", start, commit, "--",
+        *PROJECT_CONFIG_FILES,
+        env={"GIT_LITERAL_PATHSPECS": "1"},
+    ).stdout  # fmt: skip
+    return [os.fsdecode(path) for path in listing.split(b"\0") if path]
+
+
+def _sync_worktree_index(worktree: Path, commit: str, hide: tuple[str, ...]) -> None:
+    """Point the worktree's index at the new commit, so it shows clean in the user's IDE (the
+    hidden files, absent from it, marked skip-worktree again)."""
+    from kapsis.git.hidden import hide_rules
     from kapsis.git.runner import Repo
 
     own = Repo.discover(worktree)
-    if own is not None:
-        own.run("read-tree", commit, check=False)
+    if own is None:
+        return
+    own.run("read-tree", commit, check=False)
+    with hide_rules(hide) as rules:
+        hidden = rules.tracked(own, commit)
+    if hidden:
+        own.run(
+            "update-index", "--skip-worktree", "-z", "--stdin",
+            input=b"".join(os.fsencode(path) + b"\0" for path in hidden),
+            check=False,
+        )  # fmt: skip
 
 
 @contextlib.contextmanager

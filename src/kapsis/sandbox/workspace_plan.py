@@ -18,6 +18,7 @@ from kapsis.config.loader import LoadedConfig
 from kapsis.config.models import WorkspaceMode, duration_to_seconds, memory_to_bytes
 from kapsis.errors import ConfigError
 from kapsis.git.branches import auto_branch_name, check_branch_name, resolve_target
+from kapsis.git.hidden import HideRules, hide_rules
 from kapsis.git.owner import RepoOwner, foreign_entries
 from kapsis.git.runner import Repo
 from kapsis.sandbox.plan_model import PlanModel
@@ -77,6 +78,10 @@ class WorkspacePlan(PlanModel):
     disk_bytes: int | None = None
     disk_image: str | None = None
     disk_mount: str | None = None
+    # filesystem.hide, and how many of the start commit's files it hid at planning (a project
+    # that is not a repository is looked at when the layers are made).
+    hide: tuple[str, ...] = ()
+    hidden_paths: int = 0
 
 
 class SharedDir(PlanModel):
@@ -175,6 +180,7 @@ def plan_workspace_and_git(
         lower=str(root / "lower"),
         merged=str(root / "merged"),
         delta=str(root / "delta"),
+        hide=tuple(dict.fromkeys(config.filesystem.hide)),
     )
     if repo is None:
         if mode == "worktree":
@@ -187,7 +193,10 @@ def plan_workspace_and_git(
                 f"{branch_origin}: git.branch: {project} is not a git repository, so there is "
                 "no branch to work on; drop it, or `git init` the project"
             )
-        return workspace, GitPlan(repository=False)
+        # The project itself is the lower layer: what it hides is whited out above it.
+        return workspace.model_copy(update={"needs_delta": bool(workspace.hide)}), GitPlan(
+            repository=False
+        )
 
     git = config.git
     branch = (
@@ -226,6 +235,9 @@ def plan_workspace_and_git(
             target = replace(target, start_commit=commit)
         elif not state.clean:
             left_out = len(state.changed)
+    with hide_rules(workspace.hide) as rules:
+        hidden = len(rules.tracked(repo, target.start_commit))
+        _check_shared_not_hidden(rules, loaded)
     git_view = {
         "git_uid": _owner_uid(repo.common_dir),
         "release_worktree": str(target.release_worktree) if target.release_worktree else None,
@@ -254,9 +266,11 @@ def plan_workspace_and_git(
                 "base_uid": repo.owner.uid if repo.owner is not None else os.geteuid(),
                 "base_exists": base.exists,
                 "delta_paths": base.delta_paths,
-                "needs_delta": base.commit != target.start_commit,
+                # The hidden files are whited out in the delta.
+                "needs_delta": base.commit != target.start_commit or hidden > 0,
             }
         )
+    workspace = workspace.model_copy(update={"hidden_paths": hidden})
     shared = _shared_dirs(repo, loaded, project, root, target.start_commit)
     if shared:
         workspace = workspace.model_copy(update={"shared": shared})
@@ -283,6 +297,18 @@ def plan_workspace_and_git(
         left_out_paths=left_out,
     )
     return workspace, git_plan
+
+
+def _check_shared_not_hidden(rules: HideRules, loaded: LoadedConfig) -> None:
+    """A shared folder is the live one, whole: one that filesystem.hide hides is refused."""
+    names = loaded.config.filesystem.share_ignored
+    hidden = rules.matching(f"{name}/" for name in names)
+    if hidden:
+        origin = loaded.origin_of(("filesystem", "share_ignored"))
+        raise ConfigError(
+            f"{origin}: filesystem.share_ignored: {sorted(hidden)[0].rstrip('/')} is hidden by "
+            "filesystem.hide; share another folder, or stop hiding it"
+        )
 
 
 def _shared_dirs(

@@ -56,9 +56,16 @@ def _checked_path(raw: bytes) -> str:
     return path
 
 
-def _differences(repo: Repo, base: str, start: str) -> list[_Difference]:
+def _differences(
+    repo: Repo, base: str, start: str, tree_env: dict[str, str] | None
+) -> list[_Difference]:
     # -t: a directory the start commit lacks is one whiteout, not one per file it held.
-    raw = repo.run("diff-tree", "-r", "-t", "-z", "--no-renames", base, start).stdout
+    args = ("diff-tree", "-r", "-t", "-z", "--no-renames", base, start)
+    if tree_env is None:
+        raw = repo.run(*args).stdout
+    else:
+        # A view tree lives in Kapsis's scratch object store, which only this process reads.
+        raw = repo.run(*args, env=tree_env, as_owner=False).stdout
     fields = raw.split(b"\0")
     found = []
     # Records come as ":oldmode newmode oldid newid status" then the path, each NUL-ended.
@@ -77,10 +84,16 @@ def _differences(repo: Repo, base: str, start: str) -> list[_Difference]:
     return found
 
 
-def build_delta(repo: Repo, base: str, start: str, delta: Path) -> int:
-    """Write the layer that turns ``base``'s tree into ``start``'s; return how many paths."""
+def build_delta(
+    repo: Repo, base: str, start: str, delta: Path, *, tree_env: dict[str, str] | None = None
+) -> int:
+    """Write the layer that turns ``base``'s tree into ``start``'s; return how many paths.
+
+    ``start`` may be a tree that only ``tree_env`` finds (a view without the hidden files,
+    :func:`kapsis.git.hidden.view_tree`); its files are all the repository's own blobs.
+    """
     delta.mkdir(parents=True, exist_ok=True)
-    differences = _differences(repo, base, start)
+    differences = _differences(repo, base, start, tree_env)
     # What stands in the layer as something other than a directory: nothing may go below it
     # (a symlink there would lead a write out of the layer).
     leaves = {d.path for d in differences if d.mode not in (_ABSENT, MODE_TREE, MODE_GITLINK)}

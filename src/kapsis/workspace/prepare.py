@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kapsis.errors import SandboxError
+from kapsis.git.hidden import hide_rules, view_tree
 from kapsis.git.lock import repository_lock
 from kapsis.git.runner import ZERO_SHA, GitCommandError, Repo
 from kapsis.sandbox.plan import SandboxPlan
@@ -18,6 +19,7 @@ from kapsis.workspace.bases import BaseRecord, ensure_base, index_path, project_
 from kapsis.workspace.delta import build_delta
 from kapsis.workspace.disk import make_disk, release_disk
 from kapsis.workspace.gitview import build_agent_git, write_gitlink
+from kapsis.workspace.hiding import hide_in_worktree, mark_skip_worktree, whiteout_hidden
 from kapsis.workspace.worktree import add_worktree, remove_worktree
 
 
@@ -36,6 +38,11 @@ def prepare_workspace(plan: SandboxPlan) -> BaseRecord | None:
     Path(workspace.root).mkdir(parents=True, exist_ok=True)
     repo = plan_repo(plan)
     if repo is None:
+        if workspace.mode == "overlay" and workspace.needs_delta and not git.repository:
+            # The project itself is the lower layer: what it hides is whited out above it.
+            Path(workspace.delta).mkdir(parents=True, exist_ok=True)
+            with hide_rules(workspace.hide) as rules:
+                whiteout_hidden(Path(plan.project), Path(workspace.delta), rules)
         return None
     made: BaseRecord | None = None
     assert git.branch is not None and git.start_commit is not None
@@ -50,6 +57,7 @@ def prepare_workspace(plan: SandboxPlan) -> BaseRecord | None:
             if workspace.mode == "worktree":
                 assert workspace.worktree is not None and workspace.gitlink is not None
                 add_worktree(repo, Path(workspace.worktree), git.branch)
+                hide_in_worktree(Path(workspace.worktree), _hidden(plan, repo))
                 write_gitlink(Path(workspace.gitlink))
         if workspace.mode == "overlay":
             Path(workspace.work).mkdir(parents=True, exist_ok=True)
@@ -64,6 +72,9 @@ def prepare_workspace(plan: SandboxPlan) -> BaseRecord | None:
             agent_id=plan.agent_id,
             checkout_index=_checkout_index(plan, repo),
         )
+        # The agent's git does not take the hidden files for deleted (a worktree's copied
+        # index has the marks already).
+        mark_skip_worktree(repo, Path(workspace.agent_git) / "index", _hidden(plan, repo))
         _make_mount_points(plan, repo)
     except GitCommandError as error:
         raise SandboxError(f"cannot prepare the agent's git workspace: {error}") from None
@@ -84,9 +95,22 @@ def _prepare_layers(plan: SandboxPlan, repo: Repo) -> BaseRecord | None:
     # run using it.
     with project_lock(workspace.base_key):
         made = ensure_base(repo, workspace.base_key, workspace.base_commit, Path(workspace.base))
-    if workspace.needs_delta:
+    if workspace.needs_delta and workspace.hidden_paths:
+        with hide_rules(workspace.hide) as rules:
+            hidden = rules.tracked(repo, git.start_commit)
+            tree, env = view_tree(repo, rules, git.start_commit, hidden)
+            build_delta(repo, workspace.base_commit, tree, Path(workspace.delta), tree_env=env)
+    elif workspace.needs_delta:
         build_delta(repo, workspace.base_commit, git.start_commit, Path(workspace.delta))
     return made
+
+
+def _hidden(plan: SandboxPlan, repo: Repo) -> list[str]:
+    """The start commit's files that filesystem.hide hides (none when planning found none)."""
+    if not plan.workspace.hidden_paths or plan.git.start_commit is None:
+        return []
+    with hide_rules(plan.workspace.hide) as rules:
+        return rules.tracked(repo, plan.git.start_commit)
 
 
 def _make_mount_points(plan: SandboxPlan, repo: Repo) -> None:
