@@ -382,6 +382,7 @@ def test_a_cluster_without_the_crd_is_one_line_and_exit_4(
 
 def test_a_local_only_key_is_refused_before_any_cluster_call(project: Path, namespace: str) -> None:
     (project / "agent-sandbox.yaml").write_text("environment:\n  passthrough: [GITHUB_TOKEN]\n")
+    assert kapsis("trust", str(project)).exit_code == 0  # else it is refused as untrusted
     result = kapsis("run", str(project), "--backend", "k8s", "-n", namespace, "-t", "x")
     assert result.exit_code == 2
     assert "kubernetes.secrets.GITHUB_TOKEN" in result.stderr
@@ -481,6 +482,9 @@ def test_no_kubeconfig_or_an_unknown_context_is_exit_2(
     assert line.startswith("kapsis: error: cannot load the kubeconfig") and "KUBECONFIG" in line
     monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "kc", "http://127.0.0.1:9")))
     (project / "agent-sandbox.yaml").write_text("kubernetes:\n  context: nope\n")
+    untrusted = kapsis("run", str(project), "--backend", "k8s", "-t", "x")
+    assert untrusted.exit_code == 2 and "kubernetes.context" in untrusted.stderr
+    assert kapsis("trust", str(project)).exit_code == 0
     result = kapsis("run", str(project), "--backend", "k8s", "-t", "x")
     assert result.exit_code == 2, result.output
     assert "context 'nope'" in result.stderr

@@ -14,6 +14,7 @@ trusted sources alone give, for :mod:`kapsis.config.trust` to compare with.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -244,7 +245,9 @@ def _merge_into(
             origins.setdefault(key_path, layer.origins.get(key_path, layer.label))
             _merge_into(target[key], value, key_path, layer, origins)
             continue
-        target[key] = value
+        # A copy: a later layer merges into it, and the layer itself must stay as it was read
+        # (the trusted layers are merged again, alone).
+        target[key] = copy.deepcopy(value)
         # A replaced value takes all its origins from the new layer.
         for stale in [p for p in origins if p[: len(key_path)] == key_path]:
             del origins[stale]

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kapsis.git.hidden import hide_rules
 from kapsis.git.owner import SHARED_TMP, copy_owned_file
 from kapsis.git.runner import GitCommandError, Repo, without_filters
 
@@ -33,8 +34,10 @@ class WorkingState:
         return not self.changed
 
 
-def working_state(repo: Repo, head: str) -> WorkingState:
-    """What ``git add -A`` would commit on top of ``head`` now (the user's index untouched)."""
+def working_state(repo: Repo, head: str, hide: tuple[str, ...] = ()) -> WorkingState:
+    """What ``git add -A`` would commit on top of ``head`` now (the user's index untouched),
+    but what ``hide`` (filesystem.hide) hides as ``head`` has it: a secret the user keeps in
+    the checkout never goes into a commit of the agent's branch, which may be pushed."""
     # One quick look first: most launches find a clean checkout, and that costs one process.
     status = repo.run(
         "status", "--porcelain", "-z", "--untracked-files=normal", "--ignore-submodules=dirty",
@@ -54,10 +57,29 @@ def working_state(repo: Repo, head: str) -> WorkingState:
             owner.give(Path(scratch))
         env = {"GIT_INDEX_FILE": str(index)}
         _add_all(repo, env)
+        _keep_hidden_as_committed(repo, head, hide, env)
         tree = repo.run("write-tree", env=env).stdout.decode().strip()
     listing = repo.run("diff-tree", "-r", "-z", "--no-renames", "--name-only", head, tree).stdout
     changed = tuple(os.fsdecode(path) for path in listing.split(b"\0") if path)
     return WorkingState(tree, changed)
+
+
+def _keep_hidden_as_committed(
+    repo: Repo, head: str, hide: tuple[str, ...], env: dict[str, str]
+) -> None:
+    """Put back ``head``'s entry (or none) for each changed path that ``hide`` hides."""
+    if not hide:
+        return
+    listing = repo.run("diff-index", "--cached", "-z", "--name-only", head, env=env).stdout
+    changed = [os.fsdecode(path) for path in listing.split(b"\0") if path]
+    with hide_rules(hide) as rules:
+        hidden = sorted(rules.matching(changed))
+    if hidden:
+        repo.run(
+            "reset", "-q", head, "--pathspec-from-file=-", "--pathspec-file-nul",
+            input=b"".join(os.fsencode(path) + b"\0" for path in hidden),
+            env=env,
+        )  # fmt: skip
 
 
 # A file git listed and then found gone (an editor's or a build's temporary file, while the user

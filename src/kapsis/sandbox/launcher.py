@@ -144,8 +144,9 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
         store.update(plan.agent_id, phase="preparing", message="checking the image")
         backend.preflight(plan)
         store.update(plan.agent_id, phase="preparing", message="preparing the workspace")
-        if plan.git.repository:
-            # Loaded only for a repository: the git machinery is not free to import.
+        if plan.git.repository or plan.workspace.needs_delta:
+            # Loaded only for a repository, or a project with files to hide: the git machinery
+            # is not free to import.
             from kapsis.workspace.prepare import prepare_workspace
 
             made = prepare_workspace(plan)

@@ -226,7 +226,7 @@ def plan_workspace_and_git(
         # A new branch from the checkout: what the user has not committed is carried or left.
         from kapsis.git.snapshot import carry_commit, working_state
 
-        state = working_state(repo, head)
+        state = working_state(repo, head, workspace.hide)
         if not state.clean and config.filesystem.uncommitted == "include":
             who = repo.owner.name if repo.owner is not None else _account_name()
             identity = committer or f"{who} <{who}@localhost>"
