@@ -20,7 +20,7 @@ from kapsis.git.snapshot import working_state
 from kapsis.workspace.delta import build_delta
 from kapsis.workspace.hiding import hide_in_worktree, mark_skip_worktree, whiteout_hidden
 
-from .gitrepo import discover, git, init_repo, is_whiteout, isolate_home, rev, tree
+from .gitrepo import discover, git, init_repo, is_whiteout, isolate_home, rev, run_git, tree
 
 BRANCH = "kapsis/hide-a1"
 FILES = {
@@ -206,3 +206,31 @@ def test_the_agents_index_marks_hidden_files_skip_worktree(
     mark_skip_worktree(repo, index, [".env"])
     listed = repo.run("ls-files", "-t", env={"GIT_INDEX_FILE": str(index)}).stdout.decode()
     assert "S .env" in listed.splitlines() and "H README.md" in listed.splitlines()
+
+
+@pytest.mark.parametrize("hide", [PATTERNS, ()], ids=["hidden", "control"])
+def test_an_untracked_hidden_file_never_enters_the_object_store(
+    repo: Repo, project: Path, hide: tuple[str, ...]
+) -> None:
+    """The agent's git view reads the project's objects: a secret hashed into them by the
+    carry would be readable with `git cat-file --batch-all-objects`."""
+    (project / "secrets").mkdir()
+    (project / "secrets" / "prod.env").write_text("TOKEN=never-hashed\n")
+    (project / ".env.local").write_text("TOKEN=never-hashed-either\n")
+    (project / "notes.md").write_text("mine\n")
+    head = rev(project, "HEAD")
+    assert head is not None
+    blobs = [
+        git(project, "hash-object", str(project / name))
+        for name in ("secrets/prod.env", ".env.local")
+    ]
+    patterns = (*hide, "secrets/") if hide else ()
+    state = working_state(repo, head, patterns)
+    stored = [
+        run_git(project, "cat-file", "-e", blob, check=False).returncode == 0 for blob in blobs
+    ]
+    if hide:
+        assert state.changed == ("notes.md",)
+        assert stored == [False, False]
+    else:
+        assert stored == [True, True]

@@ -139,16 +139,18 @@ def _candidates(project: Path | None, explicit: Path | None) -> list[tuple[Path,
             *((project / name, "untrusted") for name in PROJECT_CONFIG_FILES),
         ]
     candidates.append((paths.user_config_file(), "user config"))
-    seen: set[Path] = set()
-    found: list[tuple[Path, str]] = []
+    found: dict[Path, tuple[Path, str]] = {}
     for candidate, standing in candidates:
         if candidate is None or not candidate.is_file():
             continue
         resolved = candidate.resolve()
-        if resolved not in seen:
-            seen.add(resolved)
-            found.append((candidate, standing))
-    return found
+        if resolved not in found:
+            found[resolved] = (candidate, standing)
+        elif standing != "untrusted":
+            # One file reached twice (a project file linked to the user's own config): it keeps
+            # its place, and the standing of the user's own.
+            found[resolved] = (found[resolved][0], standing)
+    return list(found.values())
 
 
 def read_yaml_layer(path: Path) -> ConfigLayer:

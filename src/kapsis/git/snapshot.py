@@ -56,12 +56,26 @@ def working_state(repo: Repo, head: str, hide: tuple[str, ...] = ()) -> WorkingS
         if owner is not None:
             owner.give(Path(scratch))
         env = {"GIT_INDEX_FILE": str(index)}
-        _add_all(repo, env)
+        _add_all(repo, env, hide)
         _keep_hidden_as_committed(repo, head, hide, env)
         tree = repo.run("write-tree", env=env).stdout.decode().strip()
     listing = repo.run("diff-tree", "-r", "-z", "--no-renames", "--name-only", head, tree).stdout
     changed = tuple(os.fsdecode(path) for path in listing.split(b"\0") if path)
     return WorkingState(tree, changed)
+
+
+def _paths_to_add(repo: Repo, hide: tuple[str, ...], env: dict[str, str]) -> list[str]:
+    """The changed and untracked files but those ``hide`` hides: a hidden file is never even
+    hashed, for a blob in the object store is readable through the agent's git view."""
+    untracked = repo.run(
+        "ls-files", "-z", "--others", "--exclude-standard", env=env,
+        extra_config=without_filters(repo),
+    ).stdout  # fmt: skip
+    changed = repo.run("diff-files", "-z", "--name-only", env=env).stdout
+    paths = sorted({os.fsdecode(p) for p in (untracked + changed).split(b"\0") if p})
+    with hide_rules(hide) as rules:
+        hidden = rules.matching(paths)
+    return [path for path in paths if path not in hidden]
 
 
 def _keep_hidden_as_committed(
@@ -87,18 +101,30 @@ def _keep_hidden_as_committed(
 # so a file that is gone stays out.
 MAX_VANISHED = 50
 _VANISHED = re.compile(rb"unable to stat '.+': No such file or directory")
+_UNMATCHED = re.compile(rb"pathspec '.+' did not match any files")
 
 
-def _add_all(repo: Repo, env: dict[str, str]) -> None:
-    """``git add --all`` into the scratch index, trying again when a file vanishes meanwhile."""
+def _add_all(repo: Repo, env: dict[str, str], hide: tuple[str, ...]) -> None:
+    """``git add --all`` into the scratch index (but what ``hide`` hides), trying again when a
+    file vanishes meanwhile."""
     for _ in range(MAX_VANISHED):
+        if hide:
+            # Listed anew on each try: a file gone since the last is not named again.
+            paths = _paths_to_add(repo, hide, env)
+            if not paths:
+                return
+            which = ["--pathspec-from-file=-", "--pathspec-file-nul"]
+            listed: bytes | None = b"".join(os.fsencode(p) + b"\0" for p in paths)
+        else:
+            which, listed = ["--", "."], None
         # No filter driver runs on the user's files (as for the delta layer).
         result = repo.run(
-            "add", "--all", "--", ".", env=env, extra_config=without_filters(repo), check=False
-        )
+            "add", "--all", *which, input=listed, env=env,
+            extra_config=without_filters(repo), check=False,
+        )  # fmt: skip
         if result.returncode == 0:
             return
-        if _VANISHED.search(result.stderr) is None:
+        if _VANISHED.search(result.stderr) is None and _UNMATCHED.search(result.stderr) is None:
             break
     raise GitCommandError(
         ("add", "--all"), result.returncode, result.stderr.decode(errors="replace")
