@@ -341,6 +341,8 @@ TRUST_TEXTS = {
     "free": "any value",
     "trust": "needs trust",
     "at_most": "no higher",
+    "at_most_time": "no longer",
+    "profile": "no profile that gets more",
     "subset": "no additions",
     "superset": "no removals",
 }
@@ -602,9 +604,11 @@ def reference_markdown() -> str:
         "again. Flags, `--config FILE` and your own `~/.config/kapsis/config.yaml` are trusted. "
         "The column *untrusted file may set* says what a value from an untrusted file may do, "
         "compared with what the trusted sources alone give (your default): *any value*; *no "
-        "higher* (a limit at most yours; none means no limit); *no additions* (only items your "
+        "higher* / *no longer* (a limit at most yours; none means no limit); *no profile that "
+        "gets more* (an agent profile that gets no host secret and no API host yours does not); "
+        "*no additions* (only items your "
         "default already holds: for `network.allowlist.hosts` also the agent profile's hosts and "
-        "those of your categories); *no removals*; *no wider* (an order of values); *needs "
+        "those of your categories); *no removals* (nor an added `!` exception); *no wider* (an order of values); *needs "
         "trust* (any value but yours). A run whose untrusted file goes further stops before "
         "anything is created, exit 2, naming the file, line and key (`kapsis config show` marks "
         "each value trusted or not; `kapsis trust --list` / `--revoke` manage the records).",

@@ -20,7 +20,8 @@ from kapsis import paths
 from kapsis.agents.profiles import AgentProfile
 from kapsis.backends import Backend, get_backend
 from kapsis.config import trust_store
-from kapsis.config.loader import LoadedConfig
+from kapsis.config.loader import LoadedConfig, load_config
+from kapsis.config.trust import TrustProblem
 from kapsis.config.trust_store import TrustedFile
 from kapsis.errors import ConfigError
 from kapsis.git.owner import remove_tree
@@ -29,7 +30,12 @@ from kapsis.sandbox import interrupted, launcher
 from kapsis.sandbox.launcher import RunResult
 from kapsis.sandbox.network_plan import NetworkPlan, plan_network
 from kapsis.sandbox.plan import RunRequest, SandboxPlan, build_plan
-from kapsis.sandbox.run_config import TrustReport, load_trusted_config, trust_project
+from kapsis.sandbox.run_config import (
+    TrustReport,
+    load_trusted_config,
+    needs_trust,
+    trust_project,
+)
 from kapsis.sandbox.workspace_plan import UNSAVED_ERROR_TYPES
 from kapsis.status import AgentStatus, StatusStore
 
@@ -460,6 +466,14 @@ def audit_alerts(agent_id: str) -> list[dict[str, Any]]:
     return read_alerts(alerts_path(files[-1]))
 
 
+def config_with_trust(
+    project: Path | None, config_file: Path | None = None
+) -> tuple[LoadedConfig, list[TrustProblem]]:
+    """The effective config of ``project`` and what of it needs trust (nothing is refused)."""
+    loaded = load_config(project, config_file)
+    return loaded, needs_trust(loaded)
+
+
 def trust(project: Path) -> list[TrustReport]:
     """Trust the project's own config files as they are now (``kapsis trust PROJECT``)."""
     return trust_project(project.expanduser())
@@ -472,4 +486,4 @@ def trusted_files() -> list[TrustedFile]:
 
 def revoke_trust(target: Path) -> list[TrustedFile]:
     """Forget the trust of a file, or of every file under a project folder."""
-    return trust_store.revoke([trust_store.place_of(target.expanduser())])
+    return trust_store.revoke([trust_store.revoke_target(target.expanduser())])

@@ -17,13 +17,13 @@ from typer.testing import CliRunner
 from kapsis.cli.app import app
 from kapsis.config.base import TRUST_KEY
 from kapsis.config.loader import load_config
-from kapsis.config.models import KapsisConfig
+from kapsis.config.models import DEFAULT_HIDE, KapsisConfig
 from kapsis.config.trust import leaf_fields, marker, trust_problems
 from kapsis.config.trust_store import trust_file
 from kapsis.errors import ExitCode, UntrustedConfigError
 from kapsis.sandbox.run_config import load_trusted_config, trust_project
 
-KNOWN_MARKERS = {"free", "trust", "at_most", "subset", "superset"}
+KNOWN_MARKERS = {"free", "trust", "at_most", "at_most_time", "profile", "subset", "superset"}
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -66,7 +66,15 @@ def test_the_json_schema_and_the_reference_show_every_marker() -> None:
         assert (
             any(
                 text in row
-                for text in ("any value", "needs trust", "no higher", "no additions", "no removals")
+                for text in (
+                    "any value",
+                    "needs trust",
+                    "no higher",
+                    "no longer",
+                    "no profile that gets more",
+                    "no additions",
+                    "no removals",
+                )
             )
             or "no wider (" in row
         ), dotted
@@ -135,6 +143,25 @@ WIDENING = [
     ("ssh:\n  verify_hosts: false\n", "ssh.verify_hosts"),
     ("kubernetes:\n  context: prod\n", "kubernetes.context"),
     ("kubernetes:\n  secrets:\n    K: {name: s, key: k}\n", "kubernetes.secrets"),
+    ("kubernetes:\n  namespace: other-team\n", "kubernetes.namespace"),
+    # A profile that gets the user's API key from the host environment, and its API hosts.
+    ("agent:\n  name: claude\n", "agent.name"),
+    # The host commits to (and with --push pushes) an existing branch such as main.
+    ("git:\n  branch: main\n", "git.branch"),
+    ("git:\n  committer: Someone Else <boss@example.test>\n", "git.committer"),
+    ("image:\n  name: localhost/the-users-own-image:1\n", "image.name"),
+    # A build-tool URL's host joins the allowlist.
+    ("build_tools:\n  pip:\n    index_url: http://169.254.169.254/simple\n", "index_url"),
+    ("build_tools:\n  npm:\n    registry: https://exfil.example/\n", "npm.registry"),
+    ("build_tools:\n  maven:\n    mirror_url: http://10.0.0.1:22/\n", "maven.mirror_url"),
+    ("filesystem:\n  mode: worktree\n", "filesystem.mode"),
+    # pids: null is the security profile's limit, and 4096 is above standard's 1024.
+    ("resources:\n  pids: 4096\n", "resources.pids"),
+    # "72h" is longer than 1h, whatever "m" means for a size.
+    ("resources:\n  timeout: 72h\n", "resources.timeout"),
+    ("git:\n  push_timeout: 2h\n", "git.push_timeout"),
+    # A negation un-hides: all the defaults kept, "!*" added.
+    ("filesystem:\n  hide: " + json.dumps([*DEFAULT_HIDE, "!*"]) + "\n", "filesystem.hide"),
 ]
 
 
@@ -158,9 +185,9 @@ NARROWING = [
     "resources:\n  memory: 512m\n  cpus: 0.5\n  pids: 64\n  disk: 1g\n  timeout: 10m\n",
     "git:\n  commit_exclude: ['.env', '*.pem', '*.key', 'id_rsa*', 'id_dsa*', 'id_ecdsa*',"
     " 'id_ed25519*', '.netrc', '.git-credentials', '.env.*', '*.p12', '*.pfx', 'secrets/*']\n",
-    "agent:\n  name: claude\n  command: make test\nimage:\n  name: localhost/mine:1\n",
-    "git:\n  branch: feature/x\n  commit_message: 'fix: {task}'\n  auto_commit: false\n",
-    "network:\n  allowlist:\n    hosts: [api.anthropic.com]\n",  # the claude profile's own
+    "agent:\n  command: make test\n  workdir: /workspace/sub\n",
+    "git:\n  base_branch: main\n  commit_message: 'fix: {task}'\n  auto_commit: false\n",
+    "resources:\n  pids: 100\n",
     "environment:\n  set:\n    DEBUG: '1'\n",
     "resources:\n  idle_timeout: 5m\n  idle_action: stop\n",
 ]
@@ -168,9 +195,28 @@ NARROWING = [
 
 @pytest.mark.parametrize("text", NARROWING)
 def test_keys_that_narrow_or_describe_the_run_need_no_trust(project: Path, text: str) -> None:
-    if "api.anthropic.com" in text:
-        text += "agent:\n  name: claude\n"
     write(project / "agent-sandbox.yaml", text)
+    accepted(project)
+
+
+def test_a_profile_or_host_the_users_own_profile_has_needs_no_trust(
+    project: Path, config_dir: Path
+) -> None:
+    write(config_dir / "config.yaml", "agent:\n  name: claude\n")
+    # The claude profile's own API host; the shell profile gets no secret at all.
+    write(
+        project / "agent-sandbox.yaml", "network:\n  allowlist:\n    hosts: [api.anthropic.com]\n"
+    )
+    accepted(project)
+    write(project / "agent-sandbox.yaml", "agent:\n  name: shell\n")
+    assert accepted(project).agent.name == "shell"
+
+
+def test_a_duration_in_minutes_is_compared_as_time(project: Path, config_dir: Path) -> None:
+    write(config_dir / "config.yaml", "resources:\n  timeout: 30m\n")
+    write(project / "agent-sandbox.yaml", "resources:\n  timeout: 100000s\n")
+    assert "resources.timeout: '100000s' is above your default '30m'" in refused(project)
+    write(project / "agent-sandbox.yaml", "resources:\n  timeout: 10m\n")
     accepted(project)
 
 
@@ -274,3 +320,50 @@ def test_trust_list_and_revoke(project: Path) -> None:
     revoked = runner.invoke(app, ["trust", "--revoke", str(project)])
     assert revoked.exit_code == 0 and "no longer trusted" in revoked.stdout
     refused(project)
+
+
+def test_a_linked_dot_kapsis_folder_borrows_no_trust(tmp_path: Path, project: Path) -> None:
+    other = tmp_path / "other"
+    write(other / ".kapsis" / "config.yaml", HOOK)
+    trust_project(other)
+    accepted(other)
+    os.symlink(other / ".kapsis", project / ".kapsis")
+    assert "git.post_push_hook" in refused(project)
+
+
+def test_trust_of_a_project_leaves_the_current_folders_file_untrusted(
+    tmp_path: Path, project: Path
+) -> None:
+    write(project / "agent-sandbox.yaml", "resources:\n  memory: 1g\n")
+    write(Path.cwd() / "agent-sandbox.yaml", HOOK)  # the current folder is not the project
+    assert [r.path for r in trust_project(project)] == [project / "agent-sandbox.yaml"]
+    assert "git.post_push_hook" in refused(project)
+
+
+def test_revoke_through_a_linked_project_path(tmp_path: Path, project: Path) -> None:
+    write(project / "agent-sandbox.yaml", HOOK)
+    link = tmp_path / "link"
+    os.symlink(project, link)
+    trust_project(link)
+    accepted(project)
+    result = CliRunner().invoke(app, ["trust", "--revoke", str(link)])
+    assert "no longer trusted" in result.stdout, result.output
+    refused(project)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: &x {post_push_hook: x}\ngit: {<<: *x}\n",  # a merge key: its keys have no line
+        "l0: &l0 [x, x, x]\nl1: &l1 [*l0, *l0, *l0]\nl2: [*l1, *l1, *l1]\n",  # an alias bomb
+        "agent: " + "[" * 3000 + "]" * 3000 + "\n",  # nesting
+        "git:\n  commit_message: '{task:>3000000000}'\n",  # a field of gigabytes
+    ],
+    ids=["merge-key", "aliases", "nesting", "format-spec"],
+)
+def test_a_hostile_config_file_is_one_config_error(project: Path, text: str) -> None:
+    write(project / "agent-sandbox.yaml", text)
+    result = CliRunner().invoke(app, ["run", str(project), "--task", "x"])
+    assert result.exit_code == ExitCode.USAGE, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"kapsis: error: {project / 'agent-sandbox.yaml'}")

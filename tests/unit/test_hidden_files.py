@@ -114,6 +114,9 @@ def test_a_project_that_is_no_repository_gets_whiteouts_above_it(tmp_path: Path)
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
     (folder / "link.pem").symlink_to("/etc/hostname")
+    # A repository nested in it: git's own walk would not enter it.
+    init_repo(folder / "vendor" / "lib", {"README": "lib\n"})
+    (folder / "vendor" / "lib" / ".env").write_text("NESTED=secret\n")
     delta = tmp_path / "delta"
     delta.mkdir()
     with hide_rules(PATTERNS) as rules:
@@ -126,6 +129,7 @@ def test_a_project_that_is_no_repository_gets_whiteouts_above_it(tmp_path: Path)
         "certs/server.pem",
         "config/.env.production",
         "link.pem",
+        "vendor/lib/.env",
     ]
     assert count == len(made)
     assert stat.S_ISCHR((delta / ".env").lstat().st_mode)

@@ -65,17 +65,17 @@ def config_show(
     json_output: JsonFlag = False,
 ) -> None:
     """Show the effective merged config and where each value came from."""
+    from kapsis import api
     from kapsis.cli import render
-    from kapsis.config.loader import load_config
 
     try:
-        loaded = load_config(project, config)
+        loaded, problems = api.config_with_trust(project, config)
     except KapsisError as error:
         _fail(error)
     if json_output:
-        print(json.dumps(render.config_with_origins(loaded), indent=2))
+        print(json.dumps(render.config_with_origins(loaded, problems), indent=2))
         return
-    render.print_config(loaded)
+    render.print_config(loaded, problems)
 
 
 @policy_app.command("show")

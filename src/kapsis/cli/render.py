@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from kapsis.config.trust import trust_problems
 from kapsis.terminal import shown
 
 if TYPE_CHECKING:
@@ -105,7 +104,7 @@ def watch_status(fetch: Callable[[], Sequence[AgentStatus]], interval: float = 1
         pass
 
 
-def config_with_origins(loaded: LoadedConfig) -> dict[str, Any]:
+def config_with_origins(loaded: LoadedConfig, problems: Sequence[object]) -> dict[str, Any]:
     values = loaded.config.model_dump(mode="json")
     leaves = [path for path, _ in _leaves(values, ())]
     origins = {".".join(map(str, path)): str(loaded.origin_of(path)) for path in leaves}
@@ -122,7 +121,7 @@ def config_with_origins(loaded: LoadedConfig) -> dict[str, Any]:
         "trusted": trusted,
         "files": [str(p) for p in loaded.files],
         "sources": sources,
-        "needs_trust": [str(problem) for problem in trust_problems(loaded)],
+        "needs_trust": [str(problem) for problem in problems],
     }
 
 
@@ -132,7 +131,7 @@ def _leaves(value: Any, prefix: tuple[str | int, ...]) -> list[tuple[tuple[str |
     return [(prefix, value)]
 
 
-def print_config(loaded: LoadedConfig) -> None:
+def print_config(loaded: LoadedConfig, problems: Sequence[object]) -> None:
     table = Table(title="Effective configuration", expand=False)
     table.add_column("KEY")
     table.add_column("VALUE")
@@ -145,7 +144,7 @@ def print_config(loaded: LoadedConfig) -> None:
         trusted = Text("yes") if loaded.is_trusted(origin) else Text("no", style="yellow")
         table.add_row(cell(".".join(map(str, path))), cell(value), cell(origin), trusted)
     Console().print(table)
-    for problem in trust_problems(loaded):
+    for problem in problems:
         print(shown(f"needs trust: {problem}"))
 
 

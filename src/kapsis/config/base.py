@@ -38,11 +38,16 @@ TRUST_KEY = "x-kapsis-trust"
 FREE: dict[str, Any] = {TRUST_KEY: "free"}
 # Any value other than the trusted one needs trust (it runs, reaches or hands over something).
 NEEDS_TRUST: dict[str, Any] = {TRUST_KEY: "trust"}
-# A number, size or duration no higher than the trusted one is fine (none means no limit).
+# A number or size no higher than the trusted one is fine (none means no limit).
 AT_MOST: dict[str, Any] = {TRUST_KEY: "at_most"}
+# A duration no longer than the trusted one is fine (none means no limit).
+AT_MOST_TIME: dict[str, Any] = {TRUST_KEY: "at_most_time"}
+# An agent profile that gets no secret and no host the trusted one does not get is fine.
+PROFILE: dict[str, Any] = {TRUST_KEY: "profile"}
 # Items (or key: value pairs) the trusted value already holds are fine; adding needs trust.
 SUBSET: dict[str, Any] = {TRUST_KEY: "subset"}
-# Holding every item of the trusted value is fine; removing one needs trust.
+# Holding every item of the trusted value is fine; removing one, or adding a negation (a "!"
+# line, which un-hides in a .gitignore-style list), needs trust.
 SUPERSET: dict[str, Any] = {TRUST_KEY: "superset"}
 
 

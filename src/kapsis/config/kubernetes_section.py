@@ -12,7 +12,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field
 
-from kapsis.config.base import FREE, NEEDS_TRUST, SUBSET, EnvName, Section
+from kapsis.config.base import NEEDS_TRUST, SUBSET, EnvName, Section
 
 # RFC 1123: a label (namespaces) and a subdomain (Secret names), as the API server checks them.
 _LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -56,7 +56,7 @@ class KubernetesSection(Section):
         None,
         description="Namespace of the AgentRequest (also: --namespace). Default: the kubeconfig "
         "context's namespace, else `default`.",
-        json_schema_extra=FREE,
+        json_schema_extra=NEEDS_TRUST,
     )
     context: str | None = Field(
         None,

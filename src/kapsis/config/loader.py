@@ -74,6 +74,9 @@ class ConfigSource:
     trusted: bool
     # Why: "--config", "user config", "trusted" (recorded by `kapsis trust`) or "untrusted".
     standing: str
+    # How the record of trust names it (see _Candidate), and whether it is the project's own.
+    place: str = ""
+    in_project: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,39 +120,51 @@ class LoadedConfig:
 
 def candidate_files(project: Path | None, explicit: Path | None) -> list[Path]:
     """The config files that apply, highest precedence first, each listed once."""
-    return [path for path, _ in _candidates(project, explicit)]
+    return [found.path for found in _candidates(project, explicit)]
 
 
-def project_config_files(project: Path) -> list[Path]:
-    """The config files of ``project`` (and of the current folder) that need trust."""
-    return [path for path, standing in _candidates(project, None) if standing == "untrusted"]
+@dataclass(frozen=True)
+class _Candidate:
+    path: Path
+    standing: str
+    # Where the record of trust names it: its folder's real path (the project's, or the
+    # current folder's) and its name below it as found, so that no link below the project
+    # (a linked .kapsis folder) makes it another project's file.
+    place: str
+    # Whether it is the project's own, not ./agent-sandbox.yaml of another folder.
+    in_project: bool
 
 
-def _candidates(project: Path | None, explicit: Path | None) -> list[tuple[Path, str]]:
+def _candidates(project: Path | None, explicit: Path | None) -> list[_Candidate]:
     """Each file with its standing by role: ``--config`` and the user's config are the user's
     own; the project's files and ./agent-sandbox.yaml are what an agent may have written."""
     if explicit is not None and not explicit.is_file():
         raise ConfigError(f"--config {explicit}: no such file; pass the path of a YAML file")
-    candidates: list[tuple[Path | None, str]] = [
-        (explicit, "--config"),
-        (Path.cwd() / CONFIG_FILE_NAME, "untrusted"),
+    cwd = Path.cwd()
+    candidates: list[tuple[Path | None, str, Path | None]] = [
+        (explicit, "--config", None),
+        (cwd / CONFIG_FILE_NAME, "untrusted", cwd),
     ]
     if project is not None:
-        candidates += [
-            *((project / name, "untrusted") for name in PROJECT_CONFIG_FILES),
-        ]
-    candidates.append((paths.user_config_file(), "user config"))
-    found: dict[Path, tuple[Path, str]] = {}
-    for candidate, standing in candidates:
+        candidates += [(project / name, "untrusted", project) for name in PROJECT_CONFIG_FILES]
+    candidates.append((paths.user_config_file(), "user config", None))
+    real_project = project.resolve() if project is not None else None
+    found: dict[Path, _Candidate] = {}
+    for candidate, standing, root in candidates:
         if candidate is None or not candidate.is_file():
             continue
         resolved = candidate.resolve()
         if resolved not in found:
-            found[resolved] = (candidate, standing)
+            base = root.resolve() if root is not None else candidate.absolute().parent
+            relative = candidate.relative_to(root) if root is not None else candidate.name
+            found[resolved] = _Candidate(
+                candidate, standing, str(base / relative), base == real_project
+            )
         elif standing != "untrusted":
             # One file reached twice (a project file linked to the user's own config): it keeps
             # its place, and the standing of the user's own.
-            found[resolved] = (found[resolved][0], standing)
+            kept = found[resolved]
+            found[resolved] = _Candidate(kept.path, standing, kept.place, kept.in_project)
     return list(found.values())
 
 
@@ -161,9 +176,17 @@ def read_yaml_layer(path: Path) -> ConfigLayer:
     yaml = YAML(typ="rt")
     try:
         # Read once: the hash that decides trust is of exactly the bytes that are parsed.
-        raw = path.read_bytes()
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{path}: a config file of over {MAX_CONFIG_BYTES // 1024} KiB; a real one is "
+                "a few lines"
+            )
         text = raw.decode("utf-8")
         document = yaml.load(text)
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config file") from None
     except MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         line = mark.line + 1 if mark is not None else 1
@@ -179,19 +202,44 @@ def read_yaml_layer(path: Path) -> ConfigLayer:
             f"{path}:1: the config file must be a mapping of sections, e.g. 'resources:'"
         )
     origins: dict[KeyPath, Origin] = {}
-    data = _plain(document, (), path, origins)
+    data = _plain(document, (), path, origins, set())
     return ConfigLayer(data, origins, Origin("file", path), digest)
 
 
-def _plain(node: Any, prefix: KeyPath, path: Path, origins: dict[KeyPath, Origin]) -> Any:
-    """Turn ruamel's nodes into plain dicts and lists, recording each key's line."""
+# Bounds on a config file: it may be the agent's, and the host parses it.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_DEPTH = 32
+
+
+def _plain(
+    node: Any, prefix: KeyPath, path: Path, origins: dict[KeyPath, Origin], seen: set[int]
+) -> Any:
+    """Turn ruamel's nodes into plain dicts and lists, recording each key's line.
+
+    Refused: a mapping or list reached twice (a YAML alias: a few bytes of aliases expand to
+    gigabytes), merge keys (``<<``, whose keys have no line of their own), deep nesting.
+    """
+    if isinstance(node, Mapping | list):
+        where = ".".join(map(str, prefix)) or "the top level"
+        if len(prefix) > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{path}: {where}: nested more than {MAX_CONFIG_DEPTH} levels deep")
+        if id(node) in seen:
+            raise ConfigError(
+                f"{path}: {where}: YAML aliases of mappings or lists are not supported; "
+                "write the values out"
+            )
+        seen.add(id(node))
+        if getattr(node, "merge", None):
+            raise ConfigError(
+                f"{path}: {where}: YAML merge keys (<<) are not supported; write the keys out"
+            )
     if isinstance(node, Mapping):
         result: dict[str, Any] = {}
         for key, value in node.items():
             key_path = (*prefix, str(key))
             line = node.lc.key(key)[0] + 1 if hasattr(node, "lc") else None
             origins[key_path] = Origin("file", path, line)
-            result[str(key)] = _plain(value, key_path, path, origins)
+            result[str(key)] = _plain(value, key_path, path, origins, seen)
         return result
     if isinstance(node, list):
         items = []
@@ -199,7 +247,7 @@ def _plain(node: Any, prefix: KeyPath, path: Path, origins: dict[KeyPath, Origin
             item_path = (*prefix, index)
             line = node.lc.item(index)[0] + 1 if hasattr(node, "lc") else None
             origins[item_path] = Origin("file", path, line)
-            items.append(_plain(value, item_path, path, origins))
+            items.append(_plain(value, item_path, path, origins, seen))
         return items
     if node is not None and type(node).__module__.startswith("ruamel"):
         # ruamel wraps scalars (ScalarFloat, ScalarBoolean...); give pydantic the plain type.
@@ -365,10 +413,10 @@ def load_config(
     """
     found = _candidates(project, config_file)
     flags_layer = flag_layer(flags or {})
-    file_layers = [read_yaml_layer(path) for path, _ in found]
+    file_layers = [read_yaml_layer(candidate.path) for candidate in found]
     sources = tuple(
-        _source(path, standing, layer.sha256 or "")
-        for (path, standing), layer in zip(found, file_layers, strict=True)
+        _source(candidate, layer.sha256 or "")
+        for candidate, layer in zip(found, file_layers, strict=True)
     )
     data, origins = merge_layers([flags_layer, *file_layers])
     config = validate(data, origins)
@@ -380,17 +428,25 @@ def load_config(
     return LoadedConfig(
         config,
         origins,
-        tuple(path for path, _ in found),
+        tuple(candidate.path for candidate in found),
         _mapping_paths(data, ()),
         sources,
         trusted_only,
     )
 
 
-def _source(path: Path, standing: str, sha256: str) -> ConfigSource:
-    if standing == "untrusted" and trust_store.is_trusted(path, sha256):
+def _source(candidate: _Candidate, sha256: str) -> ConfigSource:
+    standing = candidate.standing
+    if standing == "untrusted" and trust_store.is_trusted(candidate.place, sha256):
         standing = "trusted"
-    return ConfigSource(path, sha256, standing != "untrusted", standing)
+    return ConfigSource(
+        candidate.path,
+        sha256,
+        standing != "untrusted",
+        standing,
+        candidate.place,
+        candidate.in_project,
+    )
 
 
 def _mapping_paths(value: Any, prefix: KeyPath) -> frozenset[KeyPath]:

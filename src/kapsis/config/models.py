@@ -18,8 +18,10 @@ from pydantic import AfterValidator, Field, model_validator
 from kapsis.config.base import (
     AGENT_HOME,
     AT_MOST,
+    AT_MOST_TIME,
     FREE,
     NEEDS_TRUST,
+    PROFILE,
     RESERVED_ENV_PREFIX as RESERVED_ENV_PREFIX,
     SECRETS_TMPFS,
     SUBSET,
@@ -185,7 +187,7 @@ class AgentSection(Section):
         "shell",
         description="Agent profile to run: a built-in (shell, claude, codex, aider, gemini) or a "
         "user profile from ~/.config/kapsis/agents/NAME.yaml.",
-        json_schema_extra=FREE,
+        json_schema_extra=PROFILE,
     )
     command: str | list[str] | None = Field(
         None,
@@ -223,7 +225,7 @@ class ResourcesSection(Section):
     timeout: Duration | None = Field(
         None,
         description="Wall-clock limit for the agent (seconds, or 30s / 45m / 2h).",
-        json_schema_extra=AT_MOST,
+        json_schema_extra=AT_MOST_TIME,
     )
     idle_timeout: Duration | None = Field(
         None,
@@ -398,11 +400,19 @@ _IDENTITY_RE = re.compile(r"^[^<>\n]+ <[^<>\s]+>$")
 
 def _check_message_template(value: str) -> str:
     try:
-        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        parsed = [
+            (name, spec, conversion)
+            for _, name, spec, conversion in string.Formatter().parse(value)
+            if name is not None
+        ]
     except ValueError as error:
         raise ValueError(f"not a valid template ({error}); write {{{{ and }}}} for braces") from (
             None
         )
+    if any(spec or conversion for _, spec, conversion in parsed):
+        # "{task:>3000000000}" would have the host build a string of gigabytes.
+        raise ValueError("fields take no format spec or conversion; write {task}, not {task:...}")
+    fields = {name for name, _, _ in parsed}
     unknown = sorted(fields - COMMIT_MESSAGE_FIELDS)
     if unknown:
         allowed = ", ".join("{" + name + "}" for name in sorted(COMMIT_MESSAGE_FIELDS))
@@ -475,7 +485,7 @@ class FilesystemSection(Section):
         "a per-agent upper dir on the host (set-up time does not depend on the project's size). "
         "worktree: a git worktree under ~/.kapsis/worktrees that you can watch live in an IDE. "
         "The agent never modifies the host project in either mode.",
-        json_schema_extra=FREE,
+        json_schema_extra=widest_first("worktree", "overlay"),
     )
     mounts: list[ReadOnlyMount] = Field(
         default_factory=list,
@@ -490,7 +500,7 @@ class FilesystemSection(Section):
         "branch as a commit of their own, named as yours, before the agent's work, so the "
         "agent's commit holds only its own changes (with --push that commit is published too). "
         "exclude: the agent starts from the checked-out commit alone.",
-        json_schema_extra=FREE,
+        json_schema_extra=widest_first("include", "exclude"),
     )
     share_ignored: list[ProjectSubdir] = Field(
         default_factory=list,
@@ -521,7 +531,7 @@ class GitSection(Section):
         None,
         description="The agent's branch. Default: kapsis/<task-slug>-<agent-id>. An existing "
         "branch is continued from its tip.",
-        json_schema_extra=FREE,
+        json_schema_extra=NEEDS_TRUST,
     )
     base_branch: str | None = Field(
         None,
@@ -543,7 +553,7 @@ class GitSection(Section):
         "origin", description="The remote to push to.", json_schema_extra=NEEDS_TRUST
     )
     push_timeout: Duration = Field(
-        "120s", description="Time limit for each fetch and push.", json_schema_extra=FREE
+        "120s", description="Time limit for each fetch and push.", json_schema_extra=AT_MOST_TIME
     )
     commit_message: CommitTemplate = Field(
         DEFAULT_COMMIT_MESSAGE,
@@ -560,7 +570,7 @@ class GitSection(Section):
         None,
         description="'Name <email>' of the host's commits. Default: the user's git identity "
         "(user.name / user.email as git sees them in the project).",
-        json_schema_extra=FREE,
+        json_schema_extra=NEEDS_TRUST,
     )
     commit_exclude: list[str] = Field(
         default_factory=lambda: list(DEFAULT_COMMIT_EXCLUDE),
@@ -660,7 +670,7 @@ class ImageSection(Section):
         DEFAULT_IMAGE,
         description="Container image the agent runs in. Unless set (here or with --image), the "
         "agent profile's image is used, and this default only for a profile without one.",
-        json_schema_extra=FREE,
+        json_schema_extra=NEEDS_TRUST,
     )
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
-from kapsis.config.base import FREE, SUBSET, Section, widest_first
+from kapsis.config.base import FREE, NEEDS_TRUST, SUBSET, Section, widest_first
 
 GitProvider = Literal["github.com", "gitlab.com", "bitbucket.org"]
 GIT_PROVIDERS: tuple[GitProvider, ...] = ("github.com", "gitlab.com", "bitbucket.org")
@@ -76,7 +76,7 @@ class MavenSection(Section):
         description="Every remote Maven repository (with block_snapshots: Central, the only one "
         "left) is fetched through this URL: a mirror in the settings.xml mounted read-only at "
         "~/.m2/settings.xml.",
-        json_schema_extra=FREE,
+        json_schema_extra=NEEDS_TRUST,
     )
     block_snapshots: bool = Field(
         False,
@@ -91,7 +91,7 @@ class NpmSection(Section):
     registry: MirrorUrl | None = Field(
         None,
         description="The npm registry (~/.npmrc, read-only, and NPM_CONFIG_REGISTRY).",
-        json_schema_extra=FREE,
+        json_schema_extra=NEEDS_TRUST,
     )
 
 
@@ -99,7 +99,7 @@ class PipSection(Section):
     index_url: MirrorUrl | None = Field(
         None,
         description="The package index of pip (/etc/pip.conf, read-only, and PIP_INDEX_URL).",
-        json_schema_extra=FREE,
+        json_schema_extra=NEEDS_TRUST,
     )
     trusted_host: bool = Field(
         False,

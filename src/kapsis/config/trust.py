@@ -13,7 +13,7 @@ which need trust (wider, or anything at all for a key that runs or hands over so
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from kapsis import paths
 from kapsis.config.base import TRUST_KEY, Section
-from kapsis.config.models import duration_to_seconds, memory_to_bytes
+from kapsis.config.models import duration_to_seconds as _seconds, memory_to_bytes
 from kapsis.errors import ConfigError, UntrustedConfigError
 
 if TYPE_CHECKING:
@@ -58,47 +58,63 @@ def leaf_fields(model: type[BaseModel], prefix: KeyPath = ()) -> Iterator[tuple[
 
 
 def allows(rule: Any, value: Any, trusted: Any, extra: frozenset[Any] = frozenset()) -> bool:
-    """Whether ``value`` (from an untrusted file) is fine next to the ``trusted`` one."""
+    """Whether ``value`` (from an untrusted file) is fine next to the ``trusted`` one.
+
+    ``extra``: for "subset", items allowed besides the trusted ones; for "profile", the agent
+    profiles that get nothing more than the trusted one.
+    """
     if value == trusted or rule == "free":
         return True
     if rule == "trust":
         return False
     if rule == "at_most":
-        return _amount(value) <= _amount(trusted)
+        return _amount(value, duration_to_seconds=False) <= _amount(trusted, False)
+    if rule == "at_most_time":
+        return _amount(value, duration_to_seconds=True) <= _amount(trusted, True)
+    if rule == "profile":
+        return value in extra
     if rule == "subset":
         if isinstance(value, Mapping):
             return all(key in trusted and trusted[key] == item for key, item in value.items())
         return all(item in trusted or item in extra for item in value)
     if rule == "superset":
-        return all(item in value for item in trusted)
+        # A "!" line un-hides in a .gitignore-style list: a negation is no narrowing.
+        added = [item for item in value if item not in trusted]
+        return all(item in value for item in trusted) and not any(
+            str(item).startswith("!") for item in added
+        )
     if isinstance(rule, Mapping) and "order" in rule:
         order = list(rule["order"])
         return value in order and trusted in order and order.index(value) >= order.index(trusted)
     raise ConfigError(f"config models: unknown trust marker {rule!r}")  # a bug, never input
 
 
-def _amount(value: Any) -> float:
-    """A limit as a number to compare: none is no limit at all."""
+def _amount(value: Any, duration_to_seconds: bool) -> float:
+    """A limit as a number to compare: none is no limit at all; a size in bytes, a duration
+    in seconds ("30m" is half an hour there, 30 MiB here)."""
     if value is None:
         return float("inf")
-    if isinstance(value, bool):
+    if isinstance(value, int | float) and not isinstance(value, str):
         return float(value)
-    if isinstance(value, int | float):
-        return float(value)
-    text = str(value)
-    try:
-        return float(memory_to_bytes(text))
-    except ValueError:
-        return float(duration_to_seconds(text))
+    if duration_to_seconds:
+        return float(_seconds(str(value)))
+    return float(memory_to_bytes(str(value)))
+
+
+Resolver = Callable[[BaseModel], Any]
 
 
 def trust_problems(
-    loaded: LoadedConfig, extra_allowed: Mapping[KeyPath, frozenset[Any]] | None = None
+    loaded: LoadedConfig,
+    extra_allowed: Mapping[KeyPath, frozenset[Any]] | None = None,
+    resolve: Mapping[KeyPath, Resolver] | None = None,
 ) -> list[TrustProblem]:
     """The values of untrusted files that need trust, in key order.
 
     ``extra_allowed`` adds items a subset-marked key may hold without trust (for the allowlist:
     the agent profile's hosts and those of the trusted categories, which the run has anyway).
+    ``resolve`` gives the value a key stands for where its own does not say (``resources.pids:
+    null`` is the security profile's limit, not none), from the whole config.
     """
     untrusted = {source.path for source in loaded.sources if not source.trusted}
     if not untrusted:
@@ -108,8 +124,11 @@ def trust_problems(
         origin = _untrusted_origin(loaded, path, untrusted)
         if origin is None:
             continue
-        value = _value_at(loaded.config, path)
-        trusted = _value_at(loaded.trusted_config, path)
+        resolver = (resolve or {}).get(path)
+        value = resolver(loaded.config) if resolver else _value_at(loaded.config, path)
+        trusted = (
+            resolver(loaded.trusted_config) if resolver else _value_at(loaded.trusted_config, path)
+        )
         rule = marker(info)
         extra = (extra_allowed or {}).get(path, frozenset())
         if not allows(rule, value, trusted, extra):
@@ -119,7 +138,12 @@ def trust_problems(
 
 
 def _detail(rule: Any, value: Any, trusted: Any, extra: frozenset[Any]) -> str:
-    if rule == "at_most":
+    if rule == "profile":
+        return (
+            f"the agent profile {_shown(value)} gets secrets or hosts that your default "
+            f"{_shown(trusted)} does not"
+        )
+    if rule in ("at_most", "at_most_time"):
         return f"{_shown(value)} is above your default {_shown(trusted)}"
     if rule == "subset":
         added = (
@@ -130,6 +154,9 @@ def _detail(rule: Any, value: Any, trusted: Any, extra: frozenset[Any]) -> str:
         return f"adds {_shown(added[0])} to what the sandbox may reach or receive"
     if rule == "superset":
         dropped = [item for item in trusted if item not in value]
+        if not dropped:
+            negation = next(i for i in value if i not in trusted and str(i).startswith("!"))
+            return f"adds the exception {_shown(negation)}, which un-hides what your default hides"
         return f"drops {_shown(dropped[0])}, which your default holds"
     if isinstance(rule, Mapping):
         return f"{_shown(value)} is wider than your default {_shown(trusted)}"
@@ -146,10 +173,12 @@ def _shown(value: Any) -> str:
 
 
 def require_trusted(
-    loaded: LoadedConfig, extra_allowed: Mapping[KeyPath, frozenset[Any]] | None = None
+    loaded: LoadedConfig,
+    extra_allowed: Mapping[KeyPath, frozenset[Any]] | None = None,
+    resolve: Mapping[KeyPath, Resolver] | None = None,
 ) -> None:
     """Refuse (exit 2) a config whose untrusted files set a value that needs trust."""
-    problems = trust_problems(loaded, extra_allowed)
+    problems = trust_problems(loaded, extra_allowed, resolve)
     if not problems:
         return
     first = problems[0]

@@ -3,8 +3,9 @@
 Kept outside every project, in ``~/.config/kapsis/trusted.json`` (0600): an agent edits its
 project, never this file. A file is trusted while it is at the path it was trusted at and its
 content has the SHA-256 recorded then; a file that changes by one byte is untrusted again.
-The path is the file's place in the project (its folder resolved, the name as found), so a
-symlink planted in another project never borrows this project's trust.
+The path is the file's place in the project (the project's real path, then the file's path
+below it as found), so no link planted in another project (a linked file, a linked ``.kapsis``
+folder) borrows this project's trust.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ def trust_file() -> Path:
     return paths.config_dir() / TRUST_FILE_NAME
 
 
-def place_of(path: Path) -> str:
-    """Where a config file is, as the record names it."""
-    return str(path.absolute().parent.resolve() / path.name)
+def revoke_target(target: Path) -> str:
+    """The place, or the prefix of places, that ``kapsis trust --revoke TARGET`` means."""
+    if target.is_dir():
+        return str(target.resolve())
+    return str(target.absolute().parent.resolve() / target.name)
 
 
 def trusted_files() -> dict[str, TrustedFile]:
@@ -52,14 +55,15 @@ def trusted_files() -> dict[str, TrustedFile]:
         return {}
 
 
-def is_trusted(path: Path, sha256: str) -> bool:
-    record = trusted_files().get(place_of(path))
+def is_trusted(place: str, sha256: str) -> bool:
+    record = trusted_files().get(place)
     return record is not None and record.sha256 == sha256
 
 
-def trust(path: Path, sha256: str, keys: tuple[str, ...]) -> TrustedFile:
-    """Record ``path`` with the content hash ``sha256`` as trusted (replacing an older record)."""
-    record = TrustedFile(place_of(path), sha256, time.strftime("%Y-%m-%dT%H:%M:%S%z"), keys)
+def trust(place: str, sha256: str, keys: tuple[str, ...]) -> TrustedFile:
+    """Record the file at ``place`` with the content hash ``sha256`` as trusted (replacing an
+    older record)."""
+    record = TrustedFile(place, sha256, time.strftime("%Y-%m-%dT%H:%M:%S%z"), keys)
     _save({**trusted_files(), record.path: record})
     return record
 

@@ -20,6 +20,9 @@ from pathlib import Path
 from kapsis.errors import GitWorkflowError
 from kapsis.git.runner import GIT, HARDENING, Repo, git_environment
 
+# The most entries of a project that is not a repository looked through for hidden files.
+MAX_WALKED = 1_000_000
+
 
 @dataclass(frozen=True)
 class HideRules:
@@ -61,29 +64,37 @@ class HideRules:
         return {os.fsdecode(p.removeprefix(b"./")) for p in result.stdout.split(b"\0") if p}
 
     def present(self, directory: Path) -> list[str]:
-        """The files the patterns hide in ``directory`` (a project that is not a repository);
-        git walks it and follows no symlink."""
+        """What the patterns hide in ``directory`` (a project that is not a repository): the
+        files, and the folders hidden whole (not entered). Walked one level at a time, without
+        recursion and without following a link, into nested repositories too; past
+        :data:`MAX_WALKED` entries it gives up rather than leave some unlooked at."""
         if not self.patterns:
             return []
-        result = self._git(
-            "ls-files", "-z", "--others", "--ignored", f"--exclude-from={self.pattern_file}",
-            work_tree=directory,
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise GitWorkflowError(f"git ls-files failed in {directory}: {_reason(result)}")
-        return [os.fsdecode(path) for path in result.stdout.split(b"\0") if path]
-
-    def roots(self, files: Iterable[str]) -> list[str]:
-        """The fewest paths that hide ``files``: the highest folder of each that a pattern hides
-        whole (``.aws/``), else the file itself."""
-        files = list(files)
-        folders = {str(parent) for path in files for parent in Path(path).parents} - {"."}
-        hidden_folders = {path.rstrip("/") for path in self.matching(f"{d}/" for d in folders)}
-        found = set()
-        for path in files:
-            above = [str(p) for p in reversed(Path(path).parents) if str(p) in hidden_folders]
-            found.add(above[0] if above else path)
-        return sorted(found)
+        hidden: list[str] = []
+        level = [""]
+        walked = 0
+        while level:
+            entries: list[tuple[str, bool]] = []
+            for folder in level:
+                with os.scandir(directory / folder if folder else directory) as listing:
+                    for entry in listing:
+                        path = f"{folder}/{entry.name}" if folder else entry.name
+                        entries.append((path, entry.is_dir(follow_symlinks=False)))
+            walked += len(entries)
+            if walked > MAX_WALKED:
+                raise GitWorkflowError(
+                    f"{directory} holds over {MAX_WALKED} files to look through for "
+                    "filesystem.hide; make it a git repository, or set filesystem.hide: []"
+                )
+            asked = [f"{path}/" if is_dir else path for path, is_dir in entries]
+            matched = {found.rstrip("/") for found in self.matching(asked)}
+            level = []
+            for path, is_dir in entries:
+                if path in matched:
+                    hidden.append(path)
+                elif is_dir:
+                    level.append(path)
+        return sorted(hidden)
 
     def _git(
         self, *args: str, input: bytes | None = None, work_tree: Path | None = None

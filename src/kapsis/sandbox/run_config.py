@@ -17,10 +17,13 @@ from kapsis.agents import find_profile
 from kapsis.agents.profiles import AgentProfile
 from kapsis.config import trust_store
 from kapsis.config.loader import KeyPath, LoadedConfig, load_config
-from kapsis.config.trust import require_trusted, trust_problems
+from kapsis.config.trust import Resolver, TrustProblem, require_trusted, trust_problems
 from kapsis.network.policy import load_category
+from kapsis.sandbox.security import PROFILES
 
 ALLOWLIST_HOSTS: KeyPath = ("network", "allowlist", "hosts")
+AGENT_NAME: KeyPath = ("agent", "name")
+PIDS: KeyPath = ("resources", "pids")
 
 
 def load_trusted_config(
@@ -29,8 +32,36 @@ def load_trusted_config(
     """The run's config and agent profile; UntrustedConfigError (exit 2) when it needs trust."""
     loaded = load_config(project, config_file, flags)
     profile = find_profile(loaded.config.agent.name)
-    require_trusted(loaded, {ALLOWLIST_HOSTS: hosts_granted_anyway(loaded, profile)})
+    require_trusted(loaded, *_context(loaded, profile))
     return loaded, profile
+
+
+def needs_trust(loaded: LoadedConfig) -> list[TrustProblem]:
+    """What of ``loaded`` needs trust, judged as a run would (for `kapsis config show`)."""
+    return trust_problems(loaded, *_context(loaded, find_profile(loaded.config.agent.name)))
+
+
+def _context(
+    loaded: LoadedConfig, profile: AgentProfile
+) -> tuple[dict[KeyPath, frozenset[Any]], dict[KeyPath, Resolver]]:
+    """What the markers need to know beyond the config: the hosts a run gets anyway, whether
+    the chosen agent profile gets more than the trusted one, what ``pids: null`` stands for."""
+    trusted_profile = find_profile(loaded.trusted_config.agent.name)
+    reach = set(trusted_profile.network.hosts) | set(loaded.trusted_config.network.allowlist.hosts)
+    no_more = set(profile.secrets) <= set(trusted_profile.secrets) and set(
+        profile.network.hosts
+    ) <= reach | hosts_granted_anyway(loaded, trusted_profile)
+    extra: dict[KeyPath, frozenset[Any]] = {
+        ALLOWLIST_HOSTS: hosts_granted_anyway(loaded, profile),
+        AGENT_NAME: frozenset({profile.name} if no_more else ()),
+    }
+    return extra, {PIDS: _pids_limit}
+
+
+def _pids_limit(config: Any) -> int | None:
+    # resources.pids: null means the security profile's limit.
+    pids: int | None = config.resources.pids
+    return pids if pids is not None else PROFILES[config.security.profile].pids_limit
 
 
 def hosts_granted_anyway(loaded: LoadedConfig, profile: AgentProfile) -> frozenset[str]:
@@ -62,14 +93,16 @@ def trust_project(project: Path) -> list[TrustReport]:
     """
     loaded = load_config(project, None, {})
     profile = find_profile(loaded.config.agent.name)
-    problems = trust_problems(loaded, {ALLOWLIST_HOSTS: hosts_granted_anyway(loaded, profile)})
+    problems = trust_problems(loaded, *_context(loaded, profile))
     reports = []
     for source in loaded.sources:
-        if source.standing not in ("untrusted", "trusted"):
-            continue  # --config and the user's own config are trusted by role
+        if source.standing not in ("untrusted", "trusted") or not source.in_project:
+            # --config and the user's own config are trusted by role; ./agent-sandbox.yaml of
+            # another folder is not what `kapsis trust PROJECT` names.
+            continue
         own = [problem for problem in problems if problem.origin.file == source.path]
         if source.standing == "untrusted":
-            trust_store.trust(source.path, source.sha256, tuple(p.key for p in own))
+            trust_store.trust(source.place, source.sha256, tuple(p.key for p in own))
         shown = tuple(str(problem) for problem in own)
         reports.append(TrustReport(source.path, source.sha256, shown, source.standing == "trusted"))
     return reports

@@ -177,8 +177,9 @@ def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
     outcome.commit_sha = result.commit_sha
     outcome.created_commit = result.created_commit
     outcome.agent_commits = result.agent_commits
-    outcome.excluded_paths = result.excluded
-    outcome.left_out = len(result.excluded) + len(result.ignored) + len(result.unsupported)
+    # Left out by a pattern: git.commit_exclude's, or filesystem.hide's.
+    outcome.excluded_paths = sorted({*result.excluded, *result.hidden})
+    outcome.left_out = len(outcome.excluded_paths) + len(result.ignored) + len(result.unsupported)
     large = {path for path, _ in (*result.too_large, *result.sparse, *result.over_total)}
     patterned = [path for path in result.excluded if path not in large]
     if patterned:
@@ -222,12 +223,13 @@ def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
 
 
 def _changed_config_files(repo: Repo, start: str, commit: str) -> list[str]:
-    """The project config files (agent-sandbox.yaml, .kapsis/config.yaml) the commit changed."""
-    from kapsis.config.loader import PROJECT_CONFIG_FILES
+    """The project config files the commit changed: agent-sandbox.yaml, and anything at or
+    below .kapsis (its config.yaml, or .kapsis itself made a link to another project's)."""
+    from kapsis.config.loader import CONFIG_FILE_NAME
 
     listing = repo.run(
         "diff-tree", "-r", "-z", "--name-only", "--no-renames", start, commit, "--",
-        *PROJECT_CONFIG_FILES,
+        CONFIG_FILE_NAME, ".kapsis",
         env={"GIT_LITERAL_PATHSPECS": "1"},
     ).stdout  # fmt: skip
     return [os.fsdecode(path) for path in listing.split(b"\0") if path]

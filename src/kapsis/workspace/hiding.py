@@ -29,7 +29,7 @@ _BATCH = 500
 
 def whiteout_hidden(project: Path, delta: Path, rules: HideRules) -> int:
     """Whiteouts in ``delta`` for what the patterns hide in ``project``; how many."""
-    roots = rules.roots(rules.present(project))
+    roots = rules.present(project)
     for path in roots:
         target = delta / path
         target.parent.mkdir(parents=True, exist_ok=True)
