@@ -608,7 +608,8 @@ def reference_markdown() -> str:
         "gets more* (an agent profile that gets no host secret and no API host yours does not); "
         "*no additions* (only items your "
         "default already holds: for `network.allowlist.hosts` also the agent profile's hosts and "
-        "those of your categories); *no removals* (nor an added `!` exception); *no wider* (an order of values); *needs "
+        "those of your categories); *no removals* (nor an added `!` exception); *no wider* "
+        "(an order of values); *needs "
         "trust* (any value but yours). A run whose untrusted file goes further stops before "
         "anything is created, exit 2, naming the file, line and key (`kapsis config show` marks "
         "each value trusted or not; `kapsis trust --list` / `--revoke` manage the records).",
