@@ -13,7 +13,9 @@ the clean checkout it is the project's first launch, which checks out the frozen
 launches share (kapsis.workspace.bases); elsewhere it runs with cold caches. Then the disk the
 bases take, and the cost of the disk quota (resources.disk: the workspace on an ext4 filesystem
 of its own, made and mounted at launch): ready time with the default 10g quota and with
-``disk: null``, per mode, and the time to release the disk at the end. Needs root (mounts). Not a
+``disk: null``, per mode, and the time to release the disk at the end. Last, the cost of
+filesystem.hide on the large repository: ready time with the default patterns against
+``hide: []``, with no file to hide and with one tracked ``.env``. Needs root (mounts). Not a
 test.
 """
 
@@ -121,6 +123,31 @@ def quota_cost(repo: Path, runs: int, scratch: Path) -> None:
         )
 
 
+def hide_cost(repo: Path, runs: int, scratch: Path) -> None:
+    """Ready time with the default hide patterns against none, per mode: with nothing to hide
+    (what they cost to look), then with a tracked .env (what hiding costs)."""
+    no_quota = scratch / "no-quota-hide.yaml"
+    no_quota.write_text("resources:\n  disk: null\n")
+    no_hide = scratch / "no-hide.yaml"
+    no_hide.write_text("resources:\n  disk: null\nfilesystem:\n  hide: []\n")
+    git = ["git", "-C", str(repo)]
+    for case in ("nothing to hide", "a tracked .env"):
+        if case == "a tracked .env":
+            (repo / ".env").write_text("TOKEN=secret\n")
+            subprocess.run([*git, "add", ".env"], check=True)
+            subprocess.run([*git, "commit", "-q", "-m", "env"], check=True)
+        for mode in ("overlay", "worktree"):
+            ready_time(repo, mode, -3, no_quota)  # warm (and, in overlay mode, a base)
+            hiding = [ready_time(repo, mode, 300 + run, no_quota) for run in range(runs)]
+            plain = [ready_time(repo, mode, 400 + run, no_hide) for run in range(runs)]
+            with_hide, without = statistics.median(hiding), statistics.median(plain)
+            print(
+                f"hide, {case:>15}, {mode:>8}: ready {with_hide * 1000:7.1f} ms with the default "
+                f"patterns, {without * 1000:7.1f} ms with none (ratio {with_hide / without:.2f}, "
+                f"+{(with_hide - without) * 1000:.1f} ms; medians of {runs})"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -170,6 +197,7 @@ def main() -> None:
         changed = medians[(f"{args.changed} changed", "overlay", args.large_mb)]
         print(f"overlay {args.large_mb} MB: {args.changed} changed / clean = {changed / clean:.2f}")
         quota_cost(repos[args.small_mb], args.runs, Path(scratch))
+        hide_cost(repos[args.large_mb], args.runs, Path(scratch))
 
 
 if __name__ == "__main__":
