@@ -140,15 +140,20 @@ def user(base_image: str) -> Iterator[RootlessUser]:
 
 
 @pytest.fixture
-def kapsis(tmp_path: Path, base_image: str) -> Iterator[Kapsis]:
-    """The real ``kapsis`` command, in this test's own KAPSIS_HOME and config dir.
-
-    Afterwards the workspace disks its runs kept (resources.disk: a worktree's, or work that
-    was not committed stay mounted until `kapsis cleanup`) are unmounted, so that no loop
-    device outlives the test."""
+def kapsis(tmp_path: Path, base_image: str) -> Kapsis:
+    """The real ``kapsis`` command, in this test's own KAPSIS_HOME and config dir."""
     home = tmp_path / "kapsis-home"
-    yield Kapsis(home=home, config_dir=tmp_path / "kapsis-config", image=base_image)
-    for mount_point in _mounts_under(home):
+    return Kapsis(home=home, config_dir=tmp_path / "kapsis-config", image=base_image)
+
+
+@pytest.fixture(autouse=True)
+def _no_mount_outlives_the_test(tmp_path: Path) -> Iterator[None]:
+    """After each test, what is still mounted in its tmp dir is unmounted: the workspace disks
+    its runs kept (resources.disk: a worktree's, or work that was not committed, stay mounted
+    until `kapsis cleanup`), whichever Kapsis home the test used, so that no loop device
+    outlives the test and pytest can remove the dir."""
+    yield
+    for mount_point in _mounts_under(tmp_path):
         subprocess.run(["umount", "--lazy", mount_point], capture_output=True, check=False)
 
 
