@@ -437,18 +437,25 @@ def audit_verify(target: str, key_file: Path | None = None) -> VerifyResult:
     return verify(files, key, finished=finished)
 
 
-def audit_events(agent_id: str, event_type: str | None = None) -> list[dict[str, Any]]:
-    """The records of an agent's audit chain, oldest first (optionally of one type)."""
+def audit_events(agent_id: str, event_type: str | None = None) -> Iterator[dict[str, Any]]:
+    """The records of an agent's audit chain, oldest first (optionally of one type), read one
+    line at a time: a chain of any length costs the memory of one record. A line that is not
+    JSON comes as ``{"seq": None, "event_type": "unreadable", ...}`` (``audit verify`` says
+    what is wrong with it)."""
     files, _ = audit_files(agent_id)
-    events = []
     for file in files:
-        with file.open(encoding="utf-8") as handle:
+        with file.open("rb") as handle:
             for line in handle:
-                if line.strip():
+                if not line.strip():
+                    continue
+                try:
                     record = json.loads(line)
-                    if event_type is None or record.get("event_type") == event_type:
-                        events.append(record)
-    return events
+                except ValueError:
+                    record = {"seq": None, "event_type": "unreadable", "detail": {}}
+                if not isinstance(record, dict):
+                    record = {"seq": None, "event_type": "unreadable", "detail": {}}
+                if event_type is None or record.get("event_type") == event_type:
+                    yield record
 
 
 def audit_public_key() -> str:

@@ -166,3 +166,47 @@ def test_two_swapped_records_are_caught(
     damage = first_damage(path)
     assert damage is not None, "two swapped records verified"
     assert (damage.kind, damage.seq) == (kind, seq)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 20])
+def test_the_chain_is_read_in_chunks_with_the_same_verdicts(
+    kapsis_home: Path, tmp_path: Path, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read a few bytes at a time (lines cut anywhere), the chain verifies as read whole, and
+    its damage is named the same: the reader never holds more than a chunk and a line."""
+    from kapsis.audit import verification
+
+    path = session(tmp_path, seal_every=4)
+    records = read(path)
+    whole = verify(rotated_files(path), signing_key().public_key())
+    monkeypatch.setattr(verification, "CHUNK", chunk)
+    chunked = verify(rotated_files(path), signing_key().public_key())
+    assert chunked.ok and chunked.records == whole.records == len(records)
+    index = unsealed_middle(records)
+    records[index] = {**records[index], "detail": {"index": 99, "text": "rewritten"}}
+    write(path, records)
+    damage = first_damage(path)
+    assert damage is not None and damage.kind == "modified"
+    assert damage.seq == records[index]["seq"]
+
+
+def test_a_line_longer_than_any_record_is_damage_and_never_held_whole(
+    kapsis_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kapsis.audit import verification
+
+    path = session(tmp_path)
+    records = read(path)
+    monkeypatch.setattr(verification, "CHUNK", 256)
+    monkeypatch.setattr(verification, "MAX_LINE", 4096)
+    held: list[int] = []
+    real = verification._read_chunk
+    monkeypatch.setattr(
+        verification, "_read_chunk", lambda data: held.append(len(data)) or real(data)
+    )
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:3]) + b"x" * 100_000 + b"\n" + b"".join(lines[3:]))
+    result = verify(rotated_files(path), signing_key().public_key())
+    assert result.first is not None and result.first.kind == "modified"
+    assert result.first.seq == records[3]["seq"]
+    assert max(held) <= 4096 + 256

@@ -172,3 +172,30 @@ def test_the_foreground_echo_escapes_the_agent_s_sequences(
     echoed = capsys.readouterr().out
     assert "\x1b" not in echoed and "\\x1b]52;c;" in echoed and "hello" in echoed
     assert CLIPBOARD in transcript.read_text()  # the file keeps the bytes (logs --raw)
+
+
+def test_audit_show_streams_a_long_chain_and_a_broken_line_does_not_stop_it(
+    runner: CliRunner, kapsis_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kapsis.cli import render
+
+    _status("t6", "done")
+    log = AuditLog("t6")
+    log.record("session_start", project="/p")
+    for index in range(25):
+        log.record("step", index=index)
+    log.close()
+    path = kapsis_home / "audit" / "t6.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:5]) + b"{not json\n" + b"".join(lines[5:]))
+    monkeypatch.setattr(render, "AUDIT_ROWS_PER_TABLE", 10)
+
+    shown = runner.invoke(app, ["audit", "show", "t6"], env={"COLUMNS": "200"})
+    as_json = runner.invoke(app, ["audit", "show", "t6", "--json"])
+
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.count("SEQ") == 3  # 28 rows, 10 to a table: nothing held whole
+    assert "unreadable" in shown.output
+    records = json.loads(as_json.output)
+    assert len(records) == len(lines) + 1
+    assert records[5]["event_type"] == "unreadable" and records[6]["seq"] == 6

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -144,15 +145,48 @@ def _seal_valid(
     return signature_valid(key, message, str(detail.get("signature")))
 
 
+# The chain is read this much at a time: memory stays flat however long the chain is. A line
+# longer than MAX_LINE (no writer makes one: reports are bounded far below it) is read no
+# further and counts as a damaged record.
+CHUNK = 8 * 1024 * 1024
+MAX_LINE = 256 * 1024 * 1024
+
+
+def _entries(files: list[Path]) -> Iterator[_Entry]:
+    """The entries of the chain's lines, streamed from ``files`` in order as one text."""
+    carry = b""
+    overlong = False
+    for file in files:
+        with file.open("rb") as handle:
+            while chunk := handle.read(CHUNK):
+                cut = chunk.rfind(b"\n")
+                if cut < 0:
+                    if overlong or len(carry) + len(chunk) > MAX_LINE:
+                        overlong, carry = True, b""
+                    else:
+                        carry += chunk
+                    continue
+                if overlong:
+                    yield _Entry(-1, b"", b"", b"", False, b"")
+                    overlong, head = False, b""
+                else:
+                    head = carry + chunk[:cut]
+                yield from _read_chunk(head)
+                carry = chunk[cut + 1 :]
+    if overlong:
+        yield _Entry(-1, b"", b"", b"", False, b"")
+    elif carry:
+        yield from _read_chunk(carry)
+
+
 def verify(files: list[Path], key: Ed25519PublicKey, *, finished: bool = True) -> VerifyResult:
     """Check a chain spread over ``files`` (in order) against the public ``key``."""
-    data = b"".join(file.read_bytes() for file in files)
     # Verification allocates a few objects per record and frees none until the end: the cyclic
     # collector would rescan them again and again for nothing (there are no cycles here).
     collecting = gc.isenabled()
     gc.disable()
     try:
-        result = _verify_record_by_record(data, key, finished=finished)
+        result = _verify_record_by_record(_entries(files), key, finished=finished)
     finally:
         if collecting:
             gc.enable()
@@ -160,16 +194,18 @@ def verify(files: list[Path], key: Ed25519PublicKey, *, finished: bool = True) -
     return result
 
 
-def _verify_record_by_record(data: bytes, key: Ed25519PublicKey, *, finished: bool) -> VerifyResult:
-    """Walk the chain one record at a time; names the first damage it finds."""
+def _verify_record_by_record(
+    entries: Iterator[_Entry], key: Ed25519PublicKey, *, finished: bool
+) -> VerifyResult:
+    """Walk the chain one record at a time, never holding more than one; names the first
+    damage it finds (and counts the records past it)."""
     result = VerifyResult(files=[])
-    entries = _read_chunk(data)
-    result.records = len(entries)
     expected_seq, expected_prev = 1, GENESIS.encode()
     previous: _Entry | None = None
     sealed_through = 0
     last_session_ended = False
-    for index, entry in enumerate(entries):
+    for entry in entries:
+        result.records += 1
         if not entry.intact:
             result.damage.append(
                 Damage("modified", entry.seq if entry.seq > 0 else expected_seq,
@@ -178,13 +214,15 @@ def _verify_record_by_record(data: bytes, key: Ed25519PublicKey, *, finished: bo
             break
         seq = entry.seq
         if seq < expected_seq:
-            seen = any(earlier.seq == seq for earlier in entries[:index])
-            kind: DamageKind = "inserted" if seen else "reordered"
-            result.damage.append(Damage(kind, seq, f"seq {seq} after seq {expected_seq - 1}"))
+            # Every number below expected_seq came already, in order: this one is again.
+            result.damage.append(Damage("inserted", seq, f"seq {seq} after seq {expected_seq - 1}"))
             break
         if seq > expected_seq:
-            later = any(after.seq == expected_seq for after in entries[index + 1 :])
-            kind = "reordered" if later else "deleted"
+            later = False
+            for after in entries:
+                result.records += 1
+                later = later or after.seq == expected_seq
+            kind: DamageKind = "reordered" if later else "deleted"
             what = "comes later" if kind == "reordered" else "is missing"
             result.damage.append(Damage(kind, expected_seq, f"seq {expected_seq} {what}"))
             break
@@ -220,6 +258,7 @@ def _verify_record_by_record(data: bytes, key: Ed25519PublicKey, *, finished: bo
         previous = entry
         expected_seq, expected_prev = seq + 1, entry.hash
     if result.damage:
+        result.records += sum(1 for _ in entries)
         return result
     last_seq = expected_seq - 1
     if last_seq and sealed_through != last_seq:

@@ -61,15 +61,14 @@ def audit_show(
 
     try:
         events = api.audit_events(agent_id, event_type)
+        if json_output:
+            render.print_json_array(events)
+        elif raw:
+            render.print_audit_raw(events)
+        else:
+            render.print_audit(events)
     except KapsisError as error:
         _fail(error)
-    if json_output:
-        print(json.dumps(events, indent=2))
-        return
-    if raw:
-        render.print_audit_raw(events)
-        return
-    render.print_audit(events)
 
 
 @audit_app.command("alerts")

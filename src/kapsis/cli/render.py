@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -256,7 +257,15 @@ def print_policy(network: NetworkPlan) -> None:
         console.print(f"  - {line}")
 
 
-def print_audit_raw(events: Sequence[dict[str, Any]]) -> None:
+def print_json_array(items: Iterable[Any]) -> None:
+    """A JSON array, one item at a time: never the whole of a long stream in memory."""
+    print("[", end="")
+    for index, item in enumerate(items):
+        print(("," if index else "") + "\n  " + json.dumps(item), end="")
+    print("\n]")
+
+
+def print_audit_raw(events: Iterable[dict[str, Any]]) -> None:
     """One tab-separated line per record, its detail as ``key=value`` pairs, every character as
     recorded (for scripts; ``--json`` gives the structure)."""
     for event in events:
@@ -265,11 +274,18 @@ def print_audit_raw(events: Sequence[dict[str, Any]]) -> None:
         print("\t".join(str(field) for field in fields) + "\t" + detail)
 
 
-def print_audit(events: Sequence[dict[str, Any]]) -> None:
-    table = Table(title="Audit trail", expand=False)
-    for column in ("SEQ", "TIME", "SOURCE", "EVENT", "DETAIL"):
-        table.add_column(column)
+# The readable timeline is printed as tables of this many rows: a chain of any length is never
+# held whole.
+AUDIT_ROWS_PER_TABLE = 1000
+
+
+def print_audit(events: Iterable[dict[str, Any]]) -> None:
+    console = Console()
+    table = _audit_table("Audit trail")
     for event in events:
+        if table.row_count == AUDIT_ROWS_PER_TABLE:
+            console.print(table)
+            table = _audit_table(None)
         detail = event.get("detail") or {}
         if event.get("event_type") == "seal":
             text = f"signed head seq {detail.get('head_seq')} (key {detail.get('key_id')})"
@@ -283,7 +299,14 @@ def print_audit(events: Sequence[dict[str, Any]]) -> None:
             cell(event.get("event_type")),
             cell(text),
         )
-    Console().print(table)
+    console.print(table)
+
+
+def _audit_table(title: str | None) -> Table:
+    table = Table(title=title, expand=False)
+    for column in ("SEQ", "TIME", "SOURCE", "EVENT", "DETAIL"):
+        table.add_column(column)
+    return table
 
 
 def print_alerts(alerts: Sequence[dict[str, Any]]) -> None:
