@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kapsis.audit.alerts import RULES, AlertEngine
@@ -208,3 +210,54 @@ def test_a_pipeline_traced_side_by_side_with_typed_forms_is_still_piped_to_a_she
     shell = _traced(b"+ 'sh'\tsh")
     rules = [a.rule for r in (download, shell) for a in engine.observe(r, now=0)]
     assert "pipe_to_shell" in rules
+
+
+# Each é is 2 bytes of the line and 6 characters of its JSON: the line stays under the
+# reporter's 16 KiB, the detail passes MAX_DETAIL.
+PADDING = "é" * 2500
+
+
+@pytest.mark.parametrize(
+    ("line", "rule"),
+    [
+        # Typed and run both padded: the detail passes 16 KiB and the trail keeps 2 KiB of it.
+        (f"+ ': {PADDING}; rm -rf ~'\t: {PADDING}; rm -rf /home/agent".encode(), "mass_deletion"),
+        (f"+ : {PADDING} {PADDING}; cat ~/.ssh/id_rsa".encode(), "sensitive_path"),
+        (f"+ : {PADDING} {PADDING}; history -c".encode(), "history_wiping"),
+    ],
+)
+def test_a_padded_command_is_judged_whole_though_the_trail_keeps_its_start(
+    tmp_path, line: bytes, rule: str
+) -> None:
+    from kapsis.audit import AuditLog
+    from kapsis.audit.agent_reports import KEPT_TEXT, AgentReportServer
+    from kapsis.secrets.redact import Redactor
+
+    log = AuditLog("pad", directory=tmp_path)
+    server = AgentReportServer(
+        log, tmp_path / "a.sock", Redactor([]), alerts=AlertEngine(REGISTRIES)
+    )
+    try:
+        server._record_line(line)
+    finally:
+        server.stop()
+    records = [json.loads(text) for text in (tmp_path / "pad.jsonl").read_text().splitlines()]
+    command = next(r for r in records if r["event_type"] == "agent_command")
+    assert len(command["detail"]["command"]) == KEPT_TEXT  # what the trail keeps: the start
+    assert rule in [r["detail"]["rule"] for r in records if r["event_type"] == "alert"]
+    # Control: what the trail keeps would miss it (the rules judged that before), and the
+    # padding alone fires nothing.
+    assert rule not in [a.rule for a in AlertEngine(REGISTRIES).observe(_traced(line), now=0)]
+    quiet = _traced(f"+ : {PADDING} {PADDING}".encode())
+    assert AlertEngine(REGISTRIES).observe(quiet, now=0) == []
+
+
+def test_patterns_read_a_long_command_in_windows_to_its_end() -> None:
+    """Past the first MAX_PATTERN_INPUT characters (once the end of what they read)."""
+    from kapsis.audit.alerts import MAX_PATTERN_INPUT
+
+    padding = "x" * (MAX_PATTERN_INPUT + 3000)
+    late = _traced(f"+ : {padding}; cat ~/.ssh/id_rsa".encode())
+    assert "sensitive_path" in [a.rule for a in AlertEngine(REGISTRIES).observe(late, now=0)]
+    quiet = _traced(f"+ : {padding}; cat README.md".encode())
+    assert AlertEngine(REGISTRIES).observe(quiet, now=0) == []

@@ -114,14 +114,22 @@ def _bounded(event_type: str, detail: dict[str, Any], text: str) -> tuple[str, d
 
 
 def report_detail(line: bytes, redactor: Redactor) -> tuple[str, dict[str, Any]]:
-    """(event_type, detail) of one reported line."""
+    """(event_type, detail) of one reported line, as the audit trail keeps it."""
+    event_type, detail, _ = parse_report(line, redactor)
+    return event_type, detail
+
+
+def parse_report(line: bytes, redactor: Redactor) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(event_type, detail kept, detail judged) of one reported line. The alert rules judge a
+    command whole (redacted): the trail may keep only the start of a long one, and padding
+    must not push a command past what the rules read."""
     text = line.decode("utf-8", errors="replace").rstrip("\r\n")
     if text.startswith("{"):
         reported = _parsed(text)
         if reported is None:
             # Kept as the text it is: a report, not a command (it starts like an object).
             detail: dict[str, Any] = {"text": redactor.text(text), "unparsed": True}
-            return _bounded("agent_report", detail, redactor.text(text))
+            return (*_bounded("agent_report", detail, redactor.text(text)), detail)
         hook = reported.get("hook_event_name")
         if hook in TOOL_HOOKS and isinstance(reported.get("tool_name"), str):
             # hook and tool repeated outside the payload, for `kapsis audit show`.
@@ -130,8 +138,9 @@ def report_detail(line: bytes, redactor: Redactor) -> tuple[str, dict[str, Any]]
                 "tool": redactor.text(reported["tool_name"][:MAX_TOOL_NAME]),
                 "reported": redactor.value(reported),
             }
-            return _bounded("tool_use", detail, redactor.text(text))
-        return _bounded("agent_report", {"reported": redactor.value(reported)}, redactor.text(text))
+            return (*_bounded("tool_use", detail, redactor.text(text)), detail)
+        detail = {"reported": redactor.value(reported)}
+        return (*_bounded("agent_report", detail, redactor.text(text)), detail)
     depth = len(text) - len(text.lstrip("+"))
     traced = text[depth:].lstrip(" ")
     # The shell reporter's trace: the command as typed (quoted), a tab, the command as run.
@@ -142,11 +151,12 @@ def report_detail(line: bytes, redactor: Redactor) -> tuple[str, dict[str, Any]]
     detail = {"command": command, "depth": depth}
     if typed:
         detail["typed"] = redactor.text(typed)
+    judged = detail
     if len(json.dumps(detail)) > MAX_DETAIL:
         detail = {"command": command[:KEPT_TEXT], "depth": depth, "cut_from": len(command)}
         if typed:
             detail["typed"] = redactor.text(typed)[:KEPT_TEXT]
-    return "agent_command", detail
+    return "agent_command", detail, judged
 
 
 class AgentReportServer:
@@ -288,7 +298,7 @@ class AgentReportServer:
                 self.log.record("agent_report_dropped", reason=reason, dropped=self.dropped)
 
     def _record_line(self, line: bytes) -> None:
-        event_type, detail = report_detail(line, self.redactor)
+        event_type, detail, judged = parse_report(line, self.redactor)
         self.records += 1
         self.recorded_bytes += len(json.dumps(detail)) + 256  # the record's own fields
         record = self.log.record(event_type, source="agent", **detail)
@@ -298,7 +308,7 @@ class AgentReportServer:
                 self.on_record(record)
         if self.alerts is None or not record:
             return
-        raised = self.alerts.observe(record)
+        raised = self.alerts.observe({**record, "detail": judged})
         if not raised:
             return
         append_alerts(alerts_path(self.log.path), raised)

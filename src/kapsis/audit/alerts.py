@@ -24,10 +24,26 @@ from typing import Any, Literal
 
 Severity = Literal["medium", "high"]
 CREDENTIAL_WINDOW_SECONDS = 120.0
-# What of a command the rules read (a longer one is judged on its start): the word rules all of
-# it, the patterns (some of which may rescan a word, at worst in quadratic time) its first part.
+# What of a command the rules read (a longer one is judged on its start; a report line is at
+# most 16 KiB): the word rules all of it in one pass; the patterns (some of which may rescan a
+# word, at worst in quadratic time) read it in windows of MAX_PATTERN_INPUT that overlap by
+# WINDOW_OVERLAP, so no window costs more than before and a match of under WINDOW_OVERLAP
+# characters is found wherever it lies.
 MAX_COMMAND = 64 * 1024
 MAX_PATTERN_INPUT = 8 * 1024
+WINDOW_OVERLAP = 1024
+
+
+def _windows(command: str) -> list[str]:
+    text = command[:MAX_COMMAND]
+    step = MAX_PATTERN_INPUT - WINDOW_OVERLAP
+    last = max(len(text) - MAX_PATTERN_INPUT, 0)
+    return [text[start : start + MAX_PATTERN_INPUT] for start in range(0, last + step, step)]
+
+
+def _found(pattern: re.Pattern[str], windows: list[str]) -> bool:
+    return any(pattern.search(window) for window in windows)
+
 
 _SENSITIVE = re.compile(
     r"(~|\$HOME|/home/\w+|/root)?/?\.ssh\b|\.aws\b|(^|[\s/'\"])\.env\b|\bid_(rsa|ed25519|ecdsa)"
@@ -179,7 +195,7 @@ class AlertEngine:
         if command is None:
             return []
         whole_tree = _deletes_a_whole_tree(command[:MAX_COMMAND])
-        command = command[:MAX_PATTERN_INPUT]
+        windows = _windows(command)
         now = time.monotonic() if now is None else now
         seq = int(record.get("seq", 0))
         evidence = command[:300]
@@ -188,10 +204,14 @@ class AlertEngine:
         def raise_(rule: str, severity: Severity, message: str) -> None:
             alerts.append(Alert(rule, severity, seq, message, evidence))
 
-        if _SENSITIVE.search(command):
+        if _found(_SENSITIVE, windows):
             self._credential_seen_at = now
             raise_("sensitive_path", "medium", "the agent touched a credential or secret path")
-        foreign = self._foreign_hosts(command) if _NETWORK_TOOL.search(command) else []
+        foreign = (
+            [host for window in windows for host in self._foreign_hosts(window)]
+            if _found(_NETWORK_TOOL, windows)
+            else []
+        )
         recent = self._credential_seen_at is not None and (
             now - self._credential_seen_at <= CREDENTIAL_WINDOW_SECONDS
         )
@@ -201,14 +221,14 @@ class AlertEngine:
                 "high",
                 f"a network request to {foreign[0]} right after a credential access",
             )
-        if whole_tree or _GIT_CLEAN_X.search(command) or _FIND_DELETE.search(command):
+        if whole_tree or _found(_GIT_CLEAN_X, windows) or _found(_FIND_DELETE, windows):
             raise_("mass_deletion", "high", "a command that deletes a whole tree")
-        if _GATEWAY.search(command):
+        if _found(_GATEWAY, windows):
             raise_("gateway_tampering", "high", "a command aimed at the network gateway")
         # The two sides of a pipeline start together, so their trace lines come in either order;
         # each side is judged as run (the typed form comes first in ``command``).
         ran = str((record.get("detail") or {}).get("command", ""))[:MAX_PATTERN_INPUT]
-        ran = ran if record.get("event_type") == "agent_command" else command
+        ran = ran if record.get("event_type") == "agent_command" else windows[0]
         kind = (
             "download"
             if _DOWNLOAD.match(ran) and foreign
@@ -216,11 +236,11 @@ class AlertEngine:
             if _BARE_SHELL.match(ran)
             else None
         )
-        piped = _PIPE_TO_SHELL.search(command) and (foreign or not _URL_HOST.search(command))
+        piped = _found(_PIPE_TO_SHELL, windows) and (foreign or not _found(_URL_HOST, windows))
         if piped or {kind, self._previous_kind} == {"download", "shell"}:
             raise_("pipe_to_shell", "high", "downloaded code piped into a shell")
         self._previous_kind = kind
-        if _HISTORY.search(command):
+        if _found(_HISTORY, windows):
             raise_("history_wiping", "medium", "a command that wipes shell history")
         return alerts
 
