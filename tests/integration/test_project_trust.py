@@ -20,6 +20,7 @@ import pytest
 from kapsis.errors import ExitCode
 
 from .kapsis_runner import Kapsis
+from .repos import git, one_commit_repository
 from .rootless_user import RootlessUser
 
 pytestmark = pytest.mark.integration
@@ -27,28 +28,18 @@ pytestmark = pytest.mark.integration
 SECRET = "TOKEN=s3cret-never-in-the-sandbox"
 
 
-def git(repo: Path, *args: str) -> str:
-    result = subprocess.run(
-        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
-    )
-    return result.stdout.strip()
-
-
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
+    """A repository with a tracked .env and a key, and a bare origin to push to."""
     origin = tmp_path / "origin.git"
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
-    root = tmp_path / "project"
-    subprocess.run(["git", "init", "-q", "-b", "main", str(root)], check=True)
-    git(root, "config", "user.name", "Ada Tester")
-    git(root, "config", "user.email", "ada@example.test")
-    (root / "README.md").write_text("# sample\n")
+    root = one_commit_repository(tmp_path / "project")
     (root / ".env").write_text(SECRET + "\n")
     (root / "config").mkdir()
     (root / "config" / "app.yaml").write_text("port: 1\n")
     (root / "config" / "prod.key").write_text("private\n")
     git(root, "add", ".")
-    git(root, "commit", "-q", "-m", "initial")
+    git(root, "commit", "-q", "-m", "secrets")
     git(root, "remote", "add", "origin", str(origin))
     return root
 

@@ -14,11 +14,11 @@ import pytest
 from kapsis.config.models import DEFAULT_HIDE
 from kapsis.git.changes import from_worktree
 from kapsis.git.commit import CommitRequest, commit_workspace, tree_listing
-from kapsis.git.hidden import hide_rules, view_tree
+from kapsis.git.hidden import hide_rules, mark_skip_worktree, view_tree
 from kapsis.git.runner import Repo
 from kapsis.git.snapshot import working_state
 from kapsis.workspace.delta import build_delta
-from kapsis.workspace.hiding import hide_in_worktree, mark_skip_worktree, whiteout_hidden
+from kapsis.workspace.hiding import hide_in_worktree, whiteout_hidden
 
 from .gitrepo import discover, git, init_repo, is_whiteout, isolate_home, rev, run_git, tree
 
@@ -207,7 +207,7 @@ def test_the_agents_index_marks_hidden_files_skip_worktree(
 ) -> None:
     index = tmp_path / "index"
     repo.run("read-tree", "HEAD", env={"GIT_INDEX_FILE": str(index)}, as_owner=False)
-    mark_skip_worktree(repo, index, [".env"])
+    mark_skip_worktree(repo, [".env"], index)
     listed = repo.run("ls-files", "-t", env={"GIT_INDEX_FILE": str(index)}).stdout.decode()
     assert "S .env" in listed.splitlines() and "H README.md" in listed.splitlines()
 

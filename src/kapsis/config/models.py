@@ -377,7 +377,8 @@ class ReadOnlyMount(Section):
 
 WorkspaceMode = Literal["overlay", "worktree"]
 
-DEFAULT_COMMIT_EXCLUDE = (
+# Files that hold secrets in many projects: never committed, and hidden from the agent.
+SECRET_FILES = (
     ".env",
     ".env.*",
     "*.pem",
@@ -391,6 +392,7 @@ DEFAULT_COMMIT_EXCLUDE = (
     ".netrc",
     ".git-credentials",
 )
+DEFAULT_COMMIT_EXCLUDE = SECRET_FILES
 DEFAULT_COMMIT_MESSAGE = (
     "{agent}: {task}\n\nAgent: {agent}\nAgent-Id: {agent_id}\nBranch: {branch}\n"
 )
@@ -443,23 +445,12 @@ def _check_project_subdir(value: str) -> str:
 
 ProjectSubdir = Annotated[str, AfterValidator(_check_project_subdir)]
 
-# Files that hold secrets in many projects, absent from every agent's view unless the user's
-# own config (or a trusted project file) says otherwise.
+# Absent from every agent's view unless the user's own config (or a trusted project file)
+# says otherwise: the secret files, and the tools' credential files.
 DEFAULT_HIDE = (
-    ".env",
-    ".env.*",
-    "*.pem",
-    "*.key",
-    "*.p12",
-    "*.pfx",
-    "id_rsa*",
-    "id_dsa*",
-    "id_ecdsa*",
-    "id_ed25519*",
+    *SECRET_FILES,
     ".npmrc",
     ".pypirc",
-    ".netrc",
-    ".git-credentials",
     ".aws/",
     ".docker/config.json",
     "*.tfstate",

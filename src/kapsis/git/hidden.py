@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +159,22 @@ def view_tree(
         env=env, as_owner=False,
     )  # fmt: skip
     return repo.run("write-tree", env=env, as_owner=False).stdout.decode().strip(), env
+
+
+def mark_skip_worktree(
+    repo: Repo, hidden: Sequence[str], index: Path | None = None, *, work_tree: Path | None = None
+) -> None:
+    """Mark ``hidden`` skip-worktree: in ``index`` (one of Kapsis's own files, written by this
+    process), or in the index of ``repo`` itself (a worktree's, written as its owner), so that
+    git takes no hidden file for deleted."""
+    if not hidden:
+        return
+    listed = b"".join(os.fsencode(path) + b"\0" for path in hidden)
+    args = ("update-index", "--skip-worktree", "-z", "--stdin")
+    if index is not None:
+        repo.run(*args, input=listed, env={"GIT_INDEX_FILE": str(index)}, as_owner=False)
+    else:
+        repo.run(*args, input=listed, work_tree=work_tree)
 
 
 def _reason(result: subprocess.CompletedProcess[bytes]) -> str:

@@ -238,21 +238,16 @@ def _changed_config_files(repo: Repo, start: str, commit: str) -> list[str]:
 def _sync_worktree_index(worktree: Path, commit: str, hide: tuple[str, ...]) -> None:
     """Point the worktree's index at the new commit, so it shows clean in the user's IDE (the
     hidden files, absent from it, marked skip-worktree again)."""
-    from kapsis.git.hidden import hide_rules
-    from kapsis.git.runner import Repo
+    from kapsis.git.hidden import hide_rules, mark_skip_worktree
+    from kapsis.git.runner import GitCommandError, Repo
 
     own = Repo.discover(worktree)
     if own is None:
         return
     own.run("read-tree", commit, check=False)
-    with hide_rules(hide) as rules:
-        hidden = rules.tracked(own, commit)
-    if hidden:
-        own.run(
-            "update-index", "--skip-worktree", "-z", "--stdin",
-            input=b"".join(os.fsencode(path) + b"\0" for path in hidden),
-            check=False,
-        )  # fmt: skip
+    # Only how the user's git shows the worktree: a failure here loses nothing.
+    with contextlib.suppress(GitCommandError), hide_rules(hide) as rules:
+        mark_skip_worktree(own, rules.tracked(own, commit))
 
 
 @contextlib.contextmanager

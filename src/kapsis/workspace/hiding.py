@@ -21,7 +21,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from kapsis.git.hidden import HideRules
+from kapsis.git.hidden import HideRules, mark_skip_worktree
 from kapsis.git.runner import Repo
 
 _BATCH = 500
@@ -37,17 +37,6 @@ def whiteout_hidden(project: Path, delta: Path, rules: HideRules) -> int:
     return len(roots)
 
 
-def mark_skip_worktree(repo: Repo, index: Path, hidden: Sequence[str]) -> None:
-    """Mark ``hidden`` skip-worktree in the index file ``index`` (one of Kapsis's own)."""
-    if hidden:
-        repo.run(
-            "update-index", "--skip-worktree", "-z", "--stdin",
-            input=b"".join(os.fsencode(path) + b"\0" for path in hidden),
-            env={"GIT_INDEX_FILE": str(index)},
-            as_owner=False,
-        )  # fmt: skip
-
-
 def hide_in_worktree(worktree: Path, hidden: Sequence[str]) -> None:
     """Delete the hidden files from a new worktree, then the folders that leaves empty, as the
     worktree's owner; mark them skip-worktree in its index."""
@@ -56,11 +45,7 @@ def hide_in_worktree(worktree: Path, hidden: Sequence[str]) -> None:
     own = Repo.discover(worktree)
     if own is None:
         return
-    own.run(
-        "update-index", "--skip-worktree", "-z", "--stdin",
-        input=b"".join(os.fsencode(path) + b"\0" for path in hidden),
-        work_tree=worktree,
-    )  # fmt: skip
+    mark_skip_worktree(own, hidden, work_tree=worktree)
     files = [str(worktree / path) for path in hidden]
     folders = sorted(
         {str(worktree / parent) for path in hidden for parent in Path(path).parents}

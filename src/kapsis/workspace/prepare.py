@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kapsis.errors import SandboxError
-from kapsis.git.hidden import hide_rules, view_tree
+from kapsis.git.hidden import hide_rules, mark_skip_worktree, view_tree
 from kapsis.git.lock import repository_lock
 from kapsis.git.runner import ZERO_SHA, GitCommandError, Repo
 from kapsis.sandbox.plan import SandboxPlan
@@ -19,7 +19,7 @@ from kapsis.workspace.bases import BaseRecord, ensure_base, index_path, project_
 from kapsis.workspace.delta import build_delta
 from kapsis.workspace.disk import make_disk, release_disk
 from kapsis.workspace.gitview import build_agent_git, write_gitlink
-from kapsis.workspace.hiding import hide_in_worktree, mark_skip_worktree, whiteout_hidden
+from kapsis.workspace.hiding import hide_in_worktree, whiteout_hidden
 from kapsis.workspace.worktree import add_worktree, remove_worktree
 
 
@@ -74,7 +74,7 @@ def prepare_workspace(plan: SandboxPlan) -> BaseRecord | None:
         )
         # The agent's git does not take the hidden files for deleted (a worktree's copied
         # index has the marks already).
-        mark_skip_worktree(repo, Path(workspace.agent_git) / "index", _hidden(plan, repo))
+        mark_skip_worktree(repo, _hidden(plan, repo), Path(workspace.agent_git) / "index")
         _make_mount_points(plan, repo)
     except GitCommandError as error:
         raise SandboxError(f"cannot prepare the agent's git workspace: {error}") from None
