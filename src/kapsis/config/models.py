@@ -242,7 +242,9 @@ class ResourcesSection(Section):
         "10g",
         description="What the agent can write to its workspace (its overlay layer or its "
         "worktree, on a filesystem of that size of its own) and to each tmpfs (/tmp, its home); "
-        "past it, writes fail with ENOSPC inside the sandbox. null: no limit.",
+        "past it, writes fail with ENOSPC inside the sandbox. Lowered, with a note, to what is "
+        "free on the filesystem of ~/.kapsis at launch less 256 MiB (kept for the audit trail "
+        "and status); a launch with less than 64 MiB to give is refused. null: no limit.",
         json_schema_extra=AT_MOST,
     )
 

@@ -256,7 +256,9 @@ def build_plan(
     mounts += _host_file_mounts(ssh, tools)
     disk_bytes = memory_to_bytes(config.resources.disk) if config.resources.disk else None
     workspace, disk_gap = with_disk_quota(workspace, disk_bytes, rootless=host.rootless)
-    tmpfs = _sized(_tmpfs(settings["noexec_tmp"]) + _owned_dirs(tools), disk_bytes)
+    tmpfs = _sized(
+        _tmpfs(settings["noexec_tmp"]) + _owned_dirs(tools), workspace.disk_bytes or disk_bytes
+    )
     if secrets_planned:
         mounts += [
             Mount(source=str(sandbox_root / INBOX), target=INBOX_TARGET),
@@ -313,8 +315,8 @@ def build_plan(
                 duration_to_seconds(resources.idle_timeout) if resources.idle_timeout else None
             ),
             idle_action=resources.idle_action,
-            disk=resources.disk,
-            disk_bytes=disk_bytes,
+            disk=_disk_size(resources.disk, disk_bytes, workspace.disk_bytes),
+            disk_bytes=workspace.disk_bytes or disk_bytes,
             disk_enforced=workspace.disk_bytes is not None,
             disk_not_enforced=disk_gap,
         ),
@@ -388,6 +390,13 @@ def _read_only_mount(source: str, target: str) -> Mount:
             f"filesystem.mounts: {source} does not exist on the host; fix the path or remove it"
         )
     return Mount(source=str(host_path.resolve()), target=target, read_only=True)
+
+
+def _disk_size(asked: str | None, asked_bytes: int | None, planned: int | None) -> str | None:
+    """resources.disk as the run has it: as asked, or what the host's free space allowed."""
+    if planned is None or planned == asked_bytes:
+        return asked
+    return f"{planned // 1024**2}m (lowered from {asked}: the free space of ~/.kapsis)"
 
 
 def _sized(mounts: tuple[Tmpfs, ...], disk_bytes: int | None) -> tuple[Tmpfs, ...]:

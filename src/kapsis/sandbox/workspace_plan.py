@@ -16,7 +16,7 @@ from pathlib import Path
 from kapsis import paths
 from kapsis.config.loader import LoadedConfig
 from kapsis.config.models import WorkspaceMode, duration_to_seconds, memory_to_bytes
-from kapsis.errors import ConfigError
+from kapsis.errors import ConfigError, SandboxError
 from kapsis.git.branches import auto_branch_name, check_branch_name, resolve_target
 from kapsis.git.hidden import HideRules, hide_rules
 from kapsis.git.owner import RepoOwner, foreign_entries
@@ -127,18 +127,30 @@ class GitPlan(PlanModel):
 
 DISK_IMAGE = "disk.img"
 DISK_LAYER = "layer"
+# Kept free of every agent's disk on the filesystem of ~/.kapsis: the audit trails, the status
+# files and the logs are written there, whatever the agents write.
+HOST_RESERVE = 256 * 1024**2
+# A quota smaller than this is no workspace: the run is refused instead.
+MIN_DISK = 64 * 1024**2
 
 
 def with_disk_quota(
     workspace: WorkspacePlan, disk_bytes: int | None, *, rootless: bool
 ) -> tuple[WorkspacePlan, str | None]:
     """The workspace with its writable part on a filesystem of ``disk_bytes`` of its own, where
-    this host can make one; else the workspace as it was and the reason why not."""
+    this host can make one; else the workspace as it was and the reason why not.
+
+    The filesystem is a sparse file on the filesystem of ``~/.kapsis``: it takes blocks only as
+    the agent writes. So that no agent alone can fill that filesystem through it, the quota is
+    at most what is free there at launch, less :data:`HOST_RESERVE` (``disk_bytes`` of the
+    result says what it is). Agents that run together share the free space: their disks are
+    not reserved whole, or eight agents of 10g would need 80 GB free to start."""
     if disk_bytes is None:
         return workspace, "resources.disk is null"
     if rootless:
         return workspace, "rootless podman cannot mount a filesystem of the sandbox's own"
     root = Path(workspace.root)
+    disk_bytes = min(disk_bytes, _room_for_a_disk(root, disk_bytes))
     disk = {"disk_bytes": disk_bytes, "disk_image": str(root / DISK_IMAGE)}
     if workspace.mode == "worktree":
         if workspace.git_uid not in (None, os.geteuid()):
@@ -149,6 +161,25 @@ def with_disk_quota(
     update = {**disk, "disk_mount": str(layer)}
     update |= {"upper": str(layer / "upper"), "work": str(layer / "work")}
     return workspace.model_copy(update=update), None
+
+
+def _room_for_a_disk(root: Path, wanted: int) -> int:
+    """What a new agent's disk may take on the filesystem of ``root`` (its sandbox dir): what
+    is free there now, less :data:`HOST_RESERVE`."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    facts = os.statvfs(existing)
+    free = facts.f_bavail * facts.f_frsize
+    room = free - HOST_RESERVE
+    if room < min(wanted, MIN_DISK):
+        raise SandboxError(
+            f"no room for the agent's disk on the filesystem of {existing}: "
+            f"{free / 1024**2:.0f} MiB free, {HOST_RESERVE // 1024**2} MiB of it kept for the "
+            "audit trail and status; free some space, or set resources.disk: null to run "
+            "without a disk limit"
+        )
+    return room
 
 
 def plan_workspace_and_git(
