@@ -5,6 +5,8 @@ what the agent made and removes the disk with the run."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,56 @@ def test_the_disk_file_takes_only_what_the_agent_wrote(kapsis: Kapsis, project: 
     assert image.stat().st_blocks * 512 < 64 * 1024**2
     assert record["phase"] == "complete"
     assert kapsis("cleanup", "--agent", "sparse").returncode == 0
+
+
+BIG_FILL = (
+    "dd if=/dev/zero of=/workspace/fill bs=1M count=600 2>&1; "
+    "ls -l /workspace/fill | awk '{print \"workspace-bytes=\" $5}'; "
+    "rm -f /workspace/fill; echo done > /workspace/result.txt"
+)
+
+
+@pytest.fixture
+def small_home(kapsis: Kapsis) -> Path:
+    """The Kapsis home on a filesystem of 512 MiB (a tmpfs, unmounted after the test), much
+    less than the default quota of 10g."""
+    kapsis.home.mkdir(parents=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512m,mode=0700", "tmpfs", str(kapsis.home)],
+        check=True,
+    )
+    return kapsis.home
+
+
+def test_a_quota_larger_than_the_free_space_cannot_fill_the_hosts_filesystem(
+    kapsis: Kapsis, project: Path, small_home: Path
+) -> None:
+    result = kapsis.run(project, BIG_FILL, "--network-mode", "none", "--agent-id", "bigq")
+
+    assert result.returncode == 0, result.stderr
+    assert "lowered from 10g" in result.stderr
+    logs = kapsis("logs", "bigq").stdout
+    assert "No space left on device" in logs
+    assert _bytes(logs, "workspace-bytes") < 256 * 1024**2
+    record = kapsis.status("bigq")
+    assert record["phase"] == "complete" and record["disk_enforced"]
+    assert kapsis("audit", "verify", "bigq").returncode == 0
+    assert os.statvfs(small_home).f_bavail * os.statvfs(small_home).f_frsize > 128 * 1024**2
+
+
+def test_control_with_no_limit_the_same_agent_fills_the_hosts_filesystem(
+    kapsis: Kapsis, project: Path, small_home: Path, tmp_path: Path
+) -> None:
+    no_limit = tmp_path / "no-limit.yaml"
+    no_limit.write_text("resources:\n  disk: null\n")
+    # Exit 0 when the agent wrote past 400 MB: more than the lowered quota of the test above
+    # would let it; then it frees the room (the host's own writes meanwhile may have failed).
+    fill = (
+        "dd if=/dev/zero of=/workspace/fill bs=1M count=600; "
+        "test $(stat -c %s /workspace/fill) -gt 400000000; wrote=$?; rm -f /workspace/fill; "
+        "exit $wrote"
+    )
+    result = kapsis.run(
+        project, fill, "--network-mode", "none", "--agent-id", "noq", "--config", no_limit
+    )
+    assert result.returncode == 0, result.stderr
