@@ -468,6 +468,9 @@ def test_the_namespace_comes_from_flag_config_context_then_default(
     kubeconfig.write_text(yaml.safe_dump(data))
     assert namespace_of() == "from-context"
     (project / "agent-sandbox.yaml").write_text("kubernetes:\n  namespace: from-config\n")
+    # The project's own file picks where the user's credentials reach only once trusted.
+    assert kapsis("run", str(project), "--backend", "k8s", "-t", "x", "--dry-run").exit_code == 2
+    assert kapsis("trust", str(project)).exit_code == 0
     assert namespace_of() == "from-config"
     assert namespace_of("-n", "from-flag") == "from-flag"
 
