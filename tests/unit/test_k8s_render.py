@@ -228,7 +228,9 @@ def test_timeout_wraps_the_agent_and_bounds_the_pod() -> None:
     assert command[:3] == ["timeout", "--kill-after=30s", "600s"]
     assert command[3:] == list(command_argv(_spec(), find_profile("shell")))
     assert rendered.pod["spec"]["activeDeadlineSeconds"] == 600 + 3600
-    assert "activeDeadlineSeconds" not in _render(_spec()).pod["spec"]
+    # The default limit (2h) bounds the pod too; only an explicit null leaves it unbounded.
+    assert _render(_spec()).pod["spec"]["activeDeadlineSeconds"] == 7200 + 3600
+    assert "activeDeadlineSeconds" not in _render(_spec(resources={"timeout": None})).pod["spec"]
 
 
 def test_dns_goes_to_the_gateway_unless_open() -> None:

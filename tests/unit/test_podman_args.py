@@ -123,9 +123,11 @@ def test_cpus_and_timeout(run_args):
     assert _values(argv, "--timeout") == ["3600"]
 
 
-def test_no_timeout_flag_without_a_timeout(run_args):
+def test_the_default_limit_is_two_hours_and_null_is_none(run_args):
     _plan, argv = run_args()
+    assert _values(argv, "--timeout") == ["7200"]
 
+    _plan, argv = run_args(config="resources:\n  timeout: null\n")
     assert "--timeout" not in argv
 
 

@@ -223,8 +223,10 @@ class ResourcesSection(Section):
         json_schema_extra=AT_MOST,
     )
     timeout: Duration | None = Field(
-        None,
-        description="Wall-clock limit for the agent (seconds, or 30s / 45m / 2h).",
+        "2h",
+        description="Wall-clock limit for the agent (seconds, or 30s / 45m / 2h): past it the "
+        "agent is stopped and the run exits 6. On by default, since an agent whose model "
+        "endpoint cannot be reached may retry for ever; null: no limit.",
         json_schema_extra=AT_MOST_TIME,
     )
     idle_timeout: Duration | None = Field(
