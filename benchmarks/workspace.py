@@ -13,7 +13,8 @@ the clean checkout it is the project's first launch, which checks out the frozen
 launches share (kapsis.workspace.bases); elsewhere it runs with cold caches. Then the disk the
 bases take, and the cost of the disk quota (resources.disk: the workspace on an ext4 filesystem
 of its own, made and mounted at launch): ready time with the default 10g quota and with
-``disk: null``, per mode, and the time to release the disk at the end. Last, the cost of
+``disk: null``, per mode, and the time to release the disk at the end; and what the disk helper
+of rootless runs costs (make and release through sudo, against the same as root). Last, the cost of
 filesystem.hide on the large repository: ready time with the default patterns against
 ``hide: []``, with no file to hide and with one tracked ``.env``. Needs root (mounts). Not a
 test.
@@ -123,6 +124,40 @@ def quota_cost(repo: Path, runs: int, scratch: Path) -> None:
         )
 
 
+def helper_cost(runs: int, scratch: Path) -> None:
+    """Rootless runs get their disk from the disk helper, through sudo: making and releasing a
+    10g disk that way, against the same done in-process as root (what a rootful run does)."""
+    from kapsis.workspace.disk import MKFS, helper
+    from kapsis.workspace.disk_helper import INSTALLED_AT
+
+    if not INSTALLED_AT.is_file():
+        print("disk helper: not installed (sudo bash scripts/install_disk_helper.sh)")
+        return
+    through_sudo, in_process = [], []
+    for run in range(runs):
+        started = time.perf_counter()
+        helper("make", f"bench-helper-{run}", str(10 * 1024**3))
+        helper("release", f"bench-helper-{run}")
+        through_sudo.append(time.perf_counter() - started)
+        image, target = scratch / f"direct-{run}.img", scratch / f"direct-{run}"
+        started = time.perf_counter()
+        with image.open("wb") as file:
+            file.truncate(10 * 1024**3)
+        target.mkdir()
+        subprocess.run([*MKFS, str(image)], check=True)
+        subprocess.run(["mount", "-o", "loop,nosuid,nodev", str(image), str(target)], check=True)
+        subprocess.run(["umount", str(target)], check=True)
+        image.unlink()
+        target.rmdir()
+        in_process.append(time.perf_counter() - started)
+    helper_median, direct_median = statistics.median(through_sudo), statistics.median(in_process)
+    print(
+        f"disk helper: make + release of a 10g disk {helper_median * 1000:7.1f} ms through sudo, "
+        f"{direct_median * 1000:7.1f} ms as root in-process (ratio "
+        f"{helper_median / direct_median:.2f}; medians of {runs})"
+    )
+
+
 def hide_cost(repo: Path, runs: int, scratch: Path) -> None:
     """Ready time with the default hide patterns against none, per mode: with nothing to hide
     (what they cost to look), then with a tracked .env (what hiding costs)."""
@@ -197,6 +232,7 @@ def main() -> None:
         changed = medians[(f"{args.changed} changed", "overlay", args.large_mb)]
         print(f"overlay {args.large_mb} MB: {args.changed} changed / clean = {changed / clean:.2f}")
         quota_cost(repos[args.small_mb], args.runs, Path(scratch))
+        helper_cost(args.runs, Path(scratch))
         hide_cost(repos[args.large_mb], args.runs, Path(scratch))
 
 

@@ -14,7 +14,7 @@ IMAGE="localhost/kapsis-base:latest"
 GATEWAY_IMAGE="localhost/kapsis-gateway:latest"
 PACKAGES=(podman crun runc fuse-overlayfs slirp4netns uidmap netavark aardvark-dns catatonit
           debootstrap dnsmasq-base nftables iproute2 iptables git ca-certificates python3
-          libsecret-tools gnome-keyring dbus openssh-client haproxy dnsdist)
+          libsecret-tools gnome-keyring dbus openssh-client haproxy dnsdist sudo e2fsprogs)
 DEMO=1
 
 for arg in "$@"; do
@@ -122,6 +122,16 @@ for file in /etc/subuid /etc/subgid; do
         echo 'containers:200000:1000000' | as_root tee -a "$file" >/dev/null
     fi
 done
+
+# (4) The disk helper (scripts/install_disk_helper.sh): rootless runs get their resources.disk
+#     through it. The user who runs this script joins its group.
+member=()
+if [ "$(id -u)" -ne 0 ]; then
+    member=("$(id -un)")
+elif [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
+    member=("$SUDO_USER")
+fi
+as_root bash "$ROOT/scripts/install_disk_helper.sh" "${member[@]}"
 
 # --- Kapsis itself ----------------------------------------------------------------------------
 if [ ! -x .venv/bin/python ]; then

@@ -23,7 +23,7 @@ from kapsis.config import trust_store
 from kapsis.config.loader import LoadedConfig, load_config
 from kapsis.config.trust import TrustProblem
 from kapsis.config.trust_store import TrustedFile
-from kapsis.errors import ConfigError
+from kapsis.errors import ConfigError, KapsisError
 from kapsis.git.owner import remove_tree
 from kapsis.host.facts import probe_host
 from kapsis.sandbox import interrupted, launcher
@@ -261,7 +261,11 @@ def cleanup(
             items.append(CleanupItem(orphan, "unknown", _removable(orphan, False, None)))
     if on_cluster:
         items += _cleanup_k8s(on_cluster, everything or agent_id is not None, dry_run)
+    stray_disks: list[CleanupItem] = []
+    if everything:
+        stray_disks = _stray_helper_disks(known | set(orphans), force=force)
     if dry_run:
+        items += stray_disks
         if agent_id is None:
             items += _cleanup_bases(store, {i.agent_id for i in items if not i.kept}, dry_run)
         return items
@@ -274,8 +278,44 @@ def cleanup(
             continue
         problems = _remove_agent(store, backend, item, force=force)
         done.append(dataclasses.replace(item, problems=tuple(problems)))
+    done += _release_stray_disks(stray_disks)
     if agent_id is None:
         done += _cleanup_bases(store, set(), dry_run)
+    return done
+
+
+def _stray_helper_disks(known: set[str], *, force: bool) -> list[CleanupItem]:
+    """Rootless: disks the disk helper holds for agents this Kapsis home does not know (their
+    sandbox went, say with ~/.kapsis). Another KAPSIS_HOME of the same user may own one, so
+    they go only with ``force``."""
+    from kapsis.workspace import disk, disk_helper
+
+    items = []
+    for stray in sorted(set(disk.helper_disks()) - known):
+        where = f"disk {disk_helper.mount_point(os.geteuid(), stray)}"
+        if force:
+            items.append(CleanupItem(stray, "unknown", (where,)))
+        else:
+            reason = (
+                f"its {where} belongs to no agent of this Kapsis home (another KAPSIS_HOME's?); "
+                "--force removes it"
+            )
+            items.append(CleanupItem(stray, "unknown", (), kept=reason))
+    return items
+
+
+def _release_stray_disks(items: list[CleanupItem]) -> list[CleanupItem]:
+    from kapsis.workspace import disk
+
+    done = []
+    for item in items:
+        problems: tuple[str, ...] = ()
+        if not item.kept:
+            try:
+                disk.helper("release", item.agent_id)
+            except KapsisError as problem:
+                problems = (f"disk: {problem}",)
+        done.append(dataclasses.replace(item, problems=problems))
     return done
 
 

@@ -189,9 +189,22 @@ def rootless_user(images: Sequence[str]) -> Iterator[RootlessUser]:
             if subprocess.run(["pgrep", "-u", name], capture_output=True).returncode != 0:
                 break
             subprocess.run(["sleep", "0.1"], check=False)
+        _remove_helper_disks(entry.pw_uid)
         subprocess.run(["userdel", "--remove", "--force", name], capture_output=True, check=False)
         shutil.rmtree(runtime, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _remove_helper_disks(uid: int) -> None:
+    """The disks the disk helper made for the user (a test that failed half-way leaves them)."""
+    from kapsis.workspace import disk_helper
+
+    mounts = disk_helper.mounts_dir(disk_helper.STATE, uid)
+    if mounts.is_dir():
+        for mount in mounts.iterdir():
+            subprocess.run(["umount", "--lazy", str(mount)], capture_output=True, check=False)
+        shutil.rmtree(mounts, ignore_errors=True)
+    shutil.rmtree(disk_helper.images_dir(disk_helper.STATE, uid), ignore_errors=True)
 
 
 def _check_ranges(name: str) -> None:

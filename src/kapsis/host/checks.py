@@ -99,6 +99,9 @@ def run_checks(image: str = DEFAULT_IMAGE) -> list[Check]:
     if facts.rootless:
         checks.append(check_fuse(storage))
         checks.append(check_device("/dev/net/tun", "slirp4netns, for networking", "modprobe tun"))
+        from kapsis.workspace.disk import helper_gap
+
+        checks.append(check_disk_helper(helper_gap()))
     checks.append(check_cgroup(layout))
     # The same facts the run plan uses, so `kapsis setup` and `kapsis run` never disagree.
     checks.append(check_limits(facts.rootless, facts.cgroup_version, _delegated_controllers(uid)))
@@ -173,6 +176,13 @@ def check_runtime(runtime: str | None, path: str | None, *, sudo: str = "") -> C
         )
         return Check("OCI runtime", False, what, f"{sudo}apt-get install {runtime or 'crun'}")
     return Check("OCI runtime", True, f"{runtime} ({path})")
+
+
+def check_disk_helper(gap: str | None) -> Check:
+    """Rootless: whether resources.disk can be enforced (by the disk helper, through sudo)."""
+    if gap is None:
+        return Check("disk quota", True, "enforced (the disk helper, through sudo)", required=False)
+    return Check("disk quota", False, f"NOT enforced: {gap}", required=False)
 
 
 def check_mode(rootless: bool, uid: int) -> Check:

@@ -396,7 +396,7 @@ def _disk_size(asked: str | None, asked_bytes: int | None, planned: int | None) 
     """resources.disk as the run has it: as asked, or what the host's free space allowed."""
     if planned is None or planned == asked_bytes:
         return asked
-    return f"{planned // 1024**2}m (lowered from {asked}: the free space of ~/.kapsis)"
+    return f"{planned // 1024**2}m (lowered from {asked}: the free space left for agents' disks)"
 
 
 def _sized(mounts: tuple[Tmpfs, ...], disk_bytes: int | None) -> tuple[Tmpfs, ...]:

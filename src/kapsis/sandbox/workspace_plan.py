@@ -78,6 +78,8 @@ class WorkspacePlan(PlanModel):
     disk_bytes: int | None = None
     disk_image: str | None = None
     disk_mount: str | None = None
+    # Rootless: the disk is the root-owned helper's (kapsis.workspace.disk_helper), at its path.
+    disk_by_helper: bool = False
     # filesystem.hide, and how many of the start commit's files it hid at planning (a project
     # that is not a repository is looked at when the layers are made).
     hide: tuple[str, ...] = ()
@@ -148,9 +150,9 @@ def with_disk_quota(
     if disk_bytes is None:
         return workspace, "resources.disk is null"
     if rootless:
-        return workspace, "rootless podman cannot mount a filesystem of the sandbox's own"
+        return _with_helper_disk(workspace, disk_bytes)
     root = Path(workspace.root)
-    disk_bytes = min(disk_bytes, _room_for_a_disk(root, disk_bytes))
+    disk_bytes = min(disk_bytes, room_for_a_disk(root, disk_bytes))
     disk = {"disk_bytes": disk_bytes, "disk_image": str(root / DISK_IMAGE)}
     if workspace.mode == "worktree":
         if workspace.git_uid not in (None, os.geteuid()):
@@ -163,23 +165,70 @@ def with_disk_quota(
     return workspace.model_copy(update=update), None
 
 
-def _room_for_a_disk(root: Path, wanted: int) -> int:
+def _with_helper_disk(
+    workspace: WorkspacePlan, disk_bytes: int
+) -> tuple[WorkspacePlan, str | None]:
+    """Rootless: the disk is made by the root-owned helper, through sudo, where it says."""
+    from kapsis.workspace import disk, disk_helper
+
+    gap = disk.helper_gap()
+    if gap is not None:
+        return workspace, gap
+    room = disk.helper_room()
+    if room < min(disk_bytes, MIN_DISK):
+        raise SandboxError(
+            f"no room for the agent's disk on the filesystem of {disk_helper.STATE}: "
+            f"{room // 1024**2} MiB left once the other agents' disks may fill up; free some "
+            "space, or set resources.disk: null to run without a disk limit"
+        )
+    agent_id = Path(workspace.root).name
+    mount = disk_helper.mount_point(os.geteuid(), agent_id)
+    image = disk_helper.images_dir(disk_helper.STATE, os.geteuid()) / f"{agent_id}.img"
+    update: dict[str, object] = {
+        "disk_bytes": min(disk_bytes, room),
+        "disk_image": str(image),
+        "disk_mount": str(mount),
+        "disk_by_helper": True,
+    }
+    if workspace.mode == "worktree":
+        update["worktree"] = str(mount)
+    else:
+        update |= {"upper": str(mount / "upper"), "work": str(mount / "work")}
+    return workspace.model_copy(update=update), None
+
+
+def room_for_a_disk(root: Path, wanted: int) -> int:
     """What a new agent's disk may take on the filesystem of ``root`` (its sandbox dir): what
-    is free there now, less :data:`HOST_RESERVE`."""
+    is free there now, less :data:`HOST_RESERVE` and less what the other agents' disks there
+    may still take (they are sparse: each may grow to its full size)."""
+    from kapsis.workspace.disk_helper import unwritten_bytes
+
     existing = root
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     facts = os.statvfs(existing)
     free = facts.f_bavail * facts.f_frsize
-    room = free - HOST_RESERVE
+    promised = unwritten_bytes(other_disks(existing, root))
+    room = free - HOST_RESERVE - promised
     if room < min(wanted, MIN_DISK):
         raise SandboxError(
             f"no room for the agent's disk on the filesystem of {existing}: "
             f"{free / 1024**2:.0f} MiB free, {HOST_RESERVE // 1024**2} MiB of it kept for the "
-            "audit trail and status; free some space, or set resources.disk: null to run "
-            "without a disk limit"
+            f"audit trail and status and {promised / 1024**2:.0f} MiB for the other agents' "
+            "disks; free some space, or set resources.disk: null to run without a disk limit"
         )
     return room
+
+
+def other_disks(filesystem: Path, root: Path) -> list[Path]:
+    """The disk images of the other sandboxes that lie on the filesystem of ``filesystem``."""
+    device = filesystem.stat().st_dev
+    found = []
+    for sandbox in paths.sandboxes_dir().glob("*"):
+        image = sandbox / DISK_IMAGE
+        if sandbox != root and image.is_file() and image.stat().st_dev == device:
+            found.append(image)
+    return found
 
 
 def plan_workspace_and_git(

@@ -191,8 +191,10 @@ ROOTLESS_OPTIONS = "userxattr,redirect_dir=nofollow,metacopy=off,index=off"
 def mount_rootless(workspace: WorkspacePlan, podman: str) -> None:
     """Mount the overlay stack at ``merged`` inside podman's user namespace (rootless)."""
     assert workspace.base is not None
+    make_disk(workspace)  # the disk helper's, made already for a repository
     Path(workspace.merged).mkdir(parents=True, exist_ok=True)
     Path(workspace.upper).mkdir(parents=True, exist_ok=True)
+    Path(workspace.work).mkdir(parents=True, exist_ok=True)
     options = overlay_options(workspace, workspace.base, ROOTLESS_OPTIONS)
     result = subprocess.run(
         # nosuid, nodev: the container's bind of it keeps them (see _mountapi.idmapped_bind).
