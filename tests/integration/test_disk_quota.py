@@ -106,16 +106,20 @@ BIG_FILL = (
 )
 
 
-@pytest.fixture
-def small_home(kapsis: Kapsis) -> Path:
-    """The Kapsis home on a filesystem of 512 MiB (a tmpfs, unmounted after the test), much
-    less than the default quota of 10g."""
+def _home_of(kapsis: Kapsis, size: str) -> Path:
+    """The Kapsis home on a filesystem of ``size`` (a tmpfs, unmounted after the test)."""
     kapsis.home.mkdir(parents=True)
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512m,mode=0700", "tmpfs", str(kapsis.home)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(kapsis.home)],
         check=True,
     )
     return kapsis.home
+
+
+@pytest.fixture
+def small_home(kapsis: Kapsis) -> Path:
+    """A home of 512 MiB: much less than the default quota of 10g."""
+    return _home_of(kapsis, "512m")
 
 
 def test_a_quota_larger_than_the_free_space_cannot_fill_the_hosts_filesystem(
@@ -150,3 +154,39 @@ def test_control_with_no_limit_the_same_agent_fills_the_hosts_filesystem(
         project, fill, "--network-mode", "none", "--agent-id", "noq", "--config", no_limit
     )
     assert result.returncode == 0, result.stderr
+
+
+def _free(path: Path) -> int:
+    facts = os.statvfs(path)
+    return facts.f_bavail * facts.f_frsize
+
+
+def test_agents_together_cannot_fill_the_hosts_filesystem(
+    kapsis: Kapsis, project: Path, tmp_path: Path
+) -> None:
+    """Disks are sparse: the first agent's has taken nothing yet when the second launches. Its
+    300m still counts as taken, so the two cannot fill the 1 GiB filesystem between them, and
+    a third gets no disk at all."""
+    home = _home_of(kapsis, "1g")
+    keep = "dd if=/dev/zero of=/workspace/fill bs=1M count=900 2>&1; echo done > result.txt"
+    first = kapsis.run(
+        project, f"sleep 6; {keep}", "--network-mode", "none", "--mode", "worktree",
+        "--disk", "300m", "--detach", "--agent-id", "fill-a",
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    second = kapsis.run(
+        project, keep, "--network-mode", "none", "--mode", "worktree", "--agent-id", "fill-b"
+    )
+    assert second.returncode == 0, second.stderr
+    assert "lowered from 10g" in second.stderr
+    assert kapsis.wait_finished("fill-a", timeout=120)["phase"] == "complete"
+
+    for agent_id in ("fill-a", "fill-b"):
+        assert "No space left on device" in kapsis("logs", agent_id).stdout
+        assert kapsis("audit", "verify", agent_id).returncode == 0
+    # Both disks full and kept (worktrees): the host still has most of its reserve.
+    assert _free(home) > 192 * 1024**2
+    third = kapsis.run(project, keep, "--network-mode", "none", "--agent-id", "fill-c")
+    assert third.returncode == 3
+    assert "no room for the agent's disk" in third.stderr
+    assert "for the other agents' disks" in third.stderr
