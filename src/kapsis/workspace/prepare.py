@@ -41,8 +41,16 @@ def prepare_workspace(plan: SandboxPlan) -> BaseRecord | None:
         if workspace.mode == "overlay" and workspace.needs_delta and not git.repository:
             # The project itself is the lower layer: what it hides is whited out above it.
             Path(workspace.delta).mkdir(parents=True, exist_ok=True)
-            with hide_rules(workspace.hide) as rules:
-                whiteout_hidden(Path(plan.project), Path(workspace.delta), rules)
+            try:
+                with hide_rules(workspace.hide) as rules:
+                    whiteout_hidden(Path(plan.project), Path(workspace.delta), rules)
+            except OSError as error:
+                # A folder that cannot be listed may still hold a hidden file the agent could
+                # open by name: the launch stops rather than show it.
+                raise SandboxError(
+                    f"cannot look through {plan.project} for filesystem.hide: {error}; make it "
+                    "readable, or set filesystem.hide: [] if nothing in it is secret"
+                ) from None
         return None
     made: BaseRecord | None = None
     assert git.branch is not None and git.start_commit is not None
