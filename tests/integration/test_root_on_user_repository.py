@@ -7,10 +7,13 @@ git keeps working afterwards: ``gc``, deleting the agent's branch, ``worktree pr
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 
 import pytest
+
+from kapsis.workspace import disk_helper
 
 from .kapsis_runner import Kapsis
 from .rootless_user import RootlessUser
@@ -65,14 +68,48 @@ def test_a_root_run_writes_into_a_users_repository_only_as_the_user(
     assert subjects.stdout.splitlines()[1] == f"Uncommitted work of {user.name} at launch"
     assert user.not_owned(project, remote) == []
     if mode == "worktree":
-        # Its worktree is under the owner's ~/.kapsis, theirs to open, not under root's.
+        # Its worktree is on a disk of its own (resources.disk), made for the owner at a path
+        # of root's that they cannot swap for a link: theirs to open, every file theirs.
         listed = user.run(["git", "-C", str(project), "worktree", "list", "--porcelain"])
         worktrees = [line.split(" ", 1)[1] for line in listed.stdout.splitlines()
                      if line.startswith("worktree ")][1:]  # fmt: skip
         assert len(worktrees) == 1
-        assert worktrees[0].startswith(str(user.home / ".kapsis" / "worktrees"))
-        assert user.not_owned(user.home / ".kapsis") == []
-        assert (Path(worktrees[0]) / "work.txt").read_text() == "work\n"
-        removed = user.run(["rm", "-rf", worktrees[0]])  # the user can remove it (then prune)
-        assert removed.returncode == 0, removed.stderr
+        worktree = Path(worktrees[0])
+        assert worktree.parent == disk_helper.mounts_dir(disk_helper.STATE, user.uid)
+        assert os.path.ismount(worktree)
+        assert user.not_owned(worktree) == []
+        assert user.run(["cat", str(worktree / "work.txt")]).stdout == "work\n"
+        # The user can empty it (then prune); the disk goes with `kapsis cleanup`.
+        emptied = user.run(["find", str(worktree), "-mindepth", "1", "-delete"])
+        assert emptied.returncode == 0, emptied.stderr
     users_git_still_works(user, project, branch)
+    if mode == "worktree":
+        cleaned = kapsis("cleanup", "--all", "--force")
+        assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+        assert not worktree.exists()
+
+
+def test_root_bounds_the_worktree_it_makes_for_a_user(
+    kapsis: Kapsis, user: RootlessUser, project: Path
+) -> None:
+    fill = (
+        "dd if=/dev/zero of=/workspace/fill bs=1M count=120 2>&1; rm -f /workspace/fill; "
+        "echo done > /workspace/result.txt"
+    )
+    result = kapsis.run(
+        project, fill, "--network-mode", "none", "--mode", "worktree", "--disk", "48m",
+        "--agent-id", "sudo-quota",
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert "No space left on device" in kapsis("logs", "sudo-quota").stdout
+    record = kapsis.status("sudo-quota")
+    assert record["disk_enforced"] and record["phase"] == "complete"
+    worktree = Path(record["work_location"])
+    assert worktree == disk_helper.mount_point(user.uid, "sudo-quota")
+    assert user.run(["cat", str(worktree / "result.txt")]).stdout == "done\n"
+    assert user.not_owned(worktree) == []
+    cleaned = kapsis("cleanup", "--agent", "sudo-quota", "--force")
+    assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+    assert not worktree.exists()
+    assert not (disk_helper.images_dir(disk_helper.STATE, user.uid) / "sudo-quota.img").exists()

@@ -78,8 +78,11 @@ class WorkspacePlan(PlanModel):
     disk_bytes: int | None = None
     disk_image: str | None = None
     disk_mount: str | None = None
-    # Rootless: the disk is the root-owned helper's (kapsis.workspace.disk_helper), at its path.
+    # The disk is one of the helper's (kapsis.workspace.disk_helper), at its path, its root
+    # owned by ``disk_uid``: rootless (made through sudo), or root's worktree of another
+    # user's repository (made in-process, for that user).
     disk_by_helper: bool = False
+    disk_uid: int | None = None
     # filesystem.hide, and how many of the start commit's files it hid at planning (a project
     # that is not a repository is looked at when the layers are made).
     hide: tuple[str, ...] = ()
@@ -150,14 +153,15 @@ def with_disk_quota(
     if disk_bytes is None:
         return workspace, "resources.disk is null"
     if rootless:
-        return _with_helper_disk(workspace, disk_bytes)
+        return _with_helper_disk(workspace, disk_bytes, os.geteuid())
+    if workspace.mode == "worktree" and workspace.git_uid not in (None, os.geteuid()):
+        # Root does not mount in another user's home (they could swap a step of the path for
+        # a link): the worktree goes on a helper's disk for them, at a path of root's.
+        return _with_helper_disk(workspace, disk_bytes, workspace.git_uid)
     root = Path(workspace.root)
     disk_bytes = min(disk_bytes, room_for_a_disk(root, disk_bytes))
     disk = {"disk_bytes": disk_bytes, "disk_image": str(root / DISK_IMAGE)}
     if workspace.mode == "worktree":
-        if workspace.git_uid not in (None, os.geteuid()):
-            # Root does not mount in another user's home (they could swap the path for a link).
-            return workspace, "the worktree lies in the repository owner's home"
         return workspace.model_copy(update={**disk, "disk_mount": workspace.worktree}), None
     layer = root / DISK_LAYER
     update = {**disk, "disk_mount": str(layer)}
@@ -166,14 +170,16 @@ def with_disk_quota(
 
 
 def _with_helper_disk(
-    workspace: WorkspacePlan, disk_bytes: int
+    workspace: WorkspacePlan, disk_bytes: int, uid: int
 ) -> tuple[WorkspacePlan, str | None]:
-    """Rootless: the disk is made by the root-owned helper, through sudo, where it says."""
+    """A disk of the helper's for user ``uid``: rootless, made through sudo; as root (for the
+    owner of the repository), made in-process."""
     from kapsis.workspace import disk, disk_helper
 
-    gap = disk.helper_gap()
-    if gap is not None:
-        return workspace, gap
+    if os.geteuid() != 0:
+        gap = disk.helper_gap()
+        if gap is not None:
+            return workspace, gap
     room = disk.helper_room()
     if room < min(disk_bytes, MIN_DISK):
         raise SandboxError(
@@ -182,13 +188,14 @@ def _with_helper_disk(
             "space, or set resources.disk: null to run without a disk limit"
         )
     agent_id = Path(workspace.root).name
-    mount = disk_helper.mount_point(os.geteuid(), agent_id)
-    image = disk_helper.images_dir(disk_helper.STATE, os.geteuid()) / f"{agent_id}.img"
+    mount = disk_helper.mount_point(uid, agent_id)
+    image = disk_helper.images_dir(disk_helper.STATE, uid) / f"{agent_id}.img"
     update: dict[str, object] = {
         "disk_bytes": min(disk_bytes, room),
         "disk_image": str(image),
         "disk_mount": str(mount),
         "disk_by_helper": True,
+        "disk_uid": uid,
     }
     if workspace.mode == "worktree":
         update["worktree"] = str(mount)

@@ -19,8 +19,9 @@ import contextlib
 import fcntl
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from kapsis.errors import SandboxError
 from kapsis.sandbox.workspace_plan import WorkspacePlan, room_for_a_disk
@@ -28,6 +29,8 @@ from kapsis.workspace import disk_helper
 
 # No reserved blocks (the agent gets the whole size); inode tables and the journal are
 # initialised lazily, so making a 10 GiB filesystem writes a few MB and takes milliseconds.
+T = TypeVar("T")
+
 MKFS = ["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1"]
 
 
@@ -40,9 +43,10 @@ def make_disk(workspace: WorkspacePlan) -> None:
     if os.path.ismount(mount_point):
         return
     if workspace.disk_by_helper:
-        made = helper("make", mount_point.name, str(workspace.disk_bytes))
-        if made.strip() != str(mount_point):
-            raise SandboxError(f"the disk helper mounted the agent's disk at {made.strip()!r}")
+        assert workspace.disk_uid is not None
+        made = helper_make(workspace.disk_uid, mount_point.name, workspace.disk_bytes)
+        if made != mount_point:
+            raise SandboxError(f"the disk helper mounted the agent's disk at {str(made)!r}")
         return
     image = Path(workspace.disk_image)
     image.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -67,7 +71,8 @@ def release_disk(workspace: WorkspacePlan) -> None:
     if workspace.disk_image is None or workspace.disk_mount is None:
         return
     if workspace.disk_by_helper:
-        helper("release", Path(workspace.disk_mount).name)
+        assert workspace.disk_uid is not None
+        helper_release(workspace.disk_uid, Path(workspace.disk_mount).name)
         return
     unmount_disk(Path(workspace.disk_mount))
     Path(workspace.disk_image).unlink(missing_ok=True)
@@ -78,8 +83,8 @@ def unmount_disk(mount_point: Path) -> None:
     One of the helper's goes through it, and with it its disk."""
     if not os.path.ismount(mount_point):
         return
-    if mount_point.parent == disk_helper.mounts_dir(disk_helper.STATE, os.geteuid()):
-        helper("release", mount_point.name)
+    if mount_point.parent.parent == disk_helper.STATE / "mounts":
+        helper_release(int(mount_point.parent.name), mount_point.name)
         return
     done = subprocess.run(["umount", str(mount_point)], capture_output=True, check=False)
     if done.returncode != 0:
@@ -94,6 +99,31 @@ def _disks_lock(sandboxes: Path) -> Iterator[None]:
         yield
     finally:
         os.close(descriptor)
+
+
+def helper_make(uid: int, agent_id: str, size: int) -> Path:
+    """A disk of the helper's for ``uid``: through sudo, or in-process as root."""
+    if os.geteuid() != 0:
+        return Path(helper("make", agent_id, str(size)).strip())
+    return _in_process(lambda: disk_helper.make(disk_helper.STATE, uid, agent_id, size))
+
+
+def helper_release(uid: int, agent_id: str) -> None:
+    if os.geteuid() != 0:
+        helper("release", agent_id)
+    else:
+        _in_process(lambda: disk_helper.release(disk_helper.STATE, uid, agent_id))
+
+
+def _in_process(action: Callable[[], T]) -> T:
+    try:
+        disk_helper.private_dir(disk_helper.STATE, 0o755)
+        return action()
+    except (disk_helper.HelperError, OSError) as error:
+        raise SandboxError(
+            f"cannot make the workspace's disk: {error}; set resources.disk: null to run "
+            "without a disk limit"
+        ) from None
 
 
 def helper(*args: str) -> str:
@@ -149,6 +179,11 @@ def helper_disks() -> list[str]:
 def helper_room() -> int:
     """Bytes a new disk from the helper may have (the free space of its filesystem, less its
     reserve and what the existing disks may still take)."""
+    if os.geteuid() == 0:
+        state = disk_helper.STATE
+        while not state.exists():  # made with the first disk
+            state = state.parent
+        return disk_helper.room(state, disk_helper.all_images(disk_helper.STATE))
     text = helper("room").strip()
     if not text.isdigit():
         raise SandboxError(f"the disk helper gave no size for the room left: {text[:80]!r}")

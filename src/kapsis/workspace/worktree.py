@@ -9,6 +9,7 @@ inspect an agent-written tree.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from kapsis.git.owner import RepoOwner, remove_tree
@@ -17,7 +18,9 @@ from kapsis.workspace.disk import unmount_disk
 
 
 def add_worktree(repo: Repo, path: Path, branch: str) -> None:
-    if repo.owner is None:
+    if os.path.ismount(path):
+        pass  # on a disk of its own, made for the owner (kapsis.workspace.disk)
+    elif repo.owner is None:
         path.parent.mkdir(parents=True, exist_ok=True)
     else:
         # In the owner's ~/.kapsis, made by them, closed to others like the one of their own
