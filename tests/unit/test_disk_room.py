@@ -146,3 +146,18 @@ def test_helper_gap_names_each_missing_piece(
     assert "not shared" in str(disk.helper_gap())
     monkeypatch.setattr(disk, "_root_is_shared", lambda: True)
     assert disk.helper_gap() is None
+
+
+def test_the_disk_helpers_disks_on_the_same_filesystem_count_too(
+    make_plan, free_space, kapsis_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rootless users' disks (the helper's) may share the filesystem of root's ~/.kapsis."""
+    free_space.free = 8 * GIB
+    state = tmp_path / "helper-state"
+    images = state / "images" / "1000"
+    images.mkdir(parents=True)
+    with (images / "theirs.img").open("wb") as image:
+        image.truncate(4 * GIB)
+    monkeypatch.setattr(disk_helper, "STATE", state)
+
+    assert make_plan().workspace.disk_bytes == 4 * GIB - HOST_RESERVE

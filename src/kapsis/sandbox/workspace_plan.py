@@ -8,6 +8,7 @@ work afterwards (commit identity, message, exclusions, push, post-push hook).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from dataclasses import replace
@@ -153,11 +154,11 @@ def with_disk_quota(
     if disk_bytes is None:
         return workspace, "resources.disk is null"
     if rootless:
-        return _with_helper_disk(workspace, disk_bytes, os.geteuid())
+        return _with_helper_disk(workspace, disk_bytes, os.geteuid(), through_sudo=True)
     if workspace.mode == "worktree" and workspace.git_uid not in (None, os.geteuid()):
         # Root does not mount in another user's home (they could swap a step of the path for
         # a link): the worktree goes on a helper's disk for them, at a path of root's.
-        return _with_helper_disk(workspace, disk_bytes, workspace.git_uid)
+        return _with_helper_disk(workspace, disk_bytes, workspace.git_uid, through_sudo=False)
     root = Path(workspace.root)
     disk_bytes = min(disk_bytes, room_for_a_disk(root, disk_bytes))
     disk = {"disk_bytes": disk_bytes, "disk_image": str(root / DISK_IMAGE)}
@@ -170,13 +171,13 @@ def with_disk_quota(
 
 
 def _with_helper_disk(
-    workspace: WorkspacePlan, disk_bytes: int, uid: int
+    workspace: WorkspacePlan, disk_bytes: int, uid: int, *, through_sudo: bool
 ) -> tuple[WorkspacePlan, str | None]:
     """A disk of the helper's for user ``uid``: rootless, made through sudo; as root (for the
     owner of the repository), made in-process."""
     from kapsis.workspace import disk, disk_helper
 
-    if os.geteuid() != 0:
+    if through_sudo:
         gap = disk.helper_gap()
         if gap is not None:
             return workspace, gap
@@ -228,14 +229,16 @@ def room_for_a_disk(root: Path, wanted: int) -> int:
 
 
 def other_disks(filesystem: Path, root: Path) -> list[Path]:
-    """The disk images of the other sandboxes that lie on the filesystem of ``filesystem``."""
+    """The disk images of the other sandboxes, and those of the disk helper (rootless users'),
+    that lie on the filesystem of ``filesystem``."""
+    from kapsis.workspace.disk_helper import STATE, all_images
+
     device = filesystem.stat().st_dev
-    found = []
-    for sandbox in paths.sandboxes_dir().glob("*"):
-        image = sandbox / DISK_IMAGE
-        if sandbox != root and image.is_file() and image.stat().st_dev == device:
-            found.append(image)
-    return found
+    sandboxes = [sandbox for sandbox in paths.sandboxes_dir().glob("*") if sandbox != root]
+    images = [sandbox / DISK_IMAGE for sandbox in sandboxes]
+    with contextlib.suppress(OSError):  # not root: the helper's are not ours to see
+        images += all_images(STATE)
+    return [image for image in images if image.is_file() and image.stat().st_dev == device]
 
 
 def plan_workspace_and_git(
