@@ -14,7 +14,7 @@ GROUP=kapsis
 RULE=/etc/sudoers.d/kapsis
 
 [ "$(id -u)" -eq 0 ] || { echo "install_disk_helper.sh: run it as root" >&2; exit 1; }
-for tool in sudo visudo mkfs.ext4; do
+for tool in sudo visudo mkfs.ext4 debugfs; do
     command -v "$tool" >/dev/null || { echo "install_disk_helper.sh: $tool is missing" >&2; exit 1; }
 done
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -201,3 +204,28 @@ def test_cleanup_releases_a_disk_no_agent_of_this_home_knows_only_when_forced(
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert helper_disks(member) == []
     assert not disk_helper.mount_point(member.uid, "rlq-stray").exists()
+
+
+def test_a_disk_held_by_a_process_is_not_released_uncounted(member: RootlessUser) -> None:
+    """Released while a process of the user's still sits in it, the disk would live on with no
+    file to count: the helper keeps the file (and refuses) until nothing holds it."""
+    made = member.run(["sudo", "-n", HELPER, "make", "rlq-held", str(64 * 1024**2)])
+    assert made.returncode == 0, made.stderr
+    mount = made.stdout.strip()
+    image = disk_helper.images_dir(disk_helper.STATE, member.uid) / "rlq-held.img"
+    holder = subprocess.Popen(
+        ["runuser", "-u", member.name, "--", "sh", "-c", f"cd {mount} && exec sleep 120"],
+        start_new_session=True,
+    )
+    try:
+        time.sleep(0.5)
+        held = member.run(["sudo", "-n", HELPER, "release", "rlq-held"])
+        assert held.returncode == 1 and "still in use" in held.stderr, held.stderr
+        assert image.exists() and helper_disks(member) == ["rlq-held"]
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)  # runuser and the sleep it started
+        holder.wait()
+    released = member.run(["sudo", "-n", HELPER, "release", "rlq-held"])
+    assert released.returncode == 0, released.stderr
+    assert not image.exists() and helper_disks(member) == []
+    assert str(image) not in Path("/proc/self/mountinfo").read_text()

@@ -9,6 +9,9 @@ recorded, so the accounting and the refusals are checked without privileges.
 from __future__ import annotations
 
 import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -73,23 +76,23 @@ def test_unwritten_bytes_are_what_sparse_files_may_still_take(tmp_path: Path) ->
 
 @pytest.fixture
 def free(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
-    """What statvfs says is free on the helper's filesystem, settable by the test."""
-    state = SimpleNamespace(bytes=10 * 1024 * MIB)
+    """What statvfs says is free on the helper's filesystem, settable by the test, and the
+    loop devices in use (``loops``: (backing file, size) pairs)."""
+    state = SimpleNamespace(bytes=10 * 1024 * MIB, loops=[])
     monkeypatch.setattr(
         disk_helper.os, "statvfs", lambda path: SimpleNamespace(f_bavail=state.bytes, f_frsize=1)
     )
+    monkeypatch.setattr(disk_helper, "loop_devices", lambda: state.loops)
     return state
 
 
 @pytest.fixture
 def made(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """mkfs and mount recorded, not run; the mount leaves the lost+found mkfs would make."""
+    """mkfs, debugfs and mount recorded, not run."""
     calls: list[list[str]] = []
 
-    def run_tool(argv: list[str], what: str) -> None:
-        calls.append(argv)
-        if argv[0] == "mount":
-            (Path(argv[-1]) / "lost+found").mkdir()
+    def run_tool(argv: list[str], what: str, stdin: str = "") -> None:
+        calls.append([*argv, stdin] if stdin else argv)
 
     monkeypatch.setattr(disk_helper, "run_tool", run_tool)
     return calls
@@ -120,10 +123,11 @@ def test_a_disk_is_made_at_its_fixed_place_nosuid_nodev_owned_by_the_caller(
     assert target == disk_helper.mount_point(0, "a1", state)
     image = disk_helper.images_dir(state, 0) / "a1.img"
     assert image.stat().st_size == 512 * MIB and image.stat().st_mode & 0o777 == 0o600
-    mkfs, mount = made
+    mkfs, debugfs, mount = made
     assert mkfs[0] == "mkfs.ext4" and "root_owner=0:0" in mkfs[mkfs.index("-E") + 1]
-    assert mount == ["mount", "-o", "loop,nosuid,nodev", str(image), str(target)]
-    assert not (target / "lost+found").exists()
+    # Its root closed (0700) and empty before the mount makes it reachable.
+    assert debugfs[0] == "debugfs" and debugfs[-1] == "rmdir lost+found\nsif <2> mode 040700\n"
+    assert mount == ["mount", "-t", "ext4", "-o", "loop,nosuid,nodev", str(image), str(target)]
 
 
 @root_only
@@ -134,10 +138,57 @@ def test_the_other_disks_unwritten_parts_count_as_taken(
     free.bytes = 8 * 1024 * MIB
     sparse_image(state, 4242, "theirs", 6 * 1024 * MIB)
 
+    free.loops = [("/elsewhere/deleted.img (deleted)", 512 * MIB)]  # a leaked one: all of it
+
     disk_helper.make(state, 0, "mine", 10 * 1024 * MIB)
 
-    left = 2 * 1024 * MIB - disk_helper.RESERVE
-    assert (disk_helper.images_dir(state, 0) / "mine.img").stat().st_size == left
+    # What is left, of which one user's disks may promise at most half.
+    left = 2 * 1024 * MIB - 512 * MIB - disk_helper.RESERVE
+    assert (disk_helper.images_dir(state, 0) / "mine.img").stat().st_size == left // 2
+
+
+@root_only
+def test_one_user_cannot_promise_all_the_room_to_themselves(
+    state: Path, free: SimpleNamespace, made: list[list[str]]
+) -> None:
+    free.bytes = 4 * 1024 * MIB + disk_helper.RESERVE
+    disk_helper.make(state, 0, "one", 10 * 1024 * MIB)
+    assert (disk_helper.images_dir(state, 0) / "one.img").stat().st_size == 2 * 1024 * MIB
+    with pytest.raises(HelperError, match="at most half"):
+        disk_helper.make(state, 0, "two", 10 * 1024 * MIB)
+    # Another user still gets a share of what is left.
+    assert disk_helper.room_for(state, 4242) == 1024 * MIB
+
+
+@root_only
+def test_a_disk_still_held_stays_counted_until_a_later_release(
+    state: Path, free: SimpleNamespace, made: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process in it or a bind of it elsewhere keeps the loop device: deleting the file then
+    would leave a disk nobody counts."""
+    monkeypatch.setattr(disk_helper, "RELEASE_WAIT", 0.0)
+    disk_helper.make(state, 0, "held", 64 * MIB)
+    image = disk_helper.images_dir(state, 0) / "held.img"
+    free.loops = [(str(image), 64 * MIB)]
+    with pytest.raises(HelperError, match="still in use"):
+        disk_helper.release(state, 0, "held")
+    assert image.exists()
+    free.loops = []
+    disk_helper.release(state, 0, "held")
+    assert not image.exists()
+
+
+def test_mounts_are_read_from_the_kernels_list(tmp_path: Path) -> None:
+    """Not from a stat of the path, which a FUSE mount its user put on top could refuse."""
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "36 35 98:0 / /var/lib/kapsis-disks/mounts/1001/a rw - ext4 /dev/loop1 rw\n"
+        "37 36 0:50 / /var/lib/kapsis-disks/mounts/1001/a rw - fuse.x x rw,user_id=1001\n"
+        "38 35 98:0 / /tmp/with\\040space rw - ext4 /dev/loop2 rw\n"
+    )
+    assert disk_helper.mounted(Path("/var/lib/kapsis-disks/mounts/1001/a"), info) == 2
+    assert disk_helper.mounted(Path("/tmp/with space"), info) == 1
+    assert disk_helper.mounted(Path("/var/lib/kapsis-disks/mounts/1001"), info) == 0
 
 
 @root_only
@@ -199,3 +250,42 @@ def test_main_refuses_other_commands_and_callers_not_from_sudo(
     assert disk_helper.main(["release", "../../etc"], {"SUDO_UID": "0"}, state) == 2
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 3 and all(line.startswith("kapsis-disk: ") for line in errors)
+
+
+@root_only
+def test_what_sudo_hands_over_from_the_caller_cannot_stop_or_starve_the_helper() -> None:
+    """A stop signal while the lock is held would block every user; a tiny file size limit
+    would make root's writes fail half-way."""
+    probe = (
+        "import os, resource, signal, sys\n"
+        f"sys.path.insert(0, {str(Path(disk_helper.__file__).parent)!r})\n"
+        "import disk_helper\n"
+        "disk_helper.harden_process()\n"
+        "os.kill(os.getpid(), signal.SIGTSTP)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)\n"
+        "print(soft == hard, os.getpriority(os.PRIO_PROCESS, 0))\n"
+    )
+
+    def as_a_caller_would() -> None:
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+        os.nice(10)
+
+    done = subprocess.run(
+        [sys.executable, "-I", "-B", "-c", probe], capture_output=True, text=True, timeout=30,
+        preexec_fn=as_a_caller_would,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    raised, nice = done.stdout.split()
+    assert raised == "True"
+    # Lowering the niceness back needs CAP_SYS_NICE, which this host's root may lack.
+    assert nice == "0" or not _may_renice()
+
+
+def _may_renice() -> bool:
+    status = Path("/proc/self/status").read_text()
+    effective = int(
+        next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1], 16
+    )
+    return bool(effective & (1 << 23))  # CAP_SYS_NICE

@@ -34,6 +34,7 @@ def free_space(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
         return SimpleNamespace(f_bavail=state.free // facts.f_frsize, f_frsize=facts.f_frsize)
 
     monkeypatch.setattr(workspace_plan.os, "statvfs", statvfs)
+    monkeypatch.setattr(disk_helper, "loop_devices", lambda: [])  # this host's own disks
     return state
 
 

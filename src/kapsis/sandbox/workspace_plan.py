@@ -209,14 +209,14 @@ def room_for_a_disk(root: Path, wanted: int) -> int:
     """What a new agent's disk may take on the filesystem of ``root`` (its sandbox dir): what
     is free there now, less :data:`HOST_RESERVE` and less what the other agents' disks there
     may still take (they are sparse: each may grow to its full size)."""
-    from kapsis.workspace.disk_helper import unwritten_bytes
+    from kapsis.workspace.disk_helper import promised_bytes
 
     existing = root
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     facts = os.statvfs(existing)
     free = facts.f_bavail * facts.f_frsize
-    promised = unwritten_bytes(other_disks(existing, root))
+    promised = promised_bytes(existing, other_disks(existing, root))
     room = free - HOST_RESERVE - promised
     if room < min(wanted, MIN_DISK):
         raise SandboxError(

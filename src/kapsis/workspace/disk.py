@@ -81,10 +81,11 @@ def release_disk(workspace: WorkspacePlan) -> None:
 def unmount_disk(mount_point: Path) -> None:
     """Unmount a workspace filesystem (lazily if something still holds it); nothing if none.
     One of the helper's goes through it, and with it its disk."""
-    if not os.path.ismount(mount_point):
-        return
     if mount_point.parent.parent == disk_helper.STATE / "mounts":
-        helper_release(int(mount_point.parent.name), mount_point.name)
+        if mount_point.exists():
+            helper_release(int(mount_point.parent.name), mount_point.name)
+        return
+    if not os.path.ismount(mount_point):
         return
     done = subprocess.run(["umount", str(mount_point)], capture_output=True, check=False)
     if done.returncode != 0:

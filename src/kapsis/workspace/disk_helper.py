@@ -32,9 +32,12 @@ import fcntl
 import os
 import pwd
 import re
+import resource
+import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -48,6 +51,11 @@ MIN_BYTES = 8 * 1024**2
 MAX_BYTES = 1024**4
 MIN_ROOM = 64 * 1024**2
 MAX_DISKS = 64
+# Mounts a user may have stacked on a mount point of theirs (a FUSE mount) before release.
+MAX_STACKED = 16
+LOCK_WAIT = 60
+# How long a loop device may take to let go of its file after the last unmount.
+RELEASE_WAIT = 2.0
 AGENT_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 # No reserved blocks (the agent gets the whole size); inode tables and the journal are
 # initialised lazily, so making a 10 GiB filesystem writes a few MB and takes milliseconds.
@@ -90,11 +98,57 @@ def unwritten_bytes(images: Iterable[Path]) -> int:
     return total
 
 
+def loop_devices(sys_block: Path = Path("/sys/block")) -> list[tuple[str, int]]:
+    """Each loop device's backing file as the kernel names it (`` (deleted)`` at its end once
+    unlinked) and its size in bytes."""
+    found = []
+    for device in sys_block.glob("loop*"):
+        try:
+            backing = (device / "loop" / "backing_file").read_text().rstrip("\n")
+            sectors = int((device / "size").read_text())
+        except (OSError, ValueError):
+            continue  # not bound to a file
+        found.append((backing, sectors * 512))
+    return found
+
+
+def promised_bytes(filesystem: Path, images: Iterable[Path]) -> int:
+    """What disks may still take from the filesystem of ``filesystem``: the unwritten part of
+    each of ``images``, and of every other file bound to a loop device there (a rootful
+    Kapsis run's disk, another KAPSIS_HOME's). A loop device whose file was unlinked counts
+    whole: where it lies and what it holds can no longer be seen."""
+    device = os.stat(filesystem).st_dev
+    images = list(images)
+    seen = {str(image) for image in images}
+    total = unwritten_bytes(images)
+    for backing, size in loop_devices():
+        if backing in seen:
+            continue
+        seen.add(backing)
+        if backing.endswith(" (deleted)"):
+            total += size
+            continue
+        with contextlib.suppress(OSError):
+            if os.stat(backing).st_dev == device:
+                total += unwritten_bytes([Path(backing)])
+    return total
+
+
 def room(state: Path, images: Iterable[Path], reserve: int = RESERVE) -> int:
     """Bytes a new disk may have on the filesystem of ``state``: what is free there, less
-    ``reserve`` and less what the existing ``images`` may still grow by."""
+    ``reserve`` and less what the disks there may still grow by (:func:`promised_bytes`)."""
     facts = os.statvfs(state)
-    return facts.f_bavail * facts.f_frsize - reserve - unwritten_bytes(images)
+    return facts.f_bavail * facts.f_frsize - reserve - promised_bytes(state, images)
+
+
+def room_for(state: Path, uid: int) -> int:
+    """What a new disk of user ``uid`` may have: the room, and at most what keeps the user's
+    disks together under half of the room there is for disks (their own unwritten parts
+    counted as room), so that no one user can promise all of it to themselves."""
+    images = all_images(state)
+    own = unwritten_bytes(i for i in images if i.parent == images_dir(state, uid))
+    left = room(state, images)
+    return min(left, (left + own) // 2 - own)
 
 
 def all_images(state: Path) -> list[Path]:
@@ -151,16 +205,26 @@ def state_lock(state: Path) -> Iterator[None]:
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     descriptor = os.open(state / "lock", flags, 0o600)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise HelperError(
+                        f"the disks stayed busy for {LOCK_WAIT} s; try again"
+                    ) from None
+                time.sleep(0.05)
         yield
     finally:
         os.close(descriptor)
 
 
-def run_tool(argv: list[str], what: str) -> None:
+def run_tool(argv: list[str], what: str, stdin: str = "") -> None:
     try:
         done = subprocess.run(
-            argv, capture_output=True, text=True, check=False, timeout=120,
+            argv, capture_output=True, text=True, check=False, timeout=120, input=stdin,
             env={"PATH": TOOL_PATH, "LC_ALL": "C"},
         )  # fmt: skip
     except (OSError, subprocess.TimeoutExpired) as error:
@@ -192,11 +256,12 @@ def make(state: Path, uid: int, agent_id: str, size: int) -> Path:
         if image.exists() or os.path.lexists(target):
             raise HelperError(f"agent {agent_id} has a disk already")
         # Lowered to the room left (what was written since the caller asked for it counts).
-        left = room(state, all_images(state))
+        left = room_for(state, uid)
         if left < min(size, MIN_ROOM):
             raise HelperError(
                 f"no room for a disk on the filesystem of {state}: {max(left, 0) >> 20} MiB "
-                "left once the other disks may fill up"
+                "left for you once the disks there may fill up (a user's disks may promise at "
+                "most half of it)"
             )
         size = min(size, left)
         try:
@@ -208,10 +273,12 @@ def make(state: Path, uid: int, agent_id: str, size: int) -> Path:
             os.mkdir(target, 0o700)
             extended = f"{MKFS_EXTENDED},root_owner={uid}:{gid}"
             run_tool(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", extended, str(image)], "mkfs.ext4")
-            run_tool(["mount", "-o", "loop,nosuid,nodev", str(image), str(target)], "mount")
-            # An empty root: a worktree is checked out into it, and git must not see lost+found.
-            (target / "lost+found").rmdir()
-            os.chmod(target, 0o700)
+            # Before it is mounted: its root closed to others (mkfs makes it 0755) from the first
+            # moment it can be reached, and empty (git must not see lost+found in a worktree).
+            edit = "rmdir lost+found\nsif <2> mode 040700\n"
+            run_tool(["debugfs", "-w", "-f", "-", str(image)], "debugfs", stdin=edit)
+            options = "loop,nosuid,nodev"
+            run_tool(["mount", "-t", "ext4", "-o", options, str(image), str(target)], "mount")
         except BaseException:
             _remove(image, target)
             raise
@@ -219,18 +286,63 @@ def make(state: Path, uid: int, agent_id: str, size: int) -> Path:
 
 
 def release(state: Path, uid: int, agent_id: str) -> None:
-    """Unmount (lazily, if something still holds it) and delete the disk; nothing if none."""
+    """Unmount and delete the disk; nothing if none. While anything still holds it (a process
+    in it, a bind of it elsewhere) its file stays, counted, and the release fails: a later one
+    finishes it."""
+    target = mount_point(uid, agent_id, state)
+    if mounted(target):
+        # Written out before the lock is taken, so that the unmount under it is short.
+        subprocess.run(
+            ["sync", "--file-system", str(target)], capture_output=True, check=False,
+            timeout=600, env={"PATH": TOOL_PATH},
+        )  # fmt: skip
     with state_lock(state):
-        _remove(images_dir(state, uid) / f"{agent_id}.img", mount_point(uid, agent_id, state))
+        _remove(images_dir(state, uid) / f"{agent_id}.img", target)
+
+
+def mounted(target: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> int:
+    """How many mounts are stacked at ``target``, as the kernel lists them (a stat of the path
+    could be refused by a FUSE mount its user put on top)."""
+    wanted = str(target)
+    count = 0
+    with mountinfo.open(encoding="utf-8", errors="replace") as mounts:
+        for line in mounts:
+            fields = line.split(" ", 5)
+            if len(fields) > 4 and _unescape(fields[4]) == wanted:
+                count += 1
+    return count
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def in_use(image: Path) -> bool:
+    """Whether a loop device still reads and writes ``image``."""
+    return any(backing == str(image) for backing, _ in loop_devices())
 
 
 def _remove(image: Path, target: Path) -> None:
-    if os.path.ismount(target):
+    for _ in range(MAX_STACKED):  # what a user stacked on top comes off first
+        if not mounted(target):
+            break
         done = subprocess.run(
             ["umount", str(target)], capture_output=True, check=False, env={"PATH": TOOL_PATH}
         )
         if done.returncode != 0:
             run_tool(["umount", "--lazy", str(target)], "umount")
+    if mounted(target):
+        raise HelperError(f"{target} is still mounted after {MAX_STACKED} unmounts")
+    # A loop device lets go of its file just after the last unmount; one held elsewhere keeps
+    # it, and the file then stays to be counted.
+    deadline = time.monotonic() + RELEASE_WAIT
+    while in_use(image):
+        if time.monotonic() > deadline:
+            raise HelperError(
+                f"the disk {image.stem} is still in use (a process or a mount elsewhere holds "
+                "it); it stays, counted as taken, until a later release finds it free"
+            )
+        time.sleep(0.05)
     image.unlink(missing_ok=True)
     with contextlib.suppress(FileNotFoundError):
         target.rmdir()
@@ -240,9 +352,37 @@ def listing(state: Path, uid: int) -> list[str]:
     lines = []
     for image in sorted(images_dir(state, uid).glob("*.img")):
         facts = image.lstat()
-        mounted = os.path.ismount(mount_point(uid, image.stem, state))
-        lines.append(f"{image.stem} {facts.st_size} {facts.st_blocks * 512} {int(mounted)}")
+        is_mounted = mounted(mount_point(uid, image.stem, state)) > 0
+        lines.append(f"{image.stem} {facts.st_size} {facts.st_blocks * 512} {int(is_mounted)}")
     return lines
+
+
+def harden_process() -> None:
+    """What sudo hands over from the caller must not stop or starve root's work: their signals
+    (a stop while the lock is held would block every user), rlimits, niceness and umask."""
+    for stop in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(stop, signal.SIG_IGN)
+    # What is begun is finished (each step is short); the lock then goes with the process.
+    signal.pthread_sigmask(
+        signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+    )
+    unlimited = resource.RLIM_INFINITY
+    for limit, wanted in (
+        (resource.RLIMIT_FSIZE, unlimited),
+        (resource.RLIMIT_CPU, unlimited),
+        (resource.RLIMIT_AS, unlimited),
+        (resource.RLIMIT_DATA, unlimited),
+        (resource.RLIMIT_NPROC, unlimited),
+        (resource.RLIMIT_NOFILE, 4096),
+    ):
+        try:
+            resource.setrlimit(limit, (wanted, wanted))
+        except (ValueError, OSError):  # no CAP_SYS_RESOURCE: as far as the hard limit goes
+            hard = resource.getrlimit(limit)[1]
+            resource.setrlimit(limit, (hard, hard))
+    with contextlib.suppress(OSError):  # no CAP_SYS_NICE: as nice as the caller left it
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    os.umask(0o022)
 
 
 def main(argv: list[str], environ: dict[str, str], state: Path = STATE) -> int:
@@ -259,7 +399,7 @@ def main(argv: list[str], environ: dict[str, str], state: Path = STATE) -> int:
         private_dir(state, 0o755)
         if command == "room":
             with state_lock(state):
-                print(max(0, room(state, all_images(state))))
+                print(max(0, room_for(state, uid)))
         elif command == "make":
             print(make(state, uid, parse_agent_id(args[0]), parse_bytes(args[1])))
         elif command == "release":
@@ -276,4 +416,5 @@ def main(argv: list[str], environ: dict[str, str], state: Path = STATE) -> int:
 
 
 if __name__ == "__main__":
+    harden_process()
     sys.exit(main(sys.argv[1:], dict(os.environ)))
