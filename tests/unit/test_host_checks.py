@@ -695,3 +695,11 @@ def test_runtime_dir_must_exist_and_be_the_users_and_the_fix_needs_no_systemd(
     assert missing.fix.startswith(f"sudo install -d -m 700 -o alice /run/user/{uid} && export")
     assert not checks.check_runtime_dir(str(tmp_path), uid + 1, "alice").ok  # not theirs
     assert checks.check_runtime_dir(str(tmp_path), uid, "alice").ok
+
+
+def test_disk_quota_rootless_says_whether_the_disk_helper_serves_and_why_not() -> None:
+    served = checks.check_disk_helper(None)
+    assert served.ok and not served.required and "disk helper" in served.detail
+    gap = checks.check_disk_helper("you are not in the group kapsis (sudo usermod -aG ...)")
+    assert not gap.ok and not gap.required
+    assert gap.detail.startswith("NOT enforced: you are not in the group kapsis")
