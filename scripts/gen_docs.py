@@ -45,7 +45,7 @@ from pydantic_core import PydanticUndefined  # noqa: E402
 from ruamel.yaml import YAML  # noqa: E402
 
 from kapsis import errors  # noqa: E402
-from kapsis.config import kubernetes_section, models  # noqa: E402
+from kapsis.config import agent_section, kubernetes_section, models  # noqa: E402
 from kapsis.config.models import KapsisConfig  # noqa: E402
 from kapsis.config.trust import marker  # noqa: E402
 from kapsis.k8s.crd import crd_yaml  # noqa: E402
@@ -170,6 +170,19 @@ NAMED_TYPES: tuple[tuple[Any, str, str, str], ...] = (
         "object name",
         "object names",
         "a Kubernetes object name: lowercase letters, digits, `-` and `.`",
+    ),
+    (
+        agent_section.Endpoint,
+        "endpoint URL",
+        "endpoint URLs",
+        "an `http://` or `https://` base URL with a host, no query, user or spaces, e.g. "
+        "`https://llm.example.com/v1`",
+    ),
+    (
+        agent_section.ModelName,
+        "model name",
+        "model names",
+        "a model name: letters, digits and `._:/@+-`, at most 128, not starting with `-`",
     ),
     (
         models.SandboxPath,

@@ -142,7 +142,9 @@ def test_ten_agents_started_while_a_script_rewrites_the_checkout_each_see_their_
             results = list(
                 pool.map(
                     lambda i: run_json(kapsis, repo, task, "--agent-id", f"frz{i}",
-                                       "--mode", "worktree" if i % 3 == 0 else "overlay"),
+                                       "--mode", "worktree" if i % 3 == 0 else "overlay",
+                                       # Ten of the default 10g need 100 GB free: less each.
+                                       "--disk", "1g"),
                     range(10),
                 )
             )  # fmt: skip

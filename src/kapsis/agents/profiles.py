@@ -33,6 +33,17 @@ class ProfileNetwork(Section):
     )
 
 
+class ProfileSetting(Section):
+    """How a profile hands one of the agent section's values (agent.endpoint, agent.model) to
+    its CLI: a variable, arguments, or both."""
+
+    env: EnvName | None = Field(None, description="The variable its CLI reads the value from.")
+    args: list[str] = Field(
+        default_factory=list,
+        description="Arguments added to the command; `{value}` stands for the value.",
+    )
+
+
 class AgentProfile(Section):
     """What runs inside the sandbox."""
 
@@ -53,6 +64,17 @@ class AgentProfile(Section):
     )
     secrets: list[EnvName] = Field(
         default_factory=list, description="Secrets the agent needs, by variable name."
+    )
+    secret_sources: dict[EnvName, list[EnvName]] = Field(
+        default_factory=dict,
+        description="Host variables a secret of `secrets` may be read from, first found first "
+        "(default: its own name), e.g. CODEX_API_KEY: [CODEX_API_KEY, OPENAI_API_KEY].",
+    )
+    endpoint: ProfileSetting | None = Field(
+        None, description="How agent.endpoint reaches the CLI (none: it cannot be changed)."
+    )
+    model: ProfileSetting | None = Field(
+        None, description="How agent.model and --model reach the CLI (none: it cannot be changed)."
     )
     network: ProfileNetwork = Field(default_factory=ProfileNetwork)
     source: str = Field("builtin", description="Where the profile was loaded from (set by Kapsis).")

@@ -86,6 +86,9 @@ def run(
         str | None,
         typer.Option(help="What the agent may write to its workspace and each tmpfs, e.g. 2g."),
     ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="The model the agent uses (agent.model), e.g. gpt-5.")
+    ] = None,
     image: Annotated[str | None, typer.Option(help="Container image.")] = None,
     branch: Annotated[
         str | None,
@@ -144,6 +147,7 @@ def run(
         cpus=cpus,
         timeout=timeout,
         disk=disk,
+        model=model,
         image=image,
         branch=branch,
         base_branch=base_branch,

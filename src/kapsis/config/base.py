@@ -30,6 +30,15 @@ def _check_env_name(value: str) -> str:
 EnvName = Annotated[str, AfterValidator(_check_env_name)]
 
 
+def _check_absolute(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} must be an absolute path inside the sandbox")
+    return value
+
+
+SandboxPath = Annotated[str, AfterValidator(_check_absolute)]
+
+
 # The trust marker of a config field (see kapsis.config.trust): what a value from a project's own
 # file, which the agent can edit, may do without the user's `kapsis trust`. It is part of each
 # field's JSON Schema, so the schema and the generated reference show it.

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
+from kapsis.config.agent_section import AgentSection as AgentSection
+
 # Re-exported: the base and the variable-name type are shared with the section modules.
 from kapsis.config.base import (
     AGENT_HOME,
@@ -21,12 +23,12 @@ from kapsis.config.base import (
     AT_MOST_TIME,
     FREE,
     NEEDS_TRUST,
-    PROFILE,
     RESERVED_ENV_PREFIX as RESERVED_ENV_PREFIX,
     SECRETS_TMPFS,
     SUBSET,
     SUPERSET,
     EnvName as EnvName,
+    SandboxPath as SandboxPath,
     Section as Section,
     widest_first,
 )
@@ -150,12 +152,6 @@ def _check_capability(value: str) -> str:
     return upper if upper.startswith("CAP_") else f"CAP_{upper}"
 
 
-def _check_absolute(value: str) -> str:
-    if not value.startswith("/"):
-        raise ValueError(f"{value!r} must be an absolute path inside the sandbox")
-    return value
-
-
 MemorySize = Annotated[str, AfterValidator(_check_memory)]
 ByteSize = Annotated[str, AfterValidator(_check_size)]
 Duration = Annotated[str | int, AfterValidator(_check_duration)]
@@ -179,27 +175,6 @@ def _check_resolver(value: str) -> str:
 
 IPAddress = Annotated[str, AfterValidator(_check_resolver)]
 Capability = Annotated[str, AfterValidator(_check_capability)]
-SandboxPath = Annotated[str, AfterValidator(_check_absolute)]
-
-
-class AgentSection(Section):
-    name: str = Field(
-        "shell",
-        description="Agent profile to run: a built-in (shell, claude, codex, aider, gemini) or a "
-        "user profile from ~/.config/kapsis/agents/NAME.yaml.",
-        json_schema_extra=PROFILE,
-    )
-    command: str | list[str] | None = Field(
-        None,
-        description="Replaces the profile's command. A string runs with `sh -c`; a list is the "
-        "argv, where `{task}` stands for the task text. The task is also in $KAPSIS_TASK.",
-        json_schema_extra=FREE,
-    )
-    workdir: SandboxPath | None = Field(
-        None,
-        description="Working directory inside the sandbox (default: the profile's, /workspace).",
-        json_schema_extra=FREE,
-    )
 
 
 class ResourcesSection(Section):

@@ -19,6 +19,7 @@ from kapsis.agents.profiles import AgentProfile, find_profile
 from kapsis.config.models import (
     DEFAULT_COMMIT_EXCLUDE,
     DEFAULT_COMMIT_MESSAGE,
+    AgentSection,
     duration_to_seconds,
 )
 from kapsis.errors import ConfigError
@@ -43,6 +44,7 @@ from kapsis.k8s.render_pod import (
 from kapsis.k8s.resource import GROUP, KIND, VERSION, AgentRequestSpec
 from kapsis.k8s.settings import OperatorSettings
 from kapsis.network.gateway_layout import UNPRIVILEGED_PORT_START
+from kapsis.sandbox.agent_options import AgentOptions, agent_options
 from kapsis.sandbox.plan import (
     MAX_ARG_LENGTH,
     agent_command as local_agent_command,
@@ -157,17 +159,28 @@ def _command_template(spec: AgentRequestSpec, profile: AgentProfile) -> str | li
     return spec.agent.command if spec.agent.command is not None else profile.command
 
 
+def spec_agent_options(spec: AgentRequestSpec, profile: AgentProfile) -> AgentOptions:
+    """agent.endpoint, agent.model and agent.args of the request, as a local run takes them."""
+    section = AgentSection(
+        name=profile.name, endpoint=spec.agent.endpoint, model=spec.agent.model,
+        args=spec.agent.args,
+    )  # fmt: skip
+    return agent_options(section, profile, lambda key: "spec." + ".".join(key))
+
+
 def command_argv(spec: AgentRequestSpec, profile: AgentProfile) -> tuple[str, ...]:
     """The agent's argv, as a local run builds it; ``{task}`` from a ConfigMap is read at start."""
     template = _command_template(spec, profile)
+    extra = spec_agent_options(spec, profile).args
     if isinstance(template, str) or spec.task.inline is not None:
         try:  # as locally: a string goes through sh, {task} is the inline text
-            return local_agent_command(template, spec.task.inline or "")
+            return local_agent_command(template, spec.task.inline or "", extra)
         except ConfigError:
             raise ConfigError(
                 f"spec.task.inline: longer than {MAX_ARG_LENGTH} bytes, too long for a command "
                 "argument; put it in a ConfigMap (spec.task.configMapRef)"
             ) from None
+    template = [*template, *extra]
     if not any("{task}" in part for part in template):
         return tuple(template)
     # The text is only known in the Pod: a shell reads the spec file and substitutes it.
@@ -195,8 +208,10 @@ def _task_text_summary(name: str, spec: AgentRequestSpec) -> str:
 
 def agent_env(name: str, spec: AgentRequestSpec, profile: AgentProfile) -> list[dict[str, Any]]:
     secrets = spec.environment.secrets
+    options = spec_agent_options(spec, profile)
     plain = {
         **{k: v for k, v in profile.env.items() if k not in secrets},
+        **{k: v for k, v in options.env.items() if k not in secrets},
         **spec.environment.set,
         "HOME": layout.AGENT_HOME,
         "KAPSIS_AGENT_ID": name,

@@ -75,11 +75,13 @@ def network_policy_of(
     """The effective allowlist, built like a local run's (minus flags and build tools)."""
     network = spec.network
     builder = PolicyBuilder(network.mode)
+    endpoint = spec.agent.endpoint
     add_allowlist(
         builder,
         network.allowlist,
         profile,
         lambda key, index: f"spec.network.allowlist.{key}[{index}]",
+        (endpoint, "spec.agent.endpoint") if endpoint else None,
     )
     servers = upstreams(spec, settings) if network.mode == "filtered" else ()
     return builder.build(servers, dns=dns_limits(network.dns))

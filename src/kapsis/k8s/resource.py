@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kapsis.config.agent_section import MAX_ARGS, Endpoint, ModelName
 from kapsis.config.models import (
     EnvName,
     MemorySize,
@@ -59,6 +60,15 @@ class AgentSpec(ResourceModel):
     command: list[str] | None = Field(
         None, description="Command to run instead of the profile's (argv, no shell)."
     )
+    args: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_ARGS,
+        description="Arguments added after the command (agent.args).",
+    )
+    endpoint: Endpoint | None = Field(
+        None, description="The model API's base URL (agent.endpoint); its host is allowed."
+    )
+    model: ModelName | None = Field(None, description="The model the agent uses (agent.model).")
 
 
 class TaskSpec(ResourceModel):

@@ -57,6 +57,9 @@ MAPPED_KEYS: frozenset[KeyPath] = frozenset(
     {
         ("agent", "name"),
         ("agent", "command"),
+        ("agent", "args"),
+        ("agent", "endpoint"),
+        ("agent", "model"),
         ("image", "name"),
         ("resources", "memory"),
         ("resources", "cpus"),
@@ -358,7 +361,14 @@ def build_submission(
         )
     )
     spec = AgentRequestSpec(
-        agent=AgentSpec(profile=profile.name, image=image, command=command),
+        agent=AgentSpec(
+            profile=profile.name,
+            image=image,
+            command=command,
+            args=config.agent.args,
+            endpoint=config.agent.endpoint,
+            model=config.agent.model,
+        ),
         task=task,
         workspace=WorkspaceSpec(
             git=GitWorkspace(

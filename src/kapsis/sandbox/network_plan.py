@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from kapsis.agents import AgentProfile
 from kapsis.buildtools import allowlist_entries
+from kapsis.config.agent_section import endpoint_allow_entry
 from kapsis.config.loader import LoadedConfig
 from kapsis.config.models import AllowlistSection, DnsSection, NetworkMode
 from kapsis.errors import ConfigError
@@ -92,9 +93,17 @@ def add_allowlist(
     allowlist: AllowlistSection,
     profile: AgentProfile,
     source_of: Callable[[str, int], str],
+    endpoint: tuple[str, str] | None = None,
 ) -> None:
-    """The allowlist section and the profile's API hosts, on both backends; ``source_of(key,
-    index)`` says where an entry came from (a config file:line, or a request's spec key)."""
+    """The allowlist section, the profile's API hosts and the agent's endpoint (its URL and
+    where it was set), on both backends; ``source_of(key, index)`` says where an entry came
+    from (a config file:line, or a request's spec key)."""
+    if endpoint is not None:
+        url, where = endpoint
+        entry, is_address = endpoint_allow_entry(url)
+        (builder.add_address if is_address else builder.add_host)(
+            entry, f"agent.endpoint ({where})"
+        )
     for index, host in enumerate(allowlist.hosts):
         builder.add_host(host, source_of("hosts", index))
     for index, name in enumerate(allowlist.categories):
@@ -124,11 +133,13 @@ def plan_network(
 ) -> NetworkPlan:
     network = loaded.config.network
     builder = PolicyBuilder(network.mode)
+    endpoint = loaded.config.agent.endpoint
     add_allowlist(
         builder,
         network.allowlist,
         profile,
         lambda key, index: str(loaded.origin_of(("network", "allowlist", key, index))),
+        (endpoint, str(loaded.origin_of(("agent", "endpoint")))) if endpoint else None,
     )
     for entry, key, is_address in allowlist_entries(loaded.config.build_tools):
         # The approved package source is reachable without listing it twice.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from secrets import token_hex
@@ -27,6 +28,7 @@ from kapsis.config.models import (
 )
 from kapsis.errors import ConfigError, HostUnsupportedError
 from kapsis.host.facts import HostFacts
+from kapsis.sandbox.agent_options import agent_options
 from kapsis.sandbox.network_plan import NetworkPlan, plan_network
 from kapsis.sandbox.plan_model import PlanModel
 from kapsis.sandbox.secrets_plan import (
@@ -157,6 +159,7 @@ class RunRequest:
     cpus: float | None = None
     timeout: str | None = None
     disk: str | None = None
+    model: str | None = None
     image: str | None = None
     branch: str | None = None
     base_branch: str | None = None
@@ -179,6 +182,7 @@ class RunRequest:
             "resources.cpus": ("--cpus", self.cpus),
             "resources.timeout": ("--timeout", self.timeout),
             "resources.disk": ("--disk", self.disk),
+            "agent.model": ("--model", self.model),
             "image.name": ("--image", self.image),
             "git.branch": ("--branch", self.branch),
             "git.base_branch": ("--base-branch", self.base_branch),
@@ -228,12 +232,14 @@ def build_plan(
     secrets_planned = plan_secrets(loaded, profile, environ)
     secret_names = {secret.name for secret in secrets_planned}
 
-    command = agent_command(config.agent.command or profile.command, task_text)
+    agent_extras = agent_options(config.agent, profile, loaded.origin_of)
+    command = agent_command(config.agent.command or profile.command, task_text, agent_extras.args)
     summary = task_summary(task_text, spec_source)
     workspace, git = plan_workspace_and_git(loaded, project, agent_id, task_text)
     sandbox_root = paths.sandbox_dir(agent_id)
     env = {
         **{k: v for k, v in profile.env.items() if k not in secret_names},
+        **{k: v for k, v in agent_extras.env.items() if k not in secret_names},
         **{k: v for k, v in config.environment.set.items() if k not in secret_names},
         "HOME": AGENT_HOME,
         "KAPSIS_AGENT_ID": agent_id,
@@ -357,12 +363,16 @@ def task_of(request: RunRequest) -> tuple[str, str | None]:
     return request.task, None
 
 
-def agent_command(template: str | list[str], task_text: str) -> tuple[str, ...]:
-    """The agent's argv from a profile's command template (both backends build it so)."""
+def agent_command(
+    template: str | list[str], task_text: str, extra: Sequence[str] = ()
+) -> tuple[str, ...]:
+    """The agent's argv from a profile's command template and the ``extra`` arguments after it
+    (:func:`~kapsis.sandbox.agent_options.agent_options`); both backends build it so."""
     if isinstance(template, str):
-        # A string command goes through sh; the task reaches it only as $KAPSIS_TASK.
-        return ("sh", "-c", template)
-    argv = tuple(part.replace("{task}", task_text) for part in template)
+        # A string command goes through sh; the task reaches it only as $KAPSIS_TASK, the
+        # extra arguments as $1, $2, ...
+        return ("sh", "-c", template, *(("sh", *extra) if extra else ()))
+    argv = (*(part.replace("{task}", task_text) for part in template), *extra)
     if not all(fits_one_string(part) for part in argv):
         raise ConfigError(
             f"the task is longer than {MAX_ARG_LENGTH} bytes, too long for a command argument; "

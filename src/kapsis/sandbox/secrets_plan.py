@@ -44,6 +44,9 @@ class SecretPlan(PlanModel):
     accounts: tuple[str, ...] = ()
     target_file: str | None = None
     template: str | None = None
+    # host-environment: the host variable the value is read from, when not ``name`` (the
+    # profile's secret_sources, e.g. CODEX_API_KEY from OPENAI_API_KEY).
+    host_variable: str | None = None
 
     @property
     def to_file(self) -> bool:
@@ -84,14 +87,22 @@ def plan_secrets(
     for name in profile.secrets:
         if name in planned:
             continue
-        if name in environ:
+        sources = profile.secret_sources.get(name) or [name]
+        found = next((variable for variable in sources if variable in environ), None)
+        if found is not None:
             origin = f"agent profile {profile.name} ({profile.source})"
-            planned[name] = SecretPlan(name=name, source="host-environment", origin=origin)
+            planned[name] = SecretPlan(
+                name=name,
+                source="host-environment",
+                origin=origin if found == name else f"{origin}, from ${found}",
+                host_variable=None if found == name else found,
+            )
         elif name not in environment.set:
+            exports = " or ".join(sources)
             raise ConfigError(
                 f"agent '{profile.name}' needs the secret {name}, and no source has it: not in "
                 f"environment.keychain or environment.passthrough of the config, nor in the host "
                 f"environment; add `environment.keychain.{name}: {{service: ..., account: ...}}` "
-                f"to agent-sandbox.yaml, or export {name}"
+                f"to agent-sandbox.yaml, or export {exports}"
             )
     return tuple(planned.values())

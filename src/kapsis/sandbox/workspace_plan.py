@@ -186,7 +186,8 @@ def _with_helper_disk(
         raise SandboxError(
             f"no room for the agent's disk on the filesystem of {disk_helper.STATE}: "
             f"{room // 1024**2} MiB left once the other agents' disks may fill up; free some "
-            "space, or set resources.disk: null to run without a disk limit"
+            "space, give each agent less (--disk 2g), or set resources.disk: null to run "
+            "without a disk limit"
         )
     agent_id = Path(workspace.root).name
     mount = disk_helper.mount_point(uid, agent_id)
@@ -223,7 +224,8 @@ def room_for_a_disk(root: Path, wanted: int) -> int:
             f"no room for the agent's disk on the filesystem of {existing}: "
             f"{free / 1024**2:.0f} MiB free, {HOST_RESERVE // 1024**2} MiB of it kept for the "
             f"audit trail and status and {promised / 1024**2:.0f} MiB for the other agents' "
-            "disks; free some space, or set resources.disk: null to run without a disk limit"
+            "disks (`kapsis cleanup` releases those of finished agents); free some space, give "
+            "each agent less (--disk 2g), or set resources.disk: null to run without a disk limit"
         )
     return room
 

@@ -39,10 +39,12 @@ def resolve_secrets(
                 )
             values[secret.name] = found.value
         else:
-            value = environ.get(secret.name)
+            variable = secret.host_variable or secret.name
+            value = environ.get(variable)
             if value is None:
+                shown = secret.name if variable == secret.name else f"{secret.name} (${variable})"
                 raise ConfigError(
-                    f"{secret.origin}: the secret {secret.name} is no longer set in the host "
+                    f"{secret.origin}: the secret {shown} is no longer set in the host "
                     "environment; export it and run again"
                 )
             values[secret.name] = value
