@@ -110,6 +110,18 @@ class AgentFailedError(KapsisError):
         self.agent_exit_code = agent_exit_code
 
 
+class AgentReportedFailure(KapsisError):
+    """The agent's own output says it failed, whatever its exit code (its profile's
+    ``failure:`` signs): it could not reach its model, say."""
+
+    exit_code = ExitCode.AGENT_FAILED
+    error_type = "agent_error"
+
+    def __init__(self, message: str, agent_exit_code: int) -> None:
+        super().__init__(message)
+        self.agent_exit_code = agent_exit_code
+
+
 class AgentKilledError(KapsisError):
     """The agent was killed: out of memory, by ``kapsis stop``, or by a signal."""
 

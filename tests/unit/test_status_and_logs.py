@@ -398,3 +398,10 @@ def test_disabled_audit_log_writes_nothing(tmp_path):
     AuditLog("a1", enabled=False, directory=tmp_path).record("session_start")
 
     assert not (tmp_path / "a1.jsonl").exists()
+
+
+def test_exit_128_is_a_failure_not_signal_0(make_plan):
+    error = classify(make_plan(), ExitInfo(exit_code=128), stop_requested=False)
+
+    assert isinstance(error, AgentFailedError)
+    assert "code 128" in str(error) and "signal" not in str(error)

@@ -44,6 +44,21 @@ class ProfileSetting(Section):
     )
 
 
+class FailureSign(Section):
+    """Output by which a CLI that says it succeeded (exit 0) shows it failed."""
+
+    output: str = Field(
+        min_length=4,
+        max_length=200,
+        description="Text in the agent's output (matched as it is, not as a pattern).",
+    )
+    reason: str = Field(
+        min_length=1,
+        max_length=200,
+        description="What it means, for the run's message, e.g. 'could not reach its model'.",
+    )
+
+
 class AgentProfile(Section):
     """What runs inside the sandbox."""
 
@@ -75,6 +90,16 @@ class AgentProfile(Section):
     )
     model: ProfileSetting | None = Field(
         None, description="How agent.model and --model reach the CLI (none: it cannot be changed)."
+    )
+    state_files: list[str] = Field(
+        default_factory=list,
+        description="The CLI's own files in the workspace (glob patterns, as git.commit_exclude): "
+        "never committed unless git.commit_agent_state.",
+    )
+    failure: list[FailureSign] = Field(
+        default_factory=list,
+        description="Output that means the agent failed, for a CLI whose exit code can say "
+        "success when it failed: the run then fails (agent_error) with the reason.",
     )
     network: ProfileNetwork = Field(default_factory=ProfileNetwork)
     source: str = Field("builtin", description="Where the profile was loaded from (set by Kapsis).")

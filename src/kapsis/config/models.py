@@ -548,6 +548,12 @@ class GitSection(Section):
         "committed; the run lists what it skipped.",
         json_schema_extra=SUPERSET,
     )
+    commit_agent_state: bool = Field(
+        False,
+        description="Commit the agent CLI's own state files too (its profile's state_files, "
+        "e.g. Aider's .aider* history); by default they are left out, with a note.",
+        json_schema_extra=FREE,
+    )
     max_file_size: ByteSize = Field(
         "100m",
         description="Files larger than this are left out of the commit, with a note, as "

@@ -33,6 +33,7 @@ from kapsis.errors import (
     KapsisError,
     SandboxStartError,
 )
+from kapsis.sandbox.agent_outcome import reported_failure
 from kapsis.sandbox.idle import STALLED, IdleWatcher, stalled_message
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.save_work import WorkOutcome, save_work, work_location
@@ -335,6 +336,13 @@ def finish(
         stop_requested=bool(current and current.stop_requested),
         stalled=bool(current and current.stalled),
     )
+    if error is None or isinstance(error, AgentFailedError):
+        # A CLI whose exit code can lie says in its output why it failed.
+        transcript = paths.transcript_path(plan.agent_id)
+        error = (
+            reported_failure(plan.agent, transcript, plan.agent_failure, exit_info.exit_code)
+            or error
+        )
     # Each stage below runs whatever became of the one before: the run always ends with its
     # final status, the audit's session_end and seal, and the sandbox removed.
     try:
@@ -449,7 +457,7 @@ def classify(
         )
     if exit_info.exit_code == 0:
         return None
-    if exit_info.exit_code >= 128:
+    if exit_info.exit_code > 128:
         signal_number = exit_info.exit_code - 128
         return AgentKilledError(f"the agent was killed by signal {signal_number}", "killed")
     return AgentFailedError(

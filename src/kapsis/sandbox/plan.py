@@ -142,6 +142,8 @@ class SandboxPlan(PlanModel):
     # Host keys the sandbox's ssh and the host's push trust (None: ssh.verify_hosts is off).
     ssh: SshPlan | None = None
     build_tools: BuildToolsPlan | None = None
+    # The profile's failure signs: (output, reason) pairs (kapsis.sandbox.agent_outcome).
+    agent_failure: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -235,7 +237,9 @@ def build_plan(
     agent_extras = agent_options(config.agent, profile, loaded.origin_of)
     command = agent_command(config.agent.command or profile.command, task_text, agent_extras.args)
     summary = task_summary(task_text, spec_source)
-    workspace, git = plan_workspace_and_git(loaded, project, agent_id, task_text)
+    workspace, git = plan_workspace_and_git(
+        loaded, project, agent_id, task_text, profile.state_files
+    )
     sandbox_root = paths.sandbox_dir(agent_id)
     env = {
         **{k: v for k, v in profile.env.items() if k not in secret_names},
@@ -331,6 +335,7 @@ def build_plan(
         audit_enabled=config.audit.enabled,
         ssh=ssh,
         build_tools=tools,
+        agent_failure=tuple((sign.output, sign.reason) for sign in profile.failure),
         labels={
             "io.kapsis.agent-id": agent_id,
             "io.kapsis.agent": profile.name,

@@ -138,6 +138,7 @@ def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
         MAX_COMMIT_BYTES,
         CommitRequest,
         commit_workspace,
+        is_excluded,
         split_identity,
         tree_listing,
     )
@@ -165,7 +166,7 @@ def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
             message=commit_message(plan),
             committer_name=name,
             committer_email=email,
-            exclude=git.commit_exclude,
+            exclude=(*git.commit_exclude, *git.state_files),
             max_file_size=git.max_file_size,
             scratch_name=plan.agent_id,
             agent_git=Path(workspace.agent_git) if workspace.agent_git else None,
@@ -182,8 +183,15 @@ def _commit(plan: SandboxPlan, repo: Repo, outcome: WorkOutcome) -> None:
     outcome.left_out = len(outcome.excluded_paths) + len(result.ignored) + len(result.unsupported)
     large = {path for path, _ in (*result.too_large, *result.sparse, *result.over_total)}
     patterned = [path for path in result.excluded if path not in large]
+    state = [path for path in patterned if is_excluded(path, git.state_files)]
+    patterned = [path for path in patterned if path not in state]
     if patterned:
         outcome.notes.append("not committed (git.commit_exclude): " + _some_paths(patterned))
+    if state:
+        outcome.notes.append(
+            f"not committed (the {plan.agent} CLI's own state; git.commit_agent_state: true "
+            "keeps it): " + _some_paths(state)
+        )
     if result.too_large:
         limit = f"{git.max_file_size / 1024**2:g} MiB"
         sized = [f"{path} ({size / 1024**2:.1f} MiB)" for path, size in result.too_large]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -117,6 +118,9 @@ class GitPlan(PlanModel):
     co_authors: tuple[str, ...] = ()
     committer: str | None = None
     commit_exclude: tuple[str, ...] = ()
+    # The agent CLI's own files (its profile's state_files): left out like commit_exclude,
+    # said apart from it.
+    state_files: tuple[str, ...] = ()
     max_file_size: int = 100 * 1024**2
     post_push_hook: str | None = None
     # filesystem.uncommitted: include carried the user's uncommitted state as this commit, the
@@ -248,6 +252,7 @@ def plan_workspace_and_git(
     project: Path,
     agent_id: str,
     task_summary: str,
+    state_files: Sequence[str] = (),
 ) -> tuple[WorkspacePlan, GitPlan]:
     config = loaded.config
     mode = config.filesystem.mode
@@ -382,6 +387,7 @@ def plan_workspace_and_git(
         co_authors=tuple(git.co_authors),
         committer=committer,
         commit_exclude=tuple(git.commit_exclude),
+        state_files=() if git.commit_agent_state else tuple(state_files),
         max_file_size=memory_to_bytes(git.max_file_size),
         post_push_hook=git.post_push_hook,
         carried_commit=carried[0] if carried else None,

@@ -1,0 +1,50 @@
+"""What the agent's own output says of how it went, for CLIs whose exit code can lie.
+
+Aider, for one, retries an unreachable model, gives up and exits 0. Its profile lists the
+output that means failure (``failure:``, plain text, never a pattern: the output is the
+agent's); the host looks for it in the end of the transcript it wrote itself, after the agent
+exited. What is read is bounded (:data:`MAX_READ`) and matched in one pass per sign.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from kapsis.errors import AgentReportedFailure
+
+# The end of the transcript that is looked through: a CLI says why it gave up last, and a
+# sign earlier on (a retry that then went through) means nothing.
+MAX_READ = 64 * 1024
+TAIL_LINES = 40
+MAX_SHOWN = 200
+# conmon's k8s-file lines: TIMESTAMP STREAM F|P TEXT.
+_LOG_PREFIX = re.compile(r"^\S+ (?:stdout|stderr) [FP] ")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def reported_failure(
+    agent: str, transcript: Path, signs: tuple[tuple[str, str], ...], agent_exit_code: int
+) -> AgentReportedFailure | None:
+    """The failure the agent's output shows (the first sign found, with the line it is on)."""
+    if not signs:
+        return None
+    try:
+        with transcript.open("rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - MAX_READ))
+            text = log.read(MAX_READ).decode("utf-8", "replace")
+    except OSError:
+        return None
+    text = "\n".join(text.rstrip("\n").split("\n")[-TAIL_LINES:])
+    for output, reason in signs:
+        at = text.rfind(output)
+        if at < 0:
+            continue
+        start = text.rfind("\n", 0, at) + 1
+        end = text.find("\n", at)
+        line = _LOG_PREFIX.sub("", text[start : end if end >= 0 else len(text)]).strip()
+        shown = _UNPRINTABLE.sub("?", line)[:MAX_SHOWN]
+        return AgentReportedFailure(f"{agent} {reason}: {shown}", agent_exit_code)
+    return None
