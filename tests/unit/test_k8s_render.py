@@ -380,3 +380,10 @@ def test_task_from_a_config_map_is_substituted_in_the_pod(tmp_path: Path) -> Non
     script = argv[2].replace("/task-spec.md", str(spec_file))
     out = subprocess.run([argv[0], argv[1], script], capture_output=True, text=True, check=True)
     assert out.stdout == '[do: say "$HOME" `x` \\ done!]'
+
+
+def test_the_finisher_leaves_out_the_agent_clis_own_state_files() -> None:
+    rendered = _render(_spec(agent={"profile": "aider"}))
+    finisher = _containers(rendered)[FINISHER_CONTAINER]
+    value = next(e["value"] for e in finisher["env"] if e["name"] == "KAPSIS_STEP_CONFIG")
+    assert ".aider*" in StepConfig.from_env_value(value).exclude

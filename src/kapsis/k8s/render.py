@@ -251,7 +251,8 @@ def step_config(name: str, spec: AgentRequestSpec, branch: str, profile: AgentPr
         push=git.push,
         credentials=kind,
         message=message,
-        exclude=DEFAULT_COMMIT_EXCLUDE,
+        # The agent CLI's own state files are left out as a local run leaves them.
+        exclude=(*DEFAULT_COMMIT_EXCLUDE, *profile.state_files),
         wait_timeout_seconds=wait,
     ).to_env()
 

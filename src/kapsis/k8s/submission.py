@@ -120,6 +120,7 @@ LOCAL_ONLY: dict[KeyPath, str] = {
     ("git", "co_authors"): _NOT_YET,
     ("git", "committer"): _NOT_YET,
     ("git", "commit_exclude"): _NOT_YET,
+    ("git", "commit_agent_state"): _NOT_YET,
     ("git", "max_file_size"): _NOT_YET,
     ("git", "post_push_hook"): "a command run on this machine after the push cannot run for a "
     "cluster run; remove it for --backend k8s",
