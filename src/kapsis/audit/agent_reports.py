@@ -20,6 +20,7 @@ import json
 import os
 import selectors
 import socket
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -27,12 +28,18 @@ from typing import Any
 
 from kapsis.audit.alerts import Alert, AlertEngine, alerts_path, append_alerts
 from kapsis.audit.log import AuditLog
+from kapsis.config.base import BASH_ENV_TARGET as BASH_ENV_TARGET
 from kapsis.secrets.redact import Redactor
 
 AUDIT_SOCKET = "audit.sock"  # in the sandbox dir
 SHELL_REPORTER = "report-shell.py"  # in the sandbox dir
 SOCKET_TARGET = "/run/kapsis/audit.sock"
 REPORTER_TARGET = "/run/kapsis/report-shell.py"
+# Every agent's bash: BASH_ENV names a script that traces its commands into a pipe the host
+# reads (audit/bash_env.sh), for agents whose CLI reports nothing of its own.
+TRACE_FIFO = "trace.fifo"  # in the sandbox dir
+TRACE_TARGET = "/run/kapsis/trace.fifo"
+BASH_ENV_FILE = "bash-env.sh"  # in the sandbox dir
 MAX_LINE = 16 * 1024
 MAX_RECORDS = 100_000
 # A report's detail as JSON: past this it is kept as the start of its text (bad bytes become
@@ -57,6 +64,21 @@ def install_shell_reporter(path: Path) -> None:
     source = importlib.resources.files("kapsis.audit").joinpath("shell_reporter.py")
     path.write_text(source.read_text())
     path.chmod(0o644)
+
+
+def install_bash_trace(root: Path) -> None:
+    """The script every agent's bash sources, and the pipe it traces into, in ``root``."""
+    source = importlib.resources.files("kapsis.audit").joinpath("bash_env.sh")
+    script = root / BASH_ENV_FILE
+    script.write_text(source.read_text())
+    script.chmod(0o644)
+    fifo = root / TRACE_FIFO
+    with contextlib.suppress(FileNotFoundError):
+        fifo.unlink()
+    os.mkfifo(fifo)
+    # Any uid of the sandbox may write its lines; only the host reads them. The sandbox dir
+    # around it is the user's alone.
+    fifo.chmod(0o622)
 
 
 def _not_json(constant: str) -> None:
@@ -172,8 +194,10 @@ class AgentReportServer:
         on_alert: Callable[[list[Alert]], None] | None = None,
         on_record: Callable[[dict[str, Any]], None] | None = None,
         on_stop: Callable[[], None] | None = None,
+        trace: Path | None = None,
     ) -> None:
         self.log = log
+        self.trace = trace
         self.alerts = alerts
         self.on_alert = on_alert
         self.on_record = on_record
@@ -233,7 +257,11 @@ class AgentReportServer:
         self.listener.setblocking(False)
         selector.register(self.listener, selectors.EVENT_READ, None)
         selector.register(self._wake_read, selectors.EVENT_READ, None)
-        buffers: dict[socket.socket, bytes] = {}
+        buffers: dict[socket.socket | int, bytes] = {}
+        trace = self._open_trace()
+        if trace is not None:
+            selector.register(trace, selectors.EVENT_READ, None)
+            buffers[trace] = b""
         while True:
             stopping = self._stop.is_set()
             # Once stopping, drain: take every pending connection and line, then end.
@@ -251,29 +279,63 @@ class AgentReportServer:
                         selector.register(connection, selectors.EVENT_READ, None)
                         buffers[connection] = b""
                     continue
-                connection = key.fileobj  # type: ignore[assignment]
-                try:
-                    chunk = connection.recv(65536)
-                except OSError:
-                    chunk = b""
-                data = buffers.get(connection, b"") + chunk
+                source: socket.socket | int = key.fileobj  # type: ignore[assignment]
+                chunk = self._read(source)
+                if chunk is None:
+                    continue
+                data = buffers.get(source, b"") + chunk
                 *lines, rest = data.split(b"\n")
                 for line in lines:
                     self._record(line[:MAX_LINE])
                 if not chunk:
                     if rest:
                         self._record(rest[:MAX_LINE])
-                    selector.unregister(connection)
-                    connection.close()
-                    buffers.pop(connection, None)
+                    selector.unregister(source)
+                    self._close(source)
+                    buffers.pop(source, None)
                 else:
                     # The head: what a long line says first (the command) is what it is about.
-                    buffers[connection] = rest[:MAX_LINE]
-        for connection in list(buffers):
+                    buffers[source] = rest[:MAX_LINE]
+        for source in list(buffers):
             with contextlib.suppress(Exception):
-                selector.unregister(connection)
-            connection.close()
+                selector.unregister(source)
+            self._close(source)
         selector.close()
+
+    @staticmethod
+    def _read(source: socket.socket | int) -> bytes | None:
+        """What came on a connection or the trace pipe (b"": it ended; None: nothing yet)."""
+        try:
+            if isinstance(source, int):
+                return os.read(source, 65536)
+            return source.recv(65536)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
+    @staticmethod
+    def _close(source: socket.socket | int) -> None:
+        if isinstance(source, int):
+            os.close(source)
+        else:
+            source.close()
+
+    def _open_trace(self) -> int | None:
+        """The trace pipe, opened for reading and writing: with the host as a writer too, it
+        never reads as ended when the agent's shells close it, and no writer waits for a
+        reader. Not a pipe (or none): no trace."""
+        if self.trace is None:
+            return None
+        try:
+            flags = os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
+            descriptor = os.open(self.trace, flags)
+        except OSError:
+            return None
+        if not stat.S_ISFIFO(os.fstat(descriptor).st_mode):
+            os.close(descriptor)
+            return None
+        return descriptor
 
     def _record(self, line: bytes) -> None:
         """Record one line; a line that cannot be recorded is dropped and said, and the

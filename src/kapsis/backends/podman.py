@@ -19,9 +19,14 @@ from typing import TYPE_CHECKING
 from kapsis import paths
 from kapsis.audit.agent_reports import (
     AUDIT_SOCKET,
+    BASH_ENV_FILE,
+    BASH_ENV_TARGET,
     REPORTER_TARGET,
     SHELL_REPORTER,
     SOCKET_TARGET,
+    TRACE_FIFO,
+    TRACE_TARGET,
+    install_bash_trace,
     install_shell_reporter,
 )
 from kapsis.backends import _uidslots
@@ -117,6 +122,9 @@ def agent_run_args(plan: SandboxPlan, *, detach: bool, uid_base: int | str) -> l
         # The agent's side of the audit trail: a socket to report on, never the log itself.
         args += ["--volume", f"{root / AUDIT_SOCKET}:{SOCKET_TARGET}"]
         args += ["--volume", f"{root / SHELL_REPORTER}:{REPORTER_TARGET}:ro"]
+        # Every agent's bash traces its commands into a pipe the host reads (BASH_ENV).
+        args += ["--volume", f"{root / BASH_ENV_FILE}:{BASH_ENV_TARGET}:ro"]
+        args += ["--volume", f"{root / TRACE_FIFO}:{TRACE_TARGET}"]
         args += ["--env", f"KAPSIS_AUDIT_SOCKET={SOCKET_TARGET}"]
     for name, value in plan.env.items():
         args += ["--env", f"{name}={value}"]
@@ -418,6 +426,7 @@ class PodmanBackend(Backend):
             (root / "seccomp.json").write_text(json.dumps(seccomp_profile()))
         if plan.audit_enabled:
             install_shell_reporter(root / SHELL_REPORTER)
+            install_bash_trace(root)
         write_host_files(plan)
         if plan.security.apparmor_profile:
             _load_apparmor(plan.security.apparmor_profile)

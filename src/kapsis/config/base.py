@@ -16,6 +16,9 @@ RESERVED_ENV_PREFIX = "KAPSIS_"
 # Config validation checks against them, so they live at the bottom of the imports.
 AGENT_HOME = "/home/agent"
 SECRETS_TMPFS = "/run/kapsis/secrets"
+# The script each of the agent's bash shells sources (BASH_ENV): it traces their commands to
+# the audit trail (kapsis.audit.agent_reports).
+BASH_ENV_TARGET = "/run/kapsis/bash-env.sh"
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from kapsis import paths
 from kapsis.audit import AuditLog
-from kapsis.audit.agent_reports import AUDIT_SOCKET, AgentReportServer
+from kapsis.audit.agent_reports import AUDIT_SOCKET, TRACE_FIFO, AgentReportServer
 from kapsis.audit.alerts import Alert, AlertEngine
 from kapsis.backends import Backend, ExitInfo
 from kapsis.errors import (
@@ -315,6 +315,7 @@ def open_agent_reports(
         on_alert=on_alert,
         on_record=activity.observe,
         on_stop=activity.flush,
+        trace=root / TRACE_FIFO,
     )
 
 

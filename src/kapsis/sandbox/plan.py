@@ -248,6 +248,10 @@ def build_plan(
         "HOME": AGENT_HOME,
         "KAPSIS_AGENT_ID": agent_id,
     }
+    if config.audit.enabled:
+        # Each bash the agent starts traces its commands to the audit trail (every agent,
+        # whatever its CLI reports itself): kapsis.audit.agent_reports.
+        env.setdefault("BASH_ENV", config_base.BASH_ENV_TARGET)
     if spec_source is not None:
         env["KAPSIS_TASK_SPEC"] = SPEC_TARGET
     elif fits_one_string(f"KAPSIS_TASK={task_text}"):
