@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -305,6 +306,28 @@ def _listed(items: list[str], limit: int = 5) -> str:
     unique = list(dict.fromkeys(items))
     shown = ", ".join(unique[:limit])
     return shown + (f" and {len(unique) - limit} more" if len(unique) > limit else "")
+
+
+def api_notes(report: NetworkReport, api_hosts: Iterable[str]) -> list[str]:
+    """The model API's side first: an agent that retried an unreachable endpoint until it gave
+    up (or its time ran out) says why in one line per API host the gateway could not serve."""
+    hosts = {host.lower().rstrip(".") for host in api_hosts}
+    said: dict[str, str] = {}
+    for event in report.dns:
+        name = event.name.lower().rstrip(".")
+        if name not in hosts or name in said:
+            continue
+        if event.decision in REFUSED_DNS:
+            said[name] = f"no answer from {name}: the gateway refused its name ({event.reason})"
+        elif event.decision == "unresolved":
+            said[name] = f"no answer from {name}: it could not be resolved"
+    for decision in report.proxy:
+        name = decision.name.lower().rstrip(".")
+        if not decision.allowed and name in hosts and name not in said:
+            said[name] = (
+                f"no answer from {name}: the gateway refused the connection ({decision.reason})"
+            )
+    return list(said.values())
 
 
 def report_notes(report: NetworkReport) -> list[str]:

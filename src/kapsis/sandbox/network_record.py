@@ -20,6 +20,7 @@ from kapsis.network.gateway_files import gateway_dirs
 from kapsis.network.gateway_layout import DNS_FRONT_SOURCE
 from kapsis.network.observe import (
     NetworkReport,
+    api_notes,
     parse_dns_log,
     parse_dns_refusals,
     parse_proxy_log,
@@ -99,7 +100,13 @@ def record_network(
         gateway_ran_to_the_end=report.gateway_ran_to_the_end,
         log=str(log),
     )
-    notes = []
+    # The model API's hosts: the profile's and agent.endpoint's (by where they came from).
+    api_hosts = [
+        rule.pattern
+        for rule in plan.network.policy.rules
+        if any(source.startswith(("agent profile", "agent.endpoint")) for source in rule.sources)
+    ]
+    notes = api_notes(report, api_hosts)
     if report.blocked_requests:
         notes.append(f"the gateway refused {report.blocked_requests} request(s); see {log}")
     notes += report_notes(report)
