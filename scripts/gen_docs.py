@@ -172,6 +172,12 @@ NAMED_TYPES: tuple[tuple[Any, str, str, str], ...] = (
         "a Kubernetes object name: lowercase letters, digits, `-` and `.`",
     ),
     (
+        models.CaBundle,
+        "CA bundle",
+        "CA bundles",
+        "`host` (the bundle the host trusts) or the path of a PEM file",
+    ),
+    (
         agent_section.Endpoint,
         "endpoint URL",
         "endpoint URLs",

@@ -340,7 +340,24 @@ class NetworkPolicySection(Section):
     )
 
 
+def _check_ca_bundle(value: str) -> str:
+    if value != "host" and not value.startswith(("/", "~")):
+        raise ValueError(f"{value!r}: use host (the host's own bundle) or a PEM file's path")
+    return value
+
+
+CaBundle = Annotated[str, AfterValidator(_check_ca_bundle)]
+
+
 class NetworkSection(NetworkPolicySection):
+    ca_bundle: CaBundle | None = Field(
+        None,
+        description="CA certificates the sandbox's HTTPS clients trust: host (the bundle the "
+        "host trusts, e.g. with a TLS-inspecting proxy's CA) or a PEM file. Mounted read-only "
+        "and named by SSL_CERT_FILE, NODE_EXTRA_CA_CERTS, REQUESTS_CA_BUNDLE, PIP_CERT, "
+        "GIT_SSL_CAINFO and CURL_CA_BUNDLE. Default: the image's own.",
+        json_schema_extra=NEEDS_TRUST,
+    )
     podman_network: str = Field(
         "podman",
         description="The Podman network a filtered sandbox's gateway (or an open sandbox) is "

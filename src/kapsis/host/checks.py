@@ -128,6 +128,8 @@ def run_checks(image: str = DEFAULT_IMAGE) -> list[Check]:
         check_debootstrap(_find_program("debootstrap"), needed=not image_check.ok, sudo=sudo)
     )
     checks.append(image_check)
+    if image_check.ok:
+        checks.append(check_ca_bundle(_cas_the_image_lacks(image)))
     checks.append(check_gateway_image(DEFAULT_GATEWAY_IMAGE, image_present(DEFAULT_GATEWAY_IMAGE)))
     from kapsis.agents import list_profiles
 
@@ -176,6 +178,47 @@ def check_runtime(runtime: str | None, path: str | None, *, sudo: str = "") -> C
         )
         return Check("OCI runtime", False, what, f"{sudo}apt-get install {runtime or 'crun'}")
     return Check("OCI runtime", True, f"{runtime} ({path})")
+
+
+def check_ca_bundle(lacking: list[str] | None) -> Check:
+    """Whether the host trusts CAs the base image does not (a TLS-inspecting proxy's)."""
+    name = "CA certificates"
+    if lacking is None:
+        return Check(
+            name, True, "not compared (no host bundle, or the image has none)", required=False
+        )
+    if not lacking:
+        return Check(name, True, "the base image trusts every CA the host does", required=False)
+    shown = "; ".join(lacking[:2]) + (f" and {len(lacking) - 2} more" if len(lacking) > 2 else "")
+    return Check(
+        name,
+        False,
+        f"the host trusts {len(lacking)} CA(s) the base image does not ({shown}): HTTPS from "
+        "a sandbox through this network may fail certificate checks",
+        "set network.ca_bundle: host in ~/.config/kapsis/config.yaml",
+        required=False,
+    )
+
+
+def _cas_the_image_lacks(image: str) -> list[str] | None:
+    from kapsis.sandbox.ca_bundle import HOST_BUNDLES, extra_host_cas
+
+    host = next((Path(p) for p in HOST_BUNDLES if Path(p).is_file()), None)
+    if host is None:
+        return None
+    try:
+        shown = subprocess.run(
+            ["podman", "run", "--rm", "--network", "none", "--entrypoint", "cat", image,
+             HOST_BUNDLES[0]],
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if shown.returncode != 0 and b"No such file" in shown.stderr:
+        return extra_host_cas(host.read_bytes(), b"")  # the image trusts no CA at all
+    if shown.returncode != 0:
+        return None
+    return extra_host_cas(host.read_bytes(), shown.stdout)
 
 
 def check_disk_helper(gap: str | None) -> Check:

@@ -111,6 +111,8 @@ LOCAL_ONLY: dict[KeyPath, str] = {
     "of it yet; remove filesystem.hide for --backend k8s",
     ("filesystem", "mounts"): "host paths cannot be mounted into a cluster Pod; commit the files "
     "to the repository, or remove filesystem.mounts for --backend k8s",
+    ("network", "ca_bundle"): "this machine's CA bundle does not reach a cluster Pod yet; "
+    "remove network.ca_bundle for --backend k8s",
     ("network", "podman_network"): "a Podman network means nothing on a cluster; remove it for "
     "--backend k8s",
     ("git", "auto_commit"): "the cluster's finishing step always commits the agent's work; "
@@ -342,7 +344,7 @@ def build_submission(
         )
 
     network = NetworkPolicySection.model_validate(
-        config.network.model_dump(exclude={"podman_network"})
+        config.network.model_dump(exclude={"podman_network", "ca_bundle"})
     )
     if request.allow:
         hosts = list(network.allowlist.hosts)

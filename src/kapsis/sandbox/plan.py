@@ -29,6 +29,7 @@ from kapsis.config.models import (
 from kapsis.errors import ConfigError, HostUnsupportedError
 from kapsis.host.facts import HostFacts
 from kapsis.sandbox.agent_options import agent_options
+from kapsis.sandbox.ca_bundle import CA_TARGET, plan_ca_bundle
 from kapsis.sandbox.network_plan import NetworkPlan, plan_network
 from kapsis.sandbox.plan_model import PlanModel
 from kapsis.sandbox.secrets_plan import (
@@ -263,6 +264,11 @@ def build_plan(
         )
 
     mounts = [_read_only_mount(m.source, m.target) for m in config.filesystem.mounts]
+    ca_source, ca_env = plan_ca_bundle(loaded)
+    if ca_source is not None:
+        mounts.append(Mount(source=ca_source, target=CA_TARGET))
+        for name, value in ca_env.items():
+            env.setdefault(name, value)  # an explicit environment.set of the same name wins
     if spec_source is not None:
         mounts.append(Mount(source=str(sandbox_root / "task-spec.md"), target=SPEC_TARGET))
     ssh = plan_ssh(loaded, sandbox_root)

@@ -1,0 +1,98 @@
+"""network.ca_bundle: the sandbox's HTTPS clients trust the CAs the host trusts (a
+TLS-inspecting proxy's), through a read-only mount the common clients' variables name; and
+`kapsis setup --check` says when the host trusts CAs the image does not."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from kapsis.config.trust import UntrustedConfigError
+from kapsis.errors import ConfigError
+from kapsis.host.checks import check_ca_bundle
+from kapsis.sandbox import ca_bundle
+from kapsis.sandbox.ca_bundle import CA_TARGET, CA_VARIABLES, extra_host_cas
+from kapsis.sandbox.run_config import load_trusted_config
+
+
+def ca_pem(name: str) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture
+def host_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bundle = tmp_path / "host-ca.crt"
+    bundle.write_bytes(ca_pem("Public Root") + ca_pem("Corp Inspecting Proxy CA"))
+    monkeypatch.setattr(ca_bundle, "HOST_BUNDLES", (str(bundle),))
+    return bundle
+
+
+def test_host_mounts_the_hosts_bundle_read_only_and_names_it(make_plan, host_bundle) -> None:
+    plan = make_plan(config="network:\n  ca_bundle: host\n")
+    (mount,) = [m for m in plan.mounts if m.target == CA_TARGET]
+    assert mount.source == str(host_bundle) and mount.read_only
+    assert all(plan.env[name] == CA_TARGET for name in CA_VARIABLES)
+
+
+def test_a_pem_file_may_be_named_and_an_explicit_variable_wins(make_plan, tmp_path) -> None:
+    pem = tmp_path / "corp.pem"
+    pem.write_bytes(ca_pem("Corp CA"))
+    plan = make_plan(
+        config=f"network:\n  ca_bundle: {pem}\nenvironment:\n  set:\n    PIP_CERT: /etc/other\n"
+    )
+    assert [m.source for m in plan.mounts if m.target == CA_TARGET] == [str(pem)]
+    assert plan.env["PIP_CERT"] == "/etc/other" and plan.env["SSL_CERT_FILE"] == CA_TARGET
+
+
+@pytest.mark.parametrize("content", [None, b"not a certificate\n"])
+def test_a_missing_or_empty_bundle_is_a_one_line_error(make_plan, tmp_path, content) -> None:
+    pem = tmp_path / "bundle.pem"
+    if content is not None:
+        pem.write_bytes(content)
+    with pytest.raises(ConfigError) as refused:
+        make_plan(config=f"network:\n  ca_bundle: {pem}\n")
+    assert "network.ca_bundle" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_without_it_the_image_keeps_its_own(make_plan) -> None:
+    plan = make_plan()
+    assert all(m.target != CA_TARGET for m in plan.mounts)
+    assert not set(CA_VARIABLES) & set(plan.env)
+
+
+def test_a_project_file_may_not_name_the_cas_the_agent_trusts(project: Path) -> None:
+    """A CA of the agent's choosing would let a man in the middle read its HTTPS."""
+    (project / "agent-sandbox.yaml").write_text("network:\n  ca_bundle: /tmp/attacker.pem\n")
+    with pytest.raises(UntrustedConfigError, match=r"network\.ca_bundle"):
+        load_trusted_config(project, None, {})
+
+
+def test_the_cas_the_host_trusts_and_the_image_does_not_are_named() -> None:
+    public, corp = ca_pem("Public Root"), ca_pem("Corp Inspecting Proxy CA")
+    assert extra_host_cas(public + corp, public) == ["CN=Corp Inspecting Proxy CA"]
+    assert extra_host_cas(public, public + corp) == []
+    lacking = check_ca_bundle(extra_host_cas(public + corp, public))
+    assert not lacking.ok and not lacking.required
+    assert "Corp Inspecting Proxy CA" in lacking.detail
+    assert lacking.fix is not None and "network.ca_bundle: host" in lacking.fix
+    assert check_ca_bundle([]).ok
