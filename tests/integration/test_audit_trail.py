@@ -155,3 +155,38 @@ def test_a_glob_that_deletes_the_workspace_is_judged_as_typed(
     # Once, for `rm -rf *`; never for `rm -rf ./build` (the control in the same session).
     assert [a["rule"] for a in alerts] == ["mass_deletion"]
     assert "rm -rf *" in alerts[0]["evidence"]
+
+
+# Not the shell agent: a program that runs shell commands the way agent CLIs do.
+PROGRAM = (
+    'agent:\n  command: [python3, -c, "import subprocess; '
+    "subprocess.run(['bash', '-c', 'mkdir -p junk && touch junk/a && rm -rf ./*'])\"]\n"
+)
+
+
+def test_any_agents_bash_commands_reach_the_trail_and_the_alert_rules(
+    kapsis: Kapsis, project: Path, tmp_path: Path
+) -> None:
+    settings = tmp_path / "program.yaml"
+    settings.write_text(PROGRAM)
+    result = kapsis.run(project, "ignored", "--agent-id", "au9", "--network-mode", "none",
+                        "--config", str(settings))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    traced = [r for r in records(kapsis, "au9") if r["event_type"] == "agent_command"]
+    assert {r["source"] for r in traced} == {"agent"}
+    typed = {r["detail"].get("typed", "") for r in traced}  # type: ignore[union-attr]
+    assert any("rm -rf ./*" in text for text in typed)
+    alerts = [r for r in records(kapsis, "au9") if r["event_type"] == "alert"]
+    assert [a["detail"]["rule"] for a in alerts] == ["mass_deletion"]  # type: ignore[index]
+    assert kapsis("audit", "verify", "au9").returncode == 0
+
+
+def test_control_with_bash_env_cleared_the_same_program_leaves_no_trace(
+    kapsis: Kapsis, project: Path, tmp_path: Path
+) -> None:
+    settings = tmp_path / "program.yaml"
+    settings.write_text(PROGRAM + "environment:\n  set:\n    BASH_ENV: ''\n")
+    result = kapsis.run(project, "ignored", "--agent-id", "au10", "--network-mode", "none",
+                        "--config", str(settings))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert not [r for r in records(kapsis, "au10") if r["event_type"] == "agent_command"]

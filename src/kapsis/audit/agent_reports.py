@@ -76,9 +76,10 @@ def install_bash_trace(root: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         fifo.unlink()
     os.mkfifo(fifo)
-    # Any uid of the sandbox may write its lines; only the host reads them. The sandbox dir
-    # around it is the user's alone.
-    fifo.chmod(0o622)
+    # Any uid of the agent's may open it (read and write: an open for writing alone would wait
+    # for a reader). It is mounted into the agent's container only, and the sandbox dir around
+    # it is the user's alone. An agent that reads its own lines away hides only its own reports.
+    fifo.chmod(0o666)
 
 
 def _not_json(constant: str) -> None:
