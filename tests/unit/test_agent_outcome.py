@@ -65,9 +65,19 @@ def test_no_transcript_or_no_signs_is_no_failure(tmp_path: Path) -> None:
     assert reported_failure("aider", transcript(tmp_path, GAVE_UP), (), 0) is None
 
 
-def test_aider_says_how_it_fails_and_which_files_are_its_own() -> None:
+def test_aider_says_how_it_fails_and_which_files_are_its_own(tmp_path: Path) -> None:
+    """What Aider 0.86.2 printed last against an unreachable endpoint, wrapped as it wraps."""
     aider = find_profile("aider")
-    assert any(sign.output == "litellm.APIConnectionError" for sign in aider.failure)
+    signs = tuple((sign.output, sign.reason) for sign in aider.failure)
+    log = transcript(
+        tmp_path,
+        "Retrying in 32.0 seconds...",
+        "litellm.InternalServerError: InternalServerError: OpenAIException - Connection ",
+        "error.",
+        "The API provider's servers are down or overloaded.",
+    )
+    failure = reported_failure("aider", log, signs, 0)
+    assert failure is not None and str(failure).startswith("aider could not reach its model")
     assert ".aider*" in aider.state_files
 
 
