@@ -9,10 +9,15 @@ from pathlib import Path
 import pytest
 
 from kapsis.agents import find_profile
+from kapsis.agents.profiles import FailureSign
 from kapsis.errors import ExitCode
 from kapsis.sandbox.agent_outcome import MAX_READ, TAIL_LINES, reported_failure
 
-SIGNS = (("litellm.APIConnectionError", "could not reach its model"),)
+SIGNS = (
+    FailureSign(
+        output="litellm.APIConnectionError", reason="could not reach its model", exit_0_too=True
+    ),
+)
 GAVE_UP = "litellm.APIConnectionError: OpenAIException - Connection error."
 
 
@@ -36,6 +41,22 @@ def test_a_sign_at_the_end_fails_the_run_with_the_reason_and_the_line(tmp_path: 
 def test_control_a_clean_end_is_no_failure(tmp_path: Path) -> None:
     log = transcript(tmp_path, "Aider v0.86.2", "Applied edit to hello.txt")
     assert reported_failure("aider", log, SIGNS, 0) is None
+
+
+def test_a_sign_for_a_failed_exit_only_explains_one_and_never_fails_an_exit_0(
+    tmp_path: Path,
+) -> None:
+    """Claude Code's exit code is honest: its signs say why it failed, nothing more. A
+    successful run whose last output quotes the text stays successful."""
+    sign = FailureSign(output="API Error:", reason="could not reach its model")
+    log = transcript(tmp_path, "API Error: Connection refused (ECONNREFUSED)")
+
+    assert reported_failure("claude", log, (sign,), 0) is None
+    failure = reported_failure("claude", log, (sign,), 1)
+    assert failure is not None and failure.agent_exit_code == 1
+    assert str(failure) == (
+        "claude could not reach its model: API Error: Connection refused (ECONNREFUSED)"
+    )
 
 
 def test_a_sign_the_cli_got_past_long_before_its_end_is_no_failure(tmp_path: Path) -> None:
@@ -68,7 +89,7 @@ def test_no_transcript_or_no_signs_is_no_failure(tmp_path: Path) -> None:
 def test_aider_says_how_it_fails_and_which_files_are_its_own(tmp_path: Path) -> None:
     """What Aider 0.86.2 printed last against an unreachable endpoint, wrapped as it wraps."""
     aider = find_profile("aider")
-    signs = tuple((sign.output, sign.reason) for sign in aider.failure)
+    signs = tuple(aider.failure)
     log = transcript(
         tmp_path,
         "Retrying in 32.0 seconds...",
@@ -92,4 +113,4 @@ def test_the_cli_state_files_are_left_out_unless_asked(
     config += f"  commit_agent_state: {setting}\n" if setting else ""
     plan = make_plan(agent="aider", config=config, environ={"OPENAI_API_KEY": "k"})
     assert plan.git.repository and plan.git.state_files == expected
-    assert plan.agent_failure == tuple((s.output, s.reason) for s in find_profile("aider").failure)
+    assert plan.agent_failure == tuple(find_profile("aider").failure)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from kapsis import paths
-from kapsis.config.models import EnvName, HostPattern, SandboxPath, Section
+from kapsis.config.models import EnvName, HostPattern, SandboxPath, SecretFilePath, Section
 from kapsis.errors import AgentNotFoundError, ConfigError
 
 if TYPE_CHECKING:
@@ -45,7 +45,8 @@ class ProfileSetting(Section):
 
 
 class FailureSign(Section):
-    """Output by which a CLI that says it succeeded (exit 0) shows it failed."""
+    """Output by which a CLI shows it failed, and why: it explains a non-zero exit, and for a
+    CLI whose exit code can lie (``exit_0_too``) it turns an exit 0 into a failure."""
 
     output: str = Field(
         min_length=4,
@@ -56,6 +57,33 @@ class FailureSign(Section):
         min_length=1,
         max_length=200,
         description="What it means, for the run's message, e.g. 'could not reach its model'.",
+    )
+    exit_0_too: bool = Field(
+        False,
+        description="Also when the CLI exited 0 (it gives up on its model and says it "
+        "succeeded). Off: the sign only explains a non-zero exit, so a successful run whose "
+        "output happens to hold the text stays successful.",
+    )
+
+
+class LoginFile(Section):
+    """A subscription login the CLI reads from a file (Claude Code's credentials, Codex's
+    ``auth.json``), handed over like any secret: from the keychain or the host environment,
+    by the secret's name, into a file on the sandbox's tmpfs (never on the host's disk nor in
+    the workspace). Given, it stands in for the API key secrets it ``replaces``."""
+
+    secret: EnvName = Field(
+        description="The secret's name, as environment.keychain or the host environment "
+        "gives it, e.g. CLAUDE_CREDENTIALS."
+    )
+    file: SecretFilePath = Field(description="Where the CLI reads it in the sandbox.")
+    replaces: list[EnvName] = Field(
+        default_factory=list, description="Secrets of `secrets` not needed when it is given."
+    )
+    hosts: list[HostPattern] = Field(
+        default_factory=list,
+        description="More hosts the CLI reaches when logged in this way (added to the "
+        "allowlist only then).",
     )
 
 
@@ -100,6 +128,9 @@ class AgentProfile(Section):
         default_factory=list,
         description="Output that means the agent failed, for a CLI whose exit code can say "
         "success when it failed: the run then fails (agent_error) with the reason.",
+    )
+    login: LoginFile | None = Field(
+        None, description="A subscription login file the CLI can use instead of an API key."
     )
     network: ProfileNetwork = Field(default_factory=ProfileNetwork)
     source: str = Field("builtin", description="Where the profile was loaded from (set by Kapsis).")

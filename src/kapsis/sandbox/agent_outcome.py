@@ -1,9 +1,10 @@
 """What the agent's own output says of how it went, for CLIs whose exit code can lie.
 
-Aider, for one, retries an unreachable model, gives up and exits 0. Its profile lists the
-output that means failure (``failure:``, plain text, never a pattern: the output is the
-agent's); the host looks for it in the end of the transcript it wrote itself, after the agent
-exited. What is read is bounded (:data:`MAX_READ`) and matched in one pass per sign.
+Aider, for one, retries an unreachable model, gives up and exits 0; Claude Code exits 1 with
+"API Error: ..." on its last line. Each profile lists the output that means failure
+(``failure:``, plain text, never a pattern: the output is the agent's) and whether it counts
+after an exit 0 too; the host looks for it in the end of the transcript it wrote itself, after
+the agent exited. What is read is bounded (:data:`MAX_READ`) and matched in one pass per sign.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+from kapsis.agents.profiles import FailureSign
 from kapsis.errors import AgentReportedFailure
 
 # The end of the transcript that is looked through: a CLI says why it gave up last, and a
@@ -25,9 +27,11 @@ _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def reported_failure(
-    agent: str, transcript: Path, signs: tuple[tuple[str, str], ...], agent_exit_code: int
+    agent: str, transcript: Path, signs: tuple[FailureSign, ...], agent_exit_code: int
 ) -> AgentReportedFailure | None:
     """The failure the agent's output shows (the first sign found, with the line it is on)."""
+    if agent_exit_code == 0:
+        signs = tuple(sign for sign in signs if sign.exit_0_too)
     if not signs:
         return None
     try:
@@ -38,13 +42,13 @@ def reported_failure(
     except OSError:
         return None
     text = "\n".join(text.rstrip("\n").split("\n")[-TAIL_LINES:])
-    for output, reason in signs:
-        at = text.rfind(output)
+    for sign in signs:
+        at = text.rfind(sign.output)
         if at < 0:
             continue
         start = text.rfind("\n", 0, at) + 1
         end = text.find("\n", at)
         line = _LOG_PREFIX.sub("", text[start : end if end >= 0 else len(text)]).strip()
         shown = _UNPRINTABLE.sub("?", line)[:MAX_SHOWN]
-        return AgentReportedFailure(f"{agent} {reason}: {shown}", agent_exit_code)
+        return AgentReportedFailure(f"{agent} {sign.reason}: {shown}", agent_exit_code)
     return None

@@ -34,6 +34,7 @@ from kapsis.errors import (
     SandboxStartError,
 )
 from kapsis.sandbox.agent_outcome import reported_failure
+from kapsis.sandbox.api_watch import ApiWatcher
 from kapsis.sandbox.idle import STALLED, IdleWatcher, stalled_message
 from kapsis.sandbox.plan import SandboxPlan
 from kapsis.sandbox.save_work import WorkOutcome, save_work, work_location
@@ -216,6 +217,7 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
     if reports is not None:
         reports.start()
     idle = IdleWatcher.start_for(plan, audit, lambda: backend.stop(plan.agent_id, grace_seconds=2))
+    api_watch = ApiWatcher.start_for(plan, audit)
     try:
         exit_info = sandbox.wait()
     except KeyboardInterrupt:
@@ -233,6 +235,8 @@ def launch(plan: SandboxPlan, backend: Backend, *, detach: bool) -> RunResult:
     finally:
         if idle is not None:
             idle.finish()
+        if api_watch is not None:
+            api_watch.finish()
         if reports is not None:
             reports.stop()
         if delivery is not None:

@@ -94,10 +94,12 @@ def add_allowlist(
     profile: AgentProfile,
     source_of: Callable[[str, int], str],
     endpoint: tuple[str, str] | None = None,
+    login: bool = False,
 ) -> None:
     """The allowlist section, the profile's API hosts and the agent's endpoint (its URL and
     where it was set), on both backends; ``source_of(key, index)`` says where an entry came
-    from (a config file:line, or a request's spec key)."""
+    from (a config file:line, or a request's spec key). ``login``: the run hands the CLI its
+    subscription login, whose hosts are allowed too."""
     if endpoint is not None:
         url, where = endpoint
         entry, is_address = endpoint_allow_entry(url)
@@ -113,6 +115,8 @@ def add_allowlist(
     for index, address in enumerate(allowlist.addresses):
         builder.add_address(address, source_of("addresses", index))
     builder.add_hosts(profile.network.hosts, f"agent profile {profile.name}")
+    if login and profile.login is not None:
+        builder.add_hosts(profile.login.hosts, f"agent profile {profile.name} (its login)")
 
 
 def dns_limits(section: DnsSection) -> DnsLimits:
@@ -130,6 +134,7 @@ def plan_network(
     agent_id: str,
     allow_flags: Sequence[str],
     host_dns_servers: Sequence[str],
+    login: bool = False,
 ) -> NetworkPlan:
     network = loaded.config.network
     builder = PolicyBuilder(network.mode)
@@ -140,6 +145,7 @@ def plan_network(
         profile,
         lambda key, index: str(loaded.origin_of(("network", "allowlist", key, index))),
         (endpoint, str(loaded.origin_of(("agent", "endpoint")))) if endpoint else None,
+        login,
     )
     for entry, key, is_address in allowlist_entries(loaded.config.build_tools):
         # The approved package source is reachable without listing it twice.

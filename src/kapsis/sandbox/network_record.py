@@ -100,13 +100,7 @@ def record_network(
         gateway_ran_to_the_end=report.gateway_ran_to_the_end,
         log=str(log),
     )
-    # The model API's hosts: the profile's and agent.endpoint's (by where they came from).
-    api_hosts = [
-        rule.pattern
-        for rule in plan.network.policy.rules
-        if any(source.startswith(("agent profile", "agent.endpoint")) for source in rule.sources)
-    ]
-    notes = api_notes(report, api_hosts)
+    notes = api_notes(report, model_api_hosts(plan))
     if report.blocked_requests:
         notes.append(f"the gateway refused {report.blocked_requests} request(s); see {log}")
     notes += report_notes(report)
@@ -119,16 +113,39 @@ def record_network(
     return notes, gateway_ran
 
 
+def model_api_hosts(plan: SandboxPlan) -> list[str]:
+    """The model API's hosts: the profile's and agent.endpoint's (by where they came from)."""
+    return [
+        rule.pattern
+        for rule in plan.network.policy.rules
+        if any(source.startswith(("agent profile", "agent.endpoint")) for source in rule.sources)
+    ]
+
+
+def model_api_notes_so_far(plan: SandboxPlan, limit: int) -> list[str]:
+    """While the run goes on: the model API hosts the gateway could not serve yet, from the
+    first ``limit`` bytes of each of its logs (they grow while they are read: a line cut at
+    the end is skipped as malformed)."""
+    dirs = gateway_dirs(Path(plan.workspace.root))
+    read = _LogReader([], limit)
+    dns = parse_dns_log(read(dirs.dns_log), clients=(DNS_FRONT_SOURCE,))
+    refusals, _ = parse_dns_refusals(read(dirs.dns_refused_log))
+    proxy = proxy_without_selftest(parse_proxy_log(read(dirs.proxy_log)))
+    return api_notes(
+        NetworkReport(dns=dns + refusals, blocked=[], proxy=proxy), model_api_hosts(plan)
+    )
+
+
 # The gateway's logs are bounded by the gateway itself; this bounds what the host reads of each.
 MAX_GATEWAY_LOG_BYTES = 16 << 20
 
 
 class _LogReader:
     """Reads a gateway log as text: a regular file only (never through a symlink, never blocking
-    on a pipe), at most :data:`MAX_GATEWAY_LOG_BYTES`; the names of the logs cut go to ``cut``."""
+    on a pipe), at most ``limit`` bytes; the names of the logs cut go to ``cut``."""
 
-    def __init__(self, cut: list[str]) -> None:
-        self.cut = cut
+    def __init__(self, cut: list[str], limit: int = MAX_GATEWAY_LOG_BYTES) -> None:
+        self.cut, self.limit = cut, limit
 
     def __call__(self, path: Path) -> str:
         try:
@@ -139,8 +156,8 @@ class _LogReader:
             os.close(fd)
             return ""
         with os.fdopen(fd, "rb") as handle:
-            data = handle.read(MAX_GATEWAY_LOG_BYTES + 1)
-        if len(data) > MAX_GATEWAY_LOG_BYTES:
+            data = handle.read(self.limit + 1)
+        if len(data) > self.limit:
             self.cut.append(path.name)
-            data = data[: data.rfind(b"\n", 0, MAX_GATEWAY_LOG_BYTES) + 1]
+            data = data[: data.rfind(b"\n", 0, self.limit) + 1]
         return data.decode("utf-8", errors="replace")

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from kapsis import paths
 from kapsis.agents import AgentProfile
+from kapsis.agents.profiles import FailureSign
 from kapsis.buildtools import BuildToolsPlan, plan_build_tools
 from kapsis.config import base as config_base
 from kapsis.config.loader import LoadedConfig
@@ -41,6 +42,7 @@ from kapsis.sandbox.secrets_plan import (
     SECRETS_TMPFS,
     SecretPlan,
     plan_secrets,
+    uses_login,
 )
 from kapsis.sandbox.security import APPARMOR_PROFILE_NAME, PROFILES, effective_settings
 from kapsis.sandbox.workspace_plan import (
@@ -143,8 +145,8 @@ class SandboxPlan(PlanModel):
     # Host keys the sandbox's ssh and the host's push trust (None: ssh.verify_hosts is off).
     ssh: SshPlan | None = None
     build_tools: BuildToolsPlan | None = None
-    # The profile's failure signs: (output, reason) pairs (kapsis.sandbox.agent_outcome).
-    agent_failure: tuple[tuple[str, str], ...] = ()
+    # The profile's failure signs (kapsis.sandbox.agent_outcome).
+    agent_failure: tuple[FailureSign, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -340,12 +342,19 @@ def build_plan(
             disk_enforced=workspace.disk_bytes is not None,
             disk_not_enforced=disk_gap,
         ),
-        network=plan_network(loaded, profile, agent_id, request.allow, host.dns_servers),
+        network=plan_network(
+            loaded,
+            profile,
+            agent_id,
+            request.allow,
+            host.dns_servers,
+            login=uses_login(profile, secrets_planned),
+        ),
         git=git,
         audit_enabled=config.audit.enabled,
         ssh=ssh,
         build_tools=tools,
-        agent_failure=tuple((sign.output, sign.reason) for sign in profile.failure),
+        agent_failure=tuple(profile.failure),
         labels={
             "io.kapsis.agent-id": agent_id,
             "io.kapsis.agent": profile.name,

@@ -9,7 +9,8 @@ Sources, strongest first (a name in several takes the first):
 
 A name in ``environment.set`` that is also a secret is dropped from the plain environment (the
 secret wins). A secret the profile needs that no source provides is an error before anything
-starts.
+starts, unless the profile's subscription login (``login:``) is given instead: that secret,
+from any of the sources, goes to the file the CLI reads it from.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def plan_secrets(
     loaded: LoadedConfig, profile: AgentProfile, environ: dict[str, str]
 ) -> tuple[SecretPlan, ...]:
     environment = loaded.config.environment
+    login = profile.login
+    # The login file goes where the CLI reads it, whatever source gives it.
+    login_file = {login.secret: login.file} if login is not None else {}
     planned: dict[str, SecretPlan] = {}
     for name, entry in environment.keychain.items():
         planned[name] = SecretPlan(
@@ -71,7 +75,7 @@ def plan_secrets(
             origin=str(loaded.origin_of(("environment", "keychain", name))),
             service=entry.service,
             accounts=entry.accounts(),
-            target_file=entry.inject_to_file,
+            target_file=entry.inject_to_file or login_file.get(name),
             template=entry.template,
         )
     for name in environment.passthrough:
@@ -83,9 +87,19 @@ def plan_secrets(
                 f"{origin}: environment.passthrough: {name} is not set in the host environment; "
                 "set it or remove it from the list"
             )
-        planned[name] = SecretPlan(name=name, source="passthrough", origin=origin)
+        planned[name] = SecretPlan(
+            name=name, source="passthrough", origin=origin, target_file=login_file.get(name)
+        )
+    if login is not None and login.secret not in planned and login.secret in environ:
+        planned[login.secret] = SecretPlan(
+            name=login.secret,
+            source="host-environment",
+            origin=f"agent profile {profile.name} ({profile.source}), its login",
+            target_file=login.file,
+        )
+    logged_in = login is not None and login.secret in planned
     for name in profile.secrets:
-        if name in planned:
+        if name in planned or (logged_in and login is not None and name in login.replaces):
             continue
         sources = profile.secret_sources.get(name) or [name]
         found = next((variable for variable in sources if variable in environ), None)
@@ -104,5 +118,12 @@ def plan_secrets(
                 f"environment.keychain or environment.passthrough of the config, nor in the host "
                 f"environment; add `environment.keychain.{name}: {{service: ..., account: ...}}` "
                 f"to agent-sandbox.yaml, or export {exports}"
+                + (f" (or give the subscription login {login.secret})" if login else "")
             )
     return tuple(planned.values())
+
+
+def uses_login(profile: AgentProfile, secrets: tuple[SecretPlan, ...]) -> bool:
+    """Whether the run hands the CLI its subscription login (whose hosts are then allowed)."""
+    login = profile.login
+    return login is not None and any(secret.name == login.secret for secret in secrets)

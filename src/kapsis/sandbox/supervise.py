@@ -13,6 +13,7 @@ import sys
 
 from kapsis.audit import AuditLog
 from kapsis.backends import get_backend
+from kapsis.sandbox.api_watch import ApiWatcher
 from kapsis.sandbox.idle import IdleWatcher
 from kapsis.sandbox.launcher import finish, load_plan, open_agent_reports
 from kapsis.secrets.redact import Redactor
@@ -49,11 +50,14 @@ def main(agent_id: str) -> int:
         plan, started_at, handover=tuple(handover.get("sandbox_fds", ())), redactor=redactor
     )
     idle = IdleWatcher.start_for(plan, audit, lambda: backend.stop(agent_id, grace_seconds=2))
+    api_watch = ApiWatcher.start_for(plan, audit)
     try:
         exit_info = sandbox.wait()
     finally:
         if idle is not None:
             idle.finish()
+        if api_watch is not None:
+            api_watch.finish()
         if reports is not None:
             reports.stop()
     return finish(plan, backend, exit_info, redactor).exit_code
