@@ -17,7 +17,7 @@ from kapsis.config.trust import UntrustedConfigError
 from kapsis.errors import ConfigError
 from kapsis.host.checks import check_ca_bundle
 from kapsis.sandbox import ca_bundle
-from kapsis.sandbox.ca_bundle import CA_TARGET, CA_VARIABLES, extra_host_cas
+from kapsis.sandbox.ca_bundle import CA_TARGET, CA_VARIABLES, certificates, extra_host_cas
 from kapsis.sandbox.run_config import load_trusted_config
 
 
@@ -96,3 +96,55 @@ def test_the_cas_the_host_trusts_and_the_image_does_not_are_named() -> None:
     assert "Corp Inspecting Proxy CA" in lacking.detail
     assert lacking.fix is not None and "network.ca_bundle: host" in lacking.fix
     assert check_ca_bundle([]).ok
+
+
+def test_a_cluster_run_carries_the_certificates_and_mounts_them_the_same_way(
+    project: Path, tmp_path: Path, host_bundle: Path
+) -> None:
+    """The Pod cannot mount this machine's file: the certificates travel in the request, go
+    to a ConfigMap of the request's own, and are mounted read-only where a local run has them."""
+    from kapsis.k8s.render import render_request
+    from kapsis.k8s.settings import OperatorSettings
+    from tests.unit.test_k8s_submission import submit
+
+    config = "network:\n  ca_bundle: host\nenvironment:\n  set: {PIP_CERT: /etc/other}\n"
+    spec = submit(project, tmp_path, config).spec
+    assert spec.caBundle is not None
+    assert certificates(spec.caBundle.inline.encode()) == certificates(host_bundle.read_bytes())
+
+    rendered = render_request(
+        "r", "team", "0000-1111", spec, OperatorSettings(dns_servers=("10.96.0.10",))
+    )
+    (bundle_map,) = [m for m in rendered.config_maps if m["metadata"]["name"].endswith("-ca")]
+    assert bundle_map["data"]["ca-bundle.crt"] == spec.caBundle.inline
+    agent = next(c for c in rendered.pod["spec"]["containers"] if c["name"] == "agent")
+    (mount,) = [m for m in agent["volumeMounts"] if m["mountPath"] == CA_TARGET]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in rendered.pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == bundle_map["metadata"]["name"]
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    assert env["SSL_CERT_FILE"] == CA_TARGET and env["PIP_CERT"] == "/etc/other"
+    # Only the agent gets it; without the setting, nothing.
+    others = [c for c in rendered.pod["spec"]["containers"] if c["name"] != "agent"]
+    assert all(m["mountPath"] != CA_TARGET for c in others for m in c.get("volumeMounts", []))
+    plain = render_request("r", "team", "0000-1111", submit(project, tmp_path).spec,
+                           OperatorSettings(dns_servers=("10.96.0.10",)))  # fmt: skip
+    plain_agent = next(c for c in plain.pod["spec"]["containers"] if c["name"] == "agent")
+    assert "SSL_CERT_FILE" not in {e["name"] for e in plain_agent["env"]}
+
+
+@pytest.mark.parametrize(
+    "inline",
+    [
+        "not a certificate",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n$(touch /tmp/x)\n",
+        "-----BEGIN CERTIFICATE-----\n" + "A" * (600 * 1024) + "\n-----END CERTIFICATE-----\n",
+    ],
+)
+def test_a_request_whose_bundle_is_not_plain_pem_or_too_big_is_refused(inline: str) -> None:
+    from pydantic import ValidationError
+
+    from kapsis.k8s.resource import CaBundleSpec
+
+    with pytest.raises(ValidationError):
+        CaBundleSpec(inline=inline)

@@ -213,7 +213,6 @@ LOCAL_ONLY_CASES: dict[str, tuple[str, str]] = {
     "git.committer": ("git: {committer: 'A B <a@b.c>'}", "does not support it"),
     "git.commit_exclude": ("git: {commit_exclude: ['*.log']}", "does not support it"),
     "git.commit_agent_state": ("git: {commit_agent_state: true}", "does not support it"),
-    "network.ca_bundle": ("network: {ca_bundle: host}", "remove network.ca_bundle"),
     "git.max_file_size": ("git: {max_file_size: 10m}", "does not support it"),
     "git.post_push_hook": ("git: {post_push_hook: 'echo hi'}", "after the push"),
     "environment.passthrough": (

@@ -33,6 +33,7 @@ from kapsis.k8s.render_network import (
     network_policy_of,
 )
 from kapsis.k8s.render_pod import (
+    CA_KEY,
     agent_command,
     agent_container,
     clone_container,
@@ -45,6 +46,7 @@ from kapsis.k8s.resource import GROUP, KIND, VERSION, AgentRequestSpec
 from kapsis.k8s.settings import OperatorSettings
 from kapsis.network.gateway_layout import UNPRIVILEGED_PORT_START
 from kapsis.sandbox.agent_options import AgentOptions, agent_options
+from kapsis.sandbox.ca_bundle import ca_variables
 from kapsis.sandbox.plan import (
     MAX_ARG_LENGTH,
     agent_command as local_agent_command,
@@ -212,6 +214,7 @@ def agent_env(name: str, spec: AgentRequestSpec, profile: AgentProfile) -> list[
     plain = {
         **{k: v for k, v in profile.env.items() if k not in secrets},
         **{k: v for k, v in options.env.items() if k not in secrets},
+        **(ca_variables() if spec.caBundle is not None else {}),
         **spec.environment.set,
         "HOME": layout.AGENT_HOME,
         "KAPSIS_AGENT_ID": name,
@@ -306,6 +309,18 @@ def render_request(
             }
         )
 
+    ca_map: str | None = None
+    if spec.caBundle is not None:
+        ca_map = object_name(name, "ca")
+        config_maps.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": _metadata(ca_map, namespace, name, uid),
+                "data": {CA_KEY: spec.caBundle.inline},
+            }
+        )
+
     step_env = [
         {"name": layout.STEP_CONFIG_ENV, "value": step_config(name, spec, branch, profile)},
         {"name": "HOME", "value": "/tmp"},  # git and ssh want one; the root is read-only
@@ -336,7 +351,7 @@ def render_request(
             ),
             finisher_container(settings, step_env, credentials),
         ],
-        "volumes": volumes(spec, task_map, task_key, gateway_map),
+        "volumes": volumes(spec, task_map, task_key, gateway_map, ca_map),
     }
     if gateway_map is not None:
         # Ports below 1024 stay privileged in the Pod's network namespace whatever the runtime's

@@ -25,6 +25,7 @@ from kapsis.network.gateway_layout import (
     LOG_TARGET,
     VERDICT,
 )
+from kapsis.sandbox.ca_bundle import CA_TARGET
 from kapsis.sandbox.security import effective_settings
 
 # The clone step hands the workspace to the agent's uid and the trusted repo to the finisher's.
@@ -57,6 +58,8 @@ CREDENTIALS_VOLUME = "credentials"
 POD_INFO_VOLUME = "pod-info"
 TASK_VOLUME = "task"
 GATEWAY_CONFIG_VOLUME = "gateway-config"
+CA_VOLUME = "ca-bundle"
+CA_KEY = "ca-bundle.crt"
 GATEWAY_LOG_VOLUME = "gateway-log"
 
 
@@ -179,6 +182,11 @@ def agent_container(
             _mount(TASK_VOLUME, layout.TASK_SPEC, read_only=True, subPath="task-spec.md"),
             _mount("agent-home", layout.AGENT_HOME),
             _mount("agent-tmp", "/tmp"),
+            *(
+                [_mount(CA_VOLUME, CA_TARGET, read_only=True, subPath=CA_KEY)]
+                if spec.caBundle
+                else []
+            ),
         ],
     }
 
@@ -280,6 +288,7 @@ def volumes(
     task_config_map: str,
     task_key: str,
     gateway_config_map: str | None,
+    ca_config_map: str | None = None,
 ) -> list[dict[str, Any]]:
     workspace_size = quantity(memory_to_bytes(spec.resources.workspaceSize))
     items: list[dict[str, Any]] = [
@@ -314,6 +323,17 @@ def volumes(
             {
                 "name": CREDENTIALS_VOLUME,
                 "secret": {"secretName": credentials, "defaultMode": 0o444},
+            }
+        )
+    if ca_config_map:
+        items.append(
+            {
+                "name": CA_VOLUME,
+                "configMap": {
+                    "name": ca_config_map,
+                    "items": [{"key": CA_KEY, "path": CA_KEY}],
+                    "defaultMode": 0o444,
+                },
             }
         )
     if gateway_config_map:

@@ -8,9 +8,10 @@ Kubernetes camelCase convention; the shared sections keep their local spelling.
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from kapsis.config.agent_section import MAX_ARGS, Endpoint, ModelName
 from kapsis.config.models import (
@@ -123,6 +124,29 @@ class EnvironmentSpec(ResourceModel):
     )
 
 
+# A request is one object in etcd (at most ~1.5 MB): the bundle it carries is bounded well below.
+MAX_CA_BUNDLE = 512 * 1024
+_PEM_LINE = re.compile(r"^[A-Za-z0-9+/=\- ]*$")
+
+
+def _pem_only(text: str) -> str:
+    if "-----BEGIN CERTIFICATE-----" not in text or not all(
+        _PEM_LINE.match(line) for line in text.splitlines()
+    ):
+        raise ValueError("not PEM certificates (BEGIN/END CERTIFICATE blocks of base64 only)")
+    return text
+
+
+class CaBundleSpec(ResourceModel):
+    inline: Annotated[str, AfterValidator(_pem_only)] = Field(
+        max_length=MAX_CA_BUNDLE,
+        description="PEM certificates the agent's HTTPS clients trust (the submitting "
+        "machine's network.ca_bundle): mounted read-only at /run/kapsis/ca-bundle.crt and named "
+        "by SSL_CERT_FILE, NODE_EXTRA_CA_CERTS, REQUESTS_CA_BUNDLE, PIP_CERT, GIT_SSL_CAINFO "
+        "and CURL_CA_BUNDLE.",
+    )
+
+
 class AgentRequestSpec(ResourceModel):
     agent: AgentSpec = Field(default_factory=AgentSpec)
     task: TaskSpec
@@ -131,6 +155,7 @@ class AgentRequestSpec(ResourceModel):
     security: SecuritySection = Field(default_factory=SecuritySection)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     environment: EnvironmentSpec = Field(default_factory=EnvironmentSpec)
+    caBundle: CaBundleSpec | None = None
 
 
 class Condition(ResourceModel):

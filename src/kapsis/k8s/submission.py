@@ -27,9 +27,11 @@ from kapsis.k8s import names
 from kapsis.k8s.resource import (
     GROUP,
     KIND,
+    MAX_CA_BUNDLE,
     VERSION,
     AgentRequestSpec,
     AgentSpec,
+    CaBundleSpec,
     ConfigMapKeyRef,
     EnvironmentSpec,
     GitWorkspace,
@@ -40,6 +42,7 @@ from kapsis.k8s.resource import (
 )
 
 # The sandbox's own helpers give --task/--spec and agent.command exactly their local meaning.
+from kapsis.sandbox.ca_bundle import bundle_file, bundle_text
 from kapsis.sandbox.network_plan import check_flag_entry
 from kapsis.sandbox.plan import (
     RunRequest,
@@ -73,6 +76,7 @@ MAPPED_KEYS: frozenset[KeyPath] = frozenset(
         ("network", "allowlist"),
         ("network", "dns_servers"),
         ("network", "dns"),
+        ("network", "ca_bundle"),
         ("git", "branch"),
         ("git", "base_branch"),
         ("git", "auto_push"),
@@ -111,8 +115,6 @@ LOCAL_ONLY: dict[KeyPath, str] = {
     "of it yet; remove filesystem.hide for --backend k8s",
     ("filesystem", "mounts"): "host paths cannot be mounted into a cluster Pod; commit the files "
     "to the repository, or remove filesystem.mounts for --backend k8s",
-    ("network", "ca_bundle"): "this machine's CA bundle does not reach a cluster Pod yet; "
-    "remove network.ca_bundle for --backend k8s",
     ("network", "podman_network"): "a Podman network means nothing on a cluster; remove it for "
     "--backend k8s",
     ("git", "auto_commit"): "the cluster's finishing step always commits the agent's work; "
@@ -386,6 +388,7 @@ def build_submission(
         security=config.security,
         resources=ResourcesSpec.model_validate(config.resources.model_dump()),
         environment=EnvironmentSpec(set=dict(config.environment.set), secrets=secrets),
+        caBundle=_ca_bundle(loaded),
     )
     return Submission(
         agent_id=agent_id,
@@ -397,3 +400,12 @@ def build_submission(
         project=str(request.project.expanduser().resolve()),
         notes=tuple(notes),
     )
+
+
+def _ca_bundle(loaded: LoadedConfig) -> CaBundleSpec | None:
+    """network.ca_bundle read here, on the submitting machine: its certificates travel in the
+    request (the Pod cannot mount a file of this machine)."""
+    source = bundle_file(loaded)
+    if source is None:
+        return None
+    return CaBundleSpec(inline=bundle_text(source, MAX_CA_BUNDLE))

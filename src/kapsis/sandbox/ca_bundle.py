@@ -36,12 +36,11 @@ MAX_BUNDLE = 16 * 1024**2
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----\s*([A-Za-z0-9+/=\s]+?)-----END CERTIFICATE-----")
 
 
-def plan_ca_bundle(loaded: LoadedConfig) -> tuple[str | None, dict[str, str]]:
-    """The host file to mount read-only at :data:`CA_TARGET` and the variables that name it
-    (none when not set)."""
+def bundle_file(loaded: LoadedConfig) -> Path | None:
+    """The PEM file ``network.ca_bundle`` names (checked to hold certificates), or None."""
     setting = loaded.config.network.ca_bundle
     if setting is None:
-        return None, {}
+        return None
     origin = loaded.origin_of(("network", "ca_bundle"))
     if setting == "host":
         found = next((Path(p) for p in HOST_BUNDLES if Path(p).is_file()), None)
@@ -59,7 +58,35 @@ def plan_ca_bundle(loaded: LoadedConfig) -> tuple[str | None, dict[str, str]]:
             )
     if not certificates(source.read_bytes()[:MAX_BUNDLE]):
         raise ConfigError(f"{origin}: network.ca_bundle: {source} holds no PEM certificate")
-    return str(source.resolve()), {name: CA_TARGET for name in CA_VARIABLES}
+    return source.resolve()
+
+
+def plan_ca_bundle(loaded: LoadedConfig) -> tuple[str | None, dict[str, str]]:
+    """The host file to mount read-only at :data:`CA_TARGET` and the variables that name it
+    (none when not set)."""
+    source = bundle_file(loaded)
+    if source is None:
+        return None, {}
+    return str(source), ca_variables()
+
+
+def ca_variables() -> dict[str, str]:
+    """Each client's variable, naming the bundle at :data:`CA_TARGET`."""
+    return {name: CA_TARGET for name in CA_VARIABLES}
+
+
+def bundle_text(source: Path, limit: int) -> str:
+    """The bundle's certificates alone, as PEM text of at most ``limit`` bytes (for a cluster
+    run, which carries it in its request); anything else in the file is left out."""
+    blocks = [match.group(0).decode() for match in _PEM.finditer(source.read_bytes()[:MAX_BUNDLE])]
+    text = "\n".join(blocks) + "\n"
+    if len(text.encode()) > limit:
+        raise ConfigError(
+            f"network.ca_bundle: the certificates of {source} take {len(text.encode())} bytes, "
+            f"more than a cluster request carries ({limit}); name a smaller PEM file with only "
+            "the CAs your network needs"
+        )
+    return text
 
 
 def certificates(pem: bytes) -> set[bytes]:
