@@ -114,3 +114,26 @@ def test_the_cli_state_files_are_left_out_unless_asked(
     plan = make_plan(agent="aider", config=config, environ={"OPENAI_API_KEY": "k"})
     assert plan.git.repository and plan.git.state_files == expected
     assert plan.agent_failure == tuple(find_profile("aider").failure)
+
+
+def test_aiders_printed_actions_are_its_reports_bounded(tmp_path: Path) -> None:
+    from kapsis.sandbox.agent_outcome import MAX_ACTIVITY, reported_activity
+
+    lines = tuple(find_profile("aider").activity)
+    log = transcript(
+        tmp_path,
+        "Aider v0.86.2",
+        "hello.txt",
+        "Applied edit to hello.txt",
+        "Commit ef8165a Add hello.txt \x1b[31m",
+        "Tokens: 767 sent, 15 received.",
+    )
+    assert reported_activity(log, lines) == (
+        [("Edit", "Applied edit to hello.txt"), ("Commit", "Commit ef8165a Add hello.txt ?[31m")],
+        False,
+    )
+    assert reported_activity(log, ()) == ([], False)  # control: a profile that lists none
+
+    flood = transcript(tmp_path, *(f"Applied edit to f{n}" for n in range(MAX_ACTIVITY + 5)))
+    found, cut = reported_activity(flood, lines)
+    assert len(found) == MAX_ACTIVITY and cut

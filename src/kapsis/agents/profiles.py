@@ -66,6 +66,19 @@ class FailureSign(Section):
     )
 
 
+class ActivityLine(Section):
+    """A line of the CLI's output that says what it did, for a CLI with no hook that reports
+    it (Aider prints "Applied edit to hello.txt"): recorded in the audit trail as the agent's
+    own report (``tool_use``, hook ``output``), read from the transcript after the run."""
+
+    starts_with: str = Field(
+        min_length=4, max_length=100, description="How the line starts (plain text)."
+    )
+    tool: str = Field(
+        min_length=1, max_length=40, description="What the audit calls it, e.g. Edit, Commit."
+    )
+
+
 class LoginFile(Section):
     """A subscription login the CLI reads from a file (Claude Code's credentials, Codex's
     ``auth.json``), handed over like any secret: from the keychain or the host environment,
@@ -128,6 +141,10 @@ class AgentProfile(Section):
         default_factory=list,
         description="Output that means the agent failed, for a CLI whose exit code can say "
         "success when it failed: the run then fails (agent_error) with the reason.",
+    )
+    activity: list[ActivityLine] = Field(
+        default_factory=list,
+        description="Output lines that report the agent's actions, for a CLI without hooks.",
     )
     login: LoginFile | None = Field(
         None, description="A subscription login file the CLI can use instead of an API key."

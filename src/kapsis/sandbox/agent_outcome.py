@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from kapsis.agents.profiles import FailureSign
+from kapsis.agents.profiles import ActivityLine, FailureSign
 from kapsis.errors import AgentReportedFailure
 
 # The end of the transcript that is looked through: a CLI says why it gave up last, and a
@@ -21,6 +21,11 @@ from kapsis.errors import AgentReportedFailure
 MAX_READ = 64 * 1024
 TAIL_LINES = 40
 MAX_SHOWN = 200
+# What is read of the transcript for the lines that report the agent's actions, and how many
+# are recorded at most: a run's output is the agent's, as large as it likes.
+MAX_ACTIVITY_READ = 8 * 1024 * 1024
+MAX_ACTIVITY = 500
+MAX_ACTIVITY_LINE = 500
 # conmon's k8s-file lines: TIMESTAMP STREAM F|P TEXT.
 _LOG_PREFIX = re.compile(r"^\S+ (?:stdout|stderr) [FP] ")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -52,3 +57,28 @@ def reported_failure(
         shown = _UNPRINTABLE.sub("?", line)[:MAX_SHOWN]
         return AgentReportedFailure(f"{agent} {sign.reason}: {shown}", agent_exit_code)
     return None
+
+
+def reported_activity(
+    transcript: Path, lines: tuple[ActivityLine, ...]
+) -> tuple[list[tuple[str, str]], bool]:
+    """(tool, line) for each transcript line that reports an action, in order, and whether
+    more were left out (past :data:`MAX_ACTIVITY`, or past what is read)."""
+    if not lines:
+        return [], False
+    try:
+        with transcript.open("rb") as log:
+            data = log.read(MAX_ACTIVITY_READ + 1)
+    except OSError:
+        return [], False
+    cut = len(data) > MAX_ACTIVITY_READ
+    found: list[tuple[str, str]] = []
+    for raw in data[:MAX_ACTIVITY_READ].decode("utf-8", "replace").split("\n"):
+        text = _LOG_PREFIX.sub("", raw).strip()
+        line = next((entry for entry in lines if text.startswith(entry.starts_with)), None)
+        if line is None:
+            continue
+        if len(found) == MAX_ACTIVITY:
+            return found, True
+        found.append((line.tool, _UNPRINTABLE.sub("?", text)[:MAX_ACTIVITY_LINE]))
+    return found, cut

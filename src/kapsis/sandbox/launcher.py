@@ -33,7 +33,7 @@ from kapsis.errors import (
     KapsisError,
     SandboxStartError,
 )
-from kapsis.sandbox.agent_outcome import reported_failure
+from kapsis.sandbox.agent_outcome import reported_activity, reported_failure
 from kapsis.sandbox.api_watch import ApiWatcher
 from kapsis.sandbox.idle import STALLED, IdleWatcher, stalled_message
 from kapsis.sandbox.plan import SandboxPlan
@@ -348,6 +348,7 @@ def finish(
             reported_failure(plan.agent, transcript, plan.agent_failure, exit_info.exit_code)
             or error
         )
+    _record_activity(plan, audit)
     # Each stage below runs whatever became of the one before: the run always ends with its
     # final status, the audit's session_end and seal, and the sandbox removed.
     try:
@@ -400,6 +401,15 @@ def finish(
     code, agent_code = error.exit_code, exit_info.exit_code
     message = redactor.text(str(error))
     return _close(plan, store, audit, code, agent_code, error.error_type, message, work)
+
+
+def _record_activity(plan: SandboxPlan, audit: AuditLog) -> None:
+    """The actions a CLI without hooks printed (its profile's ``activity``), as its reports."""
+    found, cut = reported_activity(paths.transcript_path(plan.agent_id), plan.agent_activity)
+    for tool, line in found:
+        audit.record("tool_use", source="agent", hook="output", tool=tool, reported={"line": line})
+    if cut:
+        audit.record("agent_activity_cut", source="host", recorded=len(found))
 
 
 def _release_saved_layer(plan: SandboxPlan, work: WorkOutcome) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from kapsis import paths
 from kapsis.agents import AgentProfile
-from kapsis.agents.profiles import FailureSign
+from kapsis.agents.profiles import ActivityLine, FailureSign
 from kapsis.buildtools import BuildToolsPlan, plan_build_tools
 from kapsis.config import base as config_base
 from kapsis.config.loader import LoadedConfig
@@ -147,6 +147,8 @@ class SandboxPlan(PlanModel):
     build_tools: BuildToolsPlan | None = None
     # The profile's failure signs (kapsis.sandbox.agent_outcome).
     agent_failure: tuple[FailureSign, ...] = ()
+    # Output lines that report the agent's actions (a CLI without hooks).
+    agent_activity: tuple[ActivityLine, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -355,6 +357,7 @@ def build_plan(
         ssh=ssh,
         build_tools=tools,
         agent_failure=tuple(profile.failure),
+        agent_activity=tuple(profile.activity),
         labels={
             "io.kapsis.agent-id": agent_id,
             "io.kapsis.agent": profile.name,
