@@ -1,0 +1,190 @@
+"""Every built-in agent CLI, end to end, set up with nothing but ``agent.endpoint`` and
+``agent.model``: against the scripted model endpoint in the test internet (one for each vendor's
+API, :mod:`.model_endpoint`), through the gateway's allowlist, in filtered mode.
+
+The endpoint's name (``models.example.test``) is in no profile: the run reaches it only because
+``agent.endpoint`` names it, and Kapsis allows it for that reason (``kapsis policy show`` says so).
+The key comes from the host's environment under the name the profile asks for (Codex: the
+user's ``OPENAI_API_KEY``, delivered as the ``CODEX_API_KEY`` its CLI reads).
+
+For each agent:
+
+* the model asks for ``/workspace/hello.txt``; the file is committed on the agent's branch, the
+  endpoint saw the model named by ``agent.model`` and the key, and the audit trail holds what
+  the agent did, as it reported it (Claude Code's and Gemini CLI's hooks, the shell commands
+  Codex ran, Aider's edits);
+* the negative control: the same run with the endpoint on a port where nothing listens (refused
+  at once, as a model API behind a dead server is) ends ``failed`` with ``agent_error``, says
+  why, and commits nothing, not even the CLI's own state files. Each CLI retries a refused
+  connection (Claude Code about three minutes, Aider a minute); the control shortens that with
+  the CLI's own retry setting, passed as the test's own config, so it runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kapsis.errors import ExitCode
+
+from .internet import Internet
+from .kapsis_runner import Kapsis
+from .model_endpoint_fixture import CONTENT, ENDPOINT_HOST, REFUSED_PORT, ModelEndpoint
+
+pytestmark = pytest.mark.integration
+
+API_KEY = "sk-kapsis-test-9f8e7d6c5b4a"
+Trail = list[dict[str, Any]]
+
+
+def used_tool(name: str) -> Callable[[Trail], bool]:
+    """The agent reported a use of its tool ``name`` (hooks, or printed, as its profile says)."""
+
+    def reported(trail: Trail) -> bool:
+        return any(r["event_type"] == "tool_use" and r["detail"]["tool"] == name for r in trail)
+
+    return reported
+
+
+@dataclass(frozen=True)
+class Cli:
+    agent: str
+    api: str  # the model_endpoint module that answers it
+    path: str  # of the endpoint's base URL
+    model: str
+    model_seen: str  # as the request to the endpoint names it
+    key_variable: str  # where the user keeps the key
+    key_header: tuple[str, str]  # how it reaches the endpoint
+    did_it: Callable[[Trail], bool]  # the audit trail shows what the agent did
+    fail_fast: str = ""  # config lines that cut the CLI's retries short, for the control
+
+
+CLIS = {
+    "claude": Cli(
+        "claude", "anthropic", "", "claude-stub-1", "claude-stub-1", "ANTHROPIC_API_KEY",
+        ("x-api-key", API_KEY), used_tool("Write"),
+        fail_fast="environment:\n  set: {CLAUDE_CODE_MAX_RETRIES: '1'}\n",
+    ),
+    # Aider retries a refused endpoint for about 90 s whatever its options (a constant of its
+    # own); the control waits for it.
+    "aider": Cli(
+        "aider", "openai_chat", "/v1", "openai/stub-model", "stub-model", "OPENAI_API_KEY",
+        ("authorization", API_KEY), used_tool("Edit"),
+    ),
+}  # fmt: skip
+
+
+def git(repo: Path, *args: str) -> str:
+    result = subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
+    )
+    return result.stdout.strip()
+
+
+def make_project(root: Path) -> Path:
+    subprocess.run(["git", "init", "-q", "-b", "main", str(root)], check=True)
+    git(root, "config", "user.name", "Ada Tester")
+    git(root, "config", "user.email", "ada@example.test")
+    (root / "README.md").write_text("# sample\n")
+    git(root, "add", ".")
+    git(root, "commit", "-q", "-m", "initial")
+    return root
+
+
+def run_agent(
+    kapsis: Kapsis, cli: Cli, internet: Internet, tmp_path: Path, *, port: int | None = None
+) -> tuple[Path, dict[str, Any], subprocess.CompletedProcess[str]]:
+    project = make_project(tmp_path / "project")
+    endpoint = f"http://{ENDPOINT_HOST}{f':{port}' if port else ''}{cli.path}"
+    config = tmp_path / "kapsis.yaml"
+    config.write_text(
+        "network:\n"
+        f"  dns_servers: [{internet.dns_server}]\n"
+        "  podman_network: podman\n"
+        "agent:\n"
+        f"  endpoint: {endpoint}\n"
+        f"  model: {cli.model}\n" + (cli.fail_fast if port else "")
+    )
+    result = kapsis(
+        "run", str(project), "--agent", cli.agent, "--agent-id", f"{cli.agent}-e2e",
+        "--task", "Write hello.txt", "--config", str(config), "--json",
+        env={cli.key_variable: API_KEY}, timeout=420,
+    )  # fmt: skip
+    return project, json.loads(result.stdout or "{}"), result
+
+
+def audit(kapsis: Kapsis, agent_id: str) -> Trail:
+    shown = kapsis("audit", "show", agent_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    return list(json.loads(shown.stdout))
+
+
+@pytest.mark.parametrize("name", list(CLIS))
+def test_the_agent_writes_the_file_through_its_endpoint_and_the_audit_shows_it(
+    kapsis: Kapsis,
+    claude_image: str,
+    agent_images: dict[str, str],
+    model_endpoint: ModelEndpoint,
+    internet: Internet,
+    tmp_path: Path,
+    name: str,
+) -> None:
+    cli = CLIS[name]
+    before = model_endpoint.mark()
+    project, outcome, result = run_agent(kapsis, cli, internet, tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    seen = [r for r in model_endpoint.requests(before) if r.get("api")]
+
+    # Its API, the model agent.model named, the key under the header its API uses.
+    assert {r["api"] for r in seen} == {cli.api}, seen
+    assert {r["logged"].get("model") for r in seen} >= {cli.model_seen}
+    header, value = cli.key_header
+    assert all(r["headers"].get(header, "").removeprefix("Bearer ") == value for r in seen)
+    assert all(r["headers"].get("host") == ENDPOINT_HOST for r in seen)
+
+    # The file the model asked for is the agent's work, committed on its branch.
+    branch = outcome["branch"]
+    assert outcome["commit_sha"] and git(project, "rev-parse", branch) == outcome["commit_sha"]
+    assert git(project, "show", f"{branch}:hello.txt") + "\n" == CONTENT
+    committed = git(project, "diff", "--name-only", f"main..{branch}").splitlines()
+    assert committed == ["hello.txt"]  # not the CLI's own state files
+
+    # What it did is in the audit trail, as the agent's own report.
+    trail = audit(kapsis, f"{name}-e2e")
+    assert cli.did_it([r for r in trail if r["source"] == "agent"]), trail
+    assert API_KEY not in json.dumps(trail)
+
+    # Allowed because agent.endpoint names it, and the policy says so.
+    config = tmp_path / "kapsis.yaml"
+    policy = kapsis("policy", "show", str(project), "--agent", name, "--config", str(config),
+                    "--json", env={cli.key_variable: API_KEY})  # fmt: skip
+    assert policy.returncode == 0, policy.stderr
+    assert ENDPOINT_HOST in policy.stdout and "agent.endpoint" in policy.stdout
+
+
+@pytest.mark.parametrize("name", list(CLIS))
+def test_control_with_its_endpoint_refused_the_run_fails_as_an_agent_error_and_commits_nothing(
+    kapsis: Kapsis,
+    claude_image: str,
+    agent_images: dict[str, str],
+    model_endpoint: ModelEndpoint,
+    internet: Internet,
+    tmp_path: Path,
+    name: str,
+) -> None:
+    cli = CLIS[name]
+    project, outcome, result = run_agent(kapsis, cli, internet, tmp_path, port=REFUSED_PORT)
+    assert result.returncode == ExitCode.AGENT_FAILED, result.stderr + result.stdout
+    status = kapsis.status(f"{name}-e2e")
+    assert status["phase"] == "failed" and status["error_type"] == "agent_error", status
+    assert status["message"].startswith(f"{name} could not "), status["message"]
+    assert not outcome.get("commit_sha")
+    branches = git(project, "branch", "--list", "--format=%(refname:short)").splitlines()
+    for branch in branches:
+        assert git(project, "rev-parse", branch) == git(project, "rev-parse", "main")
