@@ -11,6 +11,9 @@ user's ``kapsis setup`` (test_rootless.py).
   host, seconds when the debootstrap cache in ~/.kapsis/cache is warm);
 * ``claude_image``: the Claude Code agent image, built in every session that has a test using
   it (about 30 s; the build is under test too);
+* ``agent_images``: the codex, gemini and aider images, built when podman lacks them or has
+  one built from another recipe (about three minutes in all on a fresh host: npm packages and
+  aider's PyPI dependencies);
 * ``ssh_image``: ``localhost/kapsis-test-ssh``, the base image plus OpenSSH (sshd.py), built
   when podman lacks it or has one built on another base image (about 15 s);
 * ``rootfs_cache``: the debootstrap result base image builds start from, for the rebuild test;
@@ -36,13 +39,19 @@ from pathlib import Path
 import pytest
 
 from kapsis.config.models import DEFAULT_IMAGE
-from kapsis.host.agent_images import agent_image, build_agent_image
+from kapsis.host.agent_images import (
+    agent_image,
+    build_agent_image,
+    image_recipe_digest,
+    recipe_digest,
+)
 from kapsis.host.gateway_image import build_gateway_image
 from kapsis.host.image import build_base_image, image_present, rootfs_cache as image_rootfs_cache
 from kapsis.sandbox.network_plan import DEFAULT_GATEWAY_IMAGE
 
 from .internet import Internet, podman_network, skip_reason, start_internet
 from .kapsis_runner import Kapsis
+from .model_endpoint_fixture import model_endpoint  # noqa: F401  (the agent CLIs' endpoint)
 from .rootless_user import (
     RootlessUser,
     host_settings_for_rootless,
@@ -52,7 +61,8 @@ from .rootless_user import (
 from .secret_service import secret_service  # noqa: F401  (fixture for the secrets tests)
 from .sshd import ensure_ssh_image
 
-IMAGE_FIXTURES = ("base_image", "claude_image", "ssh_image", "rootfs_cache")
+IMAGE_FIXTURES = ("base_image", "claude_image", "agent_images", "ssh_image", "rootfs_cache")
+OTHER_AGENTS = ("codex", "gemini", "aider")
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +88,20 @@ def claude_image(base_image: str) -> str:
     )
     print(f"[claude image] Claude Code {version}, built in {time.monotonic() - started:.0f} s")
     return agent_image("claude")
+
+
+@pytest.fixture(scope="session")
+def agent_images(base_image: str) -> dict[str, str]:
+    """The other agents' images (claude_image builds Claude Code's): agent name -> image."""
+    for agent in OTHER_AGENTS:
+        if image_recipe_digest(agent_image(agent)) != recipe_digest():
+            started = time.monotonic()
+            tag = f"[{agent} image]"
+            version = build_agent_image(
+                agent, base=base_image, progress=lambda line, tag=tag: print(tag, line)
+            )
+            print(f"{tag} {agent} {version}, built in {time.monotonic() - started:.0f} s")
+    return {agent: agent_image(agent) for agent in OTHER_AGENTS}
 
 
 @pytest.fixture(scope="session")

@@ -65,11 +65,30 @@ class Cli:
     fail_fast: str = ""  # config lines that cut the CLI's retries short, for the control
 
 
+def ran_printf_in_bash(trail: Trail) -> bool:
+    """Codex's hooks reported its Bash tool, and its bash traced the command itself."""
+    commands = [
+        str(r["detail"].get("command")) for r in trail if r["event_type"] == "agent_command"
+    ]
+    return used_tool("Bash")(trail) and any(command.startswith("printf") for command in commands)
+
+
 CLIS = {
     "claude": Cli(
         "claude", "anthropic", "", "claude-stub-1", "claude-stub-1", "ANTHROPIC_API_KEY",
         ("x-api-key", API_KEY), used_tool("Write"),
         fail_fast="environment:\n  set: {CLAUDE_CODE_MAX_RETRIES: '1'}\n",
+    ),
+    # Codex's key is the user's OPENAI_API_KEY, handed over as the CODEX_API_KEY it reads.
+    "codex": Cli(
+        "codex", "openai_responses", "/v1", "stub-model", "stub-model", "OPENAI_API_KEY",
+        ("authorization", API_KEY), ran_printf_in_bash,
+    ),
+    # Gemini CLI's hooks come from the image's system settings; it retries a refused endpoint
+    # (the gateway's 503) ten times, about four minutes: the control waits for it.
+    "gemini": Cli(
+        "gemini", "gemini", "", "gemini-stub", "gemini-stub", "GEMINI_API_KEY",
+        ("x-goog-api-key", API_KEY), used_tool("write_file"),
     ),
     # Aider retries a refused endpoint for about 90 s whatever its options (a constant of its
     # own); the control waits for it.

@@ -2,10 +2,10 @@
 
 The session builds the claude agent image first (the ``claude_image`` fixture in conftest.py, the
 same code as ``kapsis setup --build --agents claude``; its build time is printed). The endpoint
-(:mod:`.anthropic_stub`) runs in the test internet's network namespace on an address of its own,
-and the test DNS answers ``api.anthropic.com`` with it, so the agent reaches it by that name,
-through the gateway's allowlist (the claude profile's API host), on port 80. The model's script:
-write ``/workspace/hello.txt`` with the Write tool, then say it is done.
+(:mod:`.model_endpoint_fixture`) runs in the test internet's network namespace on an address of
+its own, and the test DNS answers ``api.anthropic.com`` with it, so the agent reaches it by that
+name, through the gateway's allowlist (the claude profile's API host), on port 80. The model's
+script: write ``/workspace/hello.txt`` with the Write tool, then say it is done.
 
 Checked: the endpoint got the API key passed by name; the file became a commit on the agent's
 branch; the agent's tool use reached the audit trail through the image's managed hooks (which
@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,45 +29,17 @@ import pytest
 
 from kapsis.host.agent_images import LABEL_VERSION
 
-from .internet import DEFAULT_NAMES, Internet, _die_with_parent
+from .internet import Internet
 from .kapsis_runner import Kapsis
+from .model_endpoint_fixture import CONTENT, FILE_PATH, ModelEndpoint
 from .secret_service import SecretService
 from .test_secrets import files_holding
 
 pytestmark = pytest.mark.integration
 
-STUB_V4 = "198.51.100.3"  # a second address of the test internet's host, for the endpoint alone
 API_HOST = "api.anthropic.com"
 API_KEY = "sk-ant-kapsis-test-0123456789"
-FILE_PATH = "/workspace/hello.txt"
-CONTENT = "hello from claude code\n"
 MARKER_HOOK = '{"hook_event_name": "ProjectHook", "tool_name": "marker"}'
-
-
-@pytest.fixture(scope="session")
-def anthropic_endpoint(
-    internet: Internet, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Path]:
-    """The scripted endpoint on STUB_V4:80, named api.anthropic.com; yields its request log."""
-    log = tmp_path_factory.mktemp("anthropic") / "requests.jsonl"
-    log.touch()
-    script = Path(__file__).with_name("anthropic_stub.py")
-    serve = [sys.executable, str(script), "serve", STUB_V4, "80", str(log), FILE_PATH, CONTENT]
-    with internet.serve_address(STUB_V4):
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", internet.netns, *serve],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
-        )
-        try:
-            assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
-            internet.set_names({**DEFAULT_NAMES, API_HOST: (STUB_V4,)})
-            yield log
-        finally:
-            internet.set_names(DEFAULT_NAMES)
-            server.terminate()
-            server.wait(timeout=5)
 
 
 def git(repo: Path, *args: str) -> str:
@@ -139,24 +109,20 @@ def audit(kapsis: Kapsis, agent_id: str) -> list[dict[str, Any]]:
     return list(json.loads(shown.stdout))
 
 
-def requests(log: Path, since: int) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in log.read_text().splitlines()[since:]]
-
-
 def test_claude_code_edits_through_the_allowlist_and_reports_its_tool_use(
     kapsis: Kapsis,
     claude_image: str,
-    anthropic_endpoint: Path,
+    model_endpoint: ModelEndpoint,
     internet: Internet,
     tmp_path: Path,
     secret_service: SecretService,
 ) -> None:
     project = make_project(tmp_path / "project", disable_hooks=True)
-    before = len(anthropic_endpoint.read_text().splitlines())
+    before = model_endpoint.mark()
     outcome = run_claude(kapsis, project, internet, tmp_path, "claude1", secret_service)
 
     # The model's turns went to the endpoint, by name, with the key from the keychain.
-    seen = requests(anthropic_endpoint, before)
+    seen = model_endpoint.requests(before)
     answered = [r["answer"] for r in seen if r["method"] == "POST" and "answer" in r]
     assert "tool_use" in answered and "final" in answered, seen
     assert {r["headers"].get("x-api-key") for r in seen if r["method"] == "POST"} == {API_KEY}
@@ -213,7 +179,7 @@ def test_claude_code_edits_through_the_allowlist_and_reports_its_tool_use(
 def test_control_the_projects_own_hook_runs_when_hooks_are_not_disabled(
     kapsis: Kapsis,
     claude_image: str,
-    anthropic_endpoint: Path,
+    model_endpoint: ModelEndpoint,
     internet: Internet,
     tmp_path: Path,
 ) -> None:

@@ -24,7 +24,7 @@ def test_claudes_login_file_stands_in_for_the_api_key(make_plan) -> None:
 
 
 def test_control_without_key_or_login_the_run_is_refused_and_says_both(make_plan) -> None:
-    with pytest.raises(ConfigError, match="ANTHROPIC_API_KEY.*CLAUDE_CREDENTIALS"):
+    with pytest.raises(ConfigError, match=r"ANTHROPIC_API_KEY.*CLAUDE_CREDENTIALS"):
         make_plan(agent="claude", environ={})
 
 

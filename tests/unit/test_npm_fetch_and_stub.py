@@ -1,5 +1,5 @@
 """Two standard-library helpers, run against loopback servers: the in-build npm fetcher and the
-scripted Anthropic endpoint of the real-agent test."""
+scripted model endpoint of the agent CLI tests (each vendor's API on one server)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from kapsis.host import npm_fetch
-from tests.integration import anthropic_stub
-from tests.integration.anthropic_stub import Script
+from tests.integration.model_endpoint.script import Script
+from tests.integration.model_endpoint.server import make_handler
 
 
 def tarball(files: dict[str, bytes], symlink: str | None = None) -> bytes:
@@ -109,7 +109,7 @@ def test_fetch_picks_verifies_and_unpacks(
 @pytest.fixture
 def endpoint(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     log = tmp_path / "requests.jsonl"
-    handler = anthropic_stub.make_handler(Script("/workspace/a.txt", "hi\n"), log)
+    handler = make_handler(Script("/workspace/a.txt", "hi\n"), log)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -169,3 +169,63 @@ def test_the_endpoint_asks_for_a_write_then_ends_the_turn(endpoint: tuple[int, P
     logged = [json.loads(line) for line in log.read_text().splitlines()]
     assert [entry["answer"] for entry in logged] == ["tool_use", "final", "side"]
     assert {entry["headers"]["x-api-key"] for entry in logged} == {"k"}
+
+
+def request(port: int, path: str, body: dict[str, Any]) -> bytes:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("POST", path, body=json.dumps(body).encode(), headers={"x-k": "k"})
+    response = connection.getresponse()
+    assert response.status == 200
+    return response.read()
+
+
+def data_events(stream: bytes) -> list[dict[str, Any]]:
+    found = []
+    for line in stream.decode().splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            found.append(json.loads(line.removeprefix("data: ")))
+    return found
+
+
+def test_the_other_apis_play_the_same_script(endpoint: tuple[int, Path]) -> None:
+    """Codex's Responses API: a shell call writing the file, then a final message; Aider's Chat
+    Completions: the file in the whole edit format; Gemini's: a write_file call, then text."""
+    port, log = endpoint
+    ask = {"stream": True, "model": "m", "tools": [{"type": "function", "name": "exec_command"}],
+           "input": [{"type": "message", "role": "user", "content": "Write a.txt"}]}  # fmt: skip
+    events = data_events(request(port, "/v1/responses", ask))
+    (call,) = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert call["type"] == "function_call" and call["name"] == "exec_command"
+    assert json.loads(call["arguments"])["cmd"] == "printf '%s' 'hi\n' > /workspace/a.txt"
+    assert events[-1]["type"] == "response.completed"
+    done = {**ask, "input": [*ask["input"], {"type": "function_call_output", "output": "ok"}]}
+    final = data_events(request(port, "/v1/responses", done))
+    assert any(e.get("delta") == "I wrote the file." for e in final)
+
+    system = "Act as an expert software developer.\nOnce you understand the request you MUST:\n"
+    system += "Return the *file listing* of each file\n"
+    chat = {"model": "stub-model", "stream": False,
+            "messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": "Write a.txt"}]}  # fmt: skip
+    answer = json.loads(request(port, "/v1/chat/completions", chat))
+    text = answer["choices"][0]["message"]["content"]
+    assert "a.txt\n```\nhi\n" in text
+
+    gemini = {"contents": [{"role": "user", "parts": [{"text": "Write a.txt"}]}],
+              "tools": [{"functionDeclarations": [{"name": "write_file"}]}]}  # fmt: skip
+    path = "/v1beta/models/gemini-stub:streamGenerateContent?alt=sse"
+    (chunk,) = data_events(request(port, path, gemini))
+    (part,) = chunk["candidates"][0]["content"]["parts"]
+    assert part["functionCall"] == {
+        "name": "write_file", "args": {"file_path": "/workspace/a.txt", "content": "hi\n"},
+    }  # fmt: skip
+    result = {"role": "user", "parts": [{"functionResponse": {"name": "write_file"}}]}
+    replied = {**gemini, "contents": [*gemini["contents"], result]}
+    (chunk,) = data_events(request(port, path, replied))
+    assert chunk["candidates"][0]["content"]["parts"][0]["text"] == "I wrote the file."
+
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(entry["api"], entry["answer"]) for entry in logged] == [
+        ("openai_responses", "tool_use"), ("openai_responses", "final"),
+        ("openai_chat", "edit"), ("gemini", "tool_use"), ("gemini", "final"),
+    ]  # fmt: skip

@@ -56,7 +56,9 @@ MAX_DEPTH = 32
 # Dropped reports recorded one by one (with the reason); past this, counted only.
 MAX_DROPS_RECORDED = 100
 # Hook events about one tool call; their payloads name the tool and its input.
-TOOL_HOOKS = frozenset({"PreToolUse", "PostToolUse", "PostToolUseFailure"})
+TOOL_HOOKS = frozenset(
+    {"PreToolUse", "PostToolUse", "PostToolUseFailure", "BeforeTool", "AfterTool"}
+)
 
 
 def install_shell_reporter(path: Path) -> None:

@@ -12,6 +12,8 @@ with one ``podman image inspect``, for ``kapsis agents list``.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.resources
 import json
 import os
 import platform
@@ -45,9 +47,18 @@ AGENT_PROGRAMS: dict[str, str] = {
 }
 LABEL_AGENT = "io.kapsis.agent"
 LABEL_VERSION = "io.kapsis.agent.version"
+# What the image was built from: a digest of the recipe and the files it copies in, so that an
+# image built before they changed can be told apart (and rebuilt).
+LABEL_RECIPE_DIGEST = "io.kapsis.agent.recipe"
 RECIPE = "Containerfile.agents"
 LABEL_RECIPE = "Containerfile.label"
-CONTEXT_FILES = ("npm_fetch.py", "report_hook.py", "claude-managed-settings.json")
+CONTEXT_FILES = (
+    "npm_fetch.py",
+    "report_hook.py",
+    "claude-managed-settings.json",
+    "gemini-system-settings.json",
+    "codex-managed-config.toml",
+)
 CA_BUNDLE_ENV = "KAPSIS_CA_BUNDLE"
 # Where distributions keep the system CA bundle (Debian/Ubuntu, Fedora/RHEL, others).
 CA_BUNDLES = (
@@ -100,6 +111,30 @@ def host_ca_bundle() -> Path:
     )
 
 
+def recipe_digest() -> str:
+    """sha256 of the agent images' recipe and of each file it copies into them."""
+    package = importlib.resources.files("kapsis.host")
+    digest = hashlib.sha256()
+    for name in (RECIPE, *CONTEXT_FILES):
+        data = package.joinpath(name).read_bytes()
+        digest.update(f"{name}\0{len(data)}\0".encode() + data)
+    return digest.hexdigest()
+
+
+def image_recipe_digest(image: str) -> str | None:
+    """The recipe digest an agent image was built from (None: absent, or built without one)."""
+    podman = shutil.which("podman")
+    if podman is None:
+        return None
+    result = subprocess.run(
+        [podman, "image", "inspect", "--format", f'{{{{index .Labels "{LABEL_RECIPE_DIGEST}"}}}}',
+         image],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    found = result.stdout.strip()
+    return found if result.returncode == 0 and found and found != "<no value>" else None
+
+
 def build_agent_image(
     agent: str, *, base: str = DEFAULT_IMAGE, progress: Progress | None = None
 ) -> str:
@@ -144,7 +179,7 @@ def build_agent_image(
             base=staging,
             log=log,
             say=say,
-            labels={LABEL_VERSION: version},
+            labels={LABEL_VERSION: version, LABEL_RECIPE_DIGEST: recipe_digest()},
             fresh=True,
         )
     finally:

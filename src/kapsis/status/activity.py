@@ -30,7 +30,14 @@ _STATES: dict[str, ActivityState] = {
     "Notification": "waiting",
     "Stop": "idle",
     "SessionEnd": "ended",
+    # Gemini CLI's names for the same moments.
+    "BeforeAgent": "working",
+    "BeforeTool": "using_tool",
+    "AfterTool": "working",
+    "AfterAgent": "idle",
 }
+# The events that announce one tool call (Claude Code's, Gemini CLI's).
+TOOL_CALL_EVENTS = frozenset({"PreToolUse", "BeforeTool"})
 MIN_WRITE_INTERVAL = 0.5  # seconds between two status writes caused by reports
 
 
@@ -55,7 +62,7 @@ def fold(current: AgentActivity | None, record: dict[str, Any]) -> AgentActivity
     tool = reported.get("tool_name")
     last_tool = current.last_tool if current else None
     tool_uses = current.tool_uses if current else 0
-    if event == "PreToolUse" and isinstance(tool, str):
+    if event in TOOL_CALL_EVENTS and isinstance(tool, str):
         last_tool, tool_uses = tool[:100], tool_uses + 1
     return AgentActivity(
         state=_STATES[event],
