@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,18 +107,38 @@ def git(repo: Path, *args: str) -> str:
     return result.stdout.strip()
 
 
+# What a hostile project (or an agent, for the next run) writes to switch the CLIs' own hooks
+# off: the image's root-owned settings stand above each of them.
+HOOKS_OFF = {
+    ".claude/settings.json": '{"disableAllHooks": true}\n',
+    ".codex/config.toml": "[features]\nhooks = false\n",
+    ".gemini/settings.json": json.dumps(
+        {"hooksConfig": {"enabled": False, "disabled": ["kapsis-audit"]}, "hooks": {}}
+    ),
+}
+
+
 def make_project(root: Path) -> Path:
     subprocess.run(["git", "init", "-q", "-b", "main", str(root)], check=True)
     git(root, "config", "user.name", "Ada Tester")
     git(root, "config", "user.email", "ada@example.test")
     (root / "README.md").write_text("# sample\n")
+    for name, text in HOOKS_OFF.items():
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_text(text)
     git(root, "add", ".")
     git(root, "commit", "-q", "-m", "initial")
     return root
 
 
 def run_agent(
-    kapsis: Kapsis, cli: Cli, internet: Internet, tmp_path: Path, *, port: int | None = None
+    kapsis: Kapsis,
+    cli: Cli,
+    internet: Internet,
+    tmp_path: Path,
+    *,
+    port: int | None = None,
+    more_config: str = "",
 ) -> tuple[Path, dict[str, Any], subprocess.CompletedProcess[str]]:
     project = make_project(tmp_path / "project")
     endpoint = f"http://{ENDPOINT_HOST}{f':{port}' if port else ''}{cli.path}"
@@ -128,7 +149,7 @@ def run_agent(
         "  podman_network: podman\n"
         "agent:\n"
         f"  endpoint: {endpoint}\n"
-        f"  model: {cli.model}\n" + (cli.fail_fast if port else "")
+        f"  model: {cli.model}\n" + (cli.fail_fast if port else "") + more_config
     )
     result = kapsis(
         "run", str(project), "--agent", cli.agent, "--agent-id", f"{cli.agent}-e2e",
@@ -207,3 +228,79 @@ def test_control_with_its_endpoint_refused_the_run_fails_as_an_agent_error_and_c
     branches = git(project, "branch", "--list", "--format=%(refname:short)").splitlines()
     for branch in branches:
         assert git(project, "rev-parse", branch) == git(project, "rev-parse", "main")
+
+
+def test_control_a_trusted_gemini_workspace_may_switch_the_hooks_off(
+    kapsis: Kapsis,
+    agent_images: dict[str, str],
+    model_endpoint: ModelEndpoint,
+    internet: Internet,
+    tmp_path: Path,
+) -> None:
+    """What keeps Gemini CLI's hooks on against the project's own settings is that Kapsis never
+    marks the workspace trusted: a user who does lets the project's file switch them off."""
+    trusted = "environment:\n  set: {GEMINI_CLI_TRUST_WORKSPACE: 'true'}\n"
+    _, outcome, result = run_agent(kapsis, CLIS["gemini"], internet, tmp_path, more_config=trusted)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert outcome["commit_sha"]  # the run itself went as before
+    reports = [r for r in audit(kapsis, "gemini-e2e") if r["source"] == "agent"]
+    assert not [r for r in reports if r["event_type"] == "tool_use"]
+
+
+@pytest.mark.parametrize(
+    ("agent", "settings"),
+    [("codex", "/etc/codex/managed_config.toml"), ("gemini", "/etc/gemini-cli/settings.json")],
+)
+def test_the_agent_cannot_rewrite_its_clis_managed_settings_and_root_can(
+    agent_images: dict[str, str], agent: str, settings: str
+) -> None:
+    attack = f"echo x > {settings}; echo write=$?; rm -f {settings}; echo rm=$?; " + (
+        f"mv {Path(settings).parent} /tmp/moved; echo mv=$?"
+    )
+
+    def attempt(user: str) -> list[str]:
+        result = subprocess.run(
+            ["podman", "run", "--rm", "--network=none", f"--user={user}", agent_images[agent],
+             "sh", "-c", attack],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        return result.stdout.split()
+
+    assert attempt("1000:1000") == ["write=2", "rm=1", "mv=1"]
+    assert attempt("0:0") == ["write=0", "rm=0", "mv=0"]  # control: root can
+
+
+def test_while_the_agent_retries_a_name_that_does_not_resolve_its_status_says_so(
+    kapsis: Kapsis,
+    claude_image: str,
+    model_endpoint: ModelEndpoint,
+    internet: Internet,
+    tmp_path: Path,
+) -> None:
+    """Claude Code retries for minutes; the status says why within seconds, while it runs."""
+    project = make_project(tmp_path / "project")
+    config = tmp_path / "kapsis.yaml"
+    config.write_text(
+        f"network:\n  dns_servers: [{internet.dns_server}]\n  podman_network: podman\n"
+        "agent:\n  endpoint: http://nowhere.example.test\n"
+    )
+    started = kapsis(
+        "run", str(project), "--agent", "claude", "--agent-id", "retrying", "--detach",
+        "--task", "Write hello.txt", "--config", str(config),
+        env={"ANTHROPIC_API_KEY": API_KEY},
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    note = "no answer from nowhere.example.test: it could not be resolved"
+    deadline = time.monotonic() + 90
+    status = kapsis.status("retrying")
+    while time.monotonic() < deadline and note not in status["notes"]:
+        time.sleep(1)
+        status = kapsis.status("retrying")
+    try:
+        assert status["phase"] == "running" and note in status["notes"], status
+        assert note in status["message"]
+    finally:
+        kapsis("stop", "retrying")
+        kapsis.wait_finished("retrying", timeout=120)
+    recorded = [r for r in audit(kapsis, "retrying") if r["event_type"] == "model_api_unreachable"]
+    assert [r["detail"]["note"] for r in recorded] == [note]

@@ -102,11 +102,14 @@ def test_building_an_agent_image_builds_labels_and_untags(
         "npm_fetch.py": "0o644",
         "report_hook.py": "0o644",
         "claude-managed-settings.json": "0o644",
+        "gemini-system-settings.json": "0o644",
+        "codex-managed-config.toml": "0o644",
     }
     run = next(c for c in calls if c[1] == "run")
     assert run[-3:] == ["localhost/kapsis-agent-claude:building", "claude", "--version"]
     assert "--network=none" in run and "--user=1000:1000" in run
     assert "--label" in second and "io.kapsis.agent.version=2.1.332" in second
+    assert f"io.kapsis.agent.recipe={agent_images.recipe_digest()}" in second
     assert "BASE=localhost/kapsis-agent-claude:building" in second
     assert second[second.index("-t") + 1] == "localhost/kapsis-agent-claude:latest"
     untag = next(c for c in calls if c[1] == "untag")
@@ -271,3 +274,12 @@ def test_the_hint_for_a_missing_image_names_the_command_that_builds_it() -> None
     )
     assert agent_images.build_hint(DEFAULT_IMAGE) == "build it with `kapsis setup --build`"
     assert agent_images.build_hint("localhost/kapsis-agent-x:1").endswith("--build`")
+
+
+def test_the_recipe_digest_changes_with_any_file_the_images_copy_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An image built before its hooks' settings changed is told apart by its label."""
+    before = agent_images.recipe_digest()
+    monkeypatch.setattr(agent_images, "CONTEXT_FILES", agent_images.CONTEXT_FILES[:-1])
+    assert agent_images.recipe_digest() != before

@@ -144,8 +144,9 @@ class _LogReader:
     """Reads a gateway log as text: a regular file only (never through a symlink, never blocking
     on a pipe), at most ``limit`` bytes; the names of the logs cut go to ``cut``."""
 
-    def __init__(self, cut: list[str], limit: int = MAX_GATEWAY_LOG_BYTES) -> None:
-        self.cut, self.limit = cut, limit
+    def __init__(self, cut: list[str], limit: int | None = None) -> None:
+        self.cut = cut
+        self.limit = MAX_GATEWAY_LOG_BYTES if limit is None else limit
 
     def __call__(self, path: Path) -> str:
         try:
