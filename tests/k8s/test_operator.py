@@ -16,6 +16,7 @@ from kapsis.k8s import resource as ar
 from kapsis.k8s.names import (
     AGENT_CONTAINER,
     AGENT_EXIT_ANNOTATION,
+    AGENT_FAILURE_ANNOTATION,
     CLONE_CONTAINER,
     FINISHER_CONTAINER,
     GATEWAY_CONTAINER,
@@ -446,3 +447,46 @@ def test_a_pod_lost_while_the_operator_was_away_fails_its_request_and_is_not_rer
     status = requests.wait_phase("away", "Failed")
     assert (status["exitCode"], status["errorType"]) == (5, "killed")
     assert requests.pod("away") is None  # the agent is not run a second time
+
+
+GAVE_UP = (
+    b"Retrying in 32.0 seconds...\n"
+    b"litellm.InternalServerError: InternalServerError: OpenAIException - Connection error.\n"
+    b"The API provider's servers are down or overloaded.\n"
+)
+
+
+def test_an_agent_whose_output_says_it_failed_ends_agent_error_and_is_not_pushed(
+    operator: OperatorUnderTest, k8s_cluster: Any, emulator_only: None
+):
+    """Aider exits 0 when it gave up on its model: the operator reads the end of its log as a
+    local run reads its transcript, and tells the finisher and the status why, at once."""
+    requests = operator.requests
+    secrets = {"secrets": {"OPENAI_API_KEY": {"name": "llm", "key": "key"}}}
+    logs = {"gaveup": GAVE_UP, "fine": b"Applied edit to hello.txt\nCommit 1a2b3c4 Add it\n"}
+    for name, log in logs.items():
+        requests.create(name, agent={"profile": "aider"}, environment=secrets)
+        path = f"/api/v1/namespaces/{requests.namespace}/pods/{pod_name(name)}/log"
+        k8s_cluster.emulator["get", path, {"container": AGENT_CONTAINER}] << log
+    for name in logs:
+        requests.wait_pod(name)
+        requests.kubelet(name, k.agent_running())
+        requests.wait_phase(name, "Running")
+        requests.kubelet(name, k.agent_done(0))
+    failure = "aider could not reach its model, or its server failed: litellm.InternalServerError"
+
+    def annotations(name: str) -> dict[str, str]:
+        return dict(requests.pod_dict(name)["metadata"].get("annotations") or {})
+
+    for name in logs:
+        wait_for(f"{name}'s exit code", lambda n=name: AGENT_EXIT_ANNOTATION in annotations(n))
+    assert annotations("gaveup")[AGENT_EXIT_ANNOTATION] == "0"
+    assert annotations("gaveup")[AGENT_FAILURE_ANNOTATION].startswith(failure)
+    assert AGENT_FAILURE_ANNOTATION not in annotations("fine")  # control: the same CLI, fine
+
+    requests.kubelet("gaveup", k.finished())
+    status = requests.wait_phase("gaveup", "Failed")
+    assert (status["exitCode"], status["errorType"]) == (1, "agent_error")
+    assert status["message"].startswith(failure)
+    requests.kubelet("fine", k.finished())
+    assert requests.wait_phase("fine", "Complete").get("errorType") is None

@@ -17,7 +17,7 @@ from kapsis.errors import SandboxError
 from kapsis.k8s.inpod import clone as clone_step, finish as finish_step
 from kapsis.k8s.inpod.credentials import prepare
 from kapsis.k8s.layout import STEP_CONFIG_ENV, StepConfig
-from kapsis.k8s.names import AGENT_EXIT_ANNOTATION
+from kapsis.k8s.names import AGENT_EXIT_ANNOTATION, AGENT_FAILURE_ANNOTATION
 
 ENV = {
     "GIT_AUTHOR_NAME": "T",
@@ -114,9 +114,10 @@ class Pod:
         )  # fmt: skip
         return code, json.loads(self.log.read_text())
 
-    def annotate(self, exit_code: int) -> None:
+    def annotate(self, exit_code: int, failure: str | None = None) -> None:
+        reported = f'{AGENT_FAILURE_ANNOTATION}="{failure}"\n' if failure else ""
         self.annotations.write_text(
-            f'kubernetes.io/config.seen="x"\n{AGENT_EXIT_ANNOTATION}="{exit_code}"\n'
+            f'kubernetes.io/config.seen="x"\n{AGENT_EXIT_ANNOTATION}="{exit_code}"\n' + reported
         )
 
 
@@ -232,6 +233,21 @@ def test_a_failed_agent_is_committed_but_not_pushed(
     assert code == 0
     assert result["commitSha"] and result["pushStatus"] == "skipped"
     assert "exited 3" in result["message"]
+    assert git("ls-remote", str(remote), "refs/heads/kapsis/t1") == ""
+
+
+def test_an_agent_whose_output_says_it_failed_is_committed_but_not_pushed(
+    remote: Path, pod: Pod, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exit 0, and the operator found a failure sign in its log (Aider's way)."""
+    config = _config(remote)
+    pod.clone(config, tmp_path / "scratch")
+    (pod.workspace / "half.txt").write_text("half done\n")
+    pod.annotate(0, failure="aider could not reach its model: litellm.APIConnectionError")
+    code, result = pod.finish(config, monkeypatch)
+    assert code == 0
+    assert result["commitSha"] and result["pushStatus"] == "skipped"
+    assert "aider could not reach its model" in result["message"]
     assert git("ls-remote", str(remote), "refs/heads/kapsis/t1") == ""
 
 

@@ -21,6 +21,8 @@ REQUEST_LABEL: Final = "kapsis.dev/request"
 # Written by the operator (from the kubelet's view of the agent container), read by the
 # finisher through a downward-API volume: the agent cannot set Pod annotations.
 AGENT_EXIT_ANNOTATION: Final = "kapsis.dev/agent-exit-code"
+# Set with it when the agent's output shows it failed (its profile's failure signs): why.
+AGENT_FAILURE_ANNOTATION: Final = "kapsis.dev/agent-failure"
 
 
 def task_config_map_name(agent_id: str) -> str:

@@ -24,6 +24,7 @@ from typing import Any, Final, get_args
 from kapsis.errors import ExitCode
 from kapsis.k8s.names import (
     AGENT_CONTAINER,
+    AGENT_FAILURE_ANNOTATION,
     CLONE_CONTAINER,
     FINISHER_CONTAINER,
     GATEWAY_CONTAINER,
@@ -377,6 +378,12 @@ def _phase(
 
     assert agent_done is not None
     agent_end = agent_outcome(agent_done, _memory_limit(pod), _time_limited(pod))
+    reported = _text(
+        ((pod.get("metadata") or {}).get("annotations") or {}).get(AGENT_FAILURE_ANNOTATION)
+    )
+    if reported and (agent_end is None or agent_end.error_type == "agent_failed"):
+        # The agent's output said why (its profile's failure signs), as a local run says it.
+        agent_end = Outcome(ExitCode.AGENT_FAILED, "agent_error", reported)
     if finisher_done:
         finish_end = finisher_outcome(_exit_code(finisher_done), result)
         ending = agent_end or finish_end

@@ -17,6 +17,7 @@ from kapsis.errors import ConfigError, ExitCode
 from kapsis.k8s import resource as ar
 from kapsis.k8s.names import (
     AGENT_EXIT_ANNOTATION,
+    AGENT_FAILURE_ANNOTATION,
     MANAGED_BY_LABEL,
     MANAGED_BY_VALUE,
     REQUEST_LABEL,
@@ -266,12 +267,15 @@ class Reconciler:
                 oom_killed=bridged.agent_oom_killed,
                 reported_by="kubelet",
             )
-            # This releases the finisher: it commits and pushes once it sees the annotation.
-            self.kube.annotate_pod(
-                namespace,
-                str(meta.get("name")),
-                {AGENT_EXIT_ANNOTATION: str(bridged.agent_exit_code)},
-            )
+            pod_name = str(meta.get("name"))
+            outcome = {AGENT_EXIT_ANNOTATION: str(bridged.agent_exit_code)}
+            failure = self._reported_failure(request, namespace, pod_name, bridged.agent_exit_code)
+            if failure is not None:
+                self.audit.record(ref, "agent_reported_failure", message=failure)
+                outcome[AGENT_FAILURE_ANNOTATION] = failure
+            # This releases the finisher: it commits and pushes once it sees the annotation
+            # (both at once: it must never see the exit code without the failure).
+            self.kube.annotate_pod(namespace, pod_name, outcome)
         changes = {k: v for k, v in bridged.status.items() if current.get(k) != v}
         if not changes:
             return
@@ -300,6 +304,26 @@ class Reconciler:
                 commitSha=final.get("commitSha"),
                 pushStatus=final.get("pushStatus"),
             )
+
+    def _reported_failure(
+        self, request: Mapping[str, Any], namespace: str, pod: str, exit_code: int
+    ) -> str | None:
+        """What the agent's own output says of its failure (its profile's failure signs, as a
+        local run reads them in its transcript), from the end of its container's log."""
+        from kapsis.agents import find_profile
+        from kapsis.sandbox.agent_outcome import MAX_READ, TAIL_LINES, failure_in
+
+        spec = request.get("spec") or {}
+        try:
+            profile = find_profile(str((spec.get("agent") or {}).get("profile") or "shell"))
+        except Exception:  # validated at creation; a profile gone since decides nothing
+            return None
+        signs = tuple(profile.failure)
+        if not any(sign.exit_0_too or exit_code != 0 for sign in signs):
+            return None
+        text = self.kube.agent_log_tail(namespace, pod, TAIL_LINES, MAX_READ)
+        failure = failure_in(profile.name, text, signs, exit_code)
+        return None if failure is None else str(failure)
 
     def _pod_vanished(self, request: Mapping[str, Any], current: Mapping[str, Any]) -> None:
         if current.get("phase") in FINAL_PHASES:

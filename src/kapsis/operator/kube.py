@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from kapsis.k8s import resource as ar
-from kapsis.k8s.names import MANAGED_BY_LABEL, MANAGED_BY_VALUE, REQUEST_LABEL
+from kapsis.k8s.names import AGENT_CONTAINER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, REQUEST_LABEL
 from kapsis.k8s.render import request_label_value
 
 COMPONENT: Final = "kapsis-operator"
@@ -155,6 +155,22 @@ class Kube:
                 return False
             raise
         return True
+
+    def agent_log_tail(self, namespace: str, pod: str, lines: int, limit: int) -> str:
+        """The last ``lines`` lines of the agent container's log, at most ``limit`` bytes
+        ("" when it cannot be read: the outcome then rests on the exit code alone)."""
+        try:
+            response = self.core.read_namespaced_pod_log(
+                pod,
+                namespace,
+                container=AGENT_CONTAINER,
+                tail_lines=lines,
+                limit_bytes=limit,
+                _preload_content=False,
+            )
+            return bytes(response.data[:limit]).decode("utf-8", "replace")
+        except Exception:  # the API's refusal, or the connection's failure
+            return ""
 
     def annotate_pod(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None:
         """Set annotations on a Pod, retrying a few times: this is what releases the finisher,

@@ -35,8 +35,8 @@ def reported_failure(
     agent: str, transcript: Path, signs: tuple[FailureSign, ...], agent_exit_code: int
 ) -> AgentReportedFailure | None:
     """The failure the agent's output shows (the first sign found, with the line it is on)."""
-    if agent_exit_code == 0:
-        signs = tuple(sign for sign in signs if sign.exit_0_too)
+    if agent_exit_code == 0 and not any(sign.exit_0_too for sign in signs):
+        return None
     if not signs:
         return None
     try:
@@ -46,7 +46,17 @@ def reported_failure(
             text = log.read(MAX_READ).decode("utf-8", "replace")
     except OSError:
         return None
-    text = "\n".join(text.rstrip("\n").split("\n")[-TAIL_LINES:])
+    return failure_in(agent, text, signs, agent_exit_code)
+
+
+def failure_in(
+    agent: str, text: str, signs: tuple[FailureSign, ...], agent_exit_code: int
+) -> AgentReportedFailure | None:
+    """The failure the end of ``text`` (the agent's output, a transcript's or a Pod log's
+    lines) shows; only its last :data:`TAIL_LINES` lines are looked through."""
+    if agent_exit_code == 0:
+        signs = tuple(sign for sign in signs if sign.exit_0_too)
+    text = "\n".join(text[-MAX_READ:].rstrip("\n").split("\n")[-TAIL_LINES:])
     for sign in signs:
         at = text.rfind(sign.output)
         if at < 0:

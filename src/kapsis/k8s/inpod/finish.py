@@ -36,7 +36,7 @@ from kapsis.k8s import layout
 from kapsis.k8s.inpod.credentials import prepare
 from kapsis.k8s.inpod.result import write_result
 from kapsis.k8s.layout import StepConfig
-from kapsis.k8s.names import AGENT_EXIT_ANNOTATION
+from kapsis.k8s.names import AGENT_EXIT_ANNOTATION, AGENT_FAILURE_ANNOTATION
 
 POLL_SECONDS = 0.5
 
@@ -89,6 +89,7 @@ def finish(
     config: StepConfig,
     exit_code: int,
     *,
+    agent_failure: str | None = None,
     workspace: Path,
     trusted_volume: Path,
     secret_dir: Path,
@@ -133,8 +134,9 @@ def finish(
         summary += f" ({outcome.agent_commits} commit(s) of the agent's kept)"
     if not config.push:
         return {**result, "message": "; ".join([summary, "push not requested", *notes])}
-    if exit_code != 0:
-        reason = f"the agent exited {exit_code}, so its branch was not pushed"
+    if exit_code != 0 or agent_failure:
+        why = agent_failure or f"the agent exited {exit_code}"
+        reason = f"{why}, so its branch was not pushed"
         return {**result, "message": "; ".join([summary, reason, *notes])}
     credentials = prepare(config, secret_dir, scratch)
     if credentials.helper:
@@ -182,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = finish(
                 config,
                 exit_code,
+                # Set with the exit code, in the same patch: both are in the file now.
+                agent_failure=read_annotations(args.annotations).get(AGENT_FAILURE_ANNOTATION),
                 workspace=args.workspace,
                 trusted_volume=args.trusted,
                 secret_dir=args.credentials,
