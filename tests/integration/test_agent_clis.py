@@ -165,17 +165,21 @@ def audit(kapsis: Kapsis, agent_id: str) -> Trail:
     return list(json.loads(shown.stdout))
 
 
-@pytest.mark.parametrize("name", list(CLIS))
-def test_the_agent_writes_the_file_through_its_endpoint_and_the_audit_shows_it(
-    kapsis: Kapsis,
+@pytest.fixture(params=list(CLIS))
+def cli(
+    request: pytest.FixtureRequest,
     claude_image: str,
     agent_images: dict[str, str],
     model_endpoint: ModelEndpoint,
-    internet: Internet,
-    tmp_path: Path,
-    name: str,
+) -> Cli:
+    """Each agent in turn, its image built and the endpoint up."""
+    return CLIS[request.param]
+
+
+def test_the_agent_writes_the_file_through_its_endpoint_and_the_audit_shows_it(
+    kapsis: Kapsis, cli: Cli, model_endpoint: ModelEndpoint, internet: Internet, tmp_path: Path
 ) -> None:
-    cli = CLIS[name]
+    name = cli.agent
     before = model_endpoint.mark()
     project, outcome, result = run_agent(kapsis, cli, internet, tmp_path)
     assert result.returncode == 0, result.stderr + result.stdout
@@ -208,17 +212,10 @@ def test_the_agent_writes_the_file_through_its_endpoint_and_the_audit_shows_it(
     assert ENDPOINT_HOST in policy.stdout and "agent.endpoint" in policy.stdout
 
 
-@pytest.mark.parametrize("name", list(CLIS))
 def test_control_with_its_endpoint_refused_the_run_fails_as_an_agent_error_and_commits_nothing(
-    kapsis: Kapsis,
-    claude_image: str,
-    agent_images: dict[str, str],
-    model_endpoint: ModelEndpoint,
-    internet: Internet,
-    tmp_path: Path,
-    name: str,
+    kapsis: Kapsis, cli: Cli, internet: Internet, tmp_path: Path
 ) -> None:
-    cli = CLIS[name]
+    name = cli.agent
     project, outcome, result = run_agent(kapsis, cli, internet, tmp_path, port=REFUSED_PORT)
     assert result.returncode == ExitCode.AGENT_FAILED, result.stderr + result.stdout
     status = kapsis.status(f"{name}-e2e")
