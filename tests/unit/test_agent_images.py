@@ -76,7 +76,8 @@ def test_building_an_agent_image_builds_labels_and_untags(
             context = Path(args[-1])
             contexts.append({p.name: oct(p.stat().st_mode & 0o777) for p in context.iterdir()})
         if args[1:3] == ["image", "inspect"]:
-            stdout = "sha256:new\n" if len([c for c in calls if c[1] == "build"]) == 2 else ""
+            built = len([c for c in calls if c[1] == "build"])
+            stdout = {1: "sha256:staging\n", 2: "sha256:new\n"}.get(built, "")
         if args[1] == "run":
             stdout = "2.1.332 (Claude Code)\n"
         return subprocess.CompletedProcess(args, 0, stdout, "")
@@ -114,6 +115,8 @@ def test_building_an_agent_image_builds_labels_and_untags(
     assert second[second.index("-t") + 1] == "localhost/kapsis-agent-claude:latest"
     untag = next(c for c in calls if c[1] == "untag")
     assert untag[2:] == ["localhost/kapsis-agent-claude:building"] * 2
+    # The staging image itself goes too, by its id, after the untag.
+    assert calls[calls.index(untag) + 1][1:] == ["rmi", "sha256:staging"]
 
 
 def test_base_and_gateway_builds_keep_their_arguments(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from kapsis.agents import find_profile
 from kapsis.errors import ConfigError
 
 CREDENTIALS = '{"claudeAiOauth": {"accessToken": "sk-ant-oat01-x"}}'
@@ -43,3 +44,55 @@ def test_the_logins_hosts_are_allowed_only_when_the_login_is_given(make_plan) ->
     assert logged_in["chatgpt.com"] == ("agent profile codex (its login)",)
     with_key = hosts({"OPENAI_API_KEY": "sk-x"})
     assert "chatgpt.com" not in with_key and "api.openai.com" in with_key
+
+
+def test_on_a_cluster_the_login_is_a_secret_copied_where_the_cli_reads_it(
+    project, tmp_path
+) -> None:
+    """The Secret is mounted read-only and copied, before the CLI starts, into the agent's
+    memory-backed home; never a variable. The copy step is the Pod's own, run here for real."""
+    import subprocess
+
+    from kapsis.k8s.render import render_request
+    from kapsis.k8s.render_network import network_policy_of
+    from kapsis.k8s.render_pod import LOGIN_DIR
+    from kapsis.k8s.settings import OperatorSettings
+    from tests.unit.test_k8s_submission import submit
+
+    config = "kubernetes:\n  secrets:\n    CODEX_AUTH: {name: codex-login, key: auth.json}\n"
+    spec = submit(project, tmp_path, config, agent="codex").spec
+    settings = OperatorSettings(dns_servers=("10.96.0.10",))
+    rendered = render_request("r", "team", "0000-1111", spec, settings)
+    agent = next(c for c in rendered.pod["spec"]["containers"] if c["name"] == "agent")
+    assert "CODEX_AUTH" not in {e["name"] for e in agent["env"]}
+    (mount,) = [m for m in agent["volumeMounts"] if m["mountPath"] == LOGIN_DIR]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in rendered.pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "codex-login"
+    assert volume["secret"]["items"] == [{"key": "auth.json", "path": "login"}]
+    hosts = {
+        rule.pattern for rule in network_policy_of(spec, find_profile("codex"), settings).rules
+    }
+    assert "chatgpt.com" in hosts
+
+    # The copy step, as the command runs it, with the Secret's directory moved under tmp_path.
+    command = agent["command"]
+    assert command[:2] == ["timeout", "--kill-after=30s"]
+    shell = command[command.index("sh") :]
+    assert shell[3:6] == ["kapsis-login", "/home/agent/.codex/auth.json", "codex"]
+    secret_dir, home = tmp_path / "secret", tmp_path / "home"
+    secret_dir.mkdir()
+    (secret_dir / "login").write_text('{"tokens": {}}')
+    script = shell[2].replace(LOGIN_DIR, str(secret_dir))
+    target = str(home / ".codex" / "auth.json")
+    ran = subprocess.run(["sh", "-c", script, "kapsis-login", target, "cat", target],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    assert (ran.returncode, ran.stdout) == (0, '{"tokens": {}}')
+    assert (home / ".codex" / "auth.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_control_on_a_cluster_without_the_login_the_key_is_required(project, tmp_path) -> None:
+    from tests.unit.test_k8s_submission import submit
+
+    with pytest.raises(ConfigError, match=r"CODEX_API_KEY.*CODEX_AUTH"):
+        submit(project, tmp_path, None, agent="codex")

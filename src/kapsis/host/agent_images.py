@@ -169,6 +169,7 @@ def build_agent_image(
         build_args={"CA_BUNDLE": f"{CA_TARGET}/{bundle.name}", "NODE_PACKAGE": node_package},
         fresh=True,
     )
+    staged = image_id(podman, staging)
     try:
         version = cli_version(podman, staging, AGENT_PROGRAMS[agent])
         say(f"{agent} CLI version {version}")
@@ -183,8 +184,12 @@ def build_agent_image(
             fresh=True,
         )
     finally:
-        # The staging tag only; its layers live on in the labelled image.
+        # The staging image goes; its layers live on in the labelled image. (A fresh build
+        # does not always record it as the labelled image's parent, and an untagged image
+        # that nothing names would stay behind at each rebuild, as large as the image.)
         subprocess.run([podman, "untag", staging, staging], capture_output=True, check=False)
+        if staged:
+            subprocess.run([podman, "rmi", staged], capture_output=True, check=False)
     remove_replaced(podman, previous, name)
     say(f"built {name}")
     return version

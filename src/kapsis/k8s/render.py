@@ -31,6 +31,7 @@ from kapsis.k8s.render_network import (
     git_remote,
     network_policy_object,
     network_policy_of,
+    uses_login,
 )
 from kapsis.k8s.render_pod import (
     CA_KEY,
@@ -224,6 +225,8 @@ def agent_env(name: str, spec: AgentRequestSpec, profile: AgentProfile) -> list[
         plain["KAPSIS_TASK"] = spec.task.inline
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in plain.items()]
     for variable, ref in secrets.items():
+        if uses_login(spec, profile) and profile.login and variable == profile.login.secret:
+            continue  # a file, never a variable (render_pod mounts it)
         env.append(
             {"name": variable, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
         )
@@ -329,7 +332,9 @@ def render_request(
     init_containers = [clone_container(settings, step_env, credentials)]
     if gateway_map is not None:
         init_containers.append(gateway_container(settings))
-    command = agent_command(command_argv(spec, profile), spec)
+    login = spec.environment.secrets.get(profile.login.secret) if profile.login else None
+    login_file = profile.login.file if profile.login and login else None
+    command = agent_command(command_argv(spec, profile), spec, login_file)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -348,10 +353,18 @@ def render_request(
                 command,
                 profile.workdir,
                 agent_env(name, spec, profile),
+                login=login is not None,
             ),
             finisher_container(settings, step_env, credentials),
         ],
-        "volumes": volumes(spec, task_map, task_key, gateway_map, ca_map),
+        "volumes": volumes(
+            spec,
+            task_map,
+            task_key,
+            gateway_map,
+            ca_map,
+            (login.name, login.key) if login else None,
+        ),
     }
     if gateway_map is not None:
         # Ports below 1024 stay privileged in the Pod's network namespace whatever the runtime's

@@ -82,9 +82,15 @@ def network_policy_of(
         profile,
         lambda key, index: f"spec.network.allowlist.{key}[{index}]",
         (endpoint, "spec.agent.endpoint") if endpoint else None,
+        login=uses_login(spec, profile),
     )
     servers = upstreams(spec, settings) if network.mode == "filtered" else ()
     return builder.build(servers, dns=dns_limits(network.dns))
+
+
+def uses_login(spec: AgentRequestSpec, profile: AgentProfile) -> bool:
+    """Whether the request hands the CLI its subscription login (a Secret by its name)."""
+    return profile.login is not None and profile.login.secret in spec.environment.secrets
 
 
 def upstreams(spec: AgentRequestSpec, settings: OperatorSettings) -> tuple[str, ...]:

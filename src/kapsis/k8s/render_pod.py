@@ -59,6 +59,11 @@ POD_INFO_VOLUME = "pod-info"
 TASK_VOLUME = "task"
 GATEWAY_CONFIG_VOLUME = "gateway-config"
 CA_VOLUME = "ca-bundle"
+# A subscription login (the profile's ``login``): its Secret, mounted read-only here, is copied
+# to where the CLI reads it (in the agent's home, a memory-backed emptyDir) before it starts.
+LOGIN_VOLUME = "login"
+LOGIN_DIR = "/run/kapsis/login"
+LOGIN_COPY = f'umask 077 && mkdir -p "${{1%/*}}" && cp {LOGIN_DIR}/login "$1" && shift && exec "$@"'
 CA_KEY = "ca-bundle.crt"
 GATEWAY_LOG_VOLUME = "gateway-log"
 
@@ -139,7 +144,9 @@ def _scratch(name: str, size: str = "256Mi") -> dict[str, Any]:
     return {"name": name, "emptyDir": {"medium": "Memory", "sizeLimit": size}}
 
 
-def agent_command(argv: tuple[str, ...], spec: AgentRequestSpec) -> list[str]:
+def agent_command(
+    argv: tuple[str, ...], spec: AgentRequestSpec, login_file: str | None = None
+) -> list[str]:
     """The agent's argv, inside ``timeout`` when the request has a time limit.
 
     Why a wrapper rather than only activeDeadlineSeconds: the deadline kills the whole Pod, the
@@ -148,6 +155,10 @@ def agent_command(argv: tuple[str, ...], spec: AgentRequestSpec) -> list[str]:
     (137 when it had to SIGKILL), which the operator reports as errorType ``timeout``, and the
     finisher still commits. activeDeadlineSeconds remains as the Pod's backstop.
     """
+    if login_file is not None:
+        # The CLI may rewrite its login file (a refreshed token): a copy of its own, not the
+        # read-only Secret.
+        argv = ("sh", "-c", LOGIN_COPY, "kapsis-login", login_file, *argv)
     if spec.resources.timeout is None:
         return list(argv)
     seconds = duration_to_seconds(spec.resources.timeout)
@@ -161,6 +172,7 @@ def agent_container(
     command: list[str],
     workdir: str,
     env: list[dict[str, Any]],
+    login: bool = False,
 ) -> dict[str, Any]:
     memory = quantity(memory_to_bytes(spec.resources.memory))
     cpu = cpu_quantity(spec.resources.cpus)
@@ -187,6 +199,7 @@ def agent_container(
                 if spec.caBundle
                 else []
             ),
+            *([_mount(LOGIN_VOLUME, LOGIN_DIR, read_only=True)] if login else []),
         ],
     }
 
@@ -289,6 +302,7 @@ def volumes(
     task_key: str,
     gateway_config_map: str | None,
     ca_config_map: str | None = None,
+    login: tuple[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     workspace_size = quantity(memory_to_bytes(spec.resources.workspaceSize))
     items: list[dict[str, Any]] = [
@@ -323,6 +337,18 @@ def volumes(
             {
                 "name": CREDENTIALS_VOLUME,
                 "secret": {"secretName": credentials, "defaultMode": 0o444},
+            }
+        )
+    if login is not None:
+        secret_name, key = login
+        items.append(
+            {
+                "name": LOGIN_VOLUME,
+                "secret": {
+                    "secretName": secret_name,
+                    "items": [{"key": key, "path": "login"}],
+                    "defaultMode": 0o444,
+                },
             }
         )
     if ca_config_map:

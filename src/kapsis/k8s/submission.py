@@ -309,12 +309,17 @@ def build_submission(
         name: SecretKeyRef(name=ref.name, key=ref.key)
         for name, ref in config.kubernetes.secrets.items()
     }
+    login = profile.login
+    logged_in = login is not None and login.secret in secrets
     for name in profile.secrets:
+        if logged_in and login is not None and name in login.replaces:
+            continue
         if name not in secrets and name not in config.environment.set:
             raise ConfigError(
                 f"agent '{profile.name}' needs the secret {name}; on a cluster it comes from a "
                 f"Secret: add `kubernetes.secrets.{name}: {{name: SECRET, key: KEY}}` to "
                 "agent-sandbox.yaml"
+                + (f" (or the subscription login {login.secret})" if login else "")
             )
 
     remote = config.git.remote
