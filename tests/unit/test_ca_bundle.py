@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 
 from kapsis.config.trust import UntrustedConfigError
 from kapsis.errors import ConfigError
-from kapsis.host.checks import check_ca_bundle
+from kapsis.host.requirements import check_ca_bundle
 from kapsis.sandbox import ca_bundle
 from kapsis.sandbox.ca_bundle import CA_TARGET, CA_VARIABLES, certificates, extra_host_cas
 from kapsis.sandbox.run_config import load_trusted_config

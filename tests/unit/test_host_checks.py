@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from kapsis.errors import HostUnsupportedError, SandboxError
-from kapsis.host import checks, host_parsing, image
-from kapsis.host.checks import Check
+from kapsis.host import checks, host_parsing, image, requirements
 from kapsis.host.host_parsing import CgroupLayout
+from kapsis.host.requirements import Check
 
 # /proc/self/mounts (cgroup lines) of the three layouts.
 HYBRID_MOUNTS = """\
@@ -94,33 +94,33 @@ def test_hybrid_blockers_fall_back_to_proc_cgroups() -> None:
 
 def test_hybrid_check_fails_only_for_crun_and_gives_the_mount_command() -> None:
     layout = host_parsing.cgroup_layout(HYBRID_MOUNTS)
-    failing = checks.check_hybrid("crun", layout, ["hugetlb"])
+    failing = requirements.check_hybrid("crun", layout, ["hugetlb"])
     assert not failing.ok and failing.required
     assert failing.fix == (
         "mkdir -p /sys/fs/cgroup/hugetlb"
         " && mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb"
     )
-    with_sudo = checks.check_hybrid("crun", layout, ["hugetlb"], sudo="sudo ").fix
+    with_sudo = requirements.check_hybrid("crun", layout, ["hugetlb"], sudo="sudo ").fix
     assert with_sudo and with_sudo.startswith("sudo mkdir")
-    assert checks.check_hybrid("runc", layout, ["hugetlb"]).ok
-    assert checks.check_hybrid("crun", layout, []).ok
-    assert checks.check_hybrid("crun", host_parsing.cgroup_layout(V2_MOUNTS), ["hugetlb"]).ok
+    assert requirements.check_hybrid("runc", layout, ["hugetlb"]).ok
+    assert requirements.check_hybrid("crun", layout, []).ok
+    assert requirements.check_hybrid("crun", host_parsing.cgroup_layout(V2_MOUNTS), ["hugetlb"]).ok
 
 
 def test_limits_rootless_cgroup_v1_are_not_enforced_and_say_so() -> None:
-    check = checks.check_limits(rootless=True, cgroup_version=1, delegated=None)
+    check = requirements.check_limits(rootless=True, cgroup_version=1, delegated=None)
     assert not check.ok
     assert not check.required
     assert "NOT enforced" in check.detail
     assert check.fix
-    assert checks.check_limits(rootless=False, cgroup_version=1, delegated=None).ok
-    assert checks.check_limits(rootless=True, cgroup_version=2, delegated=None).ok
+    assert requirements.check_limits(rootless=False, cgroup_version=1, delegated=None).ok
+    assert requirements.check_limits(rootless=True, cgroup_version=2, delegated=None).ok
 
 
 def test_limits_rootless_cgroup_v2_need_delegated_controllers() -> None:
-    partial = checks.check_limits(True, 2, frozenset({"cpu", "pids"}))
+    partial = requirements.check_limits(True, 2, frozenset({"cpu", "pids"}))
     assert not partial.ok and "memory" in partial.detail and partial.fix
-    full = checks.check_limits(True, 2, frozenset({"cpu", "cpuset", "io", "memory", "pids"}))
+    full = requirements.check_limits(True, 2, frozenset({"cpu", "cpuset", "io", "memory", "pids"}))
     assert full.ok
 
 
@@ -145,31 +145,32 @@ def test_configured_nofile_reads_the_last_file_that_sets_default_ulimits() -> No
 def test_nofile_check_fails_on_a_low_hard_limit_without_config() -> None:
     can_raise = host_parsing.has_capability(STATUS_NO_SYS_RESOURCE, checks.CAP_SYS_RESOURCE)
     assert can_raise is False
-    check = checks.check_nofile(False, 20000, can_raise, None)
+    check = requirements.check_nofile(False, 20000, can_raise, None)
     assert not check.ok and check.required
     assert "RLIMIT_NOFILE" in check.detail
     assert check.fix and "nofile=20000:20000" in check.fix
 
 
 def test_nofile_check_passes_when_fixed_or_not_needed() -> None:
-    assert checks.check_nofile(False, 20000, False, 20000).ok
-    assert not checks.check_nofile(False, 20000, False, 1048576).ok, "above the hard limit"
-    assert checks.check_nofile(False, 1048576, False, None).ok
-    assert checks.check_nofile(False, 20000, True, None).ok, "CAP_SYS_RESOURCE can raise it"
-    assert checks.check_nofile(True, 1024, False, None).ok, "rootless keeps the session limits"
+    assert requirements.check_nofile(False, 20000, False, 20000).ok
+    assert not requirements.check_nofile(False, 20000, False, 1048576).ok, "above the hard limit"
+    assert requirements.check_nofile(False, 1048576, False, None).ok
+    assert requirements.check_nofile(False, 20000, True, None).ok, "CAP_SYS_RESOURCE can raise it"
+    rootless = requirements.check_nofile(True, 1024, False, None)
+    assert rootless.ok, "rootless keeps the session limits"
     assert host_parsing.has_capability(STATUS_FULL_ROOT, checks.CAP_SYS_RESOURCE)
     assert not host_parsing.has_capability("Name:\tbash\n", checks.CAP_SYS_RESOURCE)
 
 
 def test_the_nofile_fix_writes_a_file_that_the_check_accepts(tmp_path: Path) -> None:
-    fix = checks.check_nofile(False, 20000, False, None).fix
+    fix = requirements.check_nofile(False, 20000, False, None).fix
     assert fix is not None
     command = fix.replace("/etc/containers", str(tmp_path))
     subprocess.run(["sh", "-c", command], check=True)
     files = checks.containers_conf_files(rootless=False, etc=tmp_path, usr=tmp_path / "none")
     assert files[-1] == tmp_path / "containers.conf.d" / "kapsis.conf"
     texts = [f.read_text() for f in files if f.exists()]
-    assert checks.check_nofile(False, 20000, False, host_parsing.configured_nofile(texts)).ok
+    assert requirements.check_nofile(False, 20000, False, host_parsing.configured_nofile(texts)).ok
 
 
 def test_containers_conf_files_are_in_podman_order(
@@ -203,8 +204,8 @@ def test_runtime_is_the_configured_one_else_crun_else_runc() -> None:
     assert host_parsing.pick_runtime(None, only("crun", "runc")) == "crun"
     assert host_parsing.pick_runtime(None, only("runc")) == "runc"
     assert host_parsing.pick_runtime(None, only()) is None
-    assert not checks.check_runtime(None, None).ok
-    assert checks.check_runtime("runc", None).fix == "apt-get install runc"
+    assert not requirements.check_runtime(None, None).ok
+    assert requirements.check_runtime("runc", None).fix == "apt-get install runc"
 
 
 # --- rootless ---------------------------------------------------------------------------------
@@ -214,10 +215,10 @@ def test_subid_ranges_by_name_or_uid() -> None:
     text = "containers:200000:1000000\nalice:100000:65536\n1001:300000:65536\nbad:line\n"
     assert host_parsing.subid_ranges(text, "alice", 1000) == [(100000, 65536)]
     assert host_parsing.subid_ranges(text, "bob", 1001) == [(300000, 65536)]
-    assert checks.check_subids("/etc/subuid", text, "alice", 1000).ok
-    small = checks.check_subids("/etc/subuid", "alice:100000:1000\n", "alice", 1000)
+    assert requirements.check_subids("/etc/subuid", text, "alice", 1000).ok
+    small = requirements.check_subids("/etc/subuid", "alice:100000:1000\n", "alice", 1000)
     assert not small.ok and "1000" in small.detail
-    missing = checks.check_subids("/etc/subgid", text, "carol", 1002)
+    missing = requirements.check_subids("/etc/subgid", text, "carol", 1002)
     assert not missing.ok
     assert missing.fix == (
         "sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 carol"
@@ -225,13 +226,13 @@ def test_subid_ranges_by_name_or_uid() -> None:
 
 
 def test_device_check(tmp_path: Path) -> None:
-    assert not checks.check_device(str(tmp_path / "nope"), "x", "modprobe fuse").ok
+    assert not requirements.check_device(str(tmp_path / "nope"), "x", "modprobe fuse").ok
     device = tmp_path / "dev"
     device.write_text("")
-    assert checks.check_device(str(device), "x", "modprobe fuse").ok
+    assert requirements.check_device(str(device), "x", "modprobe fuse").ok
     if os.geteuid() != 0:  # root can open anything, so the mode only matters to other users
         device.chmod(0)
-        locked = checks.check_device(str(device), "x", "modprobe fuse")
+        locked = requirements.check_device(str(device), "x", "modprobe fuse")
         assert not locked.ok and locked.fix == f"sudo chmod 666 {device}"
 
 
@@ -246,61 +247,61 @@ def test_parse_version() -> None:
 
 
 def test_idmapped_mounts_need_linux_5_19() -> None:
-    assert checks.check_idmapped("6.1.0-18-amd64", required=True).ok
-    assert checks.check_idmapped("5.19.0", required=True).ok
-    old = checks.check_idmapped("5.15.0-91-generic", required=True)
+    assert requirements.check_idmapped("6.1.0-18-amd64", required=True).ok
+    assert requirements.check_idmapped("5.19.0", required=True).ok
+    old = requirements.check_idmapped("5.15.0-91-generic", required=True)
     assert not old.ok and old.required and old.fix and "5.19" in old.detail
-    assert not checks.check_idmapped("5.15.0", required=False).required
+    assert not requirements.check_idmapped("5.15.0", required=False).required
 
 
 def test_overlay_check() -> None:
-    assert checks.check_overlay("nodev\tsysfs\nnodev\toverlay\n", False).ok
-    assert checks.check_overlay("nodev\tsysfs\n", True).ok
-    missing = checks.check_overlay("nodev\tsysfs\n", False)
+    assert requirements.check_overlay("nodev\tsysfs\nnodev\toverlay\n", False).ok
+    assert requirements.check_overlay("nodev\tsysfs\n", True).ok
+    missing = requirements.check_overlay("nodev\tsysfs\n", False)
     assert not missing.ok and missing.fix == "modprobe overlay"
 
 
 def test_image_and_debootstrap_checks() -> None:
-    missing = checks.check_image("localhost/kapsis-base:latest", False)
+    missing = requirements.check_image("localhost/kapsis-base:latest", False)
     assert not missing.ok and missing.fix == "kapsis setup --build"
-    assert checks.check_image("x", True).ok
-    assert not checks.check_debootstrap(None, needed=True).ok
-    assert checks.check_debootstrap(None, needed=True).required
-    assert not checks.check_debootstrap(None, needed=False).required
+    assert requirements.check_image("x", True).ok
+    assert not requirements.check_debootstrap(None, needed=True).ok
+    assert requirements.check_debootstrap(None, needed=True).required
+    assert not requirements.check_debootstrap(None, needed=False).required
 
 
 def test_apparmor_is_informational() -> None:
-    absent = checks.check_apparmor(False)
+    absent = requirements.check_apparmor(False)
     assert absent.ok and not absent.required
     assert absent.detail == "not available: paranoid profile will refuse to start"
-    assert checks.check_apparmor(True).ok
+    assert requirements.check_apparmor(True).ok
 
 
 def test_podman_check() -> None:
-    assert checks.check_podman("4.3.1").ok
-    assert not checks.check_podman(None).ok
-    old = checks.check_podman("3.4.4")
+    assert requirements.check_podman("4.3.1").ok
+    assert not requirements.check_podman(None).ok
+    old = requirements.check_podman("3.4.4")
     assert not old.ok and old.fix
 
 
 def test_every_failing_check_has_a_fix() -> None:
     hybrid = host_parsing.cgroup_layout(HYBRID_MOUNTS)
     failing = [
-        checks.check_podman(None),
-        checks.check_runtime(None, None),
-        checks.check_subids("/etc/subuid", "", "alice", 1000),
-        checks.check_device("/nonexistent/dev/fuse", "fuse-overlayfs", "modprobe fuse"),
-        checks.check_runtime_dir(None, 1000, "alice"),
-        checks.check_storage(host_parsing.StorageDriver("vfs"), rootless=True),
-        checks.check_storage(host_parsing.StorageDriver("vfs"), rootless=False),
-        checks.check_storage(None, rootless=True),
-        checks.check_limits(True, 1, None),
-        checks.check_nofile(False, 20000, False, None),
-        checks.check_hybrid("crun", hybrid, ["hugetlb"]),
-        checks.check_overlay("", False),
-        checks.check_idmapped("5.10.0", required=True),
-        checks.check_debootstrap(None, needed=True),
-        checks.check_image("img", False),
+        requirements.check_podman(None),
+        requirements.check_runtime(None, None),
+        requirements.check_subids("/etc/subuid", "", "alice", 1000),
+        requirements.check_device("/nonexistent/dev/fuse", "fuse-overlayfs", "modprobe fuse"),
+        requirements.check_runtime_dir(None, 1000, "alice"),
+        requirements.check_storage(host_parsing.StorageDriver("vfs"), rootless=True),
+        requirements.check_storage(host_parsing.StorageDriver("vfs"), rootless=False),
+        requirements.check_storage(None, rootless=True),
+        requirements.check_limits(True, 1, None),
+        requirements.check_nofile(False, 20000, False, None),
+        requirements.check_hybrid("crun", hybrid, ["hugetlb"]),
+        requirements.check_overlay("", False),
+        requirements.check_idmapped("5.10.0", required=True),
+        requirements.check_debootstrap(None, needed=True),
+        requirements.check_image("img", False),
     ]
     for check in failing:
         assert not check.ok, check
@@ -618,11 +619,11 @@ def test_agent_images_are_reported_with_their_cli_versions_and_the_fix_for_missi
 
     present = ImageInfo("localhost/kapsis-agent-claude:latest", True, "claude", "2.1.332")
     missing = ImageInfo("localhost/kapsis-agent-codex:latest", False)
-    check = checks.check_agent_images({"claude": present, "codex": missing})
+    check = requirements.check_agent_images({"claude": present, "codex": missing})
     assert not check.ok and not check.required  # informational: shell runs need none
     assert "claude 2.1.332" in check.detail and "missing: codex" in check.detail
     assert check.fix == "kapsis setup --agents codex"
-    complete = checks.check_agent_images({"claude": present})
+    complete = requirements.check_agent_images({"claude": present})
     assert complete.ok and complete.fix is None
 
 
@@ -649,24 +650,24 @@ def test_podman_info_tells_native_overlay_from_fuse_overlayfs() -> None:
 
 
 def test_vfs_storage_is_an_error_whose_fix_sets_overlay_and_resets() -> None:
-    vfs = checks.check_storage(host_parsing.StorageDriver("vfs"), rootless=True)
+    vfs = requirements.check_storage(host_parsing.StorageDriver("vfs"), rootless=True)
     assert not vfs.ok and vfs.required
     assert vfs.fix is not None
     assert "~/.config/containers/storage.conf" in vfs.fix
     assert 'driver = "overlay"' in vfs.fix
     assert "podman system reset" in vfs.fix
-    native = checks.check_storage(host_parsing.StorageDriver("overlay"), rootless=True)
+    native = requirements.check_storage(host_parsing.StorageDriver("overlay"), rootless=True)
     assert native.ok and native.detail == "overlay (native)"
-    fuse = checks.check_storage(
+    fuse = requirements.check_storage(
         host_parsing.StorageDriver("overlay", "/usr/bin/fuse-overlayfs"), rootless=True
     )
     assert fuse.ok and "fuse-overlayfs" in fuse.detail
-    assert not checks.check_storage(None, rootless=True).ok
+    assert not requirements.check_storage(None, rootless=True).ok
 
 
 def test_the_storage_fix_is_a_command_that_writes_overlay(tmp_path: Path) -> None:
     """The fix's first two steps, run in a scratch HOME, leave a storage.conf naming overlay."""
-    fix = checks.check_storage(host_parsing.StorageDriver("vfs"), rootless=True).fix
+    fix = requirements.check_storage(host_parsing.StorageDriver("vfs"), rootless=True).fix
     assert fix is not None
     steps = fix.split(" && podman system reset")[0]
     subprocess.run(["sh", "-c", steps], env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
@@ -676,30 +677,31 @@ def test_the_storage_fix_is_a_command_that_writes_overlay(tmp_path: Path) -> Non
 
 
 def test_dev_fuse_is_required_only_by_fuse_overlayfs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(
-        checks, "check_device", lambda device, *_: checks.Check(device, False, "locked", "fix")
-    )
-    native = checks.check_fuse(host_parsing.StorageDriver("overlay"))
+    def locked(device: str, *_: str) -> requirements.Check:
+        return requirements.Check(device, False, "locked", "fix")
+
+    monkeypatch.setattr(requirements, "check_device", locked)
+    native = requirements.check_fuse(host_parsing.StorageDriver("overlay"))
     assert not native.required and "not needed" in native.detail
-    fuse = checks.check_fuse(host_parsing.StorageDriver("overlay", "/usr/bin/fuse-overlayfs"))
+    fuse = requirements.check_fuse(host_parsing.StorageDriver("overlay", "/usr/bin/fuse-overlayfs"))
     assert fuse.required and not fuse.ok
-    assert checks.check_fuse(None).required  # unknown driver: the device may be needed
+    assert requirements.check_fuse(None).required  # unknown driver: the device may be needed
 
 
 def test_runtime_dir_must_exist_and_be_the_users_and_the_fix_needs_no_systemd(
     tmp_path: Path,
 ) -> None:
     uid = os.getuid()
-    missing = checks.check_runtime_dir(str(tmp_path / "nope"), uid, "alice")
+    missing = requirements.check_runtime_dir(str(tmp_path / "nope"), uid, "alice")
     assert not missing.ok and missing.fix is not None
     assert missing.fix.startswith(f"sudo install -d -m 700 -o alice /run/user/{uid} && export")
-    assert not checks.check_runtime_dir(str(tmp_path), uid + 1, "alice").ok  # not theirs
-    assert checks.check_runtime_dir(str(tmp_path), uid, "alice").ok
+    assert not requirements.check_runtime_dir(str(tmp_path), uid + 1, "alice").ok  # not theirs
+    assert requirements.check_runtime_dir(str(tmp_path), uid, "alice").ok
 
 
 def test_disk_quota_rootless_says_whether_the_disk_helper_serves_and_why_not() -> None:
-    served = checks.check_disk_helper(None)
+    served = requirements.check_disk_helper(None)
     assert served.ok and not served.required and "disk helper" in served.detail
-    gap = checks.check_disk_helper("you are not in the group kapsis (sudo usermod -aG ...)")
+    gap = requirements.check_disk_helper("you are not in the group kapsis (sudo usermod -aG ...)")
     assert not gap.ok and not gap.required
     assert gap.detail.startswith("NOT enforced: you are not in the group kapsis")

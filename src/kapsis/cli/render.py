@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from kapsis.agents import AgentProfile
     from kapsis.config.loader import LoadedConfig
     from kapsis.host.agent_images import ImageInfo
-    from kapsis.host.checks import Check
+    from kapsis.host.requirements import Check
     from kapsis.sandbox.network_plan import NetworkPlan
     from kapsis.status import AgentStatus
 
