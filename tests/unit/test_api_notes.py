@@ -45,3 +45,17 @@ def test_control_what_went_through_or_is_not_the_apis_says_nothing() -> None:
         proxy=[ProxyDecision("api.openai.com", 443, "tls", "198.51.100.7", True)],
     )
     assert api_notes(report, API) == []
+
+
+def test_lookups_no_api_client_makes_say_nothing() -> None:
+    """The agent can get a TXT query of the API's name refused, or flood it past the rate: the
+    API's own lookups went through, and no note may claim otherwise."""
+    report = NetworkReport(
+        dns=[
+            DnsEvent("api.openai.com.", "TXT", "refused", reason="query type not allowed"),
+            DnsEvent("api.openai.com.", "A", "refused", reason="over the query rate"),
+            DnsEvent("api.openai.com.", "A", "allowed", answers=["198.51.100.7"]),
+        ],
+        blocked=[],
+    )
+    assert api_notes(report, API) == []

@@ -138,6 +138,8 @@ def test_a_cluster_run_carries_the_certificates_and_mounts_them_the_same_way(
     [
         "not a certificate",
         "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n$(touch /tmp/x)\n",
+        "-----BEGIN CERTIFICATE-----\nAAAA\x0b$(x)\n-----END CERTIFICATE-----\n",
+        "-----BEGIN CERTIFICATE-----\nAAAA\u2028\u00e9\n-----END CERTIFICATE-----\n",
         "-----BEGIN CERTIFICATE-----\n" + "A" * (600 * 1024) + "\n-----END CERTIFICATE-----\n",
     ],
 )
@@ -148,3 +150,14 @@ def test_a_request_whose_bundle_is_not_plain_pem_or_too_big_is_refused(inline: s
 
     with pytest.raises(ValidationError):
         CaBundleSpec(inline=inline)
+
+
+def test_a_bundle_with_windows_line_endings_travels_to_a_cluster_too(tmp_path: Path) -> None:
+    from kapsis.k8s.resource import CaBundleSpec
+    from kapsis.sandbox.ca_bundle import bundle_text
+
+    pem = ca_pem("Corp CA")
+    bundle = tmp_path / "corp.pem"
+    bundle.write_bytes(pem.replace(b"\n", b"\r\n"))
+    inline = CaBundleSpec(inline=bundle_text(bundle, 512 * 1024)).inline
+    assert certificates(inline.encode()) == certificates(pem)

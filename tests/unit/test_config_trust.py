@@ -367,3 +367,28 @@ def test_a_hostile_config_file_is_one_config_error(project: Path, text: str) -> 
     assert result.exit_code == ExitCode.USAGE, result.output
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"kapsis: error: {project / 'agent-sandbox.yaml'}")
+
+
+def test_switching_to_a_profile_with_a_login_the_users_own_profile_lacks_needs_trust(
+    project: Path, config_dir: Path
+) -> None:
+    """A user's own profile with codex's secret and host but no subscription login: a project
+    that switches to codex would hand over CODEX_AUTH (and allow chatgpt.com)."""
+    agents = config_dir / "agents"
+    agents.mkdir(parents=True, exist_ok=True)
+    write(
+        agents / "mycodex.yaml",
+        "command: [codex, exec, '{task}']\nsecrets: [CODEX_API_KEY]\n"
+        "secret_sources:\n  CODEX_API_KEY: [CODEX_API_KEY, OPENAI_API_KEY]\n"
+        "network:\n  hosts: [api.openai.com]\n",
+    )
+    write(config_dir / "config.yaml", "agent:\n  name: mycodex\n")
+    write(project / "agent-sandbox.yaml", "agent:\n  name: codex\n")
+    assert "agent.name" in refused(project)
+    # Control: with the same login in the user's own profile, the switch gives nothing more.
+    write(
+        agents / "mycodex.yaml",
+        (agents / "mycodex.yaml").read_text()
+        + "login: {secret: CODEX_AUTH, file: /home/agent/.codex/auth.json, hosts: [chatgpt.com]}\n",
+    )
+    assert accepted(project).agent.name == "codex"

@@ -96,3 +96,18 @@ def test_control_on_a_cluster_without_the_login_the_key_is_required(project, tmp
 
     with pytest.raises(ConfigError, match=r"CODEX_API_KEY.*CODEX_AUTH"):
         submit(project, tmp_path, None, agent="codex")
+
+
+def test_a_token_of_a_login_file_printed_alone_is_redacted_too() -> None:
+    from kapsis.secrets.redact import REDACTED, Redactor
+
+    credentials = (
+        '{"claudeAiOauth": {"accessToken": "sk-ant-oat01-access", '
+        '"refreshToken": "sk-ant-ort01-refresh", "expiresAt": 1, "scopes": ["user:inference"]}}'
+    )
+    redactor = Redactor([credentials, "plain-api-key"])
+    said = redactor.text("token=sk-ant-ort01-refresh and sk-ant-oat01-access, key plain-api-key")
+    assert said == f"token={REDACTED} and {REDACTED}, key {REDACTED}"
+    assert redactor.text("scopes: user:inference") == f"scopes: {REDACTED}"
+    # Control: a secret that is not JSON is redacted whole only.
+    assert Redactor(["{not json but long}"]).text("not json but long") == "not json but long"

@@ -130,8 +130,10 @@ _PEM_LINE = re.compile(r"^[A-Za-z0-9+/=\- ]*$")
 
 
 def _pem_only(text: str) -> str:
-    if "-----BEGIN CERTIFICATE-----" not in text or not all(
-        _PEM_LINE.match(line) for line in text.splitlines()
+    if (
+        not text.isascii()
+        or "-----BEGIN CERTIFICATE-----" not in text
+        or not all(_PEM_LINE.match(line) for line in text.split("\n"))
     ):
         raise ValueError("not PEM certificates (BEGIN/END CERTIFICATE blocks of base64 only)")
     return text

@@ -308,6 +308,9 @@ def _listed(items: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(unique) - limit} more" if len(unique) > limit else "")
 
 
+API_QUERY_TYPES = ("A", "AAAA", "HTTPS")
+
+
 def api_notes(report: NetworkReport, api_hosts: Iterable[str]) -> list[str]:
     """The model API's side first: an agent that retried an unreachable endpoint until it gave
     up (or its time ran out) says why in one line per API host the gateway could not serve."""
@@ -315,9 +318,12 @@ def api_notes(report: NetworkReport, api_hosts: Iterable[str]) -> list[str]:
     said: dict[str, str] = {}
     for event in report.dns:
         name = event.name.lower().rstrip(".")
-        if name not in hosts or name in said:
+        # Only the lookups a client of the API makes, refused for the name itself: a refused
+        # TXT query, or one over the rate (which the agent can make on purpose), says nothing
+        # of whether the API answers.
+        if name not in hosts or name in said or event.qtype not in API_QUERY_TYPES:
             continue
-        if event.decision in REFUSED_DNS:
+        if event.decision in ("blocked", "rebind"):
             said[name] = f"no answer from {name}: the gateway refused its name ({event.reason})"
         elif event.decision == "unresolved":
             said[name] = f"no answer from {name}: it could not be resolved"

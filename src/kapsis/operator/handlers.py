@@ -309,7 +309,11 @@ class Reconciler:
         self, request: Mapping[str, Any], namespace: str, pod: str, exit_code: int
     ) -> str | None:
         """What the agent's own output says of its failure (its profile's failure signs, as a
-        local run reads them in its transcript), from the end of its container's log."""
+        local run reads them in its transcript), from the end of its container's log.
+
+        Said by the reason and the sign alone, never the agent's line: the request's status
+        outlives the Pod, and no redactor here knows the run's secrets. A log that cannot be
+        read, for a CLI whose exit 0 can lie, fails closed (no push)."""
         from kapsis.agents import find_profile
         from kapsis.sandbox.agent_outcome import MAX_READ, TAIL_LINES, failure_in
 
@@ -318,11 +322,18 @@ class Reconciler:
             profile = find_profile(str((spec.get("agent") or {}).get("profile") or "shell"))
         except Exception:  # validated at creation; a profile gone since decides nothing
             return None
-        signs = tuple(profile.failure)
-        if not any(sign.exit_0_too or exit_code != 0 for sign in signs):
+        signs = tuple(sign for sign in profile.failure if sign.exit_0_too or exit_code != 0)
+        if not signs:
             return None
         text = self.kube.agent_log_tail(namespace, pod, TAIL_LINES, MAX_READ)
-        failure = failure_in(profile.name, text, signs, exit_code)
+        if text is None:
+            if exit_code != 0:
+                return None  # failed anyway; only the reason is missing
+            return (
+                f"{profile.name} exited 0, but the end of its log, which says whether it gave "
+                "up on its model, could not be read"
+            )
+        failure = failure_in(profile.name, text, signs, exit_code, show_line=False)
         return None if failure is None else str(failure)
 
     def _pod_vanished(self, request: Mapping[str, Any], current: Mapping[str, Any]) -> None:

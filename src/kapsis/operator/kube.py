@@ -24,6 +24,7 @@ API_VERBS: Final = {
     (ar.GROUP, ar.PLURAL): frozenset({"get", "list", "watch", "patch"}),
     (ar.GROUP, f"{ar.PLURAL}/status"): frozenset({"patch"}),
     ("", "pods"): frozenset({"get", "list", "watch", "create", "patch", "delete"}),
+    ("", "pods/log"): frozenset({"get"}),
     ("", "configmaps"): frozenset({"list", "create", "delete"}),
     ("networking.k8s.io", "networkpolicies"): frozenset({"list", "create", "delete"}),
     ("", "events"): frozenset({"create"}),
@@ -32,6 +33,9 @@ API_VERBS: Final = {
 _CONFLICT: Final = 409
 _NOT_FOUND: Final = 404
 _RETRY_DELAYS: Final = (0.2, 1.0, 3.0)
+# Reading the end of an agent's log: how long, and how much at most (its last lines, whole).
+LOG_READ_TIMEOUT: Final = 20.0
+MAX_LOG_READ: Final = 4 * 1024 * 1024
 
 
 def utc_now() -> str:
@@ -156,21 +160,28 @@ class Kube:
             raise
         return True
 
-    def agent_log_tail(self, namespace: str, pod: str, lines: int, limit: int) -> str:
-        """The last ``lines`` lines of the agent container's log, at most ``limit`` bytes
-        ("" when it cannot be read: the outcome then rests on the exit code alone)."""
+    def agent_log_tail(self, namespace: str, pod: str, lines: int, keep: int) -> str | None:
+        """The end (at most ``keep`` bytes) of the last ``lines`` lines of the agent
+        container's log; None when it cannot be read whole: refused, unreachable, slow, or
+        past :data:`MAX_LOG_READ` (the agent's lines can be as long as it likes)."""
         try:
             response = self.core.read_namespaced_pod_log(
                 pod,
                 namespace,
                 container=AGENT_CONTAINER,
                 tail_lines=lines,
-                limit_bytes=limit,
                 _preload_content=False,
+                _request_timeout=LOG_READ_TIMEOUT,
             )
-            return bytes(response.data[:limit]).decode("utf-8", "replace")
+            try:
+                data = response.read(MAX_LOG_READ + 1)
+            finally:
+                response.release_conn()
         except Exception:  # the API's refusal, or the connection's failure
-            return ""
+            return None
+        if len(data) > MAX_LOG_READ:
+            return None
+        return bytes(data[-keep:]).decode("utf-8", "replace")
 
     def annotate_pod(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None:
         """Set annotations on a Pod, retrying a few times: this is what releases the finisher,

@@ -50,10 +50,17 @@ def reported_failure(
 
 
 def failure_in(
-    agent: str, text: str, signs: tuple[FailureSign, ...], agent_exit_code: int
+    agent: str,
+    text: str,
+    signs: tuple[FailureSign, ...],
+    agent_exit_code: int,
+    *,
+    show_line: bool = True,
 ) -> AgentReportedFailure | None:
     """The failure the end of ``text`` (the agent's output, a transcript's or a Pod log's
-    lines) shows; only its last :data:`TAIL_LINES` lines are looked through."""
+    lines) shows; only its last :data:`TAIL_LINES` lines are looked through. Without
+    ``show_line`` the message names the sign, not the agent's line (which may hold a secret
+    where nothing can redact it)."""
     if agent_exit_code == 0:
         signs = tuple(sign for sign in signs if sign.exit_0_too)
     text = "\n".join(text[-MAX_READ:].rstrip("\n").split("\n")[-TAIL_LINES:])
@@ -61,6 +68,9 @@ def failure_in(
         at = text.rfind(sign.output)
         if at < 0:
             continue
+        if not show_line:
+            said = f"{agent} {sign.reason} (its output says {sign.output.strip()!r})"
+            return AgentReportedFailure(said, agent_exit_code)
         start = text.rfind("\n", 0, at) + 1
         end = text.find("\n", at)
         line = _LOG_PREFIX.sub("", text[start : end if end >= 0 else len(text)]).strip()
@@ -73,7 +83,9 @@ def reported_activity(
     transcript: Path, lines: tuple[ActivityLine, ...]
 ) -> tuple[list[tuple[str, str]], bool]:
     """(tool, line) for each transcript line that reports an action, in order, and whether
-    more were left out (past :data:`MAX_ACTIVITY`, or past what is read)."""
+    more were left out (past :data:`MAX_ACTIVITY`, or past what is read). The signs are looked
+    for with ``bytes.find`` over what was read, never line by line in Python: a transcript of
+    millions of empty lines costs milliseconds."""
     if not lines:
         return [], False
     try:
@@ -82,13 +94,21 @@ def reported_activity(
     except OSError:
         return [], False
     cut = len(data) > MAX_ACTIVITY_READ
-    found: list[tuple[str, str]] = []
-    for raw in data[:MAX_ACTIVITY_READ].decode("utf-8", "replace").split("\n"):
-        text = _LOG_PREFIX.sub("", raw).strip()
-        line = next((entry for entry in lines if text.startswith(entry.starts_with)), None)
-        if line is None:
-            continue
-        if len(found) == MAX_ACTIVITY:
-            return found, True
-        found.append((line.tool, _UNPRINTABLE.sub("?", text)[:MAX_ACTIVITY_LINE]))
-    return found, cut
+    data = data[:MAX_ACTIVITY_READ]
+    found: list[tuple[int, str, str]] = []  # (where the line starts, tool, line)
+    for entry in lines:
+        sign, of_this_sign = entry.starts_with.encode(), 0
+        at = data.find(sign)
+        # The first MAX_ACTIVITY + 1 of each sign hold the first MAX_ACTIVITY of all of them.
+        while at >= 0 and of_this_sign <= MAX_ACTIVITY:
+            start = data.rfind(b"\n", 0, at) + 1
+            end = data.find(b"\n", at)
+            raw = data[start : end if end >= 0 else len(data)][: 4 * MAX_ACTIVITY_LINE]
+            text = _LOG_PREFIX.sub("", raw.decode("utf-8", "replace")).strip()
+            if text.startswith(entry.starts_with):
+                found.append((start, entry.tool, _UNPRINTABLE.sub("?", text)[:MAX_ACTIVITY_LINE]))
+                of_this_sign += 1
+            at = data.find(sign, end if end >= 0 else len(data))
+    found.sort(key=lambda item: item[0])
+    kept = [(tool, text) for _, tool, text in dict.fromkeys(found)][:MAX_ACTIVITY]
+    return kept, cut or len(found) > MAX_ACTIVITY

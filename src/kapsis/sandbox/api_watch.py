@@ -59,14 +59,8 @@ class ApiWatcher:
         new = [n for n in model_api_notes_so_far(self.plan, READ_LIMIT) if n not in self.said]
         if not new:
             return
-        current = self.store.read(self.plan.agent_id)
-        if current is None or current.phase != "running":
-            return
-        self.store.update(
-            self.plan.agent_id,
-            message=f"agent {self.plan.agent} is running; {new[0]} (it may retry for a while)",
-            notes=[*current.notes, *new],
-        )
-        for note in new:
-            self.audit.record("model_api_unreachable", note=note)
-        self.said += new
+        message = f"agent {self.plan.agent} is running; {new[0]} (it may retry for a while)"
+        if self.store.add_notes(self.plan.agent_id, new, while_in="running", message=message):
+            for note in new:
+                self.audit.record("model_api_unreachable", note=note)
+            self.said += new

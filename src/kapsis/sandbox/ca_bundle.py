@@ -78,7 +78,9 @@ def ca_variables() -> dict[str, str]:
 def bundle_text(source: Path, limit: int) -> str:
     """The bundle's certificates alone, as PEM text of at most ``limit`` bytes (for a cluster
     run, which carries it in its request); anything else in the file is left out."""
-    blocks = [match.group(0).decode() for match in _PEM.finditer(source.read_bytes()[:MAX_BUNDLE])]
+    pem = source.read_bytes()[:MAX_BUNDLE]
+    # One line ending for all: a bundle written on Windows ends its lines with CR LF.
+    blocks = [match.group(0).decode().replace("\r", "") for match in _PEM.finditer(pem)]
     text = "\n".join(blocks) + "\n"
     if len(text.encode()) > limit:
         raise ConfigError(

@@ -348,7 +348,10 @@ def finish(
             reported_failure(plan.agent, transcript, plan.agent_failure, exit_info.exit_code)
             or error
         )
-    _record_activity(plan, audit)
+    try:
+        _record_activity(plan, audit)
+    except Exception as problem:  # what the agent printed must not keep the run from its end
+        audit.record("agent_activity_unread", source="host", problem=type(problem).__name__)
     # Each stage below runs whatever became of the one before: the run always ends with its
     # final status, the audit's session_end and seal, and the sandbox removed.
     try:

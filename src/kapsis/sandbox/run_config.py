@@ -48,14 +48,30 @@ def _context(
     the chosen agent profile gets more than the trusted one, what ``pids: null`` stands for."""
     trusted_profile = find_profile(loaded.trusted_config.agent.name)
     reach = set(trusted_profile.network.hosts) | set(loaded.trusted_config.network.allowlist.hosts)
-    no_more = set(profile.secrets) <= set(trusted_profile.secrets) and set(
-        profile.network.hosts
-    ) <= reach | hosts_granted_anyway(loaded, trusted_profile)
+    no_more = _handed_over(profile) <= _handed_over(trusted_profile) and _hosts(
+        profile
+    ) <= reach | hosts_granted_anyway(loaded, trusted_profile) | _hosts(trusted_profile)
     extra: dict[KeyPath, frozenset[Any]] = {
         ALLOWLIST_HOSTS: hosts_granted_anyway(loaded, profile),
         AGENT_NAME: frozenset({profile.name} if no_more else ()),
     }
     return extra, {PIDS: _pids_limit}
+
+
+def _handed_over(profile: AgentProfile) -> set[str]:
+    """Every host variable a run of ``profile`` may read a secret from: its secrets, the
+    variables they may come from, and its subscription login."""
+    names = set(profile.secrets)
+    for sources in profile.secret_sources.values():
+        names |= set(sources)
+    if profile.login is not None:
+        names.add(profile.login.secret)
+    return names
+
+
+def _hosts(profile: AgentProfile) -> set[str]:
+    """Every host a run of ``profile`` may be allowed: its own, and its login's."""
+    return set(profile.network.hosts) | set(profile.login.hosts if profile.login else ())
 
 
 def _pids_limit(config: Any) -> int | None:

@@ -179,6 +179,17 @@ class StatusStore:
                 return None
             return self._update(agent_id, changes)
 
+    def add_notes(
+        self, agent_id: str, notes: list[str], *, while_in: str, message: str
+    ) -> AgentStatus | None:
+        """Append ``notes`` and set ``message``, read and written under the lock, only while
+        the record is in phase ``while_in``; returns the new record, or None."""
+        with self._locked():
+            current = self.read(agent_id)
+            if current is None or current.phase != while_in:
+                return None
+            return self._update(agent_id, {"notes": [*current.notes, *notes], "message": message})
+
     def _update(self, agent_id: str, changes: dict[str, Any]) -> AgentStatus:
         current = self.read(agent_id)
         if current is None:
