@@ -1,4 +1,4 @@
-"""The scripted model endpoint (:mod:`.model_endpoint`) in the test internet, for one session.
+"""The scripted model endpoint (:mod:`.model_endpoint`) in the test internet, for one module.
 
 It runs in the test internet's network namespace on an address of its own (:data:`STUB_V4`,
 port 80), and the test DNS gives it two names: :data:`ENDPOINT_HOST`, which no profile allows,
@@ -42,10 +42,12 @@ class ModelEndpoint:
         return [json.loads(line) for line in self.log.read_text().splitlines()[since:]]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def model_endpoint(
     internet: Internet, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ModelEndpoint]:
+    """Up for one test module at a time: its address and names go when the module ends, so no
+    other module's test of the internet's routes or names sees them."""
     log = tmp_path_factory.mktemp("model-endpoint") / "requests.jsonl"
     log.touch()
     serve = [sys.executable, "-m", "tests.integration.model_endpoint", "serve",

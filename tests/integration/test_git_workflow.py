@@ -211,6 +211,9 @@ def test_eight_agents_in_parallel_get_eight_branches(kapsis: Kapsis, repo: Path)
             f"par{index}",
             "--mode",
             mode,
+            # Eight default disks (10g each) may not fit beside what else the machine holds.
+            "--disk",
+            "1g",
         )
 
     with ThreadPoolExecutor(max_workers=8) as pool:
