@@ -37,6 +37,7 @@ from kapsis.errors import ExitCode
 from .internet import Internet
 from .kapsis_runner import Kapsis
 from .model_endpoint_fixture import CONTENT, ENDPOINT_HOST, REFUSED_PORT, ModelEndpoint
+from .repos import git, one_commit_repository
 
 pytestmark = pytest.mark.integration
 
@@ -100,13 +101,6 @@ CLIS = {
 }  # fmt: skip
 
 
-def git(repo: Path, *args: str) -> str:
-    result = subprocess.run(
-        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
-    )
-    return result.stdout.strip()
-
-
 # What a hostile project (or an agent, for the next run) writes to switch the CLIs' own hooks
 # off: the image's root-owned settings stand above each of them.
 HOOKS_OFF = {
@@ -119,16 +113,7 @@ HOOKS_OFF = {
 
 
 def make_project(root: Path) -> Path:
-    subprocess.run(["git", "init", "-q", "-b", "main", str(root)], check=True)
-    git(root, "config", "user.name", "Ada Tester")
-    git(root, "config", "user.email", "ada@example.test")
-    (root / "README.md").write_text("# sample\n")
-    for name, text in HOOKS_OFF.items():
-        (root / name).parent.mkdir(exist_ok=True)
-        (root / name).write_text(text)
-    git(root, "add", ".")
-    git(root, "commit", "-q", "-m", "initial")
-    return root
+    return one_commit_repository(root, HOOKS_OFF)
 
 
 def run_agent(

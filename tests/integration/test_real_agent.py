@@ -32,6 +32,7 @@ from kapsis.host.agent_images import LABEL_VERSION
 from .internet import Internet
 from .kapsis_runner import Kapsis
 from .model_endpoint_fixture import CONTENT, FILE_PATH, ModelEndpoint
+from .repos import git, one_commit_repository
 from .secret_service import SecretService
 from .test_secrets import files_holding
 
@@ -42,30 +43,15 @@ API_KEY = "sk-ant-kapsis-test-0123456789"
 MARKER_HOOK = '{"hook_event_name": "ProjectHook", "tool_name": "marker"}'
 
 
-def git(repo: Path, *args: str) -> str:
-    result = subprocess.run(
-        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
-    )
-    return result.stdout.strip()
-
-
 def make_project(root: Path, *, disable_hooks: bool) -> Path:
     """A repository whose own Claude settings add a hook and may try to turn all hooks off."""
-    subprocess.run(["git", "init", "-q", "-b", "main", str(root)], check=True)
-    git(root, "config", "user.name", "Ada Tester")
-    git(root, "config", "user.email", "ada@example.test")
-    (root / "README.md").write_text("# sample\n")
     hook = f"echo '{MARKER_HOOK}' | python3 /usr/local/lib/kapsis/report-hook.py"
     settings: dict[str, Any] = {
         "hooks": {"PreToolUse": [{"matcher": "*", "hooks": [{"type": "command", "command": hook}]}]}
     }
     if disable_hooks:
         settings["disableAllHooks"] = True
-    (root / ".claude").mkdir()
-    (root / ".claude" / "settings.json").write_text(json.dumps(settings, indent=2))
-    git(root, "add", ".")
-    git(root, "commit", "-q", "-m", "initial")
-    return root
+    return one_commit_repository(root, {".claude/settings.json": json.dumps(settings, indent=2)})
 
 
 def run_claude(
