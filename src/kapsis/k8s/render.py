@@ -31,7 +31,6 @@ from kapsis.k8s.render_network import (
     git_remote,
     network_policy_object,
     network_policy_of,
-    uses_login,
 )
 from kapsis.k8s.render_pod import (
     CA_KEY,
@@ -225,7 +224,7 @@ def agent_env(name: str, spec: AgentRequestSpec, profile: AgentProfile) -> list[
         plain["KAPSIS_TASK"] = spec.task.inline
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in plain.items()]
     for variable, ref in secrets.items():
-        if uses_login(spec, profile) and profile.login and variable == profile.login.secret:
+        if profile.login is not None and variable == profile.login.secret:
             continue  # a file, never a variable (render_pod mounts it)
         env.append(
             {"name": variable, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}

@@ -35,10 +35,8 @@ def reported_failure(
     agent: str, transcript: Path, signs: tuple[FailureSign, ...], agent_exit_code: int
 ) -> AgentReportedFailure | None:
     """The failure the agent's output shows (the first sign found, with the line it is on)."""
-    if agent_exit_code == 0 and not any(sign.exit_0_too for sign in signs):
-        return None
-    if not signs:
-        return None
+    if not any(sign.exit_0_too or agent_exit_code != 0 for sign in signs):
+        return None  # no sign that could count: the transcript is not read
     try:
         with transcript.open("rb") as log:
             log.seek(0, os.SEEK_END)
